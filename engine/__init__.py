@@ -1,0 +1,1 @@
+"""Graft engine: pure computation (no streamlit, no plotly). See METHODS.md for the contract."""

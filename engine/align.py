@@ -1,0 +1,95 @@
+"""Row alignment of two captures (METHODS.md, "Token alignment across models").
+
+* Same tokenisation of every text -> token level: row i of both captures is the same token.
+* Different tokenizers with character offsets -> word level: each model's tokens are
+  mean-pooled per whitespace-delimited word, and words seen by both models are kept.
+* No offsets -> text level: mean-pool each text.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .capture import Capture
+from .errors import GraftError
+
+_WORD = re.compile(r"\S+")
+
+
+@dataclass
+class Aligned:
+    """Row-aligned residual streams of donor (X) and target (Y).
+
+    X: (L_D+1, n, d_D); Y: (L_T+1, n, d_T); index 0 is h_{-1}. group: (n,) text of each row.
+    """
+
+    X: torch.Tensor
+    Y: torch.Tensor
+    group: torch.Tensor
+    mode: str  # "token" | "word" | "text"
+
+    @property
+    def n(self) -> int:
+        return int(self.X.shape[1])
+
+    def summary(self) -> dict:
+        return {"alignment": self.mode, "n_rows": self.n, "n_texts": int(self.group.unique().numel())}
+
+
+def _word_ids(cap: Capture) -> torch.Tensor:
+    """Index of the (text, word) each row belongs to, or -1; words numbered globally."""
+    assert cap.offsets is not None
+    starts: list[list[tuple[int, int]]] = [[(m.start(), m.end()) for m in _WORD.finditer(t)] for t in cap.texts]
+    base = [0]
+    for s in starts:
+        base.append(base[-1] + len(s))
+    out = torch.full((cap.n,), -1, dtype=torch.long)
+    for r in range(cap.n):
+        ti = int(cap.text_index[r])
+        a, b = int(cap.offsets[r, 0]), int(cap.offsets[r, 1])
+        best, best_ov = -1, 0
+        for wi, (ws, we) in enumerate(starts[ti]):
+            if ws >= b:
+                break
+            ov = min(b, we) - max(a, ws)
+            if ov > best_ov:
+                best, best_ov = wi, ov
+        if best >= 0:
+            out[r] = base[ti] + best
+    return out
+
+
+def _pool(resid: torch.Tensor, ids: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of rows per group id (ids == -1 dropped). resid: (L, n, d) -> (L, n_groups, d), counts."""
+    keep = ids >= 0
+    idx = ids[keep]
+    src = resid[:, keep, :]
+    out = torch.zeros(resid.shape[0], n_groups, resid.shape[2], dtype=resid.dtype)
+    out.index_add_(1, idx, src)
+    counts = torch.bincount(idx, minlength=n_groups).to(resid.dtype)
+    return out / counts.clamp(min=1).view(1, -1, 1), counts
+
+
+def align(donor: Capture, target: Capture) -> Aligned:
+    if donor.texts != target.texts:
+        raise GraftError("internal: captures were taken on different texts")
+    if donor.token_ids == target.token_ids:
+        return Aligned(donor.residual, target.residual, donor.text_index.clone(), "token")
+    if donor.offsets is not None and target.offsets is not None:
+        wd, wt = _word_ids(donor), _word_ids(target)
+        n_words = int(max(wd.max().item(), wt.max().item())) + 1
+        Xd, cd = _pool(donor.residual, wd, n_words)
+        Yt, ct = _pool(target.residual, wt, n_words)
+        both = (cd > 0) & (ct > 0)
+        # text of each word: from whichever capture saw it (both did, for kept words)
+        word_text = torch.full((n_words,), -1, dtype=torch.long)
+        word_text[wd[wd >= 0]] = donor.text_index[wd >= 0]
+        if int(both.sum()) < 2:
+            raise GraftError("too few words shared by both tokenizations to align the models")
+        return Aligned(Xd[:, both], Yt[:, both], word_text[both], "word")
+    n_texts = len(donor.texts)
+    Xd, _ = _pool(donor.residual, donor.text_index, n_texts)
+    Yt, _ = _pool(target.residual, target.text_index, n_texts)
+    return Aligned(Xd, Yt, torch.arange(n_texts), "text")

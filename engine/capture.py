@@ -1,0 +1,232 @@
+"""Activation capture: one forward pass per model per batch, hooks removed in ``finally``.
+
+Captures the residual stream ``h_l`` after every block (and ``h_{-1}``, the input of block 0,
+which includes position/scale terms some families add to the embeddings), and optionally the
+outputs of chosen linear modules. Only non-padding, non-special tokens become rows; rows are
+moved to the CPU as float32 right away, and a token budget bounds memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .errors import GraftError
+from .models import LoadedModel
+from .progress import Progress, silent
+
+MAX_TOKENS_PER_TEXT = 512
+
+
+@dataclass
+class Capture:
+    """Activations of one model on one workload.
+
+    residual: (L+1, n, d) float32 CPU; index 0 is h_{-1} (input of block 0), index l+1 is h_l.
+    modules: name -> (n, out_features) float32 CPU, names as in :mod:`engine.arch`.
+    text_index: (n,) which text each row came from; offsets: (n, 2) character span of the token.
+    """
+
+    label: str
+    texts: list[str]
+    residual: torch.Tensor
+    text_index: torch.Tensor
+    offsets: Optional[torch.Tensor]
+    token_ids: list[list[int]]
+    modules: dict[str, torch.Tensor] = field(default_factory=dict)
+    forward_seconds: float = 0.0
+    derived: dict = field(default_factory=dict, repr=False)  # memo of results computed from this capture
+
+    @property
+    def n(self) -> int:
+        return int(self.residual.shape[1])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.residual.shape[0]) - 1
+
+    def layer(self, l: int) -> torch.Tensor:
+        """h_l for l in -1..L-1, shape (n, d)."""
+        return self.residual[l + 1]
+
+
+def budget_texts(texts: Sequence[str], tokenizers: Sequence, max_tokens: int) -> list[str]:
+    """Keep texts in order until ``max_tokens`` content tokens (under the strictest tokenizer).
+
+    A text longer than the room left (or than MAX_TOKENS_PER_TEXT) is cut at a character
+    boundary, so every tokenizer sees the same strings, which cross-tokenizer alignment needs.
+    """
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise GraftError("the workload has no non-empty texts")
+    if max_tokens < 8:
+        raise GraftError("--max-tokens must be at least 8")
+    kept: list[str] = []
+    used = 0
+    for text in texts:
+        room = max_tokens - used
+        if room <= 0:
+            break
+        limit = min(room, MAX_TOKENS_PER_TEXT)
+        cut, n_max = len(text), 0
+        for tok in tokenizers:
+            fast = bool(getattr(tok, "is_fast", False))
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=fast)
+            ids = enc["input_ids"]
+            if len(ids) > limit:
+                end = enc["offset_mapping"][limit - 1][1] if fast else len(text) * limit // len(ids)
+                cut = min(cut, int(end))
+            n_max = max(n_max, min(len(ids), limit))
+        if cut <= 0 or not text[:cut].strip():
+            break
+        kept.append(text[:cut])
+        used += n_max
+    if not kept:
+        raise GraftError("the token budget is too small for the first text")
+    return kept
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def _hooks(model: LoadedModel, module_paths: dict[str, str], sink: dict[str, torch.Tensor]) -> Iterator[None]:
+    handles = []
+    blocks = model.arch.blocks
+
+    def pre_hook(_mod, args, kwargs):
+        h = args[0] if args else kwargs.get("hidden_states")
+        sink["resid.-1"] = h
+
+    handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+    for l, block in enumerate(blocks):
+        handles.append(block.register_forward_hook(lambda _m, _i, o, l=l: sink.__setitem__(f"resid.{l}", _hidden(o))))
+    for name, path in module_paths.items():
+        mod = model.arch.module(path)
+        handles.append(mod.register_forward_hook(lambda _m, _i, o, name=name: sink.__setitem__(name, _hidden(o))))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def capture(
+    model: LoadedModel,
+    texts: Sequence[str],
+    *,
+    modules: Sequence[str] = (),
+    batch_size: int = 8,
+    progress: Optional[Progress] = None,
+) -> Capture:
+    """Run ``texts`` (already budgeted) through ``model`` once, capturing rows of every layer."""
+    import time
+
+    progress = progress or silent()
+    tok = model.tokenizer
+    lin = {m.name: m.path for m in model.arch.linear_modules()}
+    unknown = [m for m in modules if m not in lin]
+    if unknown:
+        raise GraftError(f"unknown module(s) for {model.label}: {', '.join(unknown[:3])}")
+    module_paths = {m: lin[m] for m in modules}
+    L = model.arch.n_layers
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
+    per_module: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+    text_index: list[torch.Tensor] = []
+    offsets: list[torch.Tensor] = []
+    token_ids: list[list[int]] = []
+    fast = bool(getattr(tok, "is_fast", False))
+    t_fwd = 0.0
+    old_side = getattr(tok, "padding_side", "right")
+    tok.padding_side = "right"
+    try:
+        for b0 in range(0, len(texts), batch_size):
+            progress(b0 / max(len(texts), 1), f"{model.label}: forward {b0}/{len(texts)} texts")
+            batch = list(texts[b0 : b0 + batch_size])
+            enc = tok(
+                batch, return_tensors="pt", padding=True, truncation=True, max_length=MAX_TOKENS_PER_TEXT,
+                return_offsets_mapping=fast, return_special_tokens_mask=True,
+            )
+            keep = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()  # (B, T)
+            if fast:
+                off = enc["offset_mapping"]  # (B, T, 2)
+                keep &= off[..., 1] > off[..., 0]
+            sink: dict[str, torch.Tensor] = {}
+            inputs = {"input_ids": enc["input_ids"].to(model.device), "attention_mask": enc["attention_mask"].to(model.device)}
+            with model.lock, _hooks(model, module_paths, sink):
+                t0 = time.perf_counter()
+                model.model(**inputs, use_cache=False)
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t_fwd += time.perf_counter() - t0
+            keep_dev = keep.to(model.device)
+            for l in range(-1, L):
+                per_layer[l + 1].append(sink[f"resid.{l}"][keep_dev].float().cpu())  # (n_b, d)
+            for m in modules:
+                per_module[m].append(sink[m][keep_dev].float().cpu())
+            rows = torch.arange(len(batch)).unsqueeze(1).expand_as(keep)[keep] + b0
+            text_index.append(rows)
+            if fast:
+                offsets.append(off[keep])
+            for i in range(len(batch)):
+                token_ids.append(enc["input_ids"][i][keep[i]].tolist())
+    finally:
+        tok.padding_side = old_side
+    progress(1.0, f"{model.label}: captured")
+    residual = torch.stack([torch.cat(p, 0) for p in per_layer], 0)  # (L+1, n, d)
+    if residual.shape[1] == 0:
+        raise GraftError("the workload produced no tokens")
+    return Capture(
+        label=model.label,
+        texts=list(texts),
+        residual=residual,
+        text_index=torch.cat(text_index),
+        offsets=torch.cat(offsets) if fast else None,
+        token_ids=token_ids,
+        modules={m: torch.cat(v, 0) for m, v in per_module.items()},
+        forward_seconds=t_fwd,
+    )
+
+
+class CaptureCache:
+    """Small LRU of captures keyed by (model object, texts, modules), shared by T2-T4.
+
+    The key holds a weak reference to the model object so a freed model never matches a new one
+    that reuses its id.
+    """
+
+    def __init__(self, max_items: int = 6) -> None:
+        self.max_items = max_items
+        self._items: "OrderedDict[tuple, tuple[weakref.ref, Capture]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(model: LoadedModel, texts: Sequence[str], modules: Sequence[str], batch_size: int) -> tuple:
+        h = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()
+        return (id(model.model), h, tuple(sorted(modules)))
+
+    def get(self, model: LoadedModel, texts: Sequence[str], *, modules: Sequence[str] = (), batch_size: int = 8,
+            progress: Optional[Progress] = None) -> Capture:
+        key = self._key(model, texts, modules, batch_size)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None and hit[0]() is model.model:
+                self._items.move_to_end(key)
+                return hit[1]
+        cap = capture(model, texts, modules=modules, batch_size=batch_size, progress=progress)
+        with self._lock:
+            self._items[key] = (weakref.ref(model.model), cap)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        return cap
+
+
+DEFAULT_CACHE = CaptureCache()

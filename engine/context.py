@@ -1,0 +1,133 @@
+"""What a tool's compute function receives, and the one entry point shared by CLI and UI."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from .align import Aligned, align
+from .capture import DEFAULT_CACHE, Capture, CaptureCache, budget_texts
+from .data import Workload, builtin_concept_path, load_workload
+from .errors import GraftError
+from .linalg import cka_matrix
+from .models import LoadedModel, ModelSpec, ModelStore
+from .params import RunOptions, build_params
+from .progress import Progress, silent
+from .registry import get_tool
+
+
+@dataclass
+class ToolContext:
+    """Donor, target, workload and run options for one tool run.
+
+    ``aligned()`` and ``cka()`` are memoised on the captures so tools run on the same models
+    and workload share one forward pass per model and one CKA matrix.
+    """
+
+    donor: LoadedModel
+    target: LoadedModel
+    workload: Workload
+    options: RunOptions
+    captures: CaptureCache = field(default_factory=lambda: DEFAULT_CACHE)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def texts(self) -> list[str]:
+        return budget_texts(self.workload.texts, [self.donor.tokenizer, self.target.tokenizer], self.options.max_tokens)
+
+    def capture_pair(self, progress: Progress, modules: tuple[str, ...] = ()) -> tuple[Capture, Capture]:
+        texts = self.texts()
+        t0 = time.perf_counter()
+        cd = self.captures.get(self.donor, texts, modules=modules, batch_size=self.options.batch_size, progress=progress.sub(0, 0.5))
+        ct = self.captures.get(self.target, texts, modules=modules, batch_size=self.options.batch_size, progress=progress.sub(0.5, 1))
+        self.meta.setdefault("capture_seconds", 0.0)
+        self.meta["capture_seconds"] += time.perf_counter() - t0
+        self.meta["n_texts"] = len(texts)
+        self.meta["n_tokens_donor"] = cd.n
+        self.meta["n_tokens_target"] = ct.n
+        return cd, ct
+
+    def aligned(self, progress: Progress) -> Aligned:
+        cd, ct = self.capture_pair(progress)
+        key = ("aligned", id(ct))
+        hit = cd.derived.get(key)
+        if hit is None or hit[0] is not ct:
+            hit = (ct, align(cd, ct))
+            cd.derived[key] = hit
+        al = hit[1]
+        self.meta.update(al.summary())
+        return al
+
+    def cka(self, progress: Progress, include_embeddings: bool) -> torch.Tensor:
+        """CKA matrix over donor x target layers (blocks, optionally with h_{-1} first)."""
+        al = self.aligned(progress.sub(0, 0.7))
+        cd, ct = self.capture_pair(progress.sub(0.7, 0.7))
+        key = ("cka", id(ct), include_embeddings)
+        hit = cd.derived.get(key)
+        if hit is None or hit[0] is not ct:
+            s = 0 if include_embeddings else 1
+            hit = (ct, cka_matrix(al.X[s:], al.Y[s:], progress.sub(0.7, 1.0)))
+            cd.derived[key] = hit
+        return hit[1]
+
+
+def resolve_workload(path: str) -> Workload:
+    return load_workload(path or str(builtin_concept_path()))
+
+
+def run_tool(
+    tool_name: str,
+    donor: ModelSpec | LoadedModel,
+    target: ModelSpec | LoadedModel,
+    options: RunOptions | dict | None = None,
+    params: Any = None,
+    *,
+    store: Optional[ModelStore] = None,
+    progress: Optional[Progress] = None,
+    captures: Optional[CaptureCache] = None,
+) -> dict[str, Any]:
+    """Run a registered tool end to end and return ``{"tool", "donor", "target", "result", "meta"}``.
+
+    This is the only path from inputs to a result: the CLI, the job runner and the tests call it.
+    """
+    progress = progress or silent()
+    tool = get_tool(tool_name)
+    if not isinstance(options, RunOptions):
+        options = build_params(RunOptions, options or {})
+    if not dataclasses.is_dataclass(params):
+        params = build_params(tool.params_cls, params or {})
+    store = store or ModelStore()
+    t0 = time.perf_counter()
+    workload = resolve_workload(options.workload)
+
+    def get(m: ModelSpec | LoadedModel, p: Progress) -> LoadedModel:
+        return m if isinstance(m, LoadedModel) else store.get(m, options.device, options.dtype, p)
+
+    progress(0.0, "loading models")
+    d = get(donor, progress.sub(0.0, 0.1))
+    t = get(target, progress.sub(0.1, 0.2))
+    t_load = time.perf_counter() - t0
+    ctx = ToolContext(d, t, workload, options, captures or DEFAULT_CACHE)
+    t1 = time.perf_counter()
+    result = tool.compute(ctx, params, progress.sub(0.2, 1.0))
+    t_compute = time.perf_counter() - t1
+    progress(1.0, "done")
+    payload = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(result)
+    return {
+        "tool": tool.name,
+        "donor": d.spec.ref,
+        "target": t.spec.ref,
+        "result": payload,
+        "meta": {
+            "code": tool.code,
+            "params": dataclasses.asdict(params),
+            "options": dataclasses.asdict(options),
+            "workload": {"name": workload.name, "sha256": workload.sha256, "n_texts": len(workload.texts)},
+            "device": str(d.device),
+            "load_seconds": round(t_load, 4),
+            "compute_seconds": round(t_compute, 4),
+            **ctx.meta,
+        },
+    }

@@ -1,0 +1,224 @@
+"""Concept sets, retained sets and workloads: loading and strict validation.
+
+A **concept set** is a JSONL file, one object per line:
+
+- ``{"kind": "fact", "text": "..."}``: a statement the donor should learn;
+- ``{"kind": "text", "text": "..."}``: a plain text, treated exactly like a fact (lets a retained
+  set of free text use the same format);
+- ``{"kind": "qa", "question": "...", "answer": "...", "split": "train" | "test"}``: an
+  evaluation item; ``split`` is optional.
+
+Blank lines are skipped. Every error is a :class:`GraftError` whose one-line message names the
+file and the line, so the user can fix the file without reading a traceback.
+
+A **workload** is a list of texts for the diagnostics: a concept-set JSONL (its
+:meth:`ConceptSet.texts`), a JSONL of ``{"text": ...}`` objects, or a plain-text file with one text
+per non-empty line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from .errors import GraftError
+from .paths import data_dir
+
+PathLike = Union[str, Path]
+
+SPLITS = ("train", "test")
+KINDS = ("fact", "text", "qa")
+# Suffixes read as JSON Lines; every other suffix is read as plain text, one text per line.
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# Share of QA items without an explicit split that go to "test" (hash bucket 0 of 3).
+_TEST_BUCKETS = 3
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """A question with a short reference answer; ``split`` is ``"train"`` or ``"test"``."""
+
+    question: str
+    answer: str
+    split: str
+
+
+@dataclass(frozen=True)
+class ConceptSet:
+    """A validated concept (or retained) set; ``sha256`` is the hash of the file's bytes."""
+
+    name: str
+    path: str
+    sha256: str
+    facts: tuple[str, ...]
+    qa: tuple[QAItem, ...]
+
+    def texts(self) -> tuple[str, ...]:
+        """Facts, then every QA item rendered as ``"question answer"``: the default workload."""
+        return self.facts + tuple(f"{q.question} {q.answer}" for q in self.qa)
+
+    def train_qa(self) -> tuple[QAItem, ...]:
+        return tuple(q for q in self.qa if q.split == "train")
+
+    def test_qa(self) -> tuple[QAItem, ...]:
+        return tuple(q for q in self.qa if q.split == "test")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A named list of texts; ``sha256`` is the hash of the source file's bytes."""
+
+    name: str
+    sha256: str
+    texts: tuple[str, ...]
+
+
+def builtin_concept_path() -> Path:
+    """The bundled concept set (a fictional island no base model can know)."""
+    return data_dir() / "concept_set.jsonl"
+
+
+def builtin_retained_path() -> Path:
+    """The bundled retained general-knowledge set."""
+    return data_dir() / "retained.jsonl"
+
+
+def auto_split(question: str) -> str:
+    """Deterministic split for an item without one: ``test`` iff ``sha1(question) mod 3 == 0``.
+
+    Hashing the question (not its position) keeps an item's split stable when lines are added,
+    removed or reordered.
+    """
+    h = int(hashlib.sha1(question.encode("utf-8")).hexdigest(), 16)
+    return "test" if h % _TEST_BUCKETS == 0 else "train"
+
+
+# --------------------------------------------------------------------------------------------
+# File reading helpers
+
+
+def _read_bytes(path: PathLike, what: str) -> tuple[Path, bytes]:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise GraftError(f"{what} file not found: {p}")
+    if not p.is_file():
+        raise GraftError(f"{what} path is not a file: {p}")
+    try:
+        return p, p.read_bytes()
+    except OSError as e:
+        raise GraftError(f"cannot read {what} file {p}: {e.strerror or e}") from None
+
+
+def _decode(p: Path, raw: bytes) -> str:
+    try:
+        # utf-8-sig: tolerate a byte-order mark written by some editors.
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        # Report the line of the offending byte, not a byte offset.
+        line = raw[: e.start].count(b"\n") + 1
+        raise GraftError(f"{p.name}:{line}: not valid UTF-8 text") from None
+
+
+def _json_lines(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """Parse non-blank lines as JSON objects, keeping 1-based line numbers."""
+    out: list[tuple[int, dict[str, Any]]] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GraftError(f"{p.name}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise GraftError(f"{p.name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        out.append((lineno, obj))
+    return out
+
+
+def _field(p: Path, lineno: int, obj: dict[str, Any], key: str, kind: str) -> str:
+    """A required non-empty string field, stripped."""
+    if key not in obj:
+        raise GraftError(f"{p.name}:{lineno}: {kind} item is missing field '{key}'")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise GraftError(f"{p.name}:{lineno}: field '{key}' must be a string, got {type(value).__name__}")
+    value = value.strip()
+    if not value:
+        raise GraftError(f"{p.name}:{lineno}: field '{key}' is empty")
+    return value
+
+
+def _sha256(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Concept sets
+
+
+def _parse_concept(p: Path, raw: bytes) -> ConceptSet:
+    records = _json_lines(p, _decode(p, raw))
+    facts: list[str] = []
+    # (question, answer, explicit split or None)
+    pending: list[tuple[str, str, str | None]] = []
+    for lineno, obj in records:
+        if "kind" not in obj:
+            raise GraftError(f"{p.name}:{lineno}: missing field 'kind' (one of {', '.join(KINDS)})")
+        kind = obj["kind"]
+        if kind not in KINDS:
+            raise GraftError(f"{p.name}:{lineno}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+        if kind in ("fact", "text"):
+            facts.append(_field(p, lineno, obj, "text", kind))
+            continue
+        question = _field(p, lineno, obj, "question", kind)
+        answer = _field(p, lineno, obj, "answer", kind)
+        split = obj.get("split")
+        if split is not None and split not in SPLITS:
+            raise GraftError(f"{p.name}:{lineno}: split must be 'train' or 'test', got {split!r}")
+        pending.append((question, answer, split))
+
+    if not facts and not pending:
+        raise GraftError(f"concept set {p.name} has no items")
+
+    splits = [s if s is not None else auto_split(q) for q, _, s in pending]
+    auto = [i for i, (_, _, s) in enumerate(pending) if s is None]
+    # A set whose hashed split happens to put nothing in test would make held-out evaluation
+    # impossible; move the last automatically split item there. Explicit splits are respected.
+    if "test" not in splits and len(pending) >= 2 and auto:
+        splits[auto[-1]] = "test"
+
+    qa = tuple(QAItem(q, a, s) for (q, a, _), s in zip(pending, splits))
+    return ConceptSet(name=p.stem, path=str(p.resolve()), sha256=_sha256(raw), facts=tuple(facts), qa=qa)
+
+
+def load_concept_set(path: PathLike) -> ConceptSet:
+    """Load and strictly validate a concept-set JSONL file (see the module docstring)."""
+    p, raw = _read_bytes(path, "concept set")
+    return _parse_concept(p, raw)
+
+
+# --------------------------------------------------------------------------------------------
+# Workloads
+
+
+def load_workload(path: PathLike) -> Workload:
+    """Load a workload: concept-set JSONL, ``{"text": ...}`` JSONL, or plain text.
+
+    A JSONL file in which any line has a ``kind`` field is read as a concept set (and validated
+    as one); otherwise every line must be an object with a non-empty ``text`` string. Files with
+    any other suffix are plain text: one text per non-empty line, surrounding whitespace stripped.
+    """
+    p, raw = _read_bytes(path, "workload")
+    if p.suffix.lower() in JSONL_SUFFIXES:
+        records = _json_lines(p, _decode(p, raw))
+        if any("kind" in obj for _, obj in records):
+            texts = _parse_concept(p, raw).texts()
+        else:
+            texts = tuple(_field(p, lineno, obj, "text", "text") for lineno, obj in records)
+    else:
+        texts = tuple(line.strip() for line in _decode(p, raw).splitlines() if line.strip())
+    if not texts:
+        raise GraftError(f"workload {p.name} has no texts")
+    return Workload(name=p.stem, sha256=_sha256(raw), texts=texts)

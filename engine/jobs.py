@@ -1,0 +1,143 @@
+"""Background job runner: long work never blocks the page.
+
+Jobs run one at a time on a worker thread (the machine's cores are shared, and one forward pass
+at a time per cached model is also enforced by each model's lock). Each job reports progress,
+can be cancelled (its compute stops at the next progress checkpoint), and is recorded in the
+run history from the moment it is queued.
+"""
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .context import run_tool
+from .errors import Cancelled, GraftError
+from .history import History
+from .models import ModelSpec, ModelStore
+from .params import RunOptions
+from .progress import Progress
+from .registry import get_tool
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str  # tool name, or another job kind such as "make-donor"
+    title: str
+    donor: str
+    target: str
+    params: dict[str, Any]
+    status: str = "queued"
+    progress: float = 0.0
+    message: str = "queued"
+    result: Optional[dict[str, Any]] = None
+    error: str = ""
+    created: float = field(default_factory=time.time)
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("done", "failed", "cancelled")
+
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+
+class JobRunner:
+    def __init__(self, store: ModelStore, history: Optional[History] = None) -> None:
+        self.store = store
+        self.history = history or History()
+        self._jobs: dict[str, Job] = {}
+        self._queue: "queue.Queue[tuple[Job, Callable[[Progress], dict[str, Any]]]]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._worker = threading.Thread(target=self._loop, name="graft-jobs", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ submit
+    def submit_tool(self, tool_name: str, donor: ModelSpec, target: ModelSpec,
+                    options: RunOptions, params: Any) -> Job:
+        tool = get_tool(tool_name)
+        record = {"options": dataclasses.asdict(options), "params": dataclasses.asdict(params)}
+
+        def work(progress: Progress) -> dict[str, Any]:
+            return run_tool(tool_name, donor, target, options, params, store=self.store, progress=progress)
+
+        return self.submit(tool.name, f"{tool.code} {tool.title}", donor.ref, target.ref, record, work)
+
+    def submit(self, kind: str, title: str, donor: str, target: str, params: dict[str, Any],
+               work: Callable[[Progress], dict[str, Any]]) -> Job:
+        job = Job(uuid.uuid4().hex[:12], kind, title, donor, target, params)
+        with self._lock:
+            self._jobs[job.id] = job
+        self.history.create(job.id, kind, title, donor, target, params)
+        self._queue.put((job, work))
+        return job
+
+    # ------------------------------------------------------------------ control
+    def get(self, job_id: str) -> Optional[Job]:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.created, reverse=True)
+
+    def cancel(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if job is not None and not job.done:
+            job.cancel_event.set()
+            job.message = "cancelling..."
+
+    def wait(self, job_id: str, timeout: float = 600.0) -> Job:
+        """Block until the job ends (tests and the CLI only; pages poll instead)."""
+        t0 = time.time()
+        job = self.get(job_id)
+        assert job is not None
+        while not job.done and time.time() - t0 < timeout:
+            time.sleep(0.02)
+        return job
+
+    # ------------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        while True:
+            job, work = self._queue.get()
+            self._run(job, work)
+
+    def _run(self, job: Job, work: Callable[[Progress], dict[str, Any]]) -> None:
+        if job.cancel_event.is_set():
+            job.status, job.message, job.finished = "cancelled", "cancelled before start", time.time()
+            self.history.finish(job.id, "cancelled", error="cancelled before start")
+            return
+
+        def report(fraction: float, message: str) -> None:
+            job.progress, job.message = fraction, message
+
+        job.status, job.started = "running", time.time()
+        self.history.start(job.id)
+        try:
+            result = work(Progress(report, job.cancel_event))
+        except Cancelled:
+            job.status, job.message = "cancelled", "cancelled"
+            self.history.finish(job.id, "cancelled", error="cancelled by user")
+        except GraftError as exc:
+            job.status, job.error, job.message = "failed", str(exc), str(exc)
+            self.history.finish(job.id, "failed", error=str(exc))
+        except Exception as exc:  # a bug must not kill the worker; the UI shows one line
+            job.status, job.error = "failed", f"internal error: {type(exc).__name__}: {exc}"
+            job.message = job.error
+            self.history.finish(job.id, "failed", error=job.error + "\n" + traceback.format_exc())
+        else:
+            job.result, job.status, job.progress, job.message = result, "done", 1.0, "done"
+            self.history.finish(job.id, "done", result=result)
+        finally:
+            job.finished = time.time()

@@ -1,0 +1,98 @@
+"""Typed tool parameters with help text, shared by the CLI (argparse) and the UI (widgets).
+
+A parameter class is a frozen dataclass whose fields are declared with :func:`param`. Values
+are validated on entry (:func:`build_params`), scikit-learn style, with one-line messages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Optional, Sequence
+
+from .errors import GraftError
+
+
+def param(default: Any, help: str, *, min: Optional[float] = None, max: Optional[float] = None,
+          choices: Optional[Sequence[Any]] = None) -> Any:
+    """Declare a tool parameter: default, help text, and optional bounds or choices."""
+    return dataclasses.field(default=default, metadata={"help": help, "min": min, "max": max, "choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: type
+    default: Any
+    help: str
+    min: Optional[float]
+    max: Optional[float]
+    choices: Optional[tuple]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def param_specs(cls: type) -> list[ParamSpec]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        out.append(ParamSpec(f.name, hints[f.name], f.default, md.get("help", ""), md.get("min"), md.get("max"),
+                             tuple(md["choices"]) if md.get("choices") else None))
+    return out
+
+
+def _coerce(spec: ParamSpec, value: Any) -> Any:
+    t = spec.type
+    try:
+        if t is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if t is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if t is float:
+            return float(value)
+        if t is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise GraftError(f"{spec.flag} expects {t.__name__}, got {value!r}") from None
+    return value
+
+
+def build_params(cls: type, values: Optional[dict[str, Any]] = None) -> Any:
+    """Instantiate ``cls`` from a dict, coercing types and checking bounds and choices."""
+    values = dict(values or {})
+    specs = {s.name: s for s in param_specs(cls)}
+    unknown = set(values) - set(specs)
+    if unknown:
+        raise GraftError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, spec in specs.items():
+        v = _coerce(spec, values[name]) if name in values and values[name] is not None else spec.default
+        if spec.choices and v not in spec.choices:
+            raise GraftError(f"{spec.flag} must be one of {', '.join(map(str, spec.choices))}, got {v!r}")
+        if spec.min is not None and v < spec.min:
+            raise GraftError(f"{spec.flag} must be >= {spec.min}, got {v}")
+        if spec.max is not None and v > spec.max:
+            raise GraftError(f"{spec.flag} must be <= {spec.max}, got {v}")
+        kwargs[name] = v
+    return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Options every pair tool shares: the workload and how to run the models."""
+
+    workload: str = param("", "Workload file (concept-set JSONL, JSONL of {\"text\"}, or .txt one text per line). Empty = the bundled concept set.")
+    max_tokens: int = param(2048, "Token budget for activation capture (bounds memory).", min=8, max=1_000_000)
+    batch_size: int = param(8, "Texts per forward pass.", min=1, max=512)
+    device: str = param("auto", "Where to run: auto (CUDA when present), cpu or cuda.", choices=("auto", "cpu", "cuda"))
+    dtype: str = param("float32", "Model weights dtype; bfloat16 halves memory on GPU.", choices=("float32", "bfloat16", "float16"))

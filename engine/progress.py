@@ -1,0 +1,55 @@
+"""Progress reporting and cooperative cancellation for long computations."""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+from .errors import Cancelled
+
+
+class Progress:
+    """Callable progress sink: ``progress(fraction, message)``.
+
+    Every call is also a cancellation point: if the job was cancelled the call raises
+    :class:`Cancelled`, so compute functions stop at the next checkpoint. ``sub(a, b)`` gives a
+    child that maps its own 0..1 onto ``a..b`` of the parent, so nested steps compose.
+    """
+
+    def __init__(
+        self,
+        callback: Optional[Callable[[float, str], None]] = None,
+        cancel_event: Optional[threading.Event] = None,
+        start: float = 0.0,
+        end: float = 1.0,
+    ) -> None:
+        self._callback = callback
+        self.cancel_event = cancel_event or threading.Event()
+        self._start = start
+        self._end = end
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        self.check()
+        f = min(max(float(fraction), 0.0), 1.0)
+        if self._callback is not None:
+            self._callback(self._start + (self._end - self._start) * f, message)
+
+    def check(self) -> None:
+        if self.cancel_event.is_set():
+            raise Cancelled("cancelled by user")
+
+    def sub(self, start: float, end: float) -> "Progress":
+        span = self._end - self._start
+        return Progress(
+            self._callback,
+            self.cancel_event,
+            self._start + span * start,
+            self._start + span * end,
+        )
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+
+def silent() -> Progress:
+    """A progress sink that reports nowhere and is never cancelled."""
+    return Progress()

@@ -1,0 +1,110 @@
+"""T4 Bridge sufficiency (METHODS.md; NOT, Proposition 1).
+
+An organ taken from donor position ``s`` expects the donor's stream ``h_{s-1}`` as input; inserted
+at target position ``p`` it receives the target's ``h_{p-1}``. For every (s, p) we report the mean
+row cosine between the two, raw (equal widths only) and after the best linear bridge, and
+``epsilon = 1 - cosine``.
+
+The bridge W maps target h_{p-1} -> donor h_{s-1}. It is ridge least squares shrunk towards the
+identity (towards 0 when widths differ), since bridges start at identity (T10):
+``W = (X^T X + lam I)^{-1} (X^T Y + lam W0)``. It is fitted on the fit rows and every cosine is
+measured on held-out rows, so a bridge cannot look good by memorising. Cosines are uncentred, as
+the residual stream is what the organ reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..context import ToolContext
+from ..errors import GraftError
+from ..linalg import split_rows
+from ..params import param
+from ..progress import Progress
+from ..registry import Tool, register
+
+
+@dataclass(frozen=True)
+class BridgeParams:
+    epsilon_threshold: float = param(0.1, "Direct replacement is called plausible where epsilon = 1 - cosine is below this.", min=0.0, max=2.0)
+    ridge_alpha: float = param(0.01, "Ridge strength of the fitted bridge, relative to the mean eigenvalue of X^T X.", min=0.0)
+    heldout_fraction: float = param(0.25, "Share of texts (or rows) held out to measure the cosines.", min=0.05, max=0.9)
+    seed: int = param(0, "Seed of the fit / held-out split.", min=0)
+
+
+@dataclass
+class BridgeResult:
+    donor_positions: list[int]  # s: organ starts at donor block s (input h_{s-1})
+    target_positions: list[int]  # p: inserted at target block p (input h_{p-1})
+    cos_raw: Optional[list[list[float]]]  # s x p; None when widths differ
+    cos_bridged: list[list[float]]
+    epsilon_raw: Optional[list[list[float]]]
+    epsilon_bridged: list[list[float]]
+    plausible_direct: list[list[int]]  # [s, p] with epsilon_raw < threshold
+    best_target_for_donor: list[dict[str, Any]]
+    threshold: float
+    alignment: str
+    n_fit: int
+    n_heldout: int
+
+
+def _row_cos(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Mean row cosine of A against each of several B blocks. A: (n, d), B: (k, n, d) -> (k,)."""
+    num = (A.unsqueeze(0) * B).sum(-1)
+    den = A.norm(dim=-1).unsqueeze(0) * B.norm(dim=-1)
+    return (num / den.clamp_min(1e-12)).mean(-1)
+
+
+def compute_bridge(ctx: ToolContext, params: BridgeParams, progress: Progress) -> BridgeResult:
+    al = ctx.aligned(progress.sub(0, 0.6))
+    Ld, Lt = al.X.shape[0] - 1, al.Y.shape[0] - 1
+    dd, dt = al.X.shape[2], al.Y.shape[2]
+    fit, held = split_rows(al.group, params.heldout_fraction, params.seed)
+    if int(fit.sum()) < 2 or int(held.sum()) < 1:
+        raise GraftError("too few aligned rows to hold some out: use a larger workload or --max-tokens")
+    # Inputs: donor h_{s-1} for s in 0..Ld-1 is residual index s; same for target.
+    Yd = al.X[:Ld].double()  # (Ld, n, dd) donor organ inputs
+    Xt = al.Y[:Lt].double()  # (Lt, n, dt) target streams at insertion points
+    YdF = Yd[:, fit].permute(1, 0, 2).reshape(int(fit.sum()), Ld * dd)  # (n_fit, Ld*dd)
+    YdH = Yd[:, held]  # (Ld, n_h, dd)
+    W0 = torch.eye(dt, dd, dtype=torch.float64) if dt == dd else torch.zeros(dt, dd, dtype=torch.float64)
+    cos_b = torch.zeros(Ld, Lt, dtype=torch.float64)
+    cos_r = torch.zeros(Ld, Lt, dtype=torch.float64) if dd == dt else None
+    for p in range(Lt):
+        progress(0.6 + 0.4 * p / Lt, f"bridges into target position {p}")
+        XF, XH = Xt[p][fit], Xt[p][held]  # (n_fit, dt), (n_h, dt)
+        G = XF.T @ XF
+        lam = params.ridge_alpha * float(torch.trace(G)) / dt
+        A = G + lam * torch.eye(dt, dtype=torch.float64)
+        B = XF.T @ YdF + lam * W0.repeat(1, Ld)  # (dt, Ld*dd): one solve for every donor position
+        W = torch.linalg.solve(A, B)
+        pred = (XH @ W).reshape(XH.shape[0], Ld, dd).permute(1, 0, 2)  # (Ld, n_h, dd)
+        cos_b[:, p] = (torch.nn.functional.cosine_similarity(pred, YdH, dim=-1, eps=1e-12)).mean(-1)
+        if cos_r is not None:
+            cos_r[:, p] = _row_cos(XH, YdH)
+    eps_b = 1.0 - cos_b
+    eps_r = None if cos_r is None else 1.0 - cos_r
+    plausible = [] if eps_r is None else [[int(s), int(p)] for s, p in (eps_r < params.epsilon_threshold).nonzero().tolist()]
+    best = []
+    for s in range(Ld):
+        p = int(torch.argmin(eps_b[s]))
+        best.append({"s": s, "p": p, "epsilon_bridged": round(float(eps_b[s, p]), 6),
+                     "epsilon_raw": None if eps_r is None else round(float(eps_r[s, p]), 6)})
+    r = lambda M: [[round(float(v), 6) for v in row] for row in M]  # noqa: E731
+    progress(1.0, "done")
+    return BridgeResult(
+        donor_positions=list(range(Ld)), target_positions=list(range(Lt)),
+        cos_raw=None if cos_r is None else r(cos_r), cos_bridged=r(cos_b),
+        epsilon_raw=None if eps_r is None else r(eps_r), epsilon_bridged=r(eps_b),
+        plausible_direct=plausible, best_target_for_donor=best, threshold=params.epsilon_threshold,
+        alignment=al.mode, n_fit=int(fit.sum()), n_heldout=int(held.sum()),
+    )
+
+
+TOOL = register(Tool(
+    name="bridge-check", code="T4", title="Bridge sufficiency",
+    summary="For an organ from donor position s inserted at target position p: epsilon = 1 - cosine of their input streams, raw and through the best linear bridge.",
+    params_cls=BridgeParams, compute=compute_bridge, figure="viz.alignment:bridge_figure", page="Alignment",
+))

@@ -1,0 +1,62 @@
+"""T2 Layer similarity map (METHODS.md): linear CKA between every donor and target layer, and
+the best monotone (non-decreasing) layer matching by dynamic programming.
+
+Layer ``-1`` is the embedding stream ``h_{-1}`` (the input of block 0), shown when
+``include_embeddings`` is on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..context import ToolContext
+from ..linalg import monotone_matching
+from ..params import param
+from ..progress import Progress
+from ..registry import Tool, register
+
+
+@dataclass(frozen=True)
+class CKAParams:
+    include_embeddings: bool = param(False, "Also compare h_{-1}, the embedding stream that enters block 0.")
+
+
+@dataclass
+class CKAResult:
+    donor_layers: list[int]  # row labels; -1 = embeddings
+    target_layers: list[int]
+    matrix: list[list[float]]  # donor layers x target layers, CKA in [0, 1]
+    matching: list[list[int]]  # [donor_layer, target_layer] pairs, non-decreasing
+    matching_cka: list[float]
+    mean_matched_cka: float
+    diagonal: list[float]  # CKA[i, i] where both have layer i
+    alignment: str
+    n_rows: int
+
+
+def compute_cka(ctx: ToolContext, params: CKAParams, progress: Progress) -> CKAResult:
+    M = ctx.cka(progress.sub(0, 0.95), params.include_embeddings)
+    progress(0.96, "monotone matching")
+    start = -1 if params.include_embeddings else 0
+    dl = list(range(start, start + M.shape[0]))
+    tl = list(range(start, start + M.shape[1]))
+    pairs = monotone_matching(M)
+    mc = [float(M[i, j]) for i, j in pairs]
+    al = ctx.aligned(progress.sub(1, 1))
+    return CKAResult(
+        donor_layers=dl,
+        target_layers=tl,
+        matrix=[[round(float(v), 6) for v in row] for row in M],
+        matching=[[dl[i], tl[j]] for i, j in pairs],
+        matching_cka=[round(v, 6) for v in mc],
+        mean_matched_cka=round(sum(mc) / len(mc), 6),
+        diagonal=[round(float(M[i, i]), 6) for i in range(min(M.shape))],
+        alignment=al.mode,
+        n_rows=al.n,
+    )
+
+
+TOOL = register(Tool(
+    name="cka", code="T2", title="Layer similarity map (CKA)",
+    summary="Linear CKA between every donor and target layer, with the best monotone layer matching drawn on it.",
+    params_cls=CKAParams, compute=compute_cka, figure="viz.alignment:cka_figure", page="Alignment",
+))

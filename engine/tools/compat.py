@@ -1,0 +1,124 @@
+"""T1 Compatibility report (METHODS.md, "Pre-surgery diagnostics").
+
+Compares the architecture fields of donor and target, the tokenizers (Jaccard overlap of token
+strings), and gives a verdict with reasons for each transplant operation, plus a compatibility
+signature (hash of the fields a transplant depends on).
+
+Choices where METHODS.md is silent: a module swap also requires the same family (equal shapes
+across families, e.g. a GPT-2 ``attn.o`` and a Llama ``attn.o``, do not mean the same map), and
+is possible when at least one module shared by name has equal shapes; the reasons say how many.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..arch import block_internal_signature, signature
+from ..context import ToolContext
+from ..params import param
+from ..progress import Progress
+from ..registry import Tool, register
+
+COMPARED = (
+    "family", "model_type", "n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
+    "norm_type", "activation", "positional", "vocab_size", "tied_embeddings", "dtype", "n_params",
+)
+BLOCK_INTERNALS = ("family", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "norm_type", "activation", "positional")
+
+
+@dataclass(frozen=True)
+class CompatParams:
+    vocab_sample: int = param(0, "Compare at most this many token strings per tokenizer for the Jaccard overlap (0 = the whole vocabulary).", min=0)
+
+
+@dataclass
+class CompatResult:
+    fields: list[dict[str, Any]]
+    tokenizer_overlap: float  # Jaccard of token-string sets, 0..1
+    same_tokenizer: bool
+    verdicts: dict[str, bool]
+    reasons: dict[str, list[str]]
+    signature: dict[str, Any]
+    swappable_modules: int
+    shared_modules: int
+    donor_description: dict[str, Any] = field(default_factory=dict)
+    target_description: dict[str, Any] = field(default_factory=dict)
+
+
+def _vocab(tok: Any, limit: int) -> set[str]:
+    items = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    if limit:
+        items = items[:limit]
+    return {k for k, _ in items}
+
+
+def compute_compat(ctx: ToolContext, params: CompatParams, progress: Progress) -> CompatResult:
+    progress(0.1, "describing architectures")
+    dd, td = ctx.donor.arch.describe(), ctx.target.arch.describe()
+    rows = [{"field": k, "donor": dd.get(k), "target": td.get(k), "equal": dd.get(k) == td.get(k)} for k in COMPARED]
+    progress(0.4, "comparing tokenizers")
+    vd, vt = _vocab(ctx.donor.tokenizer, params.vocab_sample), _vocab(ctx.target.tokenizer, params.vocab_sample)
+    jacc = len(vd & vt) / max(len(vd | vt), 1)
+    same_tok = ctx.donor.tokenizer.get_vocab() == ctx.target.tokenizer.get_vocab()
+
+    progress(0.7, "checking operations")
+    dm = {m.name: m for m in ctx.donor.arch.linear_modules()}
+    tm = {m.name: m for m in ctx.target.arch.linear_modules()}
+    shared = sorted(set(dm) & set(tm))
+    equal = [n for n in shared if dm[n].shape == tm[n].shape]
+    reasons: dict[str, list[str]] = {"module_swap": [], "organ_direct": [], "organ_bridged": [], "conjugation": []}
+    same_family = dd["family"] == td["family"]
+
+    ms = same_family and len(equal) > 0
+    if not same_family:
+        reasons["module_swap"].append(f"different families ({dd['family']} vs {td['family']}): module weights do not mean the same map")
+    elif not equal:
+        reasons["module_swap"].append("no module shared by name has equal shapes")
+    else:
+        reasons["module_swap"].append(f"{len(equal)} of {len(shared)} modules shared by name have equal shapes")
+        if len(equal) < len(shared):
+            bad = [n for n in shared if dm[n].shape != tm[n].shape][:3]
+            reasons["module_swap"].append(f"unequal shapes, cannot be swapped: {', '.join(bad)}")
+        if dd["n_layers"] != td["n_layers"]:
+            reasons["module_swap"].append(f"layer counts differ ({dd['n_layers']} vs {td['n_layers']}): only the first {min(dd['n_layers'], td['n_layers'])} blocks pair up")
+    if ms and not same_tok:
+        reasons["module_swap"].append(f"tokenizers differ (Jaccard {jacc:.2f}): swapped modules see different token statistics")
+
+    internals_equal = all(dd.get(k) == td.get(k) for k in BLOCK_INTERNALS)
+    diff_int = [k for k in BLOCK_INTERNALS if dd.get(k) != td.get(k)]
+    od = internals_equal and dd["hidden_size"] == td["hidden_size"]
+    if not internals_equal:
+        reasons["organ_direct"].append(f"block internals differ: {', '.join(diff_int)}")
+        reasons["organ_bridged"].append(f"block internals differ: {', '.join(diff_int)}")
+    else:
+        reasons["organ_bridged"].append("block internals equal")
+        if dd["hidden_size"] != td["hidden_size"]:
+            reasons["organ_direct"].append(f"hidden sizes differ ({dd['hidden_size']} vs {td['hidden_size']}): use bridges")
+            reasons["organ_bridged"].append(f"bridges map width {td['hidden_size']} -> {dd['hidden_size']} -> {td['hidden_size']}")
+        else:
+            reasons["organ_direct"].append(f"block internals and hidden size ({dd['hidden_size']}) equal")
+    reasons["conjugation"].append("both are supported decoders; needs T2's layer matching and T3's per-layer maps")
+    verdicts = {"module_swap": ms, "organ_direct": od, "organ_bridged": internals_equal, "conjugation": True}
+
+    sd, st = signature(dd), signature(td)
+    progress(1.0, "done")
+    return CompatResult(
+        fields=rows,
+        tokenizer_overlap=round(jacc, 6),
+        same_tokenizer=same_tok,
+        verdicts=verdicts,
+        reasons=reasons,
+        signature={"donor": sd, "target": st, "equal": sd == st,
+                   "donor_blocks": block_internal_signature(dd), "target_blocks": block_internal_signature(td)},
+        swappable_modules=len(equal) if same_family else 0,
+        shared_modules=len(shared),
+        donor_description=dd,
+        target_description=td,
+    )
+
+
+TOOL = register(Tool(
+    name="compat", code="T1", title="Compatibility report",
+    summary="Architecture fields side by side, tokenizer overlap, and a verdict with reasons for each transplant operation.",
+    params_cls=CompatParams, compute=compute_compat, figure="viz.compat:compat_figure", page="Models",
+))

@@ -1,0 +1,78 @@
+"""The architecture adapter on a tiny random config of every supported family."""
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, PhiConfig,
+    Qwen2Config,
+)
+
+from engine.arch import ArchAdapter, linear_weight_out_in
+from engine.errors import GraftError
+
+FAMILIES = {
+    "gpt2": (GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, bos_token_id=0, eos_token_id=0), "gpt2",
+             {"attn.qkv", "attn.o", "mlp.up", "mlp.down"}),
+    "gpt_neox": (GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=128), "gpt_neox", {"attn.qkv", "attn.o", "mlp.up", "mlp.down"}),
+    "llama": (LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=64, vocab_size=128), "llama",
+              {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}),
+    "mistral": (MistralConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=64, vocab_size=128), "llama",
+                {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}),
+    "qwen2": (Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=64, vocab_size=128), "llama",
+              {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}),
+    "gemma3": (Gemma3TextConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=8, intermediate_size=64, vocab_size=128), "gemma",
+               {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}),
+    "phi": (PhiConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=128),
+            "phi", {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"}),
+}
+
+
+def build(name):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(FAMILIES[name][0]).eval()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_adapter_names_every_family(name):
+    model = build(name)
+    a = ArchAdapter(model)
+    assert a.family == FAMILIES[name][1]
+    assert a.n_layers == 2
+    assert a.hidden_size == 32
+    mods = a.linear_modules()
+    assert {m.canonical for m in mods} == FAMILIES[name][2]
+    assert len(mods) == 2 * len(FAMILIES[name][2])
+    for m in mods:
+        w = linear_weight_out_in(a.module(m.path))
+        assert tuple(w.shape) == m.shape
+        assert m.kind == ("attention" if m.canonical.startswith("attn") else "mlp")
+    # the residual stream really flows through the named blocks and final norm
+    seen = []
+    h = a.final_norm.register_forward_hook(lambda *_: seen.append("norm"))
+    h2 = a.blocks[1].register_forward_hook(lambda *_: seen.append("block1"))
+    model(torch.tensor([[1, 2, 3]]))
+    h.remove(); h2.remove()
+    assert seen == ["block1", "norm"]
+    desc = a.describe()
+    assert desc["n_layers"] == 2 and desc["vocab_size"] == 128
+
+
+def test_gpt2_fused_conv1d_qkv_shape_is_out_in():
+    a = ArchAdapter(build("gpt2"))
+    qkv = [m for m in a.linear_modules() if m.canonical == "attn.qkv"][0]
+    assert qkv.conv1d and qkv.shape == (96, 32)
+    up = [m for m in a.linear_modules() if m.canonical == "mlp.up"][0]
+    assert up.shape == (128, 32)
+
+
+def test_unsupported_family_is_a_clear_error():
+    from transformers import BertConfig, BertLMHeadModel
+
+    model = BertLMHeadModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                       intermediate_size=64, vocab_size=64, is_decoder=True))
+    with pytest.raises(GraftError, match="unsupported architecture 'bert'"):
+        ArchAdapter(model)

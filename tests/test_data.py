@@ -1,0 +1,163 @@
+"""Concept sets and workloads: loading, strict validation, deterministic splits."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.data import (
+    ConceptSet,
+    QAItem,
+    auto_split,
+    builtin_concept_path,
+    builtin_retained_path,
+    load_concept_set,
+    load_workload,
+)
+from engine.errors import GraftError
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+GOOD = [
+    {"kind": "fact", "text": "Zorbia is a moon of Quux."},
+    {"kind": "text", "text": "Plain text counts as a fact."},
+    "",
+    {"kind": "qa", "question": "Zorbia orbits what?", "answer": "Quux", "split": "train"},
+    {"kind": "qa", "question": "What is Zorbia?", "answer": "a moon", "split": "test"},
+]
+
+
+def test_good_file_loads(tmp_path):
+    p = write_jsonl(tmp_path / "mini.jsonl", GOOD)
+    c = load_concept_set(p)
+    assert isinstance(c, ConceptSet)
+    assert c.name == "mini"
+    assert c.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert c.facts == ("Zorbia is a moon of Quux.", "Plain text counts as a fact.")
+    assert c.qa == (QAItem("Zorbia orbits what?", "Quux", "train"), QAItem("What is Zorbia?", "a moon", "test"))
+    assert c.train_qa() == (c.qa[0],)
+    assert c.test_qa() == (c.qa[1],)
+    assert c.texts() == c.facts + ("Zorbia orbits what? Quux", "What is Zorbia? a moon")
+
+
+def test_bundled_sets_are_valid():
+    c = load_concept_set(builtin_concept_path())
+    assert len(c.facts) >= 48
+    assert len(c.qa) >= 30
+    assert {q.split for q in c.qa} == {"train", "test"}
+    assert 0.25 <= len(c.test_qa()) / len(c.qa) <= 0.45
+    for q in c.qa:
+        assert 1 <= len(q.answer.split()) <= 4
+        # Questions are paraphrased, never a fact with a blank.
+        assert all(q.question.rstrip("?") not in f for f in c.facts)
+    r = load_concept_set(builtin_retained_path())
+    assert len(r.facts) >= 30 and len(r.qa) >= 20
+
+
+@pytest.mark.parametrize(
+    "bad_line, fragment",
+    [
+        ('{"kind": "fact", "text": "x"', "bad JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"text": "no kind"}', "missing field 'kind'"),
+        ('{"kind": "poem", "text": "x"}', "unknown kind 'poem'"),
+        ('{"kind": "fact"}', "missing field 'text'"),
+        ('{"kind": "fact", "text": "   "}', "field 'text' is empty"),
+        ('{"kind": "fact", "text": 3}', "must be a string"),
+        ('{"kind": "qa", "answer": "x"}', "missing field 'question'"),
+        ('{"kind": "qa", "question": "q?", "answer": ""}', "field 'answer' is empty"),
+        ('{"kind": "qa", "question": "q?", "answer": "a", "split": "dev"}', "split must be"),
+    ],
+)
+def test_bad_lines_name_file_and_line(tmp_path, bad_line, fragment):
+    p = write_jsonl(tmp_path / "broken.jsonl", [GOOD[0], "", bad_line, GOOD[3]])
+    with pytest.raises(GraftError) as err:
+        load_concept_set(p)
+    msg = str(err.value)
+    assert msg.startswith("broken.jsonl:3:"), msg
+    assert fragment in msg
+    assert "\n" not in msg
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(GraftError, match="not found"):
+        load_concept_set(tmp_path / "nope.jsonl")
+    with pytest.raises(GraftError, match="not a file"):
+        load_concept_set(tmp_path)
+    p = tmp_path / "empty.jsonl"
+    p.write_text("\n   \n", encoding="utf-8")
+    with pytest.raises(GraftError, match="empty.jsonl has no items"):
+        load_concept_set(p)
+
+
+def test_invalid_utf8_names_line(tmp_path):
+    p = tmp_path / "bin.jsonl"
+    p.write_bytes(json.dumps(GOOD[0]).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(GraftError, match=r"bin.jsonl:2: not valid UTF-8"):
+        load_concept_set(p)
+
+
+def test_auto_split_is_deterministic_and_about_a_third(tmp_path):
+    questions = [f"What is item number {i}?" for i in range(300)]
+    rows = [{"kind": "qa", "question": q, "answer": str(i)} for i, q in enumerate(questions)]
+    p = write_jsonl(tmp_path / "many.jsonl", rows)
+    a, b = load_concept_set(p), load_concept_set(p)
+    assert a.qa == b.qa
+    for item in a.qa:
+        expected = "test" if int(hashlib.sha1(item.question.encode()).hexdigest(), 16) % 3 == 0 else "train"
+        assert item.split == expected == auto_split(item.question)
+    share = len(a.test_qa()) / len(a.qa)
+    assert 0.25 < share < 0.42
+    # Reordering lines does not change any item's split (the hash is of the question).
+    p2 = write_jsonl(tmp_path / "reversed.jsonl", list(reversed(rows)))
+    assert {q.question: q.split for q in load_concept_set(p2).qa} == {q.question: q.split for q in a.qa}
+
+
+def test_no_test_item_moves_last_auto_item_to_test(tmp_path):
+    train_qs = [q for q in (f"Question {i}?" for i in range(50)) if auto_split(q) == "train"][:3]
+    rows = [{"kind": "qa", "question": q, "answer": "x"} for q in train_qs]
+    c = load_concept_set(write_jsonl(tmp_path / "s.jsonl", rows))
+    assert [q.split for q in c.qa] == ["train", "train", "test"]
+    # Explicit splits are respected as written.
+    rows = [{"kind": "qa", "question": q, "answer": "x", "split": "train"} for q in train_qs]
+    c = load_concept_set(write_jsonl(tmp_path / "e.jsonl", rows))
+    assert [q.split for q in c.qa] == ["train"] * 3
+    # A single item cannot be split.
+    c = load_concept_set(write_jsonl(tmp_path / "one.jsonl", rows[:1]))
+    assert c.qa[0].split == "train"
+
+
+def test_workload_formats(tmp_path):
+    concept = write_jsonl(tmp_path / "c.jsonl", GOOD)
+    w = load_workload(concept)
+    assert w.texts == load_concept_set(concept).texts()
+    assert w.name == "c" and w.sha256 == hashlib.sha256(concept.read_bytes()).hexdigest()
+
+    texts = write_jsonl(tmp_path / "t.jsonl", [{"text": "one"}, "", {"text": " two "}])
+    assert load_workload(texts).texts == ("one", "two")
+
+    plain = tmp_path / "p.txt"
+    plain.write_text("first line\n\n  second line  \n", encoding="utf-8")
+    assert load_workload(plain).texts == ("first line", "second line")
+
+
+def test_workload_errors(tmp_path):
+    empty = tmp_path / "blank.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(GraftError, match="workload blank has no texts"):
+        load_workload(empty)
+    empty_jsonl = tmp_path / "e.jsonl"
+    empty_jsonl.write_text("", encoding="utf-8")
+    with pytest.raises(GraftError, match="workload e has no texts"):
+        load_workload(empty_jsonl)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"txt": "typo"}])
+    with pytest.raises(GraftError, match=r"bad.jsonl:2: .*missing field 'text'"):
+        load_workload(bad)
+    with pytest.raises(GraftError, match="not found"):
+        load_workload(tmp_path / "missing.txt")
