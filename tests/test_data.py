@@ -150,11 +150,11 @@ def test_workload_formats(tmp_path):
 def test_workload_errors(tmp_path):
     empty = tmp_path / "blank.txt"
     empty.write_text("\n \n", encoding="utf-8")
-    with pytest.raises(GraftError, match="workload blank has no texts"):
+    with pytest.raises(GraftError, match="workload blank.txt has no texts"):
         load_workload(empty)
     empty_jsonl = tmp_path / "e.jsonl"
     empty_jsonl.write_text("", encoding="utf-8")
-    with pytest.raises(GraftError, match="workload e has no texts"):
+    with pytest.raises(GraftError, match="workload e.jsonl has no texts"):
         load_workload(empty_jsonl)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"txt": "typo"}])
     with pytest.raises(GraftError, match=r"bad.jsonl:2: .*missing field 'text'"):

@@ -77,9 +77,20 @@ def result_of(envelope: dict) -> dict:
     return envelope if isinstance(envelope, dict) else {}
 
 
+def display_name(ref: Any, default: str) -> str:
+    """A model reference as shown in titles: local paths by their last component, hub ids and
+    built-in names unchanged."""
+    text = str(ref or "").strip()
+    if not text:
+        return default
+    if text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1:
+        text = re.split(r"[\\/]", text.rstrip("/\\"))[-1] or text
+    return text
+
+
 def model_names(envelope: dict) -> tuple[str, str]:
     e = envelope if isinstance(envelope, dict) else {}
-    return str(e.get("donor") or "donor"), str(e.get("target") or "target")
+    return display_name(e.get("donor"), "donor"), display_name(e.get("target"), "target")
 
 
 def tool_code(envelope: dict, default: str) -> str:
@@ -106,8 +117,7 @@ def slug(text: str) -> str:
 def download_filename(envelope: dict, default_code: str, tool: str) -> str:
     """A file-name stem for exported images/HTML, e.g. ``graft_T2_cka_tiny-gpt2-a_vs_tiny-llama-b``."""
     d, t = model_names(envelope)
-    name = d.rsplit("/", 1)[-1], t.rsplit("/", 1)[-1]
-    return slug(f"graft_{tool_code(envelope, default_code)}_{tool}_{name[0]}_vs_{name[1]}")
+    return slug(f"graft_{tool_code(envelope, default_code)}_{tool}_{d}_vs_{t}")
 
 
 def apply_layout(fig: go.Figure, title: str, subtitle: str = "", *, height: Optional[int] = None,

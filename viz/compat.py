@@ -133,7 +133,7 @@ def compat_figure(envelope: dict) -> go.Figure:
         parts.append(f"{n_ok} of {len(verdicts)} operations possible")
     c.apply_layout(
         fig, c.envelope_title(envelope, "T1", "Compatibility report"), " · ".join(parts),
-        height=max(620, 150 + 27 * len(rows) + 60 * max(len(ops), 1) + 120),
+        height=max(620, 150 + 27 * len(rows) + 45 * max(len(ops), 1) + 90),
         filename=c.download_filename(envelope, "T1", "compat"),
         margin=dict(l=20, r=20, t=110, b=20),
     )

@@ -1,0 +1,97 @@
+"""Runs: the run history; reopen a run's figure, parameters, error or JSON, or delete it."""
+import json
+from datetime import datetime
+
+import streamlit as st
+
+from engine.registry import all_tools
+from ui.entry import require_app_entry
+from ui.jobs import file_stem, result_view
+from ui.state import job_runner, one_line
+
+require_app_entry()
+
+STATUS_BADGES = {"done": ":green-badge[done]", "failed": ":red-badge[failed]", "cancelled": ":gray-badge[cancelled]",
+                 "running": ":blue-badge[running]", "queued": ":blue-badge[queued]"}
+ALL = "All tools"
+
+
+def when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "—"
+
+
+def run_label(row: dict) -> str:
+    return f"{row['title']} · {row['donor']} → {row['target']} · {row['status']} · {when(row['created'])}"
+
+
+def delete_run(run_id: str) -> None:
+    job_runner().history.delete(run_id)
+    st.session_state.pop("open_run", None)
+    st.toast("Run deleted.", icon=":material/delete:")
+
+
+st.title("Runs")
+history = job_runner().history
+tools = {t.name: f"{t.code} {t.title}" for t in all_tools()}
+kinds = [ALL] + list(tools) + sorted({r["tool"] for r in history.list(limit=1000)} - set(tools))
+
+left, right = st.columns([2, 1], vertical_alignment="bottom")
+tool_filter = left.selectbox("Filter by tool", kinds, key="runs_filter",
+                             format_func=lambda k: tools.get(k, k) if k != ALL else k)
+if right.button("Refresh", icon=":material/refresh:"):
+    st.rerun()
+rows = history.list(limit=500, tool=None if tool_filter == ALL else tool_filter)
+
+if not rows:
+    st.info("No runs yet. Run a tool on the Models or Alignment page and it appears here.", icon=":material/info:")
+    st.stop()
+
+st.dataframe(
+    [{"tool": r["title"], "donor": r["donor"], "target": r["target"], "status": r["status"],
+      "duration (s)": round(r["duration_s"], 2) if r["duration_s"] is not None else None,
+      "created": datetime.fromtimestamp(r["created"]), "id": r["id"]} for r in rows],
+    hide_index=True,
+    column_config={"created": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss"),
+                   "duration (s)": st.column_config.NumberColumn(format="%.2f")},
+)
+
+ids = [r["id"] for r in rows]
+by_id = {r["id"]: r for r in rows}
+wanted = st.query_params.get("run")
+if wanted in by_id and "open_run" not in st.session_state:
+    st.session_state["open_run"] = wanted
+if st.session_state.get("open_run") not in by_id:
+    st.session_state["open_run"] = ids[0]
+run_id = st.selectbox("Open a run", ids, key="open_run", format_func=lambda i: run_label(by_id[i]))
+
+run = history.get(run_id)
+if run is None:
+    st.warning("That run was deleted.")
+    st.stop()
+
+with st.container(border=True):
+    st.markdown(f"#### {run['title']}  {STATUS_BADGES.get(run['status'], run['status'])}")
+    duration = f"{run['duration_s']:.2f} s" if run["duration_s"] is not None else "—"
+    st.caption(f"donor **{run['donor']}** → target **{run['target']}** · created {when(run['created'])} · "
+               f"duration {duration} · from {run['source']} · id `{run['id']}`")
+    if run["status"] == "failed":
+        st.error(one_line(run["error"] or "failed"), icon=":material/error:")
+    elif run["status"] == "cancelled":
+        st.info(one_line(run["error"] or "cancelled"), icon=":material/block:")
+    elif run["status"] in ("queued", "running"):
+        st.info("Still running; its live progress is on the page that started it.", icon=":material/hourglass_top:")
+
+    if run["status"] == "done" and run["result"] is not None:
+        if run["tool"] in tools:
+            result_view(run["tool"], run["result"], key=f"run-{run['id']}")
+        else:
+            st.json(run["result"])
+            st.download_button("Result JSON", data=json.dumps(run["result"], indent=2),
+                               file_name=f"{file_stem(run['result'])}.json", mime="application/json",
+                               on_click="ignore", icon=":material/download:")
+
+    with st.expander("Parameters"):
+        st.json(run["params"])
+    st.button("Delete this run", key="delete-run", icon=":material/delete:", on_click=delete_run, args=(run["id"],),
+              disabled=run["status"] in ("queued", "running"),
+              help="Removes the run from the history (files it wrote stay on disk).")

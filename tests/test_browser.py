@@ -1,0 +1,89 @@
+"""One real-browser test: the app served by `streamlit run`, driven by Playwright in Debian chromium."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no chromium at {CHROMIUM} (apt-get install chromium)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app_url(tmp_path):
+    """`streamlit run app.py` on a free port with a temporary GRAFT_HOME; always stopped."""
+    port = free_port()
+    env = {**os.environ, "GRAFT_HOME": str(tmp_path / "graft")}
+    log = open(tmp_path / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.headless", "true", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "streamlit.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "streamlit did not start in 60 s"
+            time.sleep(0.3)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and anything it started
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_cka_heatmap_renders_in_a_real_browser(app_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{app_url}/?donor=tiny-gpt2-a&target=tiny-gpt2-b", timeout=60_000)
+            sidebar = page.locator('[data-testid="stSidebar"]')
+            expect(sidebar.get_by_text("tiny-gpt2-a · ready")).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Start here")).to_be_visible()
+
+            page.locator('[data-testid="stSidebarNav"]').get_by_text("Alignment").click()
+            expect(page.get_by_role("heading", name="Alignment", exact=True)).to_be_visible(timeout=30_000)
+            assert "donor=tiny-gpt2-a" in page.url and "target=tiny-gpt2-b" in page.url
+
+            page.get_by_role("button", name="Run T2").click()
+            heatmap = page.locator(".js-plotly-plot .heatmaplayer g.hm").first
+            expect(heatmap).to_be_attached(timeout=90_000)
+            expect(page.locator('[data-testid="stMetric"]').filter(has_text="Mean matched CKA")).to_be_visible()
+            assert page.locator('[data-testid="stException"]').count() == 0
+        finally:
+            browser.close()

@@ -1,0 +1,51 @@
+"""Real-model tests on the built-in SmolLM2-135M-Instruct and its demo donor (marked; run in CI)."""
+import pytest
+
+from engine.context import run_tool
+from engine.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, builtin_status, smollm2_gguf
+
+pytestmark = pytest.mark.real
+
+STORE = ModelStore()
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return STORE.get(ModelSpec.parse(SMOLLM2), "cpu")
+
+
+def test_smollm2_loads_from_the_safetensors_cache(smol):
+    assert builtin_status()[SMOLLM2]["state"] == "ready"
+    assert smol.arch.family == "llama" and smol.arch.n_layers == 30 and smol.arch.hidden_size == 576
+    mods = smol.arch.linear_modules()
+    assert len(mods) == 30 * 7
+    assert smol.tokenizer.chat_template
+
+
+def test_gguf_file_resolves():
+    spec = ModelSpec.parse(str(smollm2_gguf()))
+    assert spec.kind == "gguf"
+
+
+def test_smollm2_against_itself(smol):
+    opts = {"max_tokens": 1024}
+    cka = run_tool("cka", smol, smol, opts)["result"]
+    assert cka["alignment"] == "token"
+    assert min(cka["diagonal"]) > 0.999999
+    assert cka["matching"] == [[i, i] for i in range(30)]
+    pro = run_tool("procrustes", smol, smol, opts)["result"]
+    assert pro["n_fit"] > 576  # enough rows to determine a 576 x 576 map
+    assert max(l["residual_heldout"] for l in pro["layers"]) < 1e-3
+    br = run_tool("bridge-check", smol, smol, opts)["result"]
+    assert all(br["epsilon_raw"][s][s] < 1e-6 for s in range(30))
+
+
+def test_demo_donor_against_smollm2(smol):
+    donor = STORE.get(ModelSpec.parse(DEMO_DONOR), "cpu")
+    assert (donor.state_hash() != smol.state_hash())
+    compat = run_tool("compat", donor, smol, {"max_tokens": 512})["result"]
+    assert all(compat["verdicts"].values()), compat["reasons"]
+    assert compat["signature"]["equal"] and compat["swappable_modules"] == 210
+    cka = run_tool("cka", donor, smol, {"max_tokens": 1024})["result"]
+    # a LoRA fine-tune moves representations only slightly: the matching stays on the diagonal
+    assert sum(i == j for i, j in cka["matching"]) >= 27

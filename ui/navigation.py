@@ -1,0 +1,49 @@
+"""The app's pages: the fixed ones in pages/, plus one generic page per registry ``page`` name
+that has no file of its own (so a newly registered tool shows up without touching the UI)."""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import streamlit as st
+
+from engine.registry import all_tools
+
+FILE_PAGES = ("Models", "Alignment")  # registry page names served by a file in pages/
+TOOL_PAGE_ICON = ":material/biotech:"
+
+
+def app_pages() -> list[st.Page]:
+    pages = [
+        st.Page("pages/home.py", title="Start here", icon=":material/flag:", default=True),
+        st.Page("pages/models.py", title="Models", icon=":material/memory:"),
+        st.Page("pages/alignment.py", title="Alignment", icon=":material/grid_on:"),
+    ]
+    for name in tool_page_names():
+        if name not in FILE_PAGES:
+            pages.append(st.Page(_generic_page(name), title=name, icon=TOOL_PAGE_ICON, url_path=_slug(name)))
+    pages.append(st.Page("pages/runs.py", title="Runs", icon=":material/history:"))
+    return pages
+
+
+def tool_page_names() -> list[str]:
+    """Registry page names in the order of their first tool (T1, T2, ...)."""
+    names: list[str] = []
+    for tool in all_tools():
+        if tool.page not in names:
+            names.append(tool.page)
+    return names
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "tools"
+
+
+def _generic_page(name: str) -> Callable[[], None]:
+    def render() -> None:
+        from ui.toolpage import render_tool_page
+
+        render_tool_page(name)
+
+    render.__name__ = f"page_{_slug(name).replace('-', '_')}"
+    return render

@@ -1,0 +1,319 @@
+"""The sidebar every page shares: donor and target pickers, run options, the T1 verdict badge.
+
+The chosen models live in ``st.session_state["donor"]`` / ``["target"]`` as spec text (a built-in
+name, a folder, a .gguf file or a hub id). ``?donor=...&target=...`` in the URL preselects them on
+a session's first run, and the URL follows the selection so a link reopens the same pair. At the
+end, :func:`render_sidebar` stores a parsed :class:`~ui.state.Selection` for the pages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import streamlit as st
+
+from engine.data import builtin_concept_path, load_workload
+from engine.errors import GraftError
+from engine.models import BUILTIN_DESCRIPTIONS, DEMO_DONOR, SMOLLM2, ModelSpec, builtin_status, cached_hub_models, resolve_device
+from engine.params import RunOptions, build_params, param_specs
+from engine.paths import graft_home
+from ui.demo import demo_builder, demo_pair_ready
+from ui.state import DONOR, SELECTION, TARGET, TRUST, Selection, job_runner, last_job_id, model_store, one_line, parse_model
+from ui.widgets import param_widget
+
+TINY_PAIR = ("tiny-gpt2-a", "tiny-gpt2-b")
+OTHER = "\u2026other"  # the picker entry that reveals a free-text path / GGUF / hub id field
+BUILTIN_ORDER = (DEMO_DONOR, SMOLLM2)  # shown first; the rest of the built-ins follow
+UPLOAD_SUFFIXES = ("jsonl", "ndjson", "txt")
+WORKLOAD_SOURCES = ("Bundled concept set", "Upload a file", "Path on this machine")
+
+STATE_ICONS = {"ready": "●", "needs preparing": "◐", "needs building": "◐", "unavailable": "○"}
+VERDICT_LABELS = {"module_swap": "module swap", "organ_direct": "organ direct",
+                  "organ_bridged": "organ bridged", "conjugation": "conjugation"}
+
+
+# --------------------------------------------------------------------------- entry point
+def render_sidebar() -> Selection:
+    """Draw the sidebar and store the resolved selection for the pages of this run."""
+    status = builtin_status()
+    _init_selection()
+    with st.sidebar:
+        sel = _model_section(status)
+        options, option_errors = _run_options_section()
+        sel = dataclasses.replace(sel, options=options, errors=sel.errors + option_errors)
+        _sync_query_params(sel)
+        st.session_state[SELECTION] = sel
+        _compat_badge(sel, status)
+    return sel
+
+
+def default_pair() -> tuple[str, str]:
+    """The demo pair once built; the instant tiny random pair until then."""
+    return (DEMO_DONOR, SMOLLM2) if demo_pair_ready() else TINY_PAIR
+
+
+def _init_selection() -> None:
+    """On a session's first run: models from ``?donor=&target=``, else the default pair."""
+    if st.session_state.get("_selection_initialised"):
+        return
+    donor, target = default_pair()
+    qp = st.query_params
+    st.session_state.setdefault(DONOR, qp.get("donor") or donor)
+    st.session_state.setdefault(TARGET, qp.get("target") or target)
+    if qp.get("trust_remote_code") in ("1", "true", "yes"):
+        st.session_state.setdefault(TRUST, True)
+    st.session_state["_selection_initialised"] = True
+
+
+def _sync_query_params(sel: Selection) -> None:
+    for name, value in (("donor", sel.donor_text), ("target", sel.target_text)):
+        if value and st.query_params.get(name) != value:
+            st.query_params[name] = value
+
+
+# --------------------------------------------------------------------------- models
+@st.cache_data(ttl=60, show_spinner=False)
+def _hub_models() -> list[str]:
+    return cached_hub_models()
+
+
+def model_choices(status: dict[str, dict[str, Any]]) -> list[str]:
+    builtins = list(BUILTIN_ORDER) + [n for n in BUILTIN_DESCRIPTIONS if n not in BUILTIN_ORDER]
+    return builtins + [m for m in _hub_models() if m not in builtins] + [OTHER]
+
+
+def _format_choice(option: str, status: dict[str, dict[str, Any]]) -> str:
+    if option == OTHER:
+        return "Other: folder, .gguf file or hub id…"
+    if option in status:
+        state = status[option]["state"]
+        return f"{STATE_ICONS.get(state, '')} {option} · {state}"
+    return f"● {option} · HF cache"
+
+
+def _model_section(status: dict[str, dict[str, Any]]) -> Selection:
+    st.markdown("##### Models")
+    choices = model_choices(status)
+    donor_text = _model_picker(DONOR, "Donor", "the model knowledge is taken from", choices, status)
+    st.button("Swap donor and target", key="swap-models", on_click=_swap, icon=":material/swap_vert:",
+              type="tertiary")
+    target_text = _model_picker(TARGET, "Target", "the model knowledge is moved into", choices, status)
+    trust = st.checkbox("Trust remote code", key=TRUST,
+                        help="Let a model folder run its own Python code when loading. Leave off unless you trust its source.")
+
+    errors: list[str] = []
+    specs: dict[str, Optional[ModelSpec]] = {}
+    for role, text in ((DONOR, donor_text), (TARGET, target_text)):
+        specs[role] = None
+        try:
+            specs[role] = parse_model(text, trust)
+        except GraftError as exc:
+            errors.append(f"{role.capitalize()}: {one_line(exc)}")
+            continue
+        state = status.get(text, {}).get("state")
+        if state == "unavailable":
+            errors.append(f"{role.capitalize()}: {text} is unavailable here (its optional package is not installed)")
+    for message in errors:
+        st.error(message, icon=":material/error:")
+    for role, text in ((DONOR, donor_text), (TARGET, target_text)):
+        state = status.get(text, {}).get("state")
+        if state == "needs building":
+            st.caption(f"{role.capitalize()} {text} is built on first use (several minutes on CPU); "
+                       "or build it now below.")
+        elif state == "needs preparing":
+            st.caption(f"{role.capitalize()} {text} is converted once on first use (about a minute).")
+
+    if not demo_pair_ready() or last_job_id("demo-donor"):
+        with st.container(border=True):
+            if (donor_text, target_text) == TINY_PAIR and not demo_pair_ready():
+                st.caption("The demo pair (SmolLM2 + its concept-tuned donor) is not built yet, "
+                           "so the instant tiny random pair is selected.")
+            demo_builder("sidebar")
+    return Selection(donor_text, target_text, bool(trust), specs[DONOR], specs[TARGET], None, tuple(errors))
+
+
+def _model_picker(role: str, label: str, what: str, choices: list[str], status: dict[str, dict[str, Any]]) -> str:
+    """Selectbox of known models plus a free-text field; returns the chosen spec text."""
+    pick_key, path_key, synced_key = f"{role}_pick", f"{role}_path", f"_{role}_synced"
+    wanted = st.session_state.get(role, "")
+    # The spec text was changed outside the widgets (query params, swap, "use the demo pair"):
+    # push it into the widgets before they are drawn.
+    if st.session_state.get(synced_key) != wanted or pick_key not in st.session_state:
+        if wanted in choices:
+            st.session_state[pick_key] = wanted
+        else:
+            st.session_state[pick_key] = OTHER
+            st.session_state[path_key] = wanted
+    pick = st.selectbox(label, choices, key=pick_key, format_func=lambda o: _format_choice(o, status),
+                        help=f"The {role}: {what}. Built-ins, models in your local Hugging Face cache, "
+                             "or (Other) a local folder, a .gguf file or a hub id.")
+    if pick == OTHER:
+        st.session_state.setdefault(path_key, "")
+        text = st.text_input(f"{label} path", key=path_key, placeholder="/path/to/model, model.gguf or org/name",
+                             label_visibility="collapsed").strip()
+    else:
+        text = pick
+    st.session_state[role] = text
+    st.session_state[synced_key] = text
+    return text
+
+
+def _swap() -> None:
+    st.session_state[DONOR], st.session_state[TARGET] = st.session_state.get(TARGET, ""), st.session_state.get(DONOR, "")
+
+
+# --------------------------------------------------------------------------- run options
+def _run_options_section() -> tuple[Optional[RunOptions], tuple[str, ...]]:
+    errors: list[str] = []
+    with st.expander("Run options", icon=":material/tune:"):
+        workload, workload_error = _workload_picker()
+        values: dict[str, Any] = {"workload": workload}
+        for spec in param_specs(RunOptions):
+            if spec.name != "workload":
+                values[spec.name] = param_widget(spec, f"opt-{spec.name}")
+    if workload_error:
+        errors.append(f"Workload: {workload_error}")
+    try:
+        options = build_params(RunOptions, values)
+        resolve_device(options.device)
+    except GraftError as exc:
+        errors.append(f"Run options: {one_line(exc)}")
+        options = None
+    for message in errors:
+        st.error(message, icon=":material/error:")
+    return options, tuple(errors)
+
+
+def _workload_picker() -> tuple[str, str]:
+    """Returns (workload path or "" for the bundled set, one-line error or "")."""
+    help_text = next(s.help for s in param_specs(RunOptions) if s.name == "workload")
+    source = st.radio("Workload", WORKLOAD_SOURCES, key="workload_source", help=help_text)
+    path = ""
+    if source == WORKLOAD_SOURCES[1]:
+        upload = st.file_uploader("Workload file", type=list(UPLOAD_SUFFIXES), key="workload_upload",
+                                  label_visibility="collapsed")
+        if upload is None:
+            return "", "upload a file, or pick the bundled concept set"
+        path = str(_saved_upload(upload))
+    elif source == WORKLOAD_SOURCES[2]:
+        path = st.text_input("Workload path", key="workload_path", placeholder="/path/to/texts.jsonl",
+                             label_visibility="collapsed").strip()
+        if not path:
+            return "", "type a path, or pick the bundled concept set"
+    try:
+        name, n_texts = _workload_summary(path or str(builtin_concept_path()))
+    except GraftError as exc:
+        return path, one_line(exc)
+    st.caption(f"{name} · {n_texts} texts")
+    return path, ""
+
+
+def _workload_summary(path: str) -> tuple[str, int]:
+    p = Path(path).expanduser()
+    try:
+        st_ = p.stat()
+    except OSError:
+        raise GraftError(f"workload file not found: {path}") from None
+    return _workload_summary_cached(str(p), st_.st_mtime_ns, st_.st_size)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _workload_summary_cached(path: str, mtime_ns: int, size: int) -> tuple[str, int]:
+    wl = load_workload(path)
+    return wl.name, len(wl.texts)
+
+
+def _saved_upload(upload: Any) -> Path:
+    """Save an uploaded file under GRAFT_HOME/uploads once per upload; never overwrite a file."""
+    saved = st.session_state.setdefault("_uploads", {})
+    if upload.file_id in saved and Path(saved[upload.file_id]).exists():
+        return Path(saved[upload.file_id])
+    path = save_upload(upload.name, upload.getvalue())
+    saved[upload.file_id] = str(path)
+    return path
+
+
+def save_upload(name: str, data: bytes, folder: Optional[Path] = None) -> Path:
+    """Write ``data`` under ``folder`` (default GRAFT_HOME/uploads) with a safe, unused name.
+
+    An identical file already there is reused; a different one keeps its name and the new file
+    gets ``-1``, ``-2``... appended to its stem.
+    """
+    folder = folder or graft_home() / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).strip("._") or "workload.txt"
+    stem, suffix = Path(clean).stem, Path(clean).suffix
+    digest = hashlib.sha256(data).digest()
+    for i in range(10_000):
+        candidate = folder / (clean if i == 0 else f"{stem}-{i}{suffix}")
+        try:
+            with open(candidate, "xb") as f:  # "x": fails instead of overwriting
+                f.write(data)
+            return candidate
+        except FileExistsError:
+            if hashlib.sha256(candidate.read_bytes()).digest() == digest:
+                return candidate
+    raise GraftError(f"too many uploads named {clean}")
+
+
+# --------------------------------------------------------------------------- T1 badge
+def _compat_badge(sel: Selection, status: dict[str, dict[str, Any]]) -> None:
+    if not sel.ok:
+        return
+    verdicts = _session_compat(sel)
+    if verdicts is None and _instant(sel.donor, sel, status) and _instant(sel.target, sel, status):
+        try:
+            verdicts = _compat_verdicts(sel.donor_text, sel.target_text, sel.trust_remote_code,
+                                        sel.options.device, sel.options.dtype)
+        except GraftError as exc:
+            st.caption(f"Compatibility: {one_line(exc)}")
+            return
+    st.markdown("##### Compatibility (T1)")
+    if verdicts is None:
+        st.caption("Run the compatibility report on the Models page to see which transplants fit "
+                   "(the models are loaded there, in the background).")
+        return
+    st.markdown(verdict_badges(verdicts))
+
+
+def verdict_badges(verdicts: dict[str, bool]) -> str:
+    """``module swap ✓ · organ direct ✗ ...`` as coloured Markdown badges."""
+    parts = []
+    for op, ok in verdicts.items():
+        label = VERDICT_LABELS.get(op, op.replace("_", " "))
+        parts.append(f":green-badge[{label} ✓]" if ok else f":red-badge[{label} ✗]")
+    return " ".join(parts)
+
+
+def _instant(spec: ModelSpec, sel: Selection, status: dict[str, dict[str, Any]]) -> bool:
+    """True when loading the model is instant or done: a ready built-in, or already in the store."""
+    if spec.kind == "builtin":
+        return status.get(spec.ref, {}).get("state") == "ready"
+    try:
+        key = (spec, str(resolve_device(sel.options.device)), sel.options.dtype)
+    except GraftError:
+        return False
+    return key in model_store().loaded()
+
+
+def _session_compat(sel: Selection) -> Optional[dict[str, bool]]:
+    """Verdicts of this session's last finished T1 job, when it was for the selected pair."""
+    job_id = last_job_id("compat")
+    job = job_runner().get(job_id) if job_id else None
+    if job is None or job.status != "done" or not job.result:
+        return None
+    if (job.result.get("donor"), job.result.get("target")) != (sel.donor.ref, sel.target.ref):
+        return None
+    return dict(job.result["result"]["verdicts"])
+
+
+@st.cache_data(ttl=3600, max_entries=64, show_spinner="Checking compatibility…")
+def _compat_verdicts(donor: str, target: str, trust: bool, device: str, dtype: str) -> dict[str, bool]:
+    from engine.context import run_tool
+
+    env = run_tool("compat", ModelSpec.parse(donor, trust), ModelSpec.parse(target, trust),
+                   {"device": device, "dtype": dtype}, {}, store=model_store())
+    return dict(env["result"]["verdicts"])
