@@ -25,43 +25,52 @@ def cka(X: torch.Tensor, Y: torch.Tensor) -> float:
     return float(num / den) if den > 0 else 0.0
 
 
-def cka_matrix(Xs: torch.Tensor, Ys: torch.Tensor, progress: Optional[Progress] = None) -> torch.Tensor:
+def cka_matrix(Xs: torch.Tensor, Ys: torch.Tensor, progress: Optional[Progress] = None,
+               gram_memory_bytes: float = 3e9) -> torch.Tensor:
     """CKA between every X layer and every Y layer. Xs: (Lx, n, dx), Ys: (Ly, n, dy) -> (Lx, Ly).
 
-    Uses the identity ||Xc^T Yc||_F^2 = <Xc Xc^T, Yc Yc^T> (Frobenius inner product of the n x n
-    Gram matrices), which costs n^2 d per layer plus one (Lx x n^2) @ (n^2 x Ly) product, instead
-    of n dx dy per pair; when n^2 is larger than dx*dy the feature-space form is used instead.
+    Two exact forms, chosen by flop count:
+    * Gram form: ||Xc^T Yc||_F^2 = <Xc Xc^T, Yc Yc^T>_F. Each layer's centred n x n Gram matrix is
+      normalised once (n^2 d flops per layer); all pairs are then one (Lx x n^2) @ (n^2 x Ly)
+      product. Cheaper when n is small next to the widths times the layer count.
+    * Feature form: one (dx x n) @ (n x Ly*dy) product per X layer (n dx dy flops per pair).
+    Gram products run in float32 (normalisation and the final inner products in float64).
     """
     progress = progress or silent()
     Lx, n, dx = Xs.shape
     Ly, _, dy = Ys.shape
-    use_gram = n * n <= 4 * dx * dy and (Lx + Ly) * n * n * 4 < 3e9
+    gram_flops = (Lx * dx + Ly * dy) * n * n + Lx * Ly * n * n
+    feat_flops = Lx * Ly * n * dx * dy + (Lx * dx * dx + Ly * dy * dy) * n
+    use_gram = gram_flops < feat_flops and (Lx + Ly) * n * n * 4 < gram_memory_bytes
     if use_gram:
         def grams(S: torch.Tensor, frac: tuple[float, float]) -> torch.Tensor:
             out = torch.empty(S.shape[0], n * n, dtype=torch.float32)
             for l in range(S.shape[0]):
                 progress(frac[0] + (frac[1] - frac[0]) * l / S.shape[0], "CKA: Gram matrices")
-                Sc = centre(S[l].double())
-                G = Sc @ Sc.T  # (n, n)
-                G = G / torch.linalg.matrix_norm(G).clamp_min(1e-300)
-                out[l] = G.reshape(-1).float()
+                Sc = centre(S[l].double()).float()
+                G = (Sc @ Sc.T).double()  # (n, n)
+                out[l] = (G / torch.linalg.matrix_norm(G).clamp_min(1e-300)).reshape(-1).float()
             return out
 
         GX = grams(Xs, (0.0, 0.45))
         GY = grams(Ys, (0.45, 0.9))
         progress(0.9, "CKA: inner products")
-        M = (GX.double() @ GY.double().T) if n * n * (Lx + Ly) < 2e8 else GX @ GY.T
-        return M.double().clamp(0.0, 1.0)
-    # Feature-space form: normalise each layer's covariance, then cross-covariances.
+        # Column chunks in float64: a float32 sum over n^2 terms would lose ~1e-5 of accuracy.
+        M = torch.zeros(Lx, Ly, dtype=torch.float64)
+        chunk = max(1, int(2e7 // (Lx + Ly)))
+        for c in range(0, n * n, chunk):
+            M += GX[:, c:c + chunk].double() @ GY[:, c:c + chunk].double().T
+        return M.clamp(0.0, 1.0)
+    # Feature form: normalise each layer's covariance, then cross-covariances against all Y layers at once.
     Xc = [centre(Xs[l].double()) for l in range(Lx)]
-    Yc = [centre(Ys[l].double()) for l in range(Ly)]
-    nx = [torch.linalg.matrix_norm(x.T @ x) for x in Xc]
-    ny = [torch.linalg.matrix_norm(y.T @ y) for y in Yc]
+    Ycat = torch.cat([centre(Ys[l].double()) for l in range(Ly)], dim=1)  # (n, Ly*dy)
+    nx = torch.stack([torch.linalg.matrix_norm(x.T @ x) for x in Xc])
+    ny = torch.stack([torch.linalg.matrix_norm(Ycat[:, j * dy:(j + 1) * dy].T @ Ycat[:, j * dy:(j + 1) * dy]) for j in range(Ly)])
     M = torch.zeros(Lx, Ly, dtype=torch.float64)
     for i in range(Lx):
         progress(i / Lx, "CKA: cross-covariances")
-        for j in range(Ly):
-            M[i, j] = (Xc[i].T @ Yc[j]).pow(2).sum() / (nx[i] * ny[j]).clamp_min(1e-300)
+        C = (Xc[i].T @ Ycat).pow(2).reshape(dx, Ly, dy).sum(dim=(0, 2))  # (Ly,)
+        M[i] = C / (nx[i] * ny).clamp_min(1e-300)
     return M.clamp(0.0, 1.0)
 
 

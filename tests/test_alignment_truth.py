@@ -231,3 +231,39 @@ def test_engine_sources_have_no_streamlit_or_plotly_import():
     pat = re.compile(r"^\s*(import|from)\s+(streamlit|plotly)\b", re.M)
     offenders = [str(p) for p in root.rglob("*.py") if pat.search(p.read_text())]
     assert offenders == []
+
+
+def test_bridge_recovers_a_planted_linear_map_and_matches_the_primal_ridge():
+    """Target streams are an invertible linear image of the donor's: the bridged epsilon must be
+    ~0 on the planted cells while the raw epsilon is large; every cell equals a direct primal
+    ridge fit (the dual form used for speed is exact)."""
+    from engine.align import Aligned
+    from engine.linalg import split_rows
+    from engine.progress import silent
+    from engine.tools.bridge import BridgeParams, compute_bridge
+
+    g = torch.Generator().manual_seed(11)
+    L, n, d = 3, 600, 8
+    X = torch.randn(L + 1, n, d, generator=g)
+    M0 = torch.randn(d, d, generator=g) + 3 * torch.eye(d)  # invertible, far from identity
+    Y = X @ M0.T  # target h = M0 donor h at every layer
+
+    class Ctx:
+        def aligned(self, progress):
+            return Aligned(X, Y, torch.arange(n) // 30, "token")
+
+    params = BridgeParams(ridge_alpha=1e-6)
+    r = compute_bridge(Ctx(), params, silent())
+    for s in range(L):
+        assert r.epsilon_bridged[s][s] < 1e-6
+        assert r.epsilon_raw[s][s] > 0.05
+    # primal check on one off-diagonal cell
+    fit, held = split_rows(torch.arange(n) // 30, params.heldout_fraction, params.seed)
+    s, p = 0, 2
+    XF, XH = Y[p][fit].double(), Y[p][held].double()
+    YF, YH = X[s][fit].double(), X[s][held].double()
+    G = XF.T @ XF
+    lam = params.ridge_alpha * float(torch.trace(G)) / d
+    W = torch.linalg.solve(G + lam * torch.eye(d, dtype=torch.float64), XF.T @ YF + lam * torch.eye(d, dtype=torch.float64))
+    cos = torch.nn.functional.cosine_similarity(XH @ W, YH, dim=1).mean()
+    assert r.cos_bridged[s][p] == pytest.approx(float(cos), abs=1e-5)
