@@ -25,6 +25,7 @@ class Tool:
     compute: Callable[..., Any]  # compute(ctx: ToolContext, params, progress) -> result dataclass
     figure: str  # "viz.module:function", takes the result dict and returns a plotly Figure
     page: str  # which app page shows it
+    same_family: bool = False  # True: needs donor and target of one family and tokenizer (module swaps)
 
 
 _REGISTRY: dict[str, Tool] = {}

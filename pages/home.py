@@ -1,22 +1,34 @@
-"""Start here: what Graft does and the three steps of a first visit."""
+"""Start here: what Graft does and the steps of a first visit."""
 import streamlit as st
 
+from engine.models import DEMO_DONOR, SMOLLM2
 from engine.registry import all_tools
 from ui.entry import require_app_entry
-from ui.sidebar import verdict_badges
+from ui.sidebar import TINY_PAIR
 from ui.state import selection
 
 require_app_entry()
 
-st.title("🌿 Graft")
+
+def cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a literal pipe inside a Markdown table cell
+
+
+st.title("Graft")
 st.markdown("Model surgery workbench: measure how two language models line up, layer by layer, "
             "before moving knowledge from a **donor** into a **target**.")
+
+sel = selection()
+preselected = {
+    TINY_PAIR: "The tiny random pair is preselected so every tool runs in seconds; build the demo donor "
+               "(sidebar) for a real SmolLM2 pair.",
+    (DEMO_DONOR, SMOLLM2): "The demo pair is preselected: SmolLM2 and its concept-tuned donor.",
+}.get((sel.donor_text, sel.target_text), "")
 
 with st.container(border=True):
     st.markdown("#### Start here")
     st.markdown(
-        "1. **Pick two models** in the sidebar: a donor and a target. The tiny random pair is "
-        "preselected so every tool runs in seconds.\n"
+        f"1. **Pick two models** in the sidebar: a donor and a target. {preselected}\n"
         "2. **Check the pair on Models**: the compatibility report (T1) says which transplant "
         "operations fit, and why.\n"
         "3. **Run Alignment**: the layer similarity map (T2), per-layer Procrustes residuals (T3) and "
@@ -28,7 +40,6 @@ with st.container(border=True):
     cols[1].page_link("pages/alignment.py", label="Alignment", icon=":material/grid_on:")
     cols[2].page_link("pages/runs.py", label="Runs", icon=":material/history:")
 
-sel = selection()
 st.markdown("#### Current pair")
 left, right = st.columns(2)
 left.metric("Donor", sel.donor_text or "—", border=True)
@@ -37,9 +48,5 @@ if not sel.ok:
     st.warning("Fix the model choice in the sidebar first.", icon=":material/warning:")
 
 st.markdown("#### Tools")
-st.dataframe(
-    [{"code": t.code, "tool": t.title, "page": t.page, "what it shows": t.summary} for t in all_tools()],
-    hide_index=True,
-    column_config={"code": st.column_config.TextColumn(width="small"),
-                   "what it shows": st.column_config.TextColumn(width="large")},
-)
+rows = "\n".join(f"| **{t.code}** | {cell(t.title)} | {cell(t.page)} | {cell(t.summary)} |" for t in all_tools())
+st.markdown("| code | tool | page | what it shows |\n| --- | --- | --- | --- |\n" + rows)

@@ -66,7 +66,7 @@ st.dataframe(
     [{"model": name, "state": info["state"], "description": info["description"]} for name, info in status.items()],
     hide_index=True,
     column_config={"model": st.column_config.TextColumn(width="medium"),
-                   "description": st.column_config.TextColumn(width="large")},
+                   "state": st.column_config.TextColumn(width="small")},
 )
 st.caption("ready: loads instantly · needs preparing: converted once from its package on first use · "
            "needs building: trained once on first use · unavailable: its optional package is not installed.")

@@ -46,13 +46,14 @@ if not rows:
     st.info("No runs yet. Run a tool on the Models or Alignment page and it appears here.", icon=":material/info:")
     st.stop()
 
-st.dataframe(
+table = st.dataframe(
     [{"tool": r["title"], "donor": r["donor"], "target": r["target"], "status": r["status"],
       "duration (s)": round(r["duration_s"], 2) if r["duration_s"] is not None else None,
       "created": datetime.fromtimestamp(r["created"]), "id": r["id"]} for r in rows],
     hide_index=True,
     column_config={"created": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss"),
                    "duration (s)": st.column_config.NumberColumn(format="%.2f")},
+    on_select="rerun", selection_mode="single-row", key="runs_table",
 )
 
 ids = [r["id"] for r in rows]
@@ -60,6 +61,10 @@ by_id = {r["id"]: r for r in rows}
 wanted = st.query_params.get("run")
 if wanted in by_id and "open_run" not in st.session_state:
     st.session_state["open_run"] = wanted
+picked = table.selection.rows if table is not None else []
+if picked and picked != st.session_state.get("_runs_picked"):  # a row clicked in the table opens it
+    st.session_state["open_run"] = ids[picked[0]]
+st.session_state["_runs_picked"] = picked
 if st.session_state.get("open_run") not in by_id:
     st.session_state["open_run"] = ids[0]
 run_id = st.selectbox("Open a run", ids, key="open_run", format_func=lambda i: run_label(by_id[i]))

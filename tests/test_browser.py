@@ -72,12 +72,12 @@ def test_cka_heatmap_renders_in_a_real_browser(app_url):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{app_url}/?donor=tiny-gpt2-a&target=tiny-gpt2-b", timeout=60_000)
-            sidebar = page.locator('[data-testid="stSidebar"]')
-            expect(sidebar.get_by_text("tiny-gpt2-a · ready")).to_be_visible(timeout=60_000)
-            expect(page.get_by_text("Start here")).to_be_visible()
+            expect(page.get_by_test_id("stMetric").filter(has_text="tiny-gpt2-a")).to_be_visible(timeout=60_000)
+            expect(page.get_by_test_id("stMetric").filter(has_text="tiny-gpt2-b")).to_be_visible()
+            expect(page.get_by_role("heading", name="Start here")).to_be_visible()
 
             page.locator('[data-testid="stSidebarNav"]').get_by_text("Alignment").click()
-            expect(page.get_by_role("heading", name="Alignment", exact=True)).to_be_visible(timeout=30_000)
+            expect(page.get_by_role("heading", name="Alignment", exact=True, level=1)).to_be_visible(timeout=30_000)
             assert "donor=tiny-gpt2-a" in page.url and "target=tiny-gpt2-b" in page.url
 
             page.get_by_role("button", name="Run T2").click()

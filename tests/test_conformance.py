@@ -53,6 +53,10 @@ def test_params_are_typed_with_help_and_validated(name):
 @pytest.mark.parametrize("pair", PAIRS, ids=["same-family", "cross-family"])
 def test_compute_result_is_json_deterministic_and_reports_progress(name, pair, workload):
     seen = []
+    if get_tool(name).same_family and pair[0].split("-")[1] != pair[1].split("-")[1]:
+        with pytest.raises(GraftError, match="same family"):
+            run_tool(name, ModelSpec.parse(pair[0]), ModelSpec.parse(pair[1]), {"workload": workload})
+        return
     env = run_tool(name, ModelSpec.parse(pair[0]), ModelSpec.parse(pair[1]), {"workload": workload},
                    progress=Progress(lambda f, m: seen.append(f)))
     assert set(env) == {"tool", "donor", "target", "result", "meta"}
@@ -78,7 +82,8 @@ def test_figure_builder_renders_the_result(name, workload):
     go = pytest.importorskip("plotly.graph_objects")
     from viz import figure_for
 
-    env = run_tool(name, ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-llama-b"), {"workload": workload})
+    target = "tiny-gpt2-b" if get_tool(name).same_family else "tiny-llama-b"
+    env = run_tool(name, ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse(target), {"workload": workload})
     fig = figure_for(name, json.loads(json.dumps(env)))  # from JSON, as when reopened from history
     assert isinstance(fig, go.Figure)
     assert len(fig.data) > 0
@@ -88,10 +93,11 @@ def test_figure_builder_renders_the_result(name, workload):
 @pytest.mark.parametrize("name", TOOLS)
 def test_cli_runs_the_same_code_path(name, workload, tmp_path):
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, "-m", "engine", name, "--donor", "tiny-gpt2-a", "--target", "tiny-llama-b",
+    target = "tiny-gpt2-b" if get_tool(name).same_family else "tiny-llama-b"
+    proc = subprocess.run([sys.executable, "-m", "engine", name, "--donor", "tiny-gpt2-a", "--target", target,
                            "--workload", workload, "--json", str(out), "--quiet"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     env = json.loads(out.read_text())
-    direct = run_tool(name, ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-llama-b"), {"workload": workload})
+    direct = run_tool(name, ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse(target), {"workload": workload})
     assert env["result"] == json.loads(json.dumps(direct["result"]))
-    assert env["tool"] == name and env["donor"] == "tiny-gpt2-a" and env["target"] == "tiny-llama-b"
+    assert env["tool"] == name and env["donor"] == "tiny-gpt2-a" and env["target"] == target

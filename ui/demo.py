@@ -66,4 +66,5 @@ def demo_builder(key: str) -> None:
             start_demo_build()
             job_id = last_job_id(DEMO_JOB)
     if job_id:
-        job_view(job_id, on_done=lambda result: st.success("Demo donor built.", icon=":material/check_circle:"))
+        job_view(job_id, where=key,
+                 on_done=lambda result: st.success("Demo donor built.", icon=":material/check_circle:"))

@@ -15,24 +15,25 @@ import streamlit as st
 
 from engine.errors import GraftError
 from engine.jobs import Job
-from engine.params import build_params
-from engine.registry import Tool, get_tool
+from engine.params import build_params, param_specs
+from engine.registry import get_tool
 from ui.state import graft_error, job_runner, last_job_id, one_line, remember_job, selection
 from ui.widgets import label_for, param_widgets
 
 POLL_SECONDS = 0.75
 
-# Nicer names for well-known result numbers; any other top-level number is shown generically.
-METRIC_LABELS: dict[str, str] = {
-    "mean_matched_cka": "Mean matched CKA",
-    "mean_alignment": "Mean alignment (1 − held-out residual)",
-    "tokenizer_overlap": "Tokenizer overlap (Jaccard)",
-    "swappable_modules": "Swappable modules",
-    "shared_modules": "Modules shared by name",
-    "n_rows": "Aligned rows",
-    "n_fit": "Fit rows",
-    "n_heldout": "Held-out rows",
-    "threshold": "Epsilon threshold",
+# Headline numbers of well-known results: field -> (label, tooltip). A list field counts its items.
+# A result with none of these shows its first few top-level numbers instead.
+METRIC_LABELS: dict[str, tuple[str, str]] = {
+    "mean_matched_cka": ("Mean matched CKA", "Mean CKA along the monotone layer matching (0..1)."),
+    "mean_alignment": ("Mean alignment", "Mean over matched layers of 1 − held-out Procrustes residual."),
+    "tokenizer_overlap": ("Tokenizer overlap", "Jaccard overlap of the two vocabularies' token strings."),
+    "swappable_modules": ("Swappable modules", "Modules shared by name whose weight shapes are equal."),
+    "shared_modules": ("Modules shared by name", "Linear modules present in both models under the same name."),
+    "plausible_direct": ("Direct-insertion pairs", "Donor/target positions (s, p) where raw epsilon is below the threshold."),
+    "n_rows": ("Aligned rows", "Token (or word) positions compared between the two models."),
+    "n_fit": ("Fit rows", "Rows the maps were fitted on."),
+    "n_heldout": ("Held-out rows", "Rows the residuals and cosines were measured on."),
 }
 MAX_METRICS = 4
 
@@ -46,63 +47,73 @@ def tool_panel(tool_name: str, *, how_to_read: str = "", details: Optional[Resul
     st.subheader(f"{tool.code} · {tool.title}", anchor=tool.name)
     st.caption(tool.summary + (f"  \n**How to read it:** {how_to_read}" if how_to_read else ""))
 
-    values: dict[str, Any] = {}
-    if _has_params(tool):
+    if param_specs(tool.params_cls):
         with st.expander("Parameters", expanded=False):
-            values = param_widgets(tool.params_cls, key_prefix=f"param-{tool.name}")
+            param_widgets(tool.params_cls, key_prefix=_param_prefix(tool.name))
 
     sel = selection()
-    clicked = st.button(
-        f"Run {tool.code}", key=f"run-{tool.name}", type="primary", icon=":material/play_arrow:",
-        disabled=not sel.ok, help=None if sel.ok else "Fix the model choice in the sidebar first.",
-    )
-    if clicked:
-        _submit_tool(tool, values)
-
     job_id = last_job_id(tool.name)
+    job = job_runner().get(job_id) if job_id else None
+    busy = job is not None and not job.done
+    st.button(
+        f"Run {tool.code}", key=f"run-{tool.name}", type="primary", icon=":material/play_arrow:",
+        disabled=not sel.ok or busy, on_click=_submit_tool, args=(tool.name,),
+        help="Fix the model choice in the sidebar first." if not sel.ok else
+             "This tool is already running; cancel it or wait." if busy else
+             f"Runs {tool.code} on {sel.donor_text} → {sel.target_text} in the background.",
+    )
+    submit_error = st.session_state.pop(f"_submit_error-{tool.name}", None)
+    if submit_error:
+        st.error(submit_error, icon=":material/error:")
+
     if job_id:
         job_view(job_id, tool_name=tool.name, details=details)
     elif not sel.ok:
         st.info("Choose a valid donor and target in the sidebar to run this tool.", icon=":material/info:")
 
 
-def _has_params(tool: Tool) -> bool:
-    import dataclasses
-
-    return bool(dataclasses.fields(tool.params_cls))
+def _param_prefix(tool_name: str) -> str:
+    return f"param-{tool_name}"
 
 
-def _submit_tool(tool: Tool, values: dict[str, Any]) -> None:
+def _submit_tool(tool_name: str) -> None:
+    """Run-button callback (before the script reruns, so the page redraws with the job in it)."""
+    tool = get_tool(tool_name)
     sel = selection()
+    prefix = _param_prefix(tool.name)
+    values = {s.name: st.session_state.get(f"{prefix}-{s.name}", s.default) for s in param_specs(tool.params_cls)}
     try:
+        if not sel.ok:
+            raise GraftError(sel.errors[0] if sel.errors else "choose a donor and a target first")
         params = build_params(tool.params_cls, values)
         job = job_runner().submit_tool(tool.name, sel.donor, sel.target, sel.options, params)
     except GraftError as exc:
-        st.error(one_line(exc), icon=":material/error:")
+        st.session_state[f"_submit_error-{tool.name}"] = one_line(exc)
         return
     remember_job(tool.name, job)
 
 
 # --------------------------------------------------------------------------- one job
 def job_view(job_id: str, *, tool_name: Optional[str] = None, details: Optional[ResultDetails] = None,
-             on_done: Optional[ResultDetails] = None) -> None:
+             on_done: Optional[ResultDetails] = None, where: str = "main") -> None:
     """Live progress while a job runs, then its result, error or cancellation.
 
     ``tool_name`` set: a finished job shows the tool's figure, key numbers and downloads.
     ``on_done`` (for generic jobs) renders a finished job's result dict instead.
+    ``where`` keeps widget keys unique when one job is shown in two places (page and sidebar).
     """
     job = job_runner().get(job_id)
     if job is None:
         _stored_run_view(job_id, tool_name, details)
         return
     if not job.done:
-        _live_job(job_id)
+        _live_job(job_id, where)
         return
     _finished_job_view(job, tool_name, details, on_done)
 
 
 @st.fragment(run_every=POLL_SECONDS)
-def _live_job(job_id: str) -> None:
+def _live_job(job_id: str, where: str) -> None:
     """Polls the job; when it ends, reruns the whole page so the result is drawn once, statically."""
     job = job_runner().get(job_id)
     if job is None or job.done:
@@ -114,7 +125,7 @@ def _live_job(job_id: str) -> None:
         left, right = st.columns([4, 1], vertical_alignment="center")
         left.caption(f"{job.donor} → {job.target} · {job.elapsed():.1f} s · job {job.id}")
         cancelling = job.cancel_event.is_set()
-        if right.button("Cancelling…" if cancelling else "Cancel", key=f"cancel-{job.id}",
+        if right.button("Cancelling…" if cancelling else "Cancel", key=f"cancel-{where}-{job.id}",
                         icon=":material/stop_circle:", disabled=cancelling, width="stretch"):
             job_runner().cancel(job.id)
 
@@ -164,8 +175,8 @@ def result_view(tool_name: str, envelope: dict[str, Any], *, key: str,
     metrics = key_numbers(envelope)
     if metrics:
         cols = st.columns(len(metrics))
-        for col, (label, value) in zip(cols, metrics):
-            col.metric(label, value, border=True)
+        for col, (label, value, help_text) in zip(cols, metrics):
+            col.metric(label, value, help=help_text or None, border=True)
     st.caption(run_caption(envelope))
     if details is not None:
         details(envelope)
@@ -184,16 +195,24 @@ def result_view(tool_name: str, envelope: dict[str, Any], *, key: str,
         )
 
 
-def key_numbers(envelope: dict[str, Any]) -> list[tuple[str, str]]:
-    """Up to four headline numbers of a result: the well-known ones first, then any other scalar."""
+def key_numbers(envelope: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Up to four headline numbers of a result as (label, value, tooltip)."""
     result = envelope.get("result") or {}
-    numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    ordered = [k for k in METRIC_LABELS if k in numbers] + [k for k in numbers if k not in METRIC_LABELS]
-    out = []
-    for name in ordered[:MAX_METRICS]:
-        v = numbers[name]
-        out.append((METRIC_LABELS.get(name, label_for(name)), f"{v:,}" if isinstance(v, int) else f"{v:.3f}"))
-    return out
+    out: list[tuple[str, str, str]] = []
+    for name, (label, help_text) in METRIC_LABELS.items():
+        v = result.get(name)
+        if isinstance(v, list):
+            v = len(v)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append((label, _fmt(v), help_text))
+    if not out:
+        out = [(label_for(k), _fmt(v), "") for k, v in result.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return out[:MAX_METRICS]
+
+
+def _fmt(v: float) -> str:
+    return f"{v:,}" if isinstance(v, int) else f"{v:.3f}"
 
 
 def run_caption(envelope: dict[str, Any]) -> str:

@@ -21,7 +21,8 @@ from engine.models import BUILTIN_DESCRIPTIONS, DEMO_DONOR, SMOLLM2, ModelSpec, 
 from engine.params import RunOptions, build_params, param_specs
 from engine.paths import graft_home
 from ui.demo import demo_builder, demo_pair_ready
-from ui.state import DONOR, SELECTION, TARGET, TRUST, Selection, job_runner, last_job_id, model_store, one_line, parse_model
+from ui.state import (DONOR, SELECTION, TARGET, TRUST, Selection, graft_error, job_runner, last_job_id, model_store,
+                      one_line, parse_model)
 from ui.widgets import param_widget
 
 TINY_PAIR = ("tiny-gpt2-a", "tiny-gpt2-b")
@@ -95,7 +96,7 @@ def _format_choice(option: str, status: dict[str, dict[str, Any]]) -> str:
 
 
 def _model_section(status: dict[str, dict[str, Any]]) -> Selection:
-    st.markdown("##### Models")
+    st.markdown("##### Model pair")
     choices = model_choices(status)
     donor_text = _model_picker(DONOR, "Donor", "the model knowledge is taken from", choices, status)
     st.button("Swap donor and target", key="swap-models", on_click=_swap, icon=":material/swap_vert:",
@@ -128,9 +129,10 @@ def _model_section(status: dict[str, dict[str, Any]]) -> Selection:
 
     if not demo_pair_ready() or last_job_id("demo-donor"):
         with st.container(border=True):
-            if (donor_text, target_text) == TINY_PAIR and not demo_pair_ready():
-                st.caption("The demo pair (SmolLM2 + its concept-tuned donor) is not built yet, "
-                           "so the instant tiny random pair is selected.")
+            if not demo_pair_ready():
+                st.caption("The demo pair (SmolLM2 + its concept-tuned donor) is not built yet"
+                           + (", so the instant tiny random pair is selected." if (donor_text, target_text) == TINY_PAIR
+                              else "."))
             demo_builder("sidebar")
     return Selection(donor_text, target_text, bool(trust), specs[DONOR], specs[TARGET], None, tuple(errors))
 
@@ -268,8 +270,8 @@ def _compat_badge(sel: Selection, status: dict[str, dict[str, Any]]) -> None:
         try:
             verdicts = _compat_verdicts(sel.donor_text, sel.target_text, sel.trust_remote_code,
                                         sel.options.device, sel.options.dtype)
-        except GraftError as exc:
-            st.caption(f"Compatibility: {one_line(exc)}")
+        except Exception as exc:  # the badge is a convenience: never let it break the sidebar
+            st.caption(f"Compatibility: {graft_error(exc)}")
             return
     st.markdown("##### Compatibility (T1)")
     if verdicts is None:

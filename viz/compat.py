@@ -69,10 +69,12 @@ def compat_figure(envelope: dict) -> go.Figure:
     r = c.result_of(envelope)
     donor, target = c.model_names(envelope)
     rows = _arch_rows(r)
-
+    n_ops = max(len(r.get("verdicts") or {}), 1)
+    # Size each table to its rows so the figure has no blank band under the tables.
+    h_arch, h_ops = 40 + 26 * len(rows) + 10, 30 + 34 * n_ops + 10
     fig = make_subplots(
         rows=2, cols=1, specs=[[{"type": "table"}], [{"type": "table"}]],
-        row_heights=[0.64, 0.36], vertical_spacing=0.05,
+        row_heights=[h_arch / (h_arch + h_ops), h_ops / (h_arch + h_ops)], vertical_spacing=0.05,
         subplot_titles=("Architecture", "Verdict per transplant operation"),
     )
 
@@ -133,7 +135,7 @@ def compat_figure(envelope: dict) -> go.Figure:
         parts.append(f"{n_ok} of {len(verdicts)} operations possible")
     c.apply_layout(
         fig, c.envelope_title(envelope, "T1", "Compatibility report"), " · ".join(parts),
-        height=max(620, 150 + 27 * len(rows) + 45 * max(len(ops), 1) + 90),
+        height=h_arch + h_ops + 190,
         filename=c.download_filename(envelope, "T1", "compat"),
         margin=dict(l=20, r=20, t=110, b=20),
     )

@@ -1,0 +1,162 @@
+"""Full-page screenshots of the app for the docs: docs/models.png, docs/alignment.png, docs/runs.png.
+
+Starts ``streamlit run app.py`` on a free port, drives it with Playwright in Debian chromium,
+runs T1 on Models and T2/T3/T4 on Alignment, then saves one PNG per page.
+
+    python docs/screenshots.py                      # demo pair once built, else the tiny pair
+    python docs/screenshots.py --donor tiny-llama-a --target tiny-gpt2-b --home /tmp/graft
+
+``--home`` sets GRAFT_HOME for the server (default: your real Graft cache, so built-in models show
+as they are on this machine).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+WIDTH = 1440
+
+
+def default_pair() -> tuple[str, str]:
+    sys.path.insert(0, str(ROOT))
+    from engine.models import DEMO_DONOR, SMOLLM2, builtin_status
+
+    status = builtin_status()
+    if status[DEMO_DONOR]["state"] == "ready" and status[SMOLLM2]["state"] == "ready":
+        return DEMO_DONOR, SMOLLM2
+    return "tiny-gpt2-a", "tiny-gpt2-b"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def streamlit_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """Serve app.py on a free port; the server's process group is always stopped at the end."""
+    port = free_port()
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.headless", "true", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited; see {log_path}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"streamlit did not start in 90 s; see {log_path}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+def full_page_png(page, path: Path) -> None:
+    """Streamlit scrolls inside its main container, so grow the viewport to the content first."""
+    page.mouse.move(2, 2)  # no hover tooltip in the picture
+    height = page.evaluate(
+        "() => Math.max(document.body.scrollHeight, ...[...document.querySelectorAll("
+        "'[data-testid=stMain], [data-testid=stAppViewContainer], [data-testid=stSidebarContent]')]"
+        ".map(e => e.scrollHeight))"
+    )
+    page.set_viewport_size({"width": WIDTH, "height": int(height) + 40})
+    page.wait_for_timeout(1500)  # plotly relayouts to the new size
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size({"width": WIDTH, "height": 1000})
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+def run_and_wait(page, button: str, n_plots: int, timeout_s: float) -> None:
+    page.get_by_role("button", name=button).click()
+    page.wait_for_function(
+        "n => document.querySelectorAll('.js-plotly-plot').length >= n && "
+        "!document.querySelector('[data-testid=stProgress]')",
+        arg=n_plots, timeout=timeout_s * 1000,
+    )
+
+
+def goto_page(page, title: str) -> None:
+    page.locator('[data-testid="stSidebarNav"]').get_by_text(title, exact=True).click()
+    page.get_by_role("heading", name=title, exact=True, level=1).wait_for(timeout=60_000)
+    page.wait_for_timeout(500)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--donor", help="donor model (default: the demo donor once built, else tiny-gpt2-a)")
+    ap.add_argument("--target", help="target model (default: SmolLM2 once the demo donor is built, else tiny-gpt2-b)")
+    ap.add_argument("--home", help="GRAFT_HOME for the server (default: your real Graft cache)")
+    ap.add_argument("--out", default=str(ROOT / "docs"), help="folder for the PNGs")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for each tool run")
+    args = ap.parse_args()
+
+    env = dict(os.environ)
+    if args.home:
+        env["GRAFT_HOME"] = args.home
+        os.environ["GRAFT_HOME"] = args.home
+    donor, target = default_pair()
+    donor, target = args.donor or donor, args.target or target
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    query = urllib.parse.urlencode({"donor": donor, "target": target})
+
+    from playwright.sync_api import sync_playwright
+
+    log = Path(tempfile.gettempdir()) / f"graft-screenshots-{os.getpid()}.log"
+    with streamlit_server(env, log) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": WIDTH, "height": 1000}, device_scale_factor=1)
+            page.goto(f"{url}/models?{query}", timeout=120_000)
+            page.get_by_role("heading", name="Models", exact=True, level=1).wait_for(timeout=120_000)
+            run_and_wait(page, "Run T1", 1, args.timeout)
+            full_page_png(page, out / "models.png")
+
+            goto_page(page, "Alignment")
+            for n, code in enumerate(("T2", "T3", "T4"), start=1):
+                run_and_wait(page, f"Run {code}", n, args.timeout)
+            full_page_png(page, out / "alignment.png")
+
+            goto_page(page, "Runs")
+            page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+            full_page_png(page, out / "runs.png")
+        finally:
+            browser.close()
+    log.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
