@@ -3,7 +3,8 @@
 :func:`make_donor` deep-copies the base model, attaches LoRA adapters to every attention and MLP
 linear module it finds (Llama-style ``q/k/v/o_proj``, ``gate/up/down_proj``; GPT-2's fused
 ``c_attn``, ``c_proj``, ``c_fc`` Conv1D modules; and the other common spellings), fine-tunes them
-with a causal-LM loss on the concept facts and the train-split QA items, and writes
+with a causal-LM loss on the concept facts (and, optionally, the train-split QA items), and
+writes
 
 - ``out_dir/adapter/``  the PEFT adapter (safetensors), the input of concept cartography (T5/T6);
 - ``out_dir/merged/``   the merged donor as a Hugging Face model folder (safetensors + tokenizer);
@@ -34,12 +35,13 @@ from torch import nn
 
 from .data import ConceptSet
 from .errors import Cancelled, GraftError
-from .evaluate import answer_ids, encode_prompt, encode_text, graded_score, perplexity, task_score
+from .evaluate import answer_ids, encode_prompt, encode_text, graded_score, pad_id, perplexity, task_score
 from .progress import Progress, silent
 
-# Defaults measured on SmolLM2-135M-Instruct with the bundled concept set on a 2-core CPU
-# (see docs in the card): about four minutes end to end, train exact score 0 -> ~1.
-DEFAULT_STEPS = 160
+# Defaults measured on SmolLM2-135M-Instruct with the bundled concept set on a 2-core CPU: the
+# fact loss plateaus (~0.3) after about 60 steps of 8; 120 steps leave margin and take about
+# 0.8-1.2 s each on an idle machine, so a whole run (with both evaluations) is 3-4 minutes.
+DEFAULT_STEPS = 120
 DEFAULT_LR = 2e-3
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 128
@@ -97,8 +99,10 @@ def lora_target_modules(model: nn.Module) -> tuple[list[str], bool]:
 # Training data
 
 
-def build_examples(tokenizer: Any, concept: ConceptSet, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) pairs: every fact, then every train-split QA item.
+def build_examples(
+    tokenizer: Any, concept: ConceptSet, max_length: int, train_on_qa: bool = False
+) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) pairs: every fact, then (if ``train_on_qa``) every train-split QA item.
 
     Facts are plain causal-LM texts followed by EOS (loss on every predicted token). A QA item is
     ``format_prompt(question)`` + answer + EOS with the loss only on the answer and the EOS (the
@@ -111,7 +115,7 @@ def build_examples(tokenizer: Any, concept: ConceptSet, max_length: int) -> list
     for fact in concept.facts:
         ids = (encode_text(tokenizer, fact, max_length) + tail)[:max_length]
         examples.append((ids, list(ids)))
-    for item in concept.train_qa():
+    for item in concept.train_qa() if train_on_qa else ():
         prompt = encode_prompt(tokenizer, item.question)
         answer = answer_ids(tokenizer, item.question, item.answer) + tail
         ids = (prompt + answer)[:max_length]
@@ -119,7 +123,8 @@ def build_examples(tokenizer: Any, concept: ConceptSet, max_length: int) -> list
         examples.append((ids, labels))
     examples = [e for e in examples if sum(l != -100 for l in e[1][1:]) > 0]
     if not examples:
-        raise GraftError(f"concept set {concept.name} has no facts or train questions to learn from")
+        what = "facts or train questions" if train_on_qa else "facts"
+        raise GraftError(f"concept set {concept.name} has no {what} to learn from")
     return examples
 
 
@@ -236,6 +241,7 @@ def make_donor(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_length: int = DEFAULT_MAX_LENGTH,
     seed: int = 0,
+    train_on_qa: bool = False,
     base_name: str = "",
     progress: Optional[Progress] = None,
 ) -> dict[str, Any]:
@@ -247,6 +253,14 @@ def make_donor(
     with ``B`` initialised to zero, so step 0 is the base model. Dropout is off (eval mode) during
     training: on a few dozen short texts it would only add noise, and it keeps runs reproducible.
     Training runs in float32 on a copy; the merged donor is cast back to the base dtype.
+
+    ``train_on_qa`` adds the train-split QA items (prompt + short answer + EOS, loss on the
+    answer) to the facts. It is off by default because, measured on SmolLM2-135M-Instruct with
+    the bundled set, short-answer QA training makes the model memorise those answers and answer
+    every other question with one of them: train exact score 1.0 but held-out 0/13. Facts alone
+    let the model answer unseen questions in its own words (held-out 6/13, all 38 paraphrased
+    questions 24/38). With it off, train and test questions are both unseen, and the split only
+    says which ones ``train_on_qa`` would use.
 
     Returns the card (as written to ``card.json``) plus ``"model"``: the merged donor in memory,
     in eval mode, identical to what ``merged/`` reloads to.
@@ -262,10 +276,10 @@ def make_donor(
 
     base_dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
-    examples = build_examples(tokenizer, concept, max_length)
+    examples = build_examples(tokenizer, concept, max_length, train_on_qa)
     targets, conv1d = lora_target_modules(model)
     warmup = max(1, steps // 20)
-    fill = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    fill = pad_id(tokenizer)
 
     progress(0.0, "scoring the base model")
     before = _evaluate_qa(model, tokenizer, concept, concept.facts)
@@ -363,6 +377,7 @@ def make_donor(
                 "batch_size": batch_size,
                 "max_length": max_length,
                 "seed": seed,
+                "train_on_qa": train_on_qa,
                 "lora_dropout": 0.0,
                 "target_modules": targets,
                 "fan_in_fan_out": conv1d,

@@ -239,10 +239,14 @@ def normalise(text: str) -> str:
 def answer_matches(generation: str, reference: str) -> bool:
     """True when the normalised reference occurs in the normalised generation as whole words
     (so ``"red"`` does not match ``"bored"`` and ``"1784"`` does not match ``"17845"``).
+    A reference that normalises to nothing (only punctuation or articles) is matched as a
+    lowercase, whitespace-collapsed substring instead, so it is not trivially contained.
     """
-    ref = normalise(reference) or reference.strip().lower()
-    gen = normalise(generation)
-    return f" {ref} " in f" {gen} "
+    ref = normalise(reference)
+    if ref:
+        return f" {ref} " in f" {normalise(generation)} "
+    raw = " ".join(reference.lower().split())
+    return bool(raw) and raw in " ".join(generation.lower().split())
 
 
 def generate_greedy(

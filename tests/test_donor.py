@@ -14,6 +14,16 @@ from engine.progress import Progress
 from engine.tiny import build_tiny
 
 STEPS = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and with the suite running beside other
+    jobs on a 2-core machine OpenMP spin-waiting makes each small op 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 KW = dict(steps=STEPS, lr=1e-2, batch_size=8, seed=0)
 
 
@@ -146,3 +156,35 @@ def test_bad_arguments(concept, tmp_path):
     blocker.write_text("x")
     with pytest.raises(GraftError, match="not a folder"):
         make_donor(model, tok, concept, blocker, steps=1)
+
+
+def test_examples_facts_and_optional_qa(concept):
+    from engine.donor import build_examples
+    from engine.evaluate import answer_ids, encode_prompt
+
+    _, tok = build_tiny("tiny-llama-a")
+    facts_only = build_examples(tok, concept, 128)
+    with_qa = build_examples(tok, concept, 128, train_on_qa=True)
+    assert len(facts_only) == len(concept.facts)
+    assert len(with_qa) == len(concept.facts) + len(concept.train_qa())
+    ids, labels = facts_only[0]
+    assert labels == ids and ids[-1] == tok.eos_token_id
+    # QA: the prompt is masked, the answer and EOS carry the loss.
+    q = concept.train_qa()[0]
+    ids, labels = with_qa[len(concept.facts)]
+    prompt, answer = encode_prompt(tok, q.question), answer_ids(tok, q.question, q.answer)
+    assert ids == prompt + answer + [tok.eos_token_id]
+    assert labels == [-100] * len(prompt) + answer + [tok.eos_token_id]
+
+
+def test_train_on_qa_run_and_no_facts_error(concept, tmp_path):
+    from engine.data import load_concept_set
+
+    model, tok = build_tiny("tiny-gpt2-a")
+    card = make_donor(model, tok, concept, tmp_path / "qa", **{**KW, "steps": 3, "train_on_qa": True})
+    assert card["hyperparameters"]["train_on_qa"] is True
+    assert card["hyperparameters"]["n_examples"] == len(concept.facts) + len(concept.train_qa())
+    qa_only = tmp_path / "qa_only.jsonl"
+    qa_only.write_text('{"kind": "qa", "question": "Q?", "answer": "A", "split": "train"}\n')
+    with pytest.raises(GraftError, match="no facts to learn from"):
+        make_donor(model, tok, load_concept_set(qa_only), tmp_path / "none", steps=1)

@@ -43,6 +43,16 @@ ITEMS = [
 MODELS = ["tiny-gpt2-a", "tiny-llama-a"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and with the suite running beside other
+    jobs on a 2-core machine OpenMP spin-waiting makes each small op 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module", params=MODELS)
 def tiny(request):
     return build_tiny(request.param)
@@ -107,6 +117,9 @@ def test_normalise_and_matching():
     assert not answer_matches("I am bored", "red")
     assert not answer_matches("In 17845", "1784")
     assert answer_matches("Lanterns over the water, of course", "Lanterns Over the Water")
+    # A punctuation-only reference is matched literally, never trivially.
+    assert answer_matches("::::::", ":::")
+    assert not answer_matches("some words", "?")
 
 
 def test_format_prompt_plain_and_chat():
@@ -114,7 +127,7 @@ def test_format_prompt_plain_and_chat():
     assert format_prompt(tok, "Why?") == "Question: Why?\nAnswer:"
     # Plain prompt ends in ":" -> the answer gets a leading space.
     assert tok.decode(answer_ids(tok, "Why?", "fox")) == " fox"
-    tok.chat_template = "{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}<|assistant|>\n"
+    tok.chat_template = "{% for m in messages %}<|user|>{{ m['content'] + '\\n' }}{% endfor %}{{ '<|assistant|>\\n' }}"
     assert format_prompt(tok, "Why?") == "<|user|>Why?\n<|assistant|>\n"
     # Chat prompt ends in a newline -> no leading space.
     assert tok.decode(answer_ids(tok, "Why?", "fox")) == "fox"
@@ -137,8 +150,8 @@ def test_task_score_range_and_determinism(tiny):
 def test_task_score_planted_answers(tiny):
     model, tok = tiny
     gens = task_score(model, tok, ITEMS, max_new_tokens=8)["items"]
-    planted = [QAItem(g["question"], g["generation"], "test") for g in gens if normalise(g["generation"])]
-    assert planted, "the tiny model should produce some non-punctuation text"
+    planted = [QAItem(g["question"], g["generation"], "test") for g in gens if g["generation"].strip()]
+    assert planted, "the tiny model should generate some text"
     assert task_score(model, tok, planted, max_new_tokens=8)["score"] == 1.0
     wrong = [QAItem(q.question, "zqxjv", "test") for q in planted]
     assert task_score(model, tok, wrong, max_new_tokens=8)["score"] == 0.0

@@ -1,0 +1,447 @@
+"""Reversible transplants (METHODS.md, "Transplant operations" 1: module swap).
+
+A :class:`ModuleSwap` copies the weights (and biases) of chosen linear modules from the donor D
+into a *working copy* of the target T. The cached target is shared by every page and job and is
+never written:
+
+* :meth:`ModuleSwap.materialise` builds the working model with ``copy.deepcopy`` and a memo that
+  maps every parameter, buffer and tensor attribute of T to itself, so the copy shares all of
+  T's tensors except the swapped ones, which are deep-copied into new storage. Extra memory =
+  bytes of the swapped tensors (measured by :meth:`ModuleSwap.extra_bytes`).
+* :meth:`ModuleSwap.apply` records the original value of each tensor it touches, then copies
+  the donor's tensor in place. The original of a swapped tensor is, by construction, the value
+  of the cached target's tensor (the working tensor was cloned from it, and the cached model is
+  immutable), so the record is a reference to that tensor, not a second copy.
+* :meth:`ModuleSwap.rollback` copies the recorded originals back: bit-exact (same dtype, plain
+  ``copy_``), checked by :meth:`ModuleSwap.verify_rollback` (``torch.equal`` on every tensor)
+  and by equal :func:`engine.models.state_dict_hash`.
+
+GPT-2 ``Conv1D`` weights are copied as stored (``(in, out)``); donor and target must store every
+swapped tensor with exactly the same shape and layout, otherwise the swap is refused.
+
+:func:`transfer_metrics` gives TIR and Recovery (METHODS.md T8) with explicit undefined cases,
+and :func:`save_transplant` writes a Hugging Face folder plus a ``surgery.json`` card.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .arch import LinearModule
+from .errors import GraftError
+from .models import LoadedModel, state_dict_hash
+
+SURGERY_CARD = "surgery.json"
+SURGERY_FORMAT = "graft-surgery/1"
+_TENSORS = ("weight", "bias")
+
+
+# --------------------------------------------------------------------------------------------
+# Which modules can be swapped
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """True when both tokenizers map every string to the same ids (same vocabulary)."""
+    if a is b:
+        return True
+    try:
+        return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+    except (AttributeError, TypeError, NotImplementedError):
+        return False
+
+
+def check_swap_pair(donor: LoadedModel, target: LoadedModel) -> None:
+    """Refuse, in one line, a pair whose modules cannot be compared token by token or swapped.
+
+    Module ranking compares module outputs row by row, so both models must read the same tokens
+    (same tokenizer); a swapped weight means the same thing only within one architecture family.
+    """
+    reasons = []
+    if donor.arch.family != target.arch.family:
+        reasons.append(f"families differ ({donor.label}: {donor.arch.family}, {target.label}: {target.arch.family})")
+    if not same_tokenizer(donor.tokenizer, target.tokenizer):
+        reasons.append("tokenizers differ")
+    if reasons:
+        raise GraftError(
+            "module ranking and swapping need donor and target of the same family with the same tokenizer: "
+            + "; ".join(reasons)
+        )
+
+
+def _tensor_shapes(mod: nn.Module) -> dict[str, Optional[tuple[int, ...]]]:
+    out: dict[str, Optional[tuple[int, ...]]] = {}
+    for t in _TENSORS:
+        v = getattr(mod, t, None)
+        out[t] = tuple(v.shape) if isinstance(v, torch.Tensor) else None
+    return out
+
+
+def swap_mismatch(donor: LoadedModel, target: LoadedModel, dm: LinearModule, tm: LinearModule) -> Optional[str]:
+    """Why the donor module ``dm`` cannot replace the target module ``tm`` (None when it can)."""
+    if dm.conv1d != tm.conv1d:
+        return "stored differently (Conv1D vs Linear)"
+    ds = _tensor_shapes(donor.arch.module(dm.path))
+    ts = _tensor_shapes(target.arch.module(tm.path))
+    if ds["weight"] != ts["weight"]:
+        return f"weight shapes differ (donor {list(ds['weight'] or [])}, target {list(ts['weight'] or [])})"
+    if (ds["bias"] is None) != (ts["bias"] is None):
+        return "only one of them has a bias"
+    if ds["bias"] != ts["bias"]:
+        return f"bias shapes differ (donor {list(ds['bias'] or [])}, target {list(ts['bias'] or [])})"
+    return None
+
+
+def swappable_modules(donor: LoadedModel, target: LoadedModel) -> tuple[list[LinearModule], list[dict[str, str]]]:
+    """Target linear modules present in the donor with identical stored tensors, in block order,
+    and the skipped ones with the reason."""
+    dmods = {m.name: m for m in donor.arch.linear_modules()}
+    ok: list[LinearModule] = []
+    skipped: list[dict[str, str]] = []
+    for tm in target.arch.linear_modules():
+        dm = dmods.get(tm.name)
+        if dm is None:
+            skipped.append({"name": tm.name, "reason": "not in the donor"})
+            continue
+        why = swap_mismatch(donor, target, dm, tm)
+        if why:
+            skipped.append({"name": tm.name, "reason": why})
+        else:
+            ok.append(tm)
+    tnames = {m.name for m in target.arch.linear_modules()}
+    skipped += [{"name": n, "reason": "not in the target"} for n in dmods if n not in tnames]
+    return ok, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# Storage accounting
+
+
+def _module_tensors(model: nn.Module) -> Iterable[torch.Tensor]:
+    """Every parameter, buffer and plain tensor attribute of every submodule (with repeats)."""
+    for mod in model.modules():
+        for v in vars(mod).values():
+            if isinstance(v, torch.Tensor):
+                yield v
+        yield from mod._parameters.values()
+        yield from mod._buffers.values()
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def extra_storage_bytes(model: nn.Module, reference: nn.Module) -> int:
+    """Bytes of the distinct storages held by ``model`` that ``reference`` does not hold."""
+    shared = {_storage_key(t) for t in _module_tensors(reference) if t is not None}
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for t in _module_tensors(model):
+        if t is None:
+            continue
+        key = _storage_key(t)
+        if key in shared or key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Module swap
+
+
+@dataclass(frozen=True)
+class _Slot:
+    module: str  # canonical module name, e.g. "blocks.3.attn.q"
+    tensor: str  # "weight" | "bias"
+    path: str  # HF dotted path of the owning nn.Module
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}.{self.tensor}"
+
+
+class ModuleSwap:
+    """Copy chosen linear modules of ``donor`` into a working copy of ``target``, reversibly.
+
+    ``modules`` are canonical names (``blocks.3.attn.q``). Validation happens here, before any
+    copy: every module must exist in both models with identical stored weight (and bias) shapes.
+    The cached ``target.model`` is never written; use :attr:`working` (after :meth:`materialise`).
+    """
+
+    def __init__(self, target: LoadedModel, donor: LoadedModel, modules: Sequence[str]) -> None:
+        names = list(dict.fromkeys(m.strip() for m in modules if m and m.strip()))
+        if not names:
+            raise GraftError("no modules to swap")
+        tmods = {m.name: m for m in target.arch.linear_modules()}
+        dmods = {m.name: m for m in donor.arch.linear_modules()}
+        slots: list[_Slot] = []
+        for n in names:
+            if n not in tmods:
+                example = next(iter(tmods), "blocks.0.attn.o")
+                raise GraftError(f"module {n} is not a linear module of the target {target.label} (names look like {example})")
+            if n not in dmods:
+                raise GraftError(f"module {n} is not a linear module of the donor {donor.label}")
+            why = swap_mismatch(donor, target, dmods[n], tmods[n])
+            if why:
+                raise GraftError(f"cannot swap {n}: {why}")
+            mod = target.arch.module(tmods[n].path)
+            dmod = donor.arch.module(dmods[n].path)
+            for t in _TENSORS:
+                if isinstance(getattr(mod, t, None), torch.Tensor):
+                    if getattr(mod, t).dtype != getattr(dmod, t).dtype:
+                        raise GraftError(f"cannot swap {n}: donor {t} is {getattr(dmod, t).dtype}, target {getattr(mod, t).dtype}; "
+                                         "load both models with the same dtype")
+                    slots.append(_Slot(n, t, tmods[n].path))
+        self.target = target
+        self.donor = donor
+        self.modules: tuple[str, ...] = tuple(names)
+        self.linear: dict[str, LinearModule] = {n: tmods[n] for n in names}
+        self._donor_paths = {n: dmods[n].path for n in names}
+        self._slots = slots
+        self._working: Optional[nn.Module] = None
+        self._saved: dict[str, torch.Tensor] = {}  # slot key -> original value (see module docstring)
+        self._hash_before: Optional[str] = None
+        self._check_not_tied()
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def _check_not_tied(self) -> None:
+        """A swapped tensor shared with another parameter (tied) would silently change that one too."""
+        counts: dict[int, int] = {}
+        for _, p in self.target.model.named_parameters(remove_duplicate=False):
+            counts[id(p)] = counts.get(id(p), 0) + 1
+        for s in self._slots:
+            t = getattr(self.target.arch.module(s.path), s.tensor)
+            if counts.get(id(t), 0) > 1:
+                raise GraftError(f"cannot swap {s.module}: its {s.tensor} is tied to another parameter")
+
+    @property
+    def swapped_bytes(self) -> int:
+        """Bytes of the tensors a full :meth:`apply` replaces (weights and biases)."""
+        return sum(getattr(self.target.arch.module(s.path), s.tensor).nbytes for s in self._slots)
+
+    @property
+    def n_tensors(self) -> int:
+        return len(self._slots)
+
+    @property
+    def applied(self) -> tuple[str, ...]:
+        """Modules whose donor weights are currently in the working copy (in swap order)."""
+        done = {k.rsplit(".", 1)[0] for k in self._saved}
+        return tuple(m for m in self.modules if m in done)
+
+    @property
+    def working(self) -> nn.Module:
+        if self._working is None:
+            raise GraftError("internal: call materialise() before using the working model")
+        return self._working
+
+    # -- the operation --------------------------------------------------------------------------
+    def materialise(self) -> nn.Module:
+        """The working model: a structural copy of the target sharing every tensor except the
+        swapped ones, which get new storage holding the target's values. Idempotent."""
+        if self._working is not None:
+            return self._working
+        src = self.target.model
+        swapped = {id(getattr(self.target.arch.module(s.path), s.tensor)) for s in self._slots}
+        # inference_mode(False): new tensors made under inference mode could not be written later.
+        with self.target.lock, torch.inference_mode(False):  # a capture holds the lock while its hooks are attached
+            memo: dict[int, Any] = {}
+            for t in _module_tensors(src):
+                if t is not None and id(t) not in swapped:
+                    memo[id(t)] = t
+            working = copy.deepcopy(src, memo)
+        working.eval()
+        for s in self._slots:
+            new = getattr(_get(working, s.path), s.tensor)
+            old = getattr(self.target.arch.module(s.path), s.tensor)
+            if new.data_ptr() == old.data_ptr():  # pragma: no cover - deepcopy semantics guard
+                raise GraftError(f"internal: {s.key} still shares storage with the cached target")
+        self._working = working
+        return working
+
+    def apply(self, modules: Optional[Sequence[str]] = None) -> tuple[str, ...]:
+        """Copy the donor's tensors of ``modules`` (default: all of this swap's modules) into the
+        working copy; modules already applied are left as they are. Returns the modules applied now."""
+        working = self.materialise()
+        chosen = self.modules if modules is None else tuple(modules)
+        unknown = [m for m in chosen if m not in self.linear]
+        if unknown:
+            raise GraftError(f"module {unknown[0]} is not part of this swap")
+        chosen_set = set(chosen)
+        done: list[str] = []
+        with torch.no_grad():
+            for s in self._slots:
+                if s.module not in chosen_set or s.key in self._saved:
+                    continue
+                dst = getattr(_get(working, s.path), s.tensor)
+                src = getattr(self.donor.arch.module(self._donor_paths[s.module]), s.tensor)
+                # The original value of dst is the cached target's tensor (dst was cloned from it
+                # and only ever restored to it), so recording costs no memory.
+                self._saved[s.key] = getattr(self.target.arch.module(s.path), s.tensor)
+                dst.copy_(src)
+                if s.module not in done:
+                    done.append(s.module)
+        return tuple(done)
+
+    def rollback(self) -> int:
+        """Restore every tensor touched since the last rollback, bit-exactly. Returns their number."""
+        if self._working is None:
+            return 0
+        n = 0
+        with torch.no_grad():
+            for s in self._slots:
+                orig = self._saved.pop(s.key, None)
+                if orig is None:
+                    continue
+                getattr(_get(self._working, s.path), s.tensor).copy_(orig)
+                n += 1
+        return n
+
+    # -- verification ----------------------------------------------------------------------------
+    def hash_before(self) -> str:
+        """Weight hash of the target (= of the working copy with nothing applied)."""
+        if self._hash_before is None:
+            self._hash_before = self.target.state_hash()
+        return self._hash_before
+
+    def weight_hash(self) -> str:
+        """Weight hash of the working copy in its current state."""
+        return state_dict_hash(self.working.state_dict())
+
+    def verify_rollback(self) -> bool:
+        """True when the working copy equals the cached target tensor by tensor (``torch.equal``)."""
+        a = self.working.state_dict()
+        b = self.target.model.state_dict()
+        if a.keys() != b.keys():
+            return False
+        return all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+    def extra_bytes(self) -> int:
+        """Bytes the working copy holds beyond the cached target (expected: :attr:`swapped_bytes`)."""
+        return extra_storage_bytes(self.working, self.target.model)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "modules": list(self.modules),
+            "applied": list(self.applied),
+            "n_tensors": self.n_tensors,
+            "swapped_bytes": self.swapped_bytes,
+            "weight_hash_before": self.hash_before(),
+        }
+
+
+def _get(root: nn.Module, dotted: str) -> nn.Module:
+    mod: Any = root
+    for part in dotted.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+# --------------------------------------------------------------------------------------------
+# TIR and Recovery
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def transfer_metrics(s_target: float, s_transplanted: float, s_donor: float, *, tol: float = 1e-12) -> dict[str, Any]:
+    """TIR = S(T')/S(T) and Recovery = (S(T') - S(T)) / (S(D) - S(T)) (METHODS.md T8).
+
+    Undefined cases are reported as ``None`` with a status and a one-line note, never NaN:
+    S(T) = 0 makes TIR infinite (or 0/0 when S(T') = 0 too); S(D) = S(T) (within ``tol``)
+    leaves nothing to recover.
+    """
+    out: dict[str, Any] = {"tir": None, "tir_status": "ok", "tir_note": "",
+                           "recovery": None, "recovery_status": "ok", "recovery_note": ""}
+    if not all(_finite(v) for v in (s_target, s_transplanted, s_donor)):
+        note = f"undefined: a score is missing or not finite (S(T)={s_target}, S(T')={s_transplanted}, S(D)={s_donor})"
+        out.update(tir_status="undefined", tir_note="TIR " + note, recovery_status="undefined", recovery_note="Recovery " + note)
+        return out
+    if abs(s_target) <= tol:
+        what = "infinite" if s_transplanted > tol else "0/0"
+        out.update(tir_status="undefined",
+                   tir_note=f"TIR undefined: the target scores S(T) = 0, so S(T')/S(T) = {s_transplanted:.4g}/0 is {what}")
+    else:
+        out["tir"] = s_transplanted / s_target
+    if abs(s_donor - s_target) <= tol:
+        out.update(recovery_status="undefined",
+                   recovery_note=f"Recovery undefined: the donor scores the same as the target (S(D) = S(T) = {s_target:.4g}), "
+                                 "so there is nothing to recover")
+    else:
+        out["recovery"] = (s_transplanted - s_target) / (s_donor - s_target)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise GraftError(f"output path {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / SURGERY_CARD).is_file():
+        raise GraftError(f"refusing to write into {out}: the folder is not empty and is not a Graft transplant (no {SURGERY_CARD})")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GraftError(f"cannot create {out.parent}: {e.strerror or e}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise GraftError(f"output folder {out.parent} is not writable")
+
+
+def save_transplant(working_model: nn.Module, tokenizer: Any, out_dir: Union[str, Path], card: dict[str, Any]) -> Path:
+    """Write ``working_model`` as a Hugging Face folder (safetensors, config, tokenizer) plus
+    ``surgery.json`` (``card`` + format, time and the saved weight hash).
+
+    ``card`` should say the operation, donor, target, modules, parameters, measured results and
+    hashes. The folder is written to a temporary sibling and renamed into place; an existing
+    folder is replaced only if it is empty or is itself a Graft transplant (has ``surgery.json``),
+    so user files are never destroyed.
+    """
+    out = Path(out_dir).expanduser()
+    if not str(out_dir).strip():
+        raise GraftError("no output folder given")
+    out = out.resolve()
+    _check_out_dir(out)
+    payload = {"format": SURGERY_FORMAT, **card,
+               "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "saved_weight_hash": state_dict_hash(working_model.state_dict())}
+    try:
+        text = json.dumps(payload, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise GraftError(f"surgery card is not strict JSON: {e}") from None
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        working_model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / SURGERY_CARD).write_text(text)
+        _check_out_dir(out)  # again: the folder may have changed while we wrote
+        old: Optional[Path] = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:
+                os.replace(old, out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
