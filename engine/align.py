@@ -29,13 +29,42 @@ class Aligned:
     Y: torch.Tensor
     group: torch.Tensor
     mode: str  # "token" | "word" | "text"
+    n_outliers: int = 0  # rows dropped as massive activations (see drop_outliers)
 
     @property
     def n(self) -> int:
         return int(self.X.shape[1])
 
     def summary(self) -> dict:
-        return {"alignment": self.mode, "n_rows": self.n, "n_texts": int(self.group.unique().numel())}
+        return {
+            "alignment": self.mode, "n_rows": self.n, "n_texts": int(self.group.unique().numel()),
+            "n_outlier_rows": self.n_outliers,
+        }
+
+
+def outlier_rows(Z: torch.Tensor, factor: float) -> torch.Tensor:
+    """Rows whose norm exceeds ``factor`` x the layer's median row norm in any layer. Z: (L, n, d)."""
+    norms = Z.norm(dim=-1)  # (L, n)
+    med = norms.median(dim=1, keepdim=True).values.clamp_min(1e-12)
+    return (norms > factor * med).any(dim=0)
+
+
+def drop_outliers(al: Aligned, factor: float) -> Aligned:
+    """Drop massive-activation rows (Sun et al. 2024): attention-sink tokens whose residual norm is
+    ~100x the median. A handful of them carries most of the centred Gram energy, so linear CKA and
+    Procrustes would mostly compare those few tokens and every middle layer would look alike.
+
+    ``factor <= 0`` keeps every row. Dropping rows never leaves fewer than half of them: if more
+    than half would go, the threshold is not describing outliers and nothing is dropped.
+    """
+    if factor <= 0 or al.n < 4:
+        return al
+    bad = outlier_rows(al.X, factor) | outlier_rows(al.Y, factor)
+    n_bad = int(bad.sum())
+    if n_bad == 0 or n_bad > al.n // 2:
+        return al
+    keep = ~bad
+    return Aligned(al.X[:, keep], al.Y[:, keep], al.group[keep], al.mode, n_bad)
 
 
 def _word_ids(cap: Capture) -> torch.Tensor:

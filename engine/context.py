@@ -4,14 +4,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-from .align import Aligned, align
+from .align import Aligned, align, drop_outliers
 from .capture import DEFAULT_CACHE, Capture, CaptureCache, budget_texts
 from .data import Workload, builtin_concept_path, load_workload
-from .errors import GraftError
 from .linalg import cka_matrix
 from .models import LoadedModel, ModelSpec, ModelStore
 from .params import RunOptions, build_params
@@ -51,10 +50,10 @@ class ToolContext:
 
     def aligned(self, progress: Progress) -> Aligned:
         cd, ct = self.capture_pair(progress)
-        key = ("aligned", id(ct))
+        key = ("aligned", id(ct), self.options.outlier_factor)
         hit = cd.derived.get(key)
         if hit is None or hit[0] is not ct:
-            hit = (ct, align(cd, ct))
+            hit = (ct, drop_outliers(align(cd, ct), self.options.outlier_factor))
             cd.derived[key] = hit
         al = hit[1]
         self.meta.update(al.summary())
@@ -64,7 +63,7 @@ class ToolContext:
         """CKA matrix over donor x target layers (blocks, optionally with h_{-1} first)."""
         al = self.aligned(progress.sub(0, 0.7))
         cd, ct = self.capture_pair(progress.sub(0.7, 0.7))
-        key = ("cka", id(ct), include_embeddings)
+        key = ("cka", id(ct), include_embeddings, self.options.outlier_factor)
         hit = cd.derived.get(key)
         if hit is None or hit[0] is not ct:
             s = 0 if include_embeddings else 1

@@ -37,6 +37,7 @@ from .data import ConceptSet
 from .errors import Cancelled, GraftError
 from .evaluate import answer_ids, encode_prompt, encode_text, graded_score, pad_id, perplexity, task_score
 from .progress import Progress, silent
+from .paths import replace_dir
 
 # Defaults measured on SmolLM2-135M-Instruct with the bundled concept set on a 2-core CPU: the
 # fact loss plateaus (~0.3) after about 60 steps of 8; 120 steps leave margin and take about
@@ -152,10 +153,16 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 # Evaluation summary
 
 
-def _evaluate_qa(model: Any, tokenizer: Any, concept: ConceptSet, ppl_texts: tuple[str, ...]) -> dict[str, Any]:
-    """Task and graded scores on train and test QA (None for an empty split), and fact perplexity."""
+def _evaluate_qa(
+    model: Any, tokenizer: Any, concept: ConceptSet, ppl_texts: tuple[str, ...], progress: Progress, label: str
+) -> dict[str, Any]:
+    """Task and graded scores on train and test QA (None for an empty split), and fact perplexity.
+
+    ``progress`` is called between the parts, so a cancel takes effect within one part.
+    """
     out: dict[str, Any] = {}
-    for split, items in (("train", concept.train_qa()), ("test", concept.test_qa())):
+    for k, (split, items) in enumerate((("train", concept.train_qa()), ("test", concept.test_qa()))):
+        progress(k / 3, f"scoring the {label} on {split} questions")
         if not items:
             out[split] = None
             continue
@@ -169,6 +176,7 @@ def _evaluate_qa(model: Any, tokenizer: Any, concept: ConceptSet, ppl_texts: tup
                 {**t, "prob": g["prob"]} for t, g in zip(ts["items"], gs["items"])
             ],
         }
+    progress(2 / 3, f"perplexity of the {label} on the facts")
     out["facts_ppl"] = perplexity(model, tokenizer, ppl_texts)["ppl"] if ppl_texts else None
     return out
 
@@ -206,23 +214,6 @@ def _check_writable(out_dir: Path) -> None:
         raise GraftError(f"output folder {out_dir.parent} is not writable")
     if out_dir.exists() and not out_dir.is_dir():
         raise GraftError(f"output path {out_dir} exists and is not a folder")
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move ``tmp`` to ``out_dir``; an existing ``out_dir`` is set aside first, restored if the
-    move fails and deleted only once the new one is in place."""
-    old: Optional[Path] = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,8 +272,7 @@ def make_donor(
     warmup = max(1, steps // 20)
     fill = pad_id(tokenizer)
 
-    progress(0.0, "scoring the base model")
-    before = _evaluate_qa(model, tokenizer, concept, concept.facts)
+    before = _evaluate_qa(model, tokenizer, concept, concept.facts, progress.sub(0.0, 0.12), "base model")
     progress(0.12, "preparing LoRA")
 
     # fork_rng: seed LoRA initialisation without disturbing the caller's global RNG stream.
@@ -344,8 +334,7 @@ def make_donor(
         for p in merged.parameters():
             p.requires_grad_(False)
 
-        progress(0.87, "scoring the donor")
-        after = _evaluate_qa(merged, tokenizer, concept, concept.facts)
+        after = _evaluate_qa(merged, tokenizer, concept, concept.facts, progress.sub(0.87, 0.97), "donor")
 
         progress(0.97, "saving merged donor")
         merged.save_pretrained(str(tmp / "merged"), safe_serialization=True)
@@ -402,7 +391,7 @@ def make_donor(
         }
         (tmp / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False), encoding="utf-8")
         progress(0.99, "finishing")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         # Cancelled, failed or interrupted: nothing half-written survives; out_dir is untouched.
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,7 +16,7 @@ import math
 import re
 import unicodedata
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F

@@ -6,7 +6,7 @@ for stability; inputs are never modified.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

@@ -96,3 +96,10 @@ class RunOptions:
     batch_size: int = param(8, "Texts per forward pass.", min=1, max=512)
     device: str = param("auto", "Where to run: auto (CUDA when present), cpu or cuda.", choices=("auto", "cpu", "cuda"))
     dtype: str = param("float32", "Model weights dtype; bfloat16 halves memory on GPU.", choices=("float32", "bfloat16", "float16"))
+    outlier_factor: float = param(
+        20.0,
+        "T2-T4 drop tokens whose residual norm, in any layer of either model, exceeds this multiple of that "
+        "layer's median (attention-sink 'massive activations', often 100x the median, which otherwise "
+        "dominate CKA and Procrustes). 0 keeps every token.",
+        min=0.0, max=1e6,
+    )

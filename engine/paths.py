@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from platformdirs import user_cache_dir
 
@@ -40,3 +41,24 @@ def repo_root() -> Path:
 
 def data_dir() -> Path:
     return repo_root() / "data"
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out_dir``. An existing ``out_dir`` is set aside first,
+    restored if the move fails, and deleted only once the new one is in place: a failed save never
+    loses what was on disk."""
+    import shutil
+    import uuid
+
+    old: Optional[Path] = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

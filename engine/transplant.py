@@ -41,6 +41,7 @@ from torch import nn
 from .arch import LinearModule
 from .errors import GraftError
 from .models import LoadedModel, state_dict_hash
+from .paths import replace_dir
 
 SURGERY_CARD = "surgery.json"
 SURGERY_FORMAT = "graft-surgery/1"
@@ -429,18 +430,7 @@ def save_transplant(working_model: nn.Module, tokenizer: Any, out_dir: Union[str
         tokenizer.save_pretrained(str(tmp))
         (tmp / SURGERY_CARD).write_text(text)
         _check_out_dir(out)  # again: the folder may have changed while we wrote
-        old: Optional[Path] = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if old is not None:
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,5 @@
 """Ground truth the code did not invent: planted rotations, planted layer correspondences, a
 model against itself, and T1 verdicts across families."""
-import json
 import subprocess
 import sys
 
@@ -103,6 +102,31 @@ def test_layer_matching_recovers_a_planted_correspondence():
     assert [j for _, j in pairs] == sorted(j for _, j in pairs)
 
 
+def test_massive_activation_rows_are_dropped_and_the_planted_matching_returns():
+    """Plant attention-sink rows: a few tokens with one huge, layer-constant coordinate in both
+    models (as SmolLM2's first token, ~100x the median norm). They make every layer pair look alike
+    under linear CKA; ``drop_outliers`` must find exactly those rows and restore the planted map."""
+    from engine.align import Aligned, drop_outliers
+
+    g = torch.Generator().manual_seed(5)
+    n, d, L = 400, 12, 6
+    donor = torch.randn(L, n, d, generator=g)
+    for l in range(1, L):
+        donor[l] = 0.3 * donor[l - 1] + torch.randn(n, d, generator=g)
+    target = torch.stack([donor[l] @ random_orthogonal(d, seed=l).float() + 0.05 * torch.randn(n, d, generator=g)
+                          for l in range(L)])
+    sinks = torch.tensor([0, 57, 130, 222, 301])
+    donor[:, sinks, 3] += 300.0
+    target[:, sinks, 7] += 300.0
+    al = Aligned(donor, target, torch.arange(n) // 20, "token")
+    raw = monotone_matching(cka_matrix(al.X, al.Y))
+    assert sum(i == j for i, j in raw) < L  # the sinks wash the map out
+    clean = drop_outliers(al, 20.0)
+    assert clean.n_outliers == len(sinks) and clean.n == n - len(sinks)
+    assert monotone_matching(cka_matrix(clean.X, clean.Y)) == [(l, l) for l in range(L)]
+    assert drop_outliers(al, 0.0).n == n  # 0 keeps every row
+
+
 def test_monotone_matching_is_optimal_against_brute_force():
     import itertools
 
@@ -126,7 +150,7 @@ def test_bridge_self_pair_has_zero_epsilon_on_the_diagonal(workload):
 def test_bridge_cross_width_has_no_raw_cosine(workload):
     from transformers import GPT2Config, AutoModelForCausalLM
 
-    from engine.models import LoadedModel, _finish
+    from engine.models import _finish
     from engine.tiny import build_tiny
 
     _, tok = build_tiny("tiny-gpt2-a")

@@ -19,6 +19,13 @@ def home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "graft"
 
 
+@pytest.fixture
+def no_demo(tmp_path, monkeypatch) -> Path:
+    """An empty model cache: the state of a fresh clone before the demo donor is built."""
+    monkeypatch.setenv("GRAFT_MODELS_HOME", str(tmp_path / "models"))
+    return tmp_path / "models"
+
+
 def open_app(page: str = "pages/home.py", donor: str = TINY[0], target: str = TINY[1]) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=120)
     at.query_params["donor"] = donor
@@ -78,7 +85,7 @@ def test_registry_pages_without_a_file_render_every_tool_panel(home):
         assert [b.label for b in at.button if b.key and b.key.startswith("run-")] == [f"Run {c}" for c in codes]
 
 
-def test_first_visit_sees_start_here_and_the_tiny_pair_with_a_build_note(home):
+def test_first_visit_sees_start_here_and_the_tiny_pair_with_a_build_note(home, no_demo):
     at = AppTest.from_file(APP, default_timeout=120).run()  # no query params: defaults
     assert not at.exception
     assert "Start here" in texts(at.markdown)
@@ -192,7 +199,7 @@ def _slow(progress):
     return {}
 
 
-def test_build_demo_donor_button_runs_a_background_job(home, monkeypatch):
+def test_build_demo_donor_button_runs_a_background_job(home, no_demo, monkeypatch):
     import ui.demo
 
     def fake_build(progress):
@@ -264,3 +271,15 @@ def test_uploads_are_saved_under_graft_home_without_overwriting(home):
     b = save_upload("my texts.txt", b"three\n")
     assert b == home / "uploads" / "my_texts-1.txt"
     assert a.read_bytes() == b"one\ntwo\n" and b.read_bytes() == b"three\n"
+
+
+@pytest.mark.real
+def test_first_visit_with_the_demo_built_selects_the_demo_pair(home):
+    from engine.models import DEMO_DONOR, SMOLLM2
+    from ui.demo import demo_pair_ready
+
+    assert demo_pair_ready(), "`make prepare` builds SmolLM2 and the demo donor before the tests"
+    at = AppTest.from_file(APP, default_timeout=300).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert (at.session_state["donor"], at.session_state["target"]) == (DEMO_DONOR, SMOLLM2)
+    assert "module swap ✓" in texts(at.sidebar.markdown) + texts(at.sidebar.caption)

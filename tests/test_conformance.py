@@ -11,7 +11,7 @@ from engine.errors import Cancelled, GraftError
 from engine.models import ModelSpec
 from engine.params import build_params, param_specs
 from engine.progress import Progress
-from engine.registry import Tool, all_tools, get_tool, register
+from engine.registry import all_tools, get_tool, register
 
 TOOLS = [t.name for t in all_tools()]
 PAIRS = [("tiny-gpt2-a", "tiny-gpt2-b"), ("tiny-gpt2-a", "tiny-llama-b")]

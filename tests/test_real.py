@@ -47,5 +47,8 @@ def test_demo_donor_against_smollm2(smol):
     assert all(compat["verdicts"].values()), compat["reasons"]
     assert compat["signature"]["equal"] and compat["swappable_modules"] == 210
     cka = run_tool("cka", donor, smol, {"max_tokens": 1024})["result"]
-    # a LoRA fine-tune moves representations only slightly: the matching stays on the diagonal
-    assert sum(i == j for i, j in cka["matching"]) >= 27
+    # SmolLM2's attention-sink tokens (~100x the median norm) are left out, else every layer looks alike
+    assert cka["n_outlier_rows"] > 0
+    # a LoRA fine-tune moves representations only slightly: the matching stays near the diagonal
+    assert max(abs(i - j) for i, j in cka["matching"]) <= 4
+    assert sum(i == j for i, j in cka["matching"]) >= 18

@@ -64,7 +64,7 @@ def rank_figure(envelope: dict) -> go.Figure:
         _no_data(fig, "no module present in both models with equal shape")
 
     k = r.get("top_decile_size")
-    parts = [f"score = mean ‖o<sub>D</sub> − o<sub>T</sub>‖ / mean ‖o<sub>T</sub>‖",
+    parts = ["score = mean ‖o<sub>D</sub> − o<sub>T</sub>‖ / mean ‖o<sub>T</sub>‖",
              f"{c.fmt_num(r.get('n_attention'))} attention / {c.fmt_num(r.get('n_mlp'))} MLP modules",
              f"top decile ({c.fmt_num(k)}): {c.fmt_num(r.get('top_decile_attention'))} attention, "
              f"{c.fmt_num(r.get('top_decile_mlp'))} MLP",

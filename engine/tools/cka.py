@@ -31,6 +31,7 @@ class CKAResult:
     diagonal: list[float]  # CKA[i, i] where both have layer i
     alignment: str
     n_rows: int
+    n_outlier_rows: int  # massive-activation tokens left out (RunOptions.outlier_factor)
 
 
 def compute_cka(ctx: ToolContext, params: CKAParams, progress: Progress) -> CKAResult:
@@ -52,6 +53,7 @@ def compute_cka(ctx: ToolContext, params: CKAParams, progress: Progress) -> CKAR
         diagonal=[round(float(M[i, i]), 6) for i in range(min(M.shape))],
         alignment=al.mode,
         n_rows=al.n,
+        n_outlier_rows=al.n_outliers,
     )
 
 
