@@ -1,7 +1,8 @@
-"""Full-page screenshots of the app for the docs: docs/models.png, docs/alignment.png, docs/runs.png.
+"""Full-page screenshots of the app for the docs: docs/{models,alignment,transplant,compare,runs}.png.
 
 Starts ``streamlit run app.py`` on a free port, drives it with Playwright in Debian chromium,
-runs T1 on Models and T2/T3/T4 on Alignment, then saves one PNG per page.
+runs T1 on Models, T2/T3/T4 on Alignment, T7/T11/T8 on Transplant, opens the swap on Compare,
+then saves one PNG per page.
 
     python docs/screenshots.py                      # demo pair once built, else the tiny pair
     python docs/screenshots.py --donor tiny-llama-a --target tiny-gpt2-b --home /tmp/graft
@@ -149,6 +150,16 @@ def main() -> None:
             for n, code in enumerate(("T2", "T3", "T4"), start=1):
                 run_and_wait(page, f"Run {code}", n, args.timeout)
             full_page_png(page, out / "alignment.png")
+
+            goto_page(page, "Transplant")
+            for n, code in enumerate(("T7", "T11", "T8"), start=1):
+                run_and_wait(page, f"Run {code}", n, args.timeout)
+            full_page_png(page, out / "transplant.png")
+
+            goto_page(page, "Compare")
+            page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+            page.locator("table.graft-gen").first.wait_for(timeout=60_000)
+            full_page_png(page, out / "compare.png")
 
             goto_page(page, "Runs")
             page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)

@@ -32,6 +32,7 @@ class ToolContext:
     options: RunOptions
     captures: CaptureCache = field(default_factory=lambda: DEFAULT_CACHE)
     meta: dict[str, Any] = field(default_factory=dict)
+    live: Any = None  # engine.live.LiveTransplants: the app keeps transplants applied (see engine/live.py)
 
     def texts(self) -> list[str]:
         return budget_texts(self.workload.texts, [self.donor.tokenizer, self.target.tokenizer], self.options.max_tokens)
@@ -86,6 +87,7 @@ def run_tool(
     store: Optional[ModelStore] = None,
     progress: Optional[Progress] = None,
     captures: Optional[CaptureCache] = None,
+    live: Any = None,
 ) -> dict[str, Any]:
     """Run a registered tool end to end and return ``{"tool", "donor", "target", "result", "meta"}``.
 
@@ -108,7 +110,7 @@ def run_tool(
     d = get(donor, progress.sub(0.0, 0.1))
     t = get(target, progress.sub(0.1, 0.2))
     t_load = time.perf_counter() - t0
-    ctx = ToolContext(d, t, workload, options, captures or DEFAULT_CACHE)
+    ctx = ToolContext(d, t, workload, options, captures or DEFAULT_CACHE, live=live)
     t1 = time.perf_counter()
     result = tool.compute(ctx, params, progress.sub(0.2, 1.0))
     t_compute = time.perf_counter() - t1

@@ -371,3 +371,33 @@ def graded_score(
         for (q, a), tp in zip(pairs, token_probs)
     ]
     return {"score": sum(r["prob"] for r in rows) / len(rows), "n": len(rows), "items": rows}
+
+
+def word_diff(before: str, after: str) -> list[list[str]]:
+    """Word-level difference of two generations as ``[op, text]`` runs, op in equal/delete/insert
+    (a replacement is a delete then an insert). Words are compared without their whitespace, which
+    stays with the word it follows: joining the ``equal`` and ``insert`` texts gives ``after``
+    exactly, and ``equal`` + ``delete`` gives ``before`` up to whitespace."""
+    import difflib
+
+    a = re.findall(r"\S+\s*|\s+", before)
+    b = re.findall(r"\S+\s*|\s+", after)
+    key = lambda w: w.strip()  # noqa: E731 - compare words, not their trailing whitespace
+    sm = difflib.SequenceMatcher(a=[key(w) for w in a], b=[key(w) for w in b], autojunk=False)
+    runs: list[list[str]] = []
+
+    def put(op: str, text: str) -> None:
+        if not text:
+            return
+        if runs and runs[-1][0] == op:
+            runs[-1][1] += text
+        else:
+            runs.append([op, text])
+
+    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+        if tag == "equal":
+            put("equal", "".join(b[j1:j2]))
+        else:
+            put("delete", "".join(a[i1:i2]))
+            put("insert", "".join(b[j1:j2]))
+    return runs

@@ -54,9 +54,10 @@ class Job:
 
 
 class JobRunner:
-    def __init__(self, store: ModelStore, history: Optional[History] = None) -> None:
+    def __init__(self, store: ModelStore, history: Optional[History] = None, live: Any = None) -> None:
         self.store = store
         self.history = history or History()
+        self.live = live  # engine.live.LiveTransplants: swap runs keep T' applied for one-click rollback/save
         self._jobs: dict[str, Job] = {}
         self._queue: "queue.Queue[tuple[Job, Callable[[Progress], dict[str, Any]]]]" = queue.Queue()
         self._lock = threading.Lock()
@@ -70,7 +71,7 @@ class JobRunner:
         record = {"options": dataclasses.asdict(options), "params": dataclasses.asdict(params)}
 
         def work(progress: Progress) -> dict[str, Any]:
-            return run_tool(tool_name, donor, target, options, params, store=self.store, progress=progress)
+            return run_tool(tool_name, donor, target, options, params, store=self.store, progress=progress, live=self.live)
 
         return self.submit(tool.name, f"{tool.code} {tool.title}", donor.ref, target.ref, record, work)
 

@@ -1,4 +1,4 @@
-"""One real-browser test: the app served by `streamlit run`, driven by Playwright in Debian chromium."""
+"""Real-browser tests: the app served by `streamlit run`, driven by Playwright in Debian chromium."""
 from __future__ import annotations
 
 import os
@@ -64,26 +64,56 @@ def app_url(tmp_path):
         log.close()
 
 
-def test_cka_heatmap_renders_in_a_real_browser(app_url):
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture
+def page(app_url):
+    """A chromium page (Debian's binary, never a downloaded one) 1400 px wide; always closed."""
+    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{app_url}/?donor=tiny-gpt2-a&target=tiny-gpt2-b", timeout=60_000)
-            expect(page.get_by_test_id("stMetric").filter(has_text="tiny-gpt2-a")).to_be_visible(timeout=60_000)
-            expect(page.get_by_test_id("stMetric").filter(has_text="tiny-gpt2-b")).to_be_visible()
-            expect(page.get_by_role("heading", name="Start here")).to_be_visible()
-
-            page.locator('[data-testid="stSidebarNav"]').get_by_text("Alignment").click()
-            expect(page.get_by_role("heading", name="Alignment", exact=True, level=1)).to_be_visible(timeout=30_000)
-            assert "donor=tiny-gpt2-a" in page.url and "target=tiny-gpt2-b" in page.url
-
-            page.get_by_role("button", name="Run T2").click()
-            heatmap = page.locator(".js-plotly-plot .heatmaplayer g.hm").first
-            expect(heatmap).to_be_attached(timeout=90_000)
-            expect(page.locator('[data-testid="stMetric"]').filter(has_text="Mean matched CKA")).to_be_visible()
-            assert page.locator('[data-testid="stException"]').count() == 0
+            yield browser.new_page(viewport={"width": 1400, "height": 1000})
         finally:
             browser.close()
+
+
+def test_cka_heatmap_renders_in_a_real_browser(app_url, page):
+    from playwright.sync_api import expect
+
+    page.goto(f"{app_url}/?donor=tiny-gpt2-a&target=tiny-gpt2-b", timeout=60_000)
+    expect(page.get_by_test_id("stMetric").filter(has_text="tiny-gpt2-a")).to_be_visible(timeout=60_000)
+    expect(page.get_by_test_id("stMetric").filter(has_text="tiny-gpt2-b")).to_be_visible()
+    expect(page.get_by_role("heading", name="Start here")).to_be_visible()
+
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Alignment").click()
+    expect(page.get_by_role("heading", name="Alignment", exact=True, level=1)).to_be_visible(timeout=30_000)
+    assert "donor=tiny-gpt2-a" in page.url and "target=tiny-gpt2-b" in page.url
+
+    page.get_by_role("button", name="Run T2").click()
+    heatmap = page.locator(".js-plotly-plot .heatmaplayer g.hm").first
+    expect(heatmap).to_be_attached(timeout=90_000)
+    expect(page.locator('[data-testid="stMetric"]').filter(has_text="Mean matched CKA")).to_be_visible()
+    assert page.locator('[data-testid="stException"]').count() == 0
+
+
+def test_swap_then_compare_in_a_real_browser(app_url, page):
+    """Transplant page: run T11 on the tiny pair; Compare shows T, T' and D, then roll back."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{app_url}/transplant?donor=tiny-gpt2-a&target=tiny-gpt2-b", timeout=60_000)
+    expect(page.get_by_role("heading", name="Transplant", exact=True, level=1)).to_be_visible(timeout=60_000)
+    page.get_by_role("button", name="Run T11").click()
+    expect(page.locator(".js-plotly-plot").first).to_be_attached(timeout=120_000)
+    expect(page.get_by_role("button", name="Roll back")).to_be_visible(timeout=30_000)
+
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Compare", exact=True).click()
+    expect(page.get_by_role("heading", name="Compare", exact=True, level=1)).to_be_visible(timeout=30_000)
+    table = page.locator("table.graft-gen")
+    expect(table).to_be_visible(timeout=30_000)
+    for col in ("T (target)", "T′ (transplanted)", "D (donor)"):
+        expect(table.locator("th", has_text=col)).to_be_visible()
+    expect(page.locator(".js-plotly-plot .barlayer").first).to_be_attached()
+    expect(page.get_by_test_id("stMetric").filter(has_text="Recovery (graded)")).to_be_visible()
+    page.get_by_role("button", name="Roll back").click()
+    expect(page.get_by_text("bit-exact ✓")).to_be_visible(timeout=30_000)
+    assert page.locator('[data-testid="stException"]').count() == 0

@@ -52,3 +52,20 @@ def test_demo_donor_against_smollm2(smol):
     # a LoRA fine-tune moves representations only slightly: the matching stays near the diagonal
     assert max(abs(i - j) for i, j in cka["matching"]) <= 4
     assert sum(i == j for i, j in cka["matching"]) >= 18
+
+
+def test_module_swap_smollm2_with_its_demo_donor(smol):
+    """T11 on the real pair: T' moves toward D on the held-out questions, rollback is bit-exact."""
+    donor = STORE.get(ModelSpec.parse(DEMO_DONOR), "cpu")
+    h = smol.state_hash()
+    r = run_tool("swap", donor, smol, {"max_tokens": 512}, {"k": 64, "max_new_tokens": 12})["result"]
+    assert r["rollback_bit_exact"] and r["target_untouched"] and smol.state_hash() == h
+    assert r["n_swappable"] == 210 and len(r["modules"]) == 64 and r["n_test_items"] == len(r["generations"]) > 0
+    # the donor learned the concept: lower concept perplexity and a higher graded score than the target
+    assert r["donor"]["ppl_concept"] < r["before"]["ppl_concept"]
+    assert r["donor"]["task_score_graded"] > r["before"]["task_score_graded"]
+    # swapping the 64 most different modules moves T' part of the way, in the donor's direction
+    assert r["before"]["ppl_concept"] > r["after"]["ppl_concept"] > r["donor"]["ppl_concept"]
+    g = r["transfer"]["graded"]
+    assert g["recovery"] is not None and 0.0 < g["recovery"] < 1.0
+    assert r["alignment_after"] > r["alignment_before"]

@@ -34,6 +34,11 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "n_rows": ("Aligned rows", "Token (or word) positions compared between the two models."),
     "n_fit": ("Fit rows", "Rows the maps were fitted on."),
     "n_heldout": ("Held-out rows", "Rows the residuals and cosines were measured on."),
+    "k": ("Modules swapped", "Donor modules copied into the working copy of the target."),
+    "tir": ("TIR", "Transplant improvement ratio S(T′)/S(T) under the run's score kind (see the caption)."),
+    "recovery": ("Recovery", "(S(T′) − S(T)) / (S(D) − S(T)): share of the donor's advantage that moved."),
+    "alignment_after": ("Alignment T′ vs D", "Share of prompt positions where T′'s greedy next token equals D's."),
+    "n_swappable": ("Swappable modules", "Modules shared by name whose weight shapes are equal."),
 }
 MAX_METRICS = 4
 
@@ -41,8 +46,11 @@ ResultDetails = Callable[[dict[str, Any]], None]
 
 
 # --------------------------------------------------------------------------- the panel
-def tool_panel(tool_name: str, *, how_to_read: str = "", details: Optional[ResultDetails] = None) -> None:
-    """Parameters, Run button and the last job's view for one registered tool."""
+def tool_panel(tool_name: str, *, how_to_read: str = "", details: Optional[ResultDetails] = None,
+               before_run: Optional[Callable[[], None]] = None) -> None:
+    """Parameters, Run button and the last job's view for one registered tool.
+
+    ``before_run`` draws extra inputs between the parameters and the Run button."""
     tool = get_tool(tool_name)
     st.subheader(f"{tool.code} · {tool.title}", anchor=tool.name)
     st.caption(tool.summary + (f"  \n**How to read it:** {how_to_read}" if how_to_read else ""))
@@ -50,6 +58,8 @@ def tool_panel(tool_name: str, *, how_to_read: str = "", details: Optional[Resul
     if param_specs(tool.params_cls):
         with st.expander("Parameters", expanded=False):
             param_widgets(tool.params_cls, key_prefix=_param_prefix(tool.name))
+    if before_run is not None:
+        before_run()
 
     sel = selection()
     job_id = last_job_id(tool.name)

@@ -18,6 +18,7 @@ from engine.errors import GraftError
 from engine.history import History
 from engine.jobs import Job, JobRunner
 from engine.models import ModelSpec, ModelStore
+from engine.live import LIVE
 from engine.params import RunOptions
 from engine.paths import graft_home, history_db
 
@@ -37,7 +38,7 @@ def _store(home: str) -> ModelStore:
 
 @st.cache_resource(show_spinner=False)
 def _runner(home: str) -> JobRunner:
-    return JobRunner(_store(home), History(history_db()))
+    return JobRunner(_store(home), History(history_db()), live=LIVE)
 
 
 def model_store() -> ModelStore:

@@ -38,6 +38,7 @@ from ..context import ToolContext
 from ..data import ConceptSet, builtin_concept_path, builtin_retained_path, load_concept_set
 from ..errors import GraftError
 from ..evalcache import SCORES, alignment_score, evaluate_model
+from ..evaluate import word_diff
 from ..params import param
 from ..progress import Progress
 from ..registry import Tool, register
@@ -229,6 +230,9 @@ class SwapResult:
     rollback_bit_exact: bool
     target_untouched: bool
     saved_to: Optional[str]
+    transfer: dict[str, dict[str, Any]]  # TIR / Recovery (+ status, note) under each score kind: graded, exact
+    card: dict[str, Any]  # the surgery card saved with T' (operation, models, parameters, results, hashes)
+    live_id: Optional[str]  # app only: T' is kept applied under this id (engine/live.py); None from the CLI
 
 
 def _parse_modules(text: str) -> list[str]:
@@ -243,6 +247,7 @@ def _side_by_side(ev_t: dict, ev_tp: dict, ev_d: dict) -> list[dict[str, Any]]:
             "target": a["generation"], "transplanted": b["generation"], "donor": c["generation"],
             "target_correct": a["correct"], "transplanted_correct": b["correct"], "donor_correct": c["correct"],
             "changed": a["generation"] != b["generation"],
+            "diff": word_diff(a["generation"], b["generation"]),  # target -> transplanted, word level
         })
     return rows
 
@@ -286,31 +291,39 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
         al_after = alignment_score(ctx.donor.model, ctx.donor.tokenizer, swap.working, ctx.target.tokenizer, test_q,
                                    donor_hash=ev_d["state_hash"], state_hash=hash_tp)
     tm = _transfer(ev_t["task_score"], ev_tp["task_score"], ev_d["task_score"])
+    transfer = {kind: _transfer(ev_t[f"task_score_{kind}"], ev_tp[f"task_score_{kind}"], ev_d[f"task_score_{kind}"])
+                for kind in SCORES}
     before, after, donor = _metrics(ev_t), _metrics(ev_tp), _metrics(ev_d)
 
+    card = {
+        "operation": "module-swap",
+        "donor": ctx.donor.spec.ref,
+        "target": ctx.target.spec.ref,
+        "modules": list(swap.modules),
+        "parameters": {"k": params.k, "modules": params.modules, "score": params.score,
+                       "max_new_tokens": params.max_new_tokens,
+                       "concept": {"name": sets[0].name, "sha256": sets[0].sha256},
+                       "retained": {"name": sets[1].name, "sha256": sets[1].sha256},
+                       "workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256}},
+        "results": {"before": before, "after": after, "donor": donor, "tir": tm["tir"], "recovery": tm["recovery"],
+                    "tir_note": tm["tir_note"], "recovery_note": tm["recovery_note"], "score_kind": params.score,
+                    "transfer": transfer, "alignment_before": _r(al_before["score"]), "alignment_after": _r(al_after["score"])},
+        "hashes": {"target": hash_t, "transplanted": hash_tp, "donor": ev_d["state_hash"]},
+        "trust_remote_code": bool(ctx.donor.spec.trust_remote_code or ctx.target.spec.trust_remote_code),
+    }
     saved_to = None
     if params.save.strip():
         progress(0.88, f"saving T' to {params.save}")
-        card = {
-            "operation": "module-swap",
-            "donor": ctx.donor.spec.ref,
-            "target": ctx.target.spec.ref,
-            "modules": list(swap.modules),
-            "parameters": {"k": params.k, "modules": params.modules, "score": params.score,
-                           "max_new_tokens": params.max_new_tokens,
-                           "concept": {"name": sets[0].name, "sha256": sets[0].sha256},
-                           "retained": {"name": sets[1].name, "sha256": sets[1].sha256},
-                           "workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256}},
-            "results": {"before": before, "after": after, "donor": donor, "tir": tm["tir"], "recovery": tm["recovery"],
-                        "tir_note": tm["tir_note"], "recovery_note": tm["recovery_note"], "score_kind": params.score},
-            "hashes": {"target": hash_t, "transplanted": hash_tp, "donor": ev_d["state_hash"]},
-        }
         saved_to = str(save_transplant(swap.working, ctx.target.tokenizer, params.save, card))
 
     progress(0.95, "rolling back and verifying")
     swap.rollback()
     bit_exact = swap.weight_hash() == hash_t and swap.verify_rollback()
     untouched = ctx.target.state_hash() == hash_t
+    live_id = None
+    if ctx.live is not None and bit_exact:
+        swap.apply()  # the app keeps T' applied: rollback and save are then one click each
+        live_id = ctx.live.keep(swap, card)
     progress(1.0, "done")
     return SwapResult(
         modules=chosen,
@@ -332,6 +345,9 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
         rollback_bit_exact=bool(bit_exact),
         target_untouched=bool(untouched),
         saved_to=saved_to,
+        transfer=transfer,
+        card=card,
+        live_id=live_id,
     )
 
 

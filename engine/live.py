@@ -1,0 +1,126 @@
+"""Transplants kept applied after a swap run, so the app can roll back or save them in one click.
+
+The CLI's ``swap`` rolls back before it returns. The app instead hands its runs a
+:class:`LiveTransplants`: the swap is verified (rolled back, checked bit-exact, hashed), applied
+again, and kept here under an id that goes into the result. The working copy shares every tensor
+with the cached target except the swapped ones, so a live transplant holds only the bytes of the
+tensors it changed; at most ``capacity`` are kept and the oldest is rolled back and dropped first.
+
+A run whose live transplant is gone (the server restarted, or it was evicted) can be rebuilt
+from its result: :func:`rebuild` re-applies the recorded modules to the same models, and checks
+that the weight hash equals the one the run recorded before anything is saved from it.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import GraftError
+from .models import ModelSpec, ModelStore
+from .transplant import ModuleSwap, save_transplant
+
+
+@dataclass
+class LiveTransplant:
+    id: str
+    swap: ModuleSwap
+    card: dict[str, Any]  # surgery card of the run (operation, models, parameters, results, hashes)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def applied(self) -> bool:
+        return bool(self.swap.applied)
+
+
+class LiveTransplants:
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._items: "OrderedDict[str, LiveTransplant]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keep(self, swap: ModuleSwap, card: dict[str, Any]) -> str:
+        """Keep an applied swap; returns its id. Evicts (rolls back) the oldest beyond capacity."""
+        live = LiveTransplant(uuid.uuid4().hex[:12], swap, card)
+        with self._lock:
+            self._items[live.id] = live
+            while len(self._items) > self.capacity:
+                _, old = self._items.popitem(last=False)
+                old.swap.rollback()
+        return live.id
+
+    def get(self, live_id: Optional[str]) -> Optional[LiveTransplant]:
+        if not live_id:
+            return None
+        with self._lock:
+            return self._items.get(live_id)
+
+    def rollback(self, live_id: str) -> dict[str, Any]:
+        """Restore the target's values; reports the restored tensors and the bit-exact check."""
+        live = self._need(live_id)
+        n = live.swap.rollback()
+        h = live.swap.weight_hash()
+        out = {"restored_tensors": n, "weight_hash": h, "bit_exact": bool(h == live.swap.hash_before() and live.swap.verify_rollback()),
+               "applied": False}
+        live.events.append({"event": "rollback", **out})
+        return out
+
+    def reapply(self, live_id: str) -> dict[str, Any]:
+        live = self._need(live_id)
+        live.swap.apply()
+        h = live.swap.weight_hash()
+        expected = (live.card.get("hashes") or {}).get("transplanted")
+        out = {"weight_hash": h, "matches_run": expected is None or h == expected, "applied": True}
+        live.events.append({"event": "apply", **out})
+        return out
+
+    def save(self, live_id: str, out_dir: Union[str, Path]) -> Path:
+        """Save T' (applied) as a Hugging Face folder with surgery.json; re-applies if rolled back."""
+        live = self._need(live_id)
+        if not live.applied:
+            self.reapply(live_id)
+        return save_transplant(live.swap.working, live.swap.target.tokenizer, out_dir, live.card)
+
+    def drop(self, live_id: str) -> None:
+        with self._lock:
+            live = self._items.pop(live_id, None)
+        if live is not None:
+            live.swap.rollback()
+
+    def _need(self, live_id: str) -> LiveTransplant:
+        live = self.get(live_id)
+        if live is None:
+            raise GraftError("this transplant is no longer held in memory (the server restarted or it was evicted); "
+                             "rebuild it from the run first")
+        return live
+
+
+def rebuild(envelope: dict[str, Any], store: ModelStore, live: LiveTransplants) -> str:
+    """Re-apply a finished swap run's modules to the same donor and target; returns the live id.
+
+    Refuses when the models no longer hash as they did in the run (a path whose files changed).
+    """
+    result = envelope.get("result") or {}
+    card = result.get("card")
+    modules = [m["name"] for m in result.get("modules") or []]
+    if envelope.get("tool") != "swap" or not modules or not card:
+        raise GraftError("only a finished module-swap run can be rebuilt")
+    opts = (envelope.get("meta") or {}).get("options") or {}
+    device, dtype = opts.get("device", "auto"), opts.get("dtype", "float32")
+    trust = bool(card.get("trust_remote_code", False))
+    donor = store.get(ModelSpec.parse(envelope["donor"], trust_remote_code=trust), device, dtype)
+    target = store.get(ModelSpec.parse(envelope["target"], trust_remote_code=trust), device, dtype)
+    swap = ModuleSwap(target, donor, modules)
+    if swap.hash_before() != result.get("weight_hash_before"):
+        raise GraftError(f"the target {target.label} has changed since this run (weight hash differs); run the swap again")
+    swap.apply()
+    if swap.weight_hash() != result.get("weight_hash_after"):
+        swap.rollback()
+        raise GraftError(f"re-applying the run's modules does not reproduce its T' (the donor {donor.label} changed?)")
+    return live.keep(swap, card)
+
+
+LIVE = LiveTransplants()

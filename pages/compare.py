@@ -1,0 +1,93 @@
+"""Compare: T, T' and D of one module-swap run: metric cards with changes, bars, and the
+held-out answers side by side with the words the transplant changed marked."""
+import json
+from datetime import datetime
+
+import streamlit as st
+
+import viz
+from engine.evalcache import SCORES
+from ui.entry import require_app_entry
+from ui.jobs import file_stem
+from ui.transplant import COMPARE_RUN, latest_swap_id, swap_envelope, swap_runs, transplant_actions
+from viz.compare import SCORE_LABELS, compare_figure, generations_html, metric_rows
+
+require_app_entry()
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    return f"{v:,.2f}" if abs(v) >= 100 else f"{v:.3f}"
+
+
+def _label(row: dict) -> str:
+    r = row.get("params") or {}
+    k = (r.get("params") or {}).get("k", "?")
+    when = datetime.fromtimestamp(row["created"]).strftime("%Y-%m-%d %H:%M")
+    return f"{row['donor']} → {row['target']} · K={k} · {when} · {row['id']}"
+
+
+st.title("Compare")
+runs = swap_runs()
+if not runs:
+    st.info("No module swap yet. Run **T11 Module swap** on the Transplant page; its T, T′ and D appear here.",
+            icon=":material/info:")
+    st.page_link("pages/transplant.py", label="Go to Transplant", icon=":material/biotech:")
+    st.stop()
+
+by_id = {r["id"]: r for r in runs}
+wanted = st.query_params.get("run") or st.session_state.get(COMPARE_RUN) or latest_swap_id()
+if st.session_state.get("compare_pick") not in by_id:
+    st.session_state["compare_pick"] = wanted if wanted in by_id else runs[0]["id"]
+left, right = st.columns([3, 1], vertical_alignment="bottom")
+run_id = left.selectbox("Swap run", list(by_id), key="compare_pick", format_func=lambda i: _label(by_id[i]))
+envelope = swap_envelope(run_id)
+if envelope is None:
+    st.warning("That run is no longer in the history.")
+    st.stop()
+result = envelope["result"]
+kind = right.segmented_control("Task score", SCORES, key="compare_score", default=result.get("score_kind", "graded"),
+                               help="graded: mean probability of the reference answer's tokens (defined even when "
+                                    "a model never says it); exact: the greedy answer contains the reference.")
+kind = kind or result.get("score_kind", "graded")
+st.caption(f"Task score shown: **{SCORE_LABELS[kind]}**, on {result.get('n_test_items', '?')} held-out questions. "
+           f"Modules swapped: {result.get('k')} ({result.get('selection')}).")
+
+cards = metric_rows(result, kind)
+cols = st.columns(4) + st.columns([1, 1, 2])[:2]  # T′ against T and D, then TIR and Recovery
+for col, card in zip(cols, cards):
+    delta = card["delta"]
+    extra = []
+    if card.get("before") is not None:
+        extra.append(f"T {_fmt(card['before'])}")
+    if card.get("donor") is not None:
+        extra.append(f"D {_fmt(card['donor'])}")
+    col.metric(
+        f"{card['label']} (T′)" if card.get("before") is not None else card["label"],
+        _fmt(card["value"]) if card["value"] is not None else "undefined",
+        delta=None if delta is None else f"{delta:+.3g} vs T",
+        delta_color="inverse" if card["lower_is_better"] else "normal",
+        help=card["help"] + (f"  \n{card['note']}" if card.get("note") else ""), border=True,
+    )
+    if extra:
+        col.caption(" · ".join(extra))
+    if card.get("note"):
+        col.caption(card["note"])
+
+fig = compare_figure(envelope, kind)
+st.plotly_chart(fig, config=viz.download_config(fig), key=f"compare-fig-{run_id}-{kind}")
+
+st.markdown("#### Answers to the held-out questions")
+only = st.toggle("Only answers the transplant changed", key="compare_only_changed")
+st.html(generations_html(envelope, only_changed=only))
+
+transplant_actions(run_id, envelope, where="compare")
+
+stem = file_stem(envelope)
+a, b, _ = st.columns([1, 1, 2])
+a.download_button("Result JSON", data=json.dumps(envelope, indent=2), file_name=f"{stem}.json", mime="application/json",
+                  key=f"compare-json-{run_id}", icon=":material/download:", on_click="ignore", width="stretch")
+b.download_button("Figure HTML", data=lambda: viz.figure_html(fig), file_name=f"{stem}-compare-{kind}.html",
+                  mime="text/html", key=f"compare-html-{run_id}-{kind}", icon=":material/download:",
+                  on_click="ignore", width="stretch")
