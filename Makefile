@@ -34,6 +34,7 @@ test-fast: setup
 
 bench: prepare
 	$(PY) bench/alignment.py
+	$(PY) bench/transplant.py
 
 screenshots: prepare
 	$(PY) docs/screenshots.py --donor smollm2-135m-instruct+concept --target smollm2-135m-instruct

@@ -90,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output folder (merged/, adapter/, card.json)")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the engine's tuned default)")
     d.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8)")
+    d.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the engine's tuned default)")
+    rp = d.add_mutually_exclusive_group()
+    rp.add_argument("--replay", metavar="FILE", default=None,
+                    help="general text (concept-set JSONL) mixed into training against forgetting "
+                         "(default: the bundled data/replay.jsonl)")
+    rp.add_argument("--no-replay", action="store_true", help="train on the concept facts only")
+    d.add_argument("--replay-fraction", type=float, default=None,
+                   help="share of each batch drawn from the replay set, in [0, 1) (default: the engine's tuned default)")
+    d.add_argument("--retained", metavar="FILE", default=None,
+                   help="held-out general text whose perplexity before/after goes on the card "
+                        "(default: the bundled data/retained.jsonl)")
     d.add_argument("--seed", type=int, default=0, help="seed (training is deterministic for a seed)")
     d.add_argument("--device", default="auto", help="auto, cpu or cuda")
     d.add_argument("--json", dest="json_path", help="write the donor card here too")
@@ -131,15 +142,19 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{k}: {v}")
             return 0
         if args.command == "make-donor":
-            from .actions import build_donor
+            from .actions import BUNDLED, build_donor
 
+            replay = None if args.no_replay else (args.replay or BUNDLED)
             res = build_donor(ModelSpec.parse(args.base), args.concept, args.out, steps=args.steps, rank=args.rank,
-                              seed=args.seed, device=args.device, progress=Progress(bar))
+                              lr=args.lr, replay=replay, replay_fraction=args.replay_fraction,
+                              retained=args.retained or BUNDLED, seed=args.seed, device=args.device,
+                              progress=Progress(bar))
             bar.close()
+            # The card as written to card.json: without the in-memory model (not JSON).
+            card = {k: v for k, v in res["card"].items() if k != "model"}
             if args.json_path:
-                _write_json(args.json_path, res)
-            card = res["card"]
-            print(json.dumps({k: card[k] for k in card if k not in ("loss_curve",)}, indent=2, default=str)[:4000])
+                _write_json(args.json_path, {"out_dir": res["out_dir"], "card": card})
+            print(json.dumps({k: card[k] for k in card if k not in ("loss_curve", "evaluation")}, indent=2, default=str)[:4000])
             return 0
         tool = get_tool(args.tool)
         options = build_params(RunOptions, {s.name: getattr(args, "opt_" + s.name) for s in param_specs(RunOptions)

@@ -85,6 +85,12 @@ def builtin_retained_path() -> Path:
     return data_dir() / "retained.jsonl"
 
 
+def builtin_replay_path() -> Path:
+    """The bundled replay set: general everyday English mixed into donor training against
+    forgetting. Disjoint from the retained set, which stays the held-out check of forgetting."""
+    return data_dir() / "replay.jsonl"
+
+
 def auto_split(question: str) -> str:
     """Deterministic split for an item without one: ``test`` iff ``sha1(question) mod 3 == 0``.
 

@@ -3,13 +3,15 @@
 :func:`make_donor` deep-copies the base model, attaches LoRA adapters to every attention and MLP
 linear module it finds (Llama-style ``q/k/v/o_proj``, ``gate/up/down_proj``; GPT-2's fused
 ``c_attn``, ``c_proj``, ``c_fc`` Conv1D modules; and the other common spellings), fine-tunes them
-with a causal-LM loss on the concept facts (and, optionally, the train-split QA items), and
-writes
+with a causal-LM loss on the concept facts (and, optionally, the train-split QA items), mixed
+with general "replay" text against forgetting when a replay set is given, and writes
 
 - ``out_dir/adapter/``  the PEFT adapter (safetensors), the input of concept cartography (T5/T6);
 - ``out_dir/merged/``   the merged donor as a Hugging Face model folder (safetensors + tokenizer);
-- ``out_dir/card.json`` base model, concept set and hash, every hyper-parameter, the per-step loss
-  curve, wall time, and task / graded scores before and after, on train and test QA separately.
+- ``out_dir/card.json`` base model, concept set and hash, replay set and hash, every
+  hyper-parameter, the per-step loss curve, wall time, and task / graded scores before and after,
+  on train and test QA separately, next to perplexity on the facts and on a held-out retained set
+  of general text (how much general ability the donor lost).
 
 The run is seeded and deterministic (same seed, same machine -> identical merged weights), never
 touches the model passed in, and is written to a temporary sibling directory that replaces
@@ -27,7 +29,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +41,17 @@ from .evaluate import answer_ids, encode_prompt, encode_text, graded_score, pad_
 from .progress import Progress, silent
 from .paths import replace_dir
 
-# Defaults measured on SmolLM2-135M-Instruct with the bundled concept set on a 2-core CPU: the
-# fact loss plateaus (~0.3) after about 60 steps of 8; 120 steps leave margin and take about
-# 0.8-1.2 s each on an idle machine, so a whole run (with both evaluations) is 3-4 minutes.
-DEFAULT_STEPS = 120
+# Defaults chosen by experiment on SmolLM2-135M-Instruct with the bundled concept, replay and
+# retained sets on a 2-core CPU (the measurements are in make_donor's docstring): 90 steps of 8
+# with a quarter of each batch replay text keep 8-9/13 held-out questions right and the retained
+# perplexity below the base's, in about 90 s for a whole run (both evaluations included).
+DEFAULT_STEPS = 90
 DEFAULT_LR = 2e-3
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 128
+DEFAULT_RANK = 8
+DEFAULT_ALPHA = 16
+DEFAULT_REPLAY_FRACTION = 0.25
 CARD_FORMAT = "graft-donor/1"
 
 # Last path component of linear modules that carry attention or MLP weights, across the common
@@ -112,10 +118,7 @@ def build_examples(
     """
     eos = tokenizer.eos_token_id
     tail = [int(eos)] if eos is not None else []
-    examples: list[tuple[list[int], list[int]]] = []
-    for fact in concept.facts:
-        ids = (encode_text(tokenizer, fact, max_length) + tail)[:max_length]
-        examples.append((ids, list(ids)))
+    examples = text_examples(tokenizer, concept.facts, max_length)
     for item in concept.train_qa() if train_on_qa else ():
         prompt = encode_prompt(tokenizer, item.question)
         answer = answer_ids(tokenizer, item.question, item.answer) + tail
@@ -127,6 +130,49 @@ def build_examples(
         what = "facts or train questions" if train_on_qa else "facts"
         raise GraftError(f"concept set {concept.name} has no {what} to learn from")
     return examples
+
+
+def text_examples(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Plain causal-LM examples: each text + EOS, loss on every predicted token. Texts with
+    nothing to predict (a single token) are dropped."""
+    eos = tokenizer.eos_token_id
+    tail = [int(eos)] if eos is not None else []
+    out: list[tuple[list[int], list[int]]] = []
+    for text in texts:
+        ids = (encode_text(tokenizer, text, max_length) + tail)[:max_length]
+        if len(ids) >= 2:
+            out.append((ids, list(ids)))
+    return out
+
+
+def batch_plan(
+    n_concept: int, n_replay: int, steps: int, batch_size: int, replay_fraction: float, seed: int
+) -> list[list[tuple[str, int]]]:
+    """Which examples each step trains on: ``[("concept", i) | ("replay", j), ...]`` per step.
+
+    Step ``s`` takes ``floor((s+1)*b*f) - floor(s*b*f)`` replay examples (``b`` the batch size,
+    ``f`` the replay fraction), so the long-run share is exactly ``f``, and fills the rest of the
+    batch with concept examples. Each source is consumed in epochs of its own seeded permutation;
+    the concept stream uses the same generator as a run without replay, so ``f = 0`` (or no
+    replay set) reproduces a facts-only run exactly.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    gen_replay = torch.Generator().manual_seed(seed + 7919)
+    order: list[int] = []
+    order_replay: list[int] = []
+    f = replay_fraction if n_replay > 0 else 0.0
+    plan: list[list[tuple[str, int]]] = []
+    for step in range(steps):
+        k = math.floor((step + 1) * batch_size * f + 1e-9) - math.floor(step * batch_size * f + 1e-9)
+        k = min(k, batch_size - 1)  # at least one concept example per batch
+        while len(order) < batch_size - k:
+            order += torch.randperm(n_concept, generator=gen).tolist()
+        while len(order_replay) < k:
+            order_replay += torch.randperm(n_replay, generator=gen_replay).tolist()
+        batch = [("concept", i) for i in order[: batch_size - k]] + [("replay", j) for j in order_replay[:k]]
+        order, order_replay = order[batch_size - k:], order_replay[k:]
+        plan.append(batch)
+    return plan
 
 
 def _collate(batch: list[tuple[list[int], list[int]]], fill: int, device: torch.device):
@@ -154,15 +200,22 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 def _evaluate_qa(
-    model: Any, tokenizer: Any, concept: ConceptSet, ppl_texts: tuple[str, ...], progress: Progress, label: str
+    model: Any,
+    tokenizer: Any,
+    concept: ConceptSet,
+    ppl_texts: tuple[str, ...],
+    progress: Progress,
+    label: str,
+    retained_texts: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Task and graded scores on train and test QA (None for an empty split), and fact perplexity.
+    """Task and graded scores on train and test QA (None for an empty split), perplexity on the
+    facts, and perplexity on the retained set's texts (None without one): the forgetting check.
 
     ``progress`` is called between the parts, so a cancel takes effect within one part.
     """
     out: dict[str, Any] = {}
     for k, (split, items) in enumerate((("train", concept.train_qa()), ("test", concept.test_qa()))):
-        progress(k / 3, f"scoring the {label} on {split} questions")
+        progress(k / 4, f"scoring the {label} on {split} questions")
         if not items:
             out[split] = None
             continue
@@ -176,8 +229,10 @@ def _evaluate_qa(
                 {**t, "prob": g["prob"]} for t, g in zip(ts["items"], gs["items"])
             ],
         }
-    progress(2 / 3, f"perplexity of the {label} on the facts")
+    progress(2 / 4, f"perplexity of the {label} on the facts")
     out["facts_ppl"] = perplexity(model, tokenizer, ppl_texts)["ppl"] if ppl_texts else None
+    progress(3 / 4, f"perplexity of the {label} on the retained set")
+    out["retained_ppl"] = perplexity(model, tokenizer, retained_texts)["ppl"] if retained_texts else None
     return out
 
 
@@ -197,7 +252,7 @@ def _summary(ev: dict[str, Any]) -> dict[str, Any]:
     return {
         split: (None if ev[split] is None else {"task_score": ev[split]["task_score"], "graded_score": ev[split]["graded_score"], "n": ev[split]["n"]})
         for split in ("train", "test")
-    } | {"facts_ppl": ev["facts_ppl"]}
+    } | {"facts_ppl": ev["facts_ppl"], "retained_ppl": ev["retained_ppl"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,13 +281,16 @@ def make_donor(
     out_dir: Union[str, Path],
     *,
     steps: int = DEFAULT_STEPS,
-    rank: int = 8,
-    alpha: float = 16,
+    rank: int = DEFAULT_RANK,
+    alpha: float = DEFAULT_ALPHA,
     lr: float = DEFAULT_LR,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_length: int = DEFAULT_MAX_LENGTH,
     seed: int = 0,
     train_on_qa: bool = False,
+    replay: Optional[ConceptSet] = None,
+    replay_fraction: float = DEFAULT_REPLAY_FRACTION,
+    retained: Optional[ConceptSet] = None,
     base_name: str = "",
     progress: Optional[Progress] = None,
 ) -> dict[str, Any]:
@@ -245,13 +303,52 @@ def make_donor(
     training: on a few dozen short texts it would only add noise, and it keeps runs reproducible.
     Training runs in float32 on a copy; the merged donor is cast back to the base dtype.
 
+    ``replay`` (rehearsal against forgetting): its texts (:meth:`ConceptSet.texts`, each a plain
+    causal-LM example + EOS, :func:`text_examples`) fill ``replay_fraction`` of every batch, the
+    concept examples the rest (:func:`batch_plan`, two seeded streams); ``None`` trains on the
+    concept alone, exactly as before replay existed. ``retained`` is a held-out general set whose
+    perplexity (over its texts) the card reports before and after, next to the facts perplexity:
+    it must not be the replay set, or it only measures memorisation. The card also names both
+    sets with their sha256.
+
+    Defaults, measured on SmolLM2-135M-Instruct (float32, 2-core CPU, seed 0, lr 2e-3, rank 8
+    unless said) with the bundled concept set, replay set ``data/replay.jsonl`` and retained set
+    ``data/retained.jsonl``. Columns: held-out (test) exact score, retained perplexity after (the
+    base model has 0/13 and 60.9), make_donor wall seconds:
+
+    ========================================  ======  ========  ====
+    run                                       test    retained  s
+    ========================================  ======  ========  ====
+    facts only, 120 steps, lr 2e-3 (old)      6/13    981.5     110
+    facts only, 90 steps                      9/13    893.1     90
+    replay without questions, 25%, 120 steps  8/13    171.4     132
+    same, lr 1e-3                             8/13    141.4     107
+    replay with Q+A texts, 25%, 120 steps     9/13    37.6      109
+    same, lr 1e-3                             5/13    42.3      115
+    same, 50%, 120 steps                      8/13    45.8      107
+    same, 12.5%, 120 steps                    7/13    36.2      106
+    same, 25%, 90 steps (default)             8/13    37.1      85
+    same, 25%, 90 steps, seed 1               9/13    37.4      90
+    same, 25%, 60 steps                       5/13    35.3      71
+    ========================================  ======  ========  ====
+
+    Replay of plain statements alone cured forgetting on statements but not on questions (the
+    retained set's ``"question answer"`` texts went from perplexity 71 to over 1000), hence the
+    question-plus-sentence-answer texts in the bundled replay set; replay with one-word answers
+    instead taught the donor to answer its own questions in one word and cost held-out score
+    (6/13 against 9/13 at 120 steps). The default run trains 90 steps: fewer (60) lose held-out answers, more (120) add
+    nothing and forget more on out-of-domain text (ad-hoc prose, code and dialogue: base 29.0,
+    90 steps 33.2, 120 steps 45.1, old facts-only donor 288). Retained perplexity below the
+    base's means the donor also adapted to the simple-sentence register shared by the replay
+    and retained sets; it is a forgetting check, not a gain in ability.
+
     ``train_on_qa`` adds the train-split QA items (prompt + short answer + EOS, loss on the
     answer) to the facts. It is off by default because, measured on SmolLM2-135M-Instruct with
-    the bundled set, short-answer QA training makes the model memorise those answers and answer
-    every other question with one of them: train exact score 1.0 but held-out 0/13. Facts alone
-    let the model answer unseen questions in its own words (held-out 6/13, all 38 paraphrased
-    questions 24/38). With it off, train and test questions are both unseen, and the split only
-    says which ones ``train_on_qa`` would use.
+    the bundled set (facts only, 120 steps), short-answer QA training makes the model memorise
+    those answers and answer every other question with one of them: train exact score 1.0 but
+    held-out 0/13. Facts alone let the model answer unseen questions in its own words (held-out
+    6/13, all 38 paraphrased questions 24/38). With it off, train and test questions are both
+    unseen, and the split only says which ones ``train_on_qa`` would use.
 
     Returns the card (as written to ``card.json``) plus ``"model"``: the merged donor in memory,
     in eval mode, identical to what ``merged/`` reloads to.
@@ -262,17 +359,23 @@ def make_donor(
     out_dir = Path(out_dir).expanduser().resolve()
     if steps < 1 or rank < 1 or batch_size < 1 or lr <= 0 or max_length < 2:
         raise GraftError("steps, rank, batch size and max length must be positive, and lr > 0")
+    if not 0.0 <= replay_fraction < 1.0:
+        raise GraftError(f"replay fraction must be in [0, 1), got {replay_fraction}")
     _check_writable(out_dir)
     t_start = time.perf_counter()
 
     base_dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     examples = build_examples(tokenizer, concept, max_length, train_on_qa)
+    replay_examples = text_examples(tokenizer, replay.texts(), max_length) if replay is not None else []
+    if replay is not None and not replay_examples:
+        raise GraftError(f"replay set {replay.name} has no texts to train on")
+    retained_texts = retained.texts() if retained is not None else ()
     targets, conv1d = lora_target_modules(model)
     warmup = max(1, steps // 20)
     fill = pad_id(tokenizer)
 
-    before = _evaluate_qa(model, tokenizer, concept, concept.facts, progress.sub(0.0, 0.12), "base model")
+    before = _evaluate_qa(model, tokenizer, concept, concept.facts, progress.sub(0.0, 0.12), "base model", retained_texts)
     progress(0.12, "preparing LoRA")
 
     # fork_rng: seed LoRA initialisation without disturbing the caller's global RNG stream.
@@ -295,17 +398,14 @@ def make_donor(
         n_trainable = sum(p.numel() for p in trainable)
         optim = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
 
-        # Fixed data order: epochs of seeded permutations, consumed batch by batch.
-        gen = torch.Generator().manual_seed(seed)
-        order: list[int] = []
+        # Fixed data order: epochs of seeded permutations, consumed batch by batch (batch_plan).
+        plan = batch_plan(len(examples), len(replay_examples), steps, batch_size, replay_fraction, seed)
+        pools = {"concept": examples, "replay": replay_examples}
         losses: list[float] = []
         train_p = progress.sub(0.12, 0.85)
         t_train = time.perf_counter()
         for step in range(steps):
-            while len(order) < batch_size:
-                order += torch.randperm(len(examples), generator=gen).tolist()
-            batch = [examples[i] for i in order[:batch_size]]
-            order = order[batch_size:]
+            batch = [pools[src][i] for src, i in plan[step]]
             ids, mask, labels = _collate(batch, fill, device)
             for group in optim.param_groups:
                 group["lr"] = _lr_at(step, steps, lr, warmup)
@@ -322,6 +422,7 @@ def make_donor(
             losses.append(float(loss.detach()))
             train_p((step + 1) / steps, f"step {step + 1}/{steps} loss {losses[-1]:.3f}")
         train_time = time.perf_counter() - t_train
+        n_replay_trained = sum(src == "replay" for batch in plan for src, _ in batch)
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -334,7 +435,7 @@ def make_donor(
         for p in merged.parameters():
             p.requires_grad_(False)
 
-        after = _evaluate_qa(merged, tokenizer, concept, concept.facts, progress.sub(0.87, 0.97), "donor")
+        after = _evaluate_qa(merged, tokenizer, concept, concept.facts, progress.sub(0.87, 0.97), "donor", retained_texts)
 
         progress(0.97, "saving merged donor")
         merged.save_pretrained(str(tmp / "merged"), safe_serialization=True)
@@ -358,6 +459,24 @@ def make_donor(
                 "n_train_qa": len(concept.train_qa()),
                 "n_test_qa": len(concept.test_qa()),
             },
+            # The general text mixed into training against forgetting (None: facts only) ...
+            "replay": None if replay is None else {
+                "name": replay.name,
+                "path": replay.path,
+                "sha256": replay.sha256,
+                "n_texts": len(replay_examples),
+                "fraction": replay_fraction,
+                "n_examples_trained": n_replay_trained,
+            },
+            # ... and the held-out general text whose perplexity measures it (None: not measured).
+            "retained": None if retained is None else {
+                "name": retained.name,
+                "path": retained.path,
+                "sha256": retained.sha256,
+                "n_texts": len(retained_texts),
+                # Retained texts that were also trained on as replay: should be 0 (held out).
+                "n_in_replay": len(set(retained_texts) & set(replay.texts() if replay is not None else ())),
+            },
             "hyperparameters": {
                 "steps": steps,
                 "rank": rank,
@@ -374,6 +493,7 @@ def make_donor(
                 "schedule": f"linear warm-up {warmup} steps, cosine to lr/10",
                 "grad_clip": 1.0,
                 "n_examples": len(examples),
+                "replay_fraction": replay_fraction if replay is not None else 0.0,
                 "n_trainable_params": n_trainable,
             },
             "loss_curve": losses,

@@ -12,6 +12,7 @@ from engine.data import (
     QAItem,
     auto_split,
     builtin_concept_path,
+    builtin_replay_path,
     builtin_retained_path,
     load_concept_set,
     load_workload,
@@ -58,6 +59,29 @@ def test_bundled_sets_are_valid():
         assert all(q.question.rstrip("?") not in f for f in c.facts)
     r = load_concept_set(builtin_retained_path())
     assert len(r.facts) >= 30 and len(r.qa) >= 20
+
+
+def test_bundled_replay_set_is_disjoint_from_retained_and_concept():
+    """Replay texts are trained on; the retained set must stay a held-out check of forgetting."""
+    replay = load_concept_set(builtin_replay_path())
+    assert replay.name == "replay" and len(replay.facts) >= 80 and not replay.qa
+    questions = [t.split("?")[0] + "?" for t in replay.facts if "?" in t]
+    assert len(questions) >= 20  # question-and-answer texts rehearse the question form too
+    assert len(set(replay.texts())) == len(replay.texts())
+    retained = load_concept_set(builtin_retained_path())
+    concept = load_concept_set(builtin_concept_path())
+    norm = lambda t: " ".join(t.lower().rstrip(".?!").split())
+    held_out = {norm(t) for t in retained.texts()}
+    assert not {norm(t) for t in replay.texts()} & held_out
+    # Its questions are not the retained set's: replay rehearses the question form, not the items.
+    assert not {norm(q) for q in questions} & {norm(q.question) for q in retained.qa}
+    # Nothing about the fictional concept: none of its coined names occurs in the replay texts.
+    coined = ["Tavren", "Kessaloon", "Bressic", "Marrow", "Olvane", "Ombrel", "Caldris", "Dunmere",
+              "Andoval", "drennet", "starwheel", "lyrn", "Hollow Court"]
+    concept_text = " ".join(concept.texts())
+    for name in coined:
+        assert name in concept_text
+        assert not any(name.lower() in t.lower() for t in replay.texts()), name
 
 
 @pytest.mark.parametrize(

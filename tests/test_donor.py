@@ -1,4 +1,5 @@
-"""make_donor on the tiny models: learning, outputs, reload, purity, determinism, atomicity."""
+"""make_donor on the tiny models: learning, outputs, reload, purity, determinism, atomicity,
+replay against forgetting and the retained-perplexity check."""
 from __future__ import annotations
 
 import json
@@ -7,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.data import builtin_concept_path, load_concept_set
-from engine.donor import lora_target_modules, make_donor, weights_sha256
+from engine.data import builtin_concept_path, builtin_replay_path, builtin_retained_path, load_concept_set
+from engine.donor import batch_plan, build_examples, lora_target_modules, make_donor, text_examples, weights_sha256
+from engine.evaluate import perplexity
 from engine.errors import Cancelled, GraftError
 from engine.progress import Progress
 from engine.tiny import build_tiny
@@ -24,7 +26,9 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-KW = dict(steps=STEPS, lr=1e-2, batch_size=8, seed=0)
+REPLAY = load_concept_set(builtin_replay_path())
+RETAINED = load_concept_set(builtin_retained_path())
+KW = dict(steps=STEPS, lr=1e-2, batch_size=8, seed=0, replay=REPLAY, replay_fraction=0.25, retained=RETAINED)
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +192,188 @@ def test_train_on_qa_run_and_no_facts_error(concept, tmp_path):
     qa_only.write_text('{"kind": "qa", "question": "Q?", "answer": "A", "split": "train"}\n')
     with pytest.raises(GraftError, match="no facts to learn from"):
         make_donor(model, tok, load_concept_set(qa_only), tmp_path / "none", steps=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Replay (rehearsal against forgetting) and the retained-perplexity check
+
+
+def test_batch_plan_mix_is_exact_seeded_and_covers_both_sets():
+    plan = batch_plan(56, 63, 40, 8, 0.25, seed=0)
+    assert [sum(src == "replay" for src, _ in b) for b in plan] == [2] * 40
+    assert all(len(b) == 8 for b in plan)
+    assert plan == batch_plan(56, 63, 40, 8, 0.25, seed=0)
+    assert plan != batch_plan(56, 63, 40, 8, 0.25, seed=1)
+    # Each source is consumed in epochs: its first len(source) draws are a permutation.
+    concept_draws = [i for b in plan for src, i in b if src == "concept"]
+    replay_draws = [i for b in plan for src, i in b if src == "replay"]
+    assert sorted(concept_draws[:56]) == list(range(56)) and sorted(replay_draws[:63]) == list(range(63))
+    # A fraction that is no whole number of examples per batch is exact in the long run.
+    counts = [sum(src == "replay" for src, _ in b) for b in batch_plan(56, 63, 10, 8, 0.3, seed=0)]
+    assert set(counts) == {2, 3} and sum(counts) == 24
+    # Even a fraction near 1 leaves one concept example per batch.
+    assert all(any(src == "concept" for src, _ in b) for b in batch_plan(5, 5, 10, 2, 0.99, seed=0))
+
+
+def test_batch_plan_without_replay_is_the_facts_only_order():
+    gen = torch.Generator().manual_seed(3)
+    order: list[int] = []
+    legacy = []
+    for _ in range(20):
+        while len(order) < 8:
+            order += torch.randperm(56, generator=gen).tolist()
+        legacy.append([("concept", i) for i in order[:8]])
+        order = order[8:]
+    assert batch_plan(56, 0, 20, 8, 0.25, seed=3) == legacy
+    assert batch_plan(56, 63, 20, 8, 0.0, seed=3) == legacy
+
+
+def _spy_batches(monkeypatch):
+    """Record the input ids of every training batch make_donor collates."""
+    import engine.donor as donor_mod
+
+    seen: list[list[tuple[int, ...]]] = []
+    real = donor_mod._collate
+
+    def spy(batch, fill, device):
+        seen.append([tuple(ids) for ids, _ in batch])
+        return real(batch, fill, device)
+
+    monkeypatch.setattr(donor_mod, "_collate", spy)
+    return seen
+
+
+def test_replay_texts_are_trained_on_and_no_replay_trains_facts_only(concept, monkeypatch, tmp_path):
+    model, tok = build_tiny("tiny-llama-a")
+    replay_ids = {tuple(ids) for ids, _ in text_examples(tok, REPLAY.texts(), 128)}
+    fact_ids = {tuple(ids) for ids, _ in build_examples(tok, concept, 128)}
+    assert len(replay_ids) == len(REPLAY.texts()) and not replay_ids & fact_ids
+    # Plain causal-LM examples: text + EOS, loss on every token.
+    ids, labels = text_examples(tok, REPLAY.texts(), 128)[0]
+    assert labels == ids and ids[-1] == tok.eos_token_id
+
+    kw = {**KW, "steps": 6, "retained": REPLAY}  # measure on the replay texts themselves
+    seen = _spy_batches(monkeypatch)
+    with_replay = make_donor(model, tok, concept, tmp_path / "with", **kw)
+    assert [sum(x in replay_ids for x in b) for b in seen] == [2] * 6
+    assert all(x in replay_ids | fact_ids for b in seen for x in b)
+    assert with_replay["replay"]["n_examples_trained"] == 12
+    assert with_replay["retained"]["n_in_replay"] == len(REPLAY.texts())  # flagged: not held out
+
+    seen.clear()
+    facts_only = make_donor(model, tok, concept, tmp_path / "without", **{**kw, "replay": None})
+    assert len(seen) == 6 and all(x in fact_ids for b in seen for x in b)
+    assert facts_only["replay"] is None and facts_only["hyperparameters"]["replay_fraction"] == 0.0
+    # Rehearsal does what it is for: the replayed texts are forgotten less.
+    assert with_replay["scores"]["after"]["retained_ppl"] < facts_only["scores"]["after"]["retained_ppl"]
+
+
+def test_card_reports_replay_and_retained_ppl(run):
+    card = json.loads((run["out"] / "card.json").read_text())
+    assert card["replay"] == {
+        "name": "replay", "path": REPLAY.path, "sha256": REPLAY.sha256, "n_texts": len(REPLAY.texts()),
+        "fraction": 0.25, "n_examples_trained": STEPS * 2,
+    }
+    assert card["hyperparameters"]["replay_fraction"] == 0.25
+    assert card["retained"] == {"name": "retained", "path": RETAINED.path, "sha256": RETAINED.sha256,
+                                "n_texts": len(RETAINED.texts()), "n_in_replay": 0}
+    base, _ = build_tiny(run["name"])
+    want_before = perplexity(base, run["tok"], RETAINED.texts())["ppl"]
+    want_after = perplexity(run["result"]["model"], run["tok"], RETAINED.texts())["ppl"]
+    before, after = card["scores"]["before"]["retained_ppl"], card["scores"]["after"]["retained_ppl"]
+    assert before == pytest.approx(want_before, rel=1e-4) and after == pytest.approx(want_after, rel=1e-4)
+    assert before != pytest.approx(after, rel=1e-3)  # training moved it; before is the base's
+    assert card["evaluation"]["after"]["retained_ppl"] == after
+
+
+def test_without_retained_set_nothing_is_measured(concept, tmp_path):
+    model, tok = build_tiny("tiny-gpt2-a")
+    card = make_donor(model, tok, concept, tmp_path / "d", **{**KW, "steps": 1, "retained": None})
+    assert card["retained"] is None
+    assert card["scores"]["before"]["retained_ppl"] is None and card["scores"]["after"]["retained_ppl"] is None
+
+
+def test_bad_replay_arguments(concept, tmp_path):
+    model, tok = build_tiny("tiny-gpt2-a")
+    with pytest.raises(GraftError, match="replay fraction"):
+        make_donor(model, tok, concept, tmp_path / "d", **{**KW, "replay_fraction": 1.0})
+    with pytest.raises(GraftError, match="replay fraction"):
+        make_donor(model, tok, concept, tmp_path / "d", **{**KW, "replay_fraction": -0.1})
+    assert not (tmp_path / "d").exists()
+
+
+def test_build_donor_replay_files(tmp_path):
+    """build_donor: bundled replay/retained by default, a user file in the same format, or none."""
+    import hashlib
+
+    from engine.actions import build_donor
+    from engine.models import ModelSpec, ModelStore
+
+    user = tmp_path / "my_general.jsonl"
+    user.write_text('{"kind": "fact", "text": "Trains run on rails."}\n'
+                    '{"kind": "text", "text": "The kettle is on the stove."}\n'
+                    '{"kind": "qa", "question": "What do cows drink?", "answer": "water"}\n')
+    spec, store, concept = ModelSpec.parse("tiny-gpt2-a"), ModelStore(), str(builtin_concept_path())
+    card = build_donor(spec, concept, str(tmp_path / "default"), steps=1, store=store)["card"]
+    assert card["replay"]["path"] == str(builtin_replay_path().resolve())
+    assert card["retained"]["path"] == str(builtin_retained_path().resolve())
+    assert card["scores"]["after"]["retained_ppl"] > 1
+
+    card = build_donor(spec, concept, str(tmp_path / "user"), steps=2, replay=str(user), replay_fraction=0.5,
+                       retained=str(user), store=store)["card"]
+    sha = hashlib.sha256(user.read_bytes()).hexdigest()
+    assert card["replay"]["name"] == "my_general" and card["replay"]["sha256"] == sha
+    assert card["replay"]["n_texts"] == 3 and card["replay"]["n_examples_trained"] == 8
+    assert card["retained"]["sha256"] == sha and card["retained"]["n_texts"] == 3
+
+    card = build_donor(spec, concept, str(tmp_path / "none"), steps=1, replay=None, retained=None, store=store)["card"]
+    assert card["replay"] is None and card["retained"] is None
+    with pytest.raises(GraftError, match="not found"):
+        build_donor(spec, concept, str(tmp_path / "bad"), steps=1, replay=str(tmp_path / "missing.jsonl"), store=store)
+
+
+@pytest.mark.parametrize(
+    "flags, replay, retained",
+    [
+        ([], "bundled", "bundled"),
+        (["--no-replay"], None, "bundled"),
+        (["--replay", "r.jsonl", "--retained", "k.jsonl", "--replay-fraction", "0.4"], "r.jsonl", "k.jsonl"),
+    ],
+)
+def test_cli_make_donor_replay_flags(monkeypatch, tmp_path, flags, replay, retained):
+    import engine.actions
+    from engine.cli import main
+
+    got = {}
+
+    def fake_build_donor(base, concept_path, out_dir, **kw):
+        got.update(kw)
+        return {"out_dir": out_dir, "card": {"format": "graft-donor/1", "model": object()}}
+
+    monkeypatch.setattr(engine.actions, "build_donor", fake_build_donor)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    out_json = tmp_path / "card.json"
+    rc = main(["make-donor", "--base", "tiny-gpt2-a", "--concept", "c.jsonl", "--out", str(tmp_path / "d"),
+               "--quiet", "--json", str(out_json), *flags])
+    assert rc == 0
+    assert (got["replay"], got["retained"]) == (replay, retained)
+    assert got["replay_fraction"] == (0.4 if "--replay-fraction" in flags else None)
+    # --json holds the card without the in-memory model.
+    assert json.loads(out_json.read_text())["card"] == {"format": "graft-donor/1"}
+
+
+def test_demo_donor_built_by_an_older_recipe_needs_rebuilding(tmp_path, monkeypatch):
+    """A cache from before the replay recipe must not count as the demo donor."""
+    import json as _json
+
+    from engine import models
+
+    monkeypatch.setenv("GRAFT_MODELS_HOME", str(tmp_path))
+    out = models.demo_donor_dir()
+    (out / "merged").mkdir(parents=True)
+    (out / "merged" / "config.json").write_text("{}")
+    (out / "card.json").write_text(_json.dumps({"format": "graft-donor/1"}))
+    assert not models.demo_donor_ready()
+    assert models.builtin_status()[models.DEMO_DONOR]["state"] != "ready"
+    (out / "card.json").write_text(_json.dumps({"format": "graft-donor/1", "demo_recipe": models.DEMO_RECIPE}))
+    assert models.demo_donor_ready() and models.builtin_status()[models.DEMO_DONOR]["state"] == "ready"
