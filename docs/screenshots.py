@@ -1,4 +1,4 @@
-"""Full-page screenshots of the app for the docs: docs/{models,alignment,transplant,compare,runs}.png.
+"""Full-page screenshots of the app for the docs: docs/{home,models,alignment,transplant,compare,runs}.png.
 
 Starts ``streamlit run app.py`` on a free port, drives it with Playwright in Debian chromium,
 runs T1 on Models, T2/T3/T4 on Alignment, T7/T11/T8 on Transplant, opens the swap on Compare,
@@ -122,6 +122,10 @@ def main() -> None:
     ap.add_argument("--home", help="GRAFT_HOME for the server (default: your real Graft cache)")
     ap.add_argument("--out", default=str(ROOT / "docs"), help="folder for the PNGs")
     ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for each tool run")
+    ap.add_argument("--only-home", action="store_true", help="only the Start here page (home.png)")
+    ap.add_argument("--swap-k", type=int, default=0,
+                    help="K for the T11 swap (default: 128 for the demo pair, where the K sweep shows knowledge moving; "
+                         "else the tool's default)")
     args = ap.parse_args()
 
     env = dict(os.environ)
@@ -141,6 +145,12 @@ def main() -> None:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": WIDTH, "height": 1000}, device_scale_factor=1)
+            page.goto(f"{url}/?{query}", timeout=120_000)
+            page.get_by_role("heading", name="Graft", exact=True, level=1).wait_for(timeout=120_000)
+            page.get_by_test_id("stMetric").first.wait_for(timeout=120_000)
+            full_page_png(page, out / "home.png")
+            if args.only_home:
+                return
             page.goto(f"{url}/models?{query}", timeout=120_000)
             page.get_by_role("heading", name="Models", exact=True, level=1).wait_for(timeout=120_000)
             run_and_wait(page, "Run T1", 1, args.timeout)
@@ -152,7 +162,14 @@ def main() -> None:
             full_page_png(page, out / "alignment.png")
 
             goto_page(page, "Transplant")
+            swap_k = args.swap_k or (128 if (donor, target) == default_pair() and "+concept" in donor else 0)
             for n, code in enumerate(("T7", "T11", "T8"), start=1):
+                if code == "T11" and swap_k:
+                    page.get_by_text("Parameters", exact=True).nth(1).click()  # T11's parameters
+                    k_input = page.get_by_label("K", exact=True)
+                    k_input.fill(str(swap_k))
+                    k_input.press("Enter")
+                    page.wait_for_timeout(1000)
                 run_and_wait(page, f"Run {code}", n, args.timeout)
             full_page_png(page, out / "transplant.png")
 

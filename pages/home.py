@@ -16,7 +16,7 @@ def cell(text: str) -> str:
 
 st.title("Graft")
 st.markdown("Model surgery workbench: measure how two language models line up, layer by layer, "
-            "before moving knowledge from a **donor** into a **target**.")
+            "move knowledge from a **donor** into a **target**, and compare the target before and after.")
 
 sel = selection()
 preselected = {
@@ -33,12 +33,17 @@ with st.container(border=True):
         "operations fit, and why.\n"
         "3. **Run Alignment**: the layer similarity map (T2), per-layer Procrustes residuals (T3) and "
         "bridge sufficiency (T4) show where the two models agree.\n"
-        "4. **Revisit results in Runs**: every run is kept, with its parameters and a JSON download."
+        "4. **Transplant** (same family): rank modules (T7), swap the top K into a copy of the target "
+        "(T11) or sweep K (T8); roll back or save T′ in one click.\n"
+        "5. **Compare** T, T′ and D: perplexities, task score, TIR, Recovery and the answers side by side.\n"
+        "6. **Revisit results in Runs**: every run is kept, with its parameters and a JSON download."
     )
-    cols = st.columns(3)
+    cols = st.columns(5)
     cols[0].page_link("pages/models.py", label="Models", icon=":material/memory:")
     cols[1].page_link("pages/alignment.py", label="Alignment", icon=":material/grid_on:")
-    cols[2].page_link("pages/runs.py", label="Runs", icon=":material/history:")
+    cols[2].page_link("pages/transplant.py", label="Transplant", icon=":material/biotech:")
+    cols[3].page_link("pages/compare.py", label="Compare", icon=":material/compare:")
+    cols[4].page_link("pages/runs.py", label="Runs", icon=":material/history:")
 
 st.markdown("#### Current pair")
 left, right = st.columns(2)

@@ -65,7 +65,7 @@ def compare_figure(envelope: dict, kind: str = "graded") -> go.Figure:
                    filename=c.download_filename(envelope, "T11", f"compare-{kind}"), barmode="group",
                    legend=dict(orientation="h", yanchor="top", y=-0.14, xanchor="left", x=0),
                    margin=dict(l=70, r=30, t=120, b=110))
-    fig.update_yaxes(type="log", title_text="perplexity", row=1, col=1)
+    fig.update_yaxes(type="log", dtick=1, title_text="perplexity", row=1, col=1)  # decades only
     fig.update_yaxes(range=[0, 1.12], title_text="score", row=1, col=2)
     fig.update_yaxes(range=[0, 1.12], title_text="agreement", row=1, col=3)
     notes = [n for n in (tr.get("tir_note"), tr.get("recovery_note")) if n]
