@@ -30,6 +30,8 @@ class LiveTransplant:
     swap: ModuleSwap
     card: dict[str, Any]  # surgery card of the run (operation, models, parameters, results, hashes)
     events: list[dict[str, Any]] = field(default_factory=list)
+    # One operation at a time: a save (background job) must never see a half-done rollback.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def applied(self) -> bool:
@@ -49,7 +51,8 @@ class LiveTransplants:
             self._items[live.id] = live
             while len(self._items) > self.capacity:
                 _, old = self._items.popitem(last=False)
-                old.swap.rollback()
+                with old.lock:
+                    old.swap.rollback()
         return live.id
 
     def get(self, live_id: Optional[str]) -> Optional[LiveTransplant]:
@@ -61,15 +64,20 @@ class LiveTransplants:
     def rollback(self, live_id: str) -> dict[str, Any]:
         """Restore the target's values; reports the restored tensors and the bit-exact check."""
         live = self._need(live_id)
-        n = live.swap.rollback()
-        h = live.swap.weight_hash()
-        out = {"restored_tensors": n, "weight_hash": h, "bit_exact": bool(h == live.swap.hash_before() and live.swap.verify_rollback()),
-               "applied": False}
+        with live.lock:
+            n = live.swap.rollback()
+            h = live.swap.weight_hash()
+            exact = bool(h == live.swap.hash_before() and live.swap.verify_rollback())
+        out = {"restored_tensors": n, "weight_hash": h, "bit_exact": exact, "applied": False}
         live.events.append({"event": "rollback", **out})
         return out
 
     def reapply(self, live_id: str) -> dict[str, Any]:
         live = self._need(live_id)
+        with live.lock:
+            return self._reapply_locked(live)
+
+    def _reapply_locked(self, live: LiveTransplant) -> dict[str, Any]:
         live.swap.apply()
         h = live.swap.weight_hash()
         expected = (live.card.get("hashes") or {}).get("transplanted")
@@ -80,15 +88,17 @@ class LiveTransplants:
     def save(self, live_id: str, out_dir: Union[str, Path]) -> Path:
         """Save T' (applied) as a Hugging Face folder with surgery.json; re-applies if rolled back."""
         live = self._need(live_id)
-        if not live.applied:
-            self.reapply(live_id)
-        return save_transplant(live.swap.working, live.swap.target.tokenizer, out_dir, live.card)
+        with live.lock:
+            if not live.applied:
+                self._reapply_locked(live)
+            return save_transplant(live.swap.working, live.swap.target.tokenizer, out_dir, live.card)
 
     def drop(self, live_id: str) -> None:
         with self._lock:
             live = self._items.pop(live_id, None)
         if live is not None:
-            live.swap.rollback()
+            with live.lock:
+                live.swap.rollback()
 
     def _need(self, live_id: str) -> LiveTransplant:
         live = self.get(live_id)
