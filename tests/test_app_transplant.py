@@ -80,3 +80,12 @@ def test_swap_then_compare_rollback_and_save(home, tmp_path):
     tools = list(at.dataframe[0].value["tool"])
     assert {"Save transplant as model", "Roll back transplant"} <= set(tools), tools
     assert any("Module swap" in t for t in tools)
+
+
+def test_cross_family_swap_is_a_one_line_error(home):
+    at = open_app("pages/transplant.py", donor="tiny-llama-a", target="tiny-gpt2-b")
+    at.button(key="run-swap").click().run()
+    run_until(at, lambda a: bool(a.error), timeout=60)
+    assert not at.exception
+    msg = texts(at.error)
+    assert "\n" not in msg.strip() and "Traceback" not in msg
