@@ -23,7 +23,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 import uuid
@@ -39,7 +38,7 @@ from .data import ConceptSet
 from .errors import Cancelled, GraftError
 from .evaluate import answer_ids, encode_prompt, encode_text, graded_score, pad_id, perplexity, task_score
 from .progress import Progress, silent
-from .paths import replace_dir
+from .paths import check_writable_parent, replace_dir
 
 # Defaults chosen by experiment on SmolLM2-135M-Instruct with the bundled concept, replay and
 # retained sets on a 2-core CPU (the measurements are in make_donor's docstring): 90 steps of 8
@@ -261,14 +260,7 @@ def _summary(ev: dict[str, Any]) -> dict[str, Any]:
 
 def _check_writable(out_dir: Path) -> None:
     """Fail before training, not after it, when the output location cannot be written."""
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GraftError(f"cannot create {out_dir.parent}: {e.strerror or e}") from None
-    if not os.access(out_dir.parent, os.W_OK):
-        raise GraftError(f"output folder {out_dir.parent} is not writable")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise GraftError(f"output path {out_dir} exists and is not a folder")
+    check_writable_parent(out_dir)
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,3 +62,18 @@ def replace_dir(tmp: Path, out_dir: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable_parent(out_dir: Path) -> None:
+    """Fail early, with one line, when ``out_dir`` cannot be created or written: its parent is
+    created if missing and must be writable, and ``out_dir`` itself must not be a file."""
+    from .errors import GraftError
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GraftError(f"output path {out_dir} exists and is not a folder")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GraftError(f"cannot create {out_dir.parent}: {e.strerror or e}") from None
+    if not os.access(out_dir.parent, os.W_OK):
+        raise GraftError(f"output folder {out_dir.parent} is not writable")

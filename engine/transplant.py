@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from torch import nn
 from .arch import LinearModule
 from .errors import GraftError
 from .models import LoadedModel, state_dict_hash
-from .paths import replace_dir
+from .paths import check_writable_parent, replace_dir
 
 SURGERY_CARD = "surgery.json"
 SURGERY_FORMAT = "graft-surgery/1"
@@ -395,12 +394,7 @@ def _check_out_dir(out: Path) -> None:
         raise GraftError(f"output path {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / SURGERY_CARD).is_file():
         raise GraftError(f"refusing to write into {out}: the folder is not empty and is not a Graft transplant (no {SURGERY_CARD})")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GraftError(f"cannot create {out.parent}: {e.strerror or e}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise GraftError(f"output folder {out.parent} is not writable")
+    check_writable_parent(out)
 
 
 def save_transplant(working_model: nn.Module, tokenizer: Any, out_dir: Union[str, Path], card: dict[str, Any]) -> Path:

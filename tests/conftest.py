@@ -17,6 +17,18 @@ def _graft_home(tmp_path_factory, monkeypatch):
     yield home
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and with the suite running beside other
+    jobs on a 2-core machine OpenMP spin-waiting makes each small op 10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def workload(tmp_path) -> str:
     texts = [

@@ -18,14 +18,7 @@ from engine.tiny import build_tiny
 STEPS = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and with the suite running beside other
-    jobs on a 2-core machine OpenMP spin-waiting makes each small op 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPLAY = load_concept_set(builtin_replay_path())
 RETAINED = load_concept_set(builtin_retained_path())
 KW = dict(steps=STEPS, lr=1e-2, batch_size=8, seed=0, replay=REPLAY, replay_fraction=0.25, retained=RETAINED)

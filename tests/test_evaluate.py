@@ -43,14 +43,7 @@ ITEMS = [
 MODELS = ["tiny-gpt2-a", "tiny-llama-a"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and with the suite running beside other
-    jobs on a 2-core machine OpenMP spin-waiting makes each small op 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=MODELS)
