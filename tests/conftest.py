@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -46,3 +47,23 @@ def workload(tmp_path) -> str:
     p = tmp_path / "workload.txt"
     p.write_text("\n".join(texts) + "\n")
     return str(p)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """Paths of a small concept set (2 facts, 2 test and 1 train question) and retained set, so
+    every evaluation takes milliseconds."""
+    d = tmp_path_factory.mktemp("sets")
+    concept = d / "concept.jsonl"
+    concept.write_text("\n".join(json.dumps(x) for x in [
+        {"kind": "fact", "text": "The river flows north through the valley and into the cold sea."},
+        {"kind": "fact", "text": "The orchestra played a symphony in four movements last night."},
+        {"kind": "qa", "question": "Where does the river flow?", "answer": "north", "split": "test"},
+        {"kind": "qa", "question": "How many movements did the symphony have?", "answer": "four", "split": "test"},
+        {"kind": "qa", "question": "What is the capital of France?", "answer": "Paris", "split": "train"},
+    ]) + "\n")
+    retained = d / "retained.jsonl"
+    retained.write_text("\n".join(json.dumps({"kind": "text", "text": t}) for t in [
+        "Cats and dogs are common pets; parrots can learn to speak words.",
+        "Light travels faster than sound, which is why we see lightning first."]) + "\n")
+    return {"concept": str(concept), "retained": str(retained)}

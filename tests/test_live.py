@@ -15,7 +15,7 @@ from engine.errors import GraftError
 from engine.evaluate import word_diff
 from engine.live import LiveTransplants, rebuild
 from engine.models import ModelStore
-from tests.test_modules_tools import PLANTED, planted_pair, sets  # noqa: F401 - fixture
+from tests.test_modules_tools import PLANTED, planted_pair
 
 
 class _Store(ModelStore):
@@ -39,7 +39,7 @@ def _ids(m):
     return torch.tensor([m.tokenizer("The river flows north through the valley.")["input_ids"]])
 
 
-def test_swap_run_keeps_t_prime_applied_and_rolls_back_bit_exactly(pair, sets, tmp_path):  # noqa: F811
+def test_swap_run_keeps_t_prime_applied_and_rolls_back_bit_exactly(pair, sets, tmp_path):
     donor, target, h = pair
     live = LiveTransplants()
     env = run_tool("swap", donor, target, {}, {"k": 3, "max_new_tokens": 4, **sets}, live=live)
@@ -67,7 +67,7 @@ def test_swap_run_keeps_t_prime_applied_and_rolls_back_bit_exactly(pair, sets, t
     json.dumps(env, allow_nan=False)
 
 
-def test_cli_path_keeps_nothing_and_reports_both_score_kinds(pair, sets):  # noqa: F811
+def test_cli_path_keeps_nothing_and_reports_both_score_kinds(pair, sets):
     donor, target, _ = pair
     r = run_tool("swap", donor, target, {}, {"k": 3, "max_new_tokens": 4, **sets})["result"]
     assert r["live_id"] is None
@@ -79,7 +79,7 @@ def test_cli_path_keeps_nothing_and_reports_both_score_kinds(pair, sets):  # noq
         assert row["changed"] == any(op != "equal" for op, _ in row["diff"])
 
 
-def test_rebuild_from_the_run_json_alone(pair, sets):  # noqa: F811
+def test_rebuild_from_the_run_json_alone(pair, sets):
     donor, target, h = pair
     env = run_tool("swap", donor, target, {}, {"k": 3, "max_new_tokens": 4, **sets})
     env = json.loads(json.dumps(env))  # as read back from the run history
@@ -96,7 +96,7 @@ def test_rebuild_from_the_run_json_alone(pair, sets):  # noqa: F811
     assert target.state_hash() == h
 
 
-def test_capacity_evicts_the_oldest_and_rolls_it_back(pair, sets):  # noqa: F811
+def test_capacity_evicts_the_oldest_and_rolls_it_back(pair, sets):
     donor, target, h = pair
     live = LiveTransplants(capacity=1)
     a = run_tool("swap", donor, target, {}, {"k": 1, "max_new_tokens": 4, **sets}, live=live)["result"]["live_id"]

@@ -33,25 +33,6 @@ def planted_pair(name: str, seed: int = 123):
     return donor, target
 
 
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory):
-    """A small concept set and retained set, so every evaluation takes milliseconds."""
-    d = tmp_path_factory.mktemp("sets")
-    concept = d / "concept.jsonl"
-    concept.write_text("\n".join(json.dumps(x) for x in [
-        {"kind": "fact", "text": "The river flows north through the valley and into the cold sea."},
-        {"kind": "fact", "text": "The orchestra played a symphony in four movements last night."},
-        {"kind": "qa", "question": "Where does the river flow?", "answer": "north", "split": "test"},
-        {"kind": "qa", "question": "How many movements did the symphony have?", "answer": "four", "split": "test"},
-        {"kind": "qa", "question": "What is the capital of France?", "answer": "Paris", "split": "train"},
-    ]) + "\n")
-    retained = d / "retained.jsonl"
-    retained.write_text("\n".join(json.dumps({"kind": "text", "text": t}) for t in [
-        "Cats and dogs are common pets; parrots can learn to speak words.",
-        "Light travels faster than sound, which is why we see lightning first."]) + "\n")
-    return {"concept": str(concept), "retained": str(retained)}
-
-
 @pytest.fixture(scope="module", params=["tiny-llama-a", "tiny-gpt2-a"])
 def planted(request, sets, workload_texts):
     donor, target = planted_pair(request.param)

@@ -220,20 +220,8 @@ def test_save_refuses_a_folder_with_foreign_files(models, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_sets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sets")
-    concept = d / "concept.jsonl"
-    concept.write_text("\n".join(json.dumps(x) for x in [
-        {"kind": "fact", "text": "The river flows north through the valley."},
-        {"kind": "fact", "text": "Water boils at one hundred degrees."},
-        {"kind": "qa", "question": "Where does the river flow?", "answer": "north", "split": "test"},
-        {"kind": "qa", "question": "When does water boil?", "answer": "one hundred degrees", "split": "test"},
-        {"kind": "qa", "question": "What is the capital of France?", "answer": "Paris", "split": "train"},
-    ]) + "\n")
-    retained = d / "retained.jsonl"
-    retained.write_text("\n".join(json.dumps({"kind": "text", "text": t}) for t in [
-        "Cats and dogs are common pets.", "Light travels faster than sound."]) + "\n")
-    return load_concept_set(concept), load_concept_set(retained)
+def small_sets(sets):
+    return load_concept_set(sets["concept"]), load_concept_set(sets["retained"])
 
 
 def test_evaluate_model_is_cached_by_weight_hash(models, small_sets):

@@ -290,9 +290,9 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
                                     donor_hash=ev_d["state_hash"], state_hash=hash_t)
         al_after = alignment_score(ctx.donor.model, ctx.donor.tokenizer, swap.working, ctx.target.tokenizer, test_q,
                                    donor_hash=ev_d["state_hash"], state_hash=hash_tp)
-    tm = _transfer(ev_t["task_score"], ev_tp["task_score"], ev_d["task_score"])
     transfer = {kind: _transfer(ev_t[f"task_score_{kind}"], ev_tp[f"task_score_{kind}"], ev_d[f"task_score_{kind}"])
                 for kind in SCORES}
+    tm = transfer[params.score]  # the run's own score kind (task_score is that kind's score)
     before, after, donor = _metrics(ev_t), _metrics(ev_tp), _metrics(ev_d)
 
     card = {
