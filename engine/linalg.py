@@ -135,11 +135,89 @@ class Standardiser:
         return (X - self.mean) / self.scale
 
 
+PROCRUSTES_RTOL = 1e-10
+"""Relative tolerance of the numerical rank of ``X^T Y`` in :func:`procrustes_fit`: singular
+values at or below ``PROCRUSTES_RTOL * s_max`` count as zero. In float64 the singular values that
+exact rank deficiency leaves behind (fewer centred fit rows than the width) sit at round-off,
+about 1e-15 * s_max; genuine directions this weak change no residual visibly either way."""
+
+COMPLETION_UNIQUE = "unique"
+COMPLETION_IDENTITY = "closest to identity"
+COMPLETION_SPAN = "within fit span"
+
+
+@dataclass
+class ProcrustesFit:
+    """An orthogonal Procrustes map with what decided it.
+
+    ``R``: (dx, dy). ``rank``: numerical rank of ``X^T Y`` (see :data:`PROCRUSTES_RTOL`).
+    ``completion``: ``"unique"`` when ``rank == min(dx, dy)`` (the minimiser is unique), else
+    ``"closest to identity"`` (equal widths) or ``"within fit span"`` (unequal widths).
+    """
+
+    R: torch.Tensor
+    rank: int
+    completion: str
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.R.shape)
+
+    @property
+    def underdetermined(self) -> bool:
+        """True when ``||X R - Y||_F`` has more than one orthogonal minimiser: the rank of
+        ``X^T Y`` is below ``min(dx, dy)`` (e.g. fewer centred fit rows than the width)."""
+        return self.rank < self.full_rank
+
+
+def procrustes_fit(X: torch.Tensor, Y: torch.Tensor, rtol: float = PROCRUSTES_RTOL) -> ProcrustesFit:
+    """R = argmin ||X R - Y||_F s.t. R has orthonormal rows or columns (R^T R = I when dx >= dy,
+    R R^T = I when dx <= dy), made unique when the minimiser is not.
+
+    With M = X^T Y = U S V^T (full SVD) and r its numerical rank (singular values above
+    ``rtol * s_max``), every minimiser is ``U_r V_r^T + (anything orthogonal between the null
+    spaces)``: ``U_r V_r^T`` is fixed by the data, the rest is not (the fit rows say nothing about
+    directions outside their span). When ``r == min(dx, dy)`` this is the usual unique ``U V^T``.
+    Otherwise:
+
+    * equal widths (``"closest to identity"``): ``R = U_r V_r^T + U_perp Q V_perp^T`` with ``Q``
+      the orthogonal polar factor of ``U_perp^T V_perp``, which maximises ``tr(U_perp Q V_perp^T)``,
+      i.e. the exact minimiser closest to the identity in Frobenius norm. It does not depend on
+      which bases the SVD picks for the null spaces (they enter only as ``U_perp U_perp^T`` and
+      ``V_perp V_perp^T``); a model against itself gives ``R = I`` at any number of rows. (When
+      ``U_perp^T V_perp`` is itself singular, the null spaces meet at a right angle and the
+      closest completion is not unique either: the one returned is still an exact minimiser
+      closest to the identity, deterministic for the given inputs.)
+    * unequal widths (``"within fit span"``): the partial isometry ``R = U_r V_r^T``, which maps
+      only within the span the fit rows determine; held-out directions off it map to 0 and count
+      as unexplained in the residual.
+
+    X: (n, dx), Y: (n, dy); computed in float64, returned in the inputs' (promoted) dtype.
+    """
+    dtype = torch.promote_types(X.dtype, Y.dtype)
+    M = X.double().T @ Y.double()
+    dx, dy = M.shape
+    k = min(dx, dy)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=True)
+    smax = float(S[0]) if S.numel() else 0.0
+    rank = int((S > rtol * smax).sum()) if smax > 0 else 0
+    R = U[:, :rank] @ Vh[:rank]
+    if rank == k:
+        completion = COMPLETION_UNIQUE
+    elif dx == dy:
+        Up, Vp = U[:, rank:], Vh[rank:].T  # bases of the null spaces of M^T and M
+        A, _, Bh = torch.linalg.svd(Up.T @ Vp)
+        R = R + Up @ (A @ Bh) @ Vp.T
+        completion = COMPLETION_IDENTITY
+    else:
+        completion = COMPLETION_SPAN
+    return ProcrustesFit(R.to(dtype), rank, completion)
+
+
 def procrustes_map(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """R = argmin ||X R - Y||_F s.t. R^T R = I (semi-orthogonal if widths differ): U V^T of
-    the thin SVD of X^T Y. X: (n, dx), Y: (n, dy) -> R: (dx, dy)."""
-    U, _, Vh = torch.linalg.svd(X.T @ Y, full_matrices=False)
-    return U @ Vh
+    """The map of :func:`procrustes_fit` alone: U V^T of the SVD of X^T Y when that is unique,
+    else the completion documented there. X: (n, dx), Y: (n, dy) -> R: (dx, dy)."""
+    return procrustes_fit(X, Y).R
 
 
 def ridge_map(X: torch.Tensor, Y: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -4,6 +4,7 @@ Every number drawn comes from the result dict; nothing is recomputed here.
 """
 from __future__ import annotations
 
+import textwrap
 from typing import Any, Optional, Sequence
 
 import plotly.graph_objects as go
@@ -107,22 +108,25 @@ def procrustes_figure(envelope: dict) -> go.Figure:
     labels = [f"donor {c.layer_label(l.get('donor_layer'))} → target {c.layer_label(l.get('target_layer'))}"
               for l in layers]
     align = [c.fmt_num(l.get("alignment"), 3) for l in layers]
+    rank_txt = [_rank_hover(l, r.get("completion")) for l in layers]
+    warnings = [str(w) for w in (r.get("warnings") or []) if w]
 
     fig = go.Figure()
     label_points = 0 < len(layers) <= 12  # write the alignment next to each held-out point when readable
     colours = dict(zip([k for k, *_ in _RESIDUALS], (c.SERIES[0], c.SERIES[1], c.SERIES[2], c.SERIES[2], c.SERIES[7])))
     missing_identity = False
     for key, name, dash, symbol, visible in _RESIDUALS:
-        pts = [(lab, l.get(key), a) for lab, l, a in zip(labels, layers, align) if c.is_number(l.get(key))]
+        pts = [(lab, l.get(key), a, rk) for lab, l, a, rk in zip(labels, layers, align, rank_txt) if c.is_number(l.get(key))]
         if not pts:
             missing_identity |= key == "residual_identity" and bool(layers)
             continue
         hover = f"{name}: %{{y:.3f}}"
         if key == "residual_heldout":
-            hover += "<br>alignment (1 − held-out): %{customdata}"
+            hover += "<br>alignment (1 − held-out): %{customdata}<br>%{hovertext}"
         labelled = key == "residual_heldout" and label_points
         fig.add_trace(go.Scatter(
             x=[p[0] for p in pts], y=[p[1] for p in pts], customdata=[p[2] for p in pts],
+            hovertext=[p[3] for p in pts] if key == "residual_heldout" else None,
             mode="lines+markers+text" if labelled else "lines+markers", name=name, visible=visible,
             text=[f"alignment {p[2]}" for p in pts] if labelled else None,
             textposition="top center", textfont=dict(size=11, color=colours[key]),
@@ -144,8 +148,14 @@ def procrustes_figure(envelope: dict) -> go.Figure:
              f"alignment: {_mode(r)}"]
     if "donor_width" in r or "target_width" in r:
         line2.append(f"widths {c.fmt_num(r.get('donor_width'))} → {c.fmt_num(r.get('target_width'))}")
+    if c.is_number(r.get("rows_per_width")):
+        line2.append(f"{c.fmt_num(r.get('rows_per_width'), 2)} fit rows per width")
+    n_under = sum(1 for l in layers if l.get("underdetermined") is True)
+    title = c.envelope_title(envelope, "T3", "Per-layer Procrustes residuals")
+    if n_under:
+        title += f" — ⚠ underdetermined in {n_under}/{len(layers)} layers"
     c.apply_layout(
-        fig, c.envelope_title(envelope, "T3", "Per-layer Procrustes residuals"),
+        fig, title,
         " · ".join(line1) + "<br>" + " · ".join(line2),
         height=520, filename=c.download_filename(envelope, "T3", "procrustes"),
         hovermode="x unified",
@@ -156,7 +166,22 @@ def procrustes_figure(envelope: dict) -> go.Figure:
     fig.update_yaxes(title_text="normalised residual ‖XR − Y‖²<sub>F</sub> / ‖Y‖²<sub>F</sub>", rangemode="tozero")
     if missing_identity:
         c.note(fig, "identity baseline not shown: donor and target widths differ", y=-0.42)
+    if warnings:
+        # the tool's own warning lines (e.g. an underdetermined fit), wrapped, in the warning colour above the plot
+        lines = [ln for w in warnings for ln in textwrap.wrap("⚠ " + w, 130, subsequent_indent="   ")]
+        fig.add_annotation(text="<br>".join(lines), xref="paper", yref="paper", x=0, y=1.02,
+                           xanchor="left", yanchor="bottom", showarrow=False, align="left",
+                           font=dict(size=11, color=c.BAD))
+        fig.update_layout(margin=dict(t=130 + 16 * len(lines)), height=520 + 16 * len(lines))
     return fig
+
+
+def _rank_hover(layer: dict, completion: Any) -> str:
+    """Hover line with the fit's rank and whether the map had to be completed, as the result reports."""
+    text = f"rank of XᵀY (fit rows) {c.fmt_num(layer.get('rank'))}"
+    if layer.get("underdetermined") is True:
+        text += " — underdetermined" + (f", map completed {completion}" if completion else "")
+    return text
 
 
 # =============================================================================================

@@ -7,15 +7,32 @@ rows into fit / held-out (whole texts held out when there are at least 4), fit t
 ||X R - Y||_F^2 / ||Y||_F^2 on both parts. Baselines: unconstrained ridge least squares (how far a
 linear bridge could go) and the identity map where widths are equal. Alignment = 1 - held-out
 residual.
+
+Underdetermined fits. When the rank of X^T Y on the fit rows is below min(dx, dy) (for instance
+fewer centred fit rows than the width: n_fit - 1 < width), many orthogonal maps fit equally well
+and they differ exactly on the directions the fit rows do not span, which is where held-out rows
+have energy. The held-out residual would then depend on which completion the SVD routine happens
+to return. ``engine.linalg.procrustes_fit`` makes the map unique instead (numerical rank with the
+relative tolerance ``PROCRUSTES_RTOL`` on the singular values):
+
+* equal widths: the exact minimiser closest to the identity (a model against itself gives R = I,
+  held-out residual 0, at any workload size);
+* unequal widths: the partial isometry U_r V_r^T within the span the fit rows determine; held-out
+  directions off that span map to 0 and count as unexplained.
+
+Each layer reports ``rank`` and ``underdetermined``; the result reports ``rows_per_width``
+(n_fit / the larger width), ``completion`` and one-line ``warnings``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..context import ToolContext
 from ..errors import GraftError
-from ..linalg import Standardiser, monotone_matching, procrustes_map, residual, ridge_map, split_rows
+from ..linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, Standardiser, monotone_matching,
+                      procrustes_fit, residual, ridge_map, split_rows)
 from ..params import param
 from ..progress import Progress
 from ..registry import Tool, register
@@ -25,7 +42,7 @@ from ..registry import Tool, register
 class ProcrustesParams:
     pairs: str = param("matching", "Which layer pairs to fit: 'matching' = T2's monotone CKA matching; 'depth' = equal relative depth.", choices=("matching", "depth"))
     heldout_fraction: float = param(0.25, "Share of texts (or rows, with fewer than 4 texts) held out to test each map.", min=0.05, max=0.9)
-    ridge_alpha: float = param(0.01, "Ridge strength, relative to the mean eigenvalue of X^T X.", min=0.0)
+    ridge_alpha: float = param(0.01, "Ridge strength, relative to the mean eigenvalue of X^T X.", min=0.0, max=1e6)
     seed: int = param(0, "Seed of the fit / held-out split.", min=0)
 
 
@@ -39,6 +56,8 @@ class ProcrustesLayer:
     residual_ridge_fit: float
     residual_identity: Optional[float]  # held-out; None when widths differ
     alignment: float  # 1 - residual_heldout
+    rank: int  # numerical rank of X^T Y on the (standardised) fit rows; min(dx, dy) = fully determined
+    underdetermined: bool  # rank < min(dx, dy): the orthogonal map was completed (see ``completion``)
 
 
 @dataclass
@@ -51,6 +70,14 @@ class ProcrustesResult:
     alignment: str
     donor_width: int
     target_width: int
+    # n_fit / max(donor_width, target_width): below 1 the fit rows cannot span the wider side
+    # (with equal widths this always leaves the map underdetermined, since centring costs a row).
+    rows_per_width: float
+    # How the maps were made unique: "unique" (no layer underdetermined), "closest to identity"
+    # (equal widths) or "within fit span" (unequal widths) for the underdetermined layers.
+    completion: str
+    # One-line human warnings (CLI and UI show them); empty when the fit is well determined.
+    warnings: list[str]
 
 
 def depth_pairs(Ld: int, Lt: int) -> list[tuple[int, int]]:
@@ -73,28 +100,79 @@ def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Pro
         X, Y = al.X[i + 1].double(), al.Y[j + 1].double()
         sx, sy = Standardiser.fit(X[fit]), Standardiser.fit(Y[fit])
         Xf, Xh, Yf, Yh = sx(X[fit]), sx(X[held]), sy(Y[fit]), sy(Y[held])
-        R = procrustes_map(Xf, Yf)  # (dx, dy)
+        pf = procrustes_fit(Xf, Yf)
+        R = pf.R  # (dx, dy)
         W = ridge_map(Xf, Yf, params.ridge_alpha)
-        ident = residual(Xh, Yh) if X.shape[1] == Y.shape[1] else None
-        rh = residual(Xh @ R, Yh)
+        ident = _residual(Xh, Yh) if X.shape[1] == Y.shape[1] else None
+        rh = _residual(Xh @ R, Yh)
         layers.append(ProcrustesLayer(
             donor_layer=i, target_layer=j,
-            residual_fit=round(residual(Xf @ R, Yf), 6),
+            residual_fit=round(_residual(Xf @ R, Yf), 6),
             residual_heldout=round(rh, 6),
-            residual_ridge=round(residual(Xh @ W, Yh), 6),
-            residual_ridge_fit=round(residual(Xf @ W, Yf), 6),
+            residual_ridge=round(_residual(Xh @ W, Yh), 6),
+            residual_ridge_fit=round(_residual(Xf @ W, Yf), 6),
             residual_identity=None if ident is None else round(ident, 6),
             alignment=round(1.0 - rh, 6),
+            rank=pf.rank,
+            underdetermined=pf.underdetermined,
         ).__dict__)
     progress(1.0, "done")
+    dx, dy = int(al.X.shape[2]), int(al.Y.shape[2])
+    n_fit = int(fit.sum())
+    completion = COMPLETION_UNIQUE
+    if any(l["underdetermined"] for l in layers):
+        completion = COMPLETION_IDENTITY if dx == dy else COMPLETION_SPAN
     return ProcrustesResult(
         layers=layers,
         mean_alignment=round(sum(l["alignment"] for l in layers) / len(layers), 6),
         pairs=params.pairs,
-        n_fit=int(fit.sum()), n_heldout=int(held.sum()),
+        n_fit=n_fit, n_heldout=int(held.sum()),
         alignment=al.mode,
-        donor_width=int(al.X.shape[2]), target_width=int(al.Y.shape[2]),
+        donor_width=dx, target_width=dy,
+        rows_per_width=round(n_fit / max(dx, dy), 6),
+        completion=completion,
+        warnings=procrustes_warnings(layers, n_fit, dx, dy),
     )
+
+
+def _residual(pred, Y) -> float:
+    """``linalg.residual``, kept finite: held-out rows that are all zero after standardising
+    (a constant layer) leave it undefined; report 1.0 (nothing explained) then."""
+    r = residual(pred, Y)
+    return r if math.isfinite(r) else 1.0
+
+
+def _widths(dx: int, dy: int) -> str:
+    return f"width {dx}" if dx == dy else f"widths {dx} → {dy}"
+
+
+def procrustes_warnings(layers: list[dict[str, Any]], n_fit: int, dx: int, dy: int) -> list[str]:
+    """One-line warnings about how well the fit rows determine the maps.
+
+    * underdetermined layers (rank of X^T Y below min(dx, dy)): e.g. "T3 fit is underdetermined in
+      30/30 layers: 433 fit rows against width 576 (rank 427 of 576); the map is completed closest
+      to identity off the rows' span — use a larger workload or --max-tokens for a fully
+      determined fit";
+    * otherwise, fewer fit rows than the larger width (only possible with unequal widths): the map
+      is unique but fitted on about as many rows as dimensions, so the held-out residual is
+      inflated by overfitting.
+    """
+    out: list[str] = []
+    under = [l for l in layers if l.get("underdetermined")]
+    full = min(dx, dy)
+    if under:
+        lo, hi = min(l["rank"] for l in under), max(l["rank"] for l in under)
+        ranks = f"rank {lo}" if lo == hi else f"rank {lo}-{hi}"
+        how = ("closest to identity off the rows' span" if dx == dy
+               else "within the fit span (directions off it count as unexplained)")
+        out.append(f"T3 fit is underdetermined in {len(under)}/{len(layers)} layers: {n_fit} fit rows against "
+                   f"{_widths(dx, dy)} ({ranks} of {full}); the map is completed {how} — use a larger "
+                   f"workload or --max-tokens for a fully determined fit")
+    elif n_fit < max(dx, dy):
+        out.append(f"T3 fit rows ({n_fit}) are fewer than the larger width ({_widths(dx, dy)}, "
+                   f"{n_fit / max(dx, dy):.2f} rows per width): the map is unique but barely constrained, so "
+                   f"held-out residuals are inflated by overfitting — use a larger workload or --max-tokens")
+    return out
 
 
 TOOL = register(Tool(
