@@ -4,7 +4,9 @@ A :class:`ModelSpec` is hashable and resolves one of:
 
 * a built-in name (``smollm2-135m-instruct``, ``smollm2-135m-instruct+concept``, ``gemma3-270m``,
   ``tiny-gpt2-a`` ...);
-* a local Hugging Face folder;
+* a local Hugging Face folder (safetensors weights only: pickled weights are refused, never loaded),
+  including Graft's own outputs: a saved transplant (``surgery.json``) is one already, and a
+  ``make-donor`` folder (``merged/``, ``adapter/``, ``card.json``) resolves to its ``merged/`` model;
 * a GGUF file (dequantised once into a safetensors cache);
 * a hub id (``org/name``), read from the local HF cache only — Graft never downloads.
 
@@ -18,7 +20,7 @@ import importlib.util
 import json
 import os
 import re
-import shutil
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -30,7 +32,8 @@ import torch
 
 from .arch import ArchAdapter
 from .errors import GraftError
-from .paths import models_dir
+from .modelfiles import _first_line, check_gguf, check_model_folder
+from .paths import discard_staging, models_dir, replace_dir, staging_dir
 from .progress import Progress, silent
 from .tiny import TINY_MODELS, build_tiny
 
@@ -50,6 +53,37 @@ GEMMA_INSTALL = (
 )
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+# A make-donor folder (engine/donor.py): DONOR_CARD plus the merged model in DONOR_MERGED/.
+DONOR_CARD = "card.json"
+DONOR_MERGED = "merged"
+SURGERY_CARD = "surgery.json"  # a saved transplant (engine/transplant.py, same name)
+
+
+def donor_merged_dir(folder: Path) -> Optional[Path]:
+    """The merged model of a make-donor folder (``card.json`` + ``merged/config.json``), else None.
+
+    The card's ``merged_dir`` names the subfolder (default ``merged``); a name that leaves the
+    folder is ignored. A donor folder whose merged model is missing is an error, not None."""
+    card_path = folder / DONOR_CARD
+    if not card_path.is_file():
+        return None
+    name = DONOR_MERGED
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        if isinstance(card, dict) and isinstance(card.get("merged_dir"), str):
+            cand = card["merged_dir"].strip()
+            if cand and Path(cand).name == cand and cand not in (".", ".."):
+                name = cand
+    except (OSError, ValueError):
+        pass
+    merged = folder / name
+    if (merged / "config.json").is_file():
+        return merged
+    if merged.exists() or (folder / "adapter").is_dir():
+        raise GraftError(f"{folder} is a Graft donor folder but {name}/ holds no model (no config.json): "
+                         "was make-donor interrupted? build it again")
+    return None
 
 
 @dataclass(frozen=True)
@@ -75,9 +109,18 @@ class ModelSpec:
                 return cls("gguf", str(p), trust_remote_code)
             if p.is_dir():
                 if not (p / "config.json").exists():
+                    merged = donor_merged_dir(p)
+                    if merged is not None:
+                        return cls("path", str(merged), trust_remote_code)
                     ggufs = sorted(p.glob("*.gguf"))
                     if len(ggufs) == 1:
                         return cls("gguf", str(ggufs[0]), trust_remote_code)
+                    if (p / "adapter_config.json").is_file():
+                        if donor_merged_dir(p.parent) is not None:
+                            raise GraftError(f"{p} is the LoRA adapter of a Graft donor, not a full model: "
+                                             f"pass the donor folder {p.parent} (its merged model)")
+                        raise GraftError(f"{p} is a PEFT adapter (adapter_config.json), not a full model: "
+                                         "merge it into its base model first (merge_and_unload + save_pretrained)")
                     raise GraftError(f"{p} is not a Hugging Face model folder (no config.json)")
                 return cls("path", str(p), trust_remote_code)
             raise GraftError(f"{p} is neither a model folder nor a .gguf file")
@@ -93,7 +136,10 @@ class ModelSpec:
     @property
     def label(self) -> str:
         if self.kind in ("path", "gguf"):
-            return Path(self.ref).name
+            p = Path(self.ref)
+            if p.name == DONOR_MERGED and p.parent.name:  # a make-donor folder's model: "mydonor/merged"
+                return f"{p.parent.name}/{p.name}"
+            return p.name
         return self.ref
 
     def __str__(self) -> str:
@@ -201,14 +247,15 @@ def _convert_gguf(gguf: Path, out: Path, progress: Progress) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    (tmp / "graft_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    tmp = staging_dir(out)  # registered: a kill -9 here leaves nothing the next start does not clean
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        (tmp / "graft_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
+        replace_dir(tmp, out)
+    except BaseException:
+        discard_staging(tmp)
+        raise
     progress(1.0, "cached")
     return out
 
@@ -306,6 +353,123 @@ def builtin_status() -> dict[str, dict[str, Any]]:
     return status
 
 
+# --------------------------------------------------------------------------- provenance, remote code
+def _read_json(path: Path) -> Optional[Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _local_folder(spec: ModelSpec) -> Optional[Path]:
+    """The folder a spec loads from, when it exists already; never builds, converts or downloads."""
+    if spec.kind == "path":
+        return Path(spec.ref)
+    if spec.kind == "hub":
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(spec.ref, local_files_only=True))
+        except Exception:  # not cached (several exception types); nothing would run either
+            return None
+    return None  # built-ins are Graft's own folders; GGUF caches are written by Graft
+
+
+def remote_code_files(spec: ModelSpec) -> list[str]:
+    """What would run if the user trusted this model's code: every ``auto_map`` entry of its
+    ``config.json`` / ``tokenizer_config.json`` (``"config.json auto_map AutoModelForCausalLM:
+    modeling_x.XForCausalLM"``) and every ``.py`` file in its folder (relative paths). Built-in
+    models and GGUF caches have none; a hub id is looked up in the local cache only.
+
+    Reads files as text; never imports or executes anything."""
+    folder = _local_folder(spec)
+    if folder is None or not folder.is_dir():
+        return []
+    out: list[str] = []
+    for fname in ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        data = _read_json(folder / fname)
+        amap = data.get("auto_map") if isinstance(data, dict) else None
+        if isinstance(amap, dict):
+            for key in sorted(amap):
+                value = amap[key]
+                if isinstance(value, (list, tuple)):
+                    value = ", ".join(str(v) for v in value if v)
+                out.append(f"{fname} auto_map {key}: {value}")
+    py = []
+    for f in folder.rglob("*.py"):  # hub snapshots hold links to blobs: kept (is_file follows them)
+        rel = f.relative_to(folder)
+        if any(part.startswith(".") or part == "__pycache__" for part in rel.parts) or not f.is_file():
+            continue
+        py.append(rel.as_posix())
+    return out + sorted(py)
+
+
+def _donor_summary(card: dict[str, Any]) -> str:
+    hp = card.get("hyperparameters") if isinstance(card.get("hyperparameters"), dict) else {}
+    concept = card.get("concept") if isinstance(card.get("concept"), dict) else {}
+    parts = [f"Graft donor: {card.get('base_name') or card.get('base_class') or 'base model'} + LoRA"
+             + (f" rank {hp['rank']}" if "rank" in hp else "")
+             + (f", {hp['steps']} steps" if "steps" in hp else "")
+             + (f" on {concept['name']}" if concept.get("name") else "")]
+    try:
+        before = card["scores"]["before"]["test"]["task_score"]
+        after = card["scores"]["after"]["test"]["task_score"]
+        parts.append(f"test score {before:.2f} -> {after:.2f}")
+    except (KeyError, TypeError, ValueError):
+        pass
+    if card.get("created"):
+        parts.append(f"built {card['created']}")
+    return "; ".join(parts)
+
+
+def _surgery_summary(card: dict[str, Any]) -> str:
+    def short(x: Any) -> str:
+        return Path(str(x)).name if x else "?"
+
+    mods = card.get("modules") if isinstance(card.get("modules"), list) else []
+    res = card.get("results") if isinstance(card.get("results"), dict) else {}
+    text = (f"Graft transplant: {card.get('operation', 'surgery')} of {len(mods)} module(s) from "
+            f"{short(card.get('donor'))} into {short(card.get('target'))}")
+    extra = []
+    for key, label in (("tir", "TIR"), ("recovery", "recovery")):
+        if isinstance(res.get(key), (int, float)):
+            extra.append(f"{label} {res[key]:.3f}")
+    if card.get("saved_at"):
+        extra.append(f"saved {card['saved_at']}")
+    return text + ("; " + "; ".join(extra) if extra else "")
+
+
+def model_card(spec: ModelSpec) -> Optional[dict[str, Any]]:
+    """Graft's own provenance card for a model made by Graft, for the sidebar; None otherwise.
+
+    ``{"kind": "make-donor", "path": <donor folder>, "summary": <one line>, "card": <card.json>}``
+    for a make-donor folder (or the built demo donor), ``{"kind": "transplant", "path": <folder>,
+    ..., "card": <surgery.json>}`` for a saved transplant. An unreadable card gives ``card: {}``
+    and says so in the summary."""
+    folder: Optional[Path] = None
+    if spec.kind == "path":
+        p = Path(spec.ref)
+        if (p / SURGERY_CARD).is_file():
+            card = _read_json(p / SURGERY_CARD)
+            if not isinstance(card, dict):
+                return {"kind": "transplant", "path": str(p), "summary": f"Graft transplant ({SURGERY_CARD} is unreadable)", "card": {}}
+            return {"kind": "transplant", "path": str(p), "summary": _surgery_summary(card), "card": card}
+        if (p.parent / DONOR_CARD).is_file():
+            try:
+                if donor_merged_dir(p.parent) == p:
+                    folder = p.parent
+            except GraftError:
+                folder = None
+    elif spec.kind == "builtin" and spec.ref == DEMO_DONOR and demo_donor_ready():
+        folder = demo_donor_dir()
+    if folder is None:
+        return None
+    card = _read_json(folder / DONOR_CARD)
+    if not isinstance(card, dict):
+        return {"kind": "make-donor", "path": str(folder), "summary": f"Graft donor ({DONOR_CARD} is unreadable)", "card": {}}
+    return {"kind": "make-donor", "path": str(folder), "summary": _donor_summary(card), "card": card}
+
+
 # --------------------------------------------------------------------------- loading
 def _finish(spec: ModelSpec, model: Any, tok: Any, device: torch.device, dtype: torch.dtype, source: str) -> LoadedModel:
     model.eval()
@@ -318,23 +482,35 @@ def _finish(spec: ModelSpec, model: Any, tok: Any, device: torch.device, dtype: 
 
 
 def _load_folder(spec: ModelSpec, folder: Path, device: torch.device, dtype: torch.dtype, **kw: Any) -> LoadedModel:
+    """Load a Hugging Face folder: checked first (:func:`check_model_folder`), then loaded from
+    safetensors only (``use_safetensors=True``: transformers never falls back to a pickle).
+    Failures caused by the folder's content become one-line GraftErrors naming the folder."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_folder(folder)
+    where = str(folder) if spec.kind in ("path", "hub") else spec.label
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=None, **kw
+            str(folder), dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True, **kw
         )
+    except GraftError:
+        raise
+    except (ValueError, OSError, KeyError, RuntimeError, TypeError, AttributeError, IndexError,
+            NotImplementedError, SafetensorError) as exc:
+        msg = _first_line(exc)
+        if "trust_remote_code" in msg:
+            raise GraftError(f"{spec.label} needs custom code: turn on 'trust remote code' only if you trust it") from exc
+        raise GraftError(f"cannot load {where}: {type(exc).__name__}: {msg}") from exc
+    try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=spec.trust_remote_code, **kw)
     except GraftError:
         raise
-    except ValueError as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except Exception as exc:  # the tokenizers library raises bare Exception for a malformed tokenizer.json
+        msg = _first_line(exc)
         if "trust_remote_code" in msg:
             raise GraftError(f"{spec.label} needs custom code: turn on 'trust remote code' only if you trust it") from exc
-        raise GraftError(f"cannot load {spec.label}: {msg}") from exc
-    except (OSError, KeyError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise GraftError(f"cannot load {spec.label}: {msg}") from exc
+        raise GraftError(f"cannot load the tokenizer of {where}: {type(exc).__name__}: {msg}") from exc
     return _finish(spec, model, tok, device, dtype, str(folder))
 
 
@@ -368,10 +544,15 @@ def load_model(
         gguf = Path(spec.ref)
         cache = gguf_cache_dir(gguf)
         if not (cache / "config.json").exists():
+            if not gguf.is_file():
+                raise GraftError(f"GGUF file not found: {gguf}")
+            check_gguf(gguf)
             try:
                 _convert_gguf(gguf, cache, progress.sub(0, 0.8))
-            except (ValueError, OSError, KeyError, RuntimeError) as exc:
-                raise GraftError(f"cannot read GGUF {gguf.name}: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+            except GraftError:
+                raise
+            except (ValueError, OSError, KeyError, RuntimeError, IndexError, NotImplementedError, struct.error) as exc:
+                raise GraftError(f"cannot read GGUF {gguf.name}: {_first_line(exc)}") from exc
         return _load_folder(spec, cache, dev, dt)
     if spec.kind == "hub":
         try:
