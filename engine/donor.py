@@ -23,9 +23,7 @@ import copy
 import hashlib
 import json
 import math
-import shutil
 import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -38,7 +36,7 @@ from .data import ConceptSet
 from .errors import Cancelled, GraftError
 from .evaluate import answer_ids, encode_prompt, encode_text, graded_score, pad_id, perplexity, task_score
 from .progress import Progress, silent
-from .paths import check_writable_parent, replace_dir
+from .paths import check_writable_parent, discard_staging, replace_dir, staging_dir
 
 # Defaults chosen by experiment on SmolLM2-135M-Instruct with the bundled concept, replay and
 # retained sets on a 2-core CPU (the measurements are in make_donor's docstring): 90 steps of 8
@@ -416,10 +414,9 @@ def make_donor(
         train_time = time.perf_counter() - t_train
         n_replay_trained = sum(src == "replay" for batch in plan for src, _ in batch)
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = staging_dir(out_dir)  # registered: a later start removes it if this process is killed
     try:
         progress(0.85, "saving adapter")
-        tmp.mkdir(parents=True)
         peft_model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
         merged = peft_model.merge_and_unload()
         merged = merged.to(base_dtype)
@@ -506,7 +503,7 @@ def make_donor(
         replace_dir(tmp, out_dir)
     except BaseException:
         # Cancelled, failed or interrupted: nothing half-written survives; out_dir is untouched.
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_staging(tmp)
         raise
     try:
         progress(1.0, "donor ready")

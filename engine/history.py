@@ -1,15 +1,19 @@
 """Run history in SQLite (WAL): every job's tool, parameters, models, status, timings, result
-JSON and artifact folder. Survives restarts; one connection per call keeps it thread-safe."""
+JSON and artifact folder. Survives restarts; one connection per call keeps it thread-safe.
+
+Each run records its owner (pid, host and the process's start time): several app and CLI processes
+share one history, and a run left 'running' is marked interrupted only once its own process is gone."""
 from __future__ import annotations
 
 import json
 import sqlite3
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .paths import history_db
+from .paths import current_owner, history_db, owner_gone
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -27,12 +31,39 @@ CREATE TABLE IF NOT EXISTS runs (
     result TEXT,
     error TEXT,
     artifact_dir TEXT,
-    source TEXT NOT NULL DEFAULT 'ui'
+    source TEXT NOT NULL DEFAULT 'ui',
+    owner_pid INTEGER,
+    owner_host TEXT,
+    owner_started REAL
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs(created);
 """
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
+
+# Columns added after the first release; an older database gets them with ALTER TABLE.
+_ADDED_COLUMNS = (("owner_pid", "INTEGER"), ("owner_host", "TEXT"), ("owner_started", "REAL"))
+
+# Rows from before owners were recorded (owner_pid NULL) keep the old rule: stale once they are
+# older than this many seconds at a start.
+_UNOWNED_GRACE_S = 1.0
+
+
+def new_run_id(prefix: str = "") -> str:
+    """A run id that does not collide, however many are made at once in however many threads or
+    processes: ``prefix`` + 20 hex digits of a uuid4 (80 random bits)."""
+    return f"{prefix}{uuid.uuid4().hex[:20]}"
+
+
+def _migrate(c: sqlite3.Connection) -> None:
+    have = {r["name"] for r in c.execute("PRAGMA table_info(runs)")}
+    for name, kind in _ADDED_COLUMNS:
+        if name not in have:
+            try:
+                c.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+            except sqlite3.OperationalError as e:  # another process added it just now
+                if "duplicate column" not in str(e).lower():
+                    raise
 
 
 class History:
@@ -42,9 +73,54 @@ class History:
         with self._conn() as c:
             c.execute("PRAGMA journal_mode=WAL")
             c.executescript(_SCHEMA)
-            # A run left 'running' or 'queued' by a process that died cannot finish any more.
-            c.execute("UPDATE runs SET status='failed', error='interrupted (the server stopped)' "
-                      "WHERE status IN ('running','queued') AND finished IS NULL AND created < ?", (time.time() - 1,))
+            _migrate(c)
+        # A run left 'running' or 'queued' by a process that died cannot finish any more.
+        self.interrupted: list[dict[str, Any]] = self.reap_orphans()
+
+    def reap_orphans(self) -> list[dict[str, Any]]:
+        """Mark as failed every 'running' or 'queued' run whose owner process is gone: it ran on
+        this host and its pid is dead or now belongs to another process. Runs of live processes
+        and of other hosts are left alone. Rows without an owner (older versions) are marked
+        when created over a second ago. Returns ``[{"id", "error"}]`` for the rows it marked."""
+        now = time.time()
+        with self._conn() as c:
+            rows = c.execute("SELECT id, created, owner_pid, owner_host, owner_started FROM runs "
+                             "WHERE status IN ('running','queued') AND finished IS NULL").fetchall()
+        marked = []
+        for r in rows:
+            if r["owner_pid"] is None:
+                if r["created"] >= now - _UNOWNED_GRACE_S:
+                    continue
+                error = "interrupted (the server stopped)"
+            elif owner_gone(r["owner_pid"], r["owner_host"], r["owner_started"]):
+                error = f"interrupted (its process {r['owner_pid']} on {r['owner_host']} is gone)"
+            else:
+                continue
+            with self._conn() as c:
+                n = c.execute("UPDATE runs SET status='failed', error=? WHERE id=? "
+                              "AND status IN ('running','queued') AND finished IS NULL", (error, r["id"])).rowcount
+            if n:
+                marked.append({"id": r["id"], "error": error})
+        return marked
+
+    def active_elsewhere(self) -> list[dict[str, Any]]:
+        """The 'running' or 'queued' runs owned by another process that is not known to be gone
+        (alive on this host, or on another host): ``[{"id", "tool", "title", "status", "created",
+        "started", "owner_pid", "owner_host", "owner_started"}]``, newest first."""
+        me = current_owner()
+        with self._conn() as c:
+            rows = c.execute("SELECT id, tool, title, status, created, started, owner_pid, owner_host, owner_started "
+                             "FROM runs WHERE status IN ('running','queued') AND finished IS NULL "
+                             "AND owner_pid IS NOT NULL ORDER BY created DESC").fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            if d["owner_pid"] == me["pid"] and d["owner_host"] == me["host"]:
+                continue
+            if owner_gone(d["owner_pid"], d["owner_host"], d["owner_started"]):
+                continue
+            out.append(d)
+        return out
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
@@ -56,14 +132,20 @@ class History:
         finally:
             conn.close()
 
-    def create(self, run_id: str, tool: str, title: str, donor: str, target: str, params: dict[str, Any],
-               source: str = "ui", artifact_dir: str = "") -> None:
+    def create(self, run_id: Optional[str], tool: str, title: str, donor: str, target: str, params: dict[str, Any],
+               source: str = "ui", artifact_dir: str = "", *, owner: Optional[dict[str, Any]] = None) -> str:
+        """Add a 'queued' run owned by this process (or by ``owner``: ``{"pid", "host", "started"}``).
+        An empty ``run_id`` gets a ``new_run_id()``; returns the id."""
+        run_id = run_id or new_run_id()
+        o = owner if owner is not None else current_owner()
         with self._conn() as c:
             c.execute(
-                "INSERT INTO runs (id, tool, title, donor, target, params, status, created, source, artifact_dir) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (run_id, tool, title, donor, target, json.dumps(params), "queued", time.time(), source, artifact_dir),
+                "INSERT INTO runs (id, tool, title, donor, target, params, status, created, source, artifact_dir, "
+                "owner_pid, owner_host, owner_started) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (run_id, tool, title, donor, target, json.dumps(params), "queued", time.time(), source, artifact_dir,
+                 o.get("pid"), o.get("host"), o.get("started")),
             )
+        return run_id
 
     def start(self, run_id: str) -> None:
         with self._conn() as c:
@@ -81,7 +163,8 @@ class History:
             )
 
     def list(self, limit: int = 200, tool: Optional[str] = None) -> list[dict[str, Any]]:
-        q = "SELECT id, tool, title, donor, target, params, status, created, started, finished, duration_s, error, artifact_dir, source FROM runs"
+        q = ("SELECT id, tool, title, donor, target, params, status, created, started, finished, duration_s, error, "
+             "artifact_dir, source, owner_pid, owner_host, owner_started FROM runs")
         args: tuple = ()
         if tool:
             q += " WHERE tool=?"

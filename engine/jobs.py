@@ -12,13 +12,12 @@ import queue
 import threading
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .context import run_tool
 from .errors import Cancelled, GraftError
-from .history import History
+from .history import History, new_run_id
 from .models import ModelSpec, ModelStore
 from .params import RunOptions
 from .progress import Progress
@@ -77,7 +76,7 @@ class JobRunner:
 
     def submit(self, kind: str, title: str, donor: str, target: str, params: dict[str, Any],
                work: Callable[[Progress], dict[str, Any]]) -> Job:
-        job = Job(uuid.uuid4().hex[:12], kind, title, donor, target, params)
+        job = Job(new_run_id(), kind, title, donor, target, params)
         with self._lock:
             self._jobs[job.id] = job
         self.history.create(job.id, kind, title, donor, target, params)

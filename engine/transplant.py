@@ -27,8 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +38,7 @@ from torch import nn
 from .arch import LinearModule
 from .errors import GraftError
 from .models import LoadedModel, state_dict_hash
-from .paths import check_writable_parent, replace_dir
+from .paths import check_writable_parent, discard_staging, replace_dir, staging_dir
 
 SURGERY_CARD = "surgery.json"
 SURGERY_FORMAT = "graft-surgery/1"
@@ -418,7 +416,7 @@ def save_transplant(working_model: nn.Module, tokenizer: Any, out_dir: Union[str
         text = json.dumps(payload, indent=2, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise GraftError(f"surgery card is not strict JSON: {e}") from None
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = staging_dir(out)  # registered: a later start removes it if this process is killed
     try:
         working_model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -426,6 +424,5 @@ def save_transplant(working_model: nn.Module, tokenizer: Any, out_dir: Union[str
         _check_out_dir(out)  # again: the folder may have changed while we wrote
         replace_dir(tmp, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        discard_staging(tmp)  # no-op once replace_dir moved it into place
     return out
