@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.graft-installed
 
-.PHONY: setup prepare run test test-fast bench screenshots gemma clean-cache
+.PHONY: setup prepare browser run test test-fast bench screenshots gemma clean-cache
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,19 @@ prepare: setup
 run: prepare
 	$(VENV)/bin/streamlit run app.py
 
-test: prepare
+# The browser tests need Debian's chromium: installed here when missing (as root with apt-get),
+# else the run stops with the one command that fixes it. They are never skipped silently.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the browser tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "the browser tests need chromium: run  sudo apt-get install chromium  then make test again"; exit 2; \
+	  fi; }
+
+test: prepare browser
 	$(PY) -m pytest
 
 # Tiny models only (seconds): no real-model or browser tests.

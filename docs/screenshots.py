@@ -110,7 +110,7 @@ def run_and_wait(page, button: str, n_plots: int, timeout_s: float) -> None:
 
 
 def goto_page(page, title: str) -> None:
-    page.locator('[data-testid="stSidebarNav"]').get_by_text(title, exact=True).click()
+    page.locator('.st-key-graft-nav').get_by_text(title, exact=True).click()
     page.get_by_role("heading", name=title, exact=True, level=1).wait_for(timeout=60_000)
     page.wait_for_timeout(500)
 

@@ -1,17 +1,72 @@
 """Non-diagnostic actions shared by the CLI and the UI: preparing built-ins, making a donor."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from .data import builtin_replay_path, builtin_retained_path, load_concept_set
 from .errors import GraftError
 from .models import ModelSpec, ModelStore, prepare_demo_donor, prepare_smollm2
+from .params import param
 from .progress import Progress, silent
 
 # ``replay`` / ``retained`` default of build_donor: the bundled file (data/replay.jsonl,
 # data/retained.jsonl). A path picks another file in the same format; None turns it off.
 BUNDLED = "bundled"
+NONE = "none"
+
+# make_donor's tuned defaults (engine/donor.py; kept equal by a test, not imported: loading the
+# trainer's module for a --help would be wasted time).
+_STEPS, _RANK, _LR, _REPLAY_FRACTION = 90, 8, 2e-3, 0.25
+
+
+@dataclass(frozen=True)
+class MakeDonorParams:
+    """``make-donor``: LoRA fine-tune a base model on a concept file. Typed like the tools' params,
+    so the CLI flags, their help and their checks (finite numbers, ranges, paths) come from here."""
+
+    concept: str = param("", "Concept set JSONL (facts + questions) to teach the donor.", path="in")
+    out: str = param("", "Output folder: merged/ (the donor model), adapter/ (PEFT LoRA) and card.json.", path="out_dir")
+    steps: int = param(_STEPS, "Training steps.", min=1, max=1_000_000)
+    rank: int = param(_RANK, "LoRA rank r.", min=1, max=4096)
+    lr: float = param(_LR, "Peak learning rate (warm-up then cosine).", min=1e-9, max=10.0)
+    replay: str = param(BUNDLED, "General text (concept-set JSONL) mixed into training against forgetting: "
+                                 "'bundled' = data/replay.jsonl, 'none' = the concept facts only, or a file.")
+    replay_fraction: float = param(_REPLAY_FRACTION, "Share of each batch drawn from the replay set, in [0, 1).",
+                                   min=0.0, max=0.99)
+    retained: str = param(BUNDLED, "Held-out general text whose perplexity before/after goes on the card: "
+                                   "'bundled' = data/retained.jsonl, 'none' = not measured, or a file.")
+    seed: int = param(0, "Seed; training is deterministic for a seed.", min=0, max=2**31 - 1)
+    device: str = param("auto", "Where to train: auto (CUDA when present), cpu or cuda.", choices=("auto", "cpu", "cuda"))
+
+
+def check_make_donor(params: MakeDonorParams) -> None:
+    """Every input and output of a make-donor run, checked before the base model loads."""
+    from .outputs import check_input_file, check_output_dir
+
+    if not params.concept.strip():
+        raise GraftError("--concept is required: a concept set JSONL")
+    if not params.out.strip():
+        raise GraftError("--out is required: the donor's output folder")
+    check_input_file(params.concept, "--concept")
+    for flag, value in (("--replay", params.replay), ("--retained", params.retained)):
+        if value not in (BUNDLED, NONE):
+            check_input_file(value, flag)
+    check_output_dir(params.out, "--out")
+    out = Path(params.out).expanduser()
+    if out.exists() and any(out.iterdir()) and not (out / "card.json").exists():
+        raise GraftError(f"{out} exists and is not a Graft donor folder: choose an empty or new folder")
+
+
+def build_donor_from_params(base: ModelSpec, params: MakeDonorParams, store: Optional[ModelStore] = None,
+                            progress: Optional[Progress] = None) -> dict[str, Any]:
+    check_make_donor(params)
+    as_source = lambda v: None if v == NONE else v  # noqa: E731
+    return build_donor(base, params.concept, params.out, steps=params.steps, rank=params.rank, lr=params.lr,
+                       replay=as_source(params.replay), replay_fraction=params.replay_fraction,
+                       retained=as_source(params.retained), seed=params.seed, device=params.device, store=store,
+                       progress=progress)
 
 
 def build_donor(

@@ -56,11 +56,22 @@ class Capture:
         return self.residual[l + 1]
 
 
-def budget_texts(texts: Sequence[str], tokenizers: Sequence, max_tokens: int) -> list[str]:
+def per_text_limit(models: Sequence[LoadedModel]) -> int:
+    """Content tokens one text may have: MAX_TOKENS_PER_TEXT, or less when a model's own context
+    is shorter (two positions are kept free for the special tokens its tokenizer adds)."""
+    from .evaluate import context_length
+
+    return max(1, min([MAX_TOKENS_PER_TEXT] + [context_length(m.model) - 2 for m in models]))
+
+
+def budget_texts(texts: Sequence[str], tokenizers: Sequence, max_tokens: int,
+                 per_text: int = MAX_TOKENS_PER_TEXT, cut_log: Optional[list] = None) -> list[str]:
     """Keep texts in order until ``max_tokens`` content tokens (under the strictest tokenizer).
 
-    A text longer than the room left (or than MAX_TOKENS_PER_TEXT) is cut at a character
-    boundary, so every tokenizer sees the same strings, which cross-tokenizer alignment needs.
+    A text longer than the room left (or than ``per_text``, see :func:`per_text_limit`) is cut at
+    a character boundary, so every tokenizer sees the same strings, which cross-tokenizer
+    alignment needs. ``cut_log`` (a list) receives ``(text index, tokens before, tokens kept)``
+    for each text cut to ``per_text``, so the result can say so.
     """
     texts = [t for t in texts if t and t.strip()]
     if not texts:
@@ -73,8 +84,8 @@ def budget_texts(texts: Sequence[str], tokenizers: Sequence, max_tokens: int) ->
         room = max_tokens - used
         if room <= 0:
             break
-        limit = min(room, MAX_TOKENS_PER_TEXT)
-        cut, n_max = len(text), 0
+        limit = min(room, per_text)
+        cut, n_max, n_full = len(text), 0, 0
         for tok in tokenizers:
             fast = bool(getattr(tok, "is_fast", False))
             enc = tok(text, add_special_tokens=False, return_offsets_mapping=fast)
@@ -83,6 +94,9 @@ def budget_texts(texts: Sequence[str], tokenizers: Sequence, max_tokens: int) ->
                 end = enc["offset_mapping"][limit - 1][1] if fast else len(text) * limit // len(ids)
                 cut = min(cut, int(end))
             n_max = max(n_max, min(len(ids), limit))
+            n_full = max(n_full, len(ids))
+        if cut_log is not None and n_full > per_text and room >= per_text:
+            cut_log.append((len(kept), n_full, per_text))
         if cut <= 0 or not text[:cut].strip():
             break
         kept.append(text[:cut])
@@ -132,6 +146,9 @@ def capture(
 
     progress = progress or silent()
     tok = model.tokenizer
+    from .evaluate import context_length
+
+    max_length = min(MAX_TOKENS_PER_TEXT, context_length(model.model))
     lin = {m.name: m.path for m in model.arch.linear_modules()}
     unknown = [m for m in modules if m not in lin]
     if unknown:
@@ -152,7 +169,7 @@ def capture(
             progress(b0 / max(len(texts), 1), f"{model.label}: forward {b0}/{len(texts)} texts")
             batch = list(texts[b0 : b0 + batch_size])
             enc = tok(
-                batch, return_tensors="pt", padding=True, truncation=True, max_length=MAX_TOKENS_PER_TEXT,
+                batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
                 return_offsets_mapping=fast, return_special_tokens_mask=True,
             )
             keep = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()  # (B, T)

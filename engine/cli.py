@@ -7,15 +7,16 @@ input print one line on stderr and exit 2; nothing is written unless the run suc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import os
 import sys
-import time
-from pathlib import Path
+import tempfile
 from typing import Any, Optional, Sequence
 
+from . import jsonsafe
 from .errors import Cancelled, GraftError
+from .outputs import check_output_file
 from .params import ParamSpec, RunOptions, param_specs
 from .progress import Progress
 
@@ -57,13 +58,41 @@ def _add_spec(p: argparse.ArgumentParser, s: ParamSpec, dest_prefix: str = "") -
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write atomically: a failed run never clobbers an existing file."""
-    out = Path(path).expanduser()
-    if out.parent and not out.parent.exists():
-        raise GraftError(f"folder does not exist: {out.parent}")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out)
+    """Write strict JSON (no NaN/Infinity) atomically: a failed write never clobbers an existing
+    file and leaves no temporary file behind."""
+    out = check_output_file(path, "--json")
+    text = jsonsafe.dumps(payload, indent=2)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _warn(envelope: dict[str, Any], quiet: bool) -> None:
+    """Warnings of a result (``result.warnings``) and notes of the run (``meta.notes``) on stderr."""
+    if quiet:
+        return
+    for w in (envelope.get("result") or {}).get("warnings") or []:
+        print(f"warning: {w}", file=sys.stderr)
+    for n in (envelope.get("meta") or {}).get("notes") or []:
+        print(f"note: {n}", file=sys.stderr)
+
+
+def _clean_leftovers() -> None:
+    """On start: remove partial saves left by killed Graft processes, and say what went."""
+    from .paths import clean_stale_staging, describe_cleanup
+
+    try:
+        message = describe_cleanup(clean_stale_staging())
+    except Exception as exc:  # housekeeping must never stop a run
+        message = f"could not check for leftover partial saves: {type(exc).__name__}: {exc}"
+    if message:
+        print(f"note: {message}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,25 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress on stderr")
         p.set_defaults(tool=tool.name)
 
-    d = sub.add_parser("make-donor", help="LoRA fine-tune a base model on a concept file (the donor)")
+    from .actions import MakeDonorParams
+
+    d = sub.add_parser("make-donor", help="LoRA fine-tune a base model on a concept file (the donor)",
+                       description=MakeDonorParams.__doc__)
     d.add_argument("--base", required=True, help="base model spec")
-    d.add_argument("--concept", required=True, help="concept set JSONL (facts + qa)")
-    d.add_argument("--out", required=True, help="output folder (merged/, adapter/, card.json)")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: the engine's tuned default)")
-    d.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8)")
-    d.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the engine's tuned default)")
-    rp = d.add_mutually_exclusive_group()
-    rp.add_argument("--replay", metavar="FILE", default=None,
-                    help="general text (concept-set JSONL) mixed into training against forgetting "
-                         "(default: the bundled data/replay.jsonl)")
-    rp.add_argument("--no-replay", action="store_true", help="train on the concept facts only")
-    d.add_argument("--replay-fraction", type=float, default=None,
-                   help="share of each batch drawn from the replay set, in [0, 1) (default: the engine's tuned default)")
-    d.add_argument("--retained", metavar="FILE", default=None,
-                   help="held-out general text whose perplexity before/after goes on the card "
-                        "(default: the bundled data/retained.jsonl)")
-    d.add_argument("--seed", type=int, default=0, help="seed (training is deterministic for a seed)")
-    d.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    for s_ in param_specs(MakeDonorParams):
+        _add_spec(d, s_, "param_")
+    d.add_argument("--no-replay", action="store_true", help="same as --replay none: train on the concept facts only")
     d.add_argument("--json", dest="json_path", help="write the donor card here too")
     d.add_argument("--quiet", action="store_true")
 
@@ -117,12 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from .context import run_tool
-    from .history import History
+    from .history import History, new_run_id
     from .models import ModelSpec
-    from .params import build_params
+    from .params import build_params, check_paths
     from .registry import get_tool
 
     bar = _Bar(getattr(args, "quiet", False))
+    _clean_leftovers()
     try:
         if args.command == "list-models":
             from .models import builtin_status
@@ -142,19 +161,25 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{k}: {v}")
             return 0
         if args.command == "make-donor":
-            from .actions import BUNDLED, build_donor
+            from .actions import MakeDonorParams, build_donor_from_params, check_make_donor
 
-            replay = None if args.no_replay else (args.replay or BUNDLED)
-            res = build_donor(ModelSpec.parse(args.base), args.concept, args.out, steps=args.steps, rank=args.rank,
-                              lr=args.lr, replay=replay, replay_fraction=args.replay_fraction,
-                              retained=args.retained or BUNDLED, seed=args.seed, device=args.device,
-                              progress=Progress(bar))
+            values = {s_.name: getattr(args, "param_" + s_.name) for s_ in param_specs(MakeDonorParams)
+                      if getattr(args, "param_" + s_.name) is not None}
+            if args.no_replay:
+                values["replay"] = "none"
+            dparams = build_params(MakeDonorParams, values)
+            base = ModelSpec.parse(args.base)
+            check_make_donor(dparams)
+            if args.json_path:
+                check_output_file(args.json_path, "--json")
+            res = build_donor_from_params(base, dparams, progress=Progress(bar))
             bar.close()
             # The card as written to card.json: without the in-memory model (not JSON).
             card = {k: v for k, v in res["card"].items() if k != "model"}
             if args.json_path:
                 _write_json(args.json_path, {"out_dir": res["out_dir"], "card": card})
-            print(json.dumps({k: card[k] for k in card if k not in ("loss_curve", "evaluation")}, indent=2, default=str)[:4000])
+            print(jsonsafe.dumps({k: card[k] for k in card if k not in ("loss_curve", "evaluation")}, indent=2,
+                                 default=str)[:4000])
             return 0
         tool = get_tool(args.tool)
         options = build_params(RunOptions, {s.name: getattr(args, "opt_" + s.name) for s in param_specs(RunOptions)
@@ -163,32 +188,37 @@ def _run(args: argparse.Namespace) -> int:
                                                 if getattr(args, "param_" + s.name) is not None})
         donor = ModelSpec.parse(args.donor, args.trust_remote_code)
         target = ModelSpec.parse(args.target, args.trust_remote_code)
+        # Every output and input path is checked before a model is loaded.
         if args.json_path:
-            parent = Path(args.json_path).expanduser().parent
-            if not parent.exists():
-                raise GraftError(f"folder does not exist: {parent}")
+            check_output_file(args.json_path, "--json")
+        check_paths(options)
+        check_paths(params)
         history = History()
-        run_id = f"cli-{int(time.time() * 1000):x}"
+        run_id = new_run_id("cli-")
         history.create(run_id, tool.name, f"{tool.code} {tool.title}", donor.ref, target.ref,
                        {"options": dataclasses.asdict(options), "params": dataclasses.asdict(params)}, source="cli")
         history.start(run_id)
         try:
             env = run_tool(tool.name, donor, target, options, params, progress=Progress(bar))
+            env["run_id"] = run_id
+            if args.json_path:
+                _write_json(args.json_path, env)
         except BaseException as exc:
-            history.finish(run_id, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            status = "cancelled" if isinstance(exc, (Cancelled, KeyboardInterrupt)) else "failed"
+            history.finish(run_id, status, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
         history.finish(run_id, "done", result=env)
         bar.close()
-        if args.json_path:
-            _write_json(args.json_path, env)
-        else:
-            print(json.dumps(env["result"], indent=2)[:20000])
+        _warn(env, args.quiet)
+        if not args.json_path:
+            print(jsonsafe.dumps(env["result"], indent=2)[:20000])
         return 0
     except GraftError as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Cancelled:
+        bar.close()
         print("error: cancelled", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

@@ -9,11 +9,12 @@ from typing import Any, Optional
 import torch
 
 from .align import Aligned, align, drop_outliers
-from .capture import DEFAULT_CACHE, Capture, CaptureCache, budget_texts
+from .capture import DEFAULT_CACHE, Capture, CaptureCache, budget_texts, per_text_limit, MAX_TOKENS_PER_TEXT
 from .data import Workload, builtin_concept_path, load_workload
+from .jsonsafe import strict
 from .linalg import cka_matrix
 from .models import LoadedModel, ModelSpec, ModelStore
-from .params import RunOptions, build_params
+from .params import RunOptions, build_params, check_paths
 from .progress import Progress, silent
 from .registry import get_tool
 
@@ -35,7 +36,20 @@ class ToolContext:
     live: Any = None  # engine.live.LiveTransplants: the app keeps transplants applied (see engine/live.py)
 
     def texts(self) -> list[str]:
-        return budget_texts(self.workload.texts, [self.donor.tokenizer, self.target.tokenizer], self.options.max_tokens)
+        cut: list = []
+        limit = per_text_limit([self.donor, self.target])
+        texts = budget_texts(self.workload.texts, [self.donor.tokenizer, self.target.tokenizer],
+                             self.options.max_tokens, per_text=limit, cut_log=cut)
+        if cut:
+            self.meta["n_texts_cut"] = len(cut)
+            why = ("Graft's per-text cap" if limit == MAX_TOKENS_PER_TEXT
+                   else "the shorter model's context, less 2 positions for special tokens")
+            note = (f"{len(cut)} workload text(s) were cut to their first {limit} tokens ({why}); "
+                    f"the longest had {max(c[1] for c in cut):,} tokens")
+            notes = self.meta.setdefault("notes", [])
+            if note not in notes:
+                notes.append(note)
+        return texts
 
     def capture_pair(self, progress: Progress, modules: tuple[str, ...] = ()) -> tuple[Capture, Capture]:
         texts = self.texts()
@@ -101,6 +115,9 @@ def run_tool(
         params = build_params(tool.params_cls, params or {})
     store = store or ModelStore()
     t0 = time.perf_counter()
+    # Bad paths fail here, in one line, before minutes of loading and computing.
+    check_paths(options)
+    check_paths(params)
     workload = resolve_workload(options.workload)
 
     def get(m: ModelSpec | LoadedModel, p: Progress) -> LoadedModel:
@@ -116,6 +133,13 @@ def run_tool(
     t_compute = time.perf_counter() - t1
     progress(1.0, "done")
     payload = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(result)
+    payload, undefined = strict(payload, "result")
+    if undefined:
+        # An undefined number (0/0, a degenerate layer) is written as null, never as NaN, and said.
+        ctx.meta["undefined_values"] = undefined[:50]
+        ctx.meta.setdefault("notes", []).append(
+            f"{len(undefined)} value(s) were undefined (not a finite number) and are null: "
+            + ", ".join(undefined[:5]) + (" ..." if len(undefined) > 5 else ""))
     return {
         "tool": tool.name,
         "donor": d.spec.ref,

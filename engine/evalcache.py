@@ -40,7 +40,8 @@ import torch
 
 from .data import ConceptSet
 from .errors import GraftError
-from .evaluate import answer_matches, encode_prompt, frozen, generate_greedy, graded_score, model_device, perplexity
+from .evaluate import (answer_matches, context_length, encode_prompt, fit_prompt, frozen, generate_greedy, graded_score,
+                       model_device, perplexity)
 from .models import state_dict_hash
 from .progress import Progress, silent
 
@@ -240,8 +241,9 @@ def alignment_score(donor_model: torch.nn.Module, donor_tok: Any, model: torch.n
         agree = total = 0
         per: list[float] = []
         with frozen(donor_model), frozen(model):
+            room = min(context_length(donor_model), context_length(model))
             for p in prompts:
-                ids = encode_prompt(tok, p)
+                ids = fit_prompt(encode_prompt(tok, p), room)
                 a = _greedy_next(donor_model, ids)
                 b = _greedy_next(model, ids)
                 same = int((a == b).sum())

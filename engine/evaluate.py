@@ -75,6 +75,25 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+def context_length(model: Any, default: int = 1 << 20) -> int:
+    """How many positions ``model`` can attend over (its config's ``max_position_embeddings``,
+    ``n_positions`` or ``n_ctx``); ``default`` when the config names none. Every input Graft
+    feeds a model is cut to this, so a very long text can never index past the position table."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return default
+
+
+def fit_prompt(ids: list[int], room: int) -> list[int]:
+    """Keep the last ``room`` tokens of a prompt (its end is what the answer follows)."""
+    if room < 1:
+        raise GraftError(f"no room left for the prompt: the model's context is too short for {len(ids)} tokens")
+    return ids if len(ids) <= room else ids[len(ids) - room:]
+
+
 def _qa_pair(item: Any) -> tuple[str, str]:
     """(question, answer) from a QAItem-like object or a dict."""
     if isinstance(item, dict):
@@ -142,6 +161,7 @@ def perplexity(
     if not texts:
         raise GraftError("no texts to score")
     dev = model_device(model, device)
+    max_length = min(max_length, context_length(model))
     encoded = [encode_text(tokenizer, t, max_length) for t in texts]
     # Longest first: batches of similar length waste little compute on padding.
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
@@ -264,7 +284,9 @@ def generate_greedy(
     stripped.
     """
     dev = model_device(model, device)
-    prompts = [encode_prompt(tokenizer, q) for q in questions]
+    max_new_tokens = max(1, min(int(max_new_tokens), context_length(model) - 1))
+    room = context_length(model) - max_new_tokens
+    prompts = [fit_prompt(encode_prompt(tokenizer, q), room) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     stops = eos_ids(model, tokenizer)
     fill = pad_id(tokenizer)
@@ -352,6 +374,9 @@ def graded_score(
     for (q, a), ans in zip(pairs, answers):
         if not ans:
             raise GraftError(f"answer {a!r} to {q!r} tokenises to nothing")
+    ctx = context_length(model)
+    answers = [a[: max(ctx - 1, 1)] for a in answers]  # an answer longer than the context is scored on its start
+    prompts = [fit_prompt(p, ctx - len(a)) for p, a in zip(prompts, answers)]
     seqs = [p + a for p, a in zip(prompts, answers)]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     token_probs: list[list[float]] = [[] for _ in seqs]

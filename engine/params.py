@@ -6,16 +6,26 @@ are validated on entry (:func:`build_params`), scikit-learn style, with one-line
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Optional, Sequence
 
 from .errors import GraftError
 
 
+PATH_KINDS = ("in", "out_dir", "out_file")
+
+
 def param(default: Any, help: str, *, min: Optional[float] = None, max: Optional[float] = None,
-          choices: Optional[Sequence[Any]] = None) -> Any:
-    """Declare a tool parameter: default, help text, and optional bounds or choices."""
-    return dataclasses.field(default=default, metadata={"help": help, "min": min, "max": max, "choices": choices})
+          choices: Optional[Sequence[Any]] = None, path: Optional[str] = None) -> Any:
+    """Declare a tool parameter: default, help text, and optional bounds or choices.
+
+    ``path`` marks a string that names a file: ``"in"`` (must exist and be readable), ``"out_dir"``
+    or ``"out_file"`` (must be writable). :func:`check_paths` checks them before any model loads."""
+    if path is not None and path not in PATH_KINDS:
+        raise ValueError(f"path must be one of {PATH_KINDS}")
+    return dataclasses.field(default=default, metadata={"help": help, "min": min, "max": max, "choices": choices,
+                                                        "path": path})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +37,7 @@ class ParamSpec:
     min: Optional[float]
     max: Optional[float]
     choices: Optional[tuple]
+    path: Optional[str] = None
 
     @property
     def flag(self) -> str:
@@ -39,7 +50,7 @@ def param_specs(cls: type) -> list[ParamSpec]:
     for f in dataclasses.fields(cls):
         md = f.metadata
         out.append(ParamSpec(f.name, hints[f.name], f.default, md.get("help", ""), md.get("min"), md.get("max"),
-                             tuple(md["choices"]) if md.get("choices") else None))
+                             tuple(md["choices"]) if md.get("choices") else None, md.get("path")))
     return out
 
 
@@ -55,14 +66,29 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
                 raise ValueError(value)
             return bool(value)
         if t is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
+            if isinstance(value, str):
+                try:
+                    return int(value.strip())
+                except ValueError:
+                    f = float(value)  # "1e3" -> 1000; "nan", "2.5" are refused below
+                    if not math.isfinite(f) or not f.is_integer():
+                        raise
+                    return int(f)
             return int(value)
         if t is float:
-            return float(value)
+            if isinstance(value, bool):
+                raise ValueError(value)
+            v = float(value)
+            if not math.isfinite(v):
+                raise GraftError(f"{spec.flag} must be a finite number, got {value!r}")
+            return v
         if t is str:
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise GraftError(f"{spec.flag} expects {t.__name__}, got {value!r}") from None
     return value
 
@@ -87,11 +113,28 @@ def build_params(cls: type, values: Optional[dict[str, Any]] = None) -> Any:
     return cls(**kwargs)
 
 
+def check_paths(params: Any) -> None:
+    """Check every path parameter of ``params`` that is set (inputs readable, outputs writable),
+    so bad paths fail in one line before any model is loaded."""
+    from .outputs import check_input_file, check_output_dir, check_output_file
+
+    for spec in param_specs(type(params)):
+        value = getattr(params, spec.name)
+        if spec.path is None or not isinstance(value, str) or not value.strip():
+            continue
+        if spec.path == "in":
+            check_input_file(value, spec.flag)
+        elif spec.path == "out_dir":
+            check_output_dir(value, spec.flag)
+        else:
+            check_output_file(value, spec.flag)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """Options every pair tool shares: the workload and how to run the models."""
 
-    workload: str = param("", "Workload file (concept-set JSONL, JSONL of {\"text\"}, or .txt one text per line). Empty = the bundled concept set.")
+    workload: str = param("", "Workload file (concept-set JSONL, JSONL of {\"text\"}, or .txt one text per line). Empty = the bundled concept set.", path="in")
     max_tokens: int = param(2048, "Token budget for activation capture (bounds memory).", min=8, max=1_000_000)
     batch_size: int = param(8, "Texts per forward pass.", min=1, max=512)
     device: str = param("auto", "Where to run: auto (CUDA when present), cpu or cuda.", choices=("auto", "cpu", "cuda"))

@@ -7,7 +7,7 @@ import streamlit as st
 from engine.registry import all_tools
 from ui.entry import require_app_entry
 from ui.jobs import file_stem, result_view
-from ui.state import job_runner, one_line
+from ui.state import job_runner, one_line, startup_notes
 
 require_app_entry()
 
@@ -32,6 +32,12 @@ def delete_run(run_id: str) -> None:
 
 st.title("Runs")
 history = job_runner().history
+for note in startup_notes():
+    st.info(f"On start: {note}", icon=":material/cleaning_services:")
+elsewhere = history.active_elsewhere()
+if elsewhere:
+    st.caption(f"{len(elsewhere)} run(s) are in progress in another Graft process (CLI or another server): "
+               + ", ".join(f"{r['title']} (pid {r['owner_pid']})" for r in elsewhere[:5]))
 tools = {t.name: f"{t.code} {t.title}" for t in all_tools()}
 kinds = [ALL] + list(tools) + sorted({r["tool"] for r in history.list(limit=1000)} - set(tools))
 

@@ -345,12 +345,15 @@ def test_cli_make_donor_replay_flags(monkeypatch, tmp_path, flags, replay, retai
 
     monkeypatch.setattr(engine.actions, "build_donor", fake_build_donor)
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.chdir(tmp_path)  # the relative file names below exist: inputs are checked up front
+    for name in ("c.jsonl", "r.jsonl", "k.jsonl"):
+        (tmp_path / name).write_text('{"kind": "fact", "text": "x"}\n')
     out_json = tmp_path / "card.json"
     rc = main(["make-donor", "--base", "tiny-gpt2-a", "--concept", "c.jsonl", "--out", str(tmp_path / "d"),
                "--quiet", "--json", str(out_json), *flags])
     assert rc == 0
     assert (got["replay"], got["retained"]) == (replay, retained)
-    assert got["replay_fraction"] == (0.4 if "--replay-fraction" in flags else None)
+    assert got["replay_fraction"] == (0.4 if "--replay-fraction" in flags else 0.25)
     # --json holds the card without the in-memory model.
     assert json.loads(out_json.read_text())["card"] == {"format": "graft-donor/1"}
 

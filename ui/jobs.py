@@ -7,17 +7,17 @@ finished result (figure, key numbers, downloads). The page itself never waits fo
 """
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Callable, Optional
 
 import streamlit as st
 
+from engine import jsonsafe
 from engine.errors import GraftError
 from engine.jobs import Job
 from engine.params import build_params, param_specs
 from engine.registry import get_tool
-from ui.state import graft_error, job_runner, last_job_id, one_line, remember_job, selection
+from ui.state import Selection, graft_error, job_runner, last_job_id, one_line, remember_job, selection
 from ui.widgets import label_for, param_widgets
 
 POLL_SECONDS = 0.75
@@ -65,13 +65,17 @@ def tool_panel(tool_name: str, *, how_to_read: str = "", details: Optional[Resul
     job_id = last_job_id(tool.name)
     job = job_runner().get(job_id) if job_id else None
     busy = job is not None and not job.done
-    st.button(
+    # Submitted in the script run, not in an on_click callback: a callback runs before the sidebar
+    # and would read the selection of the previous run, so the pair submitted could differ from
+    # the pair on the screen. Here the sidebar has already resolved this run's widgets.
+    if st.button(
         f"Run {tool.code}", key=f"run-{tool.name}", type="primary", icon=":material/play_arrow:",
-        disabled=not sel.ok or busy, on_click=_submit_tool, args=(tool.name,),
+        disabled=not sel.ok or busy,
         help="Fix the model choice in the sidebar first." if not sel.ok else
              "This tool is already running; cancel it or wait." if busy else
              f"Runs {tool.code} on {sel.donor_text} → {sel.target_text} in the background.",
-    )
+    ):
+        job_id = _submit_tool(tool.name, sel) or job_id
     submit_error = st.session_state.pop(f"_submit_error-{tool.name}", None)
     if submit_error:
         st.error(submit_error, icon=":material/error:")
@@ -86,10 +90,9 @@ def _param_prefix(tool_name: str) -> str:
     return f"param-{tool_name}"
 
 
-def _submit_tool(tool_name: str) -> None:
-    """Run-button callback (before the script reruns, so the page redraws with the job in it)."""
+def _submit_tool(tool_name: str, sel: Selection) -> Optional[str]:
+    """Submit the tool on the pair the sidebar resolved in this very run; returns the job id."""
     tool = get_tool(tool_name)
-    sel = selection()
     prefix = _param_prefix(tool.name)
     values = {s.name: st.session_state.get(f"{prefix}-{s.name}", s.default) for s in param_specs(tool.params_cls)}
     try:
@@ -99,8 +102,20 @@ def _submit_tool(tool_name: str) -> None:
         job = job_runner().submit_tool(tool.name, sel.donor, sel.target, sel.options, params)
     except GraftError as exc:
         st.session_state[f"_submit_error-{tool.name}"] = one_line(exc)
-        return
+        return None
     remember_job(tool.name, job)
+    return job.id
+
+
+def pair_mismatch(donor_ref: Optional[str], target_ref: Optional[str]) -> Optional[str]:
+    """A one-line warning when a result's pair is not the pair the sidebar shows now, else None."""
+    sel = selection()
+    if sel.donor is None or sel.target is None or donor_ref is None:
+        return None
+    if (donor_ref, target_ref) == (sel.donor.ref, sel.target.ref):
+        return None
+    return (f"This result is for **{donor_ref} → {target_ref}**, not for the pair in the sidebar "
+            f"(**{sel.donor.ref} → {sel.target.ref}**). Run again for the pair on the screen.")
 
 
 # --------------------------------------------------------------------------- one job
@@ -149,7 +164,7 @@ def _finished_job_view(job: Job, tool_name: Optional[str], details: Optional[Res
         st.info(f"{job.title} was cancelled after {job.elapsed():.1f} s.", icon=":material/block:")
         return
     if tool_name and job.result is not None:
-        result_view(tool_name, job.result, key=job.id, details=details)
+        _guarded_result(tool_name, job.result, key=job.id, details=details)
     elif on_done is not None and job.result is not None:
         on_done(job.result)
 
@@ -160,9 +175,22 @@ def _stored_run_view(run_id: str, tool_name: Optional[str], details: Optional[Re
     if row is None:
         return
     if row["status"] == "done" and row["result"] and tool_name:
-        result_view(tool_name, row["result"], key=run_id, details=details)
+        _guarded_result(tool_name, row["result"], key=run_id, details=details)
     elif row["status"] in ("failed", "cancelled"):
         st.error(f"{row['title']} {row['status']}: {one_line(row['error'] or row['status'])}", icon=":material/error:")
+
+
+def _guarded_result(tool_name: str, envelope: dict[str, Any], *, key: str,
+                    details: Optional[ResultDetails] = None) -> None:
+    """The result, unless it is for another pair than the sidebar's: then a warning, and the
+    result only on request, so no figure is taken for the pair on the screen by mistake."""
+    warning = pair_mismatch(envelope.get("donor"), envelope.get("target"))
+    if warning is None:
+        result_view(tool_name, envelope, key=key, details=details)
+        return
+    st.warning(warning, icon=":material/warning:")
+    with st.expander(f"Show the result for {envelope.get('donor')} → {envelope.get('target')} anyway"):
+        result_view(tool_name, envelope, key=key, details=details)
 
 
 # --------------------------------------------------------------------------- one result
@@ -179,8 +207,12 @@ def result_view(tool_name: str, envelope: dict[str, Any], *, key: str,
     except Exception as exc:  # a figure bug must not hide the numbers or the downloads
         st.warning(f"The figure could not be drawn ({graft_error(exc)}); the numbers are below.",
                    icon=":material/warning:")
+    for w in (envelope.get("result") or {}).get("warnings") or []:
+        st.warning(w, icon=":material/warning:")
     if fig is not None:
         st.plotly_chart(fig, config=viz.download_config(fig), key=f"fig-{tool_name}-{key}")
+    for n in (envelope.get("meta") or {}).get("notes") or []:
+        st.caption(f"Note: {n}")
 
     metrics = key_numbers(envelope)
     if metrics:
@@ -194,7 +226,7 @@ def result_view(tool_name: str, envelope: dict[str, Any], *, key: str,
     stem = file_stem(envelope)
     left, right, _ = st.columns([1, 1, 2])
     left.download_button(
-        "Result JSON", data=json.dumps(envelope, indent=2), file_name=f"{stem}.json", mime="application/json",
+        "Result JSON", data=jsonsafe.dumps(envelope, indent=2), file_name=f"{stem}.json", mime="application/json",
         key=f"dl-json-{tool_name}-{key}", icon=":material/download:", on_click="ignore", width="stretch",
     )
     if fig is not None:

@@ -28,6 +28,17 @@ def app_pages() -> list[st.Page]:
     return pages
 
 
+NAV_KEY = "graft-nav"  # the sidebar container of the navigation (CSS class st-key-graft-nav)
+
+
+def render_nav(pages: list[st.Page]) -> None:
+    """The app's navigation, drawn in the sidebar with page links (Streamlit's own list is off)."""
+    with st.sidebar.container(key=NAV_KEY):
+        for p in pages:
+            st.page_link(p, label=p.title, icon=p.icon)
+        st.divider()
+
+
 def tool_page_names() -> list[str]:
     """Registry page names in the order of their first tool (T1, T2, ...)."""
     names: list[str] = []

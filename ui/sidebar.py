@@ -17,12 +17,13 @@ import streamlit as st
 
 from engine.data import builtin_concept_path, load_workload
 from engine.errors import GraftError
-from engine.models import BUILTIN_DESCRIPTIONS, DEMO_DONOR, SMOLLM2, ModelSpec, builtin_status, cached_hub_models, resolve_device
+from engine.models import (BUILTIN_DESCRIPTIONS, DEMO_DONOR, SMOLLM2, ModelSpec, builtin_status, cached_hub_models,
+                           model_card, remote_code_files, resolve_device)
 from engine.params import RunOptions, build_params, param_specs
 from engine.paths import graft_home
 from ui.demo import demo_builder, demo_pair_ready
 from ui.state import (DONOR, SELECTION, TARGET, TRUST, Selection, graft_error, job_runner, last_job_id, model_store,
-                      one_line, parse_model)
+                      one_line, startup_notes)
 from ui.widgets import param_widget
 
 TINY_PAIR = ("tiny-gpt2-a", "tiny-gpt2-b")
@@ -48,6 +49,10 @@ def render_sidebar() -> Selection:
         _sync_query_params(sel)
         st.session_state[SELECTION] = sel
         _compat_badge(sel, status)
+    if not st.session_state.get("_startup_notes_shown"):
+        st.session_state["_startup_notes_shown"] = True
+        for note in startup_notes():
+            st.toast(note, icon=":material/cleaning_services:")
     return sel
 
 
@@ -64,8 +69,8 @@ def _init_selection() -> None:
     qp = st.query_params
     st.session_state.setdefault(DONOR, qp.get("donor") or donor)
     st.session_state.setdefault(TARGET, qp.get("target") or target)
-    if qp.get("trust_remote_code") in ("1", "true", "yes"):
-        st.session_state.setdefault(TRUST, True)
+    # Query parameters preselect models and nothing else: trusting remote code is never taken
+    # from a link (see _trust_section).
     st.session_state["_selection_initialised"] = True
 
 
@@ -102,15 +107,14 @@ def _model_section(status: dict[str, dict[str, Any]]) -> Selection:
     st.button("Swap donor and target", key="swap-models", on_click=_swap, icon=":material/swap_vert:",
               type="tertiary")
     target_text = _model_picker(TARGET, "Target", "the model knowledge is moved into", choices, status)
-    trust = st.checkbox("Trust remote code", key=TRUST,
-                        help="Let a model folder run its own Python code when loading. Leave off unless you trust its source.")
+    trust = _trust_section(donor_text, target_text)
 
     errors: list[str] = []
     specs: dict[str, Optional[ModelSpec]] = {}
     for role, text in ((DONOR, donor_text), (TARGET, target_text)):
         specs[role] = None
         try:
-            specs[role] = parse_model(text, trust)
+            specs[role] = ModelSpec.parse(text, trust)
         except GraftError as exc:
             errors.append(f"{role.capitalize()}: {one_line(exc)}")
             continue
@@ -120,6 +124,10 @@ def _model_section(status: dict[str, dict[str, Any]]) -> Selection:
     for message in errors:
         st.error(message, icon=":material/error:")
     for role, text in ((DONOR, donor_text), (TARGET, target_text)):
+        if specs[role] is not None and specs[role].kind != "builtin":
+            summary = _card_summary(text)
+            if summary:
+                st.caption(f":material/description: {role.capitalize()}: {summary}")
         state = status.get(text, {}).get("state")
         if state == "needs building":
             st.caption(f"{role.capitalize()} {text} is built on first use (several minutes on CPU); "
@@ -135,6 +143,53 @@ def _model_section(status: dict[str, dict[str, Any]]) -> Selection:
                               else "."))
             demo_builder("sidebar")
     return Selection(donor_text, target_text, bool(trust), specs[DONOR], specs[TARGET], None, tuple(errors))
+
+
+@st.cache_data(ttl=10, max_entries=64, show_spinner=False)
+def _remote_code(text: str) -> list[str]:
+    return remote_code_files(ModelSpec.parse(text))
+
+
+@st.cache_data(ttl=10, max_entries=64, show_spinner=False)
+def _card_summary(text: str) -> Optional[str]:
+    try:
+        card = model_card(ModelSpec.parse(text))
+    except GraftError:
+        return None
+    return card["summary"] if card else None
+
+
+def _trust_section(donor_text: str, target_text: str) -> bool:
+    """Whether this session lets the chosen models run their own Python code.
+
+    Off by default and never set from a link. Only when a chosen model ships code (``auto_map``
+    entries or ``.py`` files) does the sidebar offer the switch, listing exactly the files that
+    would run; the grant belongs to this session and to this pair, and is withdrawn as soon as
+    either model changes."""
+    pair = (donor_text, target_text)
+    if st.session_state.get("_trust_pair") != pair:
+        st.session_state[TRUST] = False  # a new pair starts untrusted
+        st.session_state["_trust_pair"] = pair
+    files: dict[str, list[str]] = {}
+    for role, text in (("donor", donor_text), ("target", target_text)):
+        try:
+            found = _remote_code(text)
+        except GraftError:
+            continue
+        if found:
+            files[f"{role} {ModelSpec.parse(text).label}"] = found
+    if not files:
+        st.session_state[TRUST] = False
+        return False
+    with st.container(border=True):
+        st.markdown(":orange-badge[:material/code: custom code] The chosen models ship Python code that "
+                    "runs on this machine if you trust it:")
+        for who, names in files.items():
+            st.caption(f"**{who}**")
+            st.code("\n".join(names), language=None)
+        return bool(st.checkbox("Trust and run this code (this session, this pair)", key=TRUST,
+                                help="Off: the models load without their custom code, or are refused if they need it. "
+                                     "Never turned on by a link; resets when you pick another model."))
 
 
 def _model_picker(role: str, label: str, what: str, choices: list[str], status: dict[str, dict[str, Any]]) -> str:

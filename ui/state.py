@@ -41,6 +41,30 @@ def _runner(home: str) -> JobRunner:
     return JobRunner(_store(home), History(history_db()), live=LIVE)
 
 
+@st.cache_resource(show_spinner=False)
+def _startup_notes(home: str) -> tuple[str, ...]:
+    """Once per server process: partial saves left by killed processes are removed, and runs whose
+    process is gone are marked interrupted (History does it on open). Returns what was done."""
+    from engine.paths import clean_stale_staging, describe_cleanup
+
+    notes = []
+    try:
+        removed = describe_cleanup(clean_stale_staging())
+    except Exception as exc:  # housekeeping must never stop the app
+        removed = f"could not check for leftover partial saves: {type(exc).__name__}: {exc}"
+    if removed:
+        notes.append(removed)
+    interrupted = job_runner().history.interrupted
+    if interrupted:
+        notes.append(f"{len(interrupted)} run(s) left running by a process that is gone were marked interrupted "
+                     f"(see Runs)")
+    return tuple(notes)
+
+
+def startup_notes() -> tuple[str, ...]:
+    return _startup_notes(str(graft_home()))
+
+
 def model_store() -> ModelStore:
     """The process-wide cache of loaded models."""
     return _store(str(graft_home()))
@@ -74,11 +98,6 @@ def selection() -> Selection:
     if sel is None:
         return Selection("", "", False, None, None, None, ("no models chosen yet",))
     return sel
-
-
-def parse_model(text: str, trust_remote_code: bool) -> ModelSpec:
-    """Parse a model spec, turning any resolution failure into a one-line GraftError."""
-    return ModelSpec.parse(text, trust_remote_code=trust_remote_code)
 
 
 def remember_job(key: str, job: Job) -> None:

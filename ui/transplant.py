@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 import streamlit as st
 
 from engine.errors import GraftError
+from engine.history import new_run_id
 from engine.live import LIVE, rebuild
 from engine.paths import graft_home
 from ui.jobs import job_view
@@ -62,7 +62,7 @@ def _record(kind: str, title: str, envelope: dict[str, Any], params: dict[str, A
             status: str = "done", error: str = "") -> None:
     """An instant action still gets a row in the run history."""
     hist = job_runner().history
-    rid = uuid.uuid4().hex[:12]
+    rid = new_run_id()
     hist.create(rid, kind, title, envelope.get("donor", ""), envelope.get("target", ""), params)
     hist.start(rid)
     hist.finish(rid, status, result=result, error=error)

@@ -196,10 +196,10 @@ def _locked(*models: Any) -> Iterator[None]:
 class SwapParams:
     k: int = param(8, "Swap the top-K modules of the T7 ranking (ignored when --modules is given).", min=1, max=100_000)
     modules: str = param("", "Comma-separated module names to swap instead of the top K, e.g. 'blocks.3.attn.o,blocks.5.mlp.down'.")
-    concept: str = param("", "Concept set JSONL: perplexity on its facts and task score on its test questions. Empty = the bundled set.")
-    retained: str = param("", "Retained general set JSONL for the retained perplexity. Empty = the bundled set.")
+    concept: str = param("", "Concept set JSONL: perplexity on its facts and task score on its test questions. Empty = the bundled set.", path="in")
+    retained: str = param("", "Retained general set JSONL for the retained perplexity. Empty = the bundled set.", path="in")
     score: str = param("graded", "Task score S behind TIR and Recovery: graded (mean answer-token probability) or exact (greedy answer contains the reference).", choices=SCORES)
-    save: str = param("", "Save T' into this folder (Hugging Face format + surgery.json). Empty = don't save.")
+    save: str = param("", "Save T' into this folder (Hugging Face format + surgery.json). Empty = don't save.", path="out_dir")
     max_new_tokens: int = param(16, "Greedy tokens generated per test question (exact score, generations).", min=1, max=512)
 
 
@@ -359,8 +359,8 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
 @dataclass(frozen=True)
 class SweepParams:
     k_grid: str = param("", "Comma-separated K values, e.g. '0,1,2,4,8,16,32'. Empty = 0, 1, 2, 4, ... doubling up to every swappable module. Values above that number are clipped.")
-    concept: str = param("", "Concept set JSONL: task score on its test questions. Empty = the bundled set.")
-    retained: str = param("", "Retained general set JSONL for the retained perplexity. Empty = the bundled set.")
+    concept: str = param("", "Concept set JSONL: task score on its test questions. Empty = the bundled set.", path="in")
+    retained: str = param("", "Retained general set JSONL for the retained perplexity. Empty = the bundled set.", path="in")
     score: str = param("graded", "Task score S behind TIR and Recovery: graded (mean answer-token probability) or exact (greedy answer contains the reference).", choices=SCORES)
     max_new_tokens: int = param(16, "Greedy tokens generated per test question (exact score only).", min=1, max=512)
 

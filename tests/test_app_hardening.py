@@ -1,0 +1,99 @@
+"""App hardening, driven headless with AppTest: a link never turns on remote code, the trust switch
+lists the files that would run and holds for one pair, and a result is never shown as if it were
+for a pair other than the sidebar's."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+from test_app import run_until  # noqa: E402  (tests/ is on sys.path under pytest)
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("GRAFT_HOME", str(tmp_path / "graft"))
+    return tmp_path / "graft"
+
+
+@pytest.fixture(scope="module")
+def code_folder(tmp_path_factory) -> Path:
+    """A tiny GPT-2 folder whose config names custom code, with the .py file that would run."""
+    from engine.tiny import build_tiny
+
+    d = tmp_path_factory.mktemp("remote") / "custom-model"
+    model, tok = build_tiny("tiny-gpt2-a")
+    model.save_pretrained(str(d), safe_serialization=True)
+    tok.save_pretrained(str(d))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    marker = d.parent / "EXECUTED"
+    (d / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    return d
+
+
+def open_app(query: dict[str, str], page: str = "pages/home.py") -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    for k, v in query.items():
+        at.query_params[k] = v
+    at.run()
+    if page != "pages/home.py":
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def sidebar_text(at: AppTest) -> str:
+    return "\n".join(str(e.value) for e in list(at.sidebar.markdown) + list(at.sidebar.caption) + list(at.sidebar.code))
+
+
+@pytest.mark.parametrize("flag", ["1", "true", "yes", "on"])
+def test_a_link_cannot_turn_on_remote_code(home, code_folder, flag):
+    at = open_app({"donor": str(code_folder), "target": "tiny-gpt2-b", "trust_remote_code": flag})
+    assert at.session_state["_selection"].trust_remote_code is False
+    box = [c for c in at.sidebar.checkbox if c.key == "trust_remote_code"]
+    assert box and box[0].value is False
+    assert not (code_folder.parent / "EXECUTED").exists()
+
+
+def test_trust_switch_lists_the_files_and_holds_for_one_pair(home, code_folder):
+    at = open_app({"donor": str(code_folder), "target": "tiny-gpt2-b"})
+    text = sidebar_text(at)
+    assert "modeling_custom.py" in text and "modeling_custom.CustomModel" in text
+    at.sidebar.checkbox(key="trust_remote_code").check().run()
+    sel = at.session_state["_selection"]
+    assert sel.trust_remote_code is True and sel.donor.trust_remote_code is True
+    # Another target: the grant is gone, and must be given again deliberately.
+    at.sidebar.selectbox(key="target_pick").set_value("tiny-llama-b").run()
+    assert at.session_state["_selection"].trust_remote_code is False
+    assert at.sidebar.checkbox(key="trust_remote_code").value is False
+    assert not (code_folder.parent / "EXECUTED").exists(), "listing the files must not import them"
+
+
+def test_no_trust_switch_when_no_model_ships_code(home):
+    at = open_app({"donor": "tiny-gpt2-a", "target": "tiny-gpt2-b", "trust_remote_code": "1"})
+    assert not [c for c in at.sidebar.checkbox if c.key == "trust_remote_code"]
+    assert at.session_state["_selection"].trust_remote_code is False
+
+
+def test_run_submits_the_pair_on_the_screen_and_flags_a_stale_result(home):
+    at = open_app({"donor": "tiny-gpt2-a", "target": "tiny-gpt2-b"}, "pages/alignment.py")
+    # Change the target and click Run in the same interaction, as a quick user would: the job
+    # must be for the pair the sidebar now shows.
+    at.sidebar.selectbox(key="target_pick").set_value("tiny-llama-b")
+    at.button(key="run-cka").click().run()
+    run_until(at, lambda a: len(a.get("plotly_chart")) > 0)
+    caption = "\n".join(str(c.value) for c in at.caption)
+    assert "donor **tiny-gpt2-a** → target **tiny-llama-b**" in caption
+    assert not at.warning
+    # Now the sidebar shows another pair: the old result is flagged, not shown as this pair's.
+    at.sidebar.button(key="swap-models").click().run()
+    warnings = "\n".join(str(w.value) for w in at.warning)
+    assert "This result is for **tiny-gpt2-a → tiny-llama-b**" in warnings
+    assert "tiny-llama-b → tiny-gpt2-a" in warnings
+    assert any("anyway" in e.label for e in at.expander)
