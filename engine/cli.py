@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 from . import jsonsafe
 from .errors import Cancelled, GraftError
 from .outputs import check_output_file
-from .params import ParamSpec, RunOptions, param_specs
+from .params import WORKLOAD_OPTIONS, ParamSpec, RunOptions, param_specs
 from .progress import Progress
 
 
@@ -96,16 +96,20 @@ def _clean_leftovers() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .registry import all_tools
+    from .registry import INPUT_HELP, all_tools
 
     parser = argparse.ArgumentParser(prog="python -m engine", description="Graft: pre-surgery diagnostics and transplants, headless.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for tool in all_tools():
         p = sub.add_parser(tool.name, help=f"{tool.code} {tool.title}", description=f"{tool.code} {tool.title}: {tool.summary}")
-        p.add_argument("--donor", required=True, help="donor model: built-in name, HF folder, .gguf file or cached hub id")
-        p.add_argument("--target", required=True, help="target model (same forms as --donor)")
+        # Only the inputs the tool declares (Tool.needs); which combination is complete is checked
+        # at run time, with the alternatives in the message.
+        for name in tool.inputs:
+            p.add_argument(f"--{name}", default=None, metavar="DIR" if name == "adapter" else "SPEC",
+                           help=f"{INPUT_HELP[name]} [needs: {tool.describe_needs()}]")
         for s in param_specs(RunOptions):
-            _add_spec(p, s, "opt_")
+            if tool.uses_workload or s.name not in WORKLOAD_OPTIONS:
+                _add_spec(p, s, "opt_")
         for s in param_specs(tool.params_cls):
             _add_spec(p, s, "param_")
         p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
@@ -134,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .context import run_tool
+    from .context import pair_labels, run_tool
     from .history import History, new_run_id
     from .models import ModelSpec
     from .params import build_params, check_paths
@@ -182,12 +186,13 @@ def _run(args: argparse.Namespace) -> int:
                                  default=str)[:4000])
             return 0
         tool = get_tool(args.tool)
-        options = build_params(RunOptions, {s.name: getattr(args, "opt_" + s.name) for s in param_specs(RunOptions)
-                                            if getattr(args, "opt_" + s.name) is not None})
+        options = build_params(RunOptions, {s.name: getattr(args, "opt_" + s.name, None) for s in param_specs(RunOptions)
+                                            if getattr(args, "opt_" + s.name, None) is not None})
         params = build_params(tool.params_cls, {s.name: getattr(args, "param_" + s.name) for s in param_specs(tool.params_cls)
                                                 if getattr(args, "param_" + s.name) is not None})
-        donor = ModelSpec.parse(args.donor, args.trust_remote_code)
-        target = ModelSpec.parse(args.target, args.trust_remote_code)
+        given = {name: getattr(args, name, None) for name in tool.inputs}
+        tool.choose(given)  # one line naming the alternatives when the inputs do not fit
+        models = {k: ModelSpec.parse(v, args.trust_remote_code) if v and k != "adapter" else v for k, v in given.items()}
         # Every output and input path is checked before a model is loaded.
         if args.json_path:
             check_output_file(args.json_path, "--json")
@@ -195,11 +200,13 @@ def _run(args: argparse.Namespace) -> int:
         check_paths(params)
         history = History()
         run_id = new_run_id("cli-")
-        history.create(run_id, tool.name, f"{tool.code} {tool.title}", donor.ref, target.ref,
-                       {"options": dataclasses.asdict(options), "params": dataclasses.asdict(params)}, source="cli")
+        refs = {k: (v.ref if isinstance(v, ModelSpec) else v) for k, v in models.items()}
+        history.create(run_id, tool.name, f"{tool.code} {tool.title}", *pair_labels(refs),
+                       {"options": dataclasses.asdict(options), "params": dataclasses.asdict(params),
+                        "inputs": refs}, source="cli")
         history.start(run_id)
         try:
-            env = run_tool(tool.name, donor, target, options, params, progress=Progress(bar))
+            env = run_tool(tool.name, options=options, params=params, progress=Progress(bar), **models)
             env["run_id"] = run_id
             if args.json_path:
                 _write_json(args.json_path, env)

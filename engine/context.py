@@ -13,7 +13,7 @@ from .capture import DEFAULT_CACHE, Capture, CaptureCache, budget_texts, per_tex
 from .data import Workload, builtin_concept_path, load_workload
 from .jsonsafe import strict
 from .linalg import cka_matrix
-from .models import LoadedModel, ModelSpec, ModelStore
+from .models import LoadedModel, ModelSpec, ModelStore, resolve_device
 from .params import RunOptions, build_params, check_paths
 from .progress import Progress, silent
 from .registry import get_tool
@@ -27,13 +27,15 @@ class ToolContext:
     and workload share one forward pass per model and one CKA matrix.
     """
 
-    donor: LoadedModel
-    target: LoadedModel
-    workload: Workload
+    donor: Optional[LoadedModel]
+    target: Optional[LoadedModel]
+    workload: Optional[Workload]  # None for a tool that reads no texts (Tool.uses_workload False)
     options: RunOptions
     captures: CaptureCache = field(default_factory=lambda: DEFAULT_CACHE)
     meta: dict[str, Any] = field(default_factory=dict)
     live: Any = None  # engine.live.LiveTransplants: the app keeps transplants applied (see engine/live.py)
+    base: Optional[LoadedModel] = None  # the model an adapter / a full fine-tune was trained from
+    adapter: Optional[str] = None  # adapter as the user gave it (PEFT folder, make-donor folder, demo name)
 
     def texts(self) -> list[str]:
         cut: list = []
@@ -93,22 +95,27 @@ def resolve_workload(path: str) -> Workload:
 
 def run_tool(
     tool_name: str,
-    donor: ModelSpec | LoadedModel,
-    target: ModelSpec | LoadedModel,
+    donor: ModelSpec | LoadedModel | None = None,
+    target: ModelSpec | LoadedModel | None = None,
     options: RunOptions | dict | None = None,
     params: Any = None,
     *,
+    base: ModelSpec | LoadedModel | None = None,
+    adapter: Optional[str] = None,
     store: Optional[ModelStore] = None,
     progress: Optional[Progress] = None,
     captures: Optional[CaptureCache] = None,
     live: Any = None,
 ) -> dict[str, Any]:
-    """Run a registered tool end to end and return ``{"tool", "donor", "target", "result", "meta"}``.
+    """Run a registered tool end to end and return ``{"tool", "donor", "target", "result", "meta"}``
+    (plus ``"base"`` / ``"adapter"`` when the tool took them).
 
-    This is the only path from inputs to a result: the CLI, the job runner and the tests call it.
+    The inputs must fit one of the tool's ``needs`` alternatives (one line otherwise). This is the
+    only path from inputs to a result: the CLI, the job runner and the tests call it.
     """
     progress = progress or silent()
     tool = get_tool(tool_name)
+    chosen = tool.choose({"donor": donor, "target": target, "base": base, "adapter": adapter})
     if not isinstance(options, RunOptions):
         options = build_params(RunOptions, options or {})
     if not dataclasses.is_dataclass(params):
@@ -118,16 +125,20 @@ def run_tool(
     # Bad paths fail here, in one line, before minutes of loading and computing.
     check_paths(options)
     check_paths(params)
-    workload = resolve_workload(options.workload)
+    workload = resolve_workload(options.workload) if tool.uses_workload else None
 
     def get(m: ModelSpec | LoadedModel, p: Progress) -> LoadedModel:
         return m if isinstance(m, LoadedModel) else store.get(m, options.device, options.dtype, p)
 
     progress(0.0, "loading models")
-    d = get(donor, progress.sub(0.0, 0.1))
-    t = get(target, progress.sub(0.1, 0.2))
+    specs = {"donor": donor, "target": target, "base": base}
+    wanted = [k for k in ("donor", "target", "base") if k in chosen]
+    loaded: dict[str, Optional[LoadedModel]] = {"donor": None, "target": None, "base": None}
+    for i, key in enumerate(wanted):
+        loaded[key] = get(specs[key], progress.sub(0.2 * i / len(wanted), 0.2 * (i + 1) / len(wanted)))
     t_load = time.perf_counter() - t0
-    ctx = ToolContext(d, t, workload, options, captures or DEFAULT_CACHE, live=live)
+    ctx = ToolContext(loaded["donor"], loaded["target"], workload, options, captures or DEFAULT_CACHE, live=live,
+                      base=loaded["base"], adapter=adapter if "adapter" in chosen else None)
     t1 = time.perf_counter()
     result = tool.compute(ctx, params, progress.sub(0.2, 1.0))
     t_compute = time.perf_counter() - t1
@@ -140,19 +151,34 @@ def run_tool(
         ctx.meta.setdefault("notes", []).append(
             f"{len(undefined)} value(s) were undefined (not a finite number) and are null: "
             + ", ".join(undefined[:5]) + (" ..." if len(undefined) > 5 else ""))
-    return {
+    first = next(m for m in loaded.values() if m is not None) if any(loaded.values()) else None
+    envelope: dict[str, Any] = {
         "tool": tool.name,
-        "donor": d.spec.ref,
-        "target": t.spec.ref,
-        "result": payload,
-        "meta": {
-            "code": tool.code,
-            "params": dataclasses.asdict(params),
-            "options": dataclasses.asdict(options),
-            "workload": {"name": workload.name, "sha256": workload.sha256, "n_texts": len(workload.texts)},
-            "device": str(d.device),
-            "load_seconds": round(t_load, 4),
-            "compute_seconds": round(t_compute, 4),
-            **ctx.meta,
-        },
+        "donor": loaded["donor"].spec.ref if loaded["donor"] else None,
+        "target": loaded["target"].spec.ref if loaded["target"] else None,
     }
+    if loaded["base"] is not None:
+        envelope["base"] = loaded["base"].spec.ref
+    if ctx.adapter is not None:
+        envelope["adapter"] = ctx.adapter
+    envelope["result"] = payload
+    envelope["meta"] = {
+        "code": tool.code,
+        "params": dataclasses.asdict(params),
+        "options": dataclasses.asdict(options),
+        **({"workload": {"name": workload.name, "sha256": workload.sha256, "n_texts": len(workload.texts)}}
+           if workload is not None else {}),
+        "device": str(first.device) if first is not None else str(resolve_device(options.device)),
+        "load_seconds": round(t_load, 4),
+        "compute_seconds": round(t_compute, 4),
+        **ctx.meta,
+    }
+    return envelope
+
+
+def pair_labels(envelope: dict[str, Any]) -> tuple[str, str]:
+    """(what the run took from, what it looked at) for history rows and captions: donor/target,
+    or the adapter (or donor) and its base for tools that read one model's change."""
+    src = envelope.get("donor") or envelope.get("adapter") or ""
+    dst = envelope.get("target") or envelope.get("base") or ""
+    return str(src), str(dst)

@@ -15,7 +15,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .context import run_tool
+from .context import pair_labels, run_tool
 from .errors import Cancelled, GraftError
 from .history import History, new_run_id
 from .models import ModelSpec, ModelStore
@@ -64,15 +64,21 @@ class JobRunner:
         self._worker.start()
 
     # ------------------------------------------------------------------ submit
-    def submit_tool(self, tool_name: str, donor: ModelSpec, target: ModelSpec,
-                    options: RunOptions, params: Any) -> Job:
+    def submit_tool(self, tool_name: str, donor: Optional[ModelSpec], target: Optional[ModelSpec],
+                    options: RunOptions, params: Any, *, base: Optional[ModelSpec] = None,
+                    adapter: Optional[str] = None) -> Job:
+        """Queue a registered tool on the given inputs (checked against the tool's needs first)."""
         tool = get_tool(tool_name)
-        record = {"options": dataclasses.asdict(options), "params": dataclasses.asdict(params)}
+        inputs = {"donor": donor, "target": target, "base": base, "adapter": adapter}
+        tool.choose(inputs)
+        refs = {k: (v.ref if isinstance(v, ModelSpec) else v) for k, v in inputs.items() if v not in (None, "")}
+        record = {"options": dataclasses.asdict(options), "params": dataclasses.asdict(params), "inputs": refs}
 
         def work(progress: Progress) -> dict[str, Any]:
-            return run_tool(tool_name, donor, target, options, params, store=self.store, progress=progress, live=self.live)
+            return run_tool(tool_name, donor, target, options, params, base=base, adapter=adapter, store=self.store,
+                            progress=progress, live=self.live)
 
-        return self.submit(tool.name, f"{tool.code} {tool.title}", donor.ref, target.ref, record, work)
+        return self.submit(tool.name, f"{tool.code} {tool.title}", *pair_labels(refs), record, work)
 
     def submit(self, kind: str, title: str, donor: str, target: str, params: dict[str, Any],
                work: Callable[[Progress], dict[str, Any]]) -> Job:

@@ -130,6 +130,10 @@ def check_paths(params: Any) -> None:
             check_output_file(value, spec.flag)
 
 
+# RunOptions fields that only matter to a tool that reads texts (Tool.uses_workload).
+WORKLOAD_OPTIONS = frozenset({"workload", "max_tokens", "batch_size", "outlier_factor"})
+
+
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """Options every pair tool shares: the workload and how to run the models."""

@@ -15,6 +15,19 @@ from .errors import GraftError
 from .params import param_specs
 
 
+# What a tool can be given besides its parameters. Models: the donor D, the target T, a base
+# model (what an adapter or a full fine-tune was trained from), and an adapter (a PEFT LoRA folder,
+# a make-donor folder or the demo donor's name). The workload is a list of texts.
+MODEL_INPUTS = ("donor", "target", "base", "adapter")
+INPUT_HELP = {
+    "donor": "donor model: built-in name, HF folder, make-donor or saved transplant folder, .gguf file or cached hub id",
+    "target": "target model (same forms as --donor)",
+    "base": "the base model the adapter or the full fine-tune was trained from (same forms as --donor)",
+    "adapter": "LoRA adapter: a PEFT folder (adapter_config.json + adapter_model.safetensors), a make-donor "
+               "folder, or the demo donor's name",
+}
+
+
 @dataclass(frozen=True)
 class Tool:
     name: str  # CLI sub-command, e.g. "cka"
@@ -26,6 +39,41 @@ class Tool:
     figure: str  # "viz.module:function", takes the result dict and returns a plotly Figure
     page: str  # which app page shows it
     same_family: bool = False  # True: needs donor and target of one family and tokenizer (module swaps)
+    # Alternatives of inputs, each a set that must be given in full, e.g. (("adapter",), ("donor", "base")).
+    # The CLI offers the union as flags, the page asks only for those, the conformance suite
+    # builds a fixture for each.
+    needs: tuple[tuple[str, ...], ...] = (("donor", "target"),)
+    uses_workload: bool = True  # reads texts (the workload options apply)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every model input the tool can take, in MODEL_INPUTS order."""
+        given = {name for alt in self.needs for name in alt}
+        return tuple(n for n in MODEL_INPUTS if n in given)
+
+    def choose(self, given: dict[str, Any]) -> tuple[str, ...]:
+        """The first alternative fully present in ``given`` (values not None/empty); a one-line
+        GraftError naming the alternatives otherwise. Inputs outside the chosen set are refused
+        too, so nothing the user passed is silently ignored."""
+        present = {k for k, v in given.items() if v not in (None, "")}
+        unknown = present - set(self.inputs)
+        if unknown:
+            raise GraftError(f"{self.name} takes {self.describe_needs()}; it does not use "
+                             + ", ".join("--" + u for u in sorted(unknown)))
+        fits = [alt for alt in self.needs if set(alt) <= present]
+        if not fits:
+            raise GraftError(f"{self.name} needs {self.describe_needs()}")
+        best = max(fits, key=len)
+        extra = present - set(best)
+        if extra:
+            raise GraftError(f"{self.name} takes {self.describe_needs()}: "
+                             + ", ".join("--" + e for e in sorted(extra)) + " does not go with "
+                             + " and ".join("--" + a for a in best))
+        return best
+
+    def describe_needs(self) -> str:
+        alts = [" and ".join(f"--{n} {n.upper() if n == 'adapter' else 'SPEC'}" for n in alt) for alt in self.needs]
+        return alts[0] if len(alts) == 1 else ", or ".join(alts)
 
 
 _REGISTRY: dict[str, Tool] = {}
@@ -45,6 +93,8 @@ def register(tool: Tool) -> Tool:
         raise TypeError(f"{tool.name}: compute must take (ctx, params, progress)")
     if ":" not in tool.figure or not tool.figure.startswith("viz."):
         raise TypeError(f"{tool.name}: figure must be 'viz.module:function'")
+    if not tool.needs or any(not alt or set(alt) - set(MODEL_INPUTS) for alt in tool.needs):
+        raise TypeError(f"{tool.name}: needs must be non-empty alternatives of {MODEL_INPUTS}")
     _REGISTRY[tool.name] = tool
     return tool
 

@@ -49,55 +49,105 @@ def test_params_are_typed_with_help_and_validated(name):
                 build_params(tool.params_cls, {s.name: s.min - 1})
 
 
-@pytest.mark.parametrize("name", TOOLS)
+CASES = [(t.name, alt) for t in all_tools() for alt in t.needs]
+
+
+def case_id(case) -> str:
+    return f"{case[0]}[{'+'.join(case[1])}]"
+
+
+@pytest.fixture
+def tool_inputs(request, workload):
+    """Build the inputs a tool declares (Tool.needs) for one alternative: tiny models, the tiny
+    PEFT adapter for 'adapter' (with its base for 'base'), the shared tiny workload."""
+
+    def make(alt: tuple[str, ...], pair=PAIRS[0]) -> dict:
+        kw: dict = {}
+        if "adapter" in alt:
+            kw["adapter"] = request.getfixturevalue("tiny_adapter")["path"]
+        if "base" in alt:
+            kw["base"] = ModelSpec.parse("tiny-llama-a")
+            if "donor" in alt and "target" not in alt:  # a full fine-tune: same architecture as the base
+                kw["donor"] = ModelSpec.parse("tiny-llama-b")
+        if "donor" in alt and "donor" not in kw:
+            kw["donor"] = ModelSpec.parse(pair[0] if "base" not in alt else "tiny-llama-b")
+        if "target" in alt:
+            kw["target"] = ModelSpec.parse(pair[1] if "base" not in alt else "tiny-llama-b")
+        return kw
+
+    return make
+
+
+def test_needs_are_declared_and_enforced():
+    for t in all_tools():
+        assert t.needs and all(set(alt) <= {"donor", "target", "base", "adapter"} for alt in t.needs)
+        with pytest.raises(GraftError, match="needs"):
+            run_tool(t.name)  # nothing given: one line naming what is needed
+    with pytest.raises(GraftError, match="does not use --adapter"):
+        run_tool("cka", ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-gpt2-b"), adapter="x")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("pair", PAIRS, ids=["same-family", "cross-family"])
-def test_compute_result_is_json_deterministic_and_reports_progress(name, pair, workload):
+def test_compute_result_is_json_deterministic_and_reports_progress(case, pair, workload, tool_inputs):
+    name, alt = case
     seen = []
+    kw = tool_inputs(alt, pair)
     if get_tool(name).same_family and pair[0].split("-")[1] != pair[1].split("-")[1]:
         with pytest.raises(GraftError, match="same family"):
-            run_tool(name, ModelSpec.parse(pair[0]), ModelSpec.parse(pair[1]), {"workload": workload})
+            run_tool(name, options={"workload": workload}, **kw)
         return
-    env = run_tool(name, ModelSpec.parse(pair[0]), ModelSpec.parse(pair[1]), {"workload": workload},
-                   progress=Progress(lambda f, m: seen.append(f)))
-    assert set(env) == {"tool", "donor", "target", "result", "meta"}
+    env = run_tool(name, options={"workload": workload}, progress=Progress(lambda f, m: seen.append(f)), **kw)
+    assert {"tool", "donor", "target", "result", "meta"} <= set(env) <= {"tool", "donor", "target", "base", "adapter",
+                                                                          "result", "meta"}
     assert env["tool"] == name
     text = json.dumps(env, allow_nan=False)  # strict JSON: no NaN/Infinity sneaks into a result
     assert json.loads(text) == env
     assert seen and seen[-1] == 1.0
     assert all(0.0 <= f <= 1.0 for f in seen)
-    again = run_tool(name, ModelSpec.parse(pair[0]), ModelSpec.parse(pair[1]), {"workload": workload})
+    again = run_tool(name, options={"workload": workload}, **kw)
     assert again["result"] == env["result"]
 
 
-@pytest.mark.parametrize("name", TOOLS)
-def test_compute_can_be_cancelled(name, workload):
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_compute_can_be_cancelled(case, workload, tool_inputs):
+    name, alt = case
     p = Progress(lambda f, m: None)
     p.cancel()
     with pytest.raises(Cancelled):
-        run_tool(name, ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-gpt2-b"), {"workload": workload}, progress=p)
+        run_tool(name, options={"workload": workload}, progress=p, **tool_inputs(alt))
 
 
-@pytest.mark.parametrize("name", TOOLS)
-def test_figure_builder_renders_the_result(name, workload):
+def _figure_pair(name: str) -> tuple[str, str]:
+    return ("tiny-gpt2-a", "tiny-gpt2-b") if get_tool(name).same_family else ("tiny-gpt2-a", "tiny-llama-b")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_figure_builder_renders_the_result(case, workload, tool_inputs):
     go = pytest.importorskip("plotly.graph_objects")
     from viz import figure_for
 
-    target = "tiny-gpt2-b" if get_tool(name).same_family else "tiny-llama-b"
-    env = run_tool(name, ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse(target), {"workload": workload})
+    name, alt = case
+    env = run_tool(name, options={"workload": workload}, **tool_inputs(alt, _figure_pair(name)))
     fig = figure_for(name, json.loads(json.dumps(env)))  # from JSON, as when reopened from history
     assert isinstance(fig, go.Figure)
     assert len(fig.data) > 0
     fig.to_json()
 
 
-@pytest.mark.parametrize("name", TOOLS)
-def test_cli_runs_the_same_code_path(name, workload, tmp_path):
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cli_runs_the_same_code_path(case, workload, tmp_path, tool_inputs):
+    name, alt = case
     out = tmp_path / "out.json"
-    target = "tiny-gpt2-b" if get_tool(name).same_family else "tiny-llama-b"
-    proc = subprocess.run([sys.executable, "-m", "engine", name, "--donor", "tiny-gpt2-a", "--target", target,
-                           "--workload", workload, "--json", str(out), "--quiet"], capture_output=True, text=True)
+    kw = tool_inputs(alt, _figure_pair(name))
+    flags = [x for k, v in kw.items() for x in (f"--{k}", v.ref if isinstance(v, ModelSpec) else str(v))]
+    wl = ["--workload", workload] if get_tool(name).uses_workload else []
+    proc = subprocess.run([sys.executable, "-m", "engine", name, *flags, *wl, "--json", str(out), "--quiet"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     env = json.loads(out.read_text())
-    direct = run_tool(name, ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse(target), {"workload": workload})
+    direct = run_tool(name, options={"workload": workload}, **kw)
     assert env["result"] == json.loads(json.dumps(direct["result"]))
-    assert env["tool"] == name and env["donor"] == "tiny-gpt2-a" and env["target"] == target
+    assert env["tool"] == name and env["run_id"]
+    for k, v in kw.items():
+        assert env[k] == (v.ref if isinstance(v, ModelSpec) else v)

@@ -14,7 +14,7 @@ from engine.errors import Cancelled, GraftError
 from engine.models import ModelSpec, load_model
 from engine.progress import Progress
 from engine.registry import get_tool
-from engine.tools.modules import default_k_grid, parse_k_grid
+from engine.tools.sweep import default_k_grid, parse_k_grid
 from engine.transplant import ModuleSwap
 
 PLANTED = ("blocks.1.mlp.down", "blocks.2.attn.o", "blocks.3.mlp.down")

@@ -12,12 +12,16 @@ from typing import Any, Callable, Optional
 
 import streamlit as st
 
+from dataclasses import dataclass
+
 from engine import jsonsafe
+from engine.context import pair_labels
 from engine.errors import GraftError
 from engine.jobs import Job
-from engine.params import build_params, param_specs
+from engine.models import ModelSpec
+from engine.params import RunOptions, build_params, param_specs
 from engine.registry import get_tool
-from ui.state import Selection, graft_error, job_runner, last_job_id, one_line, remember_job, selection
+from ui.state import graft_error, job_runner, last_job_id, one_line, remember_job, selection
 from ui.widgets import label_for, param_widgets
 
 POLL_SECONDS = 0.75
@@ -47,10 +51,11 @@ ResultDetails = Callable[[dict[str, Any]], None]
 
 # --------------------------------------------------------------------------- the panel
 def tool_panel(tool_name: str, *, how_to_read: str = "", details: Optional[ResultDetails] = None,
-               before_run: Optional[Callable[[], None]] = None) -> None:
+               before_run: Optional[Callable[[], None]] = None, inputs: Optional["PanelInputs"] = None) -> None:
     """Parameters, Run button and the last job's view for one registered tool.
 
-    ``before_run`` draws extra inputs between the parameters and the Run button."""
+    ``before_run`` draws extra inputs between the parameters and the Run button. ``inputs`` are the
+    models the page resolved for this tool (default: the sidebar's donor and target)."""
     tool = get_tool(tool_name)
     st.subheader(f"{tool.code} · {tool.title}", anchor=tool.name)
     st.caption(tool.summary + (f"  \n**How to read it:** {how_to_read}" if how_to_read else ""))
@@ -61,45 +66,77 @@ def tool_panel(tool_name: str, *, how_to_read: str = "", details: Optional[Resul
     if before_run is not None:
         before_run()
 
-    sel = selection()
+    inputs = inputs or sidebar_inputs()
     job_id = last_job_id(tool.name)
     job = job_runner().get(job_id) if job_id else None
     busy = job is not None and not job.done
     # Submitted in the script run, not in an on_click callback: a callback runs before the sidebar
     # and would read the selection of the previous run, so the pair submitted could differ from
-    # the pair on the screen. Here the sidebar has already resolved this run's widgets.
+    # the pair on the screen. Here the sidebar (and the page's own inputs) resolved this run's widgets.
     if st.button(
         f"Run {tool.code}", key=f"run-{tool.name}", type="primary", icon=":material/play_arrow:",
-        disabled=not sel.ok or busy,
-        help="Fix the model choice in the sidebar first." if not sel.ok else
+        disabled=not inputs.ok or busy,
+        help=(inputs.errors[0] if inputs.errors else "Choose the inputs first.") if not inputs.ok else
              "This tool is already running; cancel it or wait." if busy else
-             f"Runs {tool.code} on {sel.donor_text} → {sel.target_text} in the background.",
+             f"Runs {tool.code} on {inputs.label} in the background.",
     ):
-        job_id = _submit_tool(tool.name, sel) or job_id
+        job_id = _submit_tool(tool.name, inputs) or job_id
     submit_error = st.session_state.pop(f"_submit_error-{tool.name}", None)
     if submit_error:
         st.error(submit_error, icon=":material/error:")
 
     if job_id:
-        job_view(job_id, tool_name=tool.name, details=details)
-    elif not sel.ok:
-        st.info("Choose a valid donor and target in the sidebar to run this tool.", icon=":material/info:")
+        job_view(job_id, tool_name=tool.name, details=details, current=inputs)
+    elif not inputs.ok:
+        st.info(inputs.errors[0] if inputs.errors else "Choose a valid donor and target in the sidebar to run this tool.",
+                icon=":material/info:")
+
+
+@dataclass(frozen=True)
+class PanelInputs:
+    """The models (and adapter) a tool panel runs on, resolved in this script run."""
+
+    models: dict[str, Any]  # "donor" | "target" | "base" -> ModelSpec; "adapter" -> text
+    options: Optional[RunOptions]
+    errors: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.options is not None and bool(self.models)
+
+    @property
+    def refs(self) -> dict[str, str]:
+        return {k: (v.ref if isinstance(v, ModelSpec) else str(v)) for k, v in self.models.items() if v}
+
+    @property
+    def label(self) -> str:
+        src, dst = pair_labels(self.refs)
+        return f"{src} → {dst}"
+
+
+def sidebar_inputs() -> PanelInputs:
+    """Donor and target as the sidebar resolved them in this run."""
+    sel = selection()
+    models = {"donor": sel.donor, "target": sel.target} if sel.donor is not None and sel.target is not None else {}
+    return PanelInputs(models, sel.options, tuple(sel.errors) if not sel.ok else ())
 
 
 def _param_prefix(tool_name: str) -> str:
     return f"param-{tool_name}"
 
 
-def _submit_tool(tool_name: str, sel: Selection) -> Optional[str]:
-    """Submit the tool on the pair the sidebar resolved in this very run; returns the job id."""
+def _submit_tool(tool_name: str, inputs: PanelInputs) -> Optional[str]:
+    """Submit the tool on the inputs resolved in this very run; returns the job id."""
     tool = get_tool(tool_name)
     prefix = _param_prefix(tool.name)
     values = {s.name: st.session_state.get(f"{prefix}-{s.name}", s.default) for s in param_specs(tool.params_cls)}
     try:
-        if not sel.ok:
-            raise GraftError(sel.errors[0] if sel.errors else "choose a donor and a target first")
+        if not inputs.ok:
+            raise GraftError(inputs.errors[0] if inputs.errors else "choose the inputs first")
         params = build_params(tool.params_cls, values)
-        job = job_runner().submit_tool(tool.name, sel.donor, sel.target, sel.options, params)
+        m = inputs.models
+        job = job_runner().submit_tool(tool.name, m.get("donor"), m.get("target"), inputs.options, params,
+                                       base=m.get("base"), adapter=m.get("adapter"))
     except GraftError as exc:
         st.session_state[f"_submit_error-{tool.name}"] = one_line(exc)
         return None
@@ -107,20 +144,22 @@ def _submit_tool(tool_name: str, sel: Selection) -> Optional[str]:
     return job.id
 
 
-def pair_mismatch(donor_ref: Optional[str], target_ref: Optional[str]) -> Optional[str]:
-    """A one-line warning when a result's pair is not the pair the sidebar shows now, else None."""
-    sel = selection()
-    if sel.donor is None or sel.target is None or donor_ref is None:
+def inputs_mismatch(envelope: dict[str, Any], current: Optional[PanelInputs]) -> Optional[str]:
+    """A one-line warning when a result was computed on other inputs than those on the screen now."""
+    if current is None or not current.models:
         return None
-    if (donor_ref, target_ref) == (sel.donor.ref, sel.target.ref):
+    now = current.refs
+    then = {k: envelope.get(k) for k in now}
+    if all(then[k] == now[k] for k in now):
         return None
-    return (f"This result is for **{donor_ref} → {target_ref}**, not for the pair in the sidebar "
-            f"(**{sel.donor.ref} → {sel.target.ref}**). Run again for the pair on the screen.")
+    src, dst = pair_labels({k: v for k, v in envelope.items() if k in ("donor", "target", "base", "adapter") and v})
+    return (f"This result is for **{src} → {dst}**, not for the models on the screen "
+            f"(**{current.label}**). Run again for the models on the screen.")
 
 
 # --------------------------------------------------------------------------- one job
 def job_view(job_id: str, *, tool_name: Optional[str] = None, details: Optional[ResultDetails] = None,
-             on_done: Optional[ResultDetails] = None, where: str = "main") -> None:
+             on_done: Optional[ResultDetails] = None, where: str = "main", current: Optional[PanelInputs] = None) -> None:
     """Live progress while a job runs, then its result, error or cancellation.
 
     ``tool_name`` set: a finished job shows the tool's figure, key numbers and downloads.
@@ -129,12 +168,12 @@ def job_view(job_id: str, *, tool_name: Optional[str] = None, details: Optional[
     """
     job = job_runner().get(job_id)
     if job is None:
-        _stored_run_view(job_id, tool_name, details)
+        _stored_run_view(job_id, tool_name, details, current)
         return
     if not job.done:
         _live_job(job_id, where)
         return
-    _finished_job_view(job, tool_name, details, on_done)
+    _finished_job_view(job, tool_name, details, on_done, current)
 
 
 @st.fragment(run_every=POLL_SECONDS)
@@ -156,7 +195,7 @@ def _live_job(job_id: str, where: str) -> None:
 
 
 def _finished_job_view(job: Job, tool_name: Optional[str], details: Optional[ResultDetails],
-                       on_done: Optional[ResultDetails]) -> None:
+                       on_done: Optional[ResultDetails], current: Optional[PanelInputs] = None) -> None:
     if job.status == "failed":
         st.error(f"{job.title} failed: {one_line(job.error)}", icon=":material/error:")
         return
@@ -164,32 +203,33 @@ def _finished_job_view(job: Job, tool_name: Optional[str], details: Optional[Res
         st.info(f"{job.title} was cancelled after {job.elapsed():.1f} s.", icon=":material/block:")
         return
     if tool_name and job.result is not None:
-        _guarded_result(tool_name, job.result, key=job.id, details=details)
+        _guarded_result(tool_name, job.result, key=job.id, details=details, current=current)
     elif on_done is not None and job.result is not None:
         on_done(job.result)
 
 
-def _stored_run_view(run_id: str, tool_name: Optional[str], details: Optional[ResultDetails]) -> None:
+def _stored_run_view(run_id: str, tool_name: Optional[str], details: Optional[ResultDetails],
+                     current: Optional[PanelInputs] = None) -> None:
     """The job is gone from memory (the server restarted): fall back to the run history."""
     row = job_runner().history.get(run_id)
     if row is None:
         return
     if row["status"] == "done" and row["result"] and tool_name:
-        _guarded_result(tool_name, row["result"], key=run_id, details=details)
+        _guarded_result(tool_name, row["result"], key=run_id, details=details, current=current)
     elif row["status"] in ("failed", "cancelled"):
         st.error(f"{row['title']} {row['status']}: {one_line(row['error'] or row['status'])}", icon=":material/error:")
 
 
 def _guarded_result(tool_name: str, envelope: dict[str, Any], *, key: str,
-                    details: Optional[ResultDetails] = None) -> None:
-    """The result, unless it is for another pair than the sidebar's: then a warning, and the
-    result only on request, so no figure is taken for the pair on the screen by mistake."""
-    warning = pair_mismatch(envelope.get("donor"), envelope.get("target"))
+                    details: Optional[ResultDetails] = None, current: Optional[PanelInputs] = None) -> None:
+    """The result, unless it is for other models than those on the screen: then a warning, and
+    the result only on request, so no figure is taken for the models on the screen by mistake."""
+    warning = inputs_mismatch(envelope, current)
     if warning is None:
         result_view(tool_name, envelope, key=key, details=details)
         return
     st.warning(warning, icon=":material/warning:")
-    with st.expander(f"Show the result for {envelope.get('donor')} → {envelope.get('target')} anyway"):
+    with st.expander("Show that result anyway"):
         result_view(tool_name, envelope, key=key, details=details)
 
 
@@ -259,7 +299,8 @@ def _fmt(v: float) -> str:
 
 def run_caption(envelope: dict[str, Any]) -> str:
     meta = envelope.get("meta") or {}
-    parts = [f"donor **{envelope.get('donor', '?')}** → target **{envelope.get('target', '?')}**"]
+    names = [(k, envelope.get(k)) for k in ("adapter", "donor", "base", "target") if envelope.get(k)]
+    parts = [" → ".join(f"{k} **{v}**" for k, v in names) if names else "?"]
     wl = meta.get("workload") or {}
     if wl:
         parts.append(f"workload {wl.get('name', '?')} ({wl.get('n_texts', '?')} texts)")
@@ -270,5 +311,6 @@ def run_caption(envelope: dict[str, Any]) -> str:
 
 def file_stem(envelope: dict[str, Any]) -> str:
     name = lambda s: str(s or "").rstrip("/").rsplit("/", 1)[-1]  # noqa: E731
-    raw = f"graft-{envelope.get('tool', 'result')}-{name(envelope.get('donor'))}-vs-{name(envelope.get('target'))}"
+    src, dst = pair_labels(envelope)
+    raw = f"graft-{envelope.get('tool', 'result')}-{name(src)}-vs-{name(dst)}"
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", raw).strip("-.")

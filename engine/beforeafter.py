@@ -1,0 +1,73 @@
+"""Before/after evaluation shared by every transplant (module swap, K sweep, conjugation):
+the concept and retained sets, T / T' / D metrics rounded for JSON, TIR and Recovery with their
+undefined cases, evaluation of a shared cached model under its lock, and the side-by-side answers
+of T, T' and D with the words the transplant changed (METHODS.md T11)."""
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator, Optional
+
+from .data import ConceptSet, builtin_concept_path, builtin_retained_path, load_concept_set
+from .evalcache import evaluate_model
+from .evaluate import word_diff
+from .progress import Progress
+from .transplant import transfer_metrics
+
+METRIC_KEYS = ("ppl_concept", "ppl_retained", "task_score", "task_score_exact", "task_score_graded")
+
+
+def rnd(x: Any, nd: int = 6) -> Optional[float]:
+    """Round for JSON; None for anything missing or not finite (never NaN/Infinity)."""
+    if x is None or isinstance(x, bool):
+        return None
+    x = float(x)
+    return round(x, nd) + 0.0 if math.isfinite(x) else None  # + 0.0 turns -0.0 into 0.0
+
+
+def load_sets(concept: str, retained: str) -> tuple[ConceptSet, ConceptSet]:
+    return (load_concept_set(concept or builtin_concept_path()),
+            load_concept_set(retained or builtin_retained_path()))
+
+
+def metrics(ev: dict[str, Any]) -> dict[str, Optional[float]]:
+    return {k: rnd(ev[k]) for k in METRIC_KEYS}
+
+
+def transfer_scores(s_t: float, s_tp: float, s_d: float) -> dict[str, Any]:
+    tm = transfer_metrics(s_t, s_tp, s_d)
+    tm["tir"], tm["recovery"] = rnd(tm["tir"]), rnd(tm["recovery"])
+    return tm
+
+
+def evaluate_shared(model: Any, sets: tuple[ConceptSet, ConceptSet], score: str, max_new_tokens: int,
+                     progress: Progress, state_hash: Optional[str] = None, exact: bool = True) -> dict[str, Any]:
+    """Evaluate a cached shared model (LoadedModel) under its lock: a capture elsewhere attaches hooks."""
+    with model.lock:
+        return evaluate_model(model.model, model.tokenizer, sets[0], sets[1], score=score, exact=exact,
+                              max_new_tokens=max_new_tokens, state_hash=state_hash, progress=progress)
+
+
+@contextmanager
+def locked(*models: Any) -> Iterator[None]:
+    """Hold the lock of each distinct model (donor and target may be one object; locks are not re-entrant)."""
+    with ExitStack() as stack:
+        seen: set[int] = set()
+        for m in models:
+            if id(m.lock) not in seen:
+                seen.add(id(m.lock))
+                stack.enter_context(m.lock)
+        yield
+
+
+def side_by_side(ev_t: dict, ev_tp: dict, ev_d: dict) -> list[dict[str, Any]]:
+    rows = []
+    for a, b, c in zip(ev_t["items"], ev_tp["items"], ev_d["items"]):
+        rows.append({
+            "question": a["question"], "reference": a["answer"],
+            "target": a["generation"], "transplanted": b["generation"], "donor": c["generation"],
+            "target_correct": a["correct"], "transplanted_correct": b["correct"], "donor_correct": c["correct"],
+            "changed": a["generation"] != b["generation"],
+            "diff": word_diff(a["generation"], b["generation"]),  # target -> transplanted, word level
+        })
+    return rows

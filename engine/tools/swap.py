@@ -1,0 +1,175 @@
+"""T11 ``swap``. Swap the top-K (or the named) modules from D into a working copy of T
+(:class:`engine.transplant.ModuleSwap`, never touching the cached target), evaluate T, T' and D
+(:func:`engine.evalcache.evaluate_model`), report TIR = S(T')/S(T) and
+Recovery = (S(T') - S(T)) / (S(D) - S(T)) with their undefined cases, the alignment score of T
+and T' against D, generations side by side, weight hashes, and verify a bit-exact rollback.
+
+Cross-family pairs, or pairs with different tokenizers, are refused with one line
+(:func:`engine.transplant.check_swap_pair`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..beforeafter import evaluate_shared, load_sets, locked, metrics, rnd, side_by_side, transfer_scores
+from ..context import ToolContext
+from ..evalcache import SCORES, alignment_score, evaluate_model
+from ..params import param
+from ..progress import Progress
+from ..registry import Tool, register
+from ..transplant import ModuleSwap, check_swap_pair, save_transplant, swappable_modules
+from .rank import rank_modules
+
+
+@dataclass(frozen=True)
+class SwapParams:
+    k: int = param(8, "Swap the top-K modules of the T7 ranking (ignored when --modules is given).", min=1, max=100_000)
+    modules: str = param("", "Comma-separated module names to swap instead of the top K, e.g. 'blocks.3.attn.o,blocks.5.mlp.down'.")
+    concept: str = param("", "Concept set JSONL: perplexity on its facts and task score on its test questions. Empty = the bundled set.", path="in")
+    retained: str = param("", "Retained general set JSONL for the retained perplexity. Empty = the bundled set.", path="in")
+    score: str = param("graded", "Task score S behind TIR and Recovery: graded (mean answer-token probability) or exact (greedy answer contains the reference).", choices=SCORES)
+    save: str = param("", "Save T' into this folder (Hugging Face format + surgery.json). Empty = don't save.", path="out_dir")
+    max_new_tokens: int = param(16, "Greedy tokens generated per test question (exact score, generations).", min=1, max=512)
+
+
+@dataclass
+class SwapResult:
+    modules: list[dict[str, Any]]  # swapped: name, layer, kind, score (None for hand-picked)
+    selection: str  # "top-k" | "explicit"
+    k: int
+    score_kind: str
+    before: dict[str, Optional[float]]  # T
+    after: dict[str, Optional[float]]  # T'
+    donor: dict[str, Optional[float]]  # D
+    tir: Optional[float]
+    recovery: Optional[float]
+    tir_status: str
+    recovery_status: str
+    tir_note: str
+    recovery_note: str
+    alignment_before: Optional[float]  # greedy next-token agreement with D on the test questions
+    alignment_after: Optional[float]
+    generations: list[dict[str, Any]]  # per test question: T, T', D answers and which are correct
+    n_test_items: int
+    n_swappable: int
+    n_tensors: int
+    swapped_bytes: int
+    weight_hash_before: str
+    weight_hash_after: str
+    rollback_bit_exact: bool
+    target_untouched: bool
+    saved_to: Optional[str]
+    transfer: dict[str, dict[str, Any]]  # TIR / Recovery (+ status, note) under each score kind: graded, exact
+    card: dict[str, Any]  # the surgery card saved with T' (operation, models, parameters, results, hashes)
+    live_id: Optional[str]  # app only: T' is kept applied under this id (engine/live.py); None from the CLI
+
+
+def _parse_modules(text: str) -> list[str]:
+    return list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+
+
+def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> SwapResult:
+    check_swap_pair(ctx.donor, ctx.target)
+    sets = load_sets(params.concept, params.retained)
+    swappable, _ = swappable_modules(ctx.donor, ctx.target)
+    explicit = _parse_modules(params.modules)
+    if explicit:
+        chosen = [{"name": n, "layer": None, "kind": None, "score": None} for n in explicit]
+        by_name = {m.name: m for m in swappable}
+        for row in chosen:
+            if row["name"] in by_name:
+                row.update(layer=by_name[row["name"]].layer, kind=by_name[row["name"]].kind)
+        progress(0.25, "modules chosen by hand")
+    else:
+        ranking = rank_modules(ctx, progress.sub(0, 0.25))
+        chosen = [{k: m[k] for k in ("name", "layer", "kind", "score")} for m in ranking.modules[: params.k]]
+    swap = ModuleSwap(ctx.target, ctx.donor, [m["name"] for m in chosen])
+    for row, n in zip(chosen, swap.modules):
+        row.update(layer=swap.linear[n].layer, kind=swap.linear[n].kind)
+
+    test_q = [q.question for q in sets[0].test_qa()]
+    hash_t = swap.hash_before()
+    progress(0.3, "evaluating the target T")
+    ev_t = evaluate_shared(ctx.target, sets, params.score, params.max_new_tokens, progress.sub(0.3, 0.45), hash_t)
+    progress(0.45, "evaluating the donor D")
+    ev_d = evaluate_shared(ctx.donor, sets, params.score, params.max_new_tokens, progress.sub(0.45, 0.6))
+
+    progress(0.6, f"swapping {len(swap.modules)} modules into a working copy")
+    swap.materialise()
+    swap.apply()
+    hash_tp = swap.weight_hash()
+    ev_tp = evaluate_model(swap.working, ctx.target.tokenizer, sets[0], sets[1], score=params.score,
+                           max_new_tokens=params.max_new_tokens, state_hash=hash_tp, progress=progress.sub(0.62, 0.8))
+    progress(0.8, "alignment with the donor")
+    with locked(ctx.donor, ctx.target):
+        al_before = alignment_score(ctx.donor.model, ctx.donor.tokenizer, ctx.target.model, ctx.target.tokenizer, test_q,
+                                    donor_hash=ev_d["state_hash"], state_hash=hash_t)
+        al_after = alignment_score(ctx.donor.model, ctx.donor.tokenizer, swap.working, ctx.target.tokenizer, test_q,
+                                   donor_hash=ev_d["state_hash"], state_hash=hash_tp)
+    transfer = {kind: transfer_scores(ev_t[f"task_score_{kind}"], ev_tp[f"task_score_{kind}"], ev_d[f"task_score_{kind}"])
+                for kind in SCORES}
+    tm = transfer[params.score]  # the run's own score kind (task_score is that kind's score)
+    before, after, donor = metrics(ev_t), metrics(ev_tp), metrics(ev_d)
+
+    card = {
+        "operation": "module-swap",
+        "donor": ctx.donor.spec.ref,
+        "target": ctx.target.spec.ref,
+        "modules": list(swap.modules),
+        "parameters": {"k": params.k, "modules": params.modules, "score": params.score,
+                       "max_new_tokens": params.max_new_tokens,
+                       "concept": {"name": sets[0].name, "sha256": sets[0].sha256},
+                       "retained": {"name": sets[1].name, "sha256": sets[1].sha256},
+                       "workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256}},
+        "results": {"before": before, "after": after, "donor": donor, "tir": tm["tir"], "recovery": tm["recovery"],
+                    "tir_note": tm["tir_note"], "recovery_note": tm["recovery_note"], "score_kind": params.score,
+                    "transfer": transfer, "alignment_before": rnd(al_before["score"]), "alignment_after": rnd(al_after["score"])},
+        "hashes": {"target": hash_t, "transplanted": hash_tp, "donor": ev_d["state_hash"]},
+        "trust_remote_code": bool(ctx.donor.spec.trust_remote_code or ctx.target.spec.trust_remote_code),
+    }
+    saved_to = None
+    if params.save.strip():
+        progress(0.88, f"saving T' to {params.save}")
+        saved_to = str(save_transplant(swap.working, ctx.target.tokenizer, params.save, card))
+
+    progress(0.95, "rolling back and verifying")
+    swap.rollback()
+    bit_exact = swap.weight_hash() == hash_t and swap.verify_rollback()
+    untouched = ctx.target.state_hash() == hash_t
+    live_id = None
+    if ctx.live is not None and bit_exact:
+        swap.apply()  # the app keeps T' applied: rollback and save are then one click each
+        live_id = ctx.live.keep(swap, card)
+    progress(1.0, "done")
+    return SwapResult(
+        modules=chosen,
+        selection="explicit" if explicit else "top-k",
+        k=len(swap.modules),
+        score_kind=params.score,
+        before=before, after=after, donor=donor,
+        tir=tm["tir"], recovery=tm["recovery"],
+        tir_status=tm["tir_status"], recovery_status=tm["recovery_status"],
+        tir_note=tm["tir_note"], recovery_note=tm["recovery_note"],
+        alignment_before=rnd(al_before["score"]), alignment_after=rnd(al_after["score"]),
+        generations=side_by_side(ev_t, ev_tp, ev_d),
+        n_test_items=ev_t["n_test_items"],
+        n_swappable=len(swappable),
+        n_tensors=swap.n_tensors,
+        swapped_bytes=swap.swapped_bytes,
+        weight_hash_before=hash_t,
+        weight_hash_after=hash_tp,
+        rollback_bit_exact=bool(bit_exact),
+        target_untouched=bool(untouched),
+        saved_to=saved_to,
+        transfer=transfer,
+        card=card,
+        live_id=live_id,
+    )
+
+
+SWAP_TOOL = register(Tool(
+    name="swap", code="T11", title="Module swap + before/after evaluation",
+    summary="Copies the top-K ranked (or chosen) modules from donor into a working copy of the target, evaluates T, T' and D (perplexities, task score, TIR, Recovery, alignment), rolls back bit-exactly, optionally saves T'.",
+    params_cls=SwapParams, compute=compute_swap, figure="viz.transplant:swap_figure", page="Transplant", same_family=True,
+))

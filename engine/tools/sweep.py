@@ -1,0 +1,150 @@
+"""T8 ``sweep-k``. Rank once, then for each K in the grid apply the top-K modules on one working
+copy, evaluate, roll back. Curves of TIR, Recovery and retained perplexity against K and the
+attention / MLP share of the top K.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..beforeafter import evaluate_shared, load_sets, metrics, rnd, transfer_scores
+from ..context import ToolContext
+from ..errors import GraftError
+from ..evalcache import SCORES, evaluate_model
+from ..params import param
+from ..progress import Progress
+from ..registry import Tool, register
+from ..transplant import ModuleSwap, check_swap_pair
+from .rank import rank_modules
+
+
+@dataclass(frozen=True)
+class SweepParams:
+    k_grid: str = param("", "Comma-separated K values, e.g. '0,1,2,4,8,16,32'. Empty = 0, 1, 2, 4, ... doubling up to every swappable module. Values above that number are clipped.")
+    concept: str = param("", "Concept set JSONL: task score on its test questions. Empty = the bundled set.", path="in")
+    retained: str = param("", "Retained general set JSONL for the retained perplexity. Empty = the bundled set.", path="in")
+    score: str = param("graded", "Task score S behind TIR and Recovery: graded (mean answer-token probability) or exact (greedy answer contains the reference).", choices=SCORES)
+    max_new_tokens: int = param(16, "Greedy tokens generated per test question (exact score only).", min=1, max=512)
+
+
+@dataclass
+class SweepResult:
+    points: list[dict[str, Any]]  # per K: k, task_score(s), tir, recovery, notes, ppl_*, shares;
+    # task_score_exact is None unless score = exact (greedy generations are skipped otherwise)
+    ranked: list[dict[str, Any]]  # the top K_max modules, best first: name, layer, kind, score
+    score_kind: str
+    target: dict[str, Optional[float]]
+    donor: dict[str, Optional[float]]
+    tir_note: str  # why TIR is undefined at every K (S(T) = 0), else ""
+    recovery_note: str  # why Recovery is undefined at every K (S(D) = S(T)), else ""
+    n_swappable: int
+    k_clipped: list[int]  # requested K values above n_swappable (clipped)
+    rollback_bit_exact: bool
+    target_untouched: bool
+
+
+def default_k_grid(n: int) -> list[int]:
+    """0, 1, 2, 4, ... doubling while below ``n``, then ``n``."""
+    grid, k = [0], 1
+    while k < n:
+        grid.append(k)
+        k *= 2
+    if n > 0:
+        grid.append(n)
+    return grid
+
+
+def parse_k_grid(text: str, n: int) -> tuple[list[int], list[int]]:
+    """Sorted unique K values from ``text`` (or the default grid) and the values clipped to ``n``."""
+    if not text.strip():
+        return default_k_grid(n), []
+    ks: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            k = int(part)
+        except ValueError:
+            raise GraftError(f"--k-grid expects comma-separated integers, got {part!r}") from None
+        if k < 0:
+            raise GraftError(f"--k-grid values must be >= 0, got {k}")
+        ks.append(k)
+    if not ks:
+        raise GraftError("--k-grid has no values")
+    clipped = sorted({k for k in ks if k > n})
+    return sorted({min(k, n) for k in ks}), clipped
+
+
+def compute_sweep(ctx: ToolContext, params: SweepParams, progress: Progress) -> SweepResult:
+    check_swap_pair(ctx.donor, ctx.target)
+    sets = load_sets(params.concept, params.retained)
+    ranking = rank_modules(ctx, progress.sub(0, 0.15))
+    grid, clipped = parse_k_grid(params.k_grid, ranking.n_modules)
+    k_max = max(grid)
+    ranked = [{k: m[k] for k in ("name", "layer", "kind", "score")} for m in ranking.modules[:k_max]]
+    progress(0.16, "evaluating the target T")
+    exact = params.score == "exact"  # greedy generations are the slow part: only when S needs them
+    ev_t = evaluate_shared(ctx.target, sets, params.score, params.max_new_tokens, progress.sub(0.16, 0.22), exact=exact)
+    progress(0.22, "evaluating the donor D")
+    ev_d = evaluate_shared(ctx.donor, sets, params.score, params.max_new_tokens, progress.sub(0.22, 0.28), exact=exact)
+    s_t, s_d = ev_t["task_score"], ev_d["task_score"]
+    base = transfer_scores(s_t, s_t, s_d)
+    swap = ModuleSwap(ctx.target, ctx.donor, [m["name"] for m in ranked]) if k_max > 0 else None
+    hash_t = ev_t["state_hash"]
+    points = []
+    span = 0.7 / len(grid)
+    for i, k in enumerate(grid):
+        p = progress.sub(0.28 + i * span, 0.28 + (i + 1) * span)
+        p(0.0, f"K = {k}: swapping the top {k} modules")
+        if k == 0 or swap is None:
+            ev = ev_t
+        else:
+            try:
+                swap.apply([m["name"] for m in ranked[:k]])
+                ev = evaluate_model(swap.working, ctx.target.tokenizer, sets[0], sets[1], score=params.score, exact=exact,
+                                    max_new_tokens=params.max_new_tokens, progress=p.sub(0.05, 0.95))
+            finally:  # also on cancel: the working copy goes back to T before the next K (or the exit)
+                swap.rollback()
+        tm = transfer_scores(s_t, ev["task_score"], s_d)
+        n_att = sum(m["kind"] == "attention" for m in ranked[:k])
+        points.append({
+            "k": k,
+            "task_score": rnd(ev["task_score"]),
+            "task_score_exact": rnd(ev["task_score_exact"]),
+            "task_score_graded": rnd(ev["task_score_graded"]),
+            "tir": tm["tir"], "recovery": tm["recovery"],
+            "tir_note": tm["tir_note"], "recovery_note": tm["recovery_note"],
+            "ppl_concept": rnd(ev["ppl_concept"]),
+            "ppl_retained": rnd(ev["ppl_retained"]),
+            "n_attention": n_att,
+            "n_mlp": k - n_att,
+            "attention_share": rnd(n_att / k) if k else None,
+            "mlp_share": rnd((k - n_att) / k) if k else None,
+        })
+        p(1.0, f"K = {k}: evaluated")
+    bit_exact = True
+    if swap is not None:
+        bit_exact = swap.weight_hash() == hash_t and swap.verify_rollback()
+    untouched = ctx.target.state_hash() == hash_t
+    progress(1.0, "done")
+    return SweepResult(
+        points=points,
+        ranked=ranked,
+        score_kind=params.score,
+        target=metrics(ev_t),
+        donor=metrics(ev_d),
+        tir_note=base["tir_note"],
+        recovery_note=base["recovery_note"],
+        n_swappable=ranking.n_modules,
+        k_clipped=clipped,
+        rollback_bit_exact=bool(bit_exact),
+        target_untouched=bool(untouched),
+    )
+
+
+SWEEP_TOOL = register(Tool(
+    name="sweep-k", code="T8", title="Transplant-strength sweep",
+    summary="TIR, Recovery and retained perplexity as the number K of swapped top-ranked modules grows, with the attention/MLP share of the top K.",
+    params_cls=SweepParams, compute=compute_sweep, figure="viz.transplant:sweep_figure", page="Transplant", same_family=True,
+))
