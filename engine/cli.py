@@ -128,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", dest="json_path", help="write the donor card here too")
     d.add_argument("--quiet", action="store_true")
 
+    tw = sub.add_parser("make-twin", help="a function-preserving rotated twin of a model (residual stream rotated)",
+                        description="Folds the norm gains into the adjacent linear layers, unties the head and rotates "
+                                    "the residual stream by a seeded random orthogonal matrix: same function, other "
+                                    "coordinates. A plain merge of an adapter into the twin fails; conjugation should not.")
+    tw.add_argument("--base", required=True, help="the model to twin (Llama-family or Gemma 1 layout)")
+    tw.add_argument("--seed", default="0", help="seed of the rotation (default 0)")
+    tw.add_argument("--out", required=True, help="output folder (Hugging Face format + twin.json)")
+    tw.add_argument("--save-rotation", action="store_true",
+                    help="also save the rotation Q (rotation.safetensors), for verification")
+    tw.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to build it")
+    tw.add_argument("--json", dest="json_path", help="write the twin card here too")
+    tw.add_argument("--quiet", action="store_true")
+
     pr = sub.add_parser("prepare", help="dequantise SmolLM2 once and build the demo donor (cached)")
     pr.add_argument("--no-donor", action="store_true", help="only prepare SmolLM2")
     pr.add_argument("--gemma", action="store_true", help="also prepare gemma3-270m (needs the optional packages)")
@@ -184,6 +197,29 @@ def _run(args: argparse.Namespace) -> int:
                 _write_json(args.json_path, {"out_dir": res["out_dir"], "card": card})
             print(jsonsafe.dumps({k: card[k] for k in card if k not in ("loss_curve", "evaluation")}, indent=2,
                                  default=str)[:4000])
+            return 0
+        if args.command == "make-twin":
+            from .models import ModelStore
+            from .outputs import check_output_dir
+            from .twin import make_twin
+
+            try:
+                seed = int(args.seed)
+            except ValueError:
+                raise GraftError(f"--seed expects an integer, got {args.seed!r}") from None
+            if not 0 <= seed < 2**63:
+                raise GraftError(f"--seed must be in [0, 2^63), got {seed}")
+            spec = ModelSpec.parse(args.base)
+            check_output_dir(args.out, "--out")
+            if args.json_path:
+                check_output_file(args.json_path, "--json")
+            progress = Progress(bar)
+            base = ModelStore().get(spec, args.device, "float32", progress.sub(0, 0.1))
+            card = make_twin(base, seed, args.out, progress.sub(0.1, 1.0), save_rotation=args.save_rotation)
+            bar.close()
+            if args.json_path:
+                _write_json(args.json_path, card)
+            print(jsonsafe.dumps(card, indent=2)[:4000])
             return 0
         tool = get_tool(args.tool)
         options = build_params(RunOptions, {s.name: getattr(args, "opt_" + s.name, None) for s in param_specs(RunOptions)

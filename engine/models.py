@@ -58,6 +58,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DONOR_CARD = "card.json"
 DONOR_MERGED = "merged"
 SURGERY_CARD = "surgery.json"  # a saved transplant (engine/transplant.py, same name)
+TWIN_CARD = "twin.json"  # a rotated twin (engine/twin.py, same name)
 
 
 def donor_merged_dir(folder: Path) -> Optional[Path]:
@@ -454,6 +455,13 @@ def model_card(spec: ModelSpec) -> Optional[dict[str, Any]]:
             if not isinstance(card, dict):
                 return {"kind": "transplant", "path": str(p), "summary": f"Graft transplant ({SURGERY_CARD} is unreadable)", "card": {}}
             return {"kind": "transplant", "path": str(p), "summary": _surgery_summary(card), "card": card}
+        if (p / TWIN_CARD).is_file():
+            card = _read_json(p / TWIN_CARD)
+            card = card if isinstance(card, dict) else {}
+            base = card.get("base", {}) if isinstance(card.get("base"), dict) else {"ref": card.get("base")}
+            return {"kind": "twin", "path": str(p), "card": card,
+                    "summary": f"Graft rotated twin of {base.get('ref') or '?'} (seed {card.get('seed', '?')}): "
+                               "same function, rotated residual stream"}
         if (p.parent / DONOR_CARD).is_file():
             try:
                 if donor_merged_dir(p.parent) == p:

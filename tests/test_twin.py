@@ -339,3 +339,17 @@ def test_llama_layout_families(family):
     if family == "llama-biases":
         b, bt = model.model.layers[0].mlp.down_proj.bias, twin.model.layers[0].mlp.down_proj.bias
         assert (b - bt).abs().max() > 1e-2
+
+
+def test_make_twin_cli_writes_a_loadable_twin_with_its_card(tmp_path, capsys):
+    from engine.cli import main
+    from engine.models import ModelSpec, model_card
+
+    out = tmp_path / "twin"
+    assert main(["make-twin", "--base", "tiny-llama-a", "--seed", "3", "--out", str(out), "--quiet"]) == 0
+    card = model_card(ModelSpec.parse(str(out)))
+    assert card["kind"] == "twin" and card["card"]["seed"] == 3
+    assert main(["make-twin", "--base", "tiny-llama-a", "--seed", "x", "--out", str(out), "--quiet"]) == 2
+    assert main(["make-twin", "--base", "tiny-gpt2-a", "--out", str(tmp_path / "g"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--seed expects an integer" in err and "internal" not in err
