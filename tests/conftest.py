@@ -67,3 +67,28 @@ def sets(tmp_path_factory):
         "Cats and dogs are common pets; parrots can learn to speak words.",
         "Light travels faster than sound, which is why we see lightning first."]) + "\n")
     return {"concept": str(concept), "retained": str(retained)}
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory):
+    """A PEFT LoRA adapter written by peft itself (not by Graft) on tiny-llama-a: rank 4,
+    alpha 8, every attention and MLP projection, with seeded nonzero B (peft starts B at 0, which
+    would be an empty update). ``{"path": <adapter folder>, "base": "tiny-llama-a"}``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from engine.tiny import build_tiny
+
+    with torch.random.fork_rng(devices=[]):  # build_tiny and peft's init draw from the global RNG
+        model, _ = build_tiny("tiny-llama-a")
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    out = tmp_path_factory.mktemp("tiny_adapter") / "adapter"
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return {"path": str(out), "base": "tiny-llama-a"}
