@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 TINY = ("tiny-gpt2-a", "tiny-gpt2-b")
-PAGES = ("pages/home.py", "pages/models.py", "pages/alignment.py", "pages/transplant.py", "pages/compare.py", "pages/runs.py")
+PAGES = ("pages/home.py", "pages/models.py", "pages/alignment.py", "pages/concept.py", "pages/transplant.py", "pages/compare.py", "pages/runs.py")
 
 
 @pytest.fixture

@@ -1,0 +1,64 @@
+"""The Concept page, driven headless with AppTest: T5 on a PEFT adapter folder, a chosen cell's
+spectrum from T6, and one-line errors for a bad adapter."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+from test_app import run_until  # noqa: E402  (tests/ is on sys.path under pytest)
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("GRAFT_HOME", str(tmp_path / "graft"))
+    return tmp_path / "graft"
+
+
+def open_concept() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["donor"] = "tiny-llama-b"
+    at.query_params["target"] = "tiny-llama-a"
+    at.run()
+    at.switch_page("pages/concept.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def charts(at: AppTest) -> int:
+    return len(at.get("plotly_chart"))
+
+
+def test_adapter_folder_cartography_then_cell_spectrum(home, tiny_adapter):
+    at = open_concept()
+    # tiny-llama-b is no Graft donor: the page offers a PEFT folder or a full fine-tune.
+    assert at.radio(key="concept_source").options[0] == "A PEFT adapter folder"
+    at.text_input(key="concept_adapter_path").set_value(tiny_adapter["path"]).run()
+    at.text_input(key="concept_base").set_value("tiny-llama-a").run()
+    assert not at.error, [e.value for e in at.error]
+    at.button(key="run-cartography").click().run()
+    run_until(at, lambda a: charts(a) >= 1)
+    assert any("Share" in m.label for m in at.metric)
+    assert "Run **T6** below once" in "\n".join(str(c.value) for c in at.caption)
+    at.button(key="run-spectrum").click().run()
+    run_until(at, lambda a: charts(a) >= 3)  # T5 heatmap, the cell's spectrum, T6 figure
+    cell = at.selectbox(key="concept_cell")
+    other = cell.options[-1]
+    cell.set_value(other).run()
+    assert not at.exception
+
+
+def test_full_finetune_source_and_bad_adapter_are_one_line(home):
+    at = open_concept()
+    at.radio(key="concept_source").set_value("A PEFT adapter folder").run()
+    at.text_input(key="concept_adapter_path").set_value("/no/such/adapter").run()
+    errors = [b for b in at.button if b.key == "run-cartography"]
+    assert errors and errors[0].disabled
+    at.radio(key="concept_source").set_value("Full fine-tune: donor − base").run()
+    at.text_input(key="concept_base").set_value("tiny-llama-a").run()
+    at.button(key="run-cartography").click().run()
+    run_until(at, lambda a: charts(a) >= 1)
+    assert "donor **tiny-llama-b** → base **tiny-llama-a**" in "\n".join(str(c.value) for c in at.caption)
