@@ -47,6 +47,7 @@ test-fast: setup
 bench: prepare
 	$(PY) bench/alignment.py
 	$(PY) bench/transplant.py
+	$(PY) bench/lora.py
 
 screenshots: prepare
 	$(PY) docs/screenshots.py --donor smollm2-135m-instruct+concept --target smollm2-135m-instruct

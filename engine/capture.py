@@ -2,8 +2,13 @@
 
 Captures the residual stream ``h_l`` after every block (and ``h_{-1}``, the input of block 0,
 which includes position/scale terms some families add to the embeddings), and optionally the
-outputs of chosen linear modules. Only non-padding, non-special tokens become rows; rows are
-moved to the CPU as float32 right away, and a token budget bounds memory.
+outputs and/or the inputs of chosen linear modules. Only non-padding, non-special tokens become
+rows; rows are moved to the CPU as float32 right away, and a token budget bounds memory.
+
+A module's input is what its forward receives (``input[0]``): for a block's q/k/v or gate/up that
+is the stream *after* the block's norm, for o the concatenated heads, for down the MLP hidden
+state. Modules fed the very same tensor in a forward pass (Llama's q, k and v; gate and up) share
+one captured tensor instead of holding copies.
 """
 from __future__ import annotations
 
@@ -30,6 +35,9 @@ class Capture:
 
     residual: (L+1, n, d) float32 CPU; index 0 is h_{-1} (input of block 0), index l+1 is h_l.
     modules: name -> (n, out_features) float32 CPU, names as in :mod:`engine.arch`.
+    module_inputs: name -> (n, in_features) float32 CPU, the rows each module reads (modules fed
+    the same tensor share one tensor object here).
+    residual: (0, n, d) when captured with ``residual=False`` (only the row count is kept).
     text_index: (n,) which text each row came from; offsets: (n, 2) character span of the token.
     """
 
@@ -40,6 +48,7 @@ class Capture:
     offsets: Optional[torch.Tensor]
     token_ids: list[list[int]]
     modules: dict[str, torch.Tensor] = field(default_factory=dict)
+    module_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     forward_seconds: float = 0.0
     derived: dict = field(default_factory=dict, repr=False)  # memo of results computed from this capture
 
@@ -110,8 +119,19 @@ def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The tensor a linear module's forward was called with (positional, or the first keyword)."""
+    if args:
+        return args[0]
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor):
+            return v
+    raise GraftError("internal: a hooked linear module was called without a tensor input")
+
+
 @contextmanager
-def _hooks(model: LoadedModel, module_paths: dict[str, str], sink: dict[str, torch.Tensor]) -> Iterator[None]:
+def _hooks(model: LoadedModel, module_paths: dict[str, str], sink: dict[str, torch.Tensor],
+           input_paths: Optional[dict[str, str]] = None, residual: bool = True) -> Iterator[None]:
     handles = []
     blocks = model.arch.blocks
 
@@ -119,12 +139,17 @@ def _hooks(model: LoadedModel, module_paths: dict[str, str], sink: dict[str, tor
         h = args[0] if args else kwargs.get("hidden_states")
         sink["resid.-1"] = h
 
-    handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-    for l, block in enumerate(blocks):
-        handles.append(block.register_forward_hook(lambda _m, _i, o, l=l: sink.__setitem__(f"resid.{l}", _hidden(o))))
+    if residual:
+        handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for l, block in enumerate(blocks):
+            handles.append(block.register_forward_hook(lambda _m, _i, o, l=l: sink.__setitem__(f"resid.{l}", _hidden(o))))
     for name, path in module_paths.items():
         mod = model.arch.module(path)
         handles.append(mod.register_forward_hook(lambda _m, _i, o, name=name: sink.__setitem__(name, _hidden(o))))
+    for name, path in (input_paths or {}).items():
+        mod = model.arch.module(path)
+        handles.append(mod.register_forward_pre_hook(
+            lambda _m, a, kw, name=name: sink.__setitem__(f"in:{name}", _first_tensor(a, kw)), with_kwargs=True))
     try:
         yield
     finally:
@@ -138,10 +163,18 @@ def capture(
     texts: Sequence[str],
     *,
     modules: Sequence[str] = (),
+    module_inputs: Sequence[str] = (),
+    residual: bool = True,
     batch_size: int = 8,
     progress: Optional[Progress] = None,
 ) -> Capture:
-    """Run ``texts`` (already budgeted) through ``model`` once, capturing rows of every layer."""
+    """Run ``texts`` (already budgeted) through ``model`` once, capturing rows of every layer.
+
+    ``modules``: linear modules whose outputs are captured; ``module_inputs``: linear modules
+    whose inputs are captured (canonical names, :mod:`engine.arch`). ``residual=False`` skips the
+    residual stream (``Capture.residual`` is then ``(0, n, d)``), for passes that only need
+    module rows; the rows are the same tokens in the same order either way.
+    """
     import time
 
     progress = progress or silent()
@@ -150,13 +183,18 @@ def capture(
 
     max_length = min(MAX_TOKENS_PER_TEXT, context_length(model.model))
     lin = {m.name: m.path for m in model.arch.linear_modules()}
-    unknown = [m for m in modules if m not in lin]
+    modules, module_inputs = list(dict.fromkeys(modules)), list(dict.fromkeys(module_inputs))
+    unknown = [m for m in modules + module_inputs if m not in lin]
     if unknown:
         raise GraftError(f"unknown module(s) for {model.label}: {', '.join(unknown[:3])}")
     module_paths = {m: lin[m] for m in modules}
+    input_paths = {m: lin[m] for m in module_inputs}
     L = model.arch.n_layers
     per_layer: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
     per_module: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+    per_input: dict[str, list[torch.Tensor]] = {m: [] for m in module_inputs}
+    # shares[m] = the module whose captured input m shares in every batch so far (None = own copy)
+    shares: dict[str, Optional[str]] = {}
     text_index: list[torch.Tensor] = []
     offsets: list[torch.Tensor] = []
     token_ids: list[list[int]] = []
@@ -178,17 +216,25 @@ def capture(
                 keep &= off[..., 1] > off[..., 0]
             sink: dict[str, torch.Tensor] = {}
             inputs = {"input_ids": enc["input_ids"].to(model.device), "attention_mask": enc["attention_mask"].to(model.device)}
-            with model.lock, _hooks(model, module_paths, sink):
+            with model.lock, _hooks(model, module_paths, sink, input_paths, residual):
                 t0 = time.perf_counter()
                 model.model(**inputs, use_cache=False)
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
                 t_fwd += time.perf_counter() - t0
             keep_dev = keep.to(model.device)
-            for l in range(-1, L):
-                per_layer[l + 1].append(sink[f"resid.{l}"][keep_dev].float().cpu())  # (n_b, d)
+            if residual:
+                for l in range(-1, L):
+                    per_layer[l + 1].append(sink[f"resid.{l}"][keep_dev].float().cpu())  # (n_b, d)
             for m in modules:
                 per_module[m].append(sink[m][keep_dev].float().cpu())
+            first_of: dict[int, str] = {}  # id of a hooked input tensor -> first module that read it
+            for m in module_inputs:
+                t = sink[f"in:{m}"]
+                owner = first_of.setdefault(id(t), m)
+                same = owner != m and shares.get(m, owner) == owner
+                shares[m] = owner if same else None
+                per_input[m].append(per_input[owner][-1] if same else t[keep_dev].float().cpu())  # (n_b, in)
             rows = torch.arange(len(batch)).unsqueeze(1).expand_as(keep)[keep] + b0
             text_index.append(rows)
             if fast:
@@ -198,23 +244,33 @@ def capture(
     finally:
         tok.padding_side = old_side
     progress(1.0, f"{model.label}: captured")
-    residual = torch.stack([torch.cat(p, 0) for p in per_layer], 0)  # (L+1, n, d)
-    if residual.shape[1] == 0:
+    n_rows = int(sum(int(t.numel()) for t in text_index))
+    if residual:
+        resid = torch.stack([torch.cat(p, 0) for p in per_layer], 0)  # (L+1, n, d)
+    else:
+        resid = torch.empty(0, n_rows, model.arch.hidden_size)
+    if n_rows == 0:
         raise GraftError("the workload produced no tokens")
+    inputs: dict[str, torch.Tensor] = {}
+    for m in module_inputs:
+        owner = shares.get(m)
+        # A module that read its owner's tensor in every batch shares the owner's rows (one copy).
+        inputs[m] = inputs[owner] if owner is not None else torch.cat(per_input[m], 0)
     return Capture(
         label=model.label,
         texts=list(texts),
-        residual=residual,
+        residual=resid,
         text_index=torch.cat(text_index),
         offsets=torch.cat(offsets) if fast else None,
         token_ids=token_ids,
         modules={m: torch.cat(v, 0) for m, v in per_module.items()},
+        module_inputs=inputs,
         forward_seconds=t_fwd,
     )
 
 
 class CaptureCache:
-    """Small LRU of captures keyed by (model object, texts, modules), shared by T2-T4.
+    """Small LRU of captures keyed by (model object, texts, modules, module inputs, residual), shared by T2-T4.
 
     The key holds a weak reference to the model object so a freed model never matches a new one
     that reuses its id.
@@ -226,19 +282,21 @@ class CaptureCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def _key(model: LoadedModel, texts: Sequence[str], modules: Sequence[str], batch_size: int) -> tuple:
+    def _key(model: LoadedModel, texts: Sequence[str], modules: Sequence[str], batch_size: int,
+             module_inputs: Sequence[str] = (), residual: bool = True) -> tuple:
         h = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()
-        return (id(model.model), h, tuple(sorted(modules)))
+        return (id(model.model), h, tuple(sorted(set(modules))), tuple(sorted(set(module_inputs))), bool(residual))
 
     def get(self, model: LoadedModel, texts: Sequence[str], *, modules: Sequence[str] = (), batch_size: int = 8,
-            progress: Optional[Progress] = None) -> Capture:
-        key = self._key(model, texts, modules, batch_size)
+            progress: Optional[Progress] = None, module_inputs: Sequence[str] = (), residual: bool = True) -> Capture:
+        key = self._key(model, texts, modules, batch_size, module_inputs, residual)
         with self._lock:
             hit = self._items.get(key)
             if hit is not None and hit[0]() is model.model:
                 self._items.move_to_end(key)
                 return hit[1]
-        cap = capture(model, texts, modules=modules, batch_size=batch_size, progress=progress)
+        cap = capture(model, texts, modules=modules, module_inputs=module_inputs, residual=residual,
+                      batch_size=batch_size, progress=progress)
         with self._lock:
             self._items[key] = (weakref.ref(model.model), cap)
             while len(self._items) > self.max_items:

@@ -46,7 +46,9 @@ class _Bar:
 
 
 def _add_spec(p: argparse.ArgumentParser, s: ParamSpec, dest_prefix: str = "") -> None:
-    kw: dict[str, Any] = {"dest": dest_prefix + s.name, "default": None, "help": f"{s.help} (default: {s.default})"}
+    # argparse %-formats help texts: a literal % (as in "5%") must be doubled.
+    kw: dict[str, Any] = {"dest": dest_prefix + s.name, "default": None,
+                          "help": f"{s.help} (default: {s.default})".replace("%", "%%")}
     if s.type is bool:
         kw["action"] = argparse.BooleanOptionalAction
     else:

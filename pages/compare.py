@@ -1,16 +1,16 @@
-"""Compare: T, T' and D of one module-swap run: metric cards with changes, bars, and the
+"""Compare: T, T' and D of one transplant run (module swap or conjugation): metric cards with changes, bars, and the
 held-out answers side by side with the words the transplant changed marked."""
-import json
 from datetime import datetime
 
 import streamlit as st
 
 import viz
+from engine import jsonsafe
 from engine.evalcache import SCORES
 from ui.entry import require_app_entry
 from ui.jobs import file_stem
 from ui.transplant import COMPARE_RUN, latest_swap_id, swap_envelope, swap_runs, transplant_actions
-from viz.compare import SCORE_LABELS, compare_figure, generations_html, metric_rows
+from viz.compare import SCORE_LABELS, compare_figure, conjugate_figure, generations_html, metric_rows
 
 require_app_entry()
 
@@ -25,14 +25,16 @@ def _label(row: dict) -> str:
     r = row.get("params") or {}
     k = (r.get("params") or {}).get("k", "?")
     when = datetime.fromtimestamp(row["created"]).strftime("%Y-%m-%d %H:%M")
+    if row["tool"] == "conjugate":
+        return f"conjugation · {row['donor']} → {row['target']} · k={k or 'full'} · {when} · {row['id']}"
     return f"{row['donor']} → {row['target']} · K={k} · {when} · {row['id']}"
 
 
 st.title("Compare")
 runs = swap_runs()
 if not runs:
-    st.info("No module swap yet. Run **T11 Module swap** on the Transplant page; its T, T′ and D appear here.",
-            icon=":material/info:")
+    st.info("No transplant yet. Run **T11 Module swap** on the Transplant page, or the **rank-k conjugation** on "
+            "the Concept page; its T, T′ and D appear here.", icon=":material/info:")
     st.page_link("pages/transplant.py", label="Go to Transplant", icon=":material/biotech:")
     st.stop()
 
@@ -41,7 +43,7 @@ wanted = st.query_params.get("run") or st.session_state.get(COMPARE_RUN) or late
 if st.session_state.get("compare_pick") not in by_id:
     st.session_state["compare_pick"] = wanted if wanted in by_id else runs[0]["id"]
 left, right = st.columns([3, 1], vertical_alignment="bottom")
-run_id = left.selectbox("Swap run", list(by_id), key="compare_pick", format_func=lambda i: _label(by_id[i]))
+run_id = left.selectbox("Transplant run", list(by_id), key="compare_pick", format_func=lambda i: _label(by_id[i]))
 envelope = swap_envelope(run_id)
 if envelope is None:
     st.warning("That run is no longer in the history.")
@@ -51,8 +53,13 @@ kind = right.segmented_control("Task score", SCORES, key="compare_score", defaul
                                help="graded: mean probability of the reference answer's tokens (defined even when "
                                     "a model never says it); exact: the greedy answer contains the reference.")
 kind = kind or result.get("score_kind", "graded")
+if envelope.get("tool") == "conjugate":
+    what = (f"Modules conjugated: {result.get('n_conjugated')} of {result.get('n_modules')}"
+            + (f" · **rolled back automatically**: {result.get('roll_back_reason')}" if result.get("rolled_back") else ""))
+else:
+    what = f"Modules swapped: {result.get('k')} ({result.get('selection')})."
 st.caption(f"Task score shown: **{SCORE_LABELS[kind]}**, on {result.get('n_test_items', '?')} held-out questions. "
-           f"Modules swapped: {result.get('k')} ({result.get('selection')}).")
+           + what)
 
 cards = metric_rows(result, kind)
 cols = st.columns(4) + st.columns([1, 1, 2])[:2]  # T′ against T and D, then TIR and Recovery
@@ -75,7 +82,7 @@ for col, card in zip(cols, cards):
     if card.get("note"):
         col.caption(card["note"])
 
-fig = compare_figure(envelope, kind)
+fig = conjugate_figure(envelope, kind) if envelope.get("tool") == "conjugate" else compare_figure(envelope, kind)
 st.plotly_chart(fig, config=viz.download_config(fig), key=f"compare-fig-{run_id}-{kind}")
 
 st.markdown("#### Answers to the held-out questions")
@@ -86,7 +93,7 @@ transplant_actions(run_id, envelope, where="compare")
 
 stem = file_stem(envelope)
 a, b, _ = st.columns([1, 1, 2])
-a.download_button("Result JSON", data=json.dumps(envelope, indent=2), file_name=f"{stem}.json", mime="application/json",
+a.download_button("Result JSON", data=jsonsafe.dumps(envelope, indent=2), file_name=f"{stem}.json", mime="application/json",
                   key=f"compare-json-{run_id}", icon=":material/download:", on_click="ignore", width="stretch")
 b.download_button("Figure HTML", data=lambda: viz.figure_html(fig), file_name=f"{stem}-compare-{kind}.html",
                   mime="text/html", key=f"compare-html-{run_id}-{kind}", icon=":material/download:",

@@ -4,7 +4,6 @@ from typing import Any
 
 import streamlit as st
 
-from engine.registry import all_tools
 from ui.concept import concept_inputs
 from ui.entry import require_app_entry
 from ui.jobs import tool_panel
@@ -63,6 +62,40 @@ def spectrum_details(envelope: dict) -> None:
         st.caption(f"Median k at the threshold: {s.get('median_k')} (by kind: {s.get('median_k_by_kind')}).")
 
 
+def conjugate_details(envelope: dict) -> None:
+    """The interference verdict, the maps each module used, and the transplant's one-click actions."""
+    import pandas as pd
+
+    from ui.transplant import COMPARE_RUN, transplant_actions
+
+    r = envelope["result"]
+    inter = r.get("interference") or {}
+    change, loc = inter.get("ppl_change_fraction"), inter.get("locality")
+    verdict = (f"retained perplexity {inter.get('ppl_before', 0):.3g} → {inter.get('ppl_after', 0):.3g}"
+               + (f" ({change:+.1%})" if change is not None else "")
+               + (f" · locality {loc:.0%} of {inter.get('n_prompts')} retained prompts unchanged" if loc is not None else ""))
+    if r.get("rolled_back"):
+        st.error(f"Rolled back automatically: {r.get('roll_back_reason')}. {verdict}.", icon=":material/undo:")
+    else:
+        st.success(f"Kept: {verdict}.", icon=":material/check_circle:")
+    if r.get("alignment_note"):
+        st.caption(r["alignment_note"])
+    rows = [{"module": m["name"], "→ target": m.get("target_name") or "—", "k": m.get("k"),
+             "energy kept": m.get("energy_kept"),
+             "input map": (m.get("input") or {}).get("map"), "input residual": (m.get("input") or {}).get("heldout_residual"),
+             "output map": (m.get("output") or {}).get("map"),
+             "output residual": (m.get("output") or {}).get("heldout_residual"),
+             "status": m.get("status") if m.get("status") == "conjugated" else f"{m.get('status')}: {m.get('reason')}"}
+            for m in r.get("modules") or []]
+    with st.expander(f"Per module: the map of each side and its held-out residual ({len(rows)} modules)"):
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    run_id = last_job_id("conjugate")
+    if run_id:
+        st.session_state[COMPARE_RUN] = run_id
+        st.page_link("pages/compare.py", label="Compare T, T′ and D side by side", icon=":material/compare:")
+        transplant_actions(run_id, envelope, where="concept")
+
+
 HOW_TO_READ = {
     "cartography": "each cell is one module of one layer; colour = its share of the update's squared norm "
                    "(or the metric picked in the figure's menu). Bright cells are where the concept was written.",
@@ -79,10 +112,8 @@ st.markdown("Where does a donor keep what it learnt? A LoRA adapter (or a full f
             "the sidebar's target, even when the target's coordinates differ (a rotated twin, another model).")
 with st.container(border=True):
     inputs = concept_inputs()
-tools = {t.name for t in all_tools()}
 for name, details, which in (("cartography", cartography_details, inputs.analysis),
                              ("spectrum", spectrum_details, inputs.analysis),
-                             ("conjugate", None, inputs.transplant)):
-    if name in tools:
-        with st.container(border=True):
-            tool_panel(name, how_to_read=HOW_TO_READ[name], details=details, inputs=which)
+                             ("conjugate", conjugate_details, inputs.transplant)):
+    with st.container(border=True):
+        tool_panel(name, how_to_read=HOW_TO_READ[name], details=details, inputs=which)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import streamlit as st
 
 from engine.errors import GraftError
+from engine.context import pair_labels
 from engine.history import new_run_id
 from engine.live import LIVE, rebuild
 from engine.paths import graft_home
@@ -23,21 +24,25 @@ from ui.jobs import job_view
 from ui.state import job_runner, last_job_id, model_store, one_line, remember_job
 
 SWAP = "swap"
+CONJUGATE = "conjugate"
+TRANSPLANTS = (SWAP, CONJUGATE)  # tools whose runs keep a live T' and appear on Compare
 COMPARE_RUN = "compare_run"  # session key: the swap run the Compare page shows
 
 
 # --------------------------------------------------------------------------- finding runs
 def swap_runs(limit: int = 200) -> list[dict[str, Any]]:
-    """Finished swap runs, newest first (from the history, so they survive restarts)."""
-    return [r for r in job_runner().history.list(limit=limit, tool=SWAP) if r["status"] == "done"]
+    """Finished transplant runs (module swaps and conjugations), newest first (from the history,
+    so they survive restarts)."""
+    rows = [r for tool in TRANSPLANTS for r in job_runner().history.list(limit=limit, tool=tool) if r["status"] == "done"]
+    return sorted(rows, key=lambda r: r["created"], reverse=True)[:limit]
 
 
 def latest_swap_id() -> Optional[str]:
-    """This session's last finished swap, else the newest in the history."""
-    jid = last_job_id(SWAP)
-    job = job_runner().get(jid) if jid else None
-    if job is not None and job.status == "done":
-        return job.id
+    """This session's last finished transplant, else the newest in the history."""
+    jobs = [job_runner().get(jid) for jid in (last_job_id(t) for t in TRANSPLANTS) if jid]
+    done = [j for j in jobs if j is not None and j.status == "done"]
+    if done:
+        return max(done, key=lambda j: j.created).id
     runs = swap_runs(limit=1)
     return runs[0]["id"] if runs else None
 
@@ -52,8 +57,9 @@ def swap_envelope(run_id: str) -> Optional[dict[str, Any]]:
 
 def default_save_dir(envelope: dict[str, Any], run_id: str) -> str:
     r = envelope.get("result") or {}
-    stem = re.sub(r"[^A-Za-z0-9._+-]+", "-", f"{Path(envelope.get('target', 'target')).name}"
-                                             f"+{Path(envelope.get('donor', 'donor')).name}-k{r.get('k', '')}-{run_id[:6]}")
+    src, dst = pair_labels(envelope)
+    how = f"k{r.get('k', '')}" if envelope.get("tool") == SWAP else "conj"
+    stem = re.sub(r"[^A-Za-z0-9._+-]+", "-", f"{Path(dst or 'target').name}+{Path(src or 'donor').name}-{how}-{run_id[:6]}")
     return str(graft_home() / "transplants" / stem)
 
 
@@ -150,7 +156,15 @@ def transplant_actions(run_id: str, envelope: dict[str, Any], *, where: str) -> 
     live = LIVE.get(live_id)
     with st.container(border=True):
         st.markdown("**Transplant T′**")
-        if live is None:
+        result = envelope.get("result") or {}
+        if live is None and result.get("rolled_back"):
+            st.caption(f"T′ was rolled back automatically: {result.get('roll_back_reason')}. The target is "
+                       "unchanged; raise the threshold (max retained increase) to keep such a transplant.")
+        elif live is None and envelope.get("tool") == CONJUGATE:
+            st.caption("T′ is not held in memory (the app restarted, or newer transplants replaced it). "
+                       "Run the conjugation again to roll back, re-apply or save it (its maps are refitted "
+                       "on the same workload and give the same weights).")
+        elif live is None:
             st.caption("T′ is not held in memory (the app restarted, or newer transplants replaced it). "
                        "Rebuild it from this run to roll back, re-apply or save.")
             st.button("Rebuild T′", key=f"rebuild-{where}-{run_id}", icon=":material/replay:",
@@ -160,8 +174,8 @@ def transplant_actions(run_id: str, envelope: dict[str, Any], *, where: str) -> 
                 job_view(jid, where=f"rebuild-{where}")
         else:
             state = "applied" if live.applied else "rolled back (the working copy equals T)"
-            st.caption(f"In memory: {len(live.swap.modules)} donor modules, {state}. "
-                       f"Only the swapped tensors are copies ({live.swap.swapped_bytes / 2**20:.1f} MiB); "
+            st.caption(f"In memory: {len(live.swap.modules)} modules changed, {state}. "
+                       f"Only the changed tensors are copies ({live.swap.swapped_bytes / 2**20:.1f} MiB); "
                        "the cached target is never written.")
             left, mid = st.columns([1, 1])
             if live.applied:

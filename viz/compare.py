@@ -37,7 +37,8 @@ def _alignment(result: dict, key: str) -> Optional[float]:
     return {"before": result.get("alignment_before"), "after": result.get("alignment_after"), "donor": 1.0}[key]
 
 
-def compare_figure(envelope: dict, kind: str = "graded") -> go.Figure:
+def compare_figure(envelope: dict, kind: str = "graded", *, title: Optional[str] = None,
+                   subtitle: Optional[str] = None) -> go.Figure:
     r = c.result_of(envelope)
     fig = make_subplots(rows=1, cols=3, column_widths=[0.42, 0.29, 0.29], horizontal_spacing=0.08,
                         subplot_titles=["perplexity (log scale, lower is better)", f"task score: {kind}",
@@ -60,8 +61,9 @@ def compare_figure(envelope: dict, kind: str = "graded") -> go.Figure:
     tir = f"TIR {c.fmt_num(tr.get('tir'), 3)}" if tr.get("tir") is not None else "TIR undefined"
     rec = f"Recovery {c.fmt_num(tr.get('recovery'), 3)}" if tr.get("recovery") is not None else "Recovery undefined"
     mods = r.get("modules") or []
-    sub = f"{tir} · {rec} ({kind} score) · {len(mods)} modules swapped · {r.get('n_test_items', '?')} held-out questions"
-    c.apply_layout(fig, c.envelope_title(envelope, "T11", "Before / after: T, T′ and D"), sub, height=480,
+    sub = subtitle or (f"{tir} · {rec} ({kind} score) · {len(mods)} modules swapped · "
+                       f"{r.get('n_test_items', '?')} held-out questions")
+    c.apply_layout(fig, title or c.envelope_title(envelope, "T11", "Before / after: T, T′ and D"), sub, height=480,
                    filename=c.download_filename(envelope, "T11", f"compare-{kind}"), barmode="group",
                    legend=dict(orientation="h", yanchor="top", y=-0.14, xanchor="left", x=0),
                    margin=dict(l=70, r=30, t=120, b=110))
@@ -163,3 +165,28 @@ def generations_html(envelope: dict, only_changed: bool = False) -> str:
         )
     out.append("</tbody></table>")
     return "".join(out)
+
+
+def conjugate_figure(envelope: dict, kind: Optional[str] = None) -> go.Figure:
+    """A conjugation run: T, T′ and D as for a swap, with the maps each side used, the interference
+    check and whether T′ was rolled back automatically in the subtitle."""
+    r = c.result_of(envelope)
+    kind = kind or r.get("score_kind") or "graded"
+    tr = transfer_of(r, kind)
+    tir = f"TIR {c.fmt_num(tr.get('tir'), 3)}" if tr.get("tir") is not None else "TIR undefined"
+    rec = f"Recovery {c.fmt_num(tr.get('recovery'), 3)}" if tr.get("recovery") is not None else "Recovery undefined"
+    counts = r.get("map_counts") or {}
+
+    def maps(side: str) -> str:
+        got = counts.get(side) or {}
+        return " / ".join(f"{k} {v}" for k, v in got.items() if v) or "—"
+
+    inter = r.get("interference") or {}
+    change = inter.get("ppl_change_fraction")
+    status = (f"ROLLED BACK: {r.get('roll_back_reason')}" if r.get("rolled_back") else "kept")
+    sub = (f"{tir} · {rec} ({kind}) · {r.get('n_conjugated', '?')} modules · inputs: {maps('input')} · "
+           f"outputs: {maps('output')}<br>retained perplexity "
+           f"{'%+.1f%%' % (100 * change) if c.is_number(change) else '—'} · locality "
+           f"{c.fmt_num(inter.get('locality'), 3) if c.is_number(inter.get('locality')) else '—'} · {status}")
+    return compare_figure(envelope, kind, title=c.envelope_title(envelope, "T11", "Rank-k conjugation: T, T′ and D"),
+                          subtitle=sub)

@@ -1,0 +1,250 @@
+"""Rank-k conjugation transplant (METHODS.md operation 3), as a registered tool: ``conjugate``.
+
+Inputs: the concept's update ``dW`` as a LoRA adapter (``--adapter``, trained on ``--base``) or as
+a full fine-tune (``--donor`` against ``--base``), and the ``--target`` it is carried into. The
+workload's texts are what every map is fitted on (:mod:`engine.conjugate` holds the maths: per-side
+identity / Procrustes / ridge maps, T2's layer matching, rank-k truncation from the factors).
+
+The run evaluates T, T' and D exactly as the module swap does (:mod:`engine.beforeafter`), with
+D = the update applied to its own base (the adapter merged into a working copy of the base in
+memory, or the fine-tuned donor itself), so TIR and Recovery read "how much of what the update
+does on its own base it does on the target". It then checks interference on the retained set
+(:mod:`engine.interference`: retained perplexity and locality) and rolls T' back automatically
+when retained perplexity rises by more than ``max_retained_increase`` (or locality falls below
+``min_locality``), saying why. Without ``--save`` the CLI rolls the target back before returning;
+the app keeps T' applied for one-click roll back and save, like a swap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..beforeafter import evaluate_shared, load_sets, locked, metrics, rnd, side_by_side, transfer_scores
+from ..capture import budget_texts, per_text_limit
+from ..conjugate import Conjugation, plan_conjugation, working_copy
+from ..context import ToolContext
+from ..errors import GraftError
+from ..evalcache import SCORES, alignment_score, evaluate_model
+from ..interference import interference, should_roll_back
+from ..models import LoadedModel
+from ..params import param
+from ..progress import Progress
+from ..registry import Tool, register
+from ..transplant import same_tokenizer
+
+MAPS = ("auto", "identity", "procrustes", "ridge")
+
+
+@dataclass(frozen=True)
+class ConjugateParams:
+    k: int = param(0, "Rank kept per module (0 = each module's full rank).", min=0, max=100_000)
+    energy: float = param(0.0, "Keep, per module, the smallest rank reaching this share of ||dW||^2 (T6); 0 = off. "
+                               "With k as well, the smaller rank wins.", min=0.0, max=1.0)
+    rank: int = param(16, "Full fine-tune only: rank of the randomized SVD of W_D - W_base.", min=1, max=4096)
+    map: str = param("auto", "Map of every side: auto picks identity / Procrustes / ridge per side by held-out "
+                             "residual; identity everywhere = a plain merge (an ablation).", choices=MAPS)
+    ridge_alpha: float = param(0.0, "Ridge strength relative to the mean eigenvalue of X^T X; 0 = chosen per side on "
+                                    "a split of the fit rows.", min=0.0, max=1e6)
+    heldout_fraction: float = param(0.25, "Share of texts held out to judge each side's map.", min=0.05, max=0.9)
+    seed: int = param(0, "Seed of the fit / held-out split and of the randomized SVD.", min=0, max=2**31 - 1)
+    max_retained_increase: float = param(
+        0.05, "Roll back automatically when retained perplexity rises by more than this fraction "
+              "(0.05 = 5%); negative = never roll back.", min=-1.0, max=1e6)
+    min_locality: float = param(0.0, "Also roll back when fewer than this share of retained prompts keep their greedy "
+                                     "continuation; 0 = off.", min=0.0, max=1.0)
+    concept: str = param("", "Concept set JSONL: concept perplexity and task score on its test questions. Empty = the "
+                             "bundled set.", path="in")
+    retained: str = param("", "Retained general set JSONL (perplexity, locality, auto-rollback). Empty = the bundled "
+                              "set.", path="in")
+    score: str = param("graded", "Task score S behind TIR and Recovery: graded or exact.", choices=SCORES)
+    max_new_tokens: int = param(16, "Greedy tokens per test question and per retained prompt.", min=1, max=512)
+    prompt_tokens: int = param(16, "Retained prompts for locality: the first this many tokens of each text.",
+                               min=1, max=4096)
+    save: str = param("", "Save T' into this folder (Hugging Face format + surgery.json) unless it was rolled back. "
+                          "Empty = don't save.", path="out_dir")
+
+
+@dataclass
+class ConjugateResult:
+    source: dict[str, Any]  # what dW is: adapter (path, config) or full fine-tune (donor, rank)
+    base: str
+    modules: list[dict[str, Any]]  # per module: donor layer, target layer, k, energy kept, map of each side
+    map_counts: dict[str, dict[str, int]]
+    layer_map: list[list[int]]
+    score_kind: str
+    before: dict[str, Optional[float]]  # T
+    after: dict[str, Optional[float]]  # T' (measured before any auto-rollback)
+    donor: dict[str, Optional[float]]  # D = the update on its own base
+    tir: Optional[float]
+    recovery: Optional[float]
+    tir_note: str
+    recovery_note: str
+    transfer: dict[str, dict[str, Any]]  # TIR / Recovery per score kind, as swap
+    interference: dict[str, Any]  # retained perplexity before/after, locality, worst examples
+    rolled_back: bool
+    roll_back_reason: str
+    alignment_before: Optional[float]
+    alignment_after: Optional[float]
+    alignment_note: str
+    generations: list[dict[str, Any]]
+    n_test_items: int
+    n_modules: int
+    n_conjugated: int
+    mean_energy_kept: Optional[float]
+    weight_hash_before: str
+    weight_hash_after: str
+    rollback_bit_exact: Optional[bool]
+    target_untouched: bool
+    saved_to: Optional[str]
+    card: dict[str, Any]
+    live_id: Optional[str]
+    warnings: list[str]
+    plan: dict[str, Any]  # the full plan report (row alignment, residuals, skipped modules, timings)
+
+
+def _merged_donor(base: LoadedModel, deltas: list) -> torch.nn.Module:
+    """The update applied to its own base, in memory: a working copy sharing every tensor of the
+    base except the updated weights (added in float64, rounded once)."""
+    mods = {m.name: m for m in base.arch.linear_modules()}
+    touched = [base.arch.module(mods[d.name].path).weight for d in deltas if d.name in mods]
+    model = working_copy(base, touched)
+    with torch.no_grad():
+        for d in deltas:
+            lm = mods.get(d.name)
+            if lm is None:
+                continue
+            w = dict(model.named_modules())[lm.path].weight
+            upd = d.B.double() @ d.A.double()
+            if lm.conv1d:
+                upd = upd.T
+            w.copy_((w.double() + upd.to(w.device)).to(w.dtype))
+    return model
+
+
+def _deltas(ctx: ToolContext, params: ConjugateParams, progress: Progress) -> tuple[list, dict[str, Any], list[str]]:
+    from ..lora import adapter_deltas, check_against_model, finetune_deltas, resolve_adapter
+
+    base = ctx.base
+    assert base is not None
+    if ctx.adapter is not None:
+        ref = resolve_adapter(ctx.adapter)
+        deltas = adapter_deltas(ref, n_layers=base.arch.n_layers)
+        warnings = check_against_model(deltas, base)
+        return deltas, {"kind": "adapter", **ref.describe()}, warnings
+    assert ctx.donor is not None
+    deltas = finetune_deltas(ctx.donor, base, params.rank, progress=progress, seed=params.seed)
+    return deltas, {"kind": "full fine-tune", "donor": ctx.donor.spec.ref, "rank": params.rank}, []
+
+
+def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progress) -> ConjugateResult:
+    base, target = ctx.base, ctx.target
+    assert base is not None and target is not None and ctx.workload is not None
+    sets = load_sets(params.concept, params.retained)
+    progress(0.0, "reading the update dW")
+    deltas, source, warnings = _deltas(ctx, params, progress.sub(0.0, 0.05))
+    if not deltas:
+        raise GraftError("the update has no module to carry")
+    texts = budget_texts(ctx.workload.texts, [base.tokenizer, target.tokenizer], ctx.options.max_tokens,
+                         per_text=per_text_limit([base, target]))
+    plan = plan_conjugation(
+        base, target, deltas, texts, k=params.k, energy=params.energy or None, ridge_alpha=params.ridge_alpha,
+        heldout_fraction=params.heldout_fraction, seed=params.seed, outlier_factor=ctx.options.outlier_factor,
+        force=params.map, batch_size=ctx.options.batch_size, captures=ctx.captures, progress=progress.sub(0.05, 0.5))
+    rep = plan.report()
+    ctx.meta["plan_seconds"] = rep.get("seconds")  # timings go in meta: the result itself is deterministic
+    warnings += list(rep.get("warnings") or [])
+    conj = Conjugation(target, plan)
+
+    progress(0.5, "evaluating the target T")
+    ev_t = evaluate_shared(target, sets, params.score, params.max_new_tokens, progress.sub(0.5, 0.58))
+    progress(0.58, "evaluating D: the update on its own base")
+    if ctx.donor is not None:
+        ev_d = evaluate_shared(ctx.donor, sets, params.score, params.max_new_tokens, progress.sub(0.58, 0.66))
+        d_model, d_tok = ctx.donor.model, ctx.donor.tokenizer
+    else:
+        d_model, d_tok = _merged_donor(base, deltas), base.tokenizer
+        ev_d = evaluate_model(d_model, d_tok, sets[0], sets[1], score=params.score,
+                              max_new_tokens=params.max_new_tokens, progress=progress.sub(0.58, 0.66))
+    hash_t = conj.hash_before()
+    progress(0.66, "adding the conjugated update to a working copy of T")
+    conj.apply()
+    hash_tp = conj.weight_hash()
+    ev_tp = evaluate_model(conj.working, target.tokenizer, sets[0], sets[1], score=params.score,
+                           max_new_tokens=params.max_new_tokens, state_hash=hash_tp, progress=progress.sub(0.66, 0.76))
+    transfer = {kind: transfer_scores(ev_t[f"task_score_{kind}"], ev_tp[f"task_score_{kind}"], ev_d[f"task_score_{kind}"])
+                for kind in SCORES}
+    tm = transfer[params.score]
+
+    align_note = ""
+    al_before = al_after = None
+    test_q = [q.question for q in sets[0].test_qa()]
+    if same_tokenizer(d_tok, target.tokenizer):
+        with locked(target):
+            al_before = alignment_score(d_model, d_tok, target.model, target.tokenizer, test_q)["score"]
+            al_after = alignment_score(d_model, d_tok, conj.working, target.tokenizer, test_q, state_hash=hash_tp)["score"]
+    else:
+        align_note = "token agreement with D is undefined across tokenizers (greedy ids come from different vocabularies)"
+
+    progress(0.8, "interference check on the retained set")
+    with locked(target):
+        inter = interference(target.model, conj.working, target.tokenizer, sets[1].texts(),
+                             max_new_tokens=params.max_new_tokens, prompt_tokens=params.prompt_tokens,
+                             batch_size=ctx.options.batch_size, progress=progress.sub(0.8, 0.95))
+    roll, why = should_roll_back(inter, params.max_retained_increase if params.max_retained_increase >= 0 else None,
+                                 min_locality=params.min_locality or None)
+    extra = dict(
+        source=source, params={k: getattr(params, k) for k in params.__dataclass_fields__},
+        options={"workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256},
+                 "max_tokens": ctx.options.max_tokens, "outlier_factor": ctx.options.outlier_factor},
+        results={"before": metrics(ev_t), "after": metrics(ev_tp), "donor": metrics(ev_d), "tir": tm["tir"],
+                 "recovery": tm["recovery"], "score_kind": params.score, "transfer": transfer,
+                 "retained_ppl_change": rnd(inter.get("ppl_change_fraction")), "locality": rnd(inter.get("locality"))},
+        hashes={"target": hash_t, "transplanted": hash_tp},
+        trust_remote_code=bool(target.spec.trust_remote_code or base.spec.trust_remote_code),
+    )
+    card = conj.card(**extra)
+    saved_to = None
+    exact: Optional[bool] = None
+    if roll:
+        progress(0.96, "rolling back: " + why)
+        conj.rollback()
+        exact = conj.weight_hash() == hash_t and conj.verify_rollback()
+    elif params.save:
+        progress(0.96, f"saving T' to {params.save}")
+        saved_to = conj.save(params.save, **extra)
+    live_id = None
+    if not roll and ctx.live is not None:
+        live_id = ctx.live.keep(conj, card)  # the app keeps T' applied for one-click roll back / save
+    elif not roll:
+        conj.rollback()  # the CLI never leaves an applied working copy behind
+        exact = conj.weight_hash() == hash_t and conj.verify_rollback()
+    untouched = target.state_hash() == hash_t
+    progress(1.0, "done")
+    return ConjugateResult(
+        source=source, base=base.spec.ref, modules=list(rep.get("modules") or []),
+        map_counts=rep.get("map_counts") or {}, layer_map=[list(p) for p in rep.get("layer_map") or []],
+        score_kind=params.score, before=metrics(ev_t), after=metrics(ev_tp), donor=metrics(ev_d),
+        tir=tm["tir"], recovery=tm["recovery"], tir_note=tm["tir_note"], recovery_note=tm["recovery_note"],
+        transfer=transfer, interference={k: v for k, v in inter.items()}, rolled_back=bool(roll),
+        roll_back_reason=why if roll else "", alignment_before=rnd(al_before), alignment_after=rnd(al_after),
+        alignment_note=align_note,
+        generations=side_by_side(ev_t, ev_tp, ev_d) if ev_t["items"] and "generation" in ev_t["items"][0] else [],
+        n_test_items=len(test_q), n_modules=int(rep.get("n_modules") or 0),
+        n_conjugated=int(rep.get("n_conjugated") or 0), mean_energy_kept=rnd(rep.get("mean_energy_kept")),
+        weight_hash_before=hash_t, weight_hash_after=hash_tp, rollback_bit_exact=exact, target_untouched=untouched,
+        saved_to=saved_to, card=card, live_id=live_id, warnings=warnings,
+        plan={k: v for k, v in rep.items() if k not in ("modules", "seconds")},
+    )
+
+
+TOOL = register(Tool(
+    name="conjugate", code="T11", title="Rank-k conjugation transplant",
+    summary="Carries a donor's update dW (LoRA adapter or full fine-tune, truncated to rank k) into the target's "
+            "coordinates through per-side maps fitted on the activations each side sees (identity, Procrustes or "
+            "ridge), adds it reversibly, evaluates T, T' and D, checks interference and rolls back automatically "
+            "when retained perplexity worsens past your threshold.",
+    params_cls=ConjugateParams, compute=compute_conjugate, figure="viz.compare:conjugate_figure", page="Concept",
+    needs=(("adapter", "base", "target"), ("donor", "base", "target")),
+))
