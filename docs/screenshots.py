@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs"), help="folder for the PNGs")
     ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for each tool run")
     ap.add_argument("--only-home", action="store_true", help="only the Start here page (home.png)")
+    ap.add_argument("--pages", default="home,models,alignment,concept,transplant,compare,runs",
+                    help="comma-separated pages to shoot, in this order (default: all)")
     ap.add_argument("--swap-k", type=int, default=0,
                     help="K for the T11 swap (default: 128 for the demo pair, where the K sweep shows knowledge moving; "
                          "else the tool's default)")
@@ -148,39 +150,54 @@ def main() -> None:
             page.goto(f"{url}/?{query}", timeout=120_000)
             page.get_by_role("heading", name="Graft", exact=True, level=1).wait_for(timeout=120_000)
             page.get_by_test_id("stMetric").first.wait_for(timeout=120_000)
-            full_page_png(page, out / "home.png")
+            pages = {p.strip() for p in args.pages.split(",") if p.strip()}
+            if "home" in pages:
+                full_page_png(page, out / "home.png")
             if args.only_home:
                 return
-            page.goto(f"{url}/models?{query}", timeout=120_000)
-            page.get_by_role("heading", name="Models", exact=True, level=1).wait_for(timeout=120_000)
-            run_and_wait(page, "Run T1", 1, args.timeout)
-            full_page_png(page, out / "models.png")
+            if "models" in pages:
+                page.goto(f"{url}/models?{query}", timeout=120_000)
+                page.get_by_role("heading", name="Models", exact=True, level=1).wait_for(timeout=120_000)
+                run_and_wait(page, "Run T1", 1, args.timeout)
+                full_page_png(page, out / "models.png")
 
-            goto_page(page, "Alignment")
-            for n, code in enumerate(("T2", "T3", "T4"), start=1):
-                run_and_wait(page, f"Run {code}", n, args.timeout)
-            full_page_png(page, out / "alignment.png")
+            if "alignment" in pages:
+                goto_page(page, "Alignment")
+                for n, code in enumerate(("T2", "T3", "T4"), start=1):
+                    run_and_wait(page, f"Run {code}", n, args.timeout)
+                full_page_png(page, out / "alignment.png")
 
-            goto_page(page, "Transplant")
-            swap_k = args.swap_k or (128 if (donor, target) == default_pair() and "+concept" in donor else 0)
-            for n, code in enumerate(("T7", "T11", "T8"), start=1):
-                if code == "T11" and swap_k:
-                    page.get_by_text("Parameters", exact=True).nth(1).click()  # T11's parameters
-                    k_input = page.get_by_label("K", exact=True)
-                    k_input.fill(str(swap_k))
-                    k_input.press("Enter")
-                    page.wait_for_timeout(1000)
-                run_and_wait(page, f"Run {code}", n, args.timeout)
-            full_page_png(page, out / "transplant.png")
+            if "concept" in pages:
+                goto_page(page, "Concept")
+                run_and_wait(page, "Run T5", 1, args.timeout)
+                run_and_wait(page, "Run T6", 3, args.timeout)  # T5, the chosen cell's spectrum, T6
+                page.get_by_role("button", name="Run conjugation").click()
+                page.get_by_text("Per module: the map of each side").wait_for(timeout=args.timeout * 1000)
+                full_page_png(page, out / "concept.png")
 
-            goto_page(page, "Compare")
-            page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
-            page.locator("table.graft-gen").first.wait_for(timeout=60_000)
-            full_page_png(page, out / "compare.png")
+            if "transplant" in pages:
+                goto_page(page, "Transplant")
+                swap_k = args.swap_k or (128 if (donor, target) == default_pair() and "+concept" in donor else 0)
+                for n, code in enumerate(("T7", "T11", "T8"), start=1):
+                    if code == "T11" and swap_k:
+                        page.get_by_text("Parameters", exact=True).nth(1).click()  # T11's parameters
+                        k_input = page.get_by_label("K", exact=True)
+                        k_input.fill(str(swap_k))
+                        k_input.press("Enter")
+                        page.wait_for_timeout(1000)
+                    run_and_wait(page, f"Run {code}", n, args.timeout)
+                full_page_png(page, out / "transplant.png")
 
-            goto_page(page, "Runs")
-            page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
-            full_page_png(page, out / "runs.png")
+            if "compare" in pages:
+                goto_page(page, "Compare")
+                page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+                page.locator("table.graft-gen").first.wait_for(timeout=60_000)
+                full_page_png(page, out / "compare.png")
+
+            if "runs" in pages:
+                goto_page(page, "Runs")
+                page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+                full_page_png(page, out / "runs.png")
         finally:
             browser.close()
     log.unlink(missing_ok=True)

@@ -44,6 +44,7 @@ class Tool:
     # builds a fixture for each.
     needs: tuple[tuple[str, ...], ...] = (("donor", "target"),)
     uses_workload: bool = True  # reads texts (the workload options apply)
+    run_label: str = ""  # the Run button's label in the app; default "Run <code>"
 
     @property
     def inputs(self) -> tuple[str, ...]:

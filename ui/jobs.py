@@ -74,7 +74,7 @@ def tool_panel(tool_name: str, *, how_to_read: str = "", details: Optional[Resul
     # and would read the selection of the previous run, so the pair submitted could differ from
     # the pair on the screen. Here the sidebar (and the page's own inputs) resolved this run's widgets.
     if st.button(
-        f"Run {tool.code}", key=f"run-{tool.name}", type="primary", icon=":material/play_arrow:",
+        tool.run_label or f"Run {tool.code}", key=f"run-{tool.name}", type="primary", icon=":material/play_arrow:",
         disabled=not inputs.ok or busy,
         help=(inputs.errors[0] if inputs.errors else "Choose the inputs first.") if not inputs.ok else
              "This tool is already running; cancel it or wait." if busy else

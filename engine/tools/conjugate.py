@@ -246,5 +246,5 @@ TOOL = register(Tool(
             "ridge), adds it reversibly, evaluates T, T' and D, checks interference and rolls back automatically "
             "when retained perplexity worsens past your threshold.",
     params_cls=ConjugateParams, compute=compute_conjugate, figure="viz.compare:conjugate_figure", page="Concept",
-    needs=(("adapter", "base", "target"), ("donor", "base", "target")),
+    needs=(("adapter", "base", "target"), ("donor", "base", "target")), run_label="Run conjugation",
 ))
