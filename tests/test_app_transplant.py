@@ -21,7 +21,7 @@ def home(tmp_path, monkeypatch):
 
 def test_compare_without_a_swap_says_where_to_start(home):
     at = open_app("pages/compare.py")
-    assert "No module swap yet" in texts(at.info)
+    assert "No transplant yet" in texts(at.info)
 
 
 def test_swap_then_compare_rollback_and_save(home, tmp_path):
