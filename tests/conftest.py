@@ -18,6 +18,12 @@ def _graft_home(tmp_path_factory, monkeypatch):
     yield home
 
 
+@pytest.fixture
+def home(_graft_home):
+    """This test's GRAFT_HOME (the app's history and uploads live there)."""
+    return _graft_home
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and with the suite running beside other

@@ -14,12 +14,6 @@ ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("GRAFT_HOME", str(tmp_path / "graft"))
-    return tmp_path / "graft"
-
-
 @pytest.fixture(scope="module")
 def code_folder(tmp_path_factory) -> Path:
     """A tiny GPT-2 folder whose config names custom code, with the .py file that would run."""
