@@ -119,6 +119,12 @@ class JobRunner:
             job, work = self._queue.get()
             self._run(job, work)
 
+    def _record(self, job: Job, status: str, **kw: Any) -> None:
+        try:
+            self.history.finish(job.id, status, **kw)
+        except Exception as exc:  # a full disk must not leave the job "running" forever
+            job.message = f"{status}, but the run history could not be written: {type(exc).__name__}: {exc}"
+
     def _run(self, job: Job, work: Callable[[Progress], dict[str, Any]]) -> None:
         if job.cancel_event.is_set():
             job.status, job.message, job.finished = "cancelled", "cancelled before start", time.time()
@@ -130,20 +136,23 @@ class JobRunner:
 
         job.status, job.started = "running", time.time()
         self.history.start(job.id)
+        # The run history is written before the in-memory job says it ended, so a page that sees a
+        # finished job always finds the same outcome in the history.
         try:
             result = work(Progress(report, job.cancel_event))
         except Cancelled:
+            self._record(job, "cancelled", error="cancelled by user")
             job.status, job.message = "cancelled", "cancelled"
-            self.history.finish(job.id, "cancelled", error="cancelled by user")
         except GraftError as exc:
+            self._record(job, "failed", error=str(exc))
             job.status, job.error, job.message = "failed", str(exc), str(exc)
-            self.history.finish(job.id, "failed", error=str(exc))
         except Exception as exc:  # a bug must not kill the worker; the UI shows one line
-            job.status, job.error = "failed", f"internal error: {type(exc).__name__}: {exc}"
-            job.message = job.error
-            self.history.finish(job.id, "failed", error=job.error + "\n" + traceback.format_exc())
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            self._record(job, "failed", error=error + "\n" + traceback.format_exc())
+            job.status, job.error, job.message = "failed", error, error
         else:
-            job.result, job.status, job.progress, job.message = result, "done", 1.0, "done"
-            self.history.finish(job.id, "done", result=result)
+            self._record(job, "done", result=result)
+            job.result, job.progress, job.message = result, 1.0, "done"
+            job.status = "done"
         finally:
             job.finished = time.time()
