@@ -98,7 +98,7 @@ def _clean_leftovers() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .registry import INPUT_HELP, all_tools
+    from .registry import INPUT_HELP, INPUT_METAVAR, all_tools
 
     parser = argparse.ArgumentParser(prog="python -m engine", description="Graft: pre-surgery diagnostics and transplants, headless.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         # Only the inputs the tool declares (Tool.needs); which combination is complete is checked
         # at run time, with the alternatives in the message.
         for name in tool.inputs:
-            p.add_argument(f"--{name}", default=None, metavar="DIR" if name == "adapter" else "SPEC",
+            p.add_argument(f"--{name}", default=None, metavar=INPUT_METAVAR.get(name, "SPEC"),
                            help=f"{INPUT_HELP[name]} [needs: {tool.describe_needs()}]")
         for s in param_specs(RunOptions):
             if tool.uses_workload or s.name not in WORKLOAD_OPTIONS:
@@ -157,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
     from .history import History, new_run_id
     from .models import ModelSpec
     from .params import build_params, check_paths
-    from .registry import get_tool
+    from .registry import TEXT_INPUTS, get_tool
 
     bar = _Bar(getattr(args, "quiet", False))
     _clean_leftovers()
@@ -230,7 +230,7 @@ def _run(args: argparse.Namespace) -> int:
                                                 if getattr(args, "param_" + s.name) is not None})
         given = {name: getattr(args, name, None) for name in tool.inputs}
         tool.choose(given)  # one line naming the alternatives when the inputs do not fit
-        models = {k: ModelSpec.parse(v, args.trust_remote_code) if v and k != "adapter" else v for k, v in given.items()}
+        models = {k: ModelSpec.parse(v, args.trust_remote_code) if v and k not in TEXT_INPUTS else v for k, v in given.items()}
         # Every output and input path is checked before a model is loaded.
         if args.json_path:
             check_output_file(args.json_path, "--json")

@@ -36,6 +36,9 @@ class ToolContext:
     live: Any = None  # engine.live.LiveTransplants: the app keeps transplants applied (see engine/live.py)
     base: Optional[LoadedModel] = None  # the model an adapter / a full fine-tune was trained from
     adapter: Optional[str] = None  # adapter as the user gave it (PEFT folder, make-donor folder, demo name)
+    organ: Optional[str] = None  # organ checkpoint folder as the user gave it
+    run: Optional[str] = None  # run id of a finished run in the history (the tool loads that run's models)
+    store: Optional[ModelStore] = None  # where a tool loads further models from (a run's models)
 
     def texts(self) -> list[str]:
         cut: list = []
@@ -102,20 +105,22 @@ def run_tool(
     *,
     base: ModelSpec | LoadedModel | None = None,
     adapter: Optional[str] = None,
+    organ: Optional[str] = None,
+    run: Optional[str] = None,
     store: Optional[ModelStore] = None,
     progress: Optional[Progress] = None,
     captures: Optional[CaptureCache] = None,
     live: Any = None,
 ) -> dict[str, Any]:
     """Run a registered tool end to end and return ``{"tool", "donor", "target", "result", "meta"}``
-    (plus ``"base"`` / ``"adapter"`` when the tool took them).
+    (plus ``"base"`` / ``"adapter"`` / ``"organ"`` / ``"run"`` when the tool took them).
 
     The inputs must fit one of the tool's ``needs`` alternatives (one line otherwise). This is the
     only path from inputs to a result: the CLI, the job runner and the tests call it.
     """
     progress = progress or silent()
     tool = get_tool(tool_name)
-    chosen = tool.choose({"donor": donor, "target": target, "base": base, "adapter": adapter})
+    chosen = tool.choose({"donor": donor, "target": target, "base": base, "adapter": adapter, "organ": organ, "run": run})
     if not isinstance(options, RunOptions):
         options = build_params(RunOptions, options or {})
     if not dataclasses.is_dataclass(params):
@@ -138,7 +143,8 @@ def run_tool(
         loaded[key] = get(specs[key], progress.sub(0.2 * i / len(wanted), 0.2 * (i + 1) / len(wanted)))
     t_load = time.perf_counter() - t0
     ctx = ToolContext(loaded["donor"], loaded["target"], workload, options, captures or DEFAULT_CACHE, live=live,
-                      base=loaded["base"], adapter=adapter if "adapter" in chosen else None)
+                      base=loaded["base"], adapter=adapter if "adapter" in chosen else None,
+                      organ=organ if "organ" in chosen else None, run=run if "run" in chosen else None, store=store)
     t1 = time.perf_counter()
     result = tool.compute(ctx, params, progress.sub(0.2, 1.0))
     t_compute = time.perf_counter() - t1
@@ -159,8 +165,9 @@ def run_tool(
     }
     if loaded["base"] is not None:
         envelope["base"] = loaded["base"].spec.ref
-    if ctx.adapter is not None:
-        envelope["adapter"] = ctx.adapter
+    for key in ("adapter", "organ", "run"):
+        if getattr(ctx, key) is not None:
+            envelope[key] = getattr(ctx, key)
     envelope["result"] = payload
     envelope["meta"] = {
         "code": tool.code,

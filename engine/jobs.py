@@ -66,16 +66,16 @@ class JobRunner:
     # ------------------------------------------------------------------ submit
     def submit_tool(self, tool_name: str, donor: Optional[ModelSpec], target: Optional[ModelSpec],
                     options: RunOptions, params: Any, *, base: Optional[ModelSpec] = None,
-                    adapter: Optional[str] = None) -> Job:
+                    adapter: Optional[str] = None, organ: Optional[str] = None, run: Optional[str] = None) -> Job:
         """Queue a registered tool on the given inputs (checked against the tool's needs first)."""
         tool = get_tool(tool_name)
-        inputs = {"donor": donor, "target": target, "base": base, "adapter": adapter}
+        inputs = {"donor": donor, "target": target, "base": base, "adapter": adapter, "organ": organ, "run": run}
         tool.choose(inputs)
         refs = {k: (v.ref if isinstance(v, ModelSpec) else v) for k, v in inputs.items() if v not in (None, "")}
         record = {"options": dataclasses.asdict(options), "params": dataclasses.asdict(params), "inputs": refs}
 
         def work(progress: Progress) -> dict[str, Any]:
-            return run_tool(tool_name, donor, target, options, params, base=base, adapter=adapter, store=self.store,
+            return run_tool(tool_name, donor, target, options, params, base=base, adapter=adapter, organ=organ, run=run, store=self.store,
                             progress=progress, live=self.live)
 
         return self.submit(tool.name, f"{tool.code} {tool.title}", *pair_labels(refs), record, work)

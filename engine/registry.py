@@ -16,15 +16,21 @@ from .params import param_specs
 
 
 # What a tool can be given besides its parameters. Models: the donor D, the target T, a base
-# model (what an adapter or a full fine-tune was trained from), and an adapter (a PEFT LoRA folder,
-# a make-donor folder or the demo donor's name). The workload is a list of texts.
-MODEL_INPUTS = ("donor", "target", "base", "adapter")
+# model (what an adapter or a full fine-tune was trained from). Text inputs: an adapter (a PEFT LoRA
+# folder, a make-donor folder or the demo donor's name), an organ checkpoint folder, and a run id
+# from the run history (a tool that reads a finished transplant run loads that run's models itself).
+# The workload is a list of texts.
+MODEL_INPUTS = ("donor", "target", "base", "adapter", "organ", "run")
+TEXT_INPUTS = ("adapter", "organ", "run")  # given as text, never parsed as a model spec
+INPUT_METAVAR = {"adapter": "DIR", "organ": "DIR", "run": "RUN_ID"}
 INPUT_HELP = {
     "donor": "donor model: built-in name, HF folder, make-donor or saved transplant folder, .gguf file or cached hub id",
     "target": "target model (same forms as --donor)",
     "base": "the base model the adapter or the full fine-tune was trained from (same forms as --donor)",
     "adapter": "LoRA adapter: a PEFT folder (adapter_config.json + adapter_model.safetensors), a make-donor "
                "folder, or the demo donor's name",
+    "organ": "organ checkpoint folder (organ.json + organ.safetensors, written by organ-extract / organ-train)",
+    "run": "run id of a finished transplant run in the run history (python -m engine runs, or the Runs page)",
 }
 
 
@@ -73,7 +79,7 @@ class Tool:
         return best
 
     def describe_needs(self) -> str:
-        alts = [" and ".join(f"--{n} {n.upper() if n == 'adapter' else 'SPEC'}" for n in alt) for alt in self.needs]
+        alts = [" and ".join(f"--{n} {INPUT_METAVAR.get(n, 'SPEC')}" for n in alt) for alt in self.needs]
         return alts[0] if len(alts) == 1 else ", or ".join(alts)
 
 
@@ -109,7 +115,14 @@ def get_tool(name: str) -> Tool:
 
 def all_tools() -> list[Tool]:
     _load_builtin_tools()
-    return sorted(_REGISTRY.values(), key=lambda t: (int(t.code[1:]), t.name))
+    return sorted(_REGISTRY.values(), key=_order)
+
+
+def _order(tool: Tool) -> tuple[int, int, str]:
+    """Diagnostics first by number (T1, T2, ... T13), then operations (OP2, OP3: METHODS.md's
+    transplant operations) by number, then by name."""
+    digits = "".join(ch for ch in tool.code if ch.isdigit())
+    return (0 if tool.code.startswith("T") else 1, int(digits or 0), tool.name)
 
 
 def _load_builtin_tools() -> None:

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,8 +12,9 @@ from engine.errors import Cancelled, GraftError
 from engine.models import ModelSpec
 from engine.params import build_params, param_specs
 from engine.progress import Progress
-from engine.registry import all_tools, get_tool, register
+from engine.registry import MODEL_INPUTS, all_tools, get_tool, register
 
+ROOT = Path(__file__).resolve().parent.parent
 TOOLS = [t.name for t in all_tools()]
 PAIRS = [("tiny-gpt2-a", "tiny-gpt2-b"), ("tiny-gpt2-a", "tiny-llama-b")]
 
@@ -20,6 +22,21 @@ PAIRS = [("tiny-gpt2-a", "tiny-gpt2-b"), ("tiny-gpt2-a", "tiny-llama-b")]
 def test_registry_holds_the_alignment_tools():
     codes = {t.code for t in all_tools()}
     assert {"T1", "T2", "T3", "T4"} <= codes
+
+
+def test_every_module_in_engine_tools_registers_a_tool():
+    """Tool modules are discovered, so a new file is enough; a file that registers nothing is a
+    mistake (a helper belongs next to the code that uses it, not in engine/tools/)."""
+    import importlib
+
+    from engine.tools import TOOL_MODULES
+
+    names = {p.stem for p in (ROOT / "engine" / "tools").glob("*.py") if not p.stem.startswith("_")}
+    assert set(TOOL_MODULES) == names
+    by_module = {t.compute.__module__ for t in all_tools()}
+    for name in TOOL_MODULES:
+        mod = importlib.import_module(f"engine.tools.{name}")
+        assert mod.__name__ in by_module, f"engine/tools/{name}.py registers no tool"
 
 
 def test_registry_refuses_duplicates():
@@ -59,10 +76,16 @@ def case_id(case) -> str:
 @pytest.fixture
 def tool_inputs(request, workload):
     """Build the inputs a tool declares (Tool.needs) for one alternative: tiny models, the tiny
-    PEFT adapter for 'adapter' (with its base for 'base'), the shared tiny workload."""
+    PEFT adapter for 'adapter' (with its base for 'base'), a tiny organ checkpoint for 'organ'
+    (fixture ``tiny_organ``), a finished tiny transplant run for 'run' (fixture ``tiny_run``), the
+    shared tiny workload."""
 
     def make(alt: tuple[str, ...], pair=PAIRS[0]) -> dict:
         kw: dict = {}
+        if "organ" in alt:
+            kw["organ"] = request.getfixturevalue("tiny_organ")["path"]
+        if "run" in alt:
+            kw["run"] = request.getfixturevalue("tiny_run")["run_id"]
         if "adapter" in alt:
             kw["adapter"] = request.getfixturevalue("tiny_adapter")["path"]
         if "base" in alt:
@@ -80,7 +103,7 @@ def tool_inputs(request, workload):
 
 def test_needs_are_declared_and_enforced():
     for t in all_tools():
-        assert t.needs and all(set(alt) <= {"donor", "target", "base", "adapter"} for alt in t.needs)
+        assert t.needs and all(set(alt) <= set(MODEL_INPUTS) for alt in t.needs)
         with pytest.raises(GraftError, match="needs"):
             run_tool(t.name)  # nothing given: one line naming what is needed
     with pytest.raises(GraftError, match="does not use --adapter"):
@@ -98,8 +121,7 @@ def test_compute_result_is_json_deterministic_and_reports_progress(case, pair, w
             run_tool(name, options={"workload": workload}, **kw)
         return
     env = run_tool(name, options={"workload": workload}, progress=Progress(lambda f, m: seen.append(f)), **kw)
-    assert {"tool", "donor", "target", "result", "meta"} <= set(env) <= {"tool", "donor", "target", "base", "adapter",
-                                                                          "result", "meta"}
+    assert {"tool", "donor", "target", "result", "meta"} <= set(env) <= {"tool", "result", "meta", *MODEL_INPUTS}
     assert env["tool"] == name
     text = json.dumps(env, allow_nan=False)  # strict JSON: no NaN/Infinity sneaks into a result
     assert json.loads(text) == env

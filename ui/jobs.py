@@ -136,7 +136,8 @@ def _submit_tool(tool_name: str, inputs: PanelInputs) -> Optional[str]:
         params = build_params(tool.params_cls, values)
         m = inputs.models
         job = job_runner().submit_tool(tool.name, m.get("donor"), m.get("target"), inputs.options, params,
-                                       base=m.get("base"), adapter=m.get("adapter"))
+                                       base=m.get("base"), adapter=m.get("adapter"),
+                                       organ=m.get("organ"), run=m.get("run"))
     except GraftError as exc:
         st.session_state[f"_submit_error-{tool.name}"] = one_line(exc)
         return None
@@ -152,7 +153,7 @@ def inputs_mismatch(envelope: dict[str, Any], current: Optional[PanelInputs]) ->
     then = {k: envelope.get(k) for k in now}
     if all(then[k] == now[k] for k in now):
         return None
-    src, dst = pair_labels({k: v for k, v in envelope.items() if k in ("donor", "target", "base", "adapter") and v})
+    src, dst = pair_labels({k: v for k, v in envelope.items() if k in ("donor", "target", "base", "adapter", "organ", "run") and v})
     return (f"This result is for **{src} → {dst}**, not for the models on the screen "
             f"(**{current.label}**). Run again for the models on the screen.")
 
