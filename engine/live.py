@@ -7,8 +7,9 @@ with the cached target except the swapped ones, so a live transplant holds only 
 tensors it changed; at most ``capacity`` are kept and the oldest is rolled back and dropped first.
 
 A run whose live transplant is gone (the server restarted, or it was evicted) can be rebuilt
-from its result: :func:`rebuild` re-applies the recorded modules to the same models, and checks
-that the weight hash equals the one the run recorded before anything is saved from it.
+from its result: :func:`rebuild` re-applies the recorded edit to the same models
+(:func:`engine.rebuild.rebuild_transplant`), and checks that the weight hash equals the one the run
+recorded before anything is saved from it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import GraftError
-from .models import ModelSpec, ModelStore
+from .models import ModelStore
 from .transplant import ModuleSwap, save_transplant
 
 
@@ -109,28 +110,12 @@ class LiveTransplants:
 
 
 def rebuild(envelope: dict[str, Any], store: ModelStore, live: LiveTransplants) -> str:
-    """Re-apply a finished swap run's modules to the same donor and target; returns the live id.
+    """Re-apply a finished transplant run's edit to the same models and keep it live; returns the
+    live id. The rebuild itself (and its hash checks) is :func:`engine.rebuild.rebuild_transplant`."""
+    from .rebuild import rebuild_transplant
 
-    Refuses when the models no longer hash as they did in the run (a path whose files changed).
-    """
-    result = envelope.get("result") or {}
-    card = result.get("card")
-    modules = [m["name"] for m in result.get("modules") or []]
-    if envelope.get("tool") != "swap" or not modules or not card:
-        raise GraftError("only a finished module-swap run can be rebuilt")
-    opts = (envelope.get("meta") or {}).get("options") or {}
-    device, dtype = opts.get("device", "auto"), opts.get("dtype", "float32")
-    trust = bool(card.get("trust_remote_code", False))
-    donor = store.get(ModelSpec.parse(envelope["donor"], trust_remote_code=trust), device, dtype)
-    target = store.get(ModelSpec.parse(envelope["target"], trust_remote_code=trust), device, dtype)
-    swap = ModuleSwap(target, donor, modules)
-    if swap.hash_before() != result.get("weight_hash_before"):
-        raise GraftError(f"the target {target.label} has changed since this run (weight hash differs); run the swap again")
-    swap.apply()
-    if swap.weight_hash() != result.get("weight_hash_after"):
-        swap.rollback()
-        raise GraftError(f"re-applying the run's modules does not reproduce its T' (the donor {donor.label} changed?)")
-    return live.keep(swap, card)
+    rebuilt = rebuild_transplant(envelope, store)
+    return live.keep(rebuilt.edit, (envelope.get("result") or {}).get("card") or {})
 
 
 LIVE = LiveTransplants()

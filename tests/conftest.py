@@ -98,3 +98,25 @@ def tiny_adapter(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_adapter") / "adapter"
     peft_model.save_pretrained(str(out), safe_serialization=True)
     return {"path": str(out), "base": "tiny-llama-a"}
+
+
+@pytest.fixture
+def tiny_run(_graft_home, sets):
+    """A finished tiny module-swap run (tiny-gpt2-b's top 2 modules into tiny-gpt2-a, the small
+    sets) recorded in this test's GRAFT_HOME history, as the CLI records one: ``{"run_id": ...}``.
+    Tools that read a finished transplant run (``--run``) are run on it."""
+    import dataclasses
+
+    from engine.context import pair_labels, run_tool
+    from engine.history import History, new_run_id
+    from engine.models import ModelSpec
+
+    params = {"k": 2, "max_new_tokens": 4, **sets}
+    env = run_tool("swap", ModelSpec.parse("tiny-gpt2-b"), ModelSpec.parse("tiny-gpt2-a"), {}, params)
+    history = History()
+    run_id = new_run_id("test-")
+    history.create(run_id, "swap", "T11 Module swap", *pair_labels(env), {"params": params}, source="cli")
+    history.start(run_id)
+    env["run_id"] = run_id
+    history.finish(run_id, "done", result=json.loads(json.dumps(env)))
+    return {"run_id": run_id, "envelope": env}

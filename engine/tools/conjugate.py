@@ -23,7 +23,7 @@ import torch
 
 from ..beforeafter import evaluate_shared, load_sets, locked, metrics, rnd, side_by_side, transfer_scores
 from ..capture import budget_texts, per_text_limit
-from ..conjugate import Conjugation, plan_conjugation, working_copy
+from ..conjugate import Conjugation, ConjugationPlan, plan_conjugation, working_copy
 from ..context import ToolContext
 from ..errors import GraftError
 from ..evalcache import SCORES, alignment_score, evaluate_model
@@ -104,7 +104,7 @@ class ConjugateResult:
     plan: dict[str, Any]  # the full plan report (row alignment, residuals, skipped modules, timings)
 
 
-def _merged_donor(base: LoadedModel, deltas: list) -> torch.nn.Module:
+def merged_donor(base: LoadedModel, deltas: list) -> torch.nn.Module:
     """The update applied to its own base, in memory: a working copy sharing every tensor of the
     base except the updated weights (added in float64, rounded once)."""
     mods = {m.name: m for m in base.arch.linear_modules()}
@@ -123,7 +123,7 @@ def _merged_donor(base: LoadedModel, deltas: list) -> torch.nn.Module:
     return model
 
 
-def _deltas(ctx: ToolContext, params: ConjugateParams, progress: Progress) -> tuple[list, dict[str, Any], list[str]]:
+def update_deltas(ctx: ToolContext, params: ConjugateParams, progress: Progress) -> tuple[list, dict[str, Any], list[str]]:
     from ..lora import adapter_deltas, check_against_model, finetune_deltas, resolve_adapter
 
     base = ctx.base
@@ -138,20 +138,28 @@ def _deltas(ctx: ToolContext, params: ConjugateParams, progress: Progress) -> tu
     return deltas, {"kind": "full fine-tune", "donor": ctx.donor.spec.ref, "rank": params.rank}, []
 
 
+def conjugation_plan(ctx: ToolContext, params: ConjugateParams, deltas: list, progress: Progress) -> ConjugationPlan:
+    """The run's plan: every map fitted on the workload's texts (deterministic for the same inputs,
+    parameters and workload, so a finished run's T' can be rebuilt: engine/rebuild.py)."""
+    base, target = ctx.base, ctx.target
+    assert base is not None and target is not None and ctx.workload is not None
+    texts = budget_texts(ctx.workload.texts, [base.tokenizer, target.tokenizer], ctx.options.max_tokens,
+                         per_text=per_text_limit([base, target]))
+    return plan_conjugation(
+        base, target, deltas, texts, k=params.k, energy=params.energy or None, ridge_alpha=params.ridge_alpha,
+        heldout_fraction=params.heldout_fraction, seed=params.seed, outlier_factor=ctx.options.outlier_factor,
+        force=params.map, batch_size=ctx.options.batch_size, captures=ctx.captures, progress=progress)
+
+
 def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progress) -> ConjugateResult:
     base, target = ctx.base, ctx.target
     assert base is not None and target is not None and ctx.workload is not None
     sets = load_sets(params.concept, params.retained)
     progress(0.0, "reading the update dW")
-    deltas, source, warnings = _deltas(ctx, params, progress.sub(0.0, 0.05))
+    deltas, source, warnings = update_deltas(ctx, params, progress.sub(0.0, 0.05))
     if not deltas:
         raise GraftError("the update has no module to carry")
-    texts = budget_texts(ctx.workload.texts, [base.tokenizer, target.tokenizer], ctx.options.max_tokens,
-                         per_text=per_text_limit([base, target]))
-    plan = plan_conjugation(
-        base, target, deltas, texts, k=params.k, energy=params.energy or None, ridge_alpha=params.ridge_alpha,
-        heldout_fraction=params.heldout_fraction, seed=params.seed, outlier_factor=ctx.options.outlier_factor,
-        force=params.map, batch_size=ctx.options.batch_size, captures=ctx.captures, progress=progress.sub(0.05, 0.5))
+    plan = conjugation_plan(ctx, params, deltas, progress.sub(0.05, 0.5))
     rep = plan.report()
     ctx.meta["plan_seconds"] = rep.get("seconds")  # timings go in meta: the result itself is deterministic
     warnings += list(rep.get("warnings") or [])
@@ -164,7 +172,7 @@ def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progr
         ev_d = evaluate_shared(ctx.donor, sets, params.score, params.max_new_tokens, progress.sub(0.58, 0.66))
         d_model, d_tok = ctx.donor.model, ctx.donor.tokenizer
     else:
-        d_model, d_tok = _merged_donor(base, deltas), base.tokenizer
+        d_model, d_tok = merged_donor(base, deltas), base.tokenizer
         ev_d = evaluate_model(d_model, d_tok, sets[0], sets[1], score=params.score,
                               max_new_tokens=params.max_new_tokens, progress=progress.sub(0.58, 0.66))
     hash_t = conj.hash_before()

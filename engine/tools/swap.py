@@ -69,21 +69,31 @@ def _parse_modules(text: str) -> list[str]:
     return list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
 
 
-def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> SwapResult:
+def choose_modules(ctx: ToolContext, k: int, modules: str, progress: Progress) -> tuple[list[dict[str, Any]], bool]:
+    """The modules a swap takes: the names in ``modules`` (comma-separated) when given, else the
+    top ``k`` of the T7 ranking. Returns (rows of name, layer, kind, score; whether chosen by hand).
+    Used by every tool that runs a swap itself (T11, T12, T13)."""
     check_swap_pair(ctx.donor, ctx.target)
-    sets = load_sets(params.concept, params.retained)
     swappable, _ = swappable_modules(ctx.donor, ctx.target)
-    explicit = _parse_modules(params.modules)
+    explicit = _parse_modules(modules)
     if explicit:
         chosen = [{"name": n, "layer": None, "kind": None, "score": None} for n in explicit]
         by_name = {m.name: m for m in swappable}
         for row in chosen:
             if row["name"] in by_name:
                 row.update(layer=by_name[row["name"]].layer, kind=by_name[row["name"]].kind)
-        progress(0.25, "modules chosen by hand")
+        progress(1.0, "modules chosen by hand")
     else:
-        ranking = rank_modules(ctx, progress.sub(0, 0.25))
-        chosen = [{k: m[k] for k in ("name", "layer", "kind", "score")} for m in ranking.modules[: params.k]]
+        ranking = rank_modules(ctx, progress)
+        chosen = [{key: m[key] for key in ("name", "layer", "kind", "score")} for m in ranking.modules[:k]]
+    return chosen, bool(explicit)
+
+
+def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> SwapResult:
+    check_swap_pair(ctx.donor, ctx.target)
+    sets = load_sets(params.concept, params.retained)
+    swappable, _ = swappable_modules(ctx.donor, ctx.target)
+    chosen, explicit = choose_modules(ctx, params.k, params.modules, progress.sub(0, 0.25))
     swap = ModuleSwap(ctx.target, ctx.donor, [m["name"] for m in chosen])
     for row, n in zip(chosen, swap.modules):
         row.update(layer=swap.linear[n].layer, kind=swap.linear[n].kind)
