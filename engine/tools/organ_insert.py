@@ -1,0 +1,159 @@
+"""Organ insertion (METHODS.md operation 2, NOT) with before/after evaluation.
+
+The organ replaces the recipient's blocks ``p .. p+k-1`` (``direct``) or goes in between affine
+bridges (``bridged``: closed form from the workload's texts, trained from the identity, or both,
+:mod:`engine.organ_bridge`), optionally followed by recovery fine-tuning on the workload and
+optionally composed with a second organ placed ``spacing`` blocks after the first. T and T' are
+evaluated (perplexity on the concept facts and on the retained set, task score), and D (the
+organ's source) when the organ is untrained and reads the same tokens. Without ``--save`` the CLI
+rolls back before returning; the app keeps T' applied for one-click roll back and save, like a swap.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..beforeafter import load_sets, rnd
+from ..context import ToolContext
+from ..evalcache import SCORES
+from ..organ import load_organ
+from ..organ_run import (BRIDGES, RECOVERY, evaluate_insertion, evaluate_target, insert_and_prepare, load_source,
+                         organ_of, require_source, short)
+from ..organ_surgery import MODES, Placement
+from ..params import param
+from ..progress import Progress
+from ..registry import Tool, register
+from ..transplant import same_tokenizer
+
+
+@dataclass(frozen=True)
+class OrganInsertParams:
+    position: int = param(-1, "Recipient block p where the organ's first block goes; -1 = the organ's own start s.", min=-1, max=100_000)
+    mode: str = param("direct", "direct: the organ replaces blocks p..p+k-1; bridged: affine bridges W_in, W_out around it.", choices=MODES)
+    bridge: str = param("closed-form", "Bridged mode: closed-form (ridge towards identity, training-free), trained (from identity, LM loss) or closed-form+trained.", choices=BRIDGES)
+    bridge_steps: int = param(20, "Training steps of trained bridges.", min=1, max=100_000)
+    ridge_alpha: float = param(0.01, "Ridge strength of the closed-form bridges, relative to the mean eigenvalue of X^T X.", min=0.0, max=1e6)
+    recovery_steps: int = param(0, "Recovery fine-tuning steps after insertion (0 = none).", min=0, max=100_000)
+    recovery: str = param("organs+neighbours", "Recovery: train the organ and its neighbouring blocks, or bridges first then bridges + organ.", choices=RECOVERY)
+    lr: float = param(1e-4, "Adam learning rate of bridge training and recovery.", min=1e-8, max=1.0)
+    seed: int = param(0, "Seed of the training batch order.", min=0, max=2**31 - 1)
+    second_organ: str = param("", "Optional second organ checkpoint folder, placed after the first (multi-organ composition).")
+    spacing: int = param(0, "Blocks between the first organ's last block and the second organ's first.", min=0, max=100_000)
+    concept: str = param("", "Concept set JSONL: concept perplexity and task score. Empty = the bundled set.", path="in")
+    retained: str = param("", "Retained general set JSONL. Empty = the bundled set.", path="in")
+    score: str = param("graded", "Task score: graded (mean answer-token probability) or exact (greedy answer contains the reference).", choices=SCORES)
+    max_new_tokens: int = param(16, "Greedy tokens per test question (exact score).", min=1, max=512)
+    save: str = param("", "Save T' into this folder (Hugging Face format + surgery.json, + bridges.safetensors when bridged). Empty = don't save.", path="out_dir")
+
+
+@dataclass
+class OrganInsertResult:
+    mode: str
+    bridge: Optional[str]
+    position: int
+    placements: list[dict[str, Any]]  # organ, source, layers, position, mode, bridge_deviation
+    before: dict[str, Optional[float]]  # T: ppl_concept, ppl_retained, task_score
+    after: dict[str, Optional[float]]  # T'
+    donor: Optional[dict[str, Optional[float]]]  # D = the organ's source, when meaningful
+    donor_note: str
+    bridge_deviation: Optional[dict[str, float]]  # first placement's {in, out}; None for direct
+    bridge_losses: list[float]
+    recovery_losses: list[float]
+    organ_bytes: int
+    extra_bytes: int  # held by T' beyond the cached T
+    weight_hash_before: str
+    weight_hash_after: str
+    rollback_bit_exact: bool
+    target_untouched: bool
+    saved_to: Optional[str]
+    card: dict[str, Any]
+    live_id: Optional[str]
+
+
+def compute_organ_insert(ctx: ToolContext, params: OrganInsertParams, progress: Progress) -> OrganInsertResult:
+    organ = organ_of(ctx)
+    organs = [organ] + ([load_organ(params.second_organ)] if params.second_organ.strip() else [])
+    sets = load_sets(params.concept, params.retained)
+    p0 = organ.start if params.position < 0 else params.position
+    positions = [p0] + ([p0 + organ.size + params.spacing] if len(organs) > 1 else [])
+    placements = [Placement(o, p, params.mode) for o, p in zip(organs, positions)]
+    sources: list[Any] = []
+    for i, o in enumerate(organs):
+        p = progress.sub(0.02 * i, 0.02 * (i + 1))
+        sources.append(require_source(ctx, o, p) if params.mode == "bridged" else load_source(ctx, o, p)[0])
+    texts = list(ctx.workload.texts)
+    progress(0.05, "evaluating the target T")
+    ev_t = evaluate_target(ctx.target, sets, params.score, params.max_new_tokens, progress.sub(0.05, 0.2))
+    src = sources[0]
+    donor, donor_note = None, ""
+    if src is None:
+        donor_note = f"the organ's source {organ.source_ref} could not be loaded"
+    elif organ.card.get("training"):
+        donor_note = "the organ was trained standalone: its source model is not what the organ computes"
+    elif not same_tokenizer(src.tokenizer, ctx.target.tokenizer):
+        donor_note = "the source reads other tokens than the recipient"
+    else:
+        donor = short(evaluate_target(src, sets, params.score, params.max_new_tokens, progress.sub(0.2, 0.3)))
+    progress(0.3, f"inserting at block {p0} ({params.mode})")
+    ins, log = insert_and_prepare(ctx, placements, sources, bridge=params.bridge, bridge_steps=params.bridge_steps,
+                                  ridge_alpha=params.ridge_alpha, recovery_steps=params.recovery_steps,
+                                  recovery=params.recovery, lr=params.lr, seed=params.seed, texts=texts,
+                                  progress=progress.sub(0.3, 0.6))
+    hash_t, hash_tp = ins.hash_before(), ins.weight_hash()
+    progress(0.6, "evaluating T'")
+    ev_tp = evaluate_insertion(ins, sets, params.score, params.max_new_tokens, progress.sub(0.6, 0.85))
+    devs = ins.deviations()
+    rows = [{"organ": str(o.path), "source": o.source_ref, "layers": o.card["layers"], "size": o.size,
+             "trained": bool(o.card.get("training")), "position": p, "mode": params.mode,
+             "bridge_deviation": None if d is None else {k: rnd(v) for k, v in d.items()}}
+            for o, p, d in zip(organs, positions, devs)]
+    before, after = short(ev_t), short(ev_tp)
+    card = {
+        "operation": "organ-transplant", "target": ctx.target.spec.ref, "donor": organ.source_ref,
+        "placements": rows,
+        "parameters": {k: getattr(params, k) for k in ("mode", "bridge", "bridge_steps", "ridge_alpha", "recovery_steps",
+                                                        "recovery", "lr", "seed", "spacing", "score")}
+        | {"concept": {"name": sets[0].name, "sha256": sets[0].sha256},
+           "retained": {"name": sets[1].name, "sha256": sets[1].sha256},
+           "workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256}},
+        "organs": [{"path": str(o.path), "tensors_sha256": o.sha256(), "layers": o.card["layers"]} for o in organs],
+        "results": {"before": before, "after": after, "donor": donor},
+        "hashes": {"target": hash_t, "transplanted": hash_tp, "bridges_sha256": ins.bridges_sha256()},
+        "trust_remote_code": bool(ctx.target.spec.trust_remote_code),
+    }
+    saved_to = None
+    if params.save.strip():
+        progress(0.88, f"saving T' to {params.save}")
+        saved_to = str(ins.save_card(params.save, card))
+    extra = ins.extra_bytes()
+    progress(0.95, "rolling back and verifying")
+    t0 = time.perf_counter()
+    ins.rollback()
+    rollback_s = time.perf_counter() - t0
+    exact = ins.weight_hash() == hash_t and ins.verify_rollback()
+    untouched = ctx.target.state_hash() == hash_t
+    ctx.meta["seconds_insert"] = round(log["insert_seconds"], 4)  # timings vary run to run: meta, not result
+    ctx.meta["seconds_rollback"] = round(rollback_s, 4)
+    live_id = None
+    if ctx.live is not None and exact:
+        ins.apply()  # the app keeps T' applied: roll back and save are one click each
+        live_id = ctx.live.keep(ins, card)
+    progress(1.0, "done")
+    return OrganInsertResult(
+        mode=params.mode, bridge=params.bridge if params.mode == "bridged" else None, position=p0, placements=rows,
+        before=before, after=after, donor=donor, donor_note=donor_note,
+        bridge_deviation=rows[0]["bridge_deviation"], bridge_losses=[rnd(x) for x in log["bridge_losses"]],
+        recovery_losses=[rnd(x) for x in log["recovery_losses"]], organ_bytes=sum(o.nbytes for o in organs),
+        extra_bytes=extra,
+        weight_hash_before=hash_t, weight_hash_after=hash_tp, rollback_bit_exact=bool(exact),
+        target_untouched=bool(untouched), saved_to=saved_to, card=card, live_id=live_id,
+    )
+
+
+TOOL = register(Tool(
+    name="organ-insert", code="OP2", title="Organ insertion + before/after evaluation",
+    summary="Puts an organ into the target at block p, directly or between closed-form / trained bridges, with optional recovery fine-tuning and a second organ; evaluates T and T', rolls back bit-exactly, optionally saves T'.",
+    params_cls=OrganInsertParams, compute=compute_organ_insert, figure="viz.organs:insert_figure", page="Organs",
+    same_family=True, needs=(("organ", "target"),), run_label="Insert organ",
+))
