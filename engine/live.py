@@ -46,7 +46,9 @@ class LiveTransplants:
         self._lock = threading.Lock()
 
     def keep(self, swap: ModuleSwap, card: dict[str, Any]) -> str:
-        """Keep an applied swap; returns its id. Evicts (rolls back) the oldest beyond capacity."""
+        """Keep an applied transplant (a ModuleSwap, or anything with its apply / rollback /
+        weight_hash / hash_before / verify_rollback / working / target, such as a conjugation or an
+        organ insertion); returns its id. Evicts (rolls back) the oldest beyond capacity."""
         live = LiveTransplant(uuid.uuid4().hex[:12], swap, card)
         with self._lock:
             self._items[live.id] = live
@@ -92,6 +94,8 @@ class LiveTransplants:
         with live.lock:
             if not live.applied:
                 self._reapply_locked(live)
+            if hasattr(live.swap, "save_card"):  # an organ insertion saves its bridges beside the HF folder
+                return live.swap.save_card(out_dir, live.card)
             return save_transplant(live.swap.working, live.swap.target.tokenizer, out_dir, live.card)
 
     def drop(self, live_id: str) -> None:

@@ -519,6 +519,9 @@ def _load_folder(spec: ModelSpec, folder: Path, device: torch.device, dtype: tor
         if "trust_remote_code" in msg:
             raise GraftError(f"{spec.label} needs custom code: turn on 'trust remote code' only if you trust it") from exc
         raise GraftError(f"cannot load the tokenizer of {where}: {type(exc).__name__}: {msg}") from exc
+    from .organ_bridge import attach_saved_bridges
+
+    attach_saved_bridges(model, folder)  # a saved bridged organ transplant keeps its bridges as modules
     return _finish(spec, model, tok, device, dtype, str(folder))
 
 

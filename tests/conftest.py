@@ -120,3 +120,16 @@ def tiny_run(_graft_home, sets):
     env["run_id"] = run_id
     history.finish(run_id, "done", result=json.loads(json.dumps(env)))
     return {"run_id": run_id, "envelope": env}
+
+
+@pytest.fixture(scope="session")
+def tiny_organ(tmp_path_factory):
+    """An organ checkpoint extracted by Graft from tiny-gpt2-a (blocks 1..3: s = floor(4/3), k = 3),
+    so it fits the tiny GPT-2 targets of the conformance suite. ``{"path": <organ folder>,
+    "source": "tiny-gpt2-a"}``."""
+    from engine.models import ModelSpec, load_model
+    from engine.organ import extract_organ, save_organ
+
+    out = tmp_path_factory.mktemp("tiny_organ") / "organ"
+    save_organ(extract_organ(load_model(ModelSpec.parse("tiny-gpt2-a"), "cpu")), out)
+    return {"path": str(out), "source": "tiny-gpt2-a"}
