@@ -148,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--gemma", action="store_true", help="also prepare gemma3-270m (needs the optional packages)")
     pr.add_argument("--quiet", action="store_true")
 
+    rp = sub.add_parser("report", help="one self-contained HTML surgery report of a finished run (opens offline, prints to PDF)",
+                        description="Builds the surgery report of a run from the run history: models and hashes, the "
+                                    "pair's pre-surgery checks, the surgery card, before/after numbers, T12/T13 figures, "
+                                    "generations side by side, environment. Plotly's JavaScript is inlined.")
+    rp.add_argument("--run", required=True, metavar="RUN_ID", help="run id (every CLI envelope carries its run_id)")
+    rp.add_argument("--out", required=True, help="the HTML file to write (replaced only once complete)")
+    rp.add_argument("--quiet", action="store_true")
+
     sub.add_parser("list-models", help="built-in models and their state")
     return parser
 
@@ -199,6 +207,14 @@ def _run(args: argparse.Namespace) -> int:
                 _write_json(args.json_path, {"out_dir": res["out_dir"], "card": card})
             print(jsonsafe.dumps({k: card[k] for k in card if k not in ("loss_curve", "evaluation")}, indent=2,
                                  default=str)[:4000])
+            return 0
+        if args.command == "report":
+            import importlib
+
+            # viz.report imports plotly; engine/ never does, so it is loaded by name, here only.
+            path = importlib.import_module("viz.report").write_report(args.run, args.out)
+            if not args.quiet:
+                print(path)
             return 0
         if args.command == "make-twin":
             from .models import ModelStore
