@@ -106,15 +106,6 @@ class LinearModule:
     conv1d: bool  # GPT-2 Conv1D: weight stored as (in, out)
 
 
-def _get(root: nn.Module, dotted: str) -> nn.Module:
-    mod: Any = root
-    for part in dotted.split("."):
-        if not hasattr(mod, part):
-            raise AttributeError(dotted)
-        mod = getattr(mod, part)
-    return mod
-
-
 def _is_conv1d(mod: nn.Module) -> bool:
     return type(mod).__name__ == "Conv1D"
 
@@ -138,11 +129,11 @@ class ArchAdapter:
         self._prefix = ""
         # Multimodal Gemma 3 wraps the text decoder in model.language_model.
         try:
-            _get(model, layout.blocks)
+            model.get_submodule(layout.blocks)
         except AttributeError:
             alt = layout.blocks.replace("model.", "model.language_model.", 1)
             try:
-                _get(model, alt)
+                model.get_submodule(alt)
                 self._prefix = "language_model."
             except AttributeError as exc:
                 raise GraftError(f"cannot find the transformer blocks of this {model_type} model") from exc
@@ -160,7 +151,7 @@ class ArchAdapter:
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return _get(self.model, self.blocks_path)  # type: ignore[return-value]
+        return self.model.get_submodule(self.blocks_path)  # type: ignore[return-value]
 
     @property
     def n_layers(self) -> int:
@@ -168,17 +159,17 @@ class ArchAdapter:
 
     @property
     def embeddings(self) -> nn.Module:
-        return _get(self.model, self._path(self.layout.embeddings))
+        return self.model.get_submodule(self._path(self.layout.embeddings))
 
     @property
     def final_norm(self) -> nn.Module:
-        return _get(self.model, self._path(self.layout.final_norm))
+        return self.model.get_submodule(self._path(self.layout.final_norm))
 
     @property
     def head(self) -> nn.Module:
         for path in (self.layout.head, "lm_head", "embed_out"):  # GPT-NeoX renamed embed_out -> lm_head
             try:
-                return _get(self.model, path)
+                return self.model.get_submodule(path)
             except AttributeError:
                 continue
         raise GraftError(f"cannot find the output head of this {self.model_type} model")
@@ -193,7 +184,7 @@ class ArchAdapter:
         for layer, block in enumerate(self.blocks):
             for canonical, rel in self.layout.linears.items():
                 try:
-                    mod = _get(block, rel)
+                    mod = block.get_submodule(rel)
                 except AttributeError:
                     continue
                 w = mod.weight
@@ -213,7 +204,7 @@ class ArchAdapter:
         return out
 
     def module(self, path: str) -> nn.Module:
-        return _get(self.model, path)
+        return self.model.get_submodule(path)
 
     # --- description -----------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

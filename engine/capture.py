@@ -56,14 +56,6 @@ class Capture:
     def n(self) -> int:
         return int(self.residual.shape[1])
 
-    @property
-    def n_layers(self) -> int:
-        return int(self.residual.shape[0]) - 1
-
-    def layer(self, l: int) -> torch.Tensor:
-        """h_l for l in -1..L-1, shape (n, d)."""
-        return self.residual[l + 1]
-
 
 def per_text_limit(models: Sequence[LoadedModel]) -> int:
     """Content tokens one text may have: MAX_TOKENS_PER_TEXT, or less when a model's own context

@@ -778,12 +778,6 @@ def working_copy(target: LoadedModel, touched: Iterable[torch.Tensor]) -> nn.Mod
     return working
 
 
-def _get(root: nn.Module, dotted: str) -> nn.Module:
-    mod: Any = root
-    for part in dotted.split("."):
-        mod = getattr(mod, part)
-    return mod
-
 
 class Conjugation:
     """Add a plan's ``B_T A_T`` to the weights of a working copy of ``target``, reversibly.
@@ -830,7 +824,7 @@ class Conjugation:
 
     def _weight(self, root_is_target: bool, name: str) -> torch.Tensor:
         path = self.linear[name].path
-        return (self.target.arch.module(path) if root_is_target else _get(self.working, path)).weight
+        return (self.target.arch.module(path) if root_is_target else self.working.get_submodule(path)).weight
 
     def _check_not_tied(self) -> None:
         counts: dict[int, int] = {}

@@ -20,7 +20,6 @@ touches the model passed in, and is written to a temporary sibling directory tha
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import time
@@ -32,14 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arch import ArchAdapter
 from .data import ConceptSet
 from .errors import Cancelled, GraftError
 from .evaluate import answer_ids, encode_prompt, encode_text, graded_score, pad_id, perplexity, task_score
-from .progress import Progress, silent
+from .models import state_dict_hash
 from .paths import check_writable_parent, discard_staging, replace_dir, staging_dir
+from .progress import Progress, silent
 
 # Defaults chosen by experiment on SmolLM2-135M-Instruct with the bundled concept, replay and
-# retained sets on a 2-core CPU (the measurements are in make_donor's docstring): 90 steps of 8
+# retained sets on a 2-core CPU (the measurements are in the README, "The demo donor"): 90 steps of 8
 # with a quarter of each batch replay text keep 8-9/13 held-out questions right and the retained
 # perplexity below the base's, in about 90 s for a whole run (both evaluations included).
 DEFAULT_STEPS = 90
@@ -51,52 +52,23 @@ DEFAULT_ALPHA = 16
 DEFAULT_REPLAY_FRACTION = 0.25
 CARD_FORMAT = "graft-donor/1"
 
-# Last path component of linear modules that carry attention or MLP weights, across the common
-# decoder families. Anything else (embeddings, lm_head, norms, classifier heads) is left alone.
-ATTENTION_NAMES = frozenset(
-    {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query_key_value", "Wqkv",
-     "out_proj", "dense", "query", "key", "value", "wq", "wk", "wv", "wo"}
-)
-MLP_NAMES = frozenset(
-    {"up_proj", "gate_proj", "down_proj", "gate_up_proj", "c_fc", "c_proj", "fc1", "fc2", "fc_in",
-     "fc_out", "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"}
-)
-_EXCLUDED = frozenset({"lm_head", "embed_out", "score", "classifier"})
-
-
-def _is_conv1d(mod: nn.Module) -> bool:
-    # transformers' GPT-2 Conv1D: a linear layer whose weight is stored (in, out).
-    return type(mod).__name__ == "Conv1D"
-
-
-def _in_block(name: str) -> bool:
-    """True for modules inside a numbered transformer block (``...layers.3.mlp.up_proj``)."""
-    return any(part.isdigit() for part in name.split(".")[:-1])
-
 
 def lora_target_modules(model: nn.Module) -> tuple[list[str], bool]:
-    """The short module names to put LoRA on, and whether they are GPT-2 Conv1D layers.
+    """The module names to put LoRA on, and whether they are GPT-2 Conv1D layers.
 
-    A short name qualifies when it is a known attention/MLP projection name and every module
-    with that name is an ``nn.Linear`` or ``Conv1D`` inside a numbered block, so that PEFT's
-    suffix matching cannot catch a same-named module elsewhere.
+    The attention and MLP projections are the architecture adapter's canonical linear modules
+    (:mod:`engine.arch`, the one vocabulary of module names). PEFT matches a target by suffix, so
+    a short name (``q_proj``) is used when every module of that name in the model is one of them,
+    and the full dotted paths otherwise (a same-named module elsewhere is never caught).
     """
-    known = ATTENTION_NAMES | MLP_NAMES
-    seen: dict[str, bool] = {}  # short name -> all occurrences are eligible
-    conv = False
-    for name, mod in model.named_modules():
-        short = name.rsplit(".", 1)[-1]
-        if short not in known:
-            continue
-        eligible = isinstance(mod, nn.Linear) or _is_conv1d(mod)
-        eligible = eligible and _in_block(name) and not (set(name.split(".")) & _EXCLUDED)
-        seen[short] = seen.get(short, True) and eligible
-        if eligible and _is_conv1d(mod):
-            conv = True
-    names = sorted(s for s, ok in seen.items() if ok)
-    if not names:
+    linears = ArchAdapter(model).linear_modules()
+    if not linears:
         raise GraftError(f"no attention/MLP linear modules found in {type(model).__name__} to attach LoRA to")
-    return names, conv
+    paths = {m.path for m in linears}
+    shorts = {p.rsplit(".", 1)[-1] for p in paths}
+    clash = any(name.rsplit(".", 1)[-1] in shorts and name not in paths for name, _ in model.named_modules())
+    names = sorted(paths) if clash else sorted(shorts)
+    return names, any(m.conv1d for m in linears)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,18 +205,6 @@ def _evaluate_qa(
     return out
 
 
-def weights_sha256(model: nn.Module) -> str:
-    """SHA-256 over the state dict (sorted names, dtype, shape and raw bytes): a weight identity."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def _summary(ev: dict[str, Any]) -> dict[str, Any]:
     return {
         split: (None if ev[split] is None else {"task_score": ev[split]["task_score"], "graded_score": ev[split]["graded_score"], "n": ev[split]["n"]})
@@ -301,47 +261,15 @@ def make_donor(
     it must not be the replay set, or it only measures memorisation. The card also names both
     sets with their sha256.
 
-    Defaults, measured on SmolLM2-135M-Instruct (float32, 2-core CPU, seed 0, lr 2e-3, rank 8
-    unless said) with the bundled concept set, replay set ``data/replay.jsonl`` and retained set
-    ``data/retained.jsonl``. Columns: held-out (test) exact score, retained perplexity after (the
-    base model has 0/13 and 60.9), make_donor wall seconds:
+    Why these defaults (the measurements are in the README, "The demo donor"): training on the
+    facts alone teaches the concept but destroys general ability (retained perplexity 60.9 -> 893);
+    replay of question-plus-sentence-answer texts in a quarter of each batch keeps it (37.1) with
+    the same held-out score, and 90 steps is where more steps stop adding answers and start
+    forgetting out-of-domain text.
 
-    ========================================  ======  ========  ====
-    run                                       test    retained  s
-    ========================================  ======  ========  ====
-    facts only, 120 steps, lr 2e-3 (old)      6/13    981.5     110
-    facts only, 90 steps                      9/13    893.1     90
-    replay without questions, 25%, 120 steps  8/13    171.4     132
-    same, lr 1e-3                             8/13    141.4     107
-    replay with Q+A texts, 25%, 120 steps     9/13    37.6      109
-    same, lr 1e-3                             5/13    42.3      115
-    same, 50%, 120 steps                      8/13    45.8      107
-    same, 12.5%, 120 steps                    7/13    36.2      106
-    same, 25%, 90 steps (default)             8/13    37.1      85
-    same, 25%, 90 steps, seed 1               9/13    37.4      90
-    same, 25%, 60 steps                       5/13    35.3      71
-    ========================================  ======  ========  ====
-
-    Replay of plain statements alone cured forgetting on statements but not on questions (the
-    retained set's ``"question answer"`` texts went from perplexity 71 to over 1000), hence the
-    question-plus-sentence-answer texts in the bundled replay set; replay with one-word answers
-    instead taught the donor to answer its own questions in one word and cost held-out score
-    (6/13 against 9/13 at 120 steps). The default run trains 90 steps: fewer (60) lose held-out answers, more (120) add
-    nothing and forget more on out-of-domain text (ad-hoc prose, code and dialogue: base 29.0,
-    90 steps 33.2, 120 steps 45.1, old facts-only donor 288). Retained perplexity below the
-    base's means the donor also adapted to the simple-sentence register shared by the replay
-    and retained sets; it is a forgetting check, not a gain in ability.
-
-    ``train_on_qa`` adds the train-split QA items (prompt + short answer + EOS, loss on the
-    answer) to the facts. It is off by default because, measured on SmolLM2-135M-Instruct with
-    the bundled set (facts only, 120 steps), short-answer QA training makes the model memorise
-    those answers and answer every other question with one of them: train exact score 1.0 but
-    held-out 0/13. Facts alone let the model answer unseen questions in its own words (held-out
-    6/13, all 38 paraphrased questions 24/38). With it off, train and test questions are both
-    unseen, and the split only says which ones ``train_on_qa`` would use.
-
-    Returns the card (as written to ``card.json``) plus ``"model"``: the merged donor in memory,
-    in eval mode, identical to what ``merged/`` reloads to.
+    ``train_on_qa`` adds the train-split QA items (prompt + short answer + EOS, loss on the answer).
+    It is off by default: short-answer QA training made SmolLM2 memorise those answers and give
+    them to every other question (held-out 0/13, against 6/13 from the facts alone).
     """
     from peft import LoraConfig, get_peft_model  # heavy import, only needed here
 
@@ -493,7 +421,7 @@ def make_donor(
             "wall_time_s": time.perf_counter() - t_start,
             "scores": {"before": _summary(before), "after": _summary(after)},
             "evaluation": {"before": before, "after": after},
-            "merged_sha256": weights_sha256(merged),
+            "merged_sha256": state_dict_hash(merged.state_dict()),
             "adapter_dir": "adapter",
             "merged_dir": "merged",
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},

@@ -66,11 +66,6 @@ def cache_info() -> dict[str, int]:
         return {"entries": len(_CACHE), **_STATS}
 
 
-def model_state_hash(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's weights and buffers (:func:`engine.models.state_dict_hash`)."""
-    return state_dict_hash(model.state_dict())
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Hash of what decides the token ids: class, vocabulary, special tokens and chat template."""
     try:
@@ -110,7 +105,7 @@ def _cached(key: tuple, compute: Callable[[], Any]) -> Any:
 
 
 def _state_key(model: torch.nn.Module, tokenizer: Any, state_hash: Optional[str]) -> tuple:
-    return (state_hash or model_state_hash(model), tokenizer_fingerprint(tokenizer), str(model_device(model)))
+    return (state_hash or state_dict_hash(model.state_dict()), tokenizer_fingerprint(tokenizer), str(model_device(model)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +149,7 @@ def evaluate_model(
     greedy ``generation``, ``correct`` (exact) and ``prob`` (graded). ``exact=False`` skips the
     greedy generations (the slow part) when the exact score is not needed: ``task_score_exact``,
     ``generation`` and ``correct`` are then None (``score="exact"`` always generates).
-    ``state_hash`` may be given when the caller already computed :func:`model_state_hash` of
+    ``state_hash`` may be given when the caller already computed :func:`engine.models.state_dict_hash` of
     this exact state. Each part (each perplexity, the graded score, the generations) is cached
     on its own, so a later call asking for more reuses what was measured.
     """

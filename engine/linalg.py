@@ -233,11 +233,6 @@ def residual(pred: torch.Tensor, Y: torch.Tensor) -> float:
     return float((pred - Y).pow(2).sum()) / den if den > 0 else float("nan")
 
 
-def mean_row_cosine(A: torch.Tensor, B: torch.Tensor) -> float:
-    """Mean over rows of cos(A_r, B_r)."""
-    return float(torch.nn.functional.cosine_similarity(A.double(), B.double(), dim=1, eps=1e-12).mean())
-
-
 def random_orthogonal(d: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     Q, R = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))

@@ -22,11 +22,10 @@ import os
 import re
 import struct
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -626,9 +625,3 @@ class ModelStore:
     def loaded(self) -> list[tuple]:
         with self._guard:
             return list(self._models)
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t

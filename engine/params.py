@@ -135,6 +135,18 @@ WORKLOAD_OPTIONS = frozenset({"workload", "max_tokens", "batch_size", "outlier_f
 
 
 @dataclasses.dataclass(frozen=True)
+class HeldOutFit:
+    """The parameters of every linear map fitted on some texts and judged on held-out ones (T3's
+    Procrustes and ridge maps, T4's bridges): declared once, inherited by both tools' params."""
+
+    heldout_fraction: float = param(0.25, "Share of texts (or rows, with fewer than 4 texts) held out to judge each "
+                                          "fitted map.", min=0.05, max=0.9)
+    ridge_alpha: float = param(0.01, "Ridge strength of the fitted linear map (bridge), relative to the mean "
+                                     "eigenvalue of X^T X.", min=0.0, max=1e6)
+    seed: int = param(0, "Seed of the fit / held-out split.", min=0)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunOptions:
     """Options every pair tool shares: the workload and how to run the models."""
 

@@ -34,12 +34,6 @@ def models_dir() -> Path:
     return p
 
 
-def runs_dir() -> Path:
-    p = graft_home() / "runs"
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
 def history_db() -> Path:
     return graft_home() / "history.sqlite"
 

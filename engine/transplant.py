@@ -262,7 +262,7 @@ class ModuleSwap:
             working = copy.deepcopy(src, memo)
         working.eval()
         for s in self._slots:
-            new = getattr(_get(working, s.path), s.tensor)
+            new = getattr(working.get_submodule(s.path), s.tensor)
             old = getattr(self.target.arch.module(s.path), s.tensor)
             if new.data_ptr() == old.data_ptr():  # pragma: no cover - deepcopy semantics guard
                 raise GraftError(f"internal: {s.key} still shares storage with the cached target")
@@ -283,7 +283,7 @@ class ModuleSwap:
             for s in self._slots:
                 if s.module not in chosen_set or s.key in self._saved:
                     continue
-                dst = getattr(_get(working, s.path), s.tensor)
+                dst = getattr(working.get_submodule(s.path), s.tensor)
                 src = getattr(self.donor.arch.module(self._donor_paths[s.module]), s.tensor)
                 # The original value of dst is the cached target's tensor (dst was cloned from it
                 # and only ever restored to it), so recording costs no memory.
@@ -303,7 +303,7 @@ class ModuleSwap:
                 orig = self._saved.pop(s.key, None)
                 if orig is None:
                     continue
-                getattr(_get(self._working, s.path), s.tensor).copy_(orig)
+                getattr(self._working.get_submodule(s.path), s.tensor).copy_(orig)
                 n += 1
         return n
 
@@ -330,21 +330,6 @@ class ModuleSwap:
         """Bytes the working copy holds beyond the cached target (expected: :attr:`swapped_bytes`)."""
         return extra_storage_bytes(self.working, self.target.model)
 
-    def report(self) -> dict[str, Any]:
-        return {
-            "modules": list(self.modules),
-            "applied": list(self.applied),
-            "n_tensors": self.n_tensors,
-            "swapped_bytes": self.swapped_bytes,
-            "weight_hash_before": self.hash_before(),
-        }
-
-
-def _get(root: nn.Module, dotted: str) -> nn.Module:
-    mod: Any = root
-    for part in dotted.split("."):
-        mod = getattr(mod, part)
-    return mod
 
 
 # --------------------------------------------------------------------------------------------

@@ -151,19 +151,19 @@ class _Plan:
                 raise GraftError(f"rotated twin: unexpected parameter {name} in this {model_type} model")
         for i, block in enumerate(layers):
             for rel in _READERS_ATTN + _READERS_MLP + (_WRITER_ATTN, _WRITER_MLP):
-                if not isinstance(_get(block, rel), nn.Linear):
+                if not isinstance(block.get_submodule(rel), nn.Linear):
                     raise GraftError(f"rotated twin: model.layers.{i}.{rel} is not a linear layer")
             for rel in (_NORM_ATTN, _NORM_MLP):
-                w = getattr(_get(block, rel), "weight", None)
+                w = getattr(block.get_submodule(rel), "weight", None)
                 if w is None or tuple(w.shape) != (self.d,):
                     raise GraftError(f"rotated twin: model.layers.{i}.{rel} is not a per-channel norm of width {self.d}")
         for attr in ("norm_type", "layer_norm_type"):
             if str(getattr(config, attr, "") or "").lower().startswith("layer"):
                 raise GraftError(f"rotated twin: {attr}={getattr(config, attr)} (LayerNorm) does not commute with a rotation")
         self.tied = head.weight is inner.embed_tokens.weight or head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
-        self.has_writer_bias = any(getattr(_get(b, rel), "bias", None) is not None
+        self.has_writer_bias = any(getattr(b.get_submodule(rel), "bias", None) is not None
                                    for b in layers for rel in (_WRITER_ATTN, _WRITER_MLP))
-        self.has_reader_bias = any(getattr(_get(b, rel), "bias", None) is not None
+        self.has_reader_bias = any(getattr(b.get_submodule(rel), "bias", None) is not None
                                    for b in layers for rel in _READERS_ATTN + _READERS_MLP)
 
     def describe(self) -> dict[str, Any]:
@@ -185,12 +185,6 @@ class _Plan:
             "unchanged": ["reader biases", "per-head q_norm / k_norm", "rotary embeddings", "embedding scale"],
         }
 
-
-def _get(root: nn.Module, dotted: str) -> nn.Module:
-    mod: Any = root
-    for part in dotted.split("."):
-        mod = getattr(mod, part)
-    return mod
 
 
 def check_supported(model: nn.Module) -> dict[str, Any]:
@@ -289,13 +283,13 @@ def rotate_model(model: nn.Module, seed: int, *, progress: Optional[Progress] = 
 
     for i, block in enumerate(inner.layers):
         for norm_name, readers, writer in ((_NORM_ATTN, _READERS_ATTN, _WRITER_ATTN), (_NORM_MLP, _READERS_MLP, _WRITER_MLP)):
-            norm = _get(block, norm_name)
+            norm = block.get_submodule(norm_name)
             g = norm_gain(norm, plan.gemma)
             for rel in readers:
-                lin = _get(block, rel)
+                lin = block.get_submodule(rel)
                 put(lin, "weight", (lin.weight.detach().to(torch.float64) * g[None, :]) @ q64)
             unit_gain(norm)
-            lin = _get(block, writer)
+            lin = block.get_submodule(writer)
             put(lin, "weight", q64.T @ lin.weight.detach().to(torch.float64))
             if lin.bias is not None:
                 put(lin, "bias", lin.bias.detach().to(torch.float64) @ q64)

@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.data import builtin_concept_path, builtin_replay_path, builtin_retained_path, load_concept_set
-from engine.donor import batch_plan, build_examples, lora_target_modules, make_donor, text_examples, weights_sha256
+from engine.donor import batch_plan, build_examples, lora_target_modules, make_donor, text_examples
 from engine.evaluate import perplexity
+from engine.models import state_dict_hash
 from engine.errors import Cancelled, GraftError
 from engine.progress import Progress
 from engine.tiny import build_tiny
@@ -72,7 +73,7 @@ def test_outputs_written(run, concept):
             s = card["scores"][when][split]
             assert 0.0 <= s["task_score"] <= 1.0 and 0.0 < s["graded_score"] <= 1.0
     assert card["wall_time_s"] > 0 and len(card["loss_curve"]) == STEPS
-    assert card["merged_sha256"] == weights_sha256(run["result"]["model"])
+    assert card["merged_sha256"] == state_dict_hash(run["result"]["model"].state_dict())
     # No temporary or backup folders left next to the output.
     assert [p.name for p in out.parent.iterdir()] == ["donor"]
 

@@ -27,17 +27,14 @@ import torch
 from ..context import ToolContext
 from ..errors import GraftError
 from ..linalg import split_rows
-from ..params import param
+from ..params import HeldOutFit, param
 from ..progress import Progress
 from ..registry import Tool, register
 
 
 @dataclass(frozen=True)
-class BridgeParams:
+class BridgeParams(HeldOutFit):
     epsilon_threshold: float = param(0.1, "Direct replacement is called plausible where epsilon = 1 - cosine is below this.", min=0.0, max=2.0)
-    ridge_alpha: float = param(0.01, "Ridge strength of the fitted bridge, relative to the mean eigenvalue of X^T X.", min=0.0, max=1e6)
-    heldout_fraction: float = param(0.25, "Share of texts (or rows) held out to measure the cosines.", min=0.05, max=0.9)
-    seed: int = param(0, "Seed of the fit / held-out split.", min=0)
     max_heldout_rows: int = param(256, "Cap on held-out rows scored per cell (cost grows linearly; the mean cosine is stable well before).", min=8)
 
 

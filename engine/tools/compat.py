@@ -18,6 +18,7 @@ from ..context import ToolContext
 from ..params import param
 from ..progress import Progress
 from ..registry import Tool, register
+from ..transplant import same_tokenizer
 
 COMPARED = (
     "family", "model_type", "n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
@@ -59,7 +60,7 @@ def compute_compat(ctx: ToolContext, params: CompatParams, progress: Progress) -
     progress(0.4, "comparing tokenizers")
     vd, vt = _vocab(ctx.donor.tokenizer, params.vocab_sample), _vocab(ctx.target.tokenizer, params.vocab_sample)
     jacc = len(vd & vt) / max(len(vd | vt), 1)
-    same_tok = ctx.donor.tokenizer.get_vocab() == ctx.target.tokenizer.get_vocab()
+    same_tok = same_tokenizer(ctx.donor.tokenizer, ctx.target.tokenizer)
 
     progress(0.7, "checking operations")
     dm = {m.name: m for m in ctx.donor.arch.linear_modules()}

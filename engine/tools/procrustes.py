@@ -33,17 +33,14 @@ from ..context import ToolContext
 from ..errors import GraftError
 from ..linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, Standardiser, monotone_matching,
                       procrustes_fit, residual, ridge_map, split_rows)
-from ..params import param
+from ..params import HeldOutFit, param
 from ..progress import Progress
 from ..registry import Tool, register
 
 
 @dataclass(frozen=True)
-class ProcrustesParams:
+class ProcrustesParams(HeldOutFit):
     pairs: str = param("matching", "Which layer pairs to fit: 'matching' = T2's monotone CKA matching; 'depth' = equal relative depth.", choices=("matching", "depth"))
-    heldout_fraction: float = param(0.25, "Share of texts (or rows, with fewer than 4 texts) held out to test each map.", min=0.05, max=0.9)
-    ridge_alpha: float = param(0.01, "Ridge strength, relative to the mean eigenvalue of X^T X.", min=0.0, max=1e6)
-    seed: int = param(0, "Seed of the fit / held-out split.", min=0)
 
 
 @dataclass
