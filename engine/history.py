@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import traceback
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from .errors import Cancelled, GraftError
 from .paths import current_owner, history_db, owner_gone
 
 _SCHEMA = """
@@ -150,6 +152,40 @@ class History:
     def start(self, run_id: str) -> None:
         with self._conn() as c:
             c.execute("UPDATE runs SET status='running', started=? WHERE id=?", (time.time(), run_id))
+
+    @contextmanager
+    def running(self, run_id: str, *, create: Optional[dict[str, Any]] = None) -> Iterator[dict[str, Any]]:
+        """The one way a run is recorded (job runner, CLI, the app's instant actions): create its row
+        when ``create`` gives ``tool, title, donor, target, params[, source]``, mark it running,
+        yield a dict in which the caller puts ``"result"``, and finish it by how the block ended:
+        done, cancelled (Cancelled / Ctrl-C) or failed (a GraftError's one line; anything else as
+        an internal error with its traceback). The exception is re-raised. A history that cannot
+        be written (a full disk) never hides the run's own outcome: ``box["history_error"]`` says so.
+        """
+        if create is not None:
+            self.create(run_id, **create)
+        self.start(run_id)
+        box: dict[str, Any] = {}
+
+        def end(status: str, **kw: Any) -> None:
+            try:
+                self.finish(run_id, status, **kw)
+            except Exception as exc:
+                box["history_error"] = f"{status}, but the run history could not be written: {type(exc).__name__}: {exc}"
+
+        try:
+            yield box
+        except (Cancelled, KeyboardInterrupt):
+            end("cancelled", error="cancelled by user")
+            raise
+        except GraftError as exc:
+            end("failed", error=str(exc))
+            raise
+        except BaseException as exc:
+            end("failed", error=f"internal error: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            raise
+        else:
+            end(box.get("status", "done"), result=box.get("result"), error=box.get("error", ""))
 
     def finish(self, run_id: str, status: str, result: Optional[dict[str, Any]] = None, error: str = "") -> None:
         assert status in STATUSES

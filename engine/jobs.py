@@ -11,7 +11,6 @@ import dataclasses
 import queue
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -119,12 +118,6 @@ class JobRunner:
             job, work = self._queue.get()
             self._run(job, work)
 
-    def _record(self, job: Job, status: str, **kw: Any) -> None:
-        try:
-            self.history.finish(job.id, status, **kw)
-        except Exception as exc:  # a full disk must not leave the job "running" forever
-            job.message = f"{status}, but the run history could not be written: {type(exc).__name__}: {exc}"
-
     def _run(self, job: Job, work: Callable[[Progress], dict[str, Any]]) -> None:
         if job.cancel_event.is_set():
             job.status, job.message, job.finished = "cancelled", "cancelled before start", time.time()
@@ -135,24 +128,23 @@ class JobRunner:
             job.progress, job.message = fraction, message
 
         job.status, job.started = "running", time.time()
-        self.history.start(job.id)
-        # The run history is written before the in-memory job says it ended, so a page that sees a
-        # finished job always finds the same outcome in the history.
+        # The run history is written (History.running) before the in-memory job says it ended, so
+        # a page that sees a finished job always finds the same outcome in the history.
+        box: dict[str, Any] = {}
         try:
-            result = work(Progress(report, job.cancel_event))
+            with self.history.running(job.id) as box:
+                box["result"] = work(Progress(report, job.cancel_event))
         except Cancelled:
-            self._record(job, "cancelled", error="cancelled by user")
             job.status, job.message = "cancelled", "cancelled"
         except GraftError as exc:
-            self._record(job, "failed", error=str(exc))
             job.status, job.error, job.message = "failed", str(exc), str(exc)
         except Exception as exc:  # a bug must not kill the worker; the UI shows one line
             error = f"internal error: {type(exc).__name__}: {exc}"
-            self._record(job, "failed", error=error + "\n" + traceback.format_exc())
             job.status, job.error, job.message = "failed", error, error
         else:
-            self._record(job, "done", result=result)
-            job.result, job.progress, job.message = result, 1.0, "done"
+            job.result, job.progress, job.message = box["result"], 1.0, "done"
             job.status = "done"
         finally:
+            if box.get("history_error"):
+                job.message = box["history_error"]
             job.finished = time.time()

@@ -25,7 +25,8 @@ from ui.state import job_runner, last_job_id, model_store, one_line, remember_jo
 
 SWAP = "swap"
 CONJUGATE = "conjugate"
-TRANSPLANTS = (SWAP, CONJUGATE)  # tools whose runs keep a live T' and appear on Compare
+ORGAN = "organ-insert"
+TRANSPLANTS = (SWAP, CONJUGATE, ORGAN)  # tools whose runs keep a live T' and appear on Compare
 COMPARE_RUN = "compare_run"  # session key: the swap run the Compare page shows
 
 
@@ -58,7 +59,7 @@ def swap_envelope(run_id: str) -> Optional[dict[str, Any]]:
 def default_save_dir(envelope: dict[str, Any], run_id: str) -> str:
     r = envelope.get("result") or {}
     src, dst = pair_labels(envelope)
-    how = f"k{r.get('k', '')}" if envelope.get("tool") == SWAP else "conj"
+    how = {SWAP: f"k{r.get('k', '')}", ORGAN: f"organ-p{r.get('position', '')}"}.get(envelope.get("tool"), "conj")
     stem = re.sub(r"[^A-Za-z0-9._+-]+", "-", f"{Path(dst or 'target').name}+{Path(src or 'donor').name}-{how}-{run_id[:6]}")
     return str(graft_home() / "transplants" / stem)
 
@@ -67,11 +68,10 @@ def default_save_dir(envelope: dict[str, Any], run_id: str) -> str:
 def _record(kind: str, title: str, envelope: dict[str, Any], params: dict[str, Any], result: dict[str, Any],
             status: str = "done", error: str = "") -> None:
     """An instant action still gets a row in the run history."""
-    hist = job_runner().history
-    rid = new_run_id()
-    hist.create(rid, kind, title, envelope.get("donor", ""), envelope.get("target", ""), params)
-    hist.start(rid)
-    hist.finish(rid, status, result=result, error=error)
+    record = {"tool": kind, "title": title, "donor": envelope.get("donor", ""),
+              "target": envelope.get("target", ""), "params": params}
+    with job_runner().history.running(new_run_id(), create=record) as run:
+        run.update(status=status, result=result, error=error)
 
 
 def _rollback(run_id: str, live_id: str) -> None:
@@ -164,6 +164,10 @@ def transplant_actions(run_id: str, envelope: dict[str, Any], *, where: str) -> 
             st.caption("T′ is not held in memory (the app restarted, or newer transplants replaced it). "
                        "Run the conjugation again to roll back, re-apply or save it (its maps are refitted "
                        "on the same workload and give the same weights).")
+        elif live is None and envelope.get("tool") == ORGAN:
+            st.caption("T′ is not held in memory (the app restarted, or newer transplants replaced it). "
+                       "Run the organ insertion again to roll back, re-apply or save it (with the same organ, "
+                       "position, mode and workload it gives the same weights).")
         elif live is None:
             st.caption("T′ is not held in memory (the app restarted, or newer transplants replaced it). "
                        "Rebuild it from this run to roll back, re-apply or save.")
