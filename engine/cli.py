@@ -12,6 +12,7 @@ import dataclasses
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import jsonsafe
@@ -60,10 +61,14 @@ def _add_spec(p: argparse.ArgumentParser, s: ParamSpec, dest_prefix: str = "") -
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write strict JSON (no NaN/Infinity) atomically: a failed write never clobbers an existing
-    file and leaves no temporary file behind."""
-    out = check_output_file(path, "--json")
-    text = jsonsafe.dumps(payload, indent=2)
+    """Write strict JSON (no NaN/Infinity) atomically (:func:`write_text_atomic`)."""
+    write_text_atomic(path, jsonsafe.dumps(payload, indent=2), "--json")
+
+
+def write_text_atomic(path: str, text: str, what: str) -> Path:
+    """Write ``text`` to ``path`` atomically: a failed write never clobbers an existing file and
+    leaves no temporary file behind. ``what`` names the option in error messages."""
+    out = check_output_file(path, what)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -73,6 +78,7 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return out
 
 
 def _warn(envelope: dict[str, Any], quiet: bool) -> None:
@@ -255,20 +261,16 @@ def _run(args: argparse.Namespace) -> int:
         history = History()
         run_id = new_run_id("cli-")
         refs = {k: (v.ref if isinstance(v, ModelSpec) else v) for k, v in models.items()}
-        history.create(run_id, tool.name, f"{tool.code} {tool.title}", *pair_labels(refs),
-                       {"options": dataclasses.asdict(options), "params": dataclasses.asdict(params),
-                        "inputs": refs}, source="cli")
-        history.start(run_id)
-        try:
+        donor_label, target_label = pair_labels(refs)
+        record = {"tool": tool.name, "title": f"{tool.code} {tool.title}", "donor": donor_label,
+                  "target": target_label, "source": "cli",
+                  "params": {"options": dataclasses.asdict(options), "params": dataclasses.asdict(params), "inputs": refs}}
+        with history.running(run_id, create=record) as run:
             env = run_tool(tool.name, options=options, params=params, progress=Progress(bar), **models)
             env["run_id"] = run_id
             if args.json_path:
                 _write_json(args.json_path, env)
-        except BaseException as exc:
-            status = "cancelled" if isinstance(exc, (Cancelled, KeyboardInterrupt)) else "failed"
-            history.finish(run_id, status, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            raise
-        history.finish(run_id, "done", result=env)
+            run["result"] = env
         bar.close()
         _warn(env, args.quiet)
         if not args.json_path:

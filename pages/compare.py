@@ -10,6 +10,7 @@ from engine.evalcache import SCORES
 from ui.entry import require_app_entry
 from ui.jobs import file_stem
 from ui.transplant import COMPARE_RUN, latest_swap_id, swap_envelope, swap_runs, transplant_actions
+from viz.report import build_report
 from viz.compare import SCORE_LABELS, compare_figure, conjugate_figure, generations_html, metric_rows
 
 require_app_entry()
@@ -92,9 +93,13 @@ st.html(generations_html(envelope, only_changed=only))
 transplant_actions(run_id, envelope, where="compare")
 
 stem = file_stem(envelope)
-a, b, _ = st.columns([1, 1, 2])
+a, b, rep, _ = st.columns([1, 1, 1, 1])
 a.download_button("Result JSON", data=jsonsafe.dumps(envelope, indent=2), file_name=f"{stem}.json", mime="application/json",
                   key=f"compare-json-{run_id}", icon=":material/download:", on_click="ignore", width="stretch")
 b.download_button("Figure HTML", data=lambda: viz.figure_html(fig), file_name=f"{stem}-compare-{kind}.html",
                   mime="text/html", key=f"compare-html-{run_id}-{kind}", icon=":material/download:",
                   on_click="ignore", width="stretch")
+rep.download_button("Build report", data=lambda: build_report(run_id), file_name=f"{stem}-report.html", mime="text/html",
+                    key=f"compare-report-{run_id}", icon=":material/summarize:", on_click="ignore", width="stretch",
+                    help="One self-contained HTML file (opens offline, prints to PDF): models and hashes, pre-surgery "
+                         "checks, surgery card, before/after numbers, T12/T13 figures, answers side by side, environment.")

@@ -8,6 +8,7 @@ from engine.registry import all_tools
 from ui.entry import require_app_entry
 from ui.jobs import file_stem, result_view
 from ui.state import job_runner, one_line, startup_notes
+from viz.report import build_report
 
 require_app_entry()
 
@@ -101,6 +102,11 @@ with st.container(border=True):
                                file_name=f"{file_stem(run['result'])}.json", mime="application/json",
                                on_click="ignore", icon=":material/download:")
 
+    if run["status"] == "done" and ((run["result"] or {}).get("result") or {}).get("card"):  # a transplant run
+        st.download_button("Build report", data=lambda: build_report(run["id"], history),
+                           file_name=f"{file_stem(run['result'])}-report.html", mime="text/html", on_click="ignore",
+                           key=f"report-{run['id']}", icon=":material/summarize:",
+                           help="One self-contained HTML surgery report (opens offline, prints to PDF).")
     with st.expander("Parameters"):
         st.json(run["params"])
     st.button("Delete this run", key="delete-run", icon=":material/delete:", on_click=delete_run, args=(run["id"],),

@@ -128,3 +128,17 @@ def test_thresholds_decide(base, workload):
 def test_bad_adapter_is_one_line(base, workload, tmp_path):
     with pytest.raises(GraftError, match="adapter not found"):
         run_tool("go-no-go", base, base, options={"workload": workload}, params={"adapter": str(tmp_path / "nope")})
+
+
+def test_page_runs_go_no_go_and_shows_every_operation(home):
+    from tests.test_app import has_chart, open_app, run_until, texts
+
+    at = open_app("pages/gonogo.py")
+    assert not at.exception and at.title[0].value == "Go / no-go"
+    at.button(key="run-go-no-go").click().run()
+    run_until(at, has_chart, timeout=120)
+    assert not at.exception, [e.value for e in at.exception]
+    shown = texts(at.success) + texts(at.error)
+    assert shown.startswith(("go:", "no-go:"))
+    body = texts(at.markdown)
+    assert all(t in body for t in ("Module swap", "Organ transplant", "Rank-k conjugation"))

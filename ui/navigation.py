@@ -9,7 +9,7 @@ import streamlit as st
 
 from engine.registry import all_tools
 
-FILE_PAGES = ("Models", "Alignment", "Concept", "Transplant")  # registry page names served by a file in pages/
+FILE_PAGES = ("Models", "Alignment", "Go / no-go", "Concept", "Transplant")  # registry page names served by a file in pages/
 TOOL_PAGE_ICON = ":material/biotech:"
 
 
@@ -18,6 +18,7 @@ def app_pages() -> list[st.Page]:
         st.Page("pages/home.py", title="Start here", icon=":material/flag:", default=True),
         st.Page("pages/models.py", title="Models", icon=":material/memory:"),
         st.Page("pages/alignment.py", title="Alignment", icon=":material/grid_on:"),
+        st.Page("pages/gonogo.py", title="Go / no-go", icon=":material/fact_check:"),
         st.Page("pages/concept.py", title="Concept", icon=":material/hub:"),
         st.Page("pages/transplant.py", title="Transplant", icon=":material/biotech:"),
         st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),

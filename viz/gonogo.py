@@ -45,7 +45,7 @@ def gonogo_figure(envelope: dict) -> go.Figure:
     fill = [c.GOOD_FILL if o.get("go") else c.BAD_FILL for o in ops]
     colour = [c.GOOD if o.get("go") else c.BAD for o in ops]
     fig.add_trace(go.Table(
-        columnwidth=[1.3, 0.8, 2.2, 3.6, 3.6],
+        columnwidth=[1.1, 0.8, 1.8, 4.4, 3.2],
         header=dict(values=["<b>operation</b>", "<b>verdict</b>", "<b>settings</b>", "<b>why</b>", "<b>evidence</b>"],
                     fill_color=c.HEADER_FILL, align="left", font=dict(size=13), height=30),
         cells=dict(values=[[o.get("title") for o in ops], verdict, [html.escape(settings_text(o)) for o in ops],
@@ -64,7 +64,7 @@ def gonogo_figure(envelope: dict) -> go.Figure:
         fig.add_trace(go.Bar(x=[], y=[], name="no matched layers"), row=2, col=1)
     fig.update_yaxes(title_text="1 − held-out residual", range=[0, 1.05], row=2, col=1)
     fig.update_xaxes(title_text="donor layer → target layer", type="category", row=2, col=1)
-    c.apply_layout(fig, c.envelope_title(envelope, "OP0", "Go / no-go"), html.escape(str(r.get("recommendation") or ""))[:220],
+    c.apply_layout(fig, c.envelope_title(envelope, "OP0", "Go / no-go"), html.escape(str(r.get("recommendation") or "").split(". ")[0])[:140],
                    height=760, filename=c.download_filename(envelope, "OP0", "gonogo"), barmode="overlay",
                    legend=dict(orientation="h", y=0.36, x=0))
     return fig

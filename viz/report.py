@@ -10,13 +10,10 @@ figure is a ``div`` that uses it. Nothing is computed here: numbers are read fro
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import html
 import json
-import os
 import platform
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
@@ -48,6 +45,7 @@ pre {background: #f7f7f7; padding: 8px; overflow-x: auto; white-space: pre-wrap;
   body {max-width: none; padding: 0; font-size: 10.5pt;} nav.toc {display: none;}
   h2 {break-after: avoid; page-break-after: avoid;} h3 {break-after: avoid;}
   .graft-fig, table, pre {break-inside: avoid; page-break-inside: avoid;}
+  .graft-fig {zoom: 0.7;}  /* a 980 x 800 px figure then fits an A4 landscape page (about 1040 x 700 px) */
   section {break-before: auto;} a {color: inherit; text-decoration: none;}
   .modebar-container {display: none !important;}
 }
@@ -283,17 +281,8 @@ def build_report(run_id: str, history: Any = None) -> str:
 
 def write_report(run_id: str, out: str, history: Any = None) -> Path:
     """Build the report and write it to ``out`` atomically; the output path is checked first."""
+    from engine.cli import write_text_atomic
     from engine.outputs import check_output_file
 
-    path = check_output_file(out, "--out")
-    text = build_report(run_id, history)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    check_output_file(out, "--out")
+    return write_text_atomic(out, build_report(run_id, history), "--out")
