@@ -26,6 +26,8 @@ def _label(row: dict) -> str:
     r = row.get("params") or {}
     k = (r.get("params") or {}).get("k", "?")
     when = datetime.fromtimestamp(row["created"]).strftime("%Y-%m-%d %H:%M")
+    if row["tool"] == "organ-insert":
+        return f"organ · {row.get('donor') or 'organ'} → {row['target']} · {when} · {row['id']}"
     if row["tool"] == "conjugate":
         return f"conjugation · {row['donor']} → {row['target']} · k={k or 'full'} · {when} · {row['id']}"
     return f"{row['donor']} → {row['target']} · K={k} · {when} · {row['id']}"
@@ -50,6 +52,11 @@ if envelope is None:
     st.warning("That run is no longer in the history.")
     st.stop()
 result = envelope["result"]
+if envelope.get("tool") == "organ-insert":  # an organ transplant: its own figure, then the same T' actions
+    from ui.organs import organ_compare
+
+    organ_compare(run_id, envelope)
+    st.stop()
 kind = right.segmented_control("Task score", SCORES, key="compare_score", default=result.get("score_kind", "graded"),
                                help="graded: mean probability of the reference answer's tokens (defined even when "
                                     "a model never says it); exact: the greedy answer contains the reference.")
