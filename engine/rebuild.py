@@ -46,6 +46,11 @@ class DModel(NamedTuple):
     model: nn.Module
     tokenizer: Any
     label: str
+    lock: Any = None  # the cached model's lock when D is a shared LoadedModel (hold it to hook or evaluate D)
+
+
+def as_dmodel(m: LoadedModel) -> DModel:
+    return DModel(m.model, m.tokenizer, m.label, m.lock)
 
 
 class Rebuilt(NamedTuple):
@@ -145,7 +150,7 @@ def rebuild_swap(envelope: dict[str, Any], store: ModelStore, device: Optional[s
     target = _load(envelope, "target", store, dev, dtype, trust)
     swap = ModuleSwap(target, donor, modules)
     _check(swap, target, result.get("weight_hash_before"), result.get("weight_hash_after"), "swap")
-    return Rebuilt(target, swap.working, DModel(donor.model, donor.tokenizer, donor.label), swap.rollback, swap,
+    return Rebuilt(target, swap.working, as_dmodel(donor), swap.rollback, swap,
                    _source(envelope, "module-swap", list(swap.modules), swap))
 
 
@@ -175,7 +180,7 @@ def rebuild_conjugation(envelope: dict[str, Any], store: ModelStore, device: Opt
     deltas, _, _ = update_deltas(ctx, params, silent())
     conj = Conjugation(target, conjugation_plan(ctx, params, deltas, silent()))
     _check(conj, target, result.get("weight_hash_before"), result.get("weight_hash_after"), "conjugation")
-    d = (DModel(donor.model, donor.tokenizer, donor.label) if donor is not None else
+    d = (as_dmodel(donor) if donor is not None else
          DModel(merged_donor(base, deltas), base.tokenizer, f"{envelope.get('adapter')} on {base.label}"))
     return Rebuilt(target, conj.working, d, conj.rollback, conj,
                    _source(envelope, "rank-k conjugation", list(conj.modules), conj))
@@ -207,7 +212,7 @@ def transplant_for(ctx: Any, k: int, modules: str, progress: Optional[Progress] 
               "target": ctx.target.spec.ref, "modules": list(swap.modules), "selection": "explicit" if explicit else "top-k",
               "weight_hash_before": swap.hash_before(), "weight_hash_after": swap.weight_hash()}
     progress(1.0, "T' ready")
-    return Rebuilt(ctx.target, swap.working, DModel(ctx.donor.model, ctx.donor.tokenizer, ctx.donor.label),
+    return Rebuilt(ctx.target, swap.working, as_dmodel(ctx.donor),
                    swap.rollback, swap, source)
 
 

@@ -1,0 +1,116 @@
+"""T13 ``attribution``: where the answer comes from in T, T' and D, and what the transplant changed.
+
+T' is a finished transplant run rebuilt from the history (``--run``) or a module swap made on the
+spot (``--donor``/``--target``, T11's module choice), as for T12. On one question (an index into
+the concept set's test questions, or your own question and answer) :func:`engine.attribution.attribute`
+runs captum's LayerIntegratedGradients on each of T, T' and D: the answer's first-token logit (or
+its whole log-probability) attributed to every input token (the embedding layer) and to every
+block's output. The result holds a layers x tokens matrix per model, per-layer totals, captum's
+convergence delta per layer, and the difference T' - T. Seconds per model go in the run's meta
+(the result itself is deterministic).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..attribution import METHOD, OBJECTIVES, attribute, difference
+from ..beforeafter import load_sets
+from ..context import ToolContext
+from ..errors import GraftError
+from ..evaluate import pad_id
+from ..params import param
+from ..progress import Progress
+from ..rebuild import TransplantChoice, transplant_for
+from ..registry import Tool, register
+
+
+@dataclass(frozen=True)
+class AttributionParams(TransplantChoice):
+    question: int = param(0, "Which test question of the concept set (0 = the first).", min=0, max=100_000)
+    custom_question: str = param("", "Your own question instead (give custom_answer too).")
+    custom_answer: str = param("", "The reference answer of your own question.")
+    concept: str = param("", "Concept set JSONL whose test questions are used. Empty = the bundled set.", path="in")
+    objective: str = param("first-token", "What is attributed: the logit of the answer's first token, or the whole "
+                                          "answer's log-probability (teacher forcing).", choices=OBJECTIVES)
+    steps: int = param(16, "Integration steps of integrated gradients (captum's n_steps, Gauss-Legendre). More "
+                           "steps = smaller convergence delta, proportionally slower.", min=2, max=1024)
+
+
+@dataclass
+class AttributionResult:
+    source: dict[str, Any]  # what T' is: run id or on-the-spot swap, operation, modules, weight hashes
+    question: str
+    answer: str
+    question_index: Optional[int]  # None for a custom question
+    objective: str
+    steps: int
+    method: str  # captum's integration rule
+    baseline: str
+    models: dict[str, dict[str, Any]]  # "target" | "transplanted" | "donor" -> tokens, layers, matrix, totals, deltas
+    difference: Optional[dict[str, Any]]  # T' - T: matrix, per-layer totals and absolute mass, max |change|
+    max_abs_delta: float  # largest |convergence delta| over every model and layer
+
+
+def _question(params: AttributionParams) -> tuple[str, str, Optional[int]]:
+    q, a = params.custom_question.strip(), params.custom_answer.strip()
+    if q or a:
+        if not (q and a):
+            raise GraftError("a custom question needs both --custom-question and --custom-answer")
+        return q, a, None
+    test = load_sets(params.concept, "")[0].test_qa()
+    if not test:
+        raise GraftError("the concept set has no test questions; give a custom question and answer")
+    if params.question >= len(test):
+        raise GraftError(f"--question {params.question} is out of range: the concept set has {len(test)} test questions")
+    item = test[params.question]
+    return item.question, item.answer, params.question
+
+
+def _clean(rep: dict[str, Any], label: str) -> dict[str, Any]:
+    out = {k: v for k, v in rep.items() if k != "seconds"}
+    out["label"] = label
+    return out
+
+
+def compute_attribution(ctx: ToolContext, params: AttributionParams, progress: Progress) -> AttributionResult:
+    question, answer, index = _question(params)
+    rb = transplant_for(ctx, params.k, params.modules, progress.sub(0.0, 0.1))
+    models = [("target", rb.target.model, rb.target.tokenizer, rb.target.label, rb.target.lock),
+              ("transplanted", rb.working, rb.target.tokenizer, f"{rb.target.label} (transplanted)", None)]
+    if rb.donor is not None:
+        models.append(("donor", rb.donor.model, rb.donor.tokenizer, rb.donor.label, rb.donor.lock))
+    out: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    try:
+        for i, (key, model, tok, label, lock) in enumerate(models):
+            part = progress.sub(0.1 + 0.9 * i / len(models), 0.1 + 0.9 * (i + 1) / len(models))
+            with lock if lock is not None else nullcontext():  # captum hooks the model's layers meanwhile
+                rep = attribute(model, tok, question, answer, objective=params.objective, steps=params.steps,
+                                progress=part)
+            seconds[key] = round(rep["seconds"], 3)
+            out[key] = _clean(rep, label)
+    finally:
+        rb.undo()
+    ctx.meta["attribution_seconds"] = seconds
+    diff = difference(out["transplanted"], out["target"])
+    progress(1.0, "attribution done")
+    tok = rb.target.tokenizer
+    return AttributionResult(
+        source=rb.source or {}, question=question, answer=answer, question_index=index, objective=params.objective,
+        steps=params.steps, method=METHOD,
+        baseline=f"every input token replaced by the pad token {tok.decode([pad_id(tok)])!r} (id {pad_id(tok)})",
+        models=out, difference=diff, max_abs_delta=max(m["max_abs_delta"] for m in out.values()),
+    )
+
+
+TOOL = register(Tool(
+    name="attribution", code="T13", title="Attribution before / after (captum)",
+    summary="Integrated gradients (captum's LayerIntegratedGradients) of the reference answer's first-token logit, "
+            "or its log-probability, to every input token and every block's output, for T, T' and D on one "
+            "question: layers x tokens maps, per-layer totals, captum's convergence delta, and T' − T. Takes a "
+            "finished transplant run, or swaps modules itself.",
+    params_cls=AttributionParams, compute=compute_attribution, figure="viz.verdict:attribution_figure",
+    page="Verdict", same_family=True, needs=(("run",), ("donor", "target")), uses_workload=True, run_label="Run T13",
+))
