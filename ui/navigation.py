@@ -9,7 +9,7 @@ import streamlit as st
 
 from engine.registry import all_tools
 
-FILE_PAGES = ("Models", "Alignment", "Go / no-go", "Concept", "Transplant")  # registry page names served by a file in pages/
+FILE_PAGES = ("Models", "Alignment", "Go / no-go", "Concept", "Transplant", "Organs")  # registry page names served by a file in pages/
 TOOL_PAGE_ICON = ":material/biotech:"
 
 
@@ -21,6 +21,7 @@ def app_pages() -> list[st.Page]:
         st.Page("pages/gonogo.py", title="Go / no-go", icon=":material/fact_check:"),
         st.Page("pages/concept.py", title="Concept", icon=":material/hub:"),
         st.Page("pages/transplant.py", title="Transplant", icon=":material/biotech:"),
+        st.Page("pages/organs.py", title="Organs", icon=":material/join_inner:"),
         st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
     ]
     for name in tool_page_names():
