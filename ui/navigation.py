@@ -9,7 +9,7 @@ import streamlit as st
 
 from engine.registry import all_tools
 
-FILE_PAGES = ("Models", "Alignment", "Go / no-go", "Concept", "Transplant", "Organs")  # registry page names served by a file in pages/
+FILE_PAGES = ("Models", "Alignment", "Go / no-go", "Concept", "Transplant", "Organs", "Verdict")  # registry page names served by a file in pages/
 TOOL_PAGE_ICON = ":material/biotech:"
 
 
@@ -23,6 +23,7 @@ def app_pages() -> list[st.Page]:
         st.Page("pages/transplant.py", title="Transplant", icon=":material/biotech:"),
         st.Page("pages/organs.py", title="Organs", icon=":material/join_inner:"),
         st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
+        st.Page("pages/verdict.py", title="Verdict", icon=":material/gavel:"),
     ]
     for name in tool_page_names():
         if name not in FILE_PAGES:
