@@ -4,11 +4,16 @@
 * Different tokenizers with character offsets -> word level: each model's tokens are
   mean-pooled per whitespace-delimited word, and words seen by both models are kept.
 * No offsets -> text level: mean-pool each text.
+
+:func:`row_alignment` generalises this from the residual stream to any captured rows (a module's
+inputs or outputs, for the rank-k conjugation): it records how rows pair up once, and maps each
+capture's rows onto the aligned ones.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -122,3 +127,73 @@ def align(donor: Capture, target: Capture) -> Aligned:
     Xd, _ = _pool(donor.residual, donor.text_index, n_texts)
     Yt, _ = _pool(target.residual, target.text_index, n_texts)
     return Aligned(Xd, Yt, torch.arange(n_texts), "text")
+
+
+@dataclass
+class RowAlignment:
+    """How rows of the base's and the target's captures pair up, in :func:`engine.align.align`'s
+    order (token / word / text), minus the massive-activation rows (:func:`engine.align.drop_outliers`'s
+    rule: residual norm above ``outlier_factor`` x the layer median in any layer of either model,
+    unless that would drop more than half).
+
+    ``base(T)`` / ``target(T)`` turn a capture's ``(n_model, d)`` rows into ``(n, d)`` aligned rows.
+    """
+
+    mode: str
+    n_base: int
+    n_target: int
+    group: torch.Tensor  # (n,) text of each kept row
+    keep: torch.Tensor  # (n_aligned,) bool: not an outlier
+    n_outliers: int
+    _base_ids: Optional[torch.Tensor] = None  # word / text id per base row (-1 = none); None in token mode
+    _target_ids: Optional[torch.Tensor] = None
+    _n_groups: int = 0
+    _shared: Optional[torch.Tensor] = None  # (n_groups,) bool: seen by both
+
+    @property
+    def n(self) -> int:
+        return int(self.keep.sum())
+
+    def _rows(self, T: torch.Tensor, ids: Optional[torch.Tensor], n_model: int) -> torch.Tensor:
+        if T.shape[0] != n_model:
+            raise GraftError(f"internal: capture has {T.shape[0]} rows, expected {n_model}")
+        if ids is None:
+            return T[self.keep]
+        pooled, _ = _pool(T.unsqueeze(0), ids, self._n_groups)  # (1, n_groups, d)
+        return pooled[0][self._shared][self.keep]
+
+    def base(self, T: torch.Tensor) -> torch.Tensor:
+        return self._rows(T, self._base_ids, self.n_base)
+
+    def target(self, T: torch.Tensor) -> torch.Tensor:
+        return self._rows(T, self._target_ids, self.n_target)
+
+    def summary(self) -> dict[str, Any]:
+        return {"alignment": self.mode, "n_rows": self.n, "n_texts": int(self.group.unique().numel()),
+                "n_outlier_rows": self.n_outliers}
+
+
+def row_alignment(cb: Capture, ct: Capture, outlier_factor: float) -> tuple[RowAlignment, torch.Tensor, torch.Tensor]:
+    """The row alignment of two residual captures, and their aligned residual streams
+    ``(L_B+1, n, d_B)``, ``(L_T+1, n, d_T)`` with outlier rows dropped (what T2 compares)."""
+    al = align(cb, ct)
+    n = al.n
+    keep = torch.ones(n, dtype=torch.bool)
+    if outlier_factor > 0 and n >= 4:
+        bad = outlier_rows(al.X, outlier_factor) | outlier_rows(al.Y, outlier_factor)
+        if 0 < int(bad.sum()) <= n // 2:
+            keep = ~bad
+    ra = RowAlignment(al.mode, cb.n, ct.n, al.group[keep], keep, int((~keep).sum()))
+    if al.mode == "word":
+        wb, wt = _word_ids(cb), _word_ids(ct)
+        ra._n_groups = int(max(wb.max().item(), wt.max().item())) + 1
+        cnt_b = torch.bincount(wb[wb >= 0], minlength=ra._n_groups)
+        cnt_t = torch.bincount(wt[wt >= 0], minlength=ra._n_groups)
+        ra._base_ids, ra._target_ids, ra._shared = wb, wt, (cnt_b > 0) & (cnt_t > 0)
+    elif al.mode == "text":
+        ra._n_groups = len(cb.texts)
+        ra._base_ids, ra._target_ids = cb.text_index, ct.text_index
+        ra._shared = torch.ones(ra._n_groups, dtype=torch.bool)
+    if ra._shared is not None and int(ra._shared.sum()) != n:  # pragma: no cover - guards the copy of align's logic
+        raise GraftError("internal: module row alignment disagrees with engine.align")
+    return ra, al.X[:, keep], al.Y[:, keep]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from .errors import Cancelled
 
@@ -53,3 +53,16 @@ class Progress:
 def silent() -> Progress:
     """A progress sink that reports nowhere and is never cancelled."""
     return Progress()
+
+
+ProgressLike = Union[Progress, Callable[[float, str], None], None]
+"""What a compute function accepts as its progress argument."""
+
+
+def as_progress(p: ProgressLike) -> Progress:
+    """``p`` as a :class:`Progress`: a silent one for None, a wrapped callback for a plain function."""
+    if p is None:
+        return silent()
+    if isinstance(p, Progress):
+        return p
+    return Progress(p)

@@ -1,5 +1,5 @@
-"""Rank-k conjugation (engine/conjugate.py), module-input capture (engine/capture.py) and the
-interference check (engine/interference.py).
+"""Rank-k conjugation (engine/conjugate.py, conjugate_maps.py, conjugate_plan.py), module-input
+capture (engine/capture.py) and the interference check (engine/interference.py).
 
 Ground truth: a model against itself gives identity maps and exactly W + dW; a rotated twin
 (engine/twin.py, residual h' = h Q with random norm gains folded) defeats a plain merge while
@@ -15,7 +15,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from engine.arch import ArchAdapter
 from engine.capture import CaptureCache, capture
-from engine.conjugate import Conjugation, apply_and_check, fit_side, plan_conjugation
+from engine.conjugate import Conjugation, apply_and_check
+from engine.conjugate_maps import fit_side
+from engine.conjugate_plan import plan_conjugation
 from engine.errors import Cancelled, GraftError
 from engine.interference import interference, should_roll_back
 from engine.linalg import random_orthogonal

@@ -2,8 +2,9 @@
 
 Inputs: the concept's update ``dW`` as a LoRA adapter (``--adapter``, trained on ``--base``) or as
 a full fine-tune (``--donor`` against ``--base``), and the ``--target`` it is carried into. The
-workload's texts are what every map is fitted on (:mod:`engine.conjugate` holds the maths: per-side
-identity / Procrustes / ridge maps, T2's layer matching, rank-k truncation from the factors).
+workload's texts are what every map is fitted on (:mod:`engine.conjugate_plan` and
+:mod:`engine.conjugate_maps` hold the maths: per-side identity / Procrustes / ridge maps, T2's layer
+matching, rank-k truncation from the factors; :mod:`engine.conjugate` the reversible edit).
 
 The run evaluates T, T' and D exactly as the module swap does (:mod:`engine.beforeafter`), with
 D = the update applied to its own base (the adapter merged into a working copy of the base in
@@ -23,7 +24,8 @@ import torch
 
 from ..beforeafter import evaluate_shared, load_sets, locked, metrics, rnd, side_by_side, transfer_scores
 from ..capture import budget_texts, per_text_limit
-from ..conjugate import Conjugation, ConjugationPlan, plan_conjugation, working_copy
+from ..conjugate import Conjugation, ConjugationPlan, working_copy
+from ..conjugate_plan import plan_conjugation
 from ..context import ToolContext
 from ..errors import GraftError
 from ..evalcache import SCORES, alignment_score, evaluate_model
