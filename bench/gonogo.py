@@ -89,6 +89,9 @@ def measure(name: str, k_nogo: int, max_increase: float, device: str) -> dict[st
     before, after = r["before"]["ppl_retained"], r["after"]["ppl_retained"]
     change = after / before - 1.0 if before else None
     rec = r["recovery"]
+    gap = (r["donor"]["task_score"] or 0.0) - (r["before"]["task_score"] or 0.0)
+    if rec is not None and abs(gap) < 1e-6:  # D and T score the same up to rounding: Recovery is noise / noise
+        rec, r["recovery_note"] = None, f"S(D) - S(T) = {gap:.1e}: Recovery is not meaningful"
     worse = change is not None and change > max_increase
     if swap["go"]:
         held = (not worse) and (rec is None or rec > 0)
