@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.arch import linear_weight_out_in  # noqa: E402
-from engine.lora import factored_svd, finetune_deltas  # noqa: E402
+from engine.finetune_delta import finetune_deltas  # noqa: E402
+from engine.lowrank import factored_svd  # noqa: E402
 
 
 def _median_time(fn, repeat: int) -> tuple[float, object]:

@@ -1,12 +1,12 @@
 """Rank-k conjugation transplant (METHODS.md, transplant operation 3; Model Surgery).
 
 A donor's update ``dW`` (LoRA factors, or a full fine-tune's ``W_D - W_B`` factored by
-:mod:`engine.lora`) was learnt on a *base* model B. Conjugation carries it into a *target* T whose
-coordinates may differ (a rotated twin, another checkpoint, another architecture):
+:mod:`engine.finetune_delta`) was learnt on a *base* model B. Conjugation carries it into a
+*target* T whose coordinates may differ (a rotated twin, another checkpoint, another architecture):
 
 1. **Truncate** each module's ``dW = B A`` to rank ``k`` from its factors (T6): ``dW_k = B_k A_k``.
    ``k = 0`` keeps the module's full rank; ``energy`` picks per-module ``k`` as the smallest rank
-   reaching that share of ``||dW||_F^2`` (:func:`engine.lora.k_at_energy`); both given: the
+   reaching that share of ``||dW||_F^2`` (:func:`engine.lowrank.k_at_energy`); both given: the
    smaller.
 2. **Match layers**: base layer ``i`` -> target layer ``j`` by T2's monotone CKA matching of the
    residual streams (or a given ``layer_map``); the module with the same canonical name in

@@ -26,7 +26,7 @@ from .models import LoadedModel
 from .progress import ProgressLike, as_progress
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .lora import ModuleDelta
+    from .lowrank import ModuleDelta
 
 DEFAULT_CAPTURE_BYTES = 2 << 30
 
@@ -39,7 +39,7 @@ def _fro_factored(B: torch.Tensor, A: torch.Tensor) -> float:
 
 def _truncate(delta: "ModuleDelta", k: int, energy: Optional[float]) -> tuple["ModuleDelta", int, int, float]:
     """(truncated delta, its rank, k kept, energy kept). Energy is the share of the exact
-    ``||dW||_F^2`` (:meth:`engine.lora.ModuleDelta.norm_sq`: a full fine-tune's factors may already be
+    ``||dW||_F^2`` (:meth:`engine.lowrank.ModuleDelta.norm_sq`: a full fine-tune's factors may already be
     a truncation of it). A zero update keeps k = 0."""
     rank = int(delta.rank)
     total = float(delta.norm_sq())
@@ -47,7 +47,7 @@ def _truncate(delta: "ModuleDelta", k: int, energy: Optional[float]) -> tuple["M
         return delta, rank, 0, 0.0
     if (k <= 0 or k >= rank) and not energy:
         return delta, rank, rank, min(1.0, _fro_factored(delta.B, delta.A) ** 2 / total)
-    from .lora import factored_svd, k_at_energy, truncate
+    from .lowrank import factored_svd, k_at_energy, truncate
 
     _, S, _ = factored_svd(delta.B, delta.A)
     S2 = S.double().pow(2)

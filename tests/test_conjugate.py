@@ -21,7 +21,7 @@ from engine.conjugate_plan import plan_conjugation
 from engine.errors import Cancelled, GraftError
 from engine.interference import interference, should_roll_back
 from engine.linalg import random_orthogonal
-from engine.lora import ModuleDelta
+from engine.lowrank import ModuleDelta
 from engine.models import LoadedModel, ModelSpec, load_model
 from engine.progress import Progress
 from engine.tiny import _CORPUS, build_tiny

@@ -16,8 +16,10 @@ import torch
 from engine.arch import ArchAdapter, linear_weight_out_in
 from engine.context import run_tool
 from engine.errors import GraftError
-from engine.lora import (ModuleDelta, adapter_deltas, effective_rank, factored_svd, finetune_deltas, k_at_energy,
-                         randomized_svd, resolve_adapter, truncate)
+from engine.finetune_delta import finetune_deltas
+from engine.lora import resolve_adapter
+from engine.lora_factors import adapter_deltas
+from engine.lowrank import ModuleDelta, effective_rank, factored_svd, k_at_energy, randomized_svd, truncate
 from engine.models import LoadedModel, ModelSpec, ModelStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -337,7 +339,7 @@ def test_unknown_names_embedding_lora_and_adapter_names(tmp_path):
         pre + "model.layers.0.self_attn.q_proj.lora_B.bias": r(16),
     }, str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
-    from engine.lora import AdapterReport
+    from engine.lora_factors import AdapterReport
 
     rep = AdapterReport()
     ds = {d.name: d for d in adapter_deltas(resolve_adapter(str(tmp_path)), report=rep)}

@@ -3,18 +3,18 @@
 Inputs (either):
 
 * ``--adapter``: a PEFT LoRA folder, a ``make-donor`` folder or the demo donor's name. Per module
-  ``dW = scale * B @ A`` exactly (``engine.lora.adapter_deltas``). With ``--base`` as well, the
-  adapter's shapes are checked against that model.
+  ``dW = scale * B @ A`` exactly (``engine.lora_factors.adapter_deltas``). With ``--base`` as
+  well, the adapter's shapes are checked against that model.
 * ``--donor`` with ``--base``: a full fine-tune. ``dW = W_D - W_T`` per linear module, kept as a
-  truncated randomized SVD of rank ``--rank`` (``engine.lora.finetune_deltas``) next to the exact
-  ``||dW||_F``.
+  truncated randomized SVD of rank ``--rank`` (``engine.finetune_delta.finetune_deltas``) next to
+  the exact ``||dW||_F``.
 
 Cells (one per module): ``energy = ||dW||_F``; ``share = ||dW||_F^2 / sum ||dW||_F^2`` (squared
 norms add up over modules; plain norms do not); ``top_sv`` the largest singular value;
 ``effective_rank = exp(H(p))`` with ``p_i = s_i^2 / sum s_j^2`` over the singular values that are
 known (all of them for an adapter; the top ``--rank`` for a full fine-tune, where
 ``captured_share = sum s_i^2 / ||dW||_F^2`` says how much of the update they hold). Singular
-values come from the factors (``engine.lora.factored_svd``), never from a dense product.
+values come from the factors (``engine.lowrank.factored_svd``), never from a dense product.
 
 The grid is layers x module names (``attn.q`` ... ``mlp.down``) for each of the four metrics;
 per-kind (attention / MLP), per-module-name and per-layer shares sum the cells' shares.
@@ -37,8 +37,10 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..errors import GraftError
-from ..lora import (MODULE_ORDER, AdapterReport, ModuleDelta, adapter_deltas, check_against_model, effective_rank,
-                    factored_svd, finetune_deltas, kind_of, resolve_adapter)
+from ..finetune_delta import finetune_deltas
+from ..lora import resolve_adapter
+from ..lora_factors import MODULE_ORDER, AdapterReport, adapter_deltas, check_against_model, kind_of
+from ..lowrank import ModuleDelta, effective_rank, factored_svd
 from ..params import param
 from ..progress import Progress
 from ..registry import Tool, register

@@ -126,7 +126,9 @@ def merged_donor(base: LoadedModel, deltas: list) -> torch.nn.Module:
 
 
 def update_deltas(ctx: ToolContext, params: ConjugateParams, progress: Progress) -> tuple[list, dict[str, Any], list[str]]:
-    from ..lora import adapter_deltas, check_against_model, finetune_deltas, resolve_adapter
+    from ..finetune_delta import finetune_deltas
+    from ..lora import resolve_adapter
+    from ..lora_factors import adapter_deltas, check_against_model
 
     base = ctx.base
     assert base is not None

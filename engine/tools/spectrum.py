@@ -2,7 +2,7 @@
 
 Same inputs as T5 (``--adapter``, or ``--donor`` with ``--base``; see
 :mod:`engine.tools.cartography`). Per module, the singular values of ``dW`` come from the
-factors (``engine.lora.factored_svd``: QR of ``B`` and ``A^T``, SVD of the small core), never
+factors (``engine.lowrank.factored_svd``: QR of ``B`` and ``A^T``, SVD of the small core), never
 from the dense product. ``energy_cumulative[k-1] = sum_{i<=k} s_i^2 / ||dW||_F^2`` and the
 recommended ``k_at_threshold`` is the smallest ``k`` reaching ``--threshold`` (default 0.9).
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import GraftError
-from ..lora import cumulative_energy, effective_rank, k_at_energy
+from ..lowrank import cumulative_energy, effective_rank, k_at_energy
 from ..params import param
 from ..progress import Progress
 from ..registry import register
