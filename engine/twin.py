@@ -26,7 +26,8 @@ Qwen3, SmolLM3; and Gemma 1, whose RMSNorm multiplies by ``1 + w``):
    Biases of readers (Qwen2's q/k/v) are unchanged. Per-head norms (Qwen3's q_norm / k_norm)
    act inside attention, not on the residual, and are unchanged.
 
-All products are computed in float64 and cast back to the model's dtype once.
+All products are computed in float64 and cast back to the model's dtype once. :func:`make_twin`
+saves a twin after the function-preservation check of :mod:`engine.twin_check`.
 
 Ground truth for conjugating a base-model update ``dW`` into the twin: for a module reading the
 residual through norm gain ``g``, ``dW' = dW diag(g) Q``; for ``lm_head``, ``dW' = dW
@@ -46,41 +47,23 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .errors import GraftError
 from .progress import Progress, silent
+from .twin_check import DEFAULT_N_TEXTS, default_check_texts, twin_report
 
 TWIN_CARD = "twin.json"
 TWIN_FORMAT = "graft-twin/1"
 ROTATION_FILE = "rotation.safetensors"
-DEFAULT_N_TEXTS = 6
-DEFAULT_MAX_TOKENS = 128
 
-# Tolerance on max |logit(twin) - logit(base)| / max |logit(base)| over the check texts, by the
-# dtype the twin is stored in. The twin is exact in real arithmetic; what remains is rounding:
-# float32 weights are rounded once after the float64 products (~6e-8 relative each) and every
-# matmul then rounds in a different basis, which grows through depth. Measured (float32, seed 0,
-# the 6 default texts): 4.5e-7 on the 4-layer tiny Llama, 2.9e-6 on SmolLM2-135M-Instruct
-# (30 layers, max |logit| 32.7, max |diff| 9.3e-5); the bound leaves a 35x margin while still
-# catching any real error (a missing fold or a wrong sign gives O(1)). float64 gets the same
-# bound: transformers' RMSNorm normalises in float32 whatever the dtype (measured 1.3e-7 on the
-# tiny Llama). 16-bit formats round every weight at ~5e-4 (fp16) / ~4e-3 (bf16) and get looser
-# bounds (measured on the tiny Llama: fp16 1.3e-3, bf16 9.3e-3 with 98% top-1 agreement).
-TOLERANCES: dict[torch.dtype, float] = {
-    torch.float64: 1e-4,
-    torch.float32: 1e-4,
-    torch.float16: 2e-2,
-    torch.bfloat16: 5e-2,
-}
 
 # Families whose block layout the construction knows (config.model_type -> family description).
 _LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
@@ -184,7 +167,6 @@ class _Plan:
             else ["o_proj", "down_proj (Q^T W)"],
             "unchanged": ["reader biases", "per-head q_norm / k_norm", "rotary embeddings", "embedding scale"],
         }
-
 
 
 def check_supported(model: nn.Module) -> dict[str, Any]:
@@ -299,92 +281,7 @@ def rotate_model(model: nn.Module, seed: int, *, progress: Optional[Progress] = 
 
 
 # --------------------------------------------------------------------------------------------
-# Function-preservation check
-
-
-def _max_positions(model: nn.Module) -> int:
-    cfg = getattr(model, "config", None)
-    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return int(n) if n else DEFAULT_MAX_TOKENS
-
-
-@torch.no_grad()
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    dev = next(model.parameters()).device
-    out = model(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev), use_cache=False)
-    return out.logits[0].to(torch.float64).cpu()
-
-
-def _encode(tokenizer: Any, texts: Iterable[str], max_tokens: int) -> list[torch.Tensor]:
-    out = []
-    for t in texts:
-        ids = tokenizer(t, return_tensors="pt", truncation=True, max_length=max_tokens)["input_ids"]
-        if ids.shape[1]:
-            out.append(ids)
-    if not out:
-        raise GraftError("rotated twin: no non-empty texts to compare the logits on")
-    return out
-
-
-def _compare(a: nn.Module, b: nn.Module, tokenizer: Any, texts: Sequence[str], max_tokens: Optional[int],
-             progress: Optional[Progress] = None) -> dict[str, Any]:
-    progress = progress or silent()
-    limit = min(_max_positions(a), _max_positions(b), max_tokens or DEFAULT_MAX_TOKENS)
-    batches = _encode(tokenizer, texts, limit)
-    diff = scale = 0.0
-    agree = tokens = 0
-    for k, ids in enumerate(batches):
-        la, lb = _logits(a, ids), _logits(b, ids)
-        diff = max(diff, float((la - lb).abs().max()))
-        scale = max(scale, float(la.abs().max()))
-        agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
-        tokens += int(ids.shape[1])
-        progress((k + 1) / len(batches), f"comparing logits {k + 1}/{len(batches)}")
-    return {"max_abs_diff": diff, "logit_scale": scale, "top1_agreement": agree / tokens,
-            "n_texts": len(batches), "n_tokens": tokens}
-
-
-def max_logit_diff(a: nn.Module, b: nn.Module, tokenizer: Any, texts: Sequence[str],
-                   max_tokens: int = DEFAULT_MAX_TOKENS) -> float:
-    """``max |logits_a - logits_b|`` over every position of every text (each text alone, unpadded,
-    truncated to ``max_tokens`` and the models' context), computed in float64 from each model's
-    own logits."""
-    return float(_compare(a, b, tokenizer, texts, max_tokens)["max_abs_diff"])
-
-
-def tolerance_for(dtype: torch.dtype) -> float:
-    """The relative logit tolerance for a twin stored in ``dtype`` (see ``TOLERANCES``)."""
-    return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
-
-
-def twin_report(base: nn.Module, twin: nn.Module, tokenizer: Any, texts: Sequence[str], *,
-                tolerance: Optional[float] = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                progress: Optional[Progress] = None) -> dict[str, Any]:
-    """Function-preservation check of ``twin`` against ``base`` on ``texts``.
-
-    Returns ``max_abs_diff`` (max |logit difference|), ``logit_scale`` (max |logit| of the base),
-    ``rel_diff`` = their ratio, ``tolerance`` (relative; default by the twin's dtype,
-    :data:`TOLERANCES`), ``ok`` (``rel_diff <= tolerance``), ``top1_agreement`` (share of positions
-    whose argmax token agrees), ``n_texts``, ``n_tokens`` and ``dtype``."""
-    dtype = next(twin.parameters()).dtype
-    tol = float(tolerance) if tolerance is not None else tolerance_for(dtype)
-    r = _compare(base, twin, tokenizer, texts, max_tokens, progress)
-    r["rel_diff"] = r["max_abs_diff"] / max(r["logit_scale"], 1e-12)
-    r["tolerance"] = tol
-    r["ok"] = bool(math.isfinite(r["rel_diff"]) and r["rel_diff"] <= tol)
-    r["dtype"] = str(dtype).replace("torch.", "")
-    return r
-
-
-# --------------------------------------------------------------------------------------------
 # Building and saving
-
-
-def default_check_texts(n: int = DEFAULT_N_TEXTS) -> list[str]:
-    """The first ``n`` texts of the bundled retained set (data/retained.jsonl)."""
-    from .data import builtin_retained_path, load_concept_set
-
-    return list(load_concept_set(builtin_retained_path()).texts()[:n])
 
 
 def _check_out(out: Path) -> None:
@@ -403,8 +300,8 @@ def make_twin(base: Any, seed: int, out_dir: Union[str, Path], progress: Optiona
     (model.safetensors, config.json, tokenizer) plus ``twin.json``; returns the card.
 
     The check compares logits on ``texts`` (default: the first 6 texts of data/retained.jsonl) and
-    must pass ``rel_diff <= tolerance`` (default by dtype, :data:`TOLERANCES`; 1e-4 for float32),
-    else nothing is written and a GraftError says by how much it failed. ``Q`` is not saved
+    must pass ``rel_diff <= tolerance`` (default by dtype, :data:`engine.twin_check.TOLERANCES`;
+    1e-4 for float32), else nothing is written and a GraftError says by how much it failed. ``Q`` is not saved
     unless ``save_rotation`` (then ``rotation.safetensors`` holds it as tensor ``"Q"``, in the
     model's dtype, with ``h_twin = h_base @ Q``); the card always holds its SHA-256
     (:func:`rotation_sha256`). ``out_dir`` must be new, empty, or an earlier twin folder, which is

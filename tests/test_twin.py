@@ -1,4 +1,5 @@
-"""Rotated twin (engine/twin.py): function preservation, plain merge vs conjugation, saving."""
+"""Rotated twin (engine/twin.py, engine/twin_check.py): function preservation, plain merge vs
+conjugation, saving."""
 import json
 import threading
 
@@ -11,18 +12,9 @@ from engine.models import LoadedModel, ModelSpec, load_model, state_dict_hash
 from engine.arch import ArchAdapter
 from engine.progress import Progress
 from engine.tiny import build_tiny
-from engine.twin import (
-    ROTATION_FILE,
-    TWIN_CARD,
-    check_supported,
-    max_logit_diff,
-    make_twin,
-    norm_gain,
-    random_orthogonal,
-    rotate_model,
-    rotation_sha256,
-    twin_report,
-)
+from engine.twin import (ROTATION_FILE, TWIN_CARD, check_supported, make_twin, norm_gain, random_orthogonal, rotate_model,
+                         rotation_sha256)
+from engine.twin_check import max_logit_diff, twin_report
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
