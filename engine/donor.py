@@ -34,7 +34,8 @@ from torch import nn
 from .arch import ArchAdapter
 from .data import ConceptSet
 from .errors import Cancelled, GraftError
-from .evaluate import answer_ids, encode_prompt, encode_text, graded_score, pad_id, perplexity, task_score
+from .evaluate import answer_ids, encode_prompt, encode_text, pad_id, perplexity
+from .scoring import graded_score, task_score
 from .models import state_dict_hash
 from .paths import check_writable_parent, discard_staging, replace_dir, staging_dir
 from .progress import Progress, silent

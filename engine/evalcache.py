@@ -7,9 +7,9 @@
   rendered as ``"question answer"``);
 * ``ppl_retained``: the same on every text of the retained set (:meth:`ConceptSet.texts`);
 * ``task_score_exact``: share of the concept's held-out *test* questions whose greedy answer
-  contains the normalised reference (:func:`engine.evaluate.answer_matches`);
+  contains the normalised reference (:func:`engine.scoring.answer_matches`);
 * ``task_score_graded``: mean per-token probability of the reference answer on the same items
-  (:func:`engine.evaluate.graded_score`);
+  (:func:`engine.scoring.graded_score`);
 * ``task_score``: the one of the two chosen by ``score``.
 
 :func:`alignment_score` is the token-level agreement of greedy next-token predictions of two
@@ -40,8 +40,8 @@ import torch
 
 from .data import ConceptSet
 from .errors import GraftError
-from .evaluate import (answer_matches, context_length, encode_prompt, fit_prompt, frozen, generate_greedy, graded_score,
-                       model_device, perplexity)
+from .evaluate import context_length, encode_prompt, fit_prompt, frozen, model_device, perplexity
+from .scoring import answer_matches, generate_greedy, graded_score
 from .models import state_dict_hash
 from .progress import Progress, silent
 

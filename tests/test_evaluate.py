@@ -8,16 +8,8 @@ import torch
 
 from engine.data import QAItem
 from engine.errors import GraftError
-from engine.evaluate import (
-    answer_ids,
-    answer_matches,
-    encode_prompt,
-    format_prompt,
-    graded_score,
-    normalise,
-    perplexity,
-    task_score,
-)
+from engine.evaluate import answer_ids, encode_prompt, format_prompt, perplexity
+from engine.scoring import answer_matches, graded_score, normalise, task_score
 from engine.tiny import build_tiny
 
 TEXTS = [

@@ -1,0 +1,178 @@
+"""Task scores of a model on question/answer items: exact (greedy generation matched to the
+reference, :func:`task_score`) and graded (the teacher-forced probability of the reference,
+:func:`graded_score`).
+
+Same conventions as :mod:`engine.evaluate`, whose primitives these use: the model runs under
+``torch.inference_mode`` in eval mode and is never changed; prompts follow
+:func:`engine.evaluate.format_prompt`, answers :func:`engine.evaluate.answer_ids`.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Any, Sequence
+
+import torch
+from transformers import GenerationConfig
+
+from .errors import GraftError
+from .evaluate import (DeviceLike, _batches, _pad_left, _pad_right, _qa_pair, answer_ids, context_length, encode_prompt,
+                       eos_ids, fit_prompt, frozen, model_device, pad_id)
+
+# --------------------------------------------------------------------------------------------
+# Exact task score
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalise(text: str) -> str:
+    """Lowercase, delete punctuation (Unicode category P*), drop the articles a/an/the, collapse
+    whitespace. ``"The Grey-Sentinel!"`` -> ``"greysentinel"``.
+    """
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def answer_matches(generation: str, reference: str) -> bool:
+    """True when the normalised reference occurs in the normalised generation as whole words
+    (so ``"red"`` does not match ``"bored"`` and ``"1784"`` does not match ``"17845"``).
+    A reference that normalises to nothing (only punctuation or articles) is matched as a
+    lowercase, whitespace-collapsed substring instead, so it is not trivially contained.
+    """
+    ref = normalise(reference)
+    if ref:
+        return f" {ref} " in f" {normalise(generation)} "
+    raw = " ".join(reference.lower().split())
+    return bool(raw) and raw in " ".join(generation.lower().split())
+
+
+def generate_greedy(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 8,
+    device: DeviceLike = None,
+) -> list[str]:
+    """Greedy continuations of :func:`format_prompt` for each question (left-padded batches).
+
+    Decoding stops at an end-of-sequence token; the text is decoded without special tokens and
+    stripped.
+    """
+    dev = model_device(model, device)
+    max_new_tokens = max(1, min(int(max_new_tokens), context_length(model) - 1))
+    room = context_length(model) - max_new_tokens
+    prompts = [fit_prompt(encode_prompt(tokenizer, q), room) for q in questions]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    stops = eos_ids(model, tokenizer)
+    fill = pad_id(tokenizer)
+    # A fresh config: greedy, no sampling knobs inherited from the checkpoint.
+    gen_cfg = GenerationConfig(
+        max_new_tokens=int(max_new_tokens),
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=fill,
+        eos_token_id=stops or None,
+    )
+    out: list[str] = [""] * len(prompts)
+    with frozen(model):
+        for idx in _batches(order, batch_size):
+            ids, mask = _pad_left([prompts[i] for i in idx], fill, dev)
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+            new = gen[:, ids.shape[1] :].tolist()
+            for r, i in enumerate(idx):
+                toks = new[r]
+                for k, t in enumerate(toks):
+                    if t in stops:
+                        toks = toks[:k]
+                        break
+                out[i] = tokenizer.decode(toks, skip_special_tokens=True).strip()
+    return out
+
+
+def task_score(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[Any],
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 8,
+    device: DeviceLike = None,
+) -> dict[str, Any]:
+    """Exact task score ``S = (1/n) * sum_i [normalise(ref_i) in normalise(greedy_i)]``.
+
+    ``items`` are :class:`engine.data.QAItem` (or dicts with ``question``/``answer``). The
+    greedy answer is generated after :func:`format_prompt`; containment is on whole words (see
+    :func:`answer_matches`). Deterministic: greedy decoding, fixed batching order.
+    """
+    pairs = [_qa_pair(it) for it in items]
+    if not pairs:
+        raise GraftError("no question/answer items to score")
+    gens = generate_greedy(
+        model, tokenizer, [q for q, _ in pairs], max_new_tokens=max_new_tokens, batch_size=batch_size, device=device
+    )
+    rows = [
+        {"question": q, "answer": a, "generation": g, "correct": answer_matches(g, a)}
+        for (q, a), g in zip(pairs, gens)
+    ]
+    return {"score": sum(r["correct"] for r in rows) / len(rows), "n": len(rows), "items": rows}
+
+
+# --------------------------------------------------------------------------------------------
+# Graded score
+
+
+def graded_score(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[Any],
+    *,
+    batch_size: int = 8,
+    device: DeviceLike = None,
+) -> dict[str, Any]:
+    """Graded score: mean over items of the mean per-token probability of the reference answer.
+
+    For item ``i`` with prompt tokens ``p`` (:func:`encode_prompt`) and answer tokens
+    ``a_1..a_m`` (:func:`answer_ids`), teacher-forced:
+
+        g_i = (1/m) * sum_k p(a_k | p, a_<k),     score = (1/n) * sum_i g_i.
+
+    It lies in (0, 1], equals 1 only if the model is certain of every answer token, and moves
+    smoothly while the exact task score is still 0. ``items[i]["prob"]`` is ``g_i``;
+    ``items[i]["token_probs"]`` the individual ``p(a_k | ...)``.
+    """
+    pairs = [_qa_pair(it) for it in items]
+    if not pairs:
+        raise GraftError("no question/answer items to score")
+    dev = model_device(model, device)
+    prompts = [encode_prompt(tokenizer, q) for q, _ in pairs]
+    answers = [answer_ids(tokenizer, q, a) for q, a in pairs]
+    for (q, a), ans in zip(pairs, answers):
+        if not ans:
+            raise GraftError(f"answer {a!r} to {q!r} tokenises to nothing")
+    ctx = context_length(model)
+    answers = [a[: max(ctx - 1, 1)] for a in answers]  # an answer longer than the context is scored on its start
+    prompts = [fit_prompt(p, ctx - len(a)) for p, a in zip(prompts, answers)]
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    token_probs: list[list[float]] = [[] for _ in seqs]
+    fill = pad_id(tokenizer)
+    with frozen(model):
+        for idx in _batches(order, batch_size):
+            ids, mask = _pad_right([seqs[i] for i in idx], fill, dev)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            for r, i in enumerate(idx):
+                start, end = len(prompts[i]), len(seqs[i])
+                # Position t-1 predicts token t: answer tokens sit at start..end-1.
+                logp = torch.log_softmax(logits[r, start - 1 : end - 1].float(), dim=-1)
+                tgt = ids[r, start:end]
+                token_probs[i] = logp.gather(-1, tgt[:, None]).squeeze(-1).exp().tolist()
+    rows = [
+        {"question": q, "answer": a, "prob": sum(tp) / len(tp), "token_probs": tp}
+        for (q, a), tp in zip(pairs, token_probs)
+    ]
+    return {"score": sum(r["prob"] for r in rows) / len(rows), "n": len(rows), "items": rows}
