@@ -25,7 +25,7 @@ import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,8 @@ from torch import nn
 from .arch import ArchAdapter
 from .data import ConceptSet
 from .errors import Cancelled, GraftError
-from .evaluate import answer_ids, encode_prompt, encode_text, pad_id, perplexity
+from .donor_data import batch_plan, build_examples, collate, text_examples
+from .evaluate import pad_id, perplexity
 from .scoring import graded_score, task_score
 from .models import state_dict_hash
 from .paths import check_writable_parent, discard_staging, replace_dir, staging_dir
@@ -73,88 +74,7 @@ def lora_target_modules(model: nn.Module) -> tuple[list[str], bool]:
 
 
 # --------------------------------------------------------------------------------------------
-# Training data
-
-
-def build_examples(
-    tokenizer: Any, concept: ConceptSet, max_length: int, train_on_qa: bool = False
-) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) pairs: every fact, then (if ``train_on_qa``) every train-split QA item.
-
-    Facts are plain causal-LM texts followed by EOS (loss on every predicted token). A QA item is
-    ``format_prompt(question)`` + answer + EOS with the loss only on the answer and the EOS (the
-    prompt is label -100), which teaches answering without teaching the model to reproduce the
-    prompt. The answer tokens are exactly those the graded score measures.
-    """
-    eos = tokenizer.eos_token_id
-    tail = [int(eos)] if eos is not None else []
-    examples = text_examples(tokenizer, concept.facts, max_length)
-    for item in concept.train_qa() if train_on_qa else ():
-        prompt = encode_prompt(tokenizer, item.question)
-        answer = answer_ids(tokenizer, item.question, item.answer) + tail
-        ids = (prompt + answer)[:max_length]
-        labels = ([-100] * len(prompt) + answer)[:max_length]
-        examples.append((ids, labels))
-    examples = [e for e in examples if sum(l != -100 for l in e[1][1:]) > 0]
-    if not examples:
-        what = "facts or train questions" if train_on_qa else "facts"
-        raise GraftError(f"concept set {concept.name} has no {what} to learn from")
-    return examples
-
-
-def text_examples(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Plain causal-LM examples: each text + EOS, loss on every predicted token. Texts with
-    nothing to predict (a single token) are dropped."""
-    eos = tokenizer.eos_token_id
-    tail = [int(eos)] if eos is not None else []
-    out: list[tuple[list[int], list[int]]] = []
-    for text in texts:
-        ids = (encode_text(tokenizer, text, max_length) + tail)[:max_length]
-        if len(ids) >= 2:
-            out.append((ids, list(ids)))
-    return out
-
-
-def batch_plan(
-    n_concept: int, n_replay: int, steps: int, batch_size: int, replay_fraction: float, seed: int
-) -> list[list[tuple[str, int]]]:
-    """Which examples each step trains on: ``[("concept", i) | ("replay", j), ...]`` per step.
-
-    Step ``s`` takes ``floor((s+1)*b*f) - floor(s*b*f)`` replay examples (``b`` the batch size,
-    ``f`` the replay fraction), so the long-run share is exactly ``f``, and fills the rest of the
-    batch with concept examples. Each source is consumed in epochs of its own seeded permutation;
-    the concept stream uses the same generator as a run without replay, so ``f = 0`` (or no
-    replay set) reproduces a facts-only run exactly.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    gen_replay = torch.Generator().manual_seed(seed + 7919)
-    order: list[int] = []
-    order_replay: list[int] = []
-    f = replay_fraction if n_replay > 0 else 0.0
-    plan: list[list[tuple[str, int]]] = []
-    for step in range(steps):
-        k = math.floor((step + 1) * batch_size * f + 1e-9) - math.floor(step * batch_size * f + 1e-9)
-        k = min(k, batch_size - 1)  # at least one concept example per batch
-        while len(order) < batch_size - k:
-            order += torch.randperm(n_concept, generator=gen).tolist()
-        while len(order_replay) < k:
-            order_replay += torch.randperm(n_replay, generator=gen_replay).tolist()
-        batch = [("concept", i) for i in order[: batch_size - k]] + [("replay", j) for j in order_replay[:k]]
-        order, order_replay = order[batch_size - k:], order_replay[k:]
-        plan.append(batch)
-    return plan
-
-
-def _collate(batch: list[tuple[list[int], list[int]]], fill: int, device: torch.device):
-    width = max(len(ids) for ids, _ in batch)
-    ids_t = torch.full((len(batch), width), fill, dtype=torch.long)
-    lab_t = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask_t = torch.zeros((len(batch), width), dtype=torch.long)
-    for r, (ids, labels) in enumerate(batch):
-        ids_t[r, : len(ids)] = torch.tensor(ids)
-        lab_t[r, : len(labels)] = torch.tensor(labels)
-        mask_t[r, : len(ids)] = 1
-    return ids_t.to(device), mask_t.to(device), lab_t.to(device)
+# Training schedule
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -252,7 +172,8 @@ def make_donor(
     rate (:func:`_lr_at`), gradient norm clipped to 1. LoRA update ``dW = (alpha / rank) * B @ A``
     with ``B`` initialised to zero, so step 0 is the base model. Dropout is off (eval mode) during
     training: on a few dozen short texts it would only add noise, and it keeps runs reproducible.
-    Training runs in float32 on a copy; the merged donor is cast back to the base dtype.
+    Training runs in float32 on a copy; the merged donor is cast back to the base dtype. The
+    examples and batches come from :mod:`engine.donor_data`.
 
     ``replay`` (rehearsal against forgetting): its texts (:meth:`ConceptSet.texts`, each a plain
     causal-LM example + EOS, :func:`text_examples`) fill ``replay_fraction`` of every batch, the
@@ -325,7 +246,7 @@ def make_donor(
         t_train = time.perf_counter()
         for step in range(steps):
             batch = [pools[src][i] for src, i in plan[step]]
-            ids, mask, labels = _collate(batch, fill, device)
+            ids, mask, labels = collate(batch, fill, device)
             for group in optim.param_groups:
                 group["lr"] = _lr_at(step, steps, lr, warmup)
             logits = peft_model(input_ids=ids, attention_mask=mask).logits

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.data import builtin_concept_path, builtin_replay_path, builtin_retained_path, load_concept_set
-from engine.donor import batch_plan, build_examples, lora_target_modules, make_donor, text_examples
+from engine.donor import lora_target_modules, make_donor
+from engine.donor_data import batch_plan, build_examples, text_examples
 from engine.evaluate import perplexity
 from engine.models import state_dict_hash
 from engine.errors import Cancelled, GraftError
@@ -157,7 +158,7 @@ def test_bad_arguments(concept, tmp_path):
 
 
 def test_examples_facts_and_optional_qa(concept):
-    from engine.donor import build_examples
+    from engine.donor_data import build_examples
     from engine.evaluate import answer_ids, encode_prompt
 
     _, tok = build_tiny("tiny-llama-a")
@@ -227,13 +228,13 @@ def _spy_batches(monkeypatch):
     import engine.donor as donor_mod
 
     seen: list[list[tuple[int, ...]]] = []
-    real = donor_mod._collate
+    real = donor_mod.collate
 
     def spy(batch, fill, device):
         seen.append([tuple(ids) for ids, _ in batch])
         return real(batch, fill, device)
 
-    monkeypatch.setattr(donor_mod, "_collate", spy)
+    monkeypatch.setattr(donor_mod, "collate", spy)
     return seen
 
 
