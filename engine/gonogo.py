@@ -212,7 +212,10 @@ def conjugation(compat: dict[str, Any], cka: dict[str, Any], procrustes: dict[st
                       f"{(ks.get('attention') or 0):.0%} / {(ks.get('mlp') or 0):.0%}"))
     if not compat["verdicts"].get("conjugation", True):
         return _op("conjugation", False, settings, ["T1: " + compat["reasons"]["conjugation"][0]], ev)
-    if mean_al < th.min_map_alignment:
+    # In the same coordinates the identity is the map (a plain merge is exact there): where the
+    # donor's own update moved its activations away from the target's is what is being carried,
+    # not a misalignment, so the alignment floor below applies only to other coordinates.
+    if not same and mean_al < th.min_map_alignment:
         return _op("conjugation", False, settings, [f"T3: the best linear map per layer explains {mean_al:.0%} of the "
                                                     f"target's held-out activations on average (< {th.min_map_alignment:.0%}): "
                                                     "the update would land in the wrong place"] + reasons, ev)
