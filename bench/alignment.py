@@ -1,34 +1,68 @@
-"""Cost of the pre-surgery diagnostics, as ratios taken within one run.
+"""Cost of the pre-surgery diagnostics, as ratios taken within one run, and how it grows.
 
-For each pair: ratio = (activation capture + T1 + T2 + T3 + T4) / (bare forward passes of both
-models over the same budgeted texts, same batching, no hooks). Also the peak process memory
-(RSS) and, on CUDA, the peak GPU memory. Usage:
+For each pair and token budget: ratio = (activation capture + T1 + T2 + T3 + T4) / (bare forward
+passes of both models over the same budgeted texts, same batching, no hooks), medians of
+``--repeat`` runs. Also the peak process memory (RSS; each pair and budget runs in its own
+process so the peaks do not mix) and, on CUDA, the peak GPU memory. Usage:
 
-    python bench/alignment.py [--pairs tiny,smollm2] [--max-tokens 2048] [--device auto] [--dtype float32] [--repeat 3]
+    python bench/alignment.py [--pairs tiny,smollm2] [--budgets 512,2048,8192] [--workload scale]
+                              [--device auto] [--dtype float32] [--repeat 3] [--json out.json]
+
+Workloads: ``concept`` is the bundled concept set (what the app runs by default; it holds about
+1,460 SmolLM2 tokens, so larger budgets stop there); ``scale`` (default) is every text of
+``data/*.jsonl`` followed by the paragraphs of README.md, about 12,000 tokens, so the budgets of
+512, 2,048 and 8,192 tokens are really reached; or a workload file.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from engine.capture import CaptureCache, MAX_TOKENS_PER_TEXT, budget_texts  # noqa: E402
 from engine.context import resolve_workload, run_tool  # noqa: E402
-from engine.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore  # noqa: E402
+from engine.data import load_workload  # noqa: E402
+from engine.models import DEMO_DONOR, GEMMA3, SMOLLM2, ModelSpec, ModelStore, builtin_folder  # noqa: E402
 
-PAIRS = {"tiny": ("tiny-gpt2-a", "tiny-gpt2-b"), "tiny-cross": ("tiny-gpt2-a", "tiny-llama-b"), "smollm2": (DEMO_DONOR, SMOLLM2)}
+PAIRS = {"tiny": ("tiny-gpt2-a", "tiny-gpt2-b"), "tiny-cross": ("tiny-gpt2-a", "tiny-llama-b"),
+         "smollm2": (DEMO_DONOR, SMOLLM2), "gemma": (SMOLLM2, GEMMA3)}
 TOOLS = ("compat", "cka", "procrustes", "bridge-check")
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def scale_workload() -> str:
+    """A plain-text workload (one text per line) large enough for 8,192 tokens: the texts of
+    data/*.jsonl, then README.md's paragraphs (blank-line separated, whitespace collapsed)."""
+    texts = []
+    for name in ("concept_set", "retained", "replay"):
+        texts.extend(load_workload(str(ROOT / "data" / f"{name}.jsonl")).texts)
+    for para in re.split(r"\n\s*\n", (ROOT / "README.md").read_text()):
+        para = " ".join(para.split())
+        if len(para) >= 40:
+            texts.append(para)
+    f = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
+    f.write("\n".join(texts) + "\n")
+    f.close()
+    return f.name
+
+
+def workload_path(name: str) -> str:
+    """'scale', 'concept' (the bundled concept set: '') or a workload file."""
+    return scale_workload() if name == "scale" else "" if name == "concept" else name
 
 
 @torch.inference_mode()
@@ -44,31 +78,33 @@ def bare_forward(model, texts, batch_size) -> float:
     return time.perf_counter() - t0
 
 
-def bench_pair(name: str, donor: str, target: str, args) -> dict:
+def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dict:
     store = ModelStore()
-    opts = {"max_tokens": args.max_tokens, "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
+    opts = {"max_tokens": max_tokens, "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
             "workload": args.workload}
     d = store.get(ModelSpec.parse(donor), args.device, args.dtype)
     t = store.get(ModelSpec.parse(target), args.device, args.dtype)
-    texts = budget_texts(resolve_workload(args.workload).texts, [d.tokenizer, t.tokenizer], args.max_tokens)
+    texts = budget_texts(resolve_workload(args.workload).texts, [d.tokenizer, t.tokenizer], max_tokens)
     bare_forward(d, texts[:2], args.batch_size)  # warm-up (allocator, kernels)
     bare_forward(t, texts[:2], args.batch_size)
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     bare, diag, per_tool = [], [], {k: [] for k in TOOLS}
+    n_rows = 0
     for _ in range(args.repeat):
         bare.append(bare_forward(d, texts, args.batch_size) + bare_forward(t, texts, args.batch_size))
         cache = CaptureCache()  # fresh: the capture is part of what we time
         t0 = time.perf_counter()
         for tool in TOOLS:
             t1 = time.perf_counter()
-            run_tool(tool, d, t, opts, captures=cache)
+            env = run_tool(tool, d, t, opts, captures=cache)
             per_tool[tool].append(time.perf_counter() - t1)
+            n_rows = env["meta"].get("n_rows", n_rows)
         diag.append(time.perf_counter() - t0)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     out = {
         "pair": name, "donor": donor, "target": target, "device": str(d.device), "dtype": args.dtype,
-        "n_texts": len(texts), "max_tokens": args.max_tokens,
+        "n_texts": len(texts), "max_tokens": max_tokens, "n_rows": n_rows, "repeat": args.repeat,
         "bare_forward_s": round(med(bare), 4), "diagnostics_s": round(med(diag), 4),
         "ratio": round(med(diag) / med(bare), 3),
         "per_tool_s": {k: round(med(v), 4) for k, v in per_tool.items()},
@@ -79,26 +115,49 @@ def bench_pair(name: str, donor: str, target: str, args) -> dict:
     return out
 
 
+def line(r: dict) -> str:
+    return (f"{r['pair']:8s} {r['max_tokens']:5d} tok rows={r['n_rows']:5d} {r['device']:4s} bare={r['bare_forward_s']:.3f}s "
+            f"diagnostics={r['diagnostics_s']:.3f}s ratio={r['ratio']:.2f} peak_rss={r['peak_rss_mib']:.0f}MiB "
+            + (f"peak_gpu={r['peak_gpu_mib']:.0f}MiB " if "peak_gpu_mib" in r else "")
+            + " ".join(f"{k}={v:.3f}s" for k, v in r["per_tool_s"].items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default="tiny,smollm2")
-    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--budgets", default="512,2048,8192", help="token budgets (comma-separated)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--workload", default="")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workload", default="scale", help="'scale', 'concept' or a workload file")
+    ap.add_argument("--repeat", type=int, default=3, help="repeats per pair and budget (median reported)")
+    ap.add_argument("--repeat-tiny", type=int, default=7, help="repeats for the tiny pairs")
+    ap.add_argument("--repeat-large", type=int, default=1, help="repeats for real models at 8,192 tokens or more")
     ap.add_argument("--json", default="")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one pair, one budget, JSON on stdout
     args = ap.parse_args()
+    if args.child:
+        donor, target = PAIRS[args.pairs]
+        print(json.dumps(bench_pair(args.pairs, donor, target, int(args.budgets), args)))
+        return
+    workload = workload_path(args.workload)
     rows = []
     for name in args.pairs.split(","):
-        donor, target = PAIRS[name]
-        r = bench_pair(name, donor, target, args)
-        rows.append(r)
-        print(f"{name:10s} {r['device']:5s} texts={r['n_texts']:4d} bare={r['bare_forward_s']:.3f}s "
-              f"diagnostics={r['diagnostics_s']:.3f}s ratio={r['ratio']:.2f} peak_rss={r['peak_rss_mib']:.0f}MiB "
-              + (f"peak_gpu={r['peak_gpu_mib']:.0f}MiB " if "peak_gpu_mib" in r else "")
-              + " ".join(f"{k}={v:.3f}s" for k, v in r["per_tool_s"].items()), flush=True)
+        if name == "gemma" and not (builtin_folder(GEMMA3) / "config.json").exists():
+            print("gemma    skipped: gemma3-270m is not prepared (make gemma)", flush=True)
+            continue
+        for budget in args.budgets.split(","):
+            repeat = args.repeat_tiny if name.startswith("tiny") else args.repeat if int(budget) < 8192 else args.repeat_large
+            cmd = [sys.executable, __file__, "--child", "--pairs", name, "--budgets", budget, "--batch-size",
+                   str(args.batch_size), "--device", args.device, "--dtype", args.dtype, "--workload", workload,
+                   "--repeat", str(repeat)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{name} at {budget} tokens failed:\n{proc.stderr[-2000:]}")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["workload"] = args.workload
+            rows.append(r)
+            print(line(r), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
