@@ -26,52 +26,85 @@ def cka(X: torch.Tensor, Y: torch.Tensor) -> float:
 
 
 def cka_matrix(Xs: torch.Tensor, Ys: torch.Tensor, progress: Optional[Progress] = None,
-               gram_memory_bytes: float = 3e9) -> torch.Tensor:
+               gram_memory_bytes: float = 5e8) -> torch.Tensor:
     """CKA between every X layer and every Y layer. Xs: (Lx, n, dx), Ys: (Ly, n, dy) -> (Lx, Ly).
 
-    Two exact forms, chosen by flop count:
-    * Gram form: ||Xc^T Yc||_F^2 = <Xc Xc^T, Yc Yc^T>_F. Each layer's centred n x n Gram matrix is
-      normalised once (n^2 d flops per layer); all pairs are then one (Lx x n^2) @ (n^2 x Ly)
-      product. Cheaper when n is small next to the widths times the layer count.
-    * Feature form: one (dx x n) @ (n x Ly*dy) product per X layer (n dx dy flops per pair).
-    Gram products run in float32 (normalisation and the final inner products in float64).
+    Two exact forms, chosen by flop count (layers centred in float64, then held in float32):
+    * Gram form: ||Xc^T Yc||_F^2 = <Xc Xc^T, Yc Yc^T>_F. The centred n x n Gram matrices are built
+      in float32 block by block (rows in blocks; only blocks on or above the diagonal, the others counted
+      twice by symmetry), and every block adds its Lx x Ly inner products and the squared norms
+      at once, in float64 (a model against itself gets a diagonal of 1 to round-off). About n^2 d / 2 flops per layer plus n^2 / 2 per pair; memory bounded by
+      ``gram_memory_bytes`` whatever n.
+    * Feature form: one (dx x n) @ (n x dy) product per pair, all Y layers at once per X layer
+      (n dx dy flops per pair, in float64), for few layers or very many rows.
     """
     progress = progress or silent()
     Lx, n, dx = Xs.shape
     Ly, _, dy = Ys.shape
-    gram_flops = (Lx * dx + Ly * dy) * n * n + Lx * Ly * n * n
-    feat_flops = Lx * Ly * n * dx * dy + (Lx * dx * dx + Ly * dy * dy) * n
-    use_gram = gram_flops < feat_flops and (Lx + Ly) * n * n * 4 < gram_memory_bytes
-    if use_gram:
-        def grams(S: torch.Tensor, frac: tuple[float, float]) -> torch.Tensor:
-            out = torch.empty(S.shape[0], n * n, dtype=torch.float32)
-            for l in range(S.shape[0]):
-                progress(frac[0] + (frac[1] - frac[0]) * l / S.shape[0], "CKA: Gram matrices")
-                Sc = centre(S[l].double()).float()
-                G = (Sc @ Sc.T).double()  # (n, n)
-                out[l] = (G / torch.linalg.matrix_norm(G).clamp_min(1e-300)).reshape(-1).float()
-            return out
+    Xc, Yc = _centred32(Xs), _centred32(Ys)
+    block = _gram_block(n, Lx + Ly, gram_memory_bytes)
+    nb = -(-n // block)
+    sym = (nb + 1) / (2 * nb)  # share of the Gram entries computed
+    gram_flops = ((Lx * dx + Ly * dy) * n * n + 2 * Lx * Ly * n * n) * sym
+    feat_flops = 2 * (Lx * Ly * n * dx * dy + (Lx * dx * dx + Ly * dy * dy) * n)  # float64: twice the cost
+    if gram_flops < feat_flops:
+        num, nx, ny = _gram_products(Xc, Yc, block, progress)
+    else:
+        num, nx, ny = _feature_products(Xc, Yc, progress)
+    return (num / (nx.sqrt().unsqueeze(1) * ny.sqrt().unsqueeze(0)).clamp_min(1e-300)).clamp(0.0, 1.0)
 
-        GX = grams(Xs, (0.0, 0.45))
-        GY = grams(Ys, (0.45, 0.9))
-        progress(0.9, "CKA: inner products")
-        # Column chunks in float64: a float32 sum over n^2 terms would lose ~1e-5 of accuracy.
-        M = torch.zeros(Lx, Ly, dtype=torch.float64)
-        chunk = max(1, int(2e7 // (Lx + Ly)))
-        for c in range(0, n * n, chunk):
-            M += GX[:, c:c + chunk].double() @ GY[:, c:c + chunk].double().T
-        return M.clamp(0.0, 1.0)
-    # Feature form: normalise each layer's covariance, then cross-covariances against all Y layers at once.
-    Xc = [centre(Xs[l].double()) for l in range(Lx)]
-    Ycat = torch.cat([centre(Ys[l].double()) for l in range(Ly)], dim=1)  # (n, Ly*dy)
-    nx = torch.stack([torch.linalg.matrix_norm(x.T @ x) for x in Xc])
-    ny = torch.stack([torch.linalg.matrix_norm(Ycat[:, j * dy:(j + 1) * dy].T @ Ycat[:, j * dy:(j + 1) * dy]) for j in range(Ly)])
-    M = torch.zeros(Lx, Ly, dtype=torch.float64)
+
+def _centred32(S: torch.Tensor) -> torch.Tensor:
+    """Each layer centred over its rows (mean in float64), as float32. S: (L, n, d)."""
+    out = torch.empty(S.shape, dtype=torch.float32, device=S.device)
+    for l in range(S.shape[0]):
+        out[l] = centre(S[l].double()).float()
+    return out
+
+
+def _gram_block(n: int, layers: int, memory_bytes: float) -> int:
+    """Rows per Gram block: about a quarter of the rows (so symmetry saves ~3/8 of the work), at
+    least 128, and small enough that one block pair of every layer (float32 + float64) fits."""
+    by_memory = int((memory_bytes / (12 * max(layers, 1))) ** 0.5)
+    return max(1, min(n, max(128, -(-n // 4)), by_memory))
+
+
+def _gram_products(Xc: torch.Tensor, Yc: torch.Tensor, block: int, progress: Progress):
+    """<Kx_i, Ky_j>, ||Kx_i||^2, ||Ky_j||^2 for the centred Gram matrices K = Z Z^T, block by block."""
+    Lx, n, _ = Xc.shape
+    Ly = Yc.shape[0]
+    f64 = {"dtype": torch.float64, "device": Xc.device}
+    num, nx, ny = torch.zeros(Lx, Ly, **f64), torch.zeros(Lx, **f64), torch.zeros(Ly, **f64)
+    starts = list(range(0, n, block))
+    pairs = [(a, c) for i, a in enumerate(starts) for c in starts[i:]]
+    for k, (a, c) in enumerate(pairs):
+        progress(k / len(pairs), "CKA: Gram blocks")
+        w = 1.0 if a == c else 2.0  # an off-diagonal block stands for itself and its transpose
+        KX = torch.bmm(Xc[:, a:a + block], Xc[:, c:c + block].transpose(1, 2)).reshape(Lx, -1).double()
+        KY = torch.bmm(Yc[:, a:a + block], Yc[:, c:c + block].transpose(1, 2)).reshape(Ly, -1).double()
+        num += w * (KX @ KY.T)
+        nx += w * KX.pow(2).sum(1)
+        ny += w * KY.pow(2).sum(1)
+    return num, nx, ny
+
+
+def _feature_products(Xc: torch.Tensor, Yc: torch.Tensor, progress: Progress, chunk: int = 2048):
+    """||Xc_i^T Yc_j||^2, ||Xc_i^T Xc_i||^2, ||Yc_j^T Yc_j||^2 in float64 (row chunks bound the memory)."""
+    Lx, n, _ = Xc.shape
+
+    def cov(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:  # A: (n, da), B: (L, n, db) -> (L, da, db)
+        out = torch.zeros(B.shape[0], A.shape[1], B.shape[2], dtype=torch.float64, device=A.device)
+        for r in range(0, n, chunk):
+            out += torch.matmul(A[r:r + chunk].T.double(), B[:, r:r + chunk].double())
+        return out
+
+    nx = torch.stack([cov(Xc[i], Xc[i:i + 1]).pow(2).sum() for i in range(Lx)])
+    ny = torch.stack([cov(Yc[j], Yc[j:j + 1]).pow(2).sum() for j in range(Yc.shape[0])])
+    num = torch.empty(Lx, Yc.shape[0], dtype=torch.float64, device=Xc.device)
     for i in range(Lx):
         progress(i / Lx, "CKA: cross-covariances")
-        C = (Xc[i].T @ Ycat).pow(2).reshape(dx, Ly, dy).sum(dim=(0, 2))  # (Ly,)
-        M[i] = C / (nx[i] * ny).clamp_min(1e-300)
-    return M.clamp(0.0, 1.0)
+        num[i] = cov(Xc[i], Yc).pow(2).sum(dim=(1, 2))
+    return num, nx, ny
 
 
 def monotone_matching(S: torch.Tensor) -> list[tuple[int, int]]:
@@ -195,23 +228,58 @@ def procrustes_fit(X: torch.Tensor, Y: torch.Tensor, rtol: float = PROCRUSTES_RT
     X: (n, dx), Y: (n, dy); computed in float64, returned in the inputs' (promoted) dtype.
     """
     dtype = torch.promote_types(X.dtype, Y.dtype)
-    M = X.double().T @ Y.double()
-    dx, dy = M.shape
-    k = min(dx, dy)
+    X, Y = X.double(), Y.double()
+    if 0 < X.shape[0] < min(X.shape[1], Y.shape[1]):
+        fit = _procrustes_thin(X, Y, rtol)
+    else:
+        fit = procrustes_from_cross(X.T @ Y, rtol)
+    return ProcrustesFit(fit.R.to(dtype), fit.rank, fit.completion)
+
+
+def procrustes_from_cross(M: torch.Tensor, rtol: float = PROCRUSTES_RTOL) -> ProcrustesFit:
+    """:func:`procrustes_fit` from the cross-product ``M = X^T Y`` (float64, (dx, dy)), for callers
+    that already hold it (T3 shares it with the ridge map). Returns R in float64."""
     U, S, Vh = torch.linalg.svd(M, full_matrices=True)
+    return _procrustes_from_svd(U, S, Vh.T, M.shape, rtol)
+
+
+def _procrustes_thin(X: torch.Tensor, Y: torch.Tensor, rtol: float) -> ProcrustesFit:
+    """Fewer rows than either width (n < min(dx, dy)): the Gram form. With X^T = Qx Rx and
+    Y^T = Qy Ry (thin QR), M = Qx (Rx Ry^T) Qy^T, so the n x n core's SVD gives M's n largest
+    singular values and their vectors; the rest of M's spectrum is exactly 0."""
+    Qx, Rx = torch.linalg.qr(X.T)
+    Qy, Ry = torch.linalg.qr(Y.T)
+    Uc, S, Vch = torch.linalg.svd(Rx @ Ry.T)
+    return _procrustes_from_svd(Qx @ Uc, S, Qy @ Vch.T, (X.shape[1], Y.shape[1]), rtol)
+
+
+def _procrustes_from_svd(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, shape: tuple[int, int],
+                         rtol: float) -> ProcrustesFit:
+    """The map from M's SVD: U (dx, >= r), S descending, V (dy, >= r); null-space bases are
+    completed here (which basis does not matter, see :func:`procrustes_fit`)."""
+    dx, dy = shape
     smax = float(S[0]) if S.numel() else 0.0
     rank = int((S > rtol * smax).sum()) if smax > 0 else 0
-    R = U[:, :rank] @ Vh[:rank]
-    if rank == k:
+    R = U[:, :rank] @ V[:, :rank].T
+    if rank == min(dx, dy):
         completion = COMPLETION_UNIQUE
     elif dx == dy:
-        Up, Vp = U[:, rank:], Vh[rank:].T  # bases of the null spaces of M^T and M
+        Up, Vp = _complement(U, rank), _complement(V, rank)  # bases of the null spaces of M^T and M
         A, _, Bh = torch.linalg.svd(Up.T @ Vp)
         R = R + Up @ (A @ Bh) @ Vp.T
         completion = COMPLETION_IDENTITY
     else:
         completion = COMPLETION_SPAN
-    return ProcrustesFit(R.to(dtype), rank, completion)
+    return ProcrustesFit(R, rank, completion)
+
+
+def _complement(B: torch.Tensor, r: int) -> torch.Tensor:
+    """An orthonormal basis of the orthogonal complement of B's first r (orthonormal) columns:
+    B's own further columns when B is square, else from a complete QR."""
+    if B.shape[1] == B.shape[0]:
+        return B[:, r:]
+    Q, _ = torch.linalg.qr(B[:, :r], mode="complete")
+    return Q[:, r:]
 
 
 def procrustes_map(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -222,9 +290,29 @@ def procrustes_map(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 
 def ridge_map(X: torch.Tensor, Y: torch.Tensor, alpha: float) -> torch.Tensor:
     """W = argmin ||X W - Y||_F^2 + lam ||W||_F^2 with lam = alpha * tr(X^T X) / dx (scale-free)."""
-    G = X.T @ X
-    lam = alpha * float(torch.trace(G)) / G.shape[0]
-    return torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), X.T @ Y)
+    return RidgeFactor.of(X.T @ X, alpha).solve(X.T @ Y)
+
+
+@dataclass
+class RidgeFactor:
+    """``A = G + lam I`` with ``lam = alpha * tr(G) / d`` (G = X^T X), factored once (Cholesky) so
+    that several right-hand sides reuse it. ``chol`` is None when A is not positive definite
+    (alpha = 0 on rank-deficient rows): :meth:`solve` then falls back to a general solve."""
+
+    A: torch.Tensor
+    lam: float
+    chol: Optional[torch.Tensor]
+
+    @classmethod
+    def of(cls, G: torch.Tensor, alpha: float) -> "RidgeFactor":
+        lam = alpha * float(torch.trace(G)) / G.shape[0]
+        A = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        L, info = torch.linalg.cholesky_ex(A)
+        return cls(A, lam, L if int(info) == 0 else None)
+
+    def solve(self, B: torch.Tensor) -> torch.Tensor:
+        """A^{-1} B."""
+        return torch.cholesky_solve(B, self.chol) if self.chol is not None else torch.linalg.solve(self.A, B)
 
 
 def residual(pred: torch.Tensor, Y: torch.Tensor) -> float:
