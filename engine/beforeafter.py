@@ -12,7 +12,6 @@ from .data import ConceptSet, builtin_concept_path, builtin_retained_path, load_
 from .evalcache import evaluate_model
 from .evaluate import word_diff
 from .progress import Progress
-from .transplant import transfer_metrics
 
 METRIC_KEYS = ("ppl_concept", "ppl_retained", "task_score", "task_score_exact", "task_score_graded")
 
@@ -23,6 +22,38 @@ def rnd(x: Any, nd: int = 6) -> Optional[float]:
         return None
     x = float(x)
     return round(x, nd) + 0.0 if math.isfinite(x) else None  # + 0.0 turns -0.0 into 0.0
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def transfer_metrics(s_target: float, s_transplanted: float, s_donor: float, *, tol: float = 1e-12) -> dict[str, Any]:
+    """TIR = S(T')/S(T) and Recovery = (S(T') - S(T)) / (S(D) - S(T)) (METHODS.md T8).
+
+    Undefined cases are reported as ``None`` with a status and a one-line note, never NaN:
+    S(T) = 0 makes TIR infinite (or 0/0 when S(T') = 0 too); S(D) = S(T) (within ``tol``)
+    leaves nothing to recover.
+    """
+    out: dict[str, Any] = {"tir": None, "tir_status": "ok", "tir_note": "",
+                           "recovery": None, "recovery_status": "ok", "recovery_note": ""}
+    if not all(_finite(v) for v in (s_target, s_transplanted, s_donor)):
+        note = f"undefined: a score is missing or not finite (S(T)={s_target}, S(T')={s_transplanted}, S(D)={s_donor})"
+        out.update(tir_status="undefined", tir_note="TIR " + note, recovery_status="undefined", recovery_note="Recovery " + note)
+        return out
+    if abs(s_target) <= tol:
+        what = "infinite" if s_transplanted > tol else "0/0"
+        out.update(tir_status="undefined",
+                   tir_note=f"TIR undefined: the target scores S(T) = 0, so S(T')/S(T) = {s_transplanted:.4g}/0 is {what}")
+    else:
+        out["tir"] = s_transplanted / s_target
+    if abs(s_donor - s_target) <= tol:
+        out.update(recovery_status="undefined",
+                   recovery_note=f"Recovery undefined: the donor scores the same as the target (S(D) = S(T) = {s_target:.4g}), "
+                                 "so there is nothing to recover")
+    else:
+        out["recovery"] = (s_transplanted - s_target) / (s_donor - s_target)
+    return out
 
 
 def load_sets(concept: str, retained: str) -> tuple[ConceptSet, ConceptSet]:

@@ -19,14 +19,13 @@ never written:
 GPT-2 ``Conv1D`` weights are copied as stored (``(in, out)``); donor and target must store every
 swapped tensor with exactly the same shape and layout, otherwise the swap is refused.
 
-:func:`transfer_metrics` gives TIR and Recovery (METHODS.md T8) with explicit undefined cases,
-and :func:`save_transplant` writes a Hugging Face folder plus a ``surgery.json`` card.
+:func:`save_transplant` writes a Hugging Face folder plus a ``surgery.json`` card. TIR and Recovery
+(METHODS.md T8) are :func:`engine.beforeafter.transfer_metrics`.
 """
 from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -329,43 +328,6 @@ class ModuleSwap:
     def extra_bytes(self) -> int:
         """Bytes the working copy holds beyond the cached target (expected: :attr:`swapped_bytes`)."""
         return extra_storage_bytes(self.working, self.target.model)
-
-
-
-# --------------------------------------------------------------------------------------------
-# TIR and Recovery
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def transfer_metrics(s_target: float, s_transplanted: float, s_donor: float, *, tol: float = 1e-12) -> dict[str, Any]:
-    """TIR = S(T')/S(T) and Recovery = (S(T') - S(T)) / (S(D) - S(T)) (METHODS.md T8).
-
-    Undefined cases are reported as ``None`` with a status and a one-line note, never NaN:
-    S(T) = 0 makes TIR infinite (or 0/0 when S(T') = 0 too); S(D) = S(T) (within ``tol``)
-    leaves nothing to recover.
-    """
-    out: dict[str, Any] = {"tir": None, "tir_status": "ok", "tir_note": "",
-                           "recovery": None, "recovery_status": "ok", "recovery_note": ""}
-    if not all(_finite(v) for v in (s_target, s_transplanted, s_donor)):
-        note = f"undefined: a score is missing or not finite (S(T)={s_target}, S(T')={s_transplanted}, S(D)={s_donor})"
-        out.update(tir_status="undefined", tir_note="TIR " + note, recovery_status="undefined", recovery_note="Recovery " + note)
-        return out
-    if abs(s_target) <= tol:
-        what = "infinite" if s_transplanted > tol else "0/0"
-        out.update(tir_status="undefined",
-                   tir_note=f"TIR undefined: the target scores S(T) = 0, so S(T')/S(T) = {s_transplanted:.4g}/0 is {what}")
-    else:
-        out["tir"] = s_transplanted / s_target
-    if abs(s_donor - s_target) <= tol:
-        out.update(recovery_status="undefined",
-                   recovery_note=f"Recovery undefined: the donor scores the same as the target (S(D) = S(T) = {s_target:.4g}), "
-                                 "so there is nothing to recover")
-    else:
-        out["recovery"] = (s_transplanted - s_target) / (s_donor - s_target)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
