@@ -1,10 +1,10 @@
-"""Where Graft keeps its caches, built-in models and run history; which process owns what; and
-the registered staging folders that saves are written into."""
+"""Where Graft keeps its caches, built-in models and run history; which process owns what (from the
+process facts of :mod:`engine.processes`); and the registered staging folders that saves are
+written into."""
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sqlite3
 import stat
 import time
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from platformdirs import user_cache_dir
+
+from .processes import pid_alive, process_start_time, this_host
 
 
 def graft_home() -> Path:
@@ -65,59 +67,6 @@ def check_writable_parent(out_dir: Path) -> None:
 # Process owners: who made a run or a half-written folder, and whether that process still lives
 
 
-def this_host() -> str:
-    return socket.gethostname()
-
-
-def _proc_stat(pid: int) -> Optional[list[str]]:
-    """The fields of /proc/PID/stat after the command name (field 3 onwards), or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes().decode("utf-8", "replace")
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may itself hold spaces and parentheses.
-    return raw[raw.rfind(")") + 2:].split()
-
-
-_BOOT_TIME: Optional[float] = None
-
-
-def _boot_time() -> Optional[float]:
-    global _BOOT_TIME
-    if _BOOT_TIME is None:
-        try:
-            for line in Path("/proc/stat").read_text().splitlines():
-                if line.startswith("btime "):
-                    _BOOT_TIME = float(line.split()[1])
-                    break
-        except (OSError, ValueError):
-            return None
-    return _BOOT_TIME
-
-
-def process_start_time(pid: int) -> Optional[float]:
-    """When process ``pid`` started (seconds since the epoch, to about 10 ms), or None when it
-    does not exist or its start time cannot be read. Linux: /proc/PID/stat field 22 (clock ticks
-    since boot) plus the boot time; elsewhere psutil when it is installed."""
-    if pid <= 0:
-        return None
-    fields = _proc_stat(pid)
-    boot = _boot_time()
-    if fields is not None and boot is not None and len(fields) > 19:
-        try:
-            return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        except (ValueError, OSError):
-            pass
-    try:
-        import psutil  # optional; not a requirement
-    except ImportError:
-        return None
-    try:
-        return float(psutil.Process(pid).create_time())
-    except Exception:  # noqa: BLE001 - NoSuchProcess, AccessDenied, ...
-        return None
-
-
 _OWNER: Optional[dict[str, Any]] = None
 
 
@@ -135,37 +84,13 @@ def current_owner() -> dict[str, Any]:
 START_TIME_TOLERANCE_S = 1.0
 
 
-def _pid_exists(pid: int) -> bool:
-    """Whether ``pid`` is a live process here (a zombie, dead but not yet reaped, is not)."""
-    if pid <= 0:
-        return False
-    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: ask psutil, else assume alive
-        try:
-            import psutil
-        except ImportError:
-            return True
-        return bool(psutil.pid_exists(pid))
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    except (OSError, OverflowError, ValueError):
-        return False
-    fields = _proc_stat(pid)
-    if fields and fields[0] in ("Z", "X"):
-        return False
-    return True
-
-
 def owner_gone(pid: Optional[int], host: Optional[str], started: Optional[float]) -> bool:
     """True only when the owner is known to be gone: it ran on this host and its pid is not alive,
     or the pid is alive but belongs to a process that started at another time (pid reuse).
     An owner on another host, or one whose start time cannot be compared, counts as alive."""
     if pid is None or host is None or host != this_host():
         return False
-    if not _pid_exists(int(pid)):
+    if not pid_alive(int(pid)):
         return True
     if started is None:
         return False

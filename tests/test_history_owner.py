@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from engine import paths
+from engine import paths, processes
 from engine.history import History, new_run_id
-from engine.paths import (clean_stale_staging, current_owner, describe_cleanup, discard_staging, owner_gone,
-                          process_start_time, replace_dir, staging_dir, staging_entries, this_host)
+from engine.paths import (clean_stale_staging, current_owner, describe_cleanup, discard_staging, owner_gone, replace_dir,
+                          staging_dir, staging_entries)
+from engine.processes import process_start_time, this_host
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +81,7 @@ def test_zombie_owner_counts_as_gone():
         rid = _run(h, {"pid": child.pid, "host": this_host(), "started": started})
         os.kill(child.pid, signal.SIGKILL)  # dead, but not reaped yet: a zombie still holds the pid
         for _ in range(200):
-            if paths._proc_stat(child.pid) and paths._proc_stat(child.pid)[0] == "Z":
+            if processes._proc_stat(child.pid) and processes._proc_stat(child.pid)[0] == "Z":
                 break
             time.sleep(0.01)
         assert History().get(rid)["status"] == "failed"
@@ -281,7 +282,7 @@ _KILLED_BETWEEN_RENAMES = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from engine import paths
+from engine import paths, processes
 tmp = paths.staging_dir(Path({out!r}))
 (tmp / "new.txt").write_text("new")
 real = os.replace
