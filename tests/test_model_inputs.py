@@ -218,7 +218,7 @@ def test_broken_tokenizer_is_a_graft_error(folder, capsys):
 def _gguf_bytes(tmp_path: Path) -> bytes:
     """A real GGUF: the bundled SmolLM2 file when installed (only its first bytes are read),
     else a small one written with the gguf package."""
-    from engine.models import smollm2_gguf
+    from engine.gguf import smollm2_gguf
 
     try:
         with open(smollm2_gguf(), "rb") as fh:

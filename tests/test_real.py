@@ -2,7 +2,8 @@
 import pytest
 
 from engine.context import run_tool
-from engine.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, builtin_status, smollm2_gguf
+from engine.gguf import smollm2_gguf
+from engine.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, builtin_status
 
 pytestmark = pytest.mark.real
 
