@@ -44,13 +44,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+SCALE_README_COMMIT = "6200279"  # README.md as of this commit, so the workload does not drift with the README
+
+
 def scale_workload() -> str:
     """A plain-text workload (one text per line) large enough for 8,192 tokens: the texts of
-    data/*.jsonl, then README.md's paragraphs (blank-line separated, whitespace collapsed)."""
+    data/*.jsonl, then README.md's paragraphs (blank-line separated, whitespace collapsed) as of
+    SCALE_README_COMMIT (the current README when git cannot show it)."""
     texts = []
     for name in ("concept_set", "retained", "replay"):
         texts.extend(load_workload(str(ROOT / "data" / f"{name}.jsonl")).texts)
-    for para in re.split(r"\n\s*\n", (ROOT / "README.md").read_text()):
+    git = subprocess.run(["git", "-C", str(ROOT), "show", f"{SCALE_README_COMMIT}:README.md"], capture_output=True, text=True)
+    readme = git.stdout if git.returncode == 0 else (ROOT / "README.md").read_text()
+    for para in re.split(r"\n\s*\n", readme):
         para = " ".join(para.split())
         if len(para) >= 40:
             texts.append(para)
