@@ -4,6 +4,7 @@ import streamlit as st
 from engine.models import DEMO_DONOR, SMOLLM2
 from engine.registry import all_tools
 from ui.entry import require_app_entry
+from ui.navigation import app_pages
 from ui.sidebar import TINY_PAIR
 from ui.state import selection
 
@@ -33,21 +34,22 @@ with st.container(border=True):
         "operations fit, and why.\n"
         "3. **Run Alignment**: the layer similarity map (T2), per-layer Procrustes residuals (T3) and "
         "bridge sufficiency (T4) show where the two models agree.\n"
-        "4. **Map the concept** on Concept: where the donor's adapter (or full fine-tune) wrote it (T5), each "
+        "4. **Ask Go / no-go**: one recommendation per operation from T1-T4, with the evidence behind each "
+        "line, or the reason none is viable.\n"
+        "5. **Map the concept** on Concept: where the donor's adapter (or full fine-tune) wrote it (T5), each "
         "module's spectrum and rank (T6), and the rank-k conjugation that carries it into a target in other "
         "coordinates, rolled back automatically if it hurts the retained set.\n"
-        "5. **Transplant** (same family): rank modules (T7), swap the top K into a copy of the target "
-        "(T11) or sweep K (T8); roll back or save T′ in one click.\n"
-        "6. **Compare** T, T′ and D: perplexities, task score, TIR, Recovery and the answers side by side.\n"
-        "7. **Revisit results in Runs**: every run is kept, with its parameters and a JSON download."
+        "6. **Transplant** (same family): rank modules (T7), swap the top K into a copy of the target "
+        "(T11) or sweep K (T8); or move whole blocks on **Organs** (direct or bridged insertion, position "
+        "sensitivity T9, bridge deviation T10). Roll back or save T′ in one click.\n"
+        "7. **Compare** T, T′ and D: perplexities, task score, TIR, Recovery and the answers side by side; "
+        "build the surgery report there.\n"
+        "8. **Read the Verdict**: what the transplant broke (T12) and where it changed the computation (T13).\n"
+        "9. **Revisit results in Runs**: every run is kept, with its parameters and a JSON download."
     )
-    cols = st.columns(6)
-    cols[0].page_link("pages/models.py", label="Models", icon=":material/memory:")
-    cols[1].page_link("pages/alignment.py", label="Alignment", icon=":material/grid_on:")
-    cols[2].page_link("pages/concept.py", label="Concept", icon=":material/hub:")
-    cols[3].page_link("pages/transplant.py", label="Transplant", icon=":material/biotech:")
-    cols[4].page_link("pages/compare.py", label="Compare", icon=":material/compare:")
-    cols[5].page_link("pages/runs.py", label="Runs", icon=":material/history:")
+    links = app_pages()[1:]  # the navigation's own pages after this one, in its order
+    for col, pg in zip(st.columns(len(links)), links):
+        col.page_link(pg, label=pg.title, icon=pg.icon)
 
 st.markdown("#### Current pair")
 left, right = st.columns(2)
