@@ -7,7 +7,8 @@
   retained prompts whose continuation changed, with the changed words marked (the engine's word diff).
 * :func:`stability_rows`: the stability checks as rows (name, passed, detail) for a table.
 * :func:`attribution_figure`: layers x tokens heatmaps of T, T′, D and T′ − T, and per-layer
-  bars (absolute attribution mass) of T against T′.
+  bars (absolute attribution mass) of T against T′. Layers the result flags as unreliable (convergence
+  delta over the tolerance) are marked "⚠" on every axis, their bars hatched.
 
 Everything shown is read from the result; nothing is computed here beyond picking fields.
 """
@@ -128,39 +129,56 @@ def _ticks(tokens: list[str]) -> list[str]:
     return [f"{i}:{t.replace(' ', '·') or '∅'}" for i, t in enumerate(tokens)]
 
 
+def _layer_ticks(layers: list[str], flagged: set[str]) -> list[str]:
+    return [f"⚠ {lab}" if lab in flagged else lab for lab in layers]
+
+
 def attribution_figure(envelope: dict) -> go.Figure:
     r = c.result_of(envelope)
     models = r.get("models") or {}
+    unreliable = {k: set(v) for k, v in (r.get("unreliable") or {}).items()}
+    any_flag = set().union(*unreliable.values()) if unreliable else set()
     diff = r.get("difference")
-    panels = [(f"{short}: {models[k].get('label', k)}", models[k]) for k, short in _MODEL_ORDER if k in models]
+    panels = [(f"{short}: {models[k].get('label', k)}", models[k], unreliable.get(k, set()))
+              for k, short in _MODEL_ORDER if k in models]
     if diff:
-        panels.append(("T′ − T", diff))
+        panels.append(("T′ − T", diff, unreliable.get("target", set()) | unreliable.get("transplanted", set())))
     titles = [p[0] for p in panels] + ["absolute attribution per layer: T vs T′"]
     n = len(panels) + 1
     fig = make_subplots(rows=n, cols=1, subplot_titles=titles, vertical_spacing=0.25 / n,
                         row_heights=[1.0] * len(panels) + [0.8])
-    for i, (label, m) in enumerate(panels, start=1):
+    for i, (label, m, flagged) in enumerate(panels, start=1):
         mat = m.get("matrix") or [[]]
         signed_max = max((abs(v) for row in mat for v in row if c.is_number(v)), default=1.0) or 1.0
         fig.add_trace(go.Heatmap(
-            z=mat, x=_ticks(m.get("tokens") or []), y=m.get("layers") or [], colorscale="RdBu", reversescale=True,
+            z=mat, x=_ticks(m.get("tokens") or []), y=_layer_ticks(m.get("layers") or [], flagged),
+            colorscale="RdBu", reversescale=True,
             zmid=0, zmin=-signed_max, zmax=signed_max, showscale=False,
             hovertemplate=f"{label}<br>%{{y}} · token %{{x}}<br>attribution %{{z:.4g}}<extra></extra>"), row=i, col=1)
         fig.update_yaxes(autorange="reversed", row=i, col=1)
     for key, short, colour in (("target", "T", c.TARGET), ("transplanted", "T′", c.TRANSPLANTED)):
         m = models.get(key)
         if m:
-            fig.add_trace(go.Bar(x=m.get("layers"), y=m.get("layer_abs_totals"), name=short, marker_color=colour,
-                                 hovertemplate=f"{short}: %{{x}} · Σ|attribution| %{{y:.4g}}<extra></extra>"),
+            layers = m.get("layers") or []
+            rel = m.get("rel_deltas") or [None] * len(layers)
+            fig.add_trace(go.Bar(x=_layer_ticks(layers, any_flag), y=m.get("layer_abs_totals"), name=short,
+                                 marker_color=colour, customdata=[c.fmt_num(v, 3) for v in rel],
+                                 marker_pattern_shape=["/" if lab in unreliable.get(key, set()) else "" for lab in layers],
+                                 hovertemplate=f"{short}: %{{x}} · Σ|attribution| %{{y:.4g}}"
+                                               "<br>|delta| / |F(x) − F(b)| %{customdata}<extra></extra>"),
                           row=n, col=1)
     t = models.get("target") or {}
-    deltas = f"max |convergence delta| {c.fmt_num(r.get('max_abs_delta'), 4)}"
+    flagged = [lab for lab in (t.get("layers") or []) if lab in any_flag]
+    deltas = (f"max |delta| / |F(x) − F(b)| {c.fmt_num(r.get('max_rel_delta'), 3)} (tolerance {c.fmt_num(r.get('tolerance'), 3)}) · "
+              + (f"⚠ unreliable: {', '.join(flagged[:6])}{' …' if len(flagged) > 6 else ''}" if flagged
+                 else "every layer converged"))
     what = "first-token logit" if r.get("objective") == "first-token" else "answer log-probability"
     sub = (f"{_source_label(r)} · Q: {html.escape(str(r.get('question', ''))[:70])} → {html.escape(str(r.get('answer', '')))}"
            f"<br>{what}: F(x) − F(baseline) = {c.fmt_num((t.get('f_input') or 0) - (t.get('f_baseline') or 0), 4)} "
-           f"for T · {r.get('steps')} steps · {deltas}")
+           f"for T · {r.get('steps')}–{r.get('max_steps', r.get('steps'))} steps · {deltas}"
+           f"<br>baseline: {html.escape(str(r.get('baseline_text', r.get('baseline', ''))))}")
     c.apply_layout(fig, _title(envelope, "T13", "Attribution before / after"), sub, height=260 * n + 80,
                    filename=c.download_filename(envelope, "T13", "attribution"), barmode="group",
                    legend=dict(orientation="h", yanchor="top", y=-0.04, xanchor="left", x=0),
-                   margin=dict(l=90, r=30, t=140, b=80))
+                   margin=dict(l=90, r=30, t=160, b=80))
     return fig

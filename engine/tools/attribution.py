@@ -5,9 +5,11 @@ spot (``--donor``/``--target``, T11's module choice), as for T12. On one questio
 the concept set's test questions, or your own question and answer) :func:`engine.attribution.attribute`
 runs captum's LayerIntegratedGradients on each of T, T' and D: the answer's first-token logit (or
 its whole log-probability) attributed to every input token (the embedding layer) and to every
-block's output. The result holds a layers x tokens matrix per model, per-layer totals, captum's
-convergence delta per layer, and the difference T' - T. Seconds per model go in the run's meta
-(the result itself is deterministic).
+block's output, against a baseline that replaces only the question's tokens (the template stays).
+The result holds a layers x tokens matrix per model, per-layer totals, captum's convergence delta
+per layer and its size relative to ``|F(x) - F(baseline)|`` (layers over the tolerance after
+``max_steps`` are listed as unreliable), and the difference T' - T. Seconds per model go in the
+run's meta (the result itself is deterministic).
 """
 from __future__ import annotations
 
@@ -15,11 +17,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..attribution import METHOD, OBJECTIVES, attribute, difference
+from ..attribution import BASELINES, METHOD, OBJECTIVES, TOLERANCE, attribute, difference
 from ..beforeafter import load_sets
 from ..context import ToolContext
 from ..errors import GraftError
-from ..evaluate import pad_id
 from ..params import param
 from ..progress import Progress
 from ..rebuild import TransplantChoice, transplant_for
@@ -34,8 +35,15 @@ class AttributionParams(TransplantChoice):
     concept: str = param("", "Concept set JSONL whose test questions are used. Empty = the bundled set.", path="in")
     objective: str = param("first-token", "What is attributed: the logit of the answer's first token, or the whole "
                                           "answer's log-probability (teacher forcing).", choices=OBJECTIVES)
-    steps: int = param(16, "Integration steps of integrated gradients (captum's n_steps, Gauss-Legendre). More "
-                           "steps = smaller convergence delta, proportionally slower.", min=2, max=1024)
+    baseline: str = param("content", "Baseline input: 'content' replaces only the question's tokens (and the answer's, "
+                                     "for answer-logprob) by a filler token and keeps the template; 'all' replaces "
+                                     "every token (its early layers often do not converge).", choices=BASELINES)
+    steps: int = param(16, "Integration points per layer to start with (captum's n_steps, Gauss-Legendre).",
+                       min=2, max=1024)
+    max_steps: int = param(128, "A layer whose convergence delta exceeds the tolerance is rerun with twice the points, "
+                               "up to this many; still over = flagged unreliable.", min=2, max=4096)
+    tolerance: float = param(TOLERANCE, "A layer is reliable when |convergence delta| <= tolerance x "
+                                        "|F(x) - F(baseline)|.", min=1e-6, max=1.0)
 
 
 @dataclass
@@ -46,11 +54,16 @@ class AttributionResult:
     question_index: Optional[int]  # None for a custom question
     objective: str
     steps: int
+    max_steps: int
+    tolerance: float
     method: str  # captum's integration rule
-    baseline: str
+    baseline: str  # "content" or "all"
+    baseline_text: str  # what the baseline input is, in words
     models: dict[str, dict[str, Any]]  # "target" | "transplanted" | "donor" -> tokens, layers, matrix, totals, deltas
     difference: Optional[dict[str, Any]]  # T' - T: matrix, per-layer totals and absolute mass, max |change|
     max_abs_delta: float  # largest |convergence delta| over every model and layer
+    max_rel_delta: Optional[float]  # largest |delta| / |F(x) - F(baseline)|; None where F(x) = F(baseline)
+    unreliable: dict[str, list[str]]  # model key -> layers whose relative delta exceeds the tolerance
 
 
 def _question(params: AttributionParams) -> tuple[str, str, Optional[int]]:
@@ -88,7 +101,8 @@ def compute_attribution(ctx: ToolContext, params: AttributionParams, progress: P
             part = progress.sub(0.1 + 0.9 * i / len(models), 0.1 + 0.9 * (i + 1) / len(models))
             with lock if lock is not None else nullcontext():  # captum hooks the model's layers meanwhile
                 rep = attribute(model, tok, question, answer, objective=params.objective, steps=params.steps,
-                                progress=part)
+                                max_steps=max(params.steps, params.max_steps), baseline=params.baseline,
+                                tolerance=params.tolerance, progress=part)
             seconds[key] = round(rep["seconds"], 3)
             out[key] = _clean(rep, label)
     finally:
@@ -96,12 +110,18 @@ def compute_attribution(ctx: ToolContext, params: AttributionParams, progress: P
     ctx.meta["attribution_seconds"] = seconds
     diff = difference(out["transplanted"], out["target"])
     progress(1.0, "attribution done")
-    tok = rb.target.tokenizer
+    fill = out["target"]["filler"]
+    what = "the question's tokens" + (" and the answer's" if params.objective == "answer-logprob" else "")
+    text = (f"{what} replaced by {fill!r}; template and special tokens kept" if params.baseline == "content"
+            else f"every input token replaced by {fill!r}")
+    rels = [m["max_rel_delta"] for m in out.values()]
     return AttributionResult(
         source=rb.source or {}, question=question, answer=answer, question_index=index, objective=params.objective,
-        steps=params.steps, method=METHOD,
-        baseline=f"every input token replaced by the pad token {tok.decode([pad_id(tok)])!r} (id {pad_id(tok)})",
-        models=out, difference=diff, max_abs_delta=max(m["max_abs_delta"] for m in out.values()),
+        steps=params.steps, max_steps=max(params.steps, params.max_steps), tolerance=params.tolerance, method=METHOD,
+        baseline=params.baseline, baseline_text=text, models=out, difference=diff,
+        max_abs_delta=max(m["max_abs_delta"] for m in out.values()),
+        max_rel_delta=None if None in rels else max(rels),
+        unreliable={k: m["unreliable"] for k, m in out.items()},
     )
 
 
@@ -109,7 +129,8 @@ TOOL = register(Tool(
     name="attribution", code="T13", title="Attribution before / after (captum)",
     summary="Integrated gradients (captum's LayerIntegratedGradients) of the reference answer's first-token logit, "
             "or its log-probability, to every input token and every block's output, for T, T' and D on one "
-            "question: layers x tokens maps, per-layer totals, captum's convergence delta, and T' − T. Takes a "
+            "question: layers x tokens maps, per-layer totals, captum's convergence delta per layer (layers that do not "
+            "converge are flagged), and T' − T. Takes a "
             "finished transplant run, or swaps modules itself.",
     params_cls=AttributionParams, compute=compute_attribution, figure="viz.verdict:attribution_figure",
     page="Verdict", same_family=True, needs=(("run",), ("donor", "target")), uses_workload=True, run_label="Run T13",
