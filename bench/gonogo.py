@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.arch import ArchAdapter  # noqa: E402
-from engine.context import run_tool  # noqa: E402
+from engine.runner import run_tool  # noqa: E402
 from engine.errors import GraftError  # noqa: E402
 from engine.models import DEMO_DONOR, SMOLLM2, LoadedModel, ModelSpec  # noqa: E402
 from engine.tiny import build_tiny  # noqa: E402

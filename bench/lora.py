@@ -65,7 +65,7 @@ def bench_factored(d: int, r: int, repeat: int, dense_repeat: int) -> dict:
 
 
 def bench_smollm2(rank: int) -> dict:
-    from engine.context import run_tool
+    from engine.runner import run_tool
     from engine.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, demo_donor_ready
 
     if not demo_donor_ready():

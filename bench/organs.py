@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.beforeafter import load_sets  # noqa: E402
-from engine.context import run_tool  # noqa: E402
+from engine.runner import run_tool  # noqa: E402
 from engine.evalcache import clear_cache  # noqa: E402
 from engine.models import SMOLLM2, ModelSpec, ModelStore  # noqa: E402
 from engine.organ import default_start, extract_organ, load_organ  # noqa: E402

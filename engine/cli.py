@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .context import pair_labels, run_tool
+    from .runner import pair_labels, run_tool
     from .history import History, new_run_id
     from .models import ModelSpec
     from .params import build_params, check_paths

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .context import pair_labels, run_tool
+from .runner import pair_labels, run_tool
 from .errors import Cancelled, GraftError
 from .history import History, new_run_id
 from .models import ModelSpec, ModelStore

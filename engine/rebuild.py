@@ -157,7 +157,8 @@ def rebuild_swap(envelope: dict[str, Any], store: ModelStore, device: Optional[s
 def rebuild_conjugation(envelope: dict[str, Any], store: ModelStore, device: Optional[str] = None) -> Rebuilt:
     """A conjugation run: the same update read again and every map fitted again on the run's
     workload (checked by its sha256), then the update added to a working copy of the target."""
-    from .context import ToolContext, resolve_workload
+    from .context import ToolContext
+    from .runner import resolve_workload
     from .conjugate import Conjugation
     from .params import RunOptions, build_params
     from .tools.conjugate import ConjugateParams, conjugation_plan, merged_donor, update_deltas

@@ -107,7 +107,7 @@ def tiny_run(_graft_home, sets):
     Tools that read a finished transplant run (``--run``) are run on it."""
     import dataclasses
 
-    from engine.context import pair_labels, run_tool
+    from engine.runner import pair_labels, run_tool
     from engine.history import History, new_run_id
     from engine.models import ModelSpec
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.linalg import cka, cka_matrix, monotone_matching, procrustes_map, random_orthogonal
 from engine.models import ModelSpec
 

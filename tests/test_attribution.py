@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.attribution import attribute, filler_token
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.evaluate import answer_ids, encode_prompt, pad_id
 from engine.models import ModelSpec, load_model
 

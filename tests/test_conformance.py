@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.errors import Cancelled, GraftError
 from engine.models import ModelSpec
 from engine.params import build_params, param_specs

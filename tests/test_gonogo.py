@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine.arch import ArchAdapter
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.errors import GraftError
 from engine.models import LoadedModel, ModelSpec
 from engine.tiny import build_tiny

@@ -103,7 +103,7 @@ def test_strict_replaces_non_finite_and_says_where():
 def test_run_tool_writes_null_and_a_note_for_an_undefined_number(workload, monkeypatch):
     """A tool that produces NaN (here: a patched T1) yields strict JSON with the field listed."""
     import engine.tools.compat as compat
-    from engine.context import run_tool
+    from engine.runner import run_tool
     from engine.models import ModelSpec
 
     real = compat.TOOL.compute
@@ -197,7 +197,7 @@ def huge_text_workload(tmp_path) -> str:
 
 @pytest.mark.parametrize("tool", ["cka", "procrustes", "rank-modules"])
 def test_a_200k_character_text_is_cut_to_the_models_context(tool, huge_text_workload, one_thread):
-    from engine.context import run_tool
+    from engine.runner import run_tool
     from engine.models import ModelSpec
 
     env = run_tool(tool, ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-gpt2-b"),
@@ -208,7 +208,7 @@ def test_a_200k_character_text_is_cut_to_the_models_context(tool, huge_text_work
 
 
 def test_evaluation_of_a_huge_question_and_fact_fits_the_context(tmp_path, one_thread):
-    from engine.context import run_tool
+    from engine.runner import run_tool
     from engine.models import ModelSpec
 
     long = "why " * 50_000
@@ -242,12 +242,12 @@ def test_exit_codes_ok_bad_input_bug(capsys, workload, monkeypatch, tmp_path):
     assert main(["compat", "--donor", "tiny-gpt2-a", "--target", "tiny-gpt2-b", "--workload", workload, "--quiet",
                  "--json", str(tmp_path / "ok.json")]) == 0
     assert main(["compat", "--donor", "tiny-gpt2-a", "--target", "nope", "--quiet"]) == 2
-    import engine.context
+    import engine.runner
 
     def boom(*a, **k):
         raise ZeroDivisionError("planted bug")
 
-    monkeypatch.setattr(engine.context, "run_tool", boom)
+    monkeypatch.setattr(engine.runner, "run_tool", boom)
     capsys.readouterr()
     assert main(["compat", "--donor", "tiny-gpt2-a", "--target", "tiny-gpt2-b", "--quiet"]) == 1
     err = capsys.readouterr().err

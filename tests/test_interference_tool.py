@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.models import ModelSpec, load_model
 from engine.rebuild import load_run, reapply_check, rebuild_transplant, reload_check, save_for_check
 from engine.models import ModelStore

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.errors import GraftError
 from engine.evaluate import word_diff
 from engine.live import LiveTransplants, rebuild

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine.arch import ArchAdapter, linear_weight_out_in
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.errors import GraftError
 from engine.finetune_delta import finetune_deltas
 from engine.lora import resolve_adapter

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.errors import Cancelled, GraftError
 from engine.models import ModelSpec, load_model
 from engine.progress import Progress

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.arch import ArchAdapter
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.errors import GraftError
 from engine.evaluate import perplexity
 from engine.live import LiveTransplants

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, Standardiser, procrustes_fit,
                            procrustes_map, random_orthogonal, residual, split_rows)
 from engine.models import ModelSpec

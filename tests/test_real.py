@@ -1,7 +1,7 @@
 """Real-model tests on the built-in SmolLM2-135M-Instruct and its demo donor (marked; run in CI)."""
 import pytest
 
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.gguf import smollm2_gguf
 from engine.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, builtin_status
 

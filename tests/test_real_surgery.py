@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, demo_donor_dir
 
 pytestmark = pytest.mark.real

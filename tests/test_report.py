@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.history import History, new_run_id
 from engine.models import ModelSpec
 from viz.report import SECTIONS, build_report, write_report

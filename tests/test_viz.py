@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 import pytest
 
 import viz
-from engine.context import run_tool
+from engine.runner import run_tool
 from engine.models import ModelSpec
 from viz.alignment import bridge_figure, cka_figure, procrustes_figure
 from viz.compat import compat_figure

@@ -15,7 +15,7 @@ import streamlit as st
 from dataclasses import dataclass
 
 from engine import jsonsafe
-from engine.context import pair_labels
+from engine.runner import pair_labels
 from engine.errors import GraftError
 from engine.jobs import Job
 from engine.models import ModelSpec

@@ -369,7 +369,7 @@ def _session_compat(sel: Selection) -> Optional[dict[str, bool]]:
 
 @st.cache_data(ttl=3600, max_entries=64, show_spinner="Checking compatibility…")
 def _compat_verdicts(donor: str, target: str, trust: bool, device: str, dtype: str) -> dict[str, bool]:
-    from engine.context import run_tool
+    from engine.runner import run_tool
 
     env = run_tool("compat", ModelSpec.parse(donor, trust), ModelSpec.parse(target, trust),
                    {"device": device, "dtype": dtype}, {}, store=model_store())

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import streamlit as st
 
 from engine.errors import GraftError
-from engine.context import pair_labels
+from engine.runner import pair_labels
 from engine.history import new_run_id
 from engine.live import LIVE, rebuild
 from engine.paths import graft_home
