@@ -3,7 +3,12 @@ import streamlit as st
 
 st.set_page_config(page_title="Graft · model surgery", page_icon="🌿", layout="wide")
 
-from ui.entry import routing  # noqa: E402  (after set_page_config: the first paint comes first)
+from ui.boot import ensure_engine  # noqa: E402  (streamlit and the standard library only)
+
+# A fresh server paints the heading first, then imports torch, transformers and the tools.
+ensure_engine()
+
+from ui.entry import routing  # noqa: E402
 from ui.navigation import app_pages, render_nav  # noqa: E402
 from ui.sidebar import render_sidebar  # noqa: E402
 

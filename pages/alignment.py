@@ -1,10 +1,14 @@
 """Alignment: T2 layer similarity, T3 Procrustes residuals, T4 bridge sufficiency."""
 import streamlit as st
 
-from ui.entry import require_app_entry
-from ui.toolpage import render_tool_panels
+from ui.entry import require_app_entry  # streamlit only: light
 
+# Outside app.py's router (a fresh server's first run, an AppTest of this file) app.py runs in
+# this page's place, before the engine is imported here (the imports below are after it on purpose).
 require_app_entry()
+
+from ui.toolpage import render_tool_panels  # noqa: E402
+
 
 HOW_TO_READ = {
     "cka": "each cell is the CKA similarity of a donor layer (row) and a target layer (column), "

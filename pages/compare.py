@@ -4,16 +4,19 @@ from datetime import datetime
 
 import streamlit as st
 
-import viz
-from engine import jsonsafe
-from engine.evalcache import SCORES
-from ui.entry import require_app_entry
-from ui.jobs import file_stem
-from ui.transplant import COMPARE_RUN, latest_swap_id, swap_envelope, swap_runs, transplant_actions
-from viz.report import build_report
-from viz.compare import SCORE_LABELS, compare_figure, conjugate_figure, generations_html, metric_rows
+from ui.entry import require_app_entry  # streamlit only: light
 
+# Outside app.py's router (a fresh server's first run, an AppTest of this file) app.py runs in
+# this page's place, before the engine is imported here (the imports below are after it on purpose).
 require_app_entry()
+
+import viz  # noqa: E402
+from engine import jsonsafe  # noqa: E402
+from engine.evalcache import SCORES  # noqa: E402
+from ui.jobs import file_stem  # noqa: E402
+from ui.transplant import COMPARE_RUN, latest_swap_id, swap_envelope, swap_runs, transplant_actions  # noqa: E402
+from viz.report import build_report  # noqa: E402
+from viz.compare import SCORE_LABELS, compare_figure, conjugate_figure, generations_html, metric_rows  # noqa: E402
 
 
 def _fmt(v) -> str:

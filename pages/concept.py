@@ -4,12 +4,16 @@ from typing import Any
 
 import streamlit as st
 
-from ui.concept import concept_inputs
-from ui.entry import require_app_entry
-from ui.jobs import tool_panel
-from ui.state import job_runner, last_job_id
+from ui.entry import require_app_entry  # streamlit only: light
 
+# Outside app.py's router (a fresh server's first run, an AppTest of this file) app.py runs in
+# this page's place, before the engine is imported here (the imports below are after it on purpose).
 require_app_entry()
+
+from ui.concept import concept_inputs  # noqa: E402
+from ui.jobs import tool_panel  # noqa: E402
+from ui.state import job_runner, last_job_id  # noqa: E402
+
 
 CELL_KEY = "concept_cell"
 

@@ -2,11 +2,15 @@
 settings (K, organ positions, rank k and maps), each line with the numbers behind it."""
 import streamlit as st
 
-from ui.entry import require_app_entry
-from ui.jobs import tool_panel
-from viz.gonogo import evidence_lines, settings_text
+from ui.entry import require_app_entry  # streamlit only: light
 
+# Outside app.py's router (a fresh server's first run, an AppTest of this file) app.py runs in
+# this page's place, before the engine is imported here (the imports below are after it on purpose).
 require_app_entry()
+
+from ui.jobs import tool_panel  # noqa: E402
+from viz.gonogo import evidence_lines, settings_text  # noqa: E402
+
 
 HOW_TO_READ = ("one line per operation: ✓ go with the settings to use, or ✗ no-go with the reason; the evidence "
                "names the diagnostic (T1-T7) each number comes from. Thresholds are under Parameters.")

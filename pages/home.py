@@ -1,23 +1,26 @@
 """Start here: what Graft does and the steps of a first visit."""
 import streamlit as st
 
-from engine.models import DEMO_DONOR, SMOLLM2
-from engine.registry import all_tools
-from ui.entry import require_app_entry
-from ui.navigation import app_pages
-from ui.sidebar import TINY_PAIR
-from ui.state import selection
+from ui.entry import require_app_entry  # streamlit only: light
 
+# Outside app.py's router (a fresh server's first run, an AppTest of this file) app.py runs in
+# this page's place, before the engine is imported here (the imports below are after it on purpose).
 require_app_entry()
+
+from engine.models import DEMO_DONOR, SMOLLM2  # noqa: E402
+from engine.registry import all_tools  # noqa: E402
+from ui.boot import TAGLINE, TITLE  # noqa: E402
+from ui.navigation import app_pages  # noqa: E402
+from ui.sidebar import TINY_PAIR  # noqa: E402
+from ui.state import selection  # noqa: E402
 
 
 def cell(text: str) -> str:
     return text.replace("|", "\\|")  # a literal pipe inside a Markdown table cell
 
 
-st.title("Graft")
-st.markdown("Model surgery workbench: measure how two language models line up, layer by layer, "
-            "move knowledge from a **donor** into a **target**, and compare the target before and after.")
+st.title(TITLE)
+st.markdown(TAGLINE)
 
 sel = selection()
 preselected = {

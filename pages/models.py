@@ -4,15 +4,19 @@ from typing import Any
 
 import streamlit as st
 
-from engine.models import BUILTIN_DESCRIPTIONS, DEMO_DONOR, builtin_status
-from ui.demo import demo_builder, demo_state
-from ui.entry import require_app_entry
-from ui.jobs import tool_panel
-from ui.sidebar import VERDICT_LABELS
-from ui.state import selection
-from ui.toolpage import tools_on
+from ui.entry import require_app_entry  # streamlit only: light
 
+# Outside app.py's router (a fresh server's first run, an AppTest of this file) app.py runs in
+# this page's place, before the engine is imported here (the imports below are after it on purpose).
 require_app_entry()
+
+from engine.models import BUILTIN_DESCRIPTIONS, DEMO_DONOR, builtin_status  # noqa: E402
+from ui.demo import demo_builder, demo_state  # noqa: E402
+from ui.jobs import tool_panel  # noqa: E402
+from ui.sidebar import VERDICT_LABELS  # noqa: E402
+from ui.state import selection  # noqa: E402
+from ui.toolpage import tools_on  # noqa: E402
+
 
 STATE_BADGES = {"ready": ":green-badge[ready]", "needs preparing": ":orange-badge[needs preparing]",
                 "needs building": ":orange-badge[needs building]", "unavailable": ":gray-badge[unavailable]"}

@@ -3,11 +3,15 @@ insert it into the target (direct or bridged), and check where it fits: T9 posit
 against T4's prediction, T10 bridge deviation."""
 import streamlit as st
 
-from ui.entry import require_app_entry
-from ui.jobs import tool_panel
-from ui.organs import inputs_for, insert_details, organ_picker
+from ui.entry import require_app_entry  # streamlit only: light
 
+# Outside app.py's router (a fresh server's first run, an AppTest of this file) app.py runs in
+# this page's place, before the engine is imported here (the imports below are after it on purpose).
 require_app_entry()
+
+from ui.jobs import tool_panel  # noqa: E402
+from ui.organs import inputs_for, insert_details, organ_picker  # noqa: E402
+
 
 HOW_TO_READ = {
     "organ-extract": "the donor's blocks, the organ's in colour. The checkpoint (organ.safetensors + organ.json) "

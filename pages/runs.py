@@ -4,13 +4,17 @@ from datetime import datetime
 
 import streamlit as st
 
-from engine.registry import all_tools
-from ui.entry import require_app_entry
-from ui.jobs import file_stem, result_view
-from ui.state import job_runner, one_line, startup_notes
-from viz.report import build_report
+from ui.entry import require_app_entry  # streamlit only: light
 
+# Outside app.py's router (a fresh server's first run, an AppTest of this file) app.py runs in
+# this page's place, before the engine is imported here (the imports below are after it on purpose).
 require_app_entry()
+
+from engine.registry import all_tools  # noqa: E402
+from ui.jobs import file_stem, result_view  # noqa: E402
+from ui.state import job_runner, one_line, startup_notes  # noqa: E402
+from viz.report import build_report  # noqa: E402
+
 
 STATUS_BADGES = {"done": ":green-badge[done]", "failed": ":red-badge[failed]", "cancelled": ":gray-badge[cancelled]",
                  "running": ":blue-badge[running]", "queued": ":blue-badge[queued]"}

@@ -5,12 +5,16 @@ from typing import Any
 
 import streamlit as st
 
-from ui.entry import require_app_entry
-from ui.jobs import tool_panel
-from ui.state import job_runner, last_job_id
-from ui.transplant import COMPARE_RUN, transplant_actions
+from ui.entry import require_app_entry  # streamlit only: light
 
+# Outside app.py's router (a fresh server's first run, an AppTest of this file) app.py runs in
+# this page's place, before the engine is imported here (the imports below are after it on purpose).
 require_app_entry()
+
+from ui.jobs import tool_panel  # noqa: E402
+from ui.state import job_runner, last_job_id  # noqa: E402
+from ui.transplant import COMPARE_RUN, transplant_actions  # noqa: E402
+
 
 MODULES_KEY = "param-swap-modules"  # the swap tool's "modules" parameter widget (ui.jobs._param_prefix)
 PICK_KEY = "pick-swap-modules"

@@ -3,11 +3,15 @@ computation changed (T13 attribution, T / T′ / D), for a finished transplant r
 of the sidebar pair."""
 import streamlit as st
 
-from ui.entry import require_app_entry
-from ui.jobs import tool_panel
-from ui.verdict import attribution_details, choose_inputs, interference_details
+from ui.entry import require_app_entry  # streamlit only: light
 
+# Outside app.py's router (a fresh server's first run, an AppTest of this file) app.py runs in
+# this page's place, before the engine is imported here (the imports below are after it on purpose).
 require_app_entry()
+
+from ui.jobs import tool_panel  # noqa: E402
+from ui.verdict import attribution_details, choose_inputs, interference_details  # noqa: E402
+
 
 st.title("Verdict")
 st.markdown(

@@ -21,9 +21,10 @@ from engine.models import (BUILTIN_DESCRIPTIONS, DEMO_DONOR, SMOLLM2, ModelSpec,
                            model_card, remote_code_files, resolve_device)
 from engine.params import RunOptions, build_params, param_specs
 from engine.paths import graft_home
+from engine.preload import FAILED, LOADED, LOADING, LoadState
 from ui.demo import demo_builder, demo_pair_ready
 from ui.state import (DONOR, SELECTION, TARGET, TRUST, Selection, graft_error, job_runner, last_job_id, model_store,
-                      one_line, startup_notes)
+                      one_line, preloader, startup_notes)
 from ui.widgets import param_widget
 
 TINY_PAIR = ("tiny-gpt2-a", "tiny-gpt2-b")
@@ -317,23 +318,60 @@ def save_upload(name: str, data: bytes, folder: Optional[Path] = None) -> Path:
 
 
 # --------------------------------------------------------------------------- T1 badge
+BADGE_POLL_SECONDS = 1.0
+PRELOAD_WAIT_S = 0.5  # an instant load (the tiny pair) shows its badge on the same run
+
+
 def _compat_badge(sel: Selection, status: dict[str, dict[str, Any]]) -> None:
+    """The pair's T1 verdicts. The models load in the background (engine/preload.py) and the badge
+    says so meanwhile: the page never waits for them."""
     if not sel.ok:
         return
+    st.markdown("##### Compatibility (T1)")
     verdicts = _session_compat(sel)
-    if verdicts is None and _instant(sel.donor, sel, status) and _instant(sel.target, sel, status):
+    if verdicts is not None:
+        st.markdown(verdict_badges(verdicts))
+        return
+    if not (_loadable(sel.donor, sel, status) and _loadable(sel.target, sel, status)):
+        st.caption("Run the compatibility report on the Models page to see which transplants fit "
+                   "(the models are loaded there, in the background).")
+        return
+    states = _pair_states(sel, wait_s=PRELOAD_WAIT_S)
+    if all(s.state == LOADED for s in states.values()):
         try:
             verdicts = _compat_verdicts(sel.donor_text, sel.target_text, sel.trust_remote_code,
                                         sel.options.device, sel.options.dtype)
         except Exception as exc:  # the badge is a convenience: never let it break the sidebar
             st.caption(f"Compatibility: {graft_error(exc)}")
             return
-    st.markdown("##### Compatibility (T1)")
-    if verdicts is None:
-        st.caption("Run the compatibility report on the Models page to see which transplants fit "
-                   "(the models are loaded there, in the background).")
-        return
-    st.markdown(verdict_badges(verdicts))
+        st.markdown(verdict_badges(verdicts))
+    elif any(s.state == FAILED for s in states.values()):
+        for role, s in states.items():
+            if s.state == FAILED:
+                st.caption(f":material/error: {role.capitalize()} did not load: {s.message}")
+        if st.button("Try loading again", key="preload-retry", type="tertiary", icon=":material/refresh:"):
+            for spec in (sel.donor, sel.target):
+                preloader().retry(spec, sel.options.device, sel.options.dtype)
+            st.rerun()
+    else:
+        _badge_while_loading(sel)
+
+
+@st.fragment(run_every=BADGE_POLL_SECONDS)
+def _badge_while_loading(sel: Selection) -> None:
+    """Polls the background loads; the whole app reruns (and draws the badge) once both are done."""
+    states = _pair_states(sel)
+    if all(s.state != LOADING for s in states.values()):
+        st.rerun()
+    waiting = " · ".join(f"{role} {'✓' if s.state == LOADED else f'loading… {s.seconds:.0f} s'}"
+                         for role, s in states.items())
+    st.caption(f":material/hourglass_top: Loading the pair in the background ({waiting}); the verdicts "
+               "show here when both are loaded. Every page works meanwhile.")
+
+
+def _pair_states(sel: Selection, wait_s: float = 0.0) -> dict[str, LoadState]:
+    return {role: preloader().request(spec, sel.options.device, sel.options.dtype, wait_s=wait_s)
+            for role, spec in (("donor", sel.donor), ("target", sel.target))}
 
 
 def verdict_badges(verdicts: dict[str, bool]) -> str:
@@ -345,8 +383,9 @@ def verdict_badges(verdicts: dict[str, bool]) -> str:
     return " ".join(parts)
 
 
-def _instant(spec: ModelSpec, sel: Selection, status: dict[str, dict[str, Any]]) -> bool:
-    """True when loading the model is instant or done: a ready built-in, or already in the store."""
+def _loadable(spec: ModelSpec, sel: Selection, status: dict[str, dict[str, Any]]) -> bool:
+    """True for the models the sidebar loads by itself: a ready built-in (never one that must be
+    built or converted first), or one already in the store."""
     if spec.kind == "builtin":
         return status.get(spec.ref, {}).get("state") == "ready"
     try:

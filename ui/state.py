@@ -19,6 +19,7 @@ from engine.history import History
 from engine.jobs import Job, JobRunner
 from engine.models import ModelSpec, ModelStore
 from engine.live import LIVE
+from engine.preload import Preloader
 from engine.params import RunOptions
 from engine.paths import graft_home, history_db
 
@@ -34,6 +35,11 @@ DEMO_JOB = "demo-donor"
 @st.cache_resource(show_spinner=False)
 def _store(home: str) -> ModelStore:
     return ModelStore()
+
+
+@st.cache_resource(show_spinner=False)
+def _preloader(home: str) -> Preloader:
+    return Preloader(_store(home))
 
 
 @st.cache_resource(show_spinner=False)
@@ -68,6 +74,11 @@ def startup_notes() -> tuple[str, ...]:
 def model_store() -> ModelStore:
     """The process-wide cache of loaded models."""
     return _store(str(graft_home()))
+
+
+def preloader() -> Preloader:
+    """Loads the chosen pair into the model store in the background (see engine/preload.py)."""
+    return _preloader(str(graft_home()))
 
 
 def job_runner() -> JobRunner:
