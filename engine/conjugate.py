@@ -40,9 +40,8 @@ layer matching, module captures, fitted factors); this module holds the plan
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -50,9 +49,10 @@ from torch import nn
 from .arch import LinearModule
 from .conjugate_maps import MAP_KINDS, SideMap, _r
 from .errors import GraftError
-from .models import LoadedModel, state_dict_hash
+from .models import LoadedModel
 from .progress import ProgressLike, as_progress
-from .transplant import _module_tensors, extra_storage_bytes, save_transplant
+from .reversible import ReversibleEdit, working_copy
+from .transplant import save_transplant
 
 OPERATION = "rank-k conjugation"
 
@@ -152,19 +152,7 @@ class ConjugationPlan:
 # =============================================================================================
 
 
-def working_copy(target: LoadedModel, touched: Iterable[torch.Tensor]) -> nn.Module:
-    """A structural copy of ``target.model`` sharing every tensor except ``touched``, which get new
-    storage holding the target's values (the mechanism of :meth:`engine.transplant.ModuleSwap.materialise`)."""
-    ids = {id(t) for t in touched}
-    # inference_mode(False): new tensors made under inference mode could not be written later.
-    with target.lock, torch.inference_mode(False):  # a capture holds the lock while its hooks are attached
-        memo: dict[int, Any] = {id(t): t for t in _module_tensors(target.model) if t is not None and id(t) not in ids}
-        working = copy.deepcopy(target.model, memo)
-    working.eval()
-    return working
-
-
-class Conjugation:
+class Conjugation(ReversibleEdit):
     """Add a plan's ``B_T A_T`` to the weights of a working copy of ``target``, reversibly.
 
     Like :class:`engine.transplant.ModuleSwap`: the cached target is never written; the working
@@ -218,12 +206,6 @@ class Conjugation:
         for n in self.modules:
             if counts.get(id(self._weight(True, n)), 0) > 1:
                 raise GraftError(f"cannot conjugate into {n}: its weight is tied to another parameter")
-
-    @property
-    def working(self) -> nn.Module:
-        if self._working is None:
-            raise GraftError("internal: call materialise() before using the working model")
-        return self._working
 
     @property
     def applied(self) -> tuple[str, ...]:
@@ -291,23 +273,6 @@ class Conjugation:
             self._weight(False, name).copy_(self._saved.pop(name))
             n += 1
         return n
-
-    def hash_before(self) -> str:
-        if self._hash_before is None:
-            self._hash_before = self.target.state_hash()
-        return self._hash_before
-
-    def weight_hash(self) -> str:
-        return state_dict_hash(self.working.state_dict())
-
-    def verify_rollback(self) -> bool:
-        a, b = self.working.state_dict(), self.target.model.state_dict()
-        if a.keys() != b.keys():
-            return False
-        return all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-
-    def extra_bytes(self) -> int:
-        return extra_storage_bytes(self.working, self.target.model)
 
     def report(self) -> dict[str, Any]:
         return {

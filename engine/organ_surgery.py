@@ -1,7 +1,7 @@
 """Organ insertion into a recipient, reversibly (METHODS.md operation 2).
 
 :class:`OrganInsertion` puts one or more organs into a *working copy* of the recipient T: a
-structural copy that shares every tensor with the cached T (:func:`engine.conjugate.working_copy`
+structural copy that shares every tensor with the cached T (:func:`engine.reversible.working_copy`
 with nothing touched), whose block list then receives new block modules holding the organ's
 tensors at ``p .. p+k-1``. The cached T is never written, the working copy holds only the organ's
 bytes (plus any bridge and recovery-trained neighbour), and :meth:`rollback` puts the original
@@ -30,14 +30,14 @@ import torch
 from torch import nn
 
 from .arch import ArchAdapter
-from .conjugate import working_copy
 from .errors import GraftError
-from .models import LoadedModel, state_dict_hash
+from .models import LoadedModel
 from .organ import Organ, check_fits, build_blocks
 from .organ_bridge import Bridge, BridgeSet, bridge_tensors, bridges_entry, closed_form, install, save_bridges, stream_rows, uninstall
 from .organ_train import train_lm
 from .progress import Progress, silent
-from .transplant import extra_storage_bytes, same_tokenizer, save_transplant
+from .reversible import ReversibleEdit, working_copy
+from .transplant import same_tokenizer, save_transplant
 
 MODES = ("direct", "bridged")
 
@@ -53,7 +53,7 @@ class Placement:
         return range(self.position, self.position + self.organ.size)
 
 
-class OrganInsertion:
+class OrganInsertion(ReversibleEdit):
     """Organs placed into a working copy of ``target``; apply / rollback / verify / save."""
 
     def __init__(self, target: LoadedModel, placements: Sequence[Placement]) -> None:
@@ -79,12 +79,6 @@ class OrganInsertion:
         self._hash_before: Optional[str] = None
 
     # -- structure ---------------------------------------------------------------------------------
-    @property
-    def working(self) -> nn.Module:
-        if self._working is None:
-            raise GraftError("internal: call materialise() before using the working model")
-        return self._working
-
     @property
     def blocks(self) -> nn.ModuleList:
         self.materialise()
@@ -138,24 +132,6 @@ class OrganInsertion:
             blocks[i] = mod
         self._applied = False
         return len(self._orig)
-
-    def hash_before(self) -> str:
-        if self._hash_before is None:
-            self._hash_before = self.target.state_hash()
-        return self._hash_before
-
-    def weight_hash(self) -> str:
-        """Hash of the working copy as it computes now (bridges included: they are a submodule)."""
-        return state_dict_hash(self.working.state_dict())
-
-    def verify_rollback(self) -> bool:
-        a, b = self.working.state_dict(), self.target.model.state_dict()
-        if a.keys() != b.keys():
-            return False
-        return all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-
-    def extra_bytes(self) -> int:
-        return extra_storage_bytes(self.working, self.target.model)
 
     @property
     def swapped_bytes(self) -> int:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import ArchAdapter
-from .conjugate import working_copy
+from .reversible import working_copy
 from .errors import GraftError
 from .evaluate import encode_text, model_device, pad_id
 from .models import LoadedModel

@@ -24,12 +24,11 @@ swapped tensor with exactly the same shape and layout, otherwise the swap is ref
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -38,6 +37,7 @@ from .arch import LinearModule
 from .errors import GraftError
 from .models import LoadedModel, state_dict_hash
 from .paths import check_writable_parent, discard_staging, replace_dir, staging_dir
+from .reversible import ReversibleEdit, working_copy
 
 SURGERY_CARD = "surgery.json"
 SURGERY_FORMAT = "graft-surgery/1"
@@ -121,40 +121,6 @@ def swappable_modules(donor: LoadedModel, target: LoadedModel) -> tuple[list[Lin
 
 
 # --------------------------------------------------------------------------------------------
-# Storage accounting
-
-
-def _module_tensors(model: nn.Module) -> Iterable[torch.Tensor]:
-    """Every parameter, buffer and plain tensor attribute of every submodule (with repeats)."""
-    for mod in model.modules():
-        for v in vars(mod).values():
-            if isinstance(v, torch.Tensor):
-                yield v
-        yield from mod._parameters.values()
-        yield from mod._buffers.values()
-
-
-def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr())
-
-
-def extra_storage_bytes(model: nn.Module, reference: nn.Module) -> int:
-    """Bytes of the distinct storages held by ``model`` that ``reference`` does not hold."""
-    shared = {_storage_key(t) for t in _module_tensors(reference) if t is not None}
-    seen: set[tuple[str, int]] = set()
-    total = 0
-    for t in _module_tensors(model):
-        if t is None:
-            continue
-        key = _storage_key(t)
-        if key in shared or key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes()
-    return total
-
-
-# --------------------------------------------------------------------------------------------
 # Module swap
 
 
@@ -169,7 +135,7 @@ class _Slot:
         return f"{self.module}.{self.tensor}"
 
 
-class ModuleSwap:
+class ModuleSwap(ReversibleEdit):
     """Copy chosen linear modules of ``donor`` into a working copy of ``target``, reversibly.
 
     ``modules`` are canonical names (``blocks.3.attn.q``). Validation happens here, before any
@@ -238,28 +204,13 @@ class ModuleSwap:
         done = {k.rsplit(".", 1)[0] for k in self._saved}
         return tuple(m for m in self.modules if m in done)
 
-    @property
-    def working(self) -> nn.Module:
-        if self._working is None:
-            raise GraftError("internal: call materialise() before using the working model")
-        return self._working
-
     # -- the operation --------------------------------------------------------------------------
     def materialise(self) -> nn.Module:
         """The working model: a structural copy of the target sharing every tensor except the
         swapped ones, which get new storage holding the target's values. Idempotent."""
         if self._working is not None:
             return self._working
-        src = self.target.model
-        swapped = {id(getattr(self.target.arch.module(s.path), s.tensor)) for s in self._slots}
-        # inference_mode(False): new tensors made under inference mode could not be written later.
-        with self.target.lock, torch.inference_mode(False):  # a capture holds the lock while its hooks are attached
-            memo: dict[int, Any] = {}
-            for t in _module_tensors(src):
-                if t is not None and id(t) not in swapped:
-                    memo[id(t)] = t
-            working = copy.deepcopy(src, memo)
-        working.eval()
+        working = working_copy(self.target, [getattr(self.target.arch.module(s.path), s.tensor) for s in self._slots])
         for s in self._slots:
             new = getattr(working.get_submodule(s.path), s.tensor)
             old = getattr(self.target.arch.module(s.path), s.tensor)
@@ -305,29 +256,6 @@ class ModuleSwap:
                 getattr(self._working.get_submodule(s.path), s.tensor).copy_(orig)
                 n += 1
         return n
-
-    # -- verification ----------------------------------------------------------------------------
-    def hash_before(self) -> str:
-        """Weight hash of the target (= of the working copy with nothing applied)."""
-        if self._hash_before is None:
-            self._hash_before = self.target.state_hash()
-        return self._hash_before
-
-    def weight_hash(self) -> str:
-        """Weight hash of the working copy in its current state."""
-        return state_dict_hash(self.working.state_dict())
-
-    def verify_rollback(self) -> bool:
-        """True when the working copy equals the cached target tensor by tensor (``torch.equal``)."""
-        a = self.working.state_dict()
-        b = self.target.model.state_dict()
-        if a.keys() != b.keys():
-            return False
-        return all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-
-    def extra_bytes(self) -> int:
-        """Bytes the working copy holds beyond the cached target (expected: :attr:`swapped_bytes`)."""
-        return extra_storage_bytes(self.working, self.target.model)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from engine.errors import GraftError
 from engine.models import LoadedModel, ModelSpec, load_model
 from engine.tiny import build_tiny
 from engine.beforeafter import transfer_metrics
-from engine.transplant import SURGERY_CARD, ModuleSwap, check_swap_pair, extra_storage_bytes, save_transplant, swappable_modules
+from engine.reversible import extra_storage_bytes
+from engine.transplant import SURGERY_CARD, ModuleSwap, check_swap_pair, save_transplant, swappable_modules
 
 PAIRS = {"gpt2": ("tiny-gpt2-a", "tiny-gpt2-b"), "llama": ("tiny-llama-a", "tiny-llama-b")}
 

@@ -24,7 +24,7 @@ import torch
 
 from ..beforeafter import evaluate_shared, load_sets, locked, metrics, rnd, side_by_side, transfer_scores
 from ..capture import budget_texts, per_text_limit
-from ..conjugate import Conjugation, ConjugationPlan, working_copy
+from ..conjugate import Conjugation, ConjugationPlan
 from ..conjugate_plan import plan_conjugation
 from ..context import ToolContext
 from ..errors import GraftError
@@ -34,6 +34,7 @@ from ..models import LoadedModel
 from ..params import param
 from ..progress import Progress
 from ..registry import Tool, register
+from ..reversible import working_copy
 from ..transplant import same_tokenizer
 
 MAPS = ("auto", "identity", "procrustes", "ridge")
