@@ -23,11 +23,10 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-from transformers import GenerationConfig
-
 from .errors import GraftError
-from .evaluate import _pad_left, context_length, eos_ids, frozen, model_device, pad_id, perplexity
+from .evaluate import context_length, perplexity
 from .progress import Progress, silent
+from .scoring import greedy_continuations
 
 N_WORST = 5
 
@@ -46,33 +45,6 @@ def retained_prompts(tokenizer: Any, texts: Sequence[str], prompt_tokens: int, m
     limit = max(1, min(int(prompt_tokens), int(max_length)))
     return [list(tokenizer(t, add_special_tokens=True, truncation=True, max_length=limit)["input_ids"])[:limit]
             for t in texts]
-
-
-def greedy_continuations(model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, max_new_tokens: int,
-                         batch_size: int = 8) -> list[list[int]]:
-    """Greedy continuation token ids of each prompt (left-padded batches, in prompt order; cut at
-    the first end-of-sequence token). Empty prompts get an empty continuation."""
-    dev = model_device(model)
-    stops = eos_ids(model, tokenizer)
-    fill = pad_id(tokenizer)
-    cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1,
-                           pad_token_id=fill, eos_token_id=stops or None)
-    out: list[list[int]] = [[] for _ in prompts]
-    order = [i for i in range(len(prompts)) if prompts[i]]
-    with frozen(model):
-        for b0 in range(0, len(order), max(1, batch_size)):
-            idx = order[b0:b0 + batch_size]
-            ids, mask = _pad_left([list(prompts[i]) for i in idx], fill, dev)
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
-            new = gen[:, ids.shape[1]:].tolist()
-            for r, i in enumerate(idx):
-                toks = new[r]
-                for k, t in enumerate(toks):
-                    if t in stops:
-                        toks = toks[:k]
-                        break
-                out[i] = toks
-    return out
 
 
 def interference(
@@ -110,10 +82,11 @@ def interference(
     progress(0.25, "retained perplexity of T'")
     pa = perplexity(model_after, tokenizer, texts, batch_size=batch_size, max_length=max_length)
     prompts = retained_prompts(tokenizer, texts, prompt_tokens, max(1, ctx - max_new))
+    order = [i for i in range(len(prompts)) if prompts[i]]  # an empty prompt gets an empty continuation
     progress(0.5, "greedy continuations of T")
-    gb = greedy_continuations(model_before, tokenizer, prompts, max_new_tokens=max_new, batch_size=batch_size)
+    gb = greedy_continuations(model_before, tokenizer, prompts, max_new_tokens=max_new, batch_size=batch_size, order=order)
     progress(0.75, "greedy continuations of T'")
-    ga = greedy_continuations(model_after, tokenizer, prompts, max_new_tokens=max_new, batch_size=batch_size)
+    ga = greedy_continuations(model_after, tokenizer, prompts, max_new_tokens=max_new, batch_size=batch_size, order=order)
     rows = []
     changes = []
     n_prompts = n_changed = 0

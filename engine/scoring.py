@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from transformers import GenerationConfig
@@ -49,6 +49,37 @@ def answer_matches(generation: str, reference: str) -> bool:
     return bool(raw) and raw in " ".join(generation.lower().split())
 
 
+def greedy_continuations(model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, max_new_tokens: int,
+                         batch_size: int = 8, device: DeviceLike = None,
+                         order: Optional[Sequence[int]] = None) -> list[list[int]]:
+    """Greedy continuation token ids of each prompt, cut at the first end-of-sequence token.
+
+    The prompts (token ids) go to the model in left-padded batches of ``batch_size``, taken in
+    ``order`` (indices into ``prompts``; default: prompt order); a prompt not in ``order`` gets an
+    empty continuation. A fresh generation config: greedy, no sampling knobs inherited from the
+    checkpoint.
+    """
+    dev = model_device(model, device)
+    stops = eos_ids(model, tokenizer)
+    fill = pad_id(tokenizer)
+    cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1,
+                           pad_token_id=fill, eos_token_id=stops or None)
+    out: list[list[int]] = [[] for _ in prompts]
+    with frozen(model):
+        for idx in _batches(range(len(prompts)) if order is None else order, batch_size):
+            ids, mask = _pad_left([list(prompts[i]) for i in idx], fill, dev)
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+            new = gen[:, ids.shape[1]:].tolist()
+            for r, i in enumerate(idx):
+                toks = new[r]
+                for k, t in enumerate(toks):
+                    if t in stops:
+                        toks = toks[:k]
+                        break
+                out[i] = toks
+    return out
+
+
 def generate_greedy(
     model: Any,
     tokenizer: Any,
@@ -58,40 +89,19 @@ def generate_greedy(
     batch_size: int = 8,
     device: DeviceLike = None,
 ) -> list[str]:
-    """Greedy continuations of :func:`format_prompt` for each question (left-padded batches).
+    """Greedy continuations of :func:`format_prompt` for each question (left-padded batches,
+    longest prompt first).
 
     Decoding stops at an end-of-sequence token; the text is decoded without special tokens and
     stripped.
     """
-    dev = model_device(model, device)
     max_new_tokens = max(1, min(int(max_new_tokens), context_length(model) - 1))
     room = context_length(model) - max_new_tokens
     prompts = [fit_prompt(encode_prompt(tokenizer, q), room) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    stops = eos_ids(model, tokenizer)
-    fill = pad_id(tokenizer)
-    # A fresh config: greedy, no sampling knobs inherited from the checkpoint.
-    gen_cfg = GenerationConfig(
-        max_new_tokens=int(max_new_tokens),
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=fill,
-        eos_token_id=stops or None,
-    )
-    out: list[str] = [""] * len(prompts)
-    with frozen(model):
-        for idx in _batches(order, batch_size):
-            ids, mask = _pad_left([prompts[i] for i in idx], fill, dev)
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-            new = gen[:, ids.shape[1] :].tolist()
-            for r, i in enumerate(idx):
-                toks = new[r]
-                for k, t in enumerate(toks):
-                    if t in stops:
-                        toks = toks[:k]
-                        break
-                out[i] = tokenizer.decode(toks, skip_special_tokens=True).strip()
-    return out
+    toks = greedy_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                device=device, order=order)
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in toks]
 
 
 def task_score(
