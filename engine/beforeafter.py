@@ -11,17 +11,10 @@ from typing import Any, Iterator, Optional
 from .data import ConceptSet, builtin_concept_path, builtin_retained_path, load_concept_set
 from .evalcache import evaluate_model
 from .evaluate import word_diff
+from .jsonsafe import rnd
 from .progress import Progress
 
 METRIC_KEYS = ("ppl_concept", "ppl_retained", "task_score", "task_score_exact", "task_score_graded")
-
-
-def rnd(x: Any, nd: int = 6) -> Optional[float]:
-    """Round for JSON; None for anything missing or not finite (never NaN/Infinity)."""
-    if x is None or isinstance(x, bool):
-        return None
-    x = float(x)
-    return round(x, nd) + 0.0 if math.isfinite(x) else None  # + 0.0 turns -0.0 into 0.0
 
 
 def _finite(x: Any) -> bool:

@@ -47,8 +47,9 @@ import torch
 from torch import nn
 
 from .arch import LinearModule
-from .conjugate_maps import MAP_KINDS, SideMap, _r
+from .conjugate_maps import MAP_KINDS, SideMap
 from .errors import GraftError
+from .jsonsafe import rnd
 from .models import LoadedModel
 from .progress import ProgressLike, as_progress
 from .reversible import ReversibleEdit, working_copy
@@ -89,8 +90,8 @@ class ModulePlan:
             "name": self.name, "layer": self.layer, "canonical": self.canonical, "kind": self.kind,
             "target_name": self.target_name, "target_layer": self.target_layer,
             "status": self.status, "reason": self.reason,
-            "rank": self.rank, "k": self.k, "energy_kept": _r(self.energy_kept),
-            "delta_norm": _r(self.delta_norm), "target_delta_norm": _r(self.target_delta_norm),
+            "rank": self.rank, "k": self.k, "energy_kept": rnd(self.energy_kept, 8),
+            "delta_norm": rnd(self.delta_norm, 8), "target_delta_norm": rnd(self.target_delta_norm, 8),
             "input": self.input.report() if self.input else None,
             "output": self.output.report() if self.output else None,
         }
@@ -139,7 +140,7 @@ class ConjugationPlan:
             "n_modules": len(self.modules), "n_conjugated": len(conj), "n_skipped": len(self.modules) - len(conj),
             "n_target_modules": len(self.target_modules()),
             "map_counts": self.map_counts(),
-            "mean_energy_kept": _r(sum(m.energy_kept for m in conj) / len(conj)) if conj else None,
+            "mean_energy_kept": rnd(sum(m.energy_kept for m in conj) / len(conj), 8) if conj else None,
             "modules": [m.report() for m in self.modules],
             "skipped": [{"name": m.name, "reason": m.reason} for m in self.skipped],
             "warnings": list(self.warnings),

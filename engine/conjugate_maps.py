@@ -59,6 +59,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .errors import GraftError
+from .jsonsafe import rnd
 from .linalg import procrustes_fit, residual, ridge_map, split_rows
 
 IDENTITY_TOL = 1e-4
@@ -108,20 +109,13 @@ class SideMap:
 
     def report(self) -> dict[str, Any]:
         return {
-            "map": self.kind, "heldout_residual": _r(self.heldout_residual), "fit_residual": _r(self.fit_residual),
-            "residuals": {k: _r(v) for k, v in self.residuals.items()},
-            "fit_residuals": {k: _r(v) for k, v in self.fit_residuals.items()},
-            "scale": _r(self.scale), "ridge_alpha": self.ridge_alpha, "rank": self.rank, "underdetermined": bool(self.underdetermined),
+            "map": self.kind, "heldout_residual": rnd(self.heldout_residual, 8), "fit_residual": rnd(self.fit_residual, 8),
+            "residuals": {k: rnd(v, 8) for k, v in self.residuals.items()},
+            "fit_residuals": {k: rnd(v, 8) for k, v in self.fit_residuals.items()},
+            "scale": rnd(self.scale, 8), "ridge_alpha": self.ridge_alpha, "rank": self.rank, "underdetermined": bool(self.underdetermined),
             "width_from": self.d_src, "width_to": self.d_dst, "n_fit": self.n_fit, "n_heldout": self.n_heldout,
             "reason": self.reason,
         }
-
-
-def _r(x: Any, nd: int = 8) -> Optional[float]:
-    if x is None or isinstance(x, bool):
-        return None
-    x = float(x)
-    return round(x, nd) + 0.0 if math.isfinite(x) else None
 
 
 def _res(pred: torch.Tensor, Y: torch.Tensor) -> float:

@@ -26,6 +26,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .jsonsafe import rnd
+
 OPERATIONS = ("module_swap", "organ", "conjugation")
 TITLES = {"module_swap": "Module swap", "organ": "Organ transplant", "conjugation": "Rank-k conjugation"}
 ORGAN_LENGTH = 3  # METHODS.md T9's default organ: k = 3 contiguous blocks
@@ -41,10 +43,6 @@ class Thresholds:
     min_map_alignment: float
     rank_energy: float
     positions: int
-
-
-def _r(x: Optional[float], nd: int = 4) -> Optional[float]:
-    return None if x is None else round(float(x), nd) + 0.0
 
 
 def _median(xs: list[float]) -> Optional[float]:
@@ -82,7 +80,7 @@ def layer_maps(procrustes: dict[str, Any]) -> list[dict[str, Any]]:
         best = min(v for _, v in cands)
         name, res = next((n, v) for n, v in cands if v <= best + MAP_TOLERANCE)
         out.append({"donor_layer": l["donor_layer"], "target_layer": l["target_layer"], "map": name,
-                    "residual_heldout": _r(res), "alignment": _r(1.0 - res)})
+                    "residual_heldout": rnd(res, 4), "alignment": rnd(1.0 - res, 4)})
     return out
 
 
@@ -119,11 +117,11 @@ def module_swap(compat: dict[str, Any], coords: dict[str, Optional[float]], rank
     t1_reasons = list(compat["reasons"].get("module_swap") or [])
     ev = [_ev("T1", "verdict", "possible" if compat["verdicts"]["module_swap"] else "impossible"),
           _ev("T1", "swappable modules", f"{compat['swappable_modules']} of {compat['shared_modules']} shared"),
-          _ev("T1", "tokenizer overlap (Jaccard)", _r(compat["tokenizer_overlap"]))]
+          _ev("T1", "tokenizer overlap (Jaccard)", rnd(compat["tokenizer_overlap"], 4))]
     if not compat["verdicts"]["module_swap"]:
         return _op("module_swap", False, {}, ["T1: " + (t1_reasons[0] if t1_reasons else "not possible")], ev)
-    ev.append(_ev("T3", "median identity residual (held-out)", _r(coords["identity"])))
-    ev.append(_ev("T3", "median Procrustes residual (held-out)", _r(coords["procrustes"])))
+    ev.append(_ev("T3", "median identity residual (held-out)", rnd(coords["identity"], 4)))
+    ev.append(_ev("T3", "median Procrustes residual (held-out)", rnd(coords["procrustes"], 4)))
     same, why = same_coordinates(coords, th)
     if not same:
         return _op("module_swap", False, {}, ["T3: " + why + "; use rank-k conjugation"], ev)
@@ -137,13 +135,13 @@ def module_swap(compat: dict[str, Any], coords: dict[str, Optional[float]], rank
            _ev("T7", "top module", f"{mods[0]['name']} (score {mods[0]['score']:.3g})" if mods else None),
            _ev("T7", "attention / MLP in the top K", f"{sum(m['kind'] == 'attention' for m in top)} / "
                                                      f"{sum(m['kind'] == 'mlp' for m in top)}"),
-           _ev("T7", "mean consistency of the top K", _r(sum(m["consistency"] for m in top) / max(len(top), 1)))]
+           _ev("T7", "mean consistency of the top K", rnd(sum(m["consistency"] for m in top) / max(len(top), 1), 4))]
     if share is None:
         reasons = [why, f"T7: every module scores 0 (the donor computes what the target computes): any K is a no-op; K = {k}"]
     else:
         reasons = [why, f"T7: the top {k} of {len(mods)} modules hold {share:.0%} of the activation difference"]
     reasons += [r for r in t1_reasons[1:] if "tokenizers differ" in r or "layer counts" in r]
-    return _op("module_swap", True, {"k": k, "score_share": _r(share), "n_modules": len(mods)}, reasons, ev)
+    return _op("module_swap", True, {"k": k, "score_share": rnd(share, 4), "n_modules": len(mods)}, reasons, ev)
 
 
 # ------------------------------------------------------------------------------------------- organ
@@ -168,13 +166,13 @@ def organ(compat: dict[str, Any], bridge: dict[str, Any], th: Thresholds) -> dic
           _ev("T4", "smallest bridged epsilon", f"{b_br[0][1]:.3f} at p={b_br[0][0]}" if b_br else None)]
     t1 = compat["reasons"]
     if compat["verdicts"]["organ_direct"] and b_raw and b_raw[0][1] < th.epsilon_direct:
-        settings.update(mode="direct", positions=[p for p, _ in b_raw], epsilon=[_r(e) for _, e in b_raw])
+        settings.update(mode="direct", positions=[p for p, _ in b_raw], epsilon=[rnd(e, 4) for _, e in b_raw])
         return _op("organ", True, settings, [f"T4: direct replacement plausible: epsilon {b_raw[0][1]:.3f} < "
                                              f"{th.epsilon_direct:g} at target block {b_raw[0][0]}"], ev)
     if compat["verdicts"]["organ_bridged"] and b_br and b_br[0][1] < th.epsilon_bridged:
         why = (f"T4: raw epsilon {b_raw[0][1]:.3f} ≥ {th.epsilon_direct:g}" if b_raw and compat["verdicts"]["organ_direct"]
                else "T1: " + ((t1.get("organ_direct") or ["direct replacement impossible"])[0]))
-        settings.update(mode="bridged", positions=[p for p, _ in b_br], epsilon=[_r(e) for _, e in b_br])
+        settings.update(mode="bridged", positions=[p for p, _ in b_br], epsilon=[rnd(e, 4) for _, e in b_br])
         return _op("organ", True, settings, [why + "; direct replacement not advised",
                                              f"T4: through a linear bridge epsilon {b_br[0][1]:.3f} < "
                                              f"{th.epsilon_bridged:g} at target block {b_br[0][0]}"], ev)
@@ -192,11 +190,11 @@ def conjugation(compat: dict[str, Any], cka: dict[str, Any], procrustes: dict[st
     counts = {n: sum(m["map"] == n for m in maps) for n in ("identity", "procrustes", "ridge")}
     same, why_same = same_coordinates(coords, th)
     settings: dict[str, Any] = {"map": "identity" if same else "auto", "plain_merge_advised": same,
-                                "layers": maps, "mean_map_alignment": _r(mean_al)}
-    ev = [_ev("T2", "mean CKA along the matching", _r(cka["mean_matched_cka"])),
-          _ev("T3", "mean alignment of the best map per layer", _r(mean_al)),
+                                "layers": maps, "mean_map_alignment": rnd(mean_al, 4)}
+    ev = [_ev("T2", "mean CKA along the matching", rnd(cka["mean_matched_cka"], 4)),
+          _ev("T3", "mean alignment of the best map per layer", rnd(mean_al, 4)),
           _ev("T3", "maps (identity / Procrustes / ridge)", f"{counts['identity']} / {counts['procrustes']} / {counts['ridge']}"),
-          _ev("T3", "median identity residual (held-out)", _r(coords["identity"]))]
+          _ev("T3", "median identity residual (held-out)", rnd(coords["identity"], 4))]
     reasons = []
     if spectrum is not None:
         sm = spectrum["summary"]

@@ -3,13 +3,22 @@
 Tools report undefined numbers as ``None`` with a status or note (as TIR does when S(T) = 0).
 :func:`strict` is the last line of defence: it turns any non-finite float that slipped through
 into ``None`` and returns where it did so, so the envelope can say which fields were undefined
-instead of silently writing ``NaN``.
+instead of silently writing ``NaN``. :func:`rnd` rounds one number for a result (None when it is
+missing or not finite), the first line.
 """
 from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Optional
+
+
+def rnd(x: Any, nd: int = 6) -> Optional[float]:
+    """Round for JSON; None for anything missing or not finite (never NaN/Infinity)."""
+    if x is None or isinstance(x, bool):
+        return None
+    x = float(x)
+    return round(x, nd) + 0.0 if math.isfinite(x) else None  # + 0.0 turns -0.0 into 0.0
 
 
 def strict(obj: Any, path: str = "") -> tuple[Any, list[str]]:
