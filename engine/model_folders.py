@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # A make-donor folder (engine/donor.py): DONOR_CARD plus the merged model in DONOR_MERGED/.
 DONOR_CARD = "card.json"
 DONOR_MERGED = "merged"
-SURGERY_CARD = "surgery.json"  # a saved transplant (engine/transplant.py, same name)
+SURGERY_CARD = "surgery.json"  # the card of a saved transplant (written by engine/transplant.py)
 TWIN_CARD = "twin.json"  # a rotated twin (engine/twin.py, same name)
 
 

@@ -35,11 +35,11 @@ from torch import nn
 
 from .arch import LinearModule
 from .errors import GraftError
+from .model_folders import SURGERY_CARD
 from .models import LoadedModel, state_dict_hash
 from .paths import check_writable_parent, discard_staging, replace_dir, staging_dir
 from .reversible import ReversibleEdit, working_copy
 
-SURGERY_CARD = "surgery.json"
 SURGERY_FORMAT = "graft-surgery/1"
 _TENSORS = ("weight", "bias")
 
