@@ -37,30 +37,35 @@ def _make_parent(folder: Path, what: str) -> None:
         raise GraftError(f"{what}: cannot create folder {folder} ({e.strerror or e})") from None
 
 
-def check_output_file(path: str | Path, what: str = "output") -> Path:
-    """``path`` can be written as a file: it is not a folder and its folder takes a new file."""
+def _output_path(path: str | Path, what: str) -> Path:
     p = Path(path).expanduser()
     if not str(path).strip():
         raise GraftError(f"{what}: empty path")
+    return p
+
+
+def _parent_takes_new_entry(p: Path, what: str) -> Path:
+    _make_parent(p.parent, what)
+    _probe(p.parent, what)
+    return p
+
+
+def check_output_file(path: str | Path, what: str = "output") -> Path:
+    """``path`` can be written as a file: it is not a folder and its folder takes a new file."""
+    p = _output_path(path, what)
     if p.is_dir():
         raise GraftError(f"{what}: {p} is a folder; give a file name such as {p / 'result.json'}")
     if p.exists() and not os.access(p, os.W_OK):
         raise GraftError(f"{what}: {p} exists and is read-only")
-    _make_parent(p.parent, what)
-    _probe(p.parent, what)
-    return p
+    return _parent_takes_new_entry(p, what)
 
 
 def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     """``path`` can become a folder: it is not a file, and its parent takes a new entry."""
-    p = Path(path).expanduser()
-    if not str(path).strip():
-        raise GraftError(f"{what}: empty path")
+    p = _output_path(path, what)
     if p.exists() and not p.is_dir():
         raise GraftError(f"{what}: {p} exists and is a file, not a folder")
-    _make_parent(p.parent, what)
-    _probe(p.parent, what)
-    return p
+    return _parent_takes_new_entry(p, what)
 
 
 def check_input_file(path: str | Path, what: str = "input") -> Path:
