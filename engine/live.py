@@ -58,6 +58,11 @@ class LiveTransplants:
                     old.swap.rollback()
         return live.id
 
+    def keep_reapplied(self, swap: ModuleSwap, card: dict[str, Any]) -> str:
+        """Apply a transplant again after its run rolled it back and verified it, and keep it (:meth:`keep`)."""
+        swap.apply()  # the app keeps T' applied: roll back and save are then one click each
+        return self.keep(swap, card)
+
     def get(self, live_id: Optional[str]) -> Optional[LiveTransplant]:
         if not live_id:
             return None

@@ -96,6 +96,11 @@ class ReversibleEdit:
             return False
         return all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
+    def matches_target(self) -> bool:
+        """True when the working copy is the target again (after a rollback): the same weight hash
+        and, tensor by tensor, the same values."""
+        return self.weight_hash() == self.hash_before() and self.verify_rollback()
+
     def extra_bytes(self) -> int:
         """Bytes the working copy holds beyond the cached target."""
         return extra_storage_bytes(self.working, self.target.model)

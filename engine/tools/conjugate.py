@@ -223,7 +223,7 @@ def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progr
     if roll:
         progress(0.96, "rolling back: " + why)
         conj.rollback()
-        exact = conj.weight_hash() == hash_t and conj.verify_rollback()
+        exact = conj.matches_target()
     elif params.save:
         progress(0.96, f"saving T' to {params.save}")
         saved_to = conj.save(params.save, **extra)
@@ -232,7 +232,7 @@ def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progr
         live_id = ctx.live.keep(conj, card)  # the app keeps T' applied for one-click roll back / save
     elif not roll:
         conj.rollback()  # the CLI never leaves an applied working copy behind
-        exact = conj.weight_hash() == hash_t and conj.verify_rollback()
+        exact = conj.matches_target()
     untouched = target.state_hash() == hash_t
     progress(1.0, "done")
     return ConjugateResult(

@@ -131,14 +131,11 @@ def compute_organ_insert(ctx: ToolContext, params: OrganInsertParams, progress: 
     t0 = time.perf_counter()
     ins.rollback()
     rollback_s = time.perf_counter() - t0
-    exact = ins.weight_hash() == hash_t and ins.verify_rollback()
+    exact = ins.matches_target()
     untouched = ctx.target.state_hash() == hash_t
     ctx.meta["seconds_insert"] = round(log["insert_seconds"], 4)  # timings vary run to run: meta, not result
     ctx.meta["seconds_rollback"] = round(rollback_s, 4)
-    live_id = None
-    if ctx.live is not None and exact:
-        ins.apply()  # the app keeps T' applied: roll back and save are one click each
-        live_id = ctx.live.keep(ins, card)
+    live_id = ctx.live.keep_reapplied(ins, card) if ctx.live is not None and exact else None
     progress(1.0, "done")
     return OrganInsertResult(
         mode=params.mode, bridge=params.bridge if params.mode == "bridged" else None, position=p0, placements=rows,

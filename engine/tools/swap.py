@@ -145,12 +145,9 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
 
     progress(0.95, "rolling back and verifying")
     swap.rollback()
-    bit_exact = swap.weight_hash() == hash_t and swap.verify_rollback()
+    bit_exact = swap.matches_target()
     untouched = ctx.target.state_hash() == hash_t
-    live_id = None
-    if ctx.live is not None and bit_exact:
-        swap.apply()  # the app keeps T' applied: rollback and save are then one click each
-        live_id = ctx.live.keep(swap, card)
+    live_id = ctx.live.keep_reapplied(swap, card) if ctx.live is not None and bit_exact else None
     progress(1.0, "done")
     return SwapResult(
         modules=chosen,
