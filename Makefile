@@ -48,6 +48,8 @@ bench: prepare
 	$(PY) bench/alignment.py
 	$(PY) bench/transplant.py
 	$(PY) bench/lora.py
+	$(PY) bench/tools.py
+	$(PY) bench/firstpaint.py
 
 screenshots: prepare
 	$(PY) docs/screenshots.py --donor smollm2-135m-instruct+concept --target smollm2-135m-instruct

@@ -1,8 +1,9 @@
-"""Full-page screenshots of the app for the docs: docs/{home,models,alignment,transplant,compare,runs}.png.
+"""Full-page screenshots of the app for the docs: one PNG per page in docs/.
 
 Starts ``streamlit run app.py`` on a free port, drives it with Playwright in Debian chromium,
-runs T1 on Models, T2/T3/T4 on Alignment, T7/T11/T8 on Transplant, opens the swap on Compare,
-then saves one PNG per page.
+runs T1 on Models, T2/T3/T4 on Alignment, the go / no-go, T5/T6 and the conjugation on Concept,
+T7/T11/T8 on Transplant, opens the swap on Compare, checks it with T12/T13 on Verdict, extracts an
+organ and inserts it (with T9 at three positions) on Organs, then shows Runs.
 
     python docs/screenshots.py                      # demo pair once built, else the tiny pair
     python docs/screenshots.py --donor tiny-llama-a --target tiny-gpt2-b --home /tmp/graft
@@ -102,11 +103,27 @@ def full_page_png(page, path: Path) -> None:
 
 def run_and_wait(page, button: str, n_plots: int, timeout_s: float) -> None:
     page.get_by_role("button", name=button).click()
-    page.wait_for_function(
-        "n => document.querySelectorAll('.js-plotly-plot').length >= n && "
-        "!document.querySelector('[data-testid=stProgress]')",
-        arg=n_plots, timeout=timeout_s * 1000,
-    )
+    try:
+        page.wait_for_function(
+            "n => document.querySelectorAll('.js-plotly-plot').length >= n && "
+            "!document.querySelector('[data-testid=stProgress]')",
+            arg=n_plots, timeout=timeout_s * 1000,
+        )
+    except Exception:
+        shot = Path(tempfile.gettempdir()) / f"graft-screenshots-failed-{button.replace(' ', '-')}.png"
+        full_page_png(page, shot)
+        raise RuntimeError(f"'{button}' did not give {n_plots} figure(s) in {timeout_s:g} s; the page is in {shot}") from None
+
+
+def set_param(page, tool: str, name: str, value: str) -> None:
+    """Type a tool parameter into its widget (opening the tool's Parameters expander first)."""
+    box = page.locator(f".st-key-param-{tool}-{name}")
+    field = box.locator("input").first
+    if not field.is_visible():
+        box.locator("xpath=ancestor::details[1]/summary").click()
+    field.fill(value)
+    field.press("Enter")
+    page.wait_for_timeout(800)
 
 
 def goto_page(page, title: str) -> None:
@@ -123,11 +140,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs"), help="folder for the PNGs")
     ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for each tool run")
     ap.add_argument("--only-home", action="store_true", help="only the Start here page (home.png)")
-    ap.add_argument("--pages", default="home,models,alignment,concept,transplant,compare,runs",
+    ap.add_argument("--pages", default="home,models,alignment,gonogo,concept,transplant,compare,verdict,organs,runs",
                     help="comma-separated pages to shoot, in this order (default: all)")
     ap.add_argument("--swap-k", type=int, default=0,
                     help="K for the T11 swap (default: 128 for the demo pair, where the K sweep shows knowledge moving; "
                          "else the tool's default)")
+    ap.add_argument("--t13-max-steps", type=int, default=32,
+                    help="T13's max_steps for the Verdict shot (the tool's default, 128, takes about 10 minutes on "
+                         "SmolLM2 on 2 CPU cores; layers that do not converge are flagged in the figure)")
+    ap.add_argument("--t9-positions", default="0,10,20", help="T9's positions for the Organs shot")
     args = ap.parse_args()
 
     env = dict(os.environ)
@@ -167,6 +188,11 @@ def main() -> None:
                     run_and_wait(page, f"Run {code}", n, args.timeout)
                 full_page_png(page, out / "alignment.png")
 
+            if "gonogo" in pages:
+                goto_page(page, "Go / no-go")
+                run_and_wait(page, "Run go / no-go", 1, args.timeout)
+                full_page_png(page, out / "gonogo.png")
+
             if "concept" in pages:
                 goto_page(page, "Concept")
                 run_and_wait(page, "Run T5", 1, args.timeout)
@@ -193,6 +219,22 @@ def main() -> None:
                 page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
                 page.locator("table.graft-gen").first.wait_for(timeout=60_000)
                 full_page_png(page, out / "compare.png")
+
+            if "verdict" in pages:  # the swap made on Transplant, rebuilt from the run history
+                goto_page(page, "Verdict")
+                run_and_wait(page, "Run T12", 1, args.timeout)
+                set_param(page, "attribution", "max_steps", str(args.t13_max_steps))
+                run_and_wait(page, "Run T13", 2, args.timeout)
+                full_page_png(page, out / "verdict.png")
+
+            if "organs" in pages:
+                goto_page(page, "Organs")
+                run_and_wait(page, "Extract organ", 1, args.timeout)  # the organ picker then picks it
+                page.wait_for_timeout(1500)
+                run_and_wait(page, "Insert organ", 2, args.timeout)
+                set_param(page, "position-sweep", "positions", args.t9_positions)
+                run_and_wait(page, "Run T9", 3, args.timeout)
+                full_page_png(page, out / "organs.png")
 
             if "runs" in pages:
                 goto_page(page, "Runs")

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from .capture import Capture
@@ -73,26 +74,27 @@ def drop_outliers(al: Aligned, factor: float) -> Aligned:
 
 
 def _word_ids(cap: Capture) -> torch.Tensor:
-    """Index of the (text, word) each row belongs to, or -1; words numbered globally."""
+    """Index of the (text, word) each row belongs to, or -1; words numbered globally.
+
+    A row belongs to the word its character span overlaps most (the first such word on a tie);
+    a row that overlaps no word (a space, a special token) gets -1. One overlap matrix per text
+    (rows x words), in numpy."""
     assert cap.offsets is not None
-    starts: list[list[tuple[int, int]]] = [[(m.start(), m.end()) for m in _WORD.finditer(t)] for t in cap.texts]
-    base = [0]
-    for s in starts:
-        base.append(base[-1] + len(s))
-    out = torch.full((cap.n,), -1, dtype=torch.long)
-    for r in range(cap.n):
-        ti = int(cap.text_index[r])
-        a, b = int(cap.offsets[r, 0]), int(cap.offsets[r, 1])
-        best, best_ov = -1, 0
-        for wi, (ws, we) in enumerate(starts[ti]):
-            if ws >= b:
-                break
-            ov = min(b, we) - max(a, ws)
-            if ov > best_ov:
-                best, best_ov = wi, ov
-        if best >= 0:
-            out[r] = base[ti] + best
-    return out
+    text_index = cap.text_index.numpy()
+    offsets = cap.offsets.numpy()
+    out = np.full(cap.n, -1, dtype=np.int64)
+    base = 0
+    for ti, text in enumerate(cap.texts):
+        spans = np.array([(m.start(), m.end()) for m in _WORD.finditer(text)], dtype=np.int64).reshape(-1, 2)
+        rows = np.flatnonzero(text_index == ti)
+        if len(spans) and len(rows):
+            a, b = offsets[rows, 0:1], offsets[rows, 1:2]  # (r, 1)
+            overlap = np.minimum(b, spans[:, 1]) - np.maximum(a, spans[:, 0])  # (r, words)
+            best = overlap.argmax(1)
+            hit = overlap[np.arange(len(rows)), best] > 0
+            out[rows[hit]] = base + best[hit]
+        base += len(spans)
+    return torch.from_numpy(out)
 
 
 def _pool(resid: torch.Tensor, ids: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:

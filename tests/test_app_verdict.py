@@ -30,4 +30,7 @@ def test_verdict_runs_t12_and_t13_on_a_history_run(tiny_run):
     at.button(key="run-attribution").click().run()
     run_until(at, _charts(2), timeout=120)
     assert not at.exception and not at.error, texts(at.error)
-    assert "convergence delta" in texts(at.caption)
+    captions = texts(at.caption)
+    assert "convergence delta" in captions and "replaced by" in captions  # the baseline in words
+    # Each layer either converged or is named in a warning; the page says which.
+    assert "every layer of every model converged" in captions or "Not converged" in texts(at.warning)

@@ -74,8 +74,19 @@ def interference_details(envelope: dict[str, Any]) -> None:
 
 
 def attribution_details(envelope: dict[str, Any]) -> None:
+    """Under T13's figure: how it was computed, and whether every layer converged."""
     r = envelope["result"]
     secs = (envelope.get("meta") or {}).get("attribution_seconds") or {}
-    st.caption(f"captum LayerIntegratedGradients, {r.get('steps')} steps ({r.get('method')}); baseline: "
-               f"{r.get('baseline')}; largest |convergence delta| {vc.fmt_num(r.get('max_abs_delta'), 4)}"
+    rel = r.get("max_rel_delta")
+    st.caption(f"captum LayerIntegratedGradients ({r.get('method')}), {r.get('steps')} steps doubled per layer up to "
+               f"{r.get('max_steps')}; baseline: {r.get('baseline_text') or r.get('baseline')}; largest |convergence "
+               f"delta| {vc.fmt_num(r.get('max_abs_delta'), 4)}"
+               + (f", {vc.fmt_num(rel, 3)} of |F(x) − F(baseline)|" if rel is not None else "")
                + (" · seconds: " + ", ".join(f"{k} {v:g}" for k, v in secs.items()) if secs else ""))
+    flagged = {k: v for k, v in (r.get("unreliable") or {}).items() if v}
+    if flagged:
+        st.warning("Not converged within the tolerance (read these rows with care): "
+                   + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in flagged.items()), icon=":material/warning:")
+    else:
+        st.caption(f"{vc.CHECK} every layer of every model converged within the tolerance "
+                   f"({vc.fmt_num(r.get('tolerance'), 3)} of |F(x) − F(baseline)|).")

@@ -1,0 +1,77 @@
+"""Word alignment across tokenizers: the vectorised row -> word assignment equals the plain rule
+(most character overlap, first word on a tie, -1 when a row overlaps no word) on hostile texts."""
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import torch
+
+from engine.align import _WORD, _word_ids
+from engine.models import ModelSpec, load_model
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "",
+    "   leading and trailing spaces   ",
+    "naïve café — Zürich, 東京 and emoji 🌿🌿 mixed",
+    "a" * 300,
+    "tabs\tand\nnewlines\n\n between words",
+    "x",
+    "punctuation!!! ... ??? ,,, ;;;",
+]
+
+
+def reference(cap) -> torch.Tensor:
+    """The rule, written as a loop over rows and words."""
+    starts = [[(m.start(), m.end()) for m in _WORD.finditer(t)] for t in cap.texts]
+    base = [0]
+    for s in starts:
+        base.append(base[-1] + len(s))
+    out = torch.full((cap.n,), -1, dtype=torch.long)
+    for r in range(cap.n):
+        ti = int(cap.text_index[r])
+        a, b = int(cap.offsets[r, 0]), int(cap.offsets[r, 1])
+        best, best_ov = -1, 0
+        for wi, (ws, we) in enumerate(starts[ti]):
+            ov = min(b, we) - max(a, ws)
+            if ov > best_ov:
+                best, best_ov = wi, ov
+        if best >= 0:
+            out[r] = base[ti] + best
+    return out
+
+
+def capture_of(tokenizer, texts) -> SimpleNamespace:
+    index, offsets = [], []
+    for ti, text in enumerate(texts):
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        for a, b in enc["offset_mapping"]:
+            index.append(ti)
+            offsets.append((a, b))
+    return SimpleNamespace(texts=texts, text_index=torch.tensor(index, dtype=torch.long),
+                           offsets=torch.tensor(offsets, dtype=torch.long).reshape(-1, 2), n=len(index))
+
+
+def test_word_ids_match_the_rule_on_real_tokenizers():
+    for name in ("tiny-gpt2-a", "tiny-llama-b"):
+        tok = load_model(ModelSpec.parse(name)).tokenizer
+        cap = capture_of(tok, TEXTS)
+        got = _word_ids(cap)
+        assert torch.equal(got, reference(cap)), name
+        assert (got >= 0).any() and (got == -1).any()  # both cases occur
+
+
+def test_word_ids_match_the_rule_on_random_spans():
+    rng = random.Random(0)
+    texts = [" ".join("".join(rng.choice("ab ,") for _ in range(rng.randint(0, 8))) for _ in range(rng.randint(0, 30)))
+             for _ in range(40)]
+    index, offsets = [], []
+    for ti, t in enumerate(texts):
+        for _ in range(rng.randint(0, 25)):
+            a = rng.randint(0, len(t))
+            index.append(ti)
+            offsets.append((a, rng.randint(a, len(t))))
+    cap = SimpleNamespace(texts=texts, text_index=torch.tensor(index, dtype=torch.long),
+                          offsets=torch.tensor(offsets, dtype=torch.long).reshape(-1, 2), n=len(index))
+    assert torch.equal(_word_ids(cap), reference(cap))
