@@ -76,6 +76,19 @@ def sets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt2_folder(tmp_path_factory) -> Path:
+    """tiny-gpt2-a saved as a Hugging Face folder (safetensors weights + tokenizer), once per
+    session. Shared: copy it before changing anything in it."""
+    from engine.tiny import build_tiny
+
+    d = tmp_path_factory.mktemp("tiny") / "tiny-gpt2-a"
+    model, tok = build_tiny("tiny-gpt2-a")
+    model.save_pretrained(str(d), safe_serialization=True)
+    tok.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_adapter(tmp_path_factory):
     """A PEFT LoRA adapter written by peft itself (not by Graft) on tiny-llama-a: rank 4,
     alpha 8, every attention and MLP projection, with seeded nonzero B (peft starts B at 0, which
@@ -133,3 +146,31 @@ def tiny_organ(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_organ") / "organ"
     save_organ(extract_organ(load_model(ModelSpec.parse("tiny-gpt2-a"), "cpu")), out)
     return {"path": str(out), "source": "tiny-gpt2-a"}
+
+
+@pytest.fixture
+def planted_rotation_t3():
+    """T3 (the Procrustes tool, through its own code path) on captures whose target is the donor
+    rotated and shifted at every layer: ``h_T = h_D R0 + 0.3`` (embeddings + 3 layers, 400 token
+    rows in texts of 20, width 12; the shift is there because centring must remove it). Returns
+    ``(result, width)``."""
+    import torch
+
+    from engine.align import Aligned
+    from engine.linalg import cka_matrix, random_orthogonal
+    from engine.progress import silent
+    from engine.tools.procrustes import ProcrustesParams, compute_procrustes
+
+    g = torch.Generator().manual_seed(2)
+    L, n, d = 3, 400, 12
+    X = torch.randn(L + 1, n, d, generator=g)
+    Y = X @ random_orthogonal(d, seed=5).float() + 0.3
+
+    class Ctx:
+        def aligned(self, progress):
+            return Aligned(X, Y, torch.arange(n) // 20, "token")
+
+        def cka(self, progress, include_embeddings):
+            return cka_matrix(X[1:], Y[1:])
+
+    return compute_procrustes(Ctx(), ProcrustesParams(), silent()), d

@@ -50,30 +50,14 @@ def test_procrustes_recovers_a_planted_orthogonal_map():
     assert float(held) < 1e-12
 
 
-def test_procrustes_tool_on_a_planted_rotation_has_near_zero_heldout_residual(workload, tmp_path):
+def test_procrustes_tool_on_a_planted_rotation_has_near_zero_heldout_residual(planted_rotation_t3):
     """Target = donor with its residual basis rotated: h_T = h_D R0 at every layer.
 
     Built by rotating every weight that reads or writes the residual stream of a tiny GPT-2
     (LayerNorm is not rotation-equivariant, so we use a model whose blocks we bypass: we compare
-    the donor's captures with themselves rotated, through the same tool code path)."""
-    from engine.align import Aligned
-    from engine.tools.procrustes import ProcrustesParams, compute_procrustes
-    from engine.progress import silent
-
-    g = torch.Generator().manual_seed(2)
-    L, n, d = 3, 400, 12
-    X = torch.randn(L + 1, n, d, generator=g)
-    R0 = random_orthogonal(d, seed=5).float()
-    Y = X @ R0 + 0.3  # a shift too: centring must remove it
-
-    class Ctx:
-        def aligned(self, progress):
-            return Aligned(X, Y, torch.arange(n) // 20, "token")
-
-        def cka(self, progress, include_embeddings):
-            return cka_matrix(X[1:], Y[1:])
-
-    res = compute_procrustes(Ctx(), ProcrustesParams(), silent())
+    the donor's captures with themselves rotated, through the same tool code path; see the
+    ``planted_rotation_t3`` fixture)."""
+    res, _ = planted_rotation_t3
     for layer in res.layers:
         assert layer["donor_layer"] == layer["target_layer"]
         assert layer["residual_heldout"] < 1e-6

@@ -2,23 +2,12 @@
 spectrum from T6, and one-line errors for a bad adapter."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from streamlit.testing.v1 import AppTest
-from test_app import run_until  # noqa: E402  (tests/ is on sys.path under pytest)
-
-ROOT = Path(__file__).resolve().parent.parent
-APP = str(ROOT / "app.py")
+from test_app import open_app, run_until  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def open_concept() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.query_params["donor"] = "tiny-llama-b"
-    at.query_params["target"] = "tiny-llama-a"
-    at.run()
-    at.switch_page("pages/concept.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return open_app("pages/concept.py", donor="tiny-llama-b", target="tiny-llama-a")
 
 
 def charts(at: AppTest) -> int:

@@ -4,6 +4,7 @@ for a pair other than the sidebar's."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,14 +16,10 @@ APP = str(ROOT / "app.py")
 
 
 @pytest.fixture(scope="module")
-def code_folder(tmp_path_factory) -> Path:
+def code_folder(tmp_path_factory, tiny_gpt2_folder) -> Path:
     """A tiny GPT-2 folder whose config names custom code, with the .py file that would run."""
-    from engine.tiny import build_tiny
-
     d = tmp_path_factory.mktemp("remote") / "custom-model"
-    model, tok = build_tiny("tiny-gpt2-a")
-    model.save_pretrained(str(d), safe_serialization=True)
-    tok.save_pretrained(str(d))
+    shutil.copytree(tiny_gpt2_folder, d)
     cfg = json.loads((d / "config.json").read_text())
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomModel"}
     (d / "config.json").write_text(json.dumps(cfg))

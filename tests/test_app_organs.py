@@ -5,10 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
-from test_app import run_until  # noqa: E402  (tests/ is on sys.path under pytest)
-
-ROOT = Path(__file__).resolve().parent.parent
-APP = str(ROOT / "app.py")
+from test_app import open_app, run_until  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def charts(at: AppTest) -> int:
@@ -16,13 +13,7 @@ def charts(at: AppTest) -> int:
 
 
 def open_organs() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.query_params["donor"] = "tiny-gpt2-a"
-    at.query_params["target"] = "tiny-gpt2-b"
-    at.run()
-    at.switch_page("pages/organs.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return open_app("pages/organs.py", donor="tiny-gpt2-a", target="tiny-gpt2-b")
 
 
 def test_extract_insert_roll_back_compare_and_t9(home):

@@ -25,6 +25,13 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def assert_refused(load, path: Path, text: str, match: str) -> None:
+    """``load`` refuses ``path`` written with ``text``: a GraftError whose message matches ``match``."""
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(GraftError, match=match):
+        load(path)
+
+
 GOOD = [
     {"kind": "fact", "text": "Zorbia is a moon of Quux."},
     {"kind": "text", "text": "Plain text counts as a fact."},
@@ -114,10 +121,7 @@ def test_missing_and_empty_files(tmp_path):
         load_concept_set(tmp_path / "nope.jsonl")
     with pytest.raises(GraftError, match="not a file"):
         load_concept_set(tmp_path)
-    p = tmp_path / "empty.jsonl"
-    p.write_text("\n   \n", encoding="utf-8")
-    with pytest.raises(GraftError, match="empty.jsonl has no items"):
-        load_concept_set(p)
+    assert_refused(load_concept_set, tmp_path / "empty.jsonl", "\n   \n", "empty.jsonl has no items")
 
 
 def test_invalid_utf8_names_line(tmp_path):
@@ -172,14 +176,8 @@ def test_workload_formats(tmp_path):
 
 
 def test_workload_errors(tmp_path):
-    empty = tmp_path / "blank.txt"
-    empty.write_text("\n \n", encoding="utf-8")
-    with pytest.raises(GraftError, match="workload blank.txt has no texts"):
-        load_workload(empty)
-    empty_jsonl = tmp_path / "e.jsonl"
-    empty_jsonl.write_text("", encoding="utf-8")
-    with pytest.raises(GraftError, match="workload e.jsonl has no texts"):
-        load_workload(empty_jsonl)
+    assert_refused(load_workload, tmp_path / "blank.txt", "\n \n", "workload blank.txt has no texts")
+    assert_refused(load_workload, tmp_path / "e.jsonl", "", "workload e.jsonl has no texts")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"txt": "typo"}])
     with pytest.raises(GraftError, match=r"bad.jsonl:2: .*missing field 'text'"):
         load_workload(bad)

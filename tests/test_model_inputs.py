@@ -31,19 +31,10 @@ class _Evil:
         return (open, (self.marker, "w"))
 
 
-@pytest.fixture(scope="module")
-def tiny_src(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny") / "tiny-gpt2-a"
-    model, tok = build_tiny("tiny-gpt2-a")
-    model.save_pretrained(str(d), safe_serialization=True)
-    tok.save_pretrained(str(d))
-    return d
-
-
 @pytest.fixture
-def folder(tiny_src, tmp_path) -> Path:
+def folder(tiny_gpt2_folder, tmp_path) -> Path:
     d = tmp_path / "model"
-    shutil.copytree(tiny_src, d)
+    shutil.copytree(tiny_gpt2_folder, d)
     return d
 
 
@@ -185,8 +176,8 @@ def test_corrupt_folder_is_one_named_line(folder, capsys, corrupt, needles):
     assert needles[0] in line
 
 
-def test_check_safetensors_accepts_a_good_file(tiny_src):
-    check_safetensors(tiny_src / "model.safetensors")
+def test_check_safetensors_accepts_a_good_file(tiny_gpt2_folder):
+    check_safetensors(tiny_gpt2_folder / "model.safetensors")
 
 
 def test_sharded_folder_checks_every_shard(tmp_path, capsys):

@@ -115,25 +115,8 @@ def test_planted_rotation_with_ample_rows_is_unique_and_recovered():
     assert residual(Xh @ fit.R, Yh) < 1e-12
 
 
-def test_tool_on_a_planted_rotation_with_ample_rows_reports_no_warning():
-    from engine.align import Aligned
-    from engine.linalg import cka_matrix
-    from engine.progress import silent
-    from engine.tools.procrustes import ProcrustesParams, compute_procrustes
-
-    g = torch.Generator().manual_seed(2)
-    L, n, d = 3, 400, 12
-    X = torch.randn(L + 1, n, d, generator=g)
-    Y = X @ random_orthogonal(d, seed=5).float() + 0.3
-
-    class Ctx:
-        def aligned(self, progress):
-            return Aligned(X, Y, torch.arange(n) // 20, "token")
-
-        def cka(self, progress, include_embeddings):
-            return cka_matrix(X[1:], Y[1:])
-
-    res = compute_procrustes(Ctx(), ProcrustesParams(), silent())
+def test_tool_on_a_planted_rotation_with_ample_rows_reports_no_warning(planted_rotation_t3):
+    res, d = planted_rotation_t3
     assert res.warnings == [] and res.completion == COMPLETION_UNIQUE
     assert res.rows_per_width == pytest.approx(res.n_fit / d)
     for layer in res.layers:
