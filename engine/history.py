@@ -1,5 +1,5 @@
 """Run history in SQLite (WAL): every job's tool, parameters, models, status, timings, result
-JSON and artifact folder. Survives restarts; one connection per call keeps it thread-safe.
+JSON. Survives restarts; one connection per call keeps it thread-safe.
 
 Each run records its owner (pid, host and the process's start time): several app and CLI processes
 share one history, and a run left 'running' is marked interrupted only once its own process is gone."""
@@ -32,7 +32,6 @@ CREATE TABLE IF NOT EXISTS runs (
     duration_s REAL,
     result TEXT,
     error TEXT,
-    artifact_dir TEXT,
     source TEXT NOT NULL DEFAULT 'ui',
     owner_pid INTEGER,
     owner_host TEXT,
@@ -135,16 +134,16 @@ class History:
             conn.close()
 
     def create(self, run_id: Optional[str], tool: str, title: str, donor: str, target: str, params: dict[str, Any],
-               source: str = "ui", artifact_dir: str = "", *, owner: Optional[dict[str, Any]] = None) -> str:
+               source: str = "ui", *, owner: Optional[dict[str, Any]] = None) -> str:
         """Add a 'queued' run owned by this process (or by ``owner``: ``{"pid", "host", "started"}``).
         An empty ``run_id`` gets a ``new_run_id()``; returns the id."""
         run_id = run_id or new_run_id()
         o = owner if owner is not None else current_owner()
         with self._conn() as c:
             c.execute(
-                "INSERT INTO runs (id, tool, title, donor, target, params, status, created, source, artifact_dir, "
-                "owner_pid, owner_host, owner_started) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (run_id, tool, title, donor, target, json.dumps(params), "queued", time.time(), source, artifact_dir,
+                "INSERT INTO runs (id, tool, title, donor, target, params, status, created, source, "
+                "owner_pid, owner_host, owner_started) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (run_id, tool, title, donor, target, json.dumps(params), "queued", time.time(), source,
                  o.get("pid"), o.get("host"), o.get("started")),
             )
         return run_id
@@ -200,7 +199,7 @@ class History:
 
     def list(self, limit: int = 200, tool: Optional[str] = None) -> list[dict[str, Any]]:
         q = ("SELECT id, tool, title, donor, target, params, status, created, started, finished, duration_s, error, "
-             "artifact_dir, source, owner_pid, owner_host, owner_started FROM runs")
+             "source, owner_pid, owner_host, owner_started FROM runs")
         args: tuple = ()
         if tool:
             q += " WHERE tool=?"

@@ -48,6 +48,18 @@ def run_until(at: AppTest, done, timeout: float = 60.0) -> AppTest:
     return at
 
 
+def with_pair_loaded(at: AppTest, timeout: float = 300.0) -> AppTest:
+    """The sidebar loads the chosen pair in the background (engine/preload.py) and draws the T1
+    badge on the run after: wait for both loads, then rerun (what the badge's polling does)."""
+    from engine.models import ModelSpec
+    from ui.state import preloader
+
+    for role in ("donor", "target"):
+        state = preloader().request(ModelSpec.parse(at.session_state[role]), wait_s=timeout)
+        assert state.state == "loaded", state
+    return at.run()
+
+
 def has_chart(at: AppTest) -> bool:
     return len(at.get("plotly_chart")) > 0
 
@@ -91,8 +103,9 @@ def test_first_visit_sees_start_here_and_the_tiny_pair_with_a_build_note(home, n
     assert not at.exception
     assert "Start here" in texts(at.markdown)
     assert (at.session_state["donor"], at.session_state["target"]) == TINY
+    with_pair_loaded(at)
     sidebar = texts(at.sidebar.markdown) + texts(at.sidebar.caption)
-    assert "module swap ✓" in sidebar  # T1 badge computed instantly for ready built-ins
+    assert "module swap ✓" in sidebar  # T1 badge once the pair has loaded
     assert "demo pair" in sidebar  # the note saying why the tiny pair is selected
     assert any(b.key == "build-demo-sidebar" for b in at.sidebar.button)
 
@@ -102,7 +115,7 @@ def test_query_params_preselect_and_session_state_follows(home):
     assert at.sidebar.selectbox(key="donor_pick").value == "tiny-llama-a"
     assert at.sidebar.selectbox(key="target_pick").value == "tiny-gpt2-b"
     # Different families: no module swap, shown as a red badge.
-    assert "module swap ✗" in texts(at.sidebar.markdown)
+    assert "module swap ✗" in texts(with_pair_loaded(at).sidebar.markdown)
     at.sidebar.selectbox(key="donor_pick").set_value("tiny-gpt2-a").run()
     assert at.session_state["donor"] == "tiny-gpt2-a"
     at.sidebar.button(key="swap-models").click().run()
@@ -283,4 +296,5 @@ def test_first_visit_with_the_demo_built_selects_the_demo_pair(home):
     at = AppTest.from_file(APP, default_timeout=300).run()
     assert not at.exception, [e.value for e in at.exception]
     assert (at.session_state["donor"], at.session_state["target"]) == (DEMO_DONOR, SMOLLM2)
+    with_pair_loaded(at)
     assert "module swap ✓" in texts(at.sidebar.markdown) + texts(at.sidebar.caption)
