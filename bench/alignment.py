@@ -5,7 +5,7 @@ passes of both models over the same budgeted texts, same batching, no hooks), me
 ``--repeat`` runs. Also the peak process memory (RSS; each pair and budget runs in its own
 process so the peaks do not mix) and, on CUDA, the peak GPU memory. Usage:
 
-    python bench/alignment.py [--pairs tiny,smollm2] [--budgets 512,2048,8192] [--workload scale]
+    python bench/alignment.py [--pairs tiny,smollm2,gemma] [--budgets 512,2048,8192] [--workload scale]
                               [--device auto] [--dtype float32] [--repeat 3] [--json out.json]
 
 Workloads: ``concept`` is the bundled concept set (what the app runs by default; it holds about
@@ -130,7 +130,7 @@ def line(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", default="tiny,smollm2")
+    ap.add_argument("--pairs", default="tiny,smollm2,gemma", help="gemma is skipped, with a line, until `make gemma`")
     ap.add_argument("--budgets", default="512,2048,8192", help="token budgets (comma-separated)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto")
