@@ -55,3 +55,14 @@ def cached_hub_folder(ref: str) -> Optional[Path]:
         return Path(snapshot_download(ref, local_files_only=True))
     except Exception:  # huggingface_hub raises several types for "not cached"
         return None
+
+
+def cached_hub_models() -> list[str]:
+    """Causal-LM repos present in the local HF cache (for the model picker)."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        info = scan_cache_dir()
+    except Exception:
+        return []
+    return sorted(r.repo_id for r in info.repos if r.repo_type == "model")

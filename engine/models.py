@@ -307,13 +307,25 @@ def _load_folder(spec: ModelSpec, folder: Path, device: torch.device, dtype: tor
     return _finish(spec, model, tok, device, dtype, str(folder))
 
 
+# One model is built at a time in this process. transformers' from_pretrained is not safe to run in
+# two threads at once: with the app's background loads (engine/preload.py) beside a job, two
+# concurrent loads of the demo pair failed with "Cannot copy out of meta tensor". Reentrant, so a
+# load that loads another model in the same thread does not wait for itself.
+_LOAD_LOCK = threading.RLock()
+
+
 def load_model(
     spec: ModelSpec,
     device: str | torch.device = "auto",
     dtype: str = "float32",
     progress: Optional[Progress] = None,
 ) -> LoadedModel:
-    """Load a model (uncached). Use :class:`ModelStore` to share loaded models."""
+    """Load a model (uncached; one at a time per process). Use :class:`ModelStore` to share loaded models."""
+    with _LOAD_LOCK:
+        return _load_model(spec, device, dtype, progress)
+
+
+def _load_model(spec: ModelSpec, device: str | torch.device, dtype: str, progress: Optional[Progress]) -> LoadedModel:
     progress = progress or silent()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = resolve_dtype(dtype)
@@ -344,17 +356,6 @@ def load_model(
             )
         return _load_folder(spec, folder, dev, dt)
     raise GraftError(f"unknown model kind {spec.kind}")
-
-
-def cached_hub_models() -> list[str]:
-    """Causal-LM repos present in the local HF cache (for the model picker)."""
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        info = scan_cache_dir()
-    except Exception:
-        return []
-    return sorted(r.repo_id for r in info.repos if r.repo_type == "model")
 
 
 class ModelStore:

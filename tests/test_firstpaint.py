@@ -113,3 +113,23 @@ def test_a_pair_that_fails_to_load_says_why_in_the_sidebar(home, gated_load):
     assert not at.exception, [e.value for e in at.exception]
     assert "did not load: weights are truncated" in texts(at.sidebar.caption)
     assert any(b.key == "preload-retry" for b in at.sidebar.button)
+
+
+@pytest.mark.real
+def test_the_demo_pair_loads_in_two_background_threads_at_once():
+    """Both models of the demo pair requested together (what the sidebar does): two concurrent
+    from_pretrained calls once failed with "Cannot copy out of meta tensor"; loads are serialised."""
+    from engine.models import DEMO_DONOR, SMOLLM2
+    from ui.demo import demo_pair_ready
+
+    assert demo_pair_ready(), "`make prepare` builds SmolLM2 and the demo donor before the tests"
+    for _ in range(2):
+        store = ModelStore()
+        pre = Preloader(store)
+        specs = [ModelSpec.parse(DEMO_DONOR), ModelSpec.parse(SMOLLM2)]
+        for spec in specs:
+            pre.request(spec)  # both threads start before either finishes
+        states = [pre.request(spec, wait_s=300) for spec in specs]
+        assert [s.state for s in states] == [LOADED, LOADED], states
+        for spec in specs:
+            assert all(p.device.type != "meta" for p in store.get(spec).model.parameters())

@@ -17,7 +17,8 @@ import streamlit as st
 
 from engine.data import builtin_concept_path, load_workload
 from engine.errors import GraftError
-from engine.models import (BUILTIN_DESCRIPTIONS, DEMO_DONOR, SMOLLM2, ModelSpec, builtin_status, cached_hub_models,
+from engine.hf_folder import cached_hub_models
+from engine.models import (BUILTIN_DESCRIPTIONS, DEMO_DONOR, SMOLLM2, ModelSpec, builtin_status,
                            model_card, remote_code_files, resolve_device)
 from engine.params import RunOptions, build_params, param_specs
 from engine.paths import graft_home
