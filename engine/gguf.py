@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .errors import GraftError
+from .hf_folder import BUILD_LOCK
 from .modelfiles import _first_line, check_gguf
 from .paths import discard_staging, models_dir, replace_dir, staging_dir
 from .progress import Progress
@@ -59,7 +60,8 @@ def convert_gguf(gguf: Path, out: Path, progress: Progress) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     progress(0.05, f"dequantising {gguf.name} (once; later loads use the safetensors cache)")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with BUILD_LOCK:  # one model built at a time (engine/hf_folder.py)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     progress(0.8, "writing safetensors cache")
     # save_pretrained refuses a model that still carries its GGUF quantisation config.

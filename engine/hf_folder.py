@@ -4,6 +4,7 @@ from safetensors only (:func:`read_model_folder`), and find a hub id's folder in
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,6 +12,12 @@ import torch
 
 from .errors import GraftError
 from .modelfiles import _first_line, check_model_folder
+
+
+# One model is built at a time in this process: transformers' from_pretrained is not safe in two
+# threads at once (the app's two background loads of the demo pair failed every time with "Cannot
+# copy out of meta tensor"). Held only while a model is built, never while it is prepared or used.
+BUILD_LOCK = threading.RLock()
 
 
 def read_model_folder(folder: Path, dtype: torch.dtype, *, label: str, where: str, trust_remote_code: bool = False,
@@ -24,9 +31,10 @@ def read_model_folder(folder: Path, dtype: torch.dtype, *, label: str, where: st
 
     check_model_folder(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kw
-        )
+        with BUILD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kw
+            )
     except GraftError:
         raise
     except (ValueError, OSError, KeyError, RuntimeError, TypeError, AttributeError, IndexError,

@@ -32,7 +32,7 @@ import torch
 from .arch import ArchAdapter
 from .errors import GraftError
 from .gguf import convert_gguf, gemma3_gguf, gguf_folder, package_dir, smollm2_gguf
-from .hf_folder import cached_hub_folder, read_model_folder
+from .hf_folder import BUILD_LOCK, cached_hub_folder, read_model_folder
 from .model_folders import DONOR_MERGED, donor_card, folder_card, local_folder, model_path_kind, read_json
 from .paths import models_dir
 from .progress import Progress, silent
@@ -307,31 +307,20 @@ def _load_folder(spec: ModelSpec, folder: Path, device: torch.device, dtype: tor
     return _finish(spec, model, tok, device, dtype, str(folder))
 
 
-# One model is built at a time in this process. transformers' from_pretrained is not safe to run in
-# two threads at once: with the app's background loads (engine/preload.py) beside a job, two
-# concurrent loads of the demo pair failed with "Cannot copy out of meta tensor". Reentrant, so a
-# load that loads another model in the same thread does not wait for itself.
-_LOAD_LOCK = threading.RLock()
-
-
 def load_model(
     spec: ModelSpec,
     device: str | torch.device = "auto",
     dtype: str = "float32",
     progress: Optional[Progress] = None,
 ) -> LoadedModel:
-    """Load a model (uncached; one at a time per process). Use :class:`ModelStore` to share loaded models."""
-    with _LOAD_LOCK:
-        return _load_model(spec, device, dtype, progress)
-
-
-def _load_model(spec: ModelSpec, device: str | torch.device, dtype: str, progress: Optional[Progress]) -> LoadedModel:
+    """Load a model (uncached). Use :class:`ModelStore` to share loaded models."""
     progress = progress or silent()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = resolve_dtype(dtype)
     if spec.kind == "builtin":
         if spec.ref in TINY_MODELS:
-            model, tok = build_tiny(spec.ref)
+            with BUILD_LOCK:
+                model, tok = build_tiny(spec.ref)
             return _finish(spec, model, tok, dev, dt, "")
         if spec.ref == SMOLLM2:
             folder = prepare_smollm2(progress.sub(0, 0.8))
