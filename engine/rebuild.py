@@ -245,11 +245,15 @@ def reapply_check(edit: Any, recorded: Optional[str] = None) -> dict[str, Any]:
             "rollback_bit_exact": back, "hash_recorded": recorded}
 
 
-def save_for_check(working: nn.Module, tokenizer: Any, folder: Any, source: dict[str, Any]) -> Any:
-    """Save T' as a Hugging Face folder + surgery.json (what a user would save and reload)."""
+def save_for_check(working: nn.Module, tokenizer: Any, folder: Any, source: dict[str, Any], edit: Any = None) -> Any:
+    """Save T' as a Hugging Face folder + surgery.json (what a user would save and reload), through
+    the edit's own saver when it has one (a bridged organ keeps its bridges beside the folder)."""
     from .transplant import save_transplant
 
-    return save_transplant(working, tokenizer, folder, {"operation": "stability check", "source": source})
+    card = {"operation": "stability check", "source": source}
+    if edit is not None and hasattr(edit, "save_card"):
+        return edit.save_card(folder, card)
+    return save_transplant(working, tokenizer, folder, card)
 
 
 def reload_check(folder: Any, texts: Any, ppl_before_save: Optional[float], nll_before_save: list[Optional[float]],

@@ -231,3 +231,36 @@ def test_cli_commands_write_the_envelope(tmp_path, tiny_organ, sets, workload):
     proc = subprocess.run([sys.executable, "-m", "engine", "organ-insert", "--organ", str(tmp_path / "org"),
                            "--target", "tiny-llama-b", "--quiet"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "same family" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("mode", ["direct", "bridged"])
+def test_an_organ_run_is_rebuilt_from_the_history_and_checked_by_t12(store, tiny_organ, sets, workload, mode):
+    """After a restart an organ-insertion run is rebuilt (same organ, position, bridges on the same
+    workload) to the run's exact T' hash, and T12 runs on it by run id; a changed organ is refused."""
+    from engine.history import History, new_run_id
+    from engine.rebuild import rebuild_transplant, rebuildable_tools
+    from engine.runner import pair_labels
+
+    assert "organ-insert" in rebuildable_tools()
+    env = run_tool("organ-insert", target=ModelSpec.parse("tiny-gpt2-b"), organ=tiny_organ["path"], store=store,
+                   options={"workload": workload}, params={"position": 0, "mode": mode, **sets})
+    run_id = new_run_id("test-")
+    history = History()
+    history.create(run_id, "organ-insert", "organ", *pair_labels(env), {}, source="cli")
+    history.start(run_id)
+    env["run_id"] = run_id
+    history.finish(run_id, "done", result=json.loads(json.dumps(env)))
+
+    fresh = ModelStore()  # a restarted process
+    rebuilt = rebuild_transplant(json.loads(json.dumps(env)), fresh)
+    assert rebuilt.edit.weight_hash() == env["result"]["weight_hash_after"] != env["result"]["weight_hash_before"]
+    assert rebuilt.undo() > 0 and rebuilt.edit.matches_target()
+
+    t12 = run_tool("interference", run=run_id, store=fresh, options={"workload": workload},
+                   params={"retained": sets["retained"], "max_new_tokens": 4})["result"]
+    assert t12["stability"]["reapply"]["passed"] and t12["stability"]["reload"]["passed"], t12["stability"]
+
+    tampered = json.loads(json.dumps(env))
+    tampered["result"]["card"]["organs"][0]["tensors_sha256"] = "0" * 64
+    with pytest.raises(GraftError, match="organ .* has changed"):
+        rebuild_transplant(tampered, ModelStore())

@@ -164,10 +164,6 @@ def transplant_actions(run_id: str, envelope: dict[str, Any], *, where: str) -> 
             st.caption("T′ is not held in memory (the app restarted, or newer transplants replaced it). "
                        "Run the conjugation again to roll back, re-apply or save it (its maps are refitted "
                        "on the same workload and give the same weights).")
-        elif live is None and envelope.get("tool") == ORGAN:
-            st.caption("T′ is not held in memory (the app restarted, or newer transplants replaced it). "
-                       "Run the organ insertion again to roll back, re-apply or save it (with the same organ, "
-                       "position, mode and workload it gives the same weights).")
         elif live is None:
             st.caption("T′ is not held in memory (the app restarted, or newer transplants replaced it). "
                        "Rebuild it from this run to roll back, re-apply or save.")

@@ -119,7 +119,7 @@ def compute_interference(ctx: ToolContext, params: InterferenceParams, progress:
             stability["reapply"] = reapply_check(rb.edit, (rb.source or {}).get("weight_hash_after"))
             progress(0.8, "stability: saving T' and reloading it")
             with tempfile.TemporaryDirectory(prefix="graft-t12-") as tmp:
-                folder = save_for_check(rb.working, tok, Path(tmp) / "t-prime", rb.source or {})
+                folder = save_for_check(rb.working, tok, Path(tmp) / "t-prime", rb.source or {}, rb.edit)
                 progress(0.9, "stability: scoring the reloaded T'")
                 stability["reload"] = reload_check(
                     folder, [r["text"] for r in rep["per_example"]], rep["ppl_after"],

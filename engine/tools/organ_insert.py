@@ -24,6 +24,7 @@ from ..organ_surgery import MODES, Placement
 from ..params import param
 from ..progress import Progress
 from ..registry import Tool, register
+from ..rebuild import Rebuilt, as_dmodel, register_rebuilder
 from ..transplant import same_tokenizer
 
 
@@ -154,3 +155,56 @@ TOOL = register(Tool(
     params_cls=OrganInsertParams, compute=compute_organ_insert, figure="viz.organs:insert_figure", page="Organs",
     same_family=True, needs=(("organ", "target"),), run_label="Insert organ",
 ))
+
+
+def rebuild_organ_insert(envelope: dict[str, Any], store: Any, device: Optional[str] = None) -> Rebuilt:
+    """An organ-insertion run: the same organ(s) put at the same position(s) of the same target
+    again, bridges fitted / trained and recovery run on the run's workload (checked by its sha256),
+    then T' checked against the run's weight hash (refused and rolled back when it differs)."""
+    from ..errors import GraftError
+    from ..models import ModelSpec
+    from ..params import RunOptions, build_params
+    from ..progress import silent
+    from ..runner import resolve_workload
+
+    result, meta = envelope.get("result") or {}, envelope.get("meta") or {}
+    card = result.get("card") or {}
+    opts = meta.get("options") or {}
+    options = build_params(RunOptions, {**opts, "device": device or opts.get("device", "auto")})
+    params = build_params(OrganInsertParams, {**(meta.get("params") or {}), "save": ""})
+    workload = resolve_workload(options.workload)
+    if (meta.get("workload") or {}).get("sha256") not in (None, workload.sha256):
+        raise GraftError(f"the workload {workload.name} has changed since this run (sha256 differs); insert the organ again")
+    target = store.get(ModelSpec.parse(envelope["target"], trust_remote_code=bool(card.get("trust_remote_code"))),
+                       options.device, options.dtype)
+    if result.get("weight_hash_before") and target.state_hash() != result["weight_hash_before"]:
+        raise GraftError(f"the target {target.label} has changed since this run (weight hash differs); insert the organ again")
+    ctx = ToolContext(None, target, workload, options, organ=envelope.get("organ"), store=store)
+    organs = [organ_of(ctx)] + ([load_organ(params.second_organ)] if params.second_organ.strip() else [])
+    for o, recorded in zip(organs, card.get("organs") or []):
+        if o.sha256() != recorded.get("tensors_sha256"):
+            raise GraftError(f"the organ {o.path} has changed since this run (tensors sha256 differs); insert it again")
+    positions = [row["position"] for row in result.get("placements") or []]
+    placements = [Placement(o, p, params.mode) for o, p in zip(organs, positions)]
+    sources = [require_source(ctx, o, silent()) if params.mode == "bridged" else load_source(ctx, o, silent())[0]
+               for o in organs]
+    ins, _ = insert_and_prepare(ctx, placements, sources, bridge=params.bridge, bridge_steps=params.bridge_steps,
+                                ridge_alpha=params.ridge_alpha, recovery_steps=params.recovery_steps,
+                                recovery=params.recovery, lr=params.lr, seed=params.seed, texts=list(workload.texts),
+                                progress=silent())
+    if result.get("weight_hash_after") and ins.weight_hash() != result["weight_hash_after"]:
+        ins.rollback()
+        raise GraftError("inserting the run's organ again does not reproduce its T' (weight hash differs: did the "
+                         "organ's source, the workload or the training change?)")
+    src = sources[0]
+    donor = (as_dmodel(src) if src is not None and not organs[0].card.get("training")
+             and same_tokenizer(src.tokenizer, target.tokenizer) else None)
+    return Rebuilt(target, ins.working, donor, ins.rollback, ins,
+                   {"kind": "run", "run_id": envelope.get("run_id"), "tool": envelope.get("tool"),
+                    "operation": f"organ transplant ({params.mode})", "donor": organs[0].source_ref,
+                    "target": envelope.get("target"), "modules": [f"blocks {p}..{p + o.size - 1}" for o, p in
+                                                                   zip(organs, positions)],
+                    "weight_hash_before": ins.hash_before(), "weight_hash_after": ins.weight_hash()})
+
+
+register_rebuilder(TOOL.name, rebuild_organ_insert)
