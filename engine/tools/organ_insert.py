@@ -72,17 +72,35 @@ class OrganInsertResult:
     live_id: Optional[str]
 
 
+def _organs(ctx: ToolContext, params: OrganInsertParams) -> list[Any]:
+    """The run's organ (checked against the recipient) and the optional second one."""
+    return [organ_of(ctx)] + ([load_organ(params.second_organ)] if params.second_organ.strip() else [])
+
+
+def _sources(ctx: ToolContext, params: OrganInsertParams, organs: list[Any], progress: Progress) -> list[Any]:
+    """Each organ's source model: required when bridged (the bridges read its stream), else optional."""
+    out = []
+    for i, o in enumerate(organs):
+        p = progress.sub(i / len(organs), (i + 1) / len(organs))
+        out.append(require_source(ctx, o, p) if params.mode == "bridged" else load_source(ctx, o, p)[0])
+    return out
+
+
+def _insert(ctx: ToolContext, params: OrganInsertParams, placements: list[Placement], sources: list[Any],
+            texts: list[str], progress: Progress) -> tuple[Any, dict[str, Any]]:
+    return insert_and_prepare(ctx, placements, sources, bridge=params.bridge, bridge_steps=params.bridge_steps,
+                              ridge_alpha=params.ridge_alpha, recovery_steps=params.recovery_steps,
+                              recovery=params.recovery, lr=params.lr, seed=params.seed, texts=texts, progress=progress)
+
+
 def compute_organ_insert(ctx: ToolContext, params: OrganInsertParams, progress: Progress) -> OrganInsertResult:
-    organ = organ_of(ctx)
-    organs = [organ] + ([load_organ(params.second_organ)] if params.second_organ.strip() else [])
+    organs = _organs(ctx, params)
+    organ = organs[0]
     sets = load_sets(params.concept, params.retained)
     p0 = organ.start if params.position < 0 else params.position
     positions = [p0] + ([p0 + organ.size + params.spacing] if len(organs) > 1 else [])
     placements = [Placement(o, p, params.mode) for o, p in zip(organs, positions)]
-    sources: list[Any] = []
-    for i, o in enumerate(organs):
-        p = progress.sub(0.02 * i, 0.02 * (i + 1))
-        sources.append(require_source(ctx, o, p) if params.mode == "bridged" else load_source(ctx, o, p)[0])
+    sources = _sources(ctx, params, organs, progress.sub(0, 0.05))
     texts = list(ctx.workload.texts)
     progress(0.05, "evaluating the target T")
     ev_t = evaluate_target(ctx.target, sets, params.score, params.max_new_tokens, progress.sub(0.05, 0.2))
@@ -97,10 +115,7 @@ def compute_organ_insert(ctx: ToolContext, params: OrganInsertParams, progress: 
     else:
         donor = short(evaluate_target(src, sets, params.score, params.max_new_tokens, progress.sub(0.2, 0.3)))
     progress(0.3, f"inserting at block {p0} ({params.mode})")
-    ins, log = insert_and_prepare(ctx, placements, sources, bridge=params.bridge, bridge_steps=params.bridge_steps,
-                                  ridge_alpha=params.ridge_alpha, recovery_steps=params.recovery_steps,
-                                  recovery=params.recovery, lr=params.lr, seed=params.seed, texts=texts,
-                                  progress=progress.sub(0.3, 0.6))
+    ins, log = _insert(ctx, params, placements, sources, texts, progress.sub(0.3, 0.6))
     hash_t, hash_tp = ins.hash_before(), ins.weight_hash()
     progress(0.6, "evaluating T'")
     ev_tp = evaluate_insertion(ins, sets, params.score, params.max_new_tokens, progress.sub(0.6, 0.85))
@@ -180,18 +195,14 @@ def rebuild_organ_insert(envelope: dict[str, Any], store: Any, device: Optional[
     if result.get("weight_hash_before") and target.state_hash() != result["weight_hash_before"]:
         raise GraftError(f"the target {target.label} has changed since this run (weight hash differs); insert the organ again")
     ctx = ToolContext(None, target, workload, options, organ=envelope.get("organ"), store=store)
-    organs = [organ_of(ctx)] + ([load_organ(params.second_organ)] if params.second_organ.strip() else [])
+    organs = _organs(ctx, params)
     for o, recorded in zip(organs, card.get("organs") or []):
         if o.sha256() != recorded.get("tensors_sha256"):
             raise GraftError(f"the organ {o.path} has changed since this run (tensors sha256 differs); insert it again")
     positions = [row["position"] for row in result.get("placements") or []]
     placements = [Placement(o, p, params.mode) for o, p in zip(organs, positions)]
-    sources = [require_source(ctx, o, silent()) if params.mode == "bridged" else load_source(ctx, o, silent())[0]
-               for o in organs]
-    ins, _ = insert_and_prepare(ctx, placements, sources, bridge=params.bridge, bridge_steps=params.bridge_steps,
-                                ridge_alpha=params.ridge_alpha, recovery_steps=params.recovery_steps,
-                                recovery=params.recovery, lr=params.lr, seed=params.seed, texts=list(workload.texts),
-                                progress=silent())
+    sources = _sources(ctx, params, organs, silent())
+    ins, _ = _insert(ctx, params, placements, sources, list(workload.texts), silent())
     if result.get("weight_hash_after") and ins.weight_hash() != result["weight_hash_after"]:
         ins.rollback()
         raise GraftError("inserting the run's organ again does not reproduce its T' (weight hash differs: did the "
