@@ -2,7 +2,9 @@
 
 For each pair and token budget: ratio = (activation capture + T1 + T2 + T3 + T4) / (bare forward
 passes of both models over the same budgeted texts, same batching, no hooks), medians of
-``--repeat`` runs. Also the peak process memory (RSS; each pair and budget runs in its own
+``--repeat`` runs. The capture runs each model's backbone only (no LM head: no logits are needed),
+so ``ratio_backbone`` also divides by bare passes of the backbones, the floor a capture could reach.
+Also the peak process memory (RSS; each pair and budget runs in its own
 process so the peaks do not mix) and, on CUDA, the peak GPU memory. Usage:
 
     python bench/alignment.py [--pairs tiny,smollm2,gemma] [--budgets 512,2048,8192] [--workload scale]
@@ -30,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.capture import CaptureCache, MAX_TOKENS_PER_TEXT, budget_texts  # noqa: E402
+from engine.capture import CaptureCache, MAX_TOKENS_PER_TEXT, backbone, budget_texts  # noqa: E402
 from engine.runner import resolve_workload, run_tool  # noqa: E402
 from engine.data import load_workload  # noqa: E402
 from engine.models import DEMO_DONOR, GEMMA3, SMOLLM2, ModelSpec, ModelStore, builtin_folder  # noqa: E402
@@ -72,13 +74,16 @@ def workload_path(name: str) -> str:
 
 
 @torch.inference_mode()
-def bare_forward(model, texts, batch_size) -> float:
+def bare_forward(model, texts, batch_size, net=None) -> float:
+    """Seconds of plain forward passes (no hooks) of the whole model, logits included, or of
+    ``net`` (the backbone a capture runs, :func:`engine.capture.backbone`)."""
     tok = model.tokenizer
+    net = net if net is not None else model.model
     tok.padding_side = "right"
     t0 = time.perf_counter()
     for b in range(0, len(texts), batch_size):
         enc = tok(texts[b:b + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=MAX_TOKENS_PER_TEXT)
-        model.model(input_ids=enc["input_ids"].to(model.device), attention_mask=enc["attention_mask"].to(model.device), use_cache=False)
+        net(input_ids=enc["input_ids"].to(model.device), attention_mask=enc["attention_mask"].to(model.device), use_cache=False)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -95,10 +100,11 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
     bare_forward(t, texts[:2], args.batch_size)
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    bare, diag, per_tool = [], [], {k: [] for k in TOOLS}
+    bare, base, diag, per_tool = [], [], [], {k: [] for k in TOOLS}
     n_rows = 0
     for _ in range(args.repeat):
         bare.append(bare_forward(d, texts, args.batch_size) + bare_forward(t, texts, args.batch_size))
+        base.append(bare_forward(d, texts, args.batch_size, backbone(d)) + bare_forward(t, texts, args.batch_size, backbone(t)))
         cache = CaptureCache()  # fresh: the capture is part of what we time
         t0 = time.perf_counter()
         for tool in TOOLS:
@@ -112,7 +118,9 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
         "pair": name, "donor": donor, "target": target, "device": str(d.device), "dtype": args.dtype,
         "n_texts": len(texts), "max_tokens": max_tokens, "n_rows": n_rows, "repeat": args.repeat,
         "bare_forward_s": round(med(bare), 4), "diagnostics_s": round(med(diag), 4),
+        "backbone_forward_s": round(med(base), 4),
         "ratio": round(med(diag) / med(bare), 3),
+        "ratio_backbone": round(med(diag) / med(base), 3),
         "per_tool_s": {k: round(med(v), 4) for k, v in per_tool.items()},
         "peak_rss_mib": round(peak_rss_mib(), 1),
     }
@@ -123,7 +131,8 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
 
 def line(r: dict) -> str:
     return (f"{r['pair']:8s} {r['max_tokens']:5d} tok rows={r['n_rows']:5d} {r['device']:4s} bare={r['bare_forward_s']:.3f}s "
-            f"diagnostics={r['diagnostics_s']:.3f}s ratio={r['ratio']:.2f} peak_rss={r['peak_rss_mib']:.0f}MiB "
+            f"backbone={r['backbone_forward_s']:.3f}s diagnostics={r['diagnostics_s']:.3f}s ratio={r['ratio']:.2f} "
+            f"(÷backbone {r['ratio_backbone']:.2f}) peak_rss={r['peak_rss_mib']:.0f}MiB "
             + (f"peak_gpu={r['peak_gpu_mib']:.0f}MiB " if "peak_gpu_mib" in r else "")
             + " ".join(f"{k}={v:.3f}s" for k, v in r["per_tool_s"].items()))
 

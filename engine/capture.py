@@ -1,5 +1,7 @@
 """Activation capture: one forward pass per model per batch, hooks removed in ``finally``.
 
+The pass runs the model's backbone only (:func:`backbone`): nothing captured needs the logits.
+
 Captures the residual stream ``h_l`` after every block (and ``h_{-1}``, the input of block 0,
 which includes position/scale terms some families add to the embeddings), and optionally the
 outputs and/or the inputs of chosen linear modules. Only non-padding, non-special tokens become
@@ -107,6 +109,18 @@ def budget_texts(texts: Sequence[str], tokenizers: Sequence, max_tokens: int,
     return kept
 
 
+def backbone(model: LoadedModel) -> torch.nn.Module:
+    """The module to run for a capture: the model's base (embeddings, blocks, final norm) when its
+    blocks live there, so no logits are computed (the LM head is about a quarter of SmolLM2's
+    forward time and most of Gemma-3-270M's, and nothing captured depends on it); else the model."""
+    base = getattr(model.model, "base_model", None)
+    if isinstance(base, torch.nn.Module) and base is not model.model:
+        first = model.arch.blocks[0]
+        if any(m is first for m in base.modules()):
+            return base
+    return model.model
+
+
 def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -194,6 +208,7 @@ def capture(
     t_fwd = 0.0
     old_side = getattr(tok, "padding_side", "right")
     tok.padding_side = "right"
+    net = backbone(model)
     try:
         for b0 in range(0, len(texts), batch_size):
             progress(b0 / max(len(texts), 1), f"{model.label}: forward {b0}/{len(texts)} texts")
@@ -210,7 +225,7 @@ def capture(
             inputs = {"input_ids": enc["input_ids"].to(model.device), "attention_mask": enc["attention_mask"].to(model.device)}
             with model.lock, _hooks(model, module_paths, sink, input_paths, residual):
                 t0 = time.perf_counter()
-                model.model(**inputs, use_cache=False)
+                net(**inputs, use_cache=False)
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
                 t_fwd += time.perf_counter() - t0
@@ -271,6 +286,7 @@ class CaptureCache:
     def __init__(self, max_items: int = 6) -> None:
         self.max_items = max_items
         self._items: "OrderedDict[tuple, tuple[weakref.ref, Capture]]" = OrderedDict()
+        self._budgets: "OrderedDict[tuple, tuple]" = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -278,6 +294,25 @@ class CaptureCache:
              module_inputs: Sequence[str] = (), residual: bool = True) -> tuple:
         h = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()
         return (id(model.model), h, tuple(sorted(set(modules))), tuple(sorted(set(module_inputs))), bool(residual))
+
+    def budget(self, texts: Sequence[str], tokenizers: Sequence, max_tokens: int, per_text: int) -> tuple[list[str], list]:
+        """:func:`budget_texts` memoised (the texts kept and the cut log): every tool of a job, and
+        every call inside one tool, budgets the same workload for the same tokenizers, and
+        tokenizing it again costs as much as the tiny models' forward passes."""
+        key = ("budget", hashlib.sha256("\x1e".join(texts).encode()).hexdigest(), tuple(id(t) for t in tokenizers),
+               int(max_tokens), int(per_text))
+        with self._lock:
+            hit = self._budgets.get(key)
+            if hit is not None and all(r() is t for r, t in zip(hit[0], tokenizers)):
+                self._budgets.move_to_end(key)
+                return list(hit[1]), list(hit[2])
+        cut: list = []
+        kept = budget_texts(texts, tokenizers, max_tokens, per_text=per_text, cut_log=cut)
+        with self._lock:
+            self._budgets[key] = (tuple(weakref.ref(t) for t in tokenizers), kept, cut)
+            while len(self._budgets) > self.max_items:
+                self._budgets.popitem(last=False)
+        return list(kept), list(cut)
 
     def get(self, model: LoadedModel, texts: Sequence[str], *, modules: Sequence[str] = (), batch_size: int = 8,
             progress: Optional[Progress] = None, module_inputs: Sequence[str] = (), residual: bool = True) -> Capture:

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from .align import Aligned, align, drop_outliers
-from .capture import DEFAULT_CACHE, Capture, CaptureCache, budget_texts, per_text_limit, MAX_TOKENS_PER_TEXT
+from .capture import DEFAULT_CACHE, Capture, CaptureCache, per_text_limit, MAX_TOKENS_PER_TEXT
 from .data import Workload
 from .linalg import cka_matrix
 from .models import LoadedModel, ModelStore
@@ -39,10 +39,9 @@ class ToolContext:
     store: Optional[ModelStore] = None  # where a tool loads further models from (a run's models)
 
     def texts(self) -> list[str]:
-        cut: list = []
         limit = per_text_limit([self.donor, self.target])
-        texts = budget_texts(self.workload.texts, [self.donor.tokenizer, self.target.tokenizer],
-                             self.options.max_tokens, per_text=limit, cut_log=cut)
+        texts, cut = self.captures.budget(self.workload.texts, [self.donor.tokenizer, self.target.tokenizer],
+                                          self.options.max_tokens, limit)
         if cut:
             self.meta["n_texts_cut"] = len(cut)
             why = ("Graft's per-text cap" if limit == MAX_TOKENS_PER_TEXT

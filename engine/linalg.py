@@ -33,7 +33,8 @@ def cka_matrix(Xs: torch.Tensor, Ys: torch.Tensor, progress: Optional[Progress] 
     * Gram form: ||Xc^T Yc||_F^2 = <Xc Xc^T, Yc Yc^T>_F. The centred n x n Gram matrices are built
       in float32 block by block (rows in blocks; only blocks on or above the diagonal, the others counted
       twice by symmetry), and every block adds its Lx x Ly inner products and the squared norms
-      at once, in float64 (a model against itself gets a diagonal of 1 to round-off). About n^2 d / 2 flops per layer plus n^2 / 2 per pair; memory bounded by
+      at once (float32 products of 4,096 terms summed in float64, :func:`_dots`; a model against
+      itself gets a diagonal of 1 to about 1e-7). About n^2 d / 2 flops per layer plus n^2 / 2 per pair; memory bounded by
       ``gram_memory_bytes`` whatever n.
     * Feature form: one (dx x n) @ (n x dy) product per pair, all Y layers at once per X layer
       (n dx dy flops per pair, in float64), for few layers or very many rows.
@@ -80,12 +81,30 @@ def _gram_products(Xc: torch.Tensor, Yc: torch.Tensor, block: int, progress: Pro
     for k, (a, c) in enumerate(pairs):
         progress(k / len(pairs), "CKA: Gram blocks")
         w = 1.0 if a == c else 2.0  # an off-diagonal block stands for itself and its transpose
-        KX = torch.bmm(Xc[:, a:a + block], Xc[:, c:c + block].transpose(1, 2)).reshape(Lx, -1).double()
-        KY = torch.bmm(Yc[:, a:a + block], Yc[:, c:c + block].transpose(1, 2)).reshape(Ly, -1).double()
-        num += w * (KX @ KY.T)
-        nx += w * KX.pow(2).sum(1)
-        ny += w * KY.pow(2).sum(1)
+        KX = torch.bmm(Xc[:, a:a + block], Xc[:, c:c + block].transpose(1, 2)).reshape(Lx, -1)
+        KY = torch.bmm(Yc[:, a:a + block], Yc[:, c:c + block].transpose(1, 2)).reshape(Ly, -1)
+        num += w * _dots(KX, KY)
+        nx += w * _sq_norms(KX)
+        ny += w * _sq_norms(KY)
     return num, nx, ny
+
+
+def _dots(A: torch.Tensor, B: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """A @ B^T for float32 A (m, k), B (p, k): float32 products over column chunks of ``chunk``,
+    summed in float64 (so rounding stays that of a few thousand float32 terms, about 1e-7
+    relative, at any k, without converting the Gram blocks to float64)."""
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    for c in range(0, A.shape[1], chunk):
+        out += (A[:, c:c + chunk] @ B[:, c:c + chunk].T).double()
+    return out
+
+
+def _sq_norms(A: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Squared norm of every row of float32 A (m, k): float32 sums over column chunks, in float64."""
+    out = torch.zeros(A.shape[0], dtype=torch.float64, device=A.device)
+    for c in range(0, A.shape[1], chunk):
+        out += A[:, c:c + chunk].pow(2).sum(1).double()
+    return out
 
 
 def _feature_products(Xc: torch.Tensor, Yc: torch.Tensor, progress: Progress, chunk: int = 2048):
@@ -191,6 +210,9 @@ class ProcrustesFit:
     R: torch.Tensor
     rank: int
     completion: str
+    # <R, X^T Y> = the sum of the singular values of X^T Y above the rank tolerance (exact for a
+    # unique map; a completion adds at most the ones counted as zero, each <= rtol * s_max)
+    cross: float = float("nan")
 
     @property
     def full_rank(self) -> int:
@@ -233,7 +255,7 @@ def procrustes_fit(X: torch.Tensor, Y: torch.Tensor, rtol: float = PROCRUSTES_RT
         fit = _procrustes_thin(X, Y, rtol)
     else:
         fit = procrustes_from_cross(X.T @ Y, rtol)
-    return ProcrustesFit(fit.R.to(dtype), fit.rank, fit.completion)
+    return ProcrustesFit(fit.R.to(dtype), fit.rank, fit.completion, fit.cross)
 
 
 def procrustes_from_cross(M: torch.Tensor, rtol: float = PROCRUSTES_RTOL) -> ProcrustesFit:
@@ -245,18 +267,23 @@ def procrustes_from_cross(M: torch.Tensor, rtol: float = PROCRUSTES_RTOL) -> Pro
 
 def _procrustes_thin(X: torch.Tensor, Y: torch.Tensor, rtol: float) -> ProcrustesFit:
     """Fewer rows than either width (n < min(dx, dy)): the Gram form. With X^T = Qx Rx and
-    Y^T = Qy Ry (thin QR), M = Qx (Rx Ry^T) Qy^T, so the n x n core's SVD gives M's n largest
-    singular values and their vectors; the rest of M's spectrum is exactly 0."""
-    Qx, Rx = torch.linalg.qr(X.T)
-    Qy, Ry = torch.linalg.qr(Y.T)
-    Uc, S, Vch = torch.linalg.svd(Rx @ Ry.T)
-    return _procrustes_from_svd(Qx @ Uc, S, Qy @ Vch.T, (X.shape[1], Y.shape[1]), rtol)
+    Y^T = Qy Ry (QR), M = Qx (Rx Ry^T) Qy^T, so the n x n core's SVD gives M's n largest
+    singular values and their vectors; the rest of M's spectrum is exactly 0. The QRs are complete,
+    so the null-space bases the completion needs come with them: U = [Qx Uc, Qx_perp]."""
+    n = X.shape[0]
+    Qx, Rx = torch.linalg.qr(X.T, mode="complete")  # (dx, dx), (dx, n)
+    Qy, Ry = torch.linalg.qr(Y.T, mode="complete")
+    Uc, S, Vch = torch.linalg.svd(Rx[:n] @ Ry[:n].T)
+    U = torch.cat([Qx[:, :n] @ Uc, Qx[:, n:]], 1)
+    V = torch.cat([Qy[:, :n] @ Vch.T, Qy[:, n:]], 1)
+    return _procrustes_from_svd(U, S, V, (X.shape[1], Y.shape[1]), rtol)
 
 
 def _procrustes_from_svd(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, shape: tuple[int, int],
                          rtol: float) -> ProcrustesFit:
-    """The map from M's SVD: U (dx, >= r), S descending, V (dy, >= r); null-space bases are
-    completed here (which basis does not matter, see :func:`procrustes_fit`)."""
+    """The map from M's full SVD: U (dx, dx) and V (dy, dy) orthogonal, S descending; their columns
+    past the rank are the null-space bases the completion needs (which bases does not matter, see
+    :func:`procrustes_fit`)."""
     dx, dy = shape
     smax = float(S[0]) if S.numel() else 0.0
     rank = int((S > rtol * smax).sum()) if smax > 0 else 0
@@ -264,22 +291,13 @@ def _procrustes_from_svd(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, shap
     if rank == min(dx, dy):
         completion = COMPLETION_UNIQUE
     elif dx == dy:
-        Up, Vp = _complement(U, rank), _complement(V, rank)  # bases of the null spaces of M^T and M
+        Up, Vp = U[:, rank:], V[:, rank:]  # bases of the null spaces of M^T and M
         A, _, Bh = torch.linalg.svd(Up.T @ Vp)
-        R = R + Up @ (A @ Bh) @ Vp.T
+        R = R + (Up @ A) @ (Vp @ Bh.T).T
         completion = COMPLETION_IDENTITY
     else:
         completion = COMPLETION_SPAN
-    return ProcrustesFit(R, rank, completion)
-
-
-def _complement(B: torch.Tensor, r: int) -> torch.Tensor:
-    """An orthonormal basis of the orthogonal complement of B's first r (orthonormal) columns:
-    B's own further columns when B is square, else from a complete QR."""
-    if B.shape[1] == B.shape[0]:
-        return B[:, r:]
-    Q, _ = torch.linalg.qr(B[:, :r], mode="complete")
-    return Q[:, r:]
+    return ProcrustesFit(R, rank, completion, float(S[:rank].sum()))
 
 
 def procrustes_map(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:

@@ -275,3 +275,24 @@ def test_bridge_recovers_a_planted_linear_map_and_matches_the_primal_ridge():
     W = torch.linalg.solve(G + lam * torch.eye(d, dtype=torch.float64), XF.T @ YF + lam * torch.eye(d, dtype=torch.float64))
     cos = torch.nn.functional.cosine_similarity(XH @ W, YH, dim=1).mean()
     assert r.cos_bridged[s][p] == pytest.approx(float(cos), abs=1e-5)
+
+
+@pytest.mark.parametrize("n_f, dt, dd", [(40, 24, 24), (15, 24, 24), (40, 24, 16), (15, 24, 32)])
+def test_every_bridge_form_equals_the_direct_ridge_fit(n_f, dt, dd):
+    """T4 picks the primal, dual or kernel form by flop count; each must give the held-out
+    predictions of the ridge bridge solved directly (fewer fit rows than the width included)."""
+    from engine.tools.bridge import _bridged
+
+    g = torch.Generator().manual_seed(n_f + dt + dd)
+    Ld, n_h, alpha = 3, 9, 0.05
+    XF, XH = torch.randn(n_f, dt, generator=g, dtype=torch.float64), torch.randn(n_h, dt, generator=g, dtype=torch.float64)
+    YF = torch.randn(n_f, Ld * dd, generator=g, dtype=torch.float64)
+    square = dt == dd
+    lam = alpha * float((XF ** 2).sum()) / dt
+    W0 = torch.eye(dt, dtype=torch.float64).repeat(1, Ld) if square else torch.zeros(dt, Ld * dd, dtype=torch.float64)
+    W = torch.linalg.solve(XF.T @ XF + lam * torch.eye(dt, dtype=torch.float64), XF.T @ YF + lam * W0)
+    want = XH @ W
+    for form in ("primal", "dual", "kernel"):
+        got = _bridged(XF, XH, YF if form == "primal" else YF.float(), alpha, square, form)
+        assert got.dtype == torch.float32
+        assert torch.allclose(got.double(), want, atol=1e-4 * float(want.abs().max())), form

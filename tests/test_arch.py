@@ -76,3 +76,32 @@ def test_unsupported_family_is_a_clear_error():
                                        intermediate_size=64, vocab_size=64, is_decoder=True))
     with pytest.raises(GraftError, match="unsupported architecture 'bert'"):
         ArchAdapter(model)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_capture_backbone_skips_the_lm_head_and_gives_the_same_block_outputs(name):
+    """The capture runs the base model: the LM head is never called, and every block's output is
+    what the full model's forward gives."""
+    from types import SimpleNamespace
+
+    from engine.capture import backbone
+
+    model = build(name)
+    a = ArchAdapter(model)
+    net = backbone(SimpleNamespace(model=model, arch=a))
+    assert net is not model
+    head_calls, outs = [], {}
+    model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    hooks = [b.register_forward_hook(lambda _m, _i, o, l=l: outs.setdefault(l, []).append(
+        (o[0] if isinstance(o, tuple) else o).clone())) for l, b in enumerate(a.blocks)]
+    ids = torch.tensor([[5, 9, 3, 7, 1], [2, 4, 6, 8, 10]])
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+        assert head_calls == [1]
+        net(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert head_calls == [1]
+    for l in range(a.n_layers):
+        full, base = outs[l]
+        assert torch.equal(full, base)

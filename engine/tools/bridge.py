@@ -11,12 +11,14 @@ identity (towards 0 when widths differ), since bridges start at identity (T10):
 measured on held-out rows, so a bridge cannot look good by memorising. Cosines are uncentred, as
 the residual stream is what the organ reads.
 
-Cost: the grid needs a bridge for every (s, p). We use the exact dual form
-``X_h W = (X_h A^{-1} X_f^T) Y_f + lam X_h A^{-1} W0`` with ``A = X_f^T X_f + lam I``: the n_h x n_f
-matrix ``P = X_h A^{-1} X_f^T`` is computed once per p (float64, A factored once by Cholesky and
-reused for every s), and one float32 product ``P @ [Y_f(s=0) ... Y_f(s=L-1)]`` gives every donor
-position at once; the row cosines are float32 dot products of 576 terms (about 1e-7 relative). At most
-``max_heldout_rows`` held-out rows (evenly spaced) are scored, which bounds the cost.
+Cost: the grid needs a bridge for every (s, p). Per target position p, one factorisation serves
+every donor position s, and :func:`_form` picks the cheapest exact form by flop count: the dual
+``X_h W = (X_h A^{-1} X_f^T) Y_f + lam X_h A^{-1} W0`` with ``A = X_f^T X_f + lam I`` (the n_h x
+n_f matrix P in float64 from a Cholesky factor, then one float32 product ``P @ [Y_f(s=0) ...
+Y_f(s=L-1)]``), the same P through the n_f x n_f kernel when there are fewer fit rows than the
+width, or the primal W for all s at once when the target is narrow. The row cosines are float32
+dot products of d terms (about 1e-7 relative). At most ``max_heldout_rows`` held-out rows (evenly
+spaced) are scored, which bounds the cost.
 """
 from __future__ import annotations
 
@@ -63,6 +65,57 @@ def _mean_cos(pred: torch.Tensor, Y: torch.Tensor, Y_norm: torch.Tensor) -> torc
     return (num / den.clamp_min(1e-12)).mean(0)
 
 
+def _form(n_f: int, n_h: int, dt: int, width: int) -> str:
+    """The cheapest exact way to the held-out predictions of every bridge into one position, by
+    flop count (float64 counted twice): ``primal`` (W for all donor positions at once, when the
+    target is narrow), ``dual`` (P = X_h A^{-1} X_f^T, dt x dt factor) or ``kernel`` (the same P
+    through the n_f x n_f kernel, when fewer fit rows than the width)."""
+    product = n_h * n_f * width  # float32 P @ [Y_f(s)]
+    costs = {
+        "primal": 2 * (dt * n_f * width + dt * dt * width + n_h * dt * width + n_f * dt * dt),
+        "dual": product + 2 * (n_f * dt * dt + dt ** 3 // 3 + n_h * dt * dt + n_h * dt * n_f),
+        "kernel": product + 2 * (n_f * n_f * dt + n_f ** 3 // 3 + 2 * n_h * n_f * dt + n_h * n_f * n_f),
+    }
+    return min(costs, key=costs.get)
+
+
+def _add_prior(out: torch.Tensor, term: torch.Tensor) -> None:
+    """out (rows, Ld * d) += term (rows, d) in every donor position's block, in place."""
+    out.view(out.shape[0], -1, term.shape[1]).add_(term.to(out.dtype).unsqueeze(1))
+
+
+def _bridged(XF: torch.Tensor, XH: torch.Tensor, YF: torch.Tensor, alpha: float, square: bool, form: str) -> torch.Tensor:
+    """Held-out predictions ``X_h W`` of the ridge bridges into one target position, for every donor
+    position at once: XF (n_f, dt), XH (n_h, dt) float64, YF (n_f, Ld * dd) -> (n_h, Ld * dd) float32.
+
+    ``W = A^{-1} (X_f^T Y_f + lam W0)`` with ``A = X_f^T X_f + lam I`` and ``W0 = I`` when the widths
+    are equal (else 0). The three forms are the same numbers (to float32 round-off of P's product):
+    primal ``X_h A^{-1} (X_f^T Y_f + lam W0)``; dual ``P Y_f + lam X_h A^{-1}`` with
+    ``P = X_h A^{-1} X_f^T``; kernel: the same P as ``(X_h X_f^T)(K + lam I)^{-1}`` with
+    ``K = X_f X_f^T`` (push-through identity), and ``lam X_h A^{-1} = X_h - P X_f`` (Woodbury).
+    """
+    lam = alpha * float(XF.pow(2).sum()) / XF.shape[1]  # as RidgeFactor: alpha * tr(X^T X) / dt
+    if form == "kernel" and lam > 0:
+        K = XF @ XF.T
+        K.diagonal().add_(lam)
+        P = torch.cholesky_solve(XF @ XH.T, torch.linalg.cholesky(K)).T  # (n_h, n_f); K symmetric
+        pred = P.float() @ YF
+        if square:
+            _add_prior(pred, XH - P @ XF)
+        return pred
+    rf = RidgeFactor.of(XF.T @ XF, alpha)
+    if form == "primal":
+        B = XF.T @ YF  # (dt, Ld * dd) float64
+        if square and rf.lam > 0:
+            _add_prior(B, rf.lam * torch.eye(XF.shape[1], dtype=B.dtype))
+        return (XH @ rf.solve(B)).float()
+    XhAinv = rf.solve(XH.T).T  # (n_h, dt) = XH A^{-1} (A symmetric)
+    pred = (XhAinv.float() @ XF.T.float()) @ YF  # (n_h, Ld * dd); P in float32 (it is used in float32)
+    if square and rf.lam > 0:
+        _add_prior(pred, rf.lam * XhAinv)  # the W0 = I prior, same for every s
+    return pred
+
+
 def compute_bridge(ctx: ToolContext, params: BridgeParams, progress: Progress) -> BridgeResult:
     al = ctx.aligned(progress.sub(0, 0.6))
     Ld, Lt = al.X.shape[0] - 1, al.Y.shape[0] - 1
@@ -84,16 +137,15 @@ def compute_bridge(ctx: ToolContext, params: BridgeParams, progress: Progress) -
     square = dt == dd
     cos_b = torch.zeros(Ld, Lt, dtype=torch.float64)
     cos_r = torch.zeros(Ld, Lt, dtype=torch.float64) if square else None
+    YdF64 = None
     for p in range(Lt):
         progress(0.6 + 0.4 * p / Lt, f"bridges into target position {p}")
         XF, XH = Xt[p][fit_idx].double(), Xt[p][held_idx].double()  # (n_f, dt), (n_h, dt)
-        rf = RidgeFactor.of(XF.T @ XF, params.ridge_alpha)
-        XhAinv = rf.solve(XH.T).T  # (n_h, dt) = XH A^{-1} (A symmetric)
-        P = (XhAinv @ XF.T).float()  # (n_h, n_f)
-        pred = (P @ YdF).reshape(XH.shape[0], Ld, dd)  # (n_h, Ld, dd)
-        if square and rf.lam > 0:
-            pred += (rf.lam * XhAinv).float().unsqueeze(1)  # the W0 = I prior term, same for every s
-        cos_b[:, p] = _mean_cos(pred, YdH, YdH_norm)
+        form = _form(XF.shape[0], XH.shape[0], dt, Ld * dd)
+        if form == "primal" and YdF64 is None:
+            YdF64 = YdF.double()
+        pred = _bridged(XF, XH, YdF64 if form == "primal" else YdF, params.ridge_alpha, square, form)
+        cos_b[:, p] = _mean_cos(pred.reshape(XH.shape[0], Ld, dd), YdH, YdH_norm)
         if cos_r is not None:
             cos_r[:, p] = _mean_cos(XH.float().unsqueeze(1), YdH, YdH_norm)
     eps_b = 1.0 - cos_b

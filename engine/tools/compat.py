@@ -18,7 +18,7 @@ from ..context import ToolContext
 from ..params import param
 from ..progress import Progress
 from ..registry import Tool, register
-from ..transplant import same_tokenizer
+from ..transplant import same_tokenizer, tokenizer_vocab
 
 COMPARED = (
     "family", "model_type", "n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
@@ -47,7 +47,7 @@ class CompatResult:
 
 
 def _vocab(tok: Any, limit: int) -> set[str]:
-    items = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    items = sorted(tokenizer_vocab(tok).items(), key=lambda kv: kv[1])
     if limit:
         items = items[:limit]
     return {k for k, _ in items}
@@ -58,9 +58,12 @@ def compute_compat(ctx: ToolContext, params: CompatParams, progress: Progress) -
     dd, td = ctx.donor.arch.describe(), ctx.target.arch.describe()
     rows = [{"field": k, "donor": dd.get(k), "target": td.get(k), "equal": dd.get(k) == td.get(k)} for k in COMPARED]
     progress(0.4, "comparing tokenizers")
-    vd, vt = _vocab(ctx.donor.tokenizer, params.vocab_sample), _vocab(ctx.target.tokenizer, params.vocab_sample)
-    jacc = len(vd & vt) / max(len(vd | vt), 1)
     same_tok = same_tokenizer(ctx.donor.tokenizer, ctx.target.tokenizer)
+    if same_tok:  # equal vocabularies: every sample of them is equal too
+        jacc = 1.0
+    else:
+        vd, vt = _vocab(ctx.donor.tokenizer, params.vocab_sample), _vocab(ctx.target.tokenizer, params.vocab_sample)
+        jacc = len(vd & vt) / max(len(vd | vt), 1)
 
     progress(0.7, "checking operations")
     dm = {m.name: m for m in ctx.donor.arch.linear_modules()}

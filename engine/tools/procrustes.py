@@ -118,43 +118,58 @@ def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Pro
 
 def fit_pair(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Tensor, alpha: float,
              i: int, j: int) -> ProcrustesLayer:
-    """One matched pair: standardise (fit-row statistics), fit R and the ridge map W from one
-    float64 product ``Xf^T [Xf Yf]`` (X^T X for the ridge, M = X^T Y shared by both maps).
+    """One matched pair: standardise (fit-row statistics), fit the orthogonal map R and the ridge
+    map W, and score both on the fit and held-out rows (float64; held-out rows through R in float32,
+    which moves the residuals by about 1e-7).
+
+    Fewer fit rows than the widths (n < min(dx, dy)): R from the thin QR form
+    (:func:`engine.linalg.procrustes_fit`), and W in its dual (Woodbury) form
+    ``W = Xf^T Z, Z = (Xf Xf^T + lam I)^{-1} Yf``, so nothing d x d is factored: fit predictions
+    ``Xf W = Yf - lam Z`` and held-out ones ``(Xh Xf^T) Z``. Otherwise both maps come from one
+    product ``Xf^T [Xf Yf]`` (X^T X for the ridge, M = X^T Y shared by both maps).
 
     Fit residuals come from those products: ``||Xf B - Yf||^2 = <B, Gx B> - 2 <B, M> + ||Yf||^2``,
-    where ``Gx R`` needs no product when R is orthogonal (``<R, Gx R> = tr Gx``) and
-    ``Gx W = M - lam W`` for the ridge map. Held-out rows go through ``Xh [R W]`` in float32 (the
-    residuals move by about 1e-7).
+    where ``<R, Gx R> = ||Xf||^2`` when R is orthogonal, ``<R, M>`` is the sum of M's singular values
+    (the ones above the rank tolerance), and ``Gx W = M - lam W`` for the ridge map.
     """
     X, Y = X.double(), Y.double()
     sx, sy = Standardiser.fit(X[fit]), Standardiser.fit(Y[fit])
     Xf, Xh, Yf, Yh = sx(X[fit]), sx(X[held]), sy(Y[fit]), sy(Y[held])
     dx, dy = X.shape[1], Y.shape[1]
-    GM = Xf.T @ torch.cat([Xf, Yf], 1)
-    Gx, M = GM[:, :dx], GM[:, dx:]
-    pf = procrustes_fit(Xf, Yf) if Xf.shape[0] < min(dx, dy) else procrustes_from_cross(M)
-    R = pf.R  # (dx, dy)
-    rf = RidgeFactor.of(Gx, alpha)
-    W = rf.solve(M)
     yy = float(Yf.pow(2).sum())
+    xx = float(Xf.pow(2).sum())  # = tr(Xf^T Xf)
+    lam = alpha * xx / dx  # as engine.linalg.RidgeFactor
+    if Xf.shape[0] < min(dx, dy) and lam > 0:
+        pf = procrustes_fit(Xf, Yf)
+        K = Xf @ Xf.T
+        K.diagonal().add_(lam)
+        Z = torch.cholesky_solve(Yf, torch.linalg.cholesky(K))  # K + lam I is positive definite
+        fit_w = _ratio(lam * lam * float(Z.pow(2).sum()), yy)
+        pred_w = (Xh @ Xf.T) @ Z
+    else:
+        GM = Xf.T @ torch.cat([Xf, Yf], 1)
+        Gx, M = GM[:, :dx], GM[:, dx:]
+        pf = procrustes_fit(Xf, Yf) if Xf.shape[0] < min(dx, dy) else procrustes_from_cross(M)
+        rf = RidgeFactor.of(Gx, alpha)
+        W = rf.solve(M)
+        if rf.chol is not None:
+            fit_w = _ratio(yy - float((W * M).sum()) - rf.lam * float(W.pow(2).sum()), yy)
+        else:
+            fit_w = _residual(Xf @ W, Yf)
+        pred_w = (Xh.float() @ W.float()).double()
+    R = pf.R  # (dx, dy)
     if dx == dy and pf.completion != COMPLETION_SPAN:  # R orthogonal
-        xrr = float(torch.trace(Gx))
+        xrr = xx
     else:
-        xrr = float((R * (Gx @ R)).sum())
-    fit_r = _ratio(xrr - 2.0 * float((R * M).sum()) + yy, yy)
-    if rf.chol is not None:
-        wm = float((W * M).sum())
-        fit_w = _ratio(yy - wm - rf.lam * float(W.pow(2).sum()), yy)
-    else:
-        fit_w = _residual(Xf @ W, Yf)
-    pred = (Xh.float() @ torch.cat([R, W], 1).float()).double()
-    rh = _residual(pred[:, :dy], Yh)
+        xrr = float((Xf @ R).pow(2).sum())
+    fit_r = _ratio(xrr - 2.0 * pf.cross + yy, yy)
+    rh = _residual((Xh.float() @ R.float()).double(), Yh)
     ident = _residual(Xh, Yh) if dx == dy else None
     return ProcrustesLayer(
         donor_layer=i, target_layer=j,
         residual_fit=round(fit_r, 6),
         residual_heldout=round(rh, 6),
-        residual_ridge=round(_residual(pred[:, dy:], Yh), 6),
+        residual_ridge=round(_residual(pred_w, Yh), 6),
         residual_ridge_fit=round(fit_w, 6),
         residual_identity=None if ident is None else round(ident, 6),
         alignment=round(1.0 - rh, 6),
