@@ -29,6 +29,7 @@ from .models import LoadedModel
 from .progress import Progress, silent
 
 MAX_TOKENS_PER_TEXT = 512
+_ENCODING_KEYS = ("input_ids", "attention_mask", "special_tokens_mask", "offset_mapping")
 
 
 @dataclass
@@ -213,10 +214,12 @@ def capture(
         for b0 in range(0, len(texts), batch_size):
             progress(b0 / max(len(texts), 1), f"{model.label}: forward {b0}/{len(texts)} texts")
             batch = list(texts[b0 : b0 + batch_size])
-            enc = tok(
-                batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+            # Lists, made tensors here: BatchEncoding's own conversion walks every offset pair in
+            # Python (as long as the tiny models' forward passes at 2,048 tokens).
+            enc = {k: torch.tensor(v) for k, v in tok(
+                batch, padding=True, truncation=True, max_length=max_length,
                 return_offsets_mapping=fast, return_special_tokens_mask=True,
-            )
+            ).items() if k in _ENCODING_KEYS}
             keep = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()  # (B, T)
             if fast:
                 off = enc["offset_mapping"]  # (B, T, 2)
