@@ -323,7 +323,11 @@ class RidgeFactor:
 
     @classmethod
     def of(cls, G: torch.Tensor, alpha: float) -> "RidgeFactor":
-        lam = alpha * float(torch.trace(G)) / G.shape[0]
+        return cls.shifted(G, alpha * float(torch.trace(G)) / G.shape[0])
+
+    @classmethod
+    def shifted(cls, G: torch.Tensor, lam: float) -> "RidgeFactor":
+        """``A = G + lam I`` for a given shift (the dual forms take lam from the primal's trace)."""
         A = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         L, info = torch.linalg.cholesky_ex(A)
         return cls(A, lam, L if int(info) == 0 else None)

@@ -96,9 +96,7 @@ def _bridged(XF: torch.Tensor, XH: torch.Tensor, YF: torch.Tensor, alpha: float,
     """
     lam = alpha * float(XF.pow(2).sum()) / XF.shape[1]  # as RidgeFactor: alpha * tr(X^T X) / dt
     if form == "kernel" and lam > 0:
-        K = XF @ XF.T
-        K.diagonal().add_(lam)
-        P = torch.cholesky_solve(XF @ XH.T, torch.linalg.cholesky(K)).T  # (n_h, n_f); K symmetric
+        P = RidgeFactor.shifted(XF @ XF.T, lam).solve(XF @ XH.T).T  # (n_h, n_f); K symmetric
         pred = P.float() @ YF
         if square:
             _add_prior(pred, XH - P @ XF)

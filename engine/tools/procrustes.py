@@ -141,9 +141,7 @@ def fit_pair(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Te
     lam = alpha * xx / dx  # as engine.linalg.RidgeFactor
     if Xf.shape[0] < min(dx, dy) and lam > 0:
         pf = procrustes_fit(Xf, Yf)
-        K = Xf @ Xf.T
-        K.diagonal().add_(lam)
-        Z = torch.cholesky_solve(Yf, torch.linalg.cholesky(K))  # K + lam I is positive definite
+        Z = RidgeFactor.shifted(Xf @ Xf.T, lam).solve(Yf)  # (n, dy)
         fit_w = _ratio(lam * lam * float(Z.pow(2).sum()), yy)
         pred_w = (Xh @ Xf.T) @ Z
     else:
