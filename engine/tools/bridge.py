@@ -105,7 +105,7 @@ def _bridged(XF: torch.Tensor, XH: torch.Tensor, YF: torch.Tensor, alpha: float,
     if form == "primal":
         B = XF.T @ YF  # (dt, Ld * dd) float64
         if square and rf.lam > 0:
-            _add_prior(B, rf.lam * torch.eye(XF.shape[1], dtype=B.dtype))
+            _add_prior(B, rf.lam * torch.eye(XF.shape[1], dtype=B.dtype, device=B.device))
         return (XH @ rf.solve(B)).float()
     XhAinv = rf.solve(XH.T).T  # (n_h, dt) = XH A^{-1} (A symmetric)
     pred = (XhAinv.float() @ XF.T.float()) @ YF  # (n_h, Ld * dd); P in float32 (it is used in float32)
