@@ -13,9 +13,9 @@ the residual stream is what the organ reads.
 
 Cost: the grid needs a bridge for every (s, p). Per target position p, one factorisation serves
 every donor position s, and :func:`_form` picks the cheapest exact form by flop count: the dual
-``X_h W = (X_h A^{-1} X_f^T) Y_f + lam X_h A^{-1} W0`` with ``A = X_f^T X_f + lam I`` (the n_h x
-n_f matrix P in float64 from a Cholesky factor, then one float32 product ``P @ [Y_f(s=0) ...
-Y_f(s=L-1)]``), the same P through the n_f x n_f kernel when there are fewer fit rows than the
+``X_h W = (X_h A^{-1} X_f^T) Y_f + lam X_h A^{-1} W0`` with ``A = X_f^T X_f + lam I`` (X_h A^{-1}
+from a float64 Cholesky factor, then the n_h x n_f matrix P and one product ``P @ [Y_f(s=0) ...
+Y_f(s=L-1)]`` in float32), the same P through the n_f x n_f kernel when there are fewer fit rows than the
 width, or the primal W for all s at once when the target is narrow. The row cosines are float32
 dot products of d terms (about 1e-7 relative). At most ``max_heldout_rows`` held-out rows (evenly
 spaced) are scored, which bounds the cost.
