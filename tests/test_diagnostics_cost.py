@@ -87,20 +87,3 @@ def test_vocabulary_memo_follows_added_tokens():
     a.add_tokens(["<graft-new-token>"])
     assert "<graft-new-token>" in tokenizer_vocab(a)
     assert not same_tokenizer(a, b)
-
-
-def test_gram_equals_the_plain_products_and_is_exactly_symmetric():
-    from engine.linalg import gram
-
-    g = torch.Generator().manual_seed(9)
-    for dtype in (torch.float32, torch.float64):
-        X = torch.randn(37, 11, generator=g, dtype=dtype)
-        G, K = gram(X), gram(X, rows=True)
-        assert G.dtype == dtype and G.shape == (11, 11) and K.shape == (37, 37)
-        tol = 1e-5 if dtype == torch.float32 else 1e-12
-        assert torch.allclose(G, X.T @ X, atol=tol * 37) and torch.allclose(K, X @ X.T, atol=tol * 11)
-        assert torch.equal(G, G.T) and torch.equal(K, K.T)
-        B = torch.randn(3, 8, 5, generator=g, dtype=dtype)  # batched, as CKA's diagonal Gram blocks
-        assert torch.allclose(gram(B, rows=True), torch.bmm(B, B.transpose(1, 2)), atol=tol * 5)
-    Xs = torch.randn(6, 4, generator=g)[:, ::2]  # a strided view
-    assert torch.allclose(gram(Xs), Xs.T @ Xs, atol=1e-5)

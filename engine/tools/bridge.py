@@ -29,7 +29,7 @@ import torch
 
 from ..context import ToolContext
 from ..errors import GraftError
-from ..linalg import RidgeFactor, gram, split_rows
+from ..linalg import RidgeFactor, split_rows
 from ..params import HeldOutFit, param
 from ..progress import Progress
 from ..registry import Tool, register
@@ -96,12 +96,12 @@ def _bridged(XF: torch.Tensor, XH: torch.Tensor, YF: torch.Tensor, alpha: float,
     """
     lam = alpha * float(XF.pow(2).sum()) / XF.shape[1]  # as RidgeFactor: alpha * tr(X^T X) / dt
     if form == "kernel" and lam > 0:
-        P = RidgeFactor.shifted(gram(XF, rows=True), lam).solve(XF @ XH.T).T  # (n_h, n_f); K symmetric
+        P = RidgeFactor.shifted(XF @ XF.T, lam).solve(XF @ XH.T).T  # (n_h, n_f); K symmetric
         pred = P.float() @ YF
         if square:
             _add_prior(pred, XH - P @ XF)
         return pred
-    rf = RidgeFactor.of(gram(XF), alpha)
+    rf = RidgeFactor.of(XF.T @ XF, alpha)
     if form == "primal":
         B = XF.T @ YF  # (dt, Ld * dd) float64
         if square and rf.lam > 0:

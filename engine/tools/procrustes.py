@@ -33,7 +33,7 @@ import torch
 
 from ..context import ToolContext
 from ..errors import GraftError
-from ..linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, RidgeFactor, Standardiser, gram,
+from ..linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, RidgeFactor, Standardiser,
                       monotone_matching, procrustes_fit, procrustes_from_cross, residual, split_rows)
 from ..params import HeldOutFit, param
 from ..progress import Progress
@@ -125,9 +125,8 @@ def fit_pair(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Te
     Fewer fit rows than the widths (n < min(dx, dy)): R from the thin QR form
     (:func:`engine.linalg.procrustes_fit`), and W in its dual (Woodbury) form
     ``W = Xf^T Z, Z = (Xf Xf^T + lam I)^{-1} Yf``, so nothing d x d is factored: fit predictions
-    ``Xf W = Yf - lam Z`` and held-out ones ``(Xh Xf^T) Z``. Otherwise both maps come from two
-    products: ``Gx = Xf^T Xf`` for the ridge (:func:`engine.linalg.gram`, symmetric, half the flops)
-    and ``M = Xf^T Yf`` shared by both maps.
+    ``Xf W = Yf - lam Z`` and held-out ones ``(Xh Xf^T) Z``. Otherwise both maps come from one
+    product ``Xf^T [Xf Yf]`` (X^T X for the ridge, M = X^T Y shared by both maps).
 
     Fit residuals come from those products: ``||Xf B - Yf||^2 = <B, Gx B> - 2 <B, M> + ||Yf||^2``,
     where ``<R, Gx R> = ||Xf||^2`` when R is orthogonal, ``<R, M>`` is the sum of M's singular values
@@ -142,11 +141,12 @@ def fit_pair(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Te
     lam = alpha * xx / dx  # as engine.linalg.RidgeFactor
     if Xf.shape[0] < min(dx, dy) and lam > 0:
         pf = procrustes_fit(Xf, Yf)
-        Z = RidgeFactor.shifted(gram(Xf, rows=True), lam).solve(Yf)  # (n, dy)
+        Z = RidgeFactor.shifted(Xf @ Xf.T, lam).solve(Yf)  # (n, dy)
         fit_w = _ratio(lam * lam * float(Z.pow(2).sum()), yy)
         pred_w = (Xh @ Xf.T) @ Z
     else:
-        Gx, M = gram(Xf), Xf.T @ Yf
+        GM = Xf.T @ torch.cat([Xf, Yf], 1)
+        Gx, M = GM[:, :dx], GM[:, dx:]
         pf = procrustes_fit(Xf, Yf) if Xf.shape[0] < min(dx, dy) else procrustes_from_cross(M)
         rf = RidgeFactor.of(Gx, alpha)
         W = rf.solve(M)
