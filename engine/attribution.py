@@ -38,7 +38,7 @@ from torch import nn
 
 from .arch import ArchAdapter
 from .errors import GraftError
-from .evaluate import answer_ids, encode_prompt, format_prompt, has_chat_template, model_device, pad_id
+from .evaluate import answer_ids, context_length, encode_prompt, format_prompt, has_chat_template, model_device, pad_id
 from .progress import Progress, silent
 
 OBJECTIVES = ("first-token", "answer-logprob")
@@ -165,6 +165,9 @@ def attribute(
     if not prompt or not ans:
         raise GraftError("the question and the answer must each give at least one token")
     ids, base_ids, fill = baseline_ids(model, tokenizer, question, prompt, ans, objective, baseline)
+    if len(ids) > context_length(model):
+        raise GraftError(f"the question{' and answer' if objective == 'answer-logprob' else ''} take {len(ids)} tokens, more "
+                         f"than the model's context of {context_length(model)} positions: use a shorter question")
     dev = model_device(model)
     x, base = torch.tensor([ids], device=dev), torch.tensor([base_ids], device=dev)  # (1, n)
     forward = _objective(model, len(prompt), ans, objective)

@@ -35,9 +35,9 @@ def transfer_metrics(s_target: float, s_transplanted: float, s_donor: float, *, 
         out.update(tir_status="undefined", tir_note="TIR " + note, recovery_status="undefined", recovery_note="Recovery " + note)
         return out
     if abs(s_target) <= tol:
-        what = "infinite" if s_transplanted > tol else "0/0"
-        out.update(tir_status="undefined",
-                   tir_note=f"TIR undefined: the target scores S(T) = 0, so S(T')/S(T) = {s_transplanted:.4g}/0 is {what}")
+        what = (f"S(T')/S(T) = {s_transplanted:.4g}/0 is infinite" if s_transplanted > tol
+                else "S(T') = 0 too, and S(T')/S(T) is 0/0")
+        out.update(tir_status="undefined", tir_note=f"TIR undefined: the target scores S(T) = 0, so {what}")
     else:
         out["tir"] = s_transplanted / s_target
     if abs(s_donor - s_target) <= tol:

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 from . import jsonsafe
 from .errors import Cancelled, GraftError
-from .outputs import check_output_file
+from .outputs import check_output_file, is_stream, new_file_mode
 from .params import WORKLOAD_OPTIONS, ParamSpec, RunOptions, param_specs
 from .progress import Progress
 
@@ -65,12 +66,22 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
     write_text_atomic(path, jsonsafe.dumps(payload, indent=2), "--json")
 
 
-def write_text_atomic(path: str, text: str, what: str) -> Path:
+def write_text_atomic(path: str, text: str, what: str, suggest: str = "result.json") -> Path:
     """Write ``text`` to ``path`` atomically: a failed write never clobbers an existing file and
-    leaves no temporary file behind. ``what`` names the option in error messages."""
-    out = check_output_file(path, what)
+    leaves no temporary file behind. ``what`` names the option in error messages; ``suggest`` the
+    file name suggested when ``path`` is a folder."""
+    out = check_output_file(path, what, suggest)
+    if is_stream(out):  # /dev/null, /dev/stdout: written through, never replaced
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text)
+        return out
+    try:  # keep an existing file's permissions; a new file gets the usual ones (0666 less the umask)
+        mode = stat.S_IMODE(os.stat(out).st_mode)
+    except OSError:
+        mode = new_file_mode()
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, out)
@@ -103,10 +114,21 @@ def _clean_leftovers() -> None:
         print(f"note: {message}", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a hint where its message alone misleads: a value that starts with '-' (a
+    negative number in a list such as ``-1,2``) is read as an option unless written ``--flag=-1,2``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        if message.startswith("argument ") and "expected one argument" in message:
+            flag = message.split()[1].split("/")[0].rstrip(":")
+            message += f" (a value that starts with '-' is written {flag}=VALUE)"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .registry import INPUT_HELP, INPUT_METAVAR, all_tools
 
-    parser = argparse.ArgumentParser(prog="python -m engine", description="Graft: pre-surgery diagnostics and transplants, headless.")
+    parser = _Parser(prog="python -m engine", description="Graft: pre-surgery diagnostics and transplants, headless.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for tool in all_tools():
         p = sub.add_parser(tool.name, help=f"{tool.code} {tool.title}", description=f"{tool.code} {tool.title}: {tool.summary}")

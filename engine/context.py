@@ -11,10 +11,13 @@ import torch
 from .align import Aligned, align, drop_outliers
 from .capture import DEFAULT_CACHE, Capture, CaptureCache, per_text_limit, MAX_TOKENS_PER_TEXT
 from .data import Workload
+from .errors import GraftError
 from .linalg import cka_matrix
 from .models import LoadedModel, ModelStore
 from .params import RunOptions
 from .progress import Progress
+
+MIN_CKA_ROWS = 3  # below this the centred rows span at most one direction: every CKA is 0 / 0 or 1
 
 
 @dataclass
@@ -40,18 +43,26 @@ class ToolContext:
 
     def texts(self) -> list[str]:
         limit = per_text_limit([self.donor, self.target])
-        texts, cut = self.captures.budget(self.workload.texts, [self.donor.tokenizer, self.target.tokenizer],
+        unique = list(dict.fromkeys(self.workload.texts))
+        if len(unique) < len(self.workload.texts):
+            n_dup = len(self.workload.texts) - len(unique)
+            self.meta["n_texts_duplicate"] = n_dup
+            self._note(f"{n_dup} repeated workload text(s) were dropped: a copy adds no information, and copies on both "
+                       "sides of the fit / held-out split would make held-out scores look better than they are")
+        texts, cut = self.captures.budget(unique, [self.donor.tokenizer, self.target.tokenizer],
                                           self.options.max_tokens, limit)
         if cut:
             self.meta["n_texts_cut"] = len(cut)
             why = ("Graft's per-text cap" if limit == MAX_TOKENS_PER_TEXT
                    else "the shorter model's context, less 2 positions for special tokens")
-            note = (f"{len(cut)} workload text(s) were cut to their first {limit} tokens ({why}); "
-                    f"the longest had {max(c[1] for c in cut):,} tokens")
-            notes = self.meta.setdefault("notes", [])
-            if note not in notes:
-                notes.append(note)
+            self._note(f"{len(cut)} workload text(s) were cut to their first {limit} tokens ({why}); "
+                       f"the longest had {max(c[1] for c in cut):,} tokens")
         return texts
+
+    def _note(self, note: str) -> None:
+        notes = self.meta.setdefault("notes", [])
+        if note not in notes:
+            notes.append(note)
 
     def capture_pair(self, progress: Progress, modules: tuple[str, ...] = ()) -> tuple[Capture, Capture]:
         texts = self.texts()
@@ -83,6 +94,9 @@ class ToolContext:
         key = ("cka", id(ct), include_embeddings, self.options.outlier_factor)
         hit = cd.derived.get(key)
         if hit is None or hit[0] is not ct:
+            if al.X.shape[1] < MIN_CKA_ROWS:  # centred columns of one row are all zero: CKA is 0 / 0
+                raise GraftError(f"too few aligned rows for CKA ({al.X.shape[1]}; at least {MIN_CKA_ROWS}): "
+                                 "use a larger workload or --max-tokens")
             s = 0 if include_embeddings else 1
             hit = (ct, cka_matrix(al.X[s:], al.Y[s:], progress.sub(0.7, 1.0)))
             cd.derived[key] = hit

@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -232,7 +233,9 @@ def make_donor(
             bias="none",
             task_type="CAUSAL_LM",
         )
-        peft_model = get_peft_model(work, config)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(work, config)
         peft_model.eval()
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in trainable)

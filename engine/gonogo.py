@@ -177,7 +177,7 @@ def organ(compat: dict[str, Any], bridge: dict[str, Any], th: Thresholds) -> dic
                                              f"T4: through a linear bridge epsilon {b_br[0][1]:.3f} < "
                                              f"{th.epsilon_bridged:g} at target block {b_br[0][0]}"], ev)
     if not compat["verdicts"]["organ_bridged"]:
-        return _op("organ", False, settings, ["T1: " + ((t1.get("organ_bridged") or ["block internals differ"])[0])], ev)
+        return _op("organ", False, settings, ["T1: " + ((t1.get("organ_bridged") or ["block internals differ"])[-1])], ev)
     return _op("organ", False, settings, [f"T4: even through a linear bridge epsilon stays ≥ {th.epsilon_bridged:g} "
                                           f"(best {b_br[0][1]:.3f} at p={b_br[0][0]})" if b_br else "T4: no valid position"], ev)
 
@@ -214,12 +214,12 @@ def conjugation(compat: dict[str, Any], cka: dict[str, Any], procrustes: dict[st
     # donor's own update moved its activations away from the target's is what is being carried,
     # not a misalignment, so the alignment floor below applies only to other coordinates.
     if not same and mean_al < th.min_map_alignment:
-        return _op("conjugation", False, settings, [f"T3: the best linear map per layer explains {mean_al:.0%} of the "
+        return _op("conjugation", False, settings, [f"T3: the best linear map per layer explains {_share(mean_al)} of the "
                                                     f"target's held-out activations on average (< {th.min_map_alignment:.0%}): "
                                                     "the update would land in the wrong place"] + reasons, ev)
     lead = (f"T3: {why_same}; a plain merge (identity maps) is enough" if same else
             f"T3: {why_same.split(':', 1)[-1].strip()}; plain merge not advised, conjugate through fitted maps")
-    return _op("conjugation", True, settings, [lead, f"T3: the best map per layer explains {mean_al:.0%} on held-out rows"]
+    return _op("conjugation", True, settings, [lead, f"T3: the best map per layer explains {_share(mean_al)} on held-out rows"]
                + reasons, ev)
 
 
@@ -243,3 +243,9 @@ def overall(ops: list[dict[str, Any]]) -> tuple[list[str], str]:
             k = f", k = {s['k_median']}" if s.get("k_median") is not None else ""
             parts.append(f"rank-k conjugation ({'identity maps' if s['plain_merge_advised'] else 'fitted maps'}{k})")
     return viable, "go: " + "; ".join(parts)
+
+
+def _share(alignment: float) -> str:
+    """T3's mean alignment (1 - held-out residual) as a share explained; below 0 the maps do worse
+    than predicting the mean, which explains nothing (not "-2%")."""
+    return f"{alignment:.0%}" if alignment >= 0 else f"nothing (alignment {alignment:.2f}: worse than predicting the mean)"

@@ -286,6 +286,11 @@ def model_card(spec: ModelSpec) -> Optional[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- loading
 def _finish(spec: ModelSpec, model: Any, tok: Any, device: torch.device, dtype: torch.dtype, source: str) -> LoadedModel:
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None)
+    if isinstance(rows, int) and len(tok) > rows:
+        raise GraftError(f"{spec.label}: its tokenizer has {len(tok)} tokens but the model's embedding table only {rows} "
+                         f"rows, so token ids from {rows} on cannot be looked up (a tokenizer from another model?)")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

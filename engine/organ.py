@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -34,6 +35,7 @@ from .models import LoadedModel
 from .paths import check_writable_parent
 
 ORGAN_FORMAT = "graft-organ/1"
+_HEAD_NORM = re.compile(r"(^|\.)(q|k)_(norm|layernorm)\.")
 ORGAN_CARD = "organ.json"
 ORGAN_TENSORS = "organ.safetensors"
 
@@ -103,8 +105,9 @@ def extract_organ(source: LoadedModel, start: Optional[int] = None, size: int = 
     L = source.arch.n_layers
     s = default_start(L) if start is None or start < 0 else int(start)
     if size < 1 or s + size > L:
+        default = f"; a negative start picks the default floor(L / 3) = {s}" if start is None or start < 0 else ""
         raise GraftError(f"an organ of {size} blocks from block {s} does not fit in {source.label}'s {L} blocks "
-                         f"(start + size must be at most {L})")
+                         f"(start + size must be at most {L}{default})")
     tensors: dict[str, torch.Tensor] = {}
     with source.lock:
         for i in range(size):
@@ -140,8 +143,9 @@ def save_organ(organ: Organ, out_dir: Union[str, Path]) -> Path:
     check_writable_parent(out)
     if out.is_dir() and any(out.iterdir()) and not (out / ORGAN_CARD).is_file():
         raise GraftError(f"refusing to write into {out}: the folder is not empty and is not an organ checkpoint (no {ORGAN_CARD})")
-    out.mkdir(parents=True, exist_ok=True)
     card = dict(organ.card, tensors_sha256=organ.sha256())
+    _check_consistent(Organ(card, organ.tensors), str(out))  # refuse before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(card, indent=2, allow_nan=False)
     save_file({k: v.contiguous() for k, v in organ.tensors.items()}, str(out / ORGAN_TENSORS),
               metadata={"format": ORGAN_FORMAT})
@@ -193,8 +197,11 @@ def _check_consistent(organ: Organ, where: str) -> None:
     ranks = {int(k.split(".", 1)[0]) for k in organ.tensors}
     if ranks != set(range(size)) or len(layers) != size:
         raise GraftError(f"organ checkpoint {where}: the card says {size} blocks, the tensors hold {len(ranks)}")
+    # The block's own norms are hidden-wide; per-head norms (Gemma 3's and Qwen 3's q_norm / k_norm,
+    # Phi's optional q_layernorm / k_layernorm) are head_dim-wide and say nothing of the width.
     widths = {int(t.shape[0]) for k, t in organ.tensors.items()
-              if t.dim() == 1 and k.endswith(".weight") and ("norm" in k.lower() or ".ln_" in k)}
+              if t.dim() == 1 and k.endswith(".weight") and ("norm" in k.lower() or ".ln_" in k)
+              and not _HEAD_NORM.search(k)}
     if widths and widths != {hidden}:
         raise GraftError(f"organ checkpoint {where}: the card says hidden size {hidden}, the tensors have {sorted(widths)}")
     if arch.get("hidden_size") != hidden or block_internal_signature(arch) != card.get("block_signature"):
@@ -209,7 +216,8 @@ def check_fits(organ: Organ, recipient: LoadedModel, position: Optional[int] = N
         raise GraftError(f"an organ and its recipient must be of the same family: the organ is {arch.get('family')} "
                          f"({organ.card['source']['label']}), {recipient.label} is {desc['family']}")
     if organ.hidden_size != desc["hidden_size"]:
-        raise GraftError(f"the organ's hidden size {organ.hidden_size} does not fit {recipient.label}'s {desc['hidden_size']}")
+        raise GraftError(f"the organ's hidden size {organ.hidden_size} does not fit {recipient.label}'s {desc['hidden_size']}: "
+                         "organs move between models of one width, directly or through d x d bridges")
     if organ.card.get("block_signature") != block_internal_signature(desc):
         diff = [k for k in ("n_heads", "n_kv_heads", "head_dim", "intermediate_size", "norm_type", "activation", "positional")
                 if arch.get(k) != desc.get(k)]

@@ -115,8 +115,10 @@ def uninstall(model: nn.Module) -> None:
 def closed_form(X: torch.Tensor, Y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge towards the identity with a bias (see the module docstring); float64 on the CPU."""
     X, Y = X.double().cpu(), Y.double().cpu()
-    if X.shape != Y.shape or X.shape[0] < 2:
+    if X.shape != Y.shape:
         raise GraftError(f"internal: bridge rows do not pair up ({tuple(X.shape)} vs {tuple(Y.shape)})")
+    if X.shape[0] < 2:
+        raise GraftError(f"too few tokens to fit a bridge ({X.shape[0]}; at least 2): use a larger workload")
     mx, my = X.mean(0), Y.mean(0)
     Xc, Yc = X - mx, Y - my
     d = X.shape[1]

@@ -79,6 +79,8 @@ def parse_positions(text: str, n_layers: int, size: int) -> list[int]:
         got = sorted({int(x) for x in re.split(r"[,\s]+", text.strip()) if x})
     except ValueError:
         raise GraftError(f"--positions must be integers separated by commas, got {text!r}") from None
+    if not got:
+        raise GraftError(f"--positions names no position ({text!r}); leave it empty for every valid one")
     bad = [p for p in got if p not in valid]
     if bad:
         raise GraftError(f"position(s) {bad} out of range: an organ of {size} blocks fits at 0..{n_layers - size}")

@@ -8,6 +8,7 @@ line and no minutes of computation.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -50,14 +51,48 @@ def _parent_takes_new_entry(p: Path, what: str) -> Path:
     return p
 
 
-def check_output_file(path: str | Path, what: str = "output") -> Path:
-    """``path`` can be written as a file: it is not a folder and its folder takes a new file."""
+def check_output_file(path: str | Path, what: str = "output", suggest: str = "result.json") -> Path:
+    """``path`` can be written as a file: it is not a folder and its folder takes a new file.
+
+    A symbolic link stands for its target (the target is written, the link stays). A character
+    device (``/dev/null``, ``/dev/stdout``) is written through (:func:`is_stream`); any other
+    existing path that is not a regular file (a FIFO, a socket, a block device) is refused, so an
+    atomic replace can never put a plain file in place of a device. ``suggest``: the file name an
+    error suggests when ``path`` is a folder."""
     p = _output_path(path, what)
+    if p.is_symlink():
+        p = p.resolve()
     if p.is_dir():
-        raise GraftError(f"{what}: {p} is a folder; give a file name such as {p / 'result.json'}")
+        raise GraftError(f"{what}: {p} is a folder; give a file name in it, such as {p / suggest}")
+    if p.exists() and not p.is_file():
+        if is_stream(p):
+            return p
+        raise GraftError(f"{what}: {p} is not a regular file (a pipe, socket or device); give a file path")
     if p.exists() and not os.access(p, os.W_OK):
         raise GraftError(f"{what}: {p} exists and is read-only")
     return _parent_takes_new_entry(p, what)
+
+
+def new_file_mode() -> int:
+    """The permissions a new file gets here: 0666 less the process umask (read from /proc, so no
+    thread ever sees a changed umask; else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def is_stream(p: Path) -> bool:
+    """``p`` is a character device (written through, never replaced)."""
+    try:
+        return stat.S_ISCHR(os.stat(p).st_mode)
+    except OSError:
+        return False
 
 
 def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
@@ -75,6 +110,8 @@ def check_input_file(path: str | Path, what: str = "input") -> Path:
         raise GraftError(f"{what}: file not found: {path}")
     if p.is_dir():
         raise GraftError(f"{what}: {path} is a folder, not a file")
+    if not p.is_file():  # a FIFO would block the read below forever
+        raise GraftError(f"{what}: {path} is not a regular file (a pipe, socket or device)")
     try:
         with open(p, "rb") as f:
             f.read(1)

@@ -143,7 +143,7 @@ class HeldOutFit:
                                           "fitted map.", min=0.05, max=0.9)
     ridge_alpha: float = param(0.01, "Ridge strength of the fitted linear map (bridge), relative to the mean "
                                      "eigenvalue of X^T X.", min=0.0, max=1e6)
-    seed: int = param(0, "Seed of the fit / held-out split.", min=0)
+    seed: int = param(0, "Seed of the fit / held-out split.", min=0, max=2**31 - 1)
 
 
 @dataclasses.dataclass(frozen=True)

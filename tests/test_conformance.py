@@ -64,6 +64,10 @@ def test_params_are_typed_with_help_and_validated(name):
         if s.min is not None and s.type in (int, float):
             with pytest.raises(GraftError, match=s.flag):
                 build_params(tool.params_cls, {s.name: s.min - 1})
+        if s.type is int and s.name == "seed":  # torch generators take 64-bit seeds: a bound, not an overflow
+            assert s.max is not None and s.max <= 2**63 - 1
+            with pytest.raises(GraftError, match=s.flag):
+                build_params(tool.params_cls, {s.name: 10**20})
 
 
 CASES = [(t.name, alt) for t in all_tools() for alt in t.needs]

@@ -259,8 +259,41 @@ def test_an_organ_run_is_rebuilt_from_the_history_and_checked_by_t12(store, tiny
     t12 = run_tool("interference", run=run_id, store=fresh, options={"workload": workload},
                    params={"retained": sets["retained"], "max_new_tokens": 4})["result"]
     assert t12["stability"]["reapply"]["passed"] and t12["stability"]["reload"]["passed"], t12["stability"]
+    assert t12["stability"]["reload"]["weight_hash_matches_card"], t12["stability"]["reload"]
 
     tampered = json.loads(json.dumps(env))
     tampered["result"]["card"]["organs"][0]["tensors_sha256"] = "0" * 64
     with pytest.raises(GraftError, match="organ .* has changed"):
         rebuild_transplant(tampered, ModelStore())
+
+
+def test_gemma3_organ_with_per_head_norms_round_trips_and_puts_back_identically(store, tmp_path):
+    """Gemma 3 (and Qwen 3) blocks hold head_dim-wide q_norm / k_norm weights beside the hidden-wide
+    norms: the checkpoint's width check must tell them apart (it refused every Gemma 3 organ)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from engine.tiny import build_tiny
+
+    _, tok = build_tiny("tiny-llama-a")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma3TextConfig(
+        num_hidden_layers=4, hidden_size=48, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        intermediate_size=96, vocab_size=len(tok), sliding_window=16))
+    folder = tmp_path / "gemma3"
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    m = store.get(ModelSpec.parse(str(folder)), "cpu")
+    organ = extract_organ(m, 1, 2)
+    assert any("q_norm" in k for k in organ.tensors)  # the per-head norms are really there
+    back = load_organ(save_organ(organ, tmp_path / "organ"))
+    assert all(torch.equal(back.tensors[k], organ.tensors[k]) for k in organ.tensors)
+    ref = _logits(m.model, m.tokenizer)
+    ins = OrganInsertion(m, [Placement(back, 1)])
+    ins.apply()
+    assert torch.equal(_logits(ins.working, m.tokenizer), ref)
+    # a card whose hidden size disagrees with the block norms is still refused, before anything is written
+    bad = extract_organ(m, 1, 2)
+    bad.card["hidden_size"] = 16
+    with pytest.raises(GraftError, match="hidden size"):
+        save_organ(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

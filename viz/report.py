@@ -284,5 +284,5 @@ def write_report(run_id: str, out: str, history: Any = None) -> Path:
     from engine.cli import write_text_atomic
     from engine.outputs import check_output_file
 
-    check_output_file(out, "--out")
-    return write_text_atomic(out, build_report(run_id, history), "--out")
+    check_output_file(out, "--out", "report.html")
+    return write_text_atomic(out, build_report(run_id, history), "--out", "report.html")

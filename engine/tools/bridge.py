@@ -152,9 +152,9 @@ def compute_bridge(ctx: ToolContext, params: BridgeParams, progress: Progress) -
     best = []
     for s in range(Ld):
         p = int(torch.argmin(eps_b[s]))
-        best.append({"s": s, "p": p, "epsilon_bridged": round(float(eps_b[s, p]), 6),
-                     "epsilon_raw": None if eps_r is None else round(float(eps_r[s, p]), 6)})
-    r = lambda M: [[round(float(v), 6) for v in row] for row in M]  # noqa: E731
+        best.append({"s": s, "p": p, "epsilon_bridged": round(float(eps_b[s, p]), 6) + 0.0,
+                     "epsilon_raw": None if eps_r is None else round(float(eps_r[s, p]), 6) + 0.0})
+    r = lambda M: [[round(float(v), 6) + 0.0 for v in row] for row in M]  # noqa: E731  (+ 0.0: no -0.0)
     progress(1.0, "done")
     return BridgeResult(
         donor_positions=list(range(Ld)), target_positions=list(range(Lt)),

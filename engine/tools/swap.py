@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from ..beforeafter import evaluate_shared, load_sets, locked, metrics, rnd, side_by_side, transfer_scores
 from ..context import ToolContext
+from ..errors import GraftError
 from ..evalcache import SCORES, alignment_score, evaluate_model
 from ..params import param
 from ..progress import Progress
@@ -66,7 +67,10 @@ class SwapResult:
 
 
 def _parse_modules(text: str) -> list[str]:
-    return list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    names = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    if text.strip() and not names:
+        raise GraftError(f"--modules names no module ({text!r}); leave it empty for T7's top --k")
+    return names
 
 
 def choose_modules(ctx: ToolContext, k: int, modules: str, progress: Progress) -> tuple[list[dict[str, Any]], bool]:
