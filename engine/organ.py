@@ -29,7 +29,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .arch import block_internal_signature, signature
+from .arch import ArchAdapter, block_internal_signature, signature
 from .errors import GraftError
 from .models import LoadedModel
 from .paths import check_writable_parent
@@ -208,21 +208,23 @@ def _check_consistent(organ: Organ, where: str) -> None:
         raise GraftError(f"organ checkpoint {where}: the card's architecture fields disagree with its signature")
 
 
-def check_fits(organ: Organ, recipient: LoadedModel, position: Optional[int] = None) -> None:
-    """One-line GraftError when ``organ`` cannot replace blocks of ``recipient`` (at ``position``)."""
+def check_fits(organ: Organ, recipient: LoadedModel, position: Optional[int] = None, bridged: bool = False) -> None:
+    """One-line GraftError when ``organ`` cannot replace blocks of ``recipient`` (at ``position``).
+    An organ of another hidden size fits only ``bridged``: the bridges map the recipient's width to
+    the organ's and back (equal block internals still needed)."""
     desc = recipient.arch.describe()
     arch = organ.card["architecture"]
     if arch.get("family") != desc["family"]:
         raise GraftError(f"an organ and its recipient must be of the same family: the organ is {arch.get('family')} "
                          f"({organ.card['source']['label']}), {recipient.label} is {desc['family']}")
-    if organ.hidden_size != desc["hidden_size"]:
-        raise GraftError(f"the organ's hidden size {organ.hidden_size} does not fit {recipient.label}'s {desc['hidden_size']}: "
-                         "organs move between models of one width, directly or through d x d bridges")
     if organ.card.get("block_signature") != block_internal_signature(desc):
         diff = [k for k in ("n_heads", "n_kv_heads", "head_dim", "intermediate_size", "norm_type", "activation", "positional")
                 if arch.get(k) != desc.get(k)]
         raise GraftError(f"the organ's blocks do not fit {recipient.label}'s (block signature differs: {', '.join(diff) or 'fields'})")
-    ref = recipient.arch.blocks[0].state_dict()
+    if organ.hidden_size != desc["hidden_size"] and not bridged:
+        raise GraftError(f"the organ's hidden size {organ.hidden_size} differs from {recipient.label}'s {desc['hidden_size']}: "
+                         f"insert it bridged (bridges map width {desc['hidden_size']} -> {organ.hidden_size} -> {desc['hidden_size']})")
+    ref = template_block(organ, recipient, 0).state_dict()
     for i in range(organ.size):
         st = organ.block_state(i)
         if st.keys() != ref.keys() or any(tuple(st[k].shape) != tuple(ref[k].shape) for k in st):
@@ -240,15 +242,41 @@ def set_layer_index(block: nn.Module, index: int) -> None:
             m.layer_idx = index
 
 
+def template_block(organ: Organ, recipient: LoadedModel, index: int) -> nn.Module:
+    """A block shaped like the organ's, for block ``index`` of ``recipient``: the recipient's own block
+    when the widths are equal, else a new one (:func:`block_of_width`)."""
+    if organ.hidden_size == recipient.arch.hidden_size:
+        return recipient.arch.blocks[index]
+    return block_of_width(recipient.arch, organ.card["architecture"], index).to(recipient.device, recipient.dtype)
+
+
+def block_of_width(arch: ArchAdapter, fields: dict[str, Any], index: int) -> nn.Module:
+    """A new block of ``arch``'s block class at block ``index``, built from its model's config with the
+    hidden size (and head size) of ``fields`` (an organ card's architecture): an organ of another
+    width, same block internals, runs inside the recipient between its bridges. Random weights
+    (float32, CPU) until an organ's tensors are loaded into it."""
+    cfg = copy.deepcopy(arch.text_config)
+    cfg.hidden_size = int(fields["hidden_size"])
+    if fields.get("head_dim") and hasattr(cfg, "head_dim"):  # else derived from the width: keep the organ's
+        cfg.head_dim = int(fields["head_dim"])
+    cls = type(arch.blocks[index])
+    with torch.inference_mode(False):
+        try:
+            return cls(cfg, layer_idx=index)
+        except TypeError:
+            return cls(cfg, index)
+
+
 def build_blocks(organ: Organ, template: nn.Module, first_index: int, device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
-    """New block modules holding the organ's tensors, shaped like ``template`` (a recipient block).
+    """New block modules holding the organ's tensors, shaped like ``template`` (a recipient block, or
+    :func:`template_block`'s block of the organ's width).
 
     Each is a deep copy of the template (its own storage) loaded with the organ's tensors, cast to
     the recipient's dtype and device, with layer indices ``first_index + i``."""
     out = []
     with torch.inference_mode(False), torch.no_grad():
         for i in range(organ.size):
-            block = copy.deepcopy(template)
+            block = copy.deepcopy(template).to(device=device, dtype=dtype)
             block.load_state_dict({k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
                                    for k, v in organ.block_state(i).items()}, strict=True)
             for prm in block.parameters():

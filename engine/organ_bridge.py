@@ -34,19 +34,25 @@ from .evaluate import encode_text, model_device, pad_id
 from .progress import Progress, silent
 
 BRIDGES_FILE = "bridges.safetensors"
+ORGAN_BLOCKS_FILE = "organ_blocks.safetensors"
 ATTR = "graft_bridges"
 
 
 class Bridge(nn.Module):
-    """``W_in``/``b_in`` before block ``first`` and ``W_out``/``b_out`` after block ``last``."""
+    """``W_in``/``b_in`` before block ``first`` and ``W_out``/``b_out`` after block ``last``.
 
-    def __init__(self, d: int, first: int, last: int, device: Any = None, dtype: Any = None) -> None:
+    ``d`` is the recipient's width and ``d_organ`` the organ's (default ``d``). Across widths
+    ``W_in`` is ``d x d_organ`` and ``W_out`` ``d_organ x d``, and "identity" is the rectangular
+    identity ``I[:d, :d_organ]`` (keep the first coordinates, pad with zeros)."""
+
+    def __init__(self, d: int, first: int, last: int, device: Any = None, dtype: Any = None,
+                 d_organ: Optional[int] = None) -> None:
         super().__init__()
         self.first, self.last = int(first), int(last)
-        eye = torch.eye(d, device=device, dtype=dtype)
-        self.w_in = nn.Parameter(eye.clone(), requires_grad=False)
-        self.b_in = nn.Parameter(torch.zeros(d, device=device, dtype=dtype), requires_grad=False)
-        self.w_out = nn.Parameter(eye.clone(), requires_grad=False)
+        do = d if d_organ is None else int(d_organ)
+        self.w_in = nn.Parameter(torch.eye(d, do, device=device, dtype=dtype), requires_grad=False)
+        self.b_in = nn.Parameter(torch.zeros(do, device=device, dtype=dtype), requires_grad=False)
+        self.w_out = nn.Parameter(torch.eye(do, d, device=device, dtype=dtype), requires_grad=False)
         self.b_out = nn.Parameter(torch.zeros(d, device=device, dtype=dtype), requires_grad=False)
 
     def pre_hook(self, _mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -66,11 +72,15 @@ class Bridge(nn.Module):
         getattr(self, f"w_{which}").copy_(W.to(self.w_in.dtype))
         getattr(self, f"b_{which}").copy_(b.to(self.w_in.dtype))
 
+    def identity(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The starting point of ``W_which`` and its bias (float64): the (rectangular) identity and 0."""
+        w = getattr(self, f"w_{which}")
+        return torch.eye(*w.shape, dtype=torch.float64), torch.zeros(w.shape[1], dtype=torch.float64)
+
     def deviation(self) -> dict[str, float]:
-        """``||W_in - I||_F`` and ``||W_out - I||_F`` (float64)."""
-        eye = torch.eye(self.w_in.shape[0], dtype=torch.float64, device=self.w_in.device)
-        return {"in": float(torch.linalg.matrix_norm(self.w_in.detach().double() - eye)),
-                "out": float(torch.linalg.matrix_norm(self.w_out.detach().double() - eye))}
+        """``||W_in - I||_F`` and ``||W_out - I||_F`` (float64; I rectangular across widths)."""
+        return {k: float(torch.linalg.matrix_norm(getattr(self, f"w_{k}").detach().double().cpu() - self.identity(k)[0]))
+                for k in ("in", "out")}
 
 
 class BridgeSet(nn.Module):
@@ -115,7 +125,7 @@ def uninstall(model: nn.Module) -> None:
 def closed_form(X: torch.Tensor, Y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge towards the identity with a bias (see the module docstring); float64 on the CPU."""
     X, Y = X.double().cpu(), Y.double().cpu()
-    if X.shape != Y.shape:
+    if X.shape[0] != Y.shape[0]:
         raise GraftError(f"internal: bridge rows do not pair up ({tuple(X.shape)} vs {tuple(Y.shape)})")
     if X.shape[0] < 2:
         raise GraftError(f"too few tokens to fit a bridge ({X.shape[0]}; at least 2): use a larger workload")
@@ -124,9 +134,8 @@ def closed_form(X: torch.Tensor, Y: torch.Tensor, alpha: float) -> tuple[torch.T
     d = X.shape[1]
     G = Xc.T @ Xc
     lam = alpha * float(torch.trace(G)) / d
-    eye = torch.eye(d, dtype=torch.float64)
-    A = G + max(lam, 1e-12 * max(float(torch.trace(G)) / d, 1.0)) * eye
-    W = torch.linalg.solve(A, Xc.T @ Yc + lam * eye)
+    A = G + max(lam, 1e-12 * max(float(torch.trace(G)) / d, 1.0)) * torch.eye(d, dtype=torch.float64)
+    W = torch.linalg.solve(A, Xc.T @ Yc + lam * torch.eye(d, Y.shape[1], dtype=torch.float64))  # prior: (rectangular) I
     return W, my - mx @ W
 
 
@@ -136,17 +145,20 @@ def stream_rows(model: nn.Module, blocks: nn.ModuleList, tokenizer: Any, texts: 
                 batch_size: int = 8, progress: Optional[Progress] = None) -> dict[tuple[str, int], torch.Tensor]:
     """Residual-stream rows (non-padding tokens) at each tap: ``("in", i)`` = what block ``i``
     receives (after any bridge pre-hook registered earlier), ``("out", i)`` = what block ``i``
-    returns (after any bridge hook). At most ``max_rows`` rows, the same tokens at every tap."""
+    returns (after any bridge hook); ``("in_raw", i)`` / ``("out_raw", i)``: the same before the
+    bridges (the stream a bridge maps). At most ``max_rows`` rows, the same tokens at every tap."""
     progress = progress or silent()
     dev = model_device(model)
     sink: dict[tuple[str, int], torch.Tensor] = {}
     handles = []
     for kind, i in taps:
-        if kind == "in":
+        raw = kind.endswith("_raw")  # prepended: runs before the bridge's own hook on this block
+        if kind.startswith("in"):
             handles.append(blocks[i].register_forward_pre_hook(
-                lambda _m, a, kw, key=(kind, i): sink.__setitem__(key, _first_tensor(a, kw)), with_kwargs=True))
+                lambda _m, a, kw, key=(kind, i): sink.__setitem__(key, _first_tensor(a, kw)), with_kwargs=True, prepend=raw))
         else:
-            handles.append(blocks[i].register_forward_hook(lambda _m, _a, o, key=(kind, i): sink.__setitem__(key, _hidden(o))))
+            handles.append(blocks[i].register_forward_hook(
+                lambda _m, _a, o, key=(kind, i): sink.__setitem__(key, _hidden(o)), prepend=raw))
     rows: dict[tuple[str, int], list[torch.Tensor]] = {t: [] for t in taps}
     n = 0
     fill = pad_id(tokenizer)
@@ -219,9 +231,45 @@ def attach_saved_bridges(model: nn.Module, folder: Path) -> bool:
     bs = BridgeSet()
     for j, pl in enumerate(placements):
         w = tensors[f"{j}.w_in"]
-        br = Bridge(w.shape[0], pl["first"], pl["last"], device=w.device, dtype=w.dtype)
+        br = Bridge(w.shape[0], pl["first"], pl["last"], device=w.device, dtype=w.dtype, d_organ=w.shape[1])
         for name in ("w_in", "b_in", "w_out", "b_out"):
             getattr(br, name).data.copy_(tensors[f"{j}.{name}"])
         bs.items.append(br)
+    if entry.get("organ_blocks"):
+        _attach_organ_blocks(model, blocks, folder, entry["organ_blocks"])
     install(model, blocks, bs)
     return True
+
+
+def save_organ_blocks(blocks: dict[int, nn.Module], fields: dict[int, dict[str, Any]], folder: Path) -> dict[str, Any]:
+    """Write blocks of another width (``{index: block}``) into ``organ_blocks.safetensors``; returns the
+    surgery.json entry that :func:`attach_saved_bridges` reads (each block's index and architecture)."""
+    from safetensors.torch import save_file
+
+    save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, b in blocks.items() for k, v in b.state_dict().items()},
+              str(folder / ORGAN_BLOCKS_FILE), metadata={"format": "graft-organ-blocks/1"})
+    return {"file": ORGAN_BLOCKS_FILE, "blocks": [{"index": i, "architecture": fields[i]} for i in sorted(blocks)],
+            "note": "blocks of the organ's own width, between the bridges; the Hugging Face weights hold the recipient's "
+                    "blocks at these indices, and Graft's loader puts these in their place"}
+
+
+def _attach_organ_blocks(model: nn.Module, blocks: nn.ModuleList, folder: Path, entry: dict[str, Any]) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .arch import ArchAdapter
+    from .organ import block_of_width
+
+    try:
+        tensors = load_file(str(folder / entry["file"]))
+        arch = ArchAdapter(model)
+        p = next(model.parameters())
+        for item in entry["blocks"]:
+            i = int(item["index"])
+            block = block_of_width(arch, item["architecture"], i).to(device=p.device, dtype=p.dtype)
+            block.load_state_dict({k[len(f"{i}."):]: v for k, v in tensors.items() if k.startswith(f"{i}.")}, strict=True)
+            for prm in block.parameters():
+                prm.requires_grad_(False)
+            blocks[i] = block.eval()
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
+        raise GraftError(f"{folder}: the organ blocks beside the weights cannot be put back ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None

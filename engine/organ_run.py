@@ -24,11 +24,12 @@ RECOVERY = ("organs+neighbours", "bridges-then-organs")
 EVAL_KEYS = ("ppl_concept", "ppl_retained", "task_score")
 
 
-def organ_of(ctx: Any) -> Organ:
-    """The run's organ checkpoint, checked against the recipient (when the tool has one) before any work."""
+def organ_of(ctx: Any, bridged: bool = False) -> Organ:
+    """The run's organ checkpoint, checked against the recipient (when the tool has one) before any
+    work; an organ of another width fits only ``bridged``."""
     organ = load_organ(ctx.organ)
     if ctx.target is not None:
-        check_fits(organ, ctx.target)
+        check_fits(organ, ctx.target, bridged=bridged)
     return organ
 
 

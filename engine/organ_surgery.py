@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -31,9 +32,10 @@ from torch import nn
 
 from .arch import ArchAdapter
 from .errors import GraftError
-from .models import LoadedModel
-from .organ import Organ, check_fits, build_blocks
-from .organ_bridge import Bridge, BridgeSet, bridge_tensors, bridges_entry, closed_form, install, save_bridges, stream_rows, uninstall
+from .models import LoadedModel, state_dict_hash
+from .organ import Organ, build_blocks, check_fits, template_block
+from .organ_bridge import (ORGAN_BLOCKS_FILE, Bridge, BridgeSet, bridge_tensors, bridges_entry, closed_form, install,
+                           save_bridges, save_organ_blocks, stream_rows, uninstall)
 from .organ_train import train_lm
 from .progress import Progress, silent
 from .reversible import ReversibleEdit, working_copy
@@ -63,7 +65,7 @@ class OrganInsertion(ReversibleEdit):
         for pl in placements:
             if pl.mode not in MODES:
                 raise GraftError(f"mode must be one of {', '.join(MODES)}, got {pl.mode!r}")
-            check_fits(pl.organ, target, pl.position)
+            check_fits(pl.organ, target, pl.position, bridged=pl.mode == "bridged")
             if used & set(pl.blocks):
                 raise GraftError(f"organs overlap at block(s) {sorted(used & set(pl.blocks))}: choose a larger spacing")
             used |= set(pl.blocks)
@@ -99,14 +101,15 @@ class OrganInsertion(ReversibleEdit):
             self._orig = {i: self._arch.blocks[i] for pl in self.placements for i in pl.blocks}
             dev, dt = self.target.device, self.target.dtype
             for pl in self.placements:
-                new = build_blocks(pl.organ, self._arch.blocks[pl.position], pl.position, dev, dt)
+                new = build_blocks(pl.organ, template_block(pl.organ, self.target, pl.position), pl.position, dev, dt)
                 self._new.update(dict(zip(pl.blocks, new)))
             if self.bridged:
                 self.bridges = BridgeSet()
                 d = self.target.arch.hidden_size
                 for pl in self.placements:
                     if pl.mode == "bridged":
-                        self.bridges.items.append(Bridge(d, pl.position, pl.position + pl.organ.size - 1, dev, dt))
+                        self.bridges.items.append(Bridge(d, pl.position, pl.position + pl.organ.size - 1, dev, dt,
+                                                         d_organ=pl.organ.hidden_size))
             self._working = working
         return self._working
 
@@ -173,13 +176,13 @@ class OrganInsertion(ReversibleEdit):
             with ref.lock:
                 Y_out = stream_rows(ref.model, ref.arch.blocks, tok, texts, [("out", last)],
                                     max_rows=max_rows, progress=p.sub(0.25, 0.5))[("out", last)]
-            br.set("in", *_identity(br))
-            br.set("out", *_identity(br))
-            X_in = stream_rows(self.working, self.blocks, tok, texts, [("in", pl.position)], max_rows=max_rows,
-                               progress=p.sub(0.5, 0.7))[("in", pl.position)]
+            br.set("in", *br.identity("in"))
+            br.set("out", *br.identity("out"))
+            X_in = stream_rows(self.working, self.blocks, tok, texts, [("in_raw", pl.position)], max_rows=max_rows,
+                               progress=p.sub(0.5, 0.7))[("in_raw", pl.position)]  # before W_in: the recipient's stream
             br.set("in", *closed_form(X_in, Y_in, alpha))
-            X_out = stream_rows(self.working, self.blocks, tok, texts, [("out", last)], max_rows=max_rows,
-                                progress=p.sub(0.7, 0.95))[("out", last)]
+            X_out = stream_rows(self.working, self.blocks, tok, texts, [("out_raw", last)], max_rows=max_rows,
+                                progress=p.sub(0.7, 0.95))[("out_raw", last)]  # before W_out: the organ's own output
             br.set("out", *closed_form(X_out, Y_out, alpha))
         progress(1.0, "bridges fitted")
 
@@ -227,12 +230,30 @@ class OrganInsertion(ReversibleEdit):
             card["bridges"] = None
             return save_transplant(self.working, self.target.tokenizer, out_dir, card)
         bs = self.bridges
+        # Blocks of another width cannot be Hugging Face weights under the recipient's config: the
+        # folder holds the recipient's blocks at those indices, and the organ's go beside them.
+        wide = {i: self._new[i] for pl in self.placements if pl.organ.hidden_size != self.target.arch.hidden_size
+                for i in pl.blocks}
+        fields = {i: pl.organ.card["architecture"] for pl in self.placements for i in pl.blocks if i in wide}
         uninstall(self.working)  # the HF folder holds the plain blocks; the bridges go beside them
+        weight_hash = state_dict_hash(self.working.state_dict())  # what Graft's loader rebuilds (less the bridges)
+        blocks = self.blocks
         try:
+            for i in wide:
+                blocks[i] = self._orig[i]
             card["bridges"] = bridges_entry(bs)
+            if wide:
+                card["bridges"]["organ_blocks"] = {"file": ORGAN_BLOCKS_FILE}  # completed below
             out = save_transplant(self.working, self.target.tokenizer, out_dir, card)
             save_bridges(bs, out)
+            if wide:
+                saved = json.loads((out / "surgery.json").read_text())
+                saved["bridges"]["organ_blocks"] = save_organ_blocks(wide, fields, out)
+                saved["hf_weight_hash"], saved["saved_weight_hash"] = saved["saved_weight_hash"], weight_hash
+                (out / "surgery.json").write_text(json.dumps(saved, indent=2, allow_nan=False))
         finally:
+            for i, mod in wide.items():
+                blocks[i] = mod
             install(self.working, self.blocks, bs)
         return out
 
@@ -245,7 +266,3 @@ class OrganInsertion(ReversibleEdit):
             h.update(v.contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
-
-def _identity(br: Bridge) -> tuple[torch.Tensor, torch.Tensor]:
-    d = br.w_in.shape[0]
-    return torch.eye(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)

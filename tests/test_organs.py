@@ -297,3 +297,73 @@ def test_gemma3_organ_with_per_head_norms_round_trips_and_puts_back_identically(
     with pytest.raises(GraftError, match="hidden size"):
         save_organ(bad, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def _padded_pair(tmp_path):
+    """A Llama of width 48 (A) and one of width 80 (B) whose residual stream is exactly [h_A, 0]:
+    every input side of B's linears is A's padded with zero columns, every output side padded with
+    zero rows, and B's RMSNorm weights (and eps) rescaled by 48/80 so normalising 80 coordinates of
+    which 32 are 0 gives A's numbers. Ground truth for bridges across widths: the exact bridges are
+    the rectangular identities (keep the first 48 coordinates; pad with zeros)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from engine.tiny import build_tiny
+
+    _, tok = build_tiny("tiny-llama-a")
+    kw = dict(num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=96,
+              vocab_size=len(tok), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    a = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=48, rms_norm_eps=1e-6, **kw))
+    b = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=80, rms_norm_eps=0.6e-6, **kw))
+    scale = (48 / 80) ** 0.5
+    with torch.no_grad():
+        for name, pb in b.state_dict().items():
+            pa = a.state_dict()[name]
+            if "norm" in name:
+                pb.zero_()[:48] = pa * scale
+            elif pa.dim() == 2:
+                pb.zero_()[:pa.shape[0], :pa.shape[1]] = pa
+            else:
+                pb.copy_(pa)
+    out = []
+    for name, m in (("a48", a), ("b80", b)):
+        m.save_pretrained(str(tmp_path / name))
+        tok.save_pretrained(str(tmp_path / name))
+        out.append(str(tmp_path / name))
+    return out
+
+
+def test_bridges_across_widths_recover_the_planted_embedding_and_save_and_reload(store, tmp_path):
+    fa, fb = _padded_pair(tmp_path)
+    a, b = store.get(ModelSpec.parse(fa), "cpu"), store.get(ModelSpec.parse(fb), "cpu")
+    ref = _logits(a.model, a.tokenizer)
+    torch.testing.assert_close(_logits(b.model, b.tokenizer), ref, rtol=1e-4, atol=1e-4)  # the planted embedding holds
+    organ = extract_organ(a, 1, 2)
+    with pytest.raises(GraftError, match="insert it bridged"):
+        OrganInsertion(b, [Placement(organ, 1, "direct")])
+    ins = OrganInsertion(b, [Placement(organ, 1, "bridged")])
+    ins.fit_bridges([a], TEXTS, alpha=1e-3)
+    br = ins.bridges.items[0]
+    assert tuple(br.w_in.shape) == (80, 48) and tuple(br.w_out.shape) == (48, 80)
+    dev = ins.deviations()[0]
+    # W = the rectangular identities, found in closed form (W_out to the float32 round-off between the
+    # 48- and 80-wide computations of the same stream, amplified by the ridge's weakest directions)
+    assert dev["in"] < 1e-5 and dev["out"] < 1e-2, dev
+    torch.testing.assert_close(_logits(ins.working, b.tokenizer), ref, rtol=1e-3, atol=1e-3)
+    moved = OrganInsertion(b, [Placement(organ, 0, "bridged")])  # the wrong place is not the identity: can fail
+    moved.fit_bridges([a], TEXTS, alpha=1e-3)
+    assert not torch.allclose(_logits(moved.working, b.tokenizer), ref, atol=1e-2)
+
+    # saved: the HF weights keep B's blocks, the organ's 48-wide blocks and the bridges go beside them
+    out = ins.save_card(tmp_path / "saved", {"operation": "organ transplant (bridged)"})
+    card = json.loads((out / "surgery.json").read_text())
+    assert [x["index"] for x in card["bridges"]["organ_blocks"]["blocks"]] == [1, 2]
+    back = load_model(ModelSpec.parse(str(out)), "cpu")
+    assert torch.equal(_logits(back.model, back.tokenizer), _logits(ins.working, b.tokenizer))
+    from engine.models import state_dict_hash
+    from engine.organ_bridge import ATTR
+
+    assert card["saved_weight_hash"] == state_dict_hash({k: v for k, v in back.model.state_dict().items()
+                                                         if not k.startswith(ATTR + ".")})
+    ins.rollback()
+    assert ins.verify_rollback() and b.state_hash() == ins.hash_before()

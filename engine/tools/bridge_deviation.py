@@ -47,7 +47,7 @@ def _subsets(text: str) -> list[float]:
 
 
 def compute_bridge_deviation(ctx: ToolContext, params: BridgeDeviationParams, progress: Progress) -> BridgeDeviationResult:
-    organ = organ_of(ctx)
+    organ = organ_of(ctx, bridged=True)
     grid = parse_positions(params.positions, ctx.target.arch.n_layers, organ.size)
     fracs = _subsets(params.subsets) if params.train_steps > 0 else []
     source = require_source(ctx, organ, progress.sub(0, 0.05))

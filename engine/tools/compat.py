@@ -97,16 +97,13 @@ def compute_compat(ctx: ToolContext, params: CompatParams, progress: Progress) -
     else:
         reasons["organ_bridged"].append("block internals equal")
         if dd["hidden_size"] != td["hidden_size"]:
-            reasons["organ_direct"].append(f"hidden sizes differ ({dd['hidden_size']} vs {td['hidden_size']})")
-            reasons["organ_bridged"].append(
-                f"hidden sizes differ ({dd['hidden_size']} vs {td['hidden_size']}): Graft's bridges are d x d affine maps "
-                "of the recipient's stream (as in NOT), so an organ of another width cannot be inserted; "
-                "rank-k conjugation works across widths")
+            reasons["organ_direct"].append(f"hidden sizes differ ({dd['hidden_size']} vs {td['hidden_size']}): use bridges")
+            reasons["organ_bridged"].append(f"bridges map width {td['hidden_size']} -> {dd['hidden_size']} -> {td['hidden_size']} "
+                                            "(the organ runs at its own width between them)")
         else:
             reasons["organ_direct"].append(f"block internals and hidden size ({dd['hidden_size']}) equal")
     reasons["conjugation"].append("both are supported decoders; needs T2's layer matching and T3's per-layer maps")
-    # Bridged insertion needs the organ's width too: OP2's bridges are square (engine.organ_bridge).
-    verdicts = {"module_swap": ms, "organ_direct": od, "organ_bridged": od, "conjugation": True}
+    verdicts = {"module_swap": ms, "organ_direct": od, "organ_bridged": internals_equal, "conjugation": True}
 
     sd, st = signature(dd), signature(td)
     progress(1.0, "done")

@@ -74,7 +74,7 @@ class OrganInsertResult:
 
 def _organs(ctx: ToolContext, params: OrganInsertParams) -> list[Any]:
     """The run's organ (checked against the recipient) and the optional second one."""
-    return [organ_of(ctx)] + ([load_organ(params.second_organ)] if params.second_organ.strip() else [])
+    return [organ_of(ctx, bridged=params.mode == "bridged")] + ([load_organ(params.second_organ)] if params.second_organ.strip() else [])
 
 
 def _sources(ctx: ToolContext, params: OrganInsertParams, organs: list[Any], progress: Progress) -> list[Any]:

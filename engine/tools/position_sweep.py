@@ -54,7 +54,7 @@ class PositionSweepResult:
 
 
 def compute_position_sweep(ctx: ToolContext, params: PositionSweepParams, progress: Progress) -> PositionSweepResult:
-    organ = organ_of(ctx)
+    organ = organ_of(ctx, bridged=params.mode == "bridged")
     sets = load_sets(params.concept, params.retained)
     grid = parse_positions(params.positions, ctx.target.arch.n_layers, organ.size)
     bridged = params.mode == "bridged"
