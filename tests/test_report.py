@@ -101,6 +101,10 @@ def test_pre_surgery_checks_and_verdict_runs_come_from_the_history(swap_run):
     mine = _record(history, cka, "cka", {"run": run_id})
     verdict = _section(build_report(run_id, history), "Interference and attribution")
     assert mine in verdict and other not in verdict and "graft-fig" in verdict
+    from engine.errors import GraftError
+
+    with pytest.raises(GraftError, match="is a cka run: the report covers a transplant run"):
+        build_report(mine, history)  # a diagnostics run has no surgery to report (the Runs page offers none)
 
 
 def test_unknown_or_unfinished_run_is_one_line(home, tmp_path):
