@@ -32,6 +32,7 @@ from torch import nn
 from .arch import ArchAdapter, block_internal_signature, signature
 from .errors import GraftError
 from .models import LoadedModel
+from .outputs import share_like_new
 from .paths import check_writable_parent
 
 ORGAN_FORMAT = "graft-organ/1"
@@ -150,6 +151,7 @@ def save_organ(organ: Organ, out_dir: Union[str, Path]) -> Path:
     save_file({k: v.contiguous() for k, v in organ.tensors.items()}, str(out / ORGAN_TENSORS),
               metadata={"format": ORGAN_FORMAT})
     (out / ORGAN_CARD).write_text(text)
+    share_like_new(out / ORGAN_TENSORS)  # safetensors writes 0600
     organ.card, organ.path = card, out
     return out
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from .capture import _first_tensor, _hidden
 from .errors import GraftError
+from .outputs import share_like_new
 from .evaluate import encode_text, model_device, pad_id
 from .progress import Progress, silent
 
@@ -200,6 +201,7 @@ def save_bridges(bridges: BridgeSet, folder: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(bridge_tensors(bridges), str(folder / BRIDGES_FILE), metadata={"format": "graft-bridges/1"})
+    share_like_new(folder / BRIDGES_FILE)  # safetensors writes 0600
 
 
 def bridges_entry(bridges: BridgeSet) -> dict[str, Any]:
@@ -248,6 +250,7 @@ def save_organ_blocks(blocks: dict[int, nn.Module], fields: dict[int, dict[str, 
 
     save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, b in blocks.items() for k, v in b.state_dict().items()},
               str(folder / ORGAN_BLOCKS_FILE), metadata={"format": "graft-organ-blocks/1"})
+    share_like_new(folder / ORGAN_BLOCKS_FILE)
     return {"file": ORGAN_BLOCKS_FILE, "blocks": [{"index": i, "architecture": fields[i]} for i in sorted(blocks)],
             "note": "blocks of the organ's own width, between the bridges; the Hugging Face weights hold the recipient's "
                     "blocks at these indices, and Graft's loader puts these in their place"}

@@ -87,6 +87,19 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def share_like_new(path: Path) -> None:
+    """Give ``path`` (a file, or every file under a folder) the permissions of a new file here
+    (:func:`new_file_mode`). safetensors and temporary files are written 0600, which would leave a
+    saved model or organ unreadable to the other users of a shared machine."""
+    mode = new_file_mode()
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    for f in files:
+        try:
+            os.chmod(f, mode)
+        except OSError:
+            pass
+
+
 def is_stream(p: Path) -> bool:
     """``p`` is a character device (written through, never replaced)."""
     try:

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional, Union
 
 from platformdirs import user_cache_dir
 
+from .outputs import share_like_new
 from .processes import pid_alive, process_start_time, this_host
 
 
@@ -204,6 +205,7 @@ def replace_dir(tmp: Path, out_dir: Path) -> None:
         except BaseException:
             _forget(old)
             raise
+    share_like_new(tmp)  # safetensors writes 0600
     try:
         os.replace(tmp, out_dir)
     except BaseException:

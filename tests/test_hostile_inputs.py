@@ -131,3 +131,22 @@ def test_seed_beyond_64_bits_is_one_line(capsys, workload):
     rc, err = _cli(capsys, "bridge-check", "--donor", "tiny-gpt2-a", "--target", "tiny-gpt2-b", "--workload", workload,
                    "--seed", "99999999999999999999", "--quiet")
     assert rc == 2 and "--seed must be <=" in err and "internal" not in err
+
+
+def test_saved_folders_are_readable_like_any_new_file(tmp_path):
+    """safetensors writes its files 0600: a saved organ or model folder must not stay unreadable to the
+    other users of a shared machine (new files here get 0666 less the umask)."""
+    from engine.organ import extract_organ, save_organ
+    from engine.paths import replace_dir, staging_dir
+
+    old = os.umask(0o022)
+    try:
+        out = save_organ(extract_organ(_m("tiny-gpt2-a"), 1, 1), tmp_path / "organ")
+        tmp = staging_dir(tmp_path / "folder")
+        (tmp / "weights.bin").write_bytes(b"x")
+        os.chmod(tmp / "weights.bin", 0o600)
+        replace_dir(tmp, tmp_path / "folder")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in [*out.iterdir(), tmp_path / "folder" / "weights.bin"]}
+    assert set(modes.values()) == {0o644}, modes
