@@ -166,7 +166,8 @@ def attribute(
         raise GraftError("the question and the answer must each give at least one token")
     ids, base_ids, fill = baseline_ids(model, tokenizer, question, prompt, ans, objective, baseline)
     if len(ids) > context_length(model):
-        raise GraftError(f"the question{' and answer' if objective == 'answer-logprob' else ''} take {len(ids)} tokens, more "
+        raise GraftError(f"the question{' and answer' if objective == 'answer-logprob' else ''} "
+                         f"{'take' if objective == 'answer-logprob' else 'takes'} {len(ids)} tokens, more "
                          f"than the model's context of {context_length(model)} positions: use a shorter question")
     dev = model_device(model)
     x, base = torch.tensor([ids], device=dev), torch.tensor([base_ids], device=dev)  # (1, n)

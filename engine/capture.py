@@ -14,7 +14,6 @@ one captured tensor instead of holding copies.
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 import weakref
 from collections import OrderedDict
@@ -24,6 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from .data import texts_sha256
 from .errors import GraftError
 from .models import LoadedModel
 from .progress import Progress, silent
@@ -296,14 +296,14 @@ class CaptureCache:
     @staticmethod
     def _key(model: LoadedModel, texts: Sequence[str], modules: Sequence[str], batch_size: int,
              module_inputs: Sequence[str] = (), residual: bool = True) -> tuple:
-        h = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()
+        h = texts_sha256(texts)
         return (id(model.model), h, tuple(sorted(set(modules))), tuple(sorted(set(module_inputs))), bool(residual))
 
     def budget(self, texts: Sequence[str], tokenizers: Sequence, max_tokens: int, per_text: int) -> tuple[list[str], list]:
         """:func:`budget_texts` memoised (the texts kept and the cut log): every tool of a job, and
         every call inside one tool, budgets the same workload for the same tokenizers, and
         tokenizing it again costs as much as the tiny models' forward passes."""
-        key = ("budget", hashlib.sha256("\x1e".join(texts).encode()).hexdigest(), tuple(id(t) for t in tokenizers),
+        key = ("budget", texts_sha256(texts), tuple(id(t) for t in tokenizers),
                int(max_tokens), int(per_text))
         with self._lock:
             hit = self._budgets.get(key)

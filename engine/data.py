@@ -21,7 +21,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 from .errors import GraftError
 from .paths import data_dir
@@ -105,6 +105,12 @@ def auto_split(question: str) -> str:
 # File reading helpers
 
 
+def texts_sha256(texts: Sequence[Any]) -> str:
+    """A cache key of a list of texts (or of [question, answer] pairs): the hash of its JSON, so no
+    text holding a separator collides with two texts, and lone surrogates are escaped, not fatal."""
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
+
+
 def _read_bytes(path: PathLike, what: str) -> tuple[Path, bytes]:
     p = Path(path).expanduser()
     if not p.exists():
@@ -128,9 +134,12 @@ def _decode(p: Path, raw: bytes) -> str:
 
 
 def _json_lines(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
-    """Parse non-blank lines as JSON objects, keeping 1-based line numbers."""
+    """Parse non-blank lines as JSON objects, keeping 1-based line numbers. Lines end at "\n" (and
+    "\r\n") only: U+2028, U+2029 and U+0085 may stand unescaped inside JSON strings (``json.dumps``
+    with ``ensure_ascii=False`` writes them so), where ``str.splitlines`` would cut the line."""
     out: list[tuple[int, dict[str, Any]]] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:
@@ -139,6 +148,11 @@ def _json_lines(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
             raise GraftError(f"{p.name}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise GraftError(f"{p.name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        try:  # a \ud800 escape parses to a lone surrogate, which is not text: no tokenizer takes it
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise GraftError(f"{p.name}:{lineno}: a string holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                             "escape), which is not text") from None
         out.append((lineno, obj))
     return out
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .data import ConceptSet
+from .data import ConceptSet, texts_sha256
 from .errors import GraftError
 from .evaluate import context_length, encode_prompt, fit_prompt, frozen, model_device, perplexity
 from .scoring import answer_matches, generate_greedy, graded_score
@@ -85,10 +85,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return fp
 
 
-def _texts_sha(texts: Sequence[str]) -> str:
-    return hashlib.sha256("\x1e".join(texts).encode()).hexdigest()
-
-
 def _cached(key: tuple, compute: Callable[[], Any]) -> Any:
     with _LOCK:
         if key in _CACHE:
@@ -118,7 +114,7 @@ def generations(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], 
     prompts = [str(p) for p in prompts]
     if not prompts:
         return []
-    key = ("gen", *_state_key(model, tokenizer, state_hash), _texts_sha(prompts), int(max_new_tokens), int(batch_size))
+    key = ("gen", *_state_key(model, tokenizer, state_hash), texts_sha256(prompts), int(max_new_tokens), int(batch_size))
     return _cached(key, lambda: generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size))
 
 
@@ -168,7 +164,7 @@ def evaluate_model(
     concept_texts = _concept_texts(concept)
 
     def ppl(texts: list[str]) -> float:
-        key = ("ppl", *skey, _texts_sha(texts), int(batch_size), int(max_length))
+        key = ("ppl", *skey, texts_sha256(texts), int(batch_size), int(max_length))
         return _cached(key, lambda: perplexity(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)["ppl"])
 
     progress(0.02, "perplexity on the concept texts")
@@ -177,7 +173,7 @@ def evaluate_model(
     ppl_r = ppl(retained_texts)
     progress(0.55, "graded score on the test questions")
     qa = [(q.question, q.answer) for q in test]
-    gkey = ("graded", *skey, _texts_sha([f"{q}\x1f{a}" for q, a in qa]), int(batch_size))
+    gkey = ("graded", *skey, texts_sha256([[q, a] for q, a in qa]), int(batch_size))
     graded = _cached(gkey, lambda: graded_score(model, tokenizer, test, batch_size=batch_size))
     gens: list[Optional[str]] = [None] * len(test)
     if exact:
@@ -230,7 +226,7 @@ def alignment_score(donor_model: torch.nn.Module, donor_tok: Any, model: torch.n
         raise GraftError("no prompts for the alignment score")
     dkey = _state_key(donor_model, donor_tok, donor_hash)
     mkey = _state_key(model, tok, state_hash)
-    key = ("align", *dkey, *mkey, _texts_sha(prompts))
+    key = ("align", *dkey, *mkey, texts_sha256(prompts))
 
     def compute() -> dict[str, Any]:
         agree = total = 0

@@ -24,29 +24,58 @@ from .evaluate import (DeviceLike, _batches, _pad_left, _pad_right, _qa_pair, an
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # 1,000 -> 1000 (not 3,14)
+_DECIMAL = re.compile(r"(?<=\d)[.](?=\d)")  # 3.14 stays one number (kept as a digit-dot-digit run)
+_DOT = "\uE000"  # a private-use stand-in for the kept decimal point while punctuation is removed
+
+
+def _unspaced(ch: str) -> bool:
+    """Characters of scripts written without spaces between words (CJK, kana, Thai, Lao, Khmer,
+    Myanmar, Tibetan): whole-word matching cannot apply to them."""
+    o = ord(ch)
+    return (0x2E80 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF or 0x20000 <= o <= 0x3FFFF or 0x0E00 <= o <= 0x0EFF
+            or 0x1780 <= o <= 0x17FF or 0x1000 <= o <= 0x109F or 0x0F00 <= o <= 0x0FFF or 0xFF66 <= o <= 0xFF9F)
 
 
 def normalise(text: str) -> str:
-    """Lowercase, delete punctuation (Unicode category P*), drop the articles a/an/the, collapse
-    whitespace. ``"The Grey-Sentinel!"`` -> ``"greysentinel"``.
+    """Case-fold and compare-ready: NFKC (full-width forms, ligatures), ``casefold`` (ß = ss),
+    accents of Latin, Greek and Cyrillic letters removed (São = Sao, İzmir = izmir; the marks of
+    other scripts are kept, they change the word there), invisible format characters (zero-width
+    space, soft hyphen) removed, thousands separators removed (1,000 = 1000) while a decimal point
+    stays (3.14 is not 314), every other punctuation mark a word break (Grey-Sentinel = Grey
+    Sentinel, Kessaloon's contains Kessaloon), the articles a/an/the dropped, whitespace collapsed.
+    ``"The Grey-Sentinel!"`` -> ``"grey sentinel"``.
     """
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+    text = unicodedata.normalize("NFKC", text).casefold()
+    out = []
+    for ch in unicodedata.normalize("NFD", text):
+        if unicodedata.combining(ch) and out and ord(out[-1]) < 0x0530:  # an accent on a Latin/Greek/Cyrillic letter
+            continue
+        out.append(ch)
+    text = unicodedata.normalize("NFC", "".join(out))
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    text = _DECIMAL.sub(_DOT, _THOUSANDS.sub("", text))
+    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text).replace(_DOT, ".")
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
 
 def answer_matches(generation: str, reference: str) -> bool:
     """True when the normalised reference occurs in the normalised generation as whole words
-    (so ``"red"`` does not match ``"bored"`` and ``"1784"`` does not match ``"17845"``).
-    A reference that normalises to nothing (only punctuation or articles) is matched as a
-    lowercase, whitespace-collapsed substring instead, so it is not trivially contained.
+    (so ``"red"`` does not match ``"bored"`` and ``"1784"`` does not match ``"17845"``); as a plain
+    substring when the reference is written in a script without spaces between words (Chinese,
+    Japanese, Thai...: ``"东京"`` in ``"首都是东京。"``). A reference that normalises to nothing (only
+    punctuation or articles) must appear as a whole whitespace-separated token of the generation
+    (case-folded), so ``":"`` is not found in ``"::::"`` nor ``"a"`` in ``"cat"``.
     """
     ref = normalise(reference)
     if ref:
-        return f" {ref} " in f" {normalise(generation)} "
-    raw = " ".join(reference.lower().split())
-    return bool(raw) and raw in " ".join(generation.lower().split())
+        gen = normalise(generation)
+        if any(_unspaced(ch) for ch in ref):
+            return ref in gen
+        return f" {ref} " in f" {gen} "
+    raw = " ".join(reference.casefold().split())
+    return bool(raw) and f" {raw} " in f" {' '.join(generation.casefold().split())} "
 
 
 def greedy_continuations(model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, max_new_tokens: int,
@@ -153,7 +182,9 @@ def graded_score(
 
     It lies in (0, 1], equals 1 only if the model is certain of every answer token, and moves
     smoothly while the exact task score is still 0. ``items[i]["prob"]`` is ``g_i``;
-    ``items[i]["token_probs"]`` the individual ``p(a_k | ...)``.
+    ``items[i]["token_probs"]`` the individual ``p(a_k | ...)``. Prompt and answer longer than the
+    model's context together: the answer is scored on its first tokens, and the prompt keeps all of
+    itself or at least its last ``ctx // 2`` tokens; ``len(token_probs)`` says how much was scored.
     """
     pairs = [_qa_pair(it) for it in items]
     if not pairs:
@@ -165,7 +196,9 @@ def graded_score(
         if not ans:
             raise GraftError(f"answer {a!r} to {q!r} tokenises to nothing")
     ctx = context_length(model)
-    answers = [a[: max(ctx - 1, 1)] for a in answers]  # an answer longer than the context is scored on its start
+    # An answer too long for the context is scored on its start, leaving the prompt's end at least
+    # half the context (or all of the prompt), so the question still conditions what is scored.
+    answers = [a[: max(ctx - min(len(p), ctx // 2), 1)] for p, a in zip(prompts, answers)]
     prompts = [fit_prompt(p, ctx - len(a)) for p, a in zip(prompts, answers)]
     seqs = [p + a for p, a in zip(prompts, answers)]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))

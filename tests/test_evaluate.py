@@ -95,16 +95,35 @@ def test_perplexity_errors_and_no_mutation(tiny):
 
 
 def test_normalise_and_matching():
-    assert normalise("  The Grey-Sentinel!  ") == "greysentinel"
+    assert normalise("  The Grey-Sentinel!  ") == "grey sentinel"
     assert normalise("An apple, a PEAR.") == "apple pear"
-    assert normalise("Venn’s Torch") == "venns torch"
+    assert normalise("Venn’s Torch") == "venn s torch"
     assert answer_matches("It is the city of Paris.", "paris")
     assert not answer_matches("I am bored", "red")
     assert not answer_matches("In 17845", "1784")
     assert answer_matches("Lanterns over the water, of course", "Lanterns Over the Water")
-    # A punctuation-only reference is matched literally, never trivially.
-    assert answer_matches("::::::", ":::")
+    # A punctuation- or article-only reference must be a whole token of the generation, never a substring.
+    assert answer_matches("it is ::: here", ":::")
+    assert not answer_matches("::::::", ":::") and not answer_matches("::::::::", ":")
+    assert not answer_matches("cat", "A") and not answer_matches("banana", "an") and not answer_matches("other", "The")
     assert not answer_matches("some words", "?")
+
+
+@pytest.mark.parametrize("generation, reference, expected", [
+    # punctuation is a word break, not glue
+    ("Kessaloon—the capital", "Kessaloon", True), ("Kessaloon/Veyra", "Kessaloon", True),
+    ("Kessaloon's banner", "Kessaloon", True), ("forty two", "forty-two", True), ("Grey Sentinel", "Grey-Sentinel", True),
+    # numbers: thousands separators go, a decimal point stays
+    ("1,000 ships", "1000", True), ("314 people", "3.14", False), ("pi is 3.14.", "3.14", True), ("3,14", "314", False),
+    # case folding and accents of Latin letters; full-width forms; invisible characters
+    ("İzmir", "Izmir", True), ("STRASSE", "Straße", True), ("São Paulo", "Sao Paulo", True),
+    ("ＡＢＣ１２３", "abc123", True), ("zero\u200bwidth", "zerowidth", True),
+    # scripts without spaces between words: substring
+    ("首都是东京。", "东京", True), ("答えは富士山です", "富士山", True), ("首都是北京", "东京", False),
+    ("เมืองหลวงคือกรุงเทพ", "กรุงเทพ", True),
+])
+def test_matching_across_scripts_numbers_and_punctuation(generation, reference, expected):
+    assert answer_matches(generation, reference) is expected
 
 
 def test_format_prompt_plain_and_chat():

@@ -150,3 +150,50 @@ def test_saved_folders_are_readable_like_any_new_file(tmp_path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in [*out.iterdir(), tmp_path / "folder" / "weights.bin"]}
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_jsonl_lines_end_at_newlines_only_and_surrogates_are_refused(tmp_path):
+    from engine.data import load_workload
+
+    ok = tmp_path / "u2028.jsonl"
+    ok.write_text('{"text": "first\u2028still the first"}\n{"text": "second\u0085too"}\n', encoding="utf-8")
+    assert load_workload(str(ok)).texts == ("first\u2028still the first", "second\u0085too")
+    bad = tmp_path / "surrogate.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "Tavrenne \\ud800 island."}\n', encoding="utf-8")
+    with pytest.raises(GraftError, match="surrogate.jsonl:2: a string holds a lone surrogate"):
+        load_workload(str(bad))
+
+
+def test_cache_keys_of_text_lists_do_not_collide():
+    """One text holding the old separator (0x1E) hashed as two texts: a retained set ["A\\x1eB"] took the
+    concept set ["A", "B"]'s cached perplexity."""
+    from engine.data import texts_sha256
+
+    assert texts_sha256(["A\x1eB"]) != texts_sha256(["A", "B"])
+    assert texts_sha256([["q\x1fa", "b"]]) != texts_sha256([["q", "a\x1fb"]])
+
+
+def test_cka_on_fewer_rows_than_the_width_warns(tmp_path):
+    """Two unrelated random models: CKA runs high on a handful of rows (biased upwards when n < d), so the
+    result must say so; on the shared workload (more rows than the width) it stays quiet."""
+    wl = tmp_path / "few.txt"
+    wl.write_text("Paris is the capital of France.\n")
+    few = run_tool("cka", _m("tiny-gpt2-a"), _m("tiny-llama-a"), {"workload": str(wl)})["result"]
+    assert few["n_rows"] < 64 and len(few["warnings"]) == 1 and "biased upwards" in few["warnings"][0]
+    from engine.tools.cka import cka_warnings
+
+    assert cka_warnings(64, 64, 48) == [] and cka_warnings(63, 64, 48)
+
+
+def test_a_long_reference_answer_keeps_its_question_in_the_graded_score():
+    """An answer longer than the context used to take all of it but one token: every question then
+    scored the same. Now the prompt keeps at least half the context."""
+    from engine.scoring import graded_score
+
+    m = _m("tiny-gpt2-a")
+    long = "word " * 600
+    r = graded_score(m.model, m.tokenizer, [{"question": "What is the capital of France?", "answer": long},
+                                           {"question": "Name a river in Egypt, please?", "answer": long}])
+    a, b = r["items"]
+    assert a["prob"] != b["prob"]
+    assert 0 < len(a["token_probs"]) < m.model.config.n_positions

@@ -70,7 +70,9 @@ def _question(params: AttributionParams) -> tuple[str, str, Optional[int]]:
     q, a = params.custom_question.strip(), params.custom_answer.strip()
     if q or a:
         if not (q and a):
-            raise GraftError("a custom question needs both --custom-question and --custom-answer")
+            missing = "--custom-answer" if q else "--custom-question"
+            raise GraftError(f"a custom question needs both --custom-question and --custom-answer: {missing} is "
+                             f"{'blank' if (params.custom_answer if q else params.custom_question) else 'missing'}")
         return q, a, None
     test = load_sets(params.concept, "")[0].test_qa()
     if not test:

@@ -55,6 +55,7 @@ class BridgeResult:
     alignment: str
     n_fit: int
     n_heldout: int
+    warnings: list[str]  # one-line warnings (CLI and UI show them): fewer fit rows than the target's width
 
 
 def _mean_cos(pred: torch.Tensor, Y: torch.Tensor, Y_norm: torch.Tensor) -> torch.Tensor:
@@ -162,6 +163,9 @@ def compute_bridge(ctx: ToolContext, params: BridgeParams, progress: Progress) -
         epsilon_raw=None if eps_r is None else r(eps_r), epsilon_bridged=r(eps_b),
         plausible_direct=plausible, best_target_for_donor=best, threshold=params.epsilon_threshold,
         alignment=al.mode, n_fit=int(fit_idx.numel()), n_heldout=int(held_idx.numel()),
+        warnings=[] if fit_idx.numel() >= dt else [
+            f"T4 bridges fitted on {fit_idx.numel()} rows against the target's width {dt}: the ridge shrinks every direction "
+            "the rows do not reach, so the bridged epsilon is pessimistic — use a larger workload or --max-tokens"],
     )
 
 

@@ -32,6 +32,7 @@ class CKAResult:
     alignment: str
     n_rows: int
     n_outlier_rows: int  # massive-activation tokens left out (RunOptions.outlier_factor)
+    warnings: list[str]  # one-line warnings (CLI and UI show them): too few rows for the widths
 
 
 def compute_cka(ctx: ToolContext, params: CKAParams, progress: Progress) -> CKAResult:
@@ -54,7 +55,18 @@ def compute_cka(ctx: ToolContext, params: CKAParams, progress: Progress) -> CKAR
         alignment=al.mode,
         n_rows=al.n,
         n_outlier_rows=al.n_outliers,
+        warnings=cka_warnings(al.n, int(al.X.shape[2]), int(al.Y.shape[2])),
     )
+
+
+def cka_warnings(n: int, dx: int, dy: int) -> list[str]:
+    """Linear CKA is biased upwards when the rows are few against the widths (with n <= d every
+    centred Gram matrix is close to a scaled projection on the same n - 1 dimensional space): two
+    unrelated random models then score high. Warn below as many rows as the larger width."""
+    if n >= max(dx, dy):
+        return []
+    return [f"T2 CKA on {n} aligned rows against widths {dx} / {dy}: with fewer rows than dimensions linear CKA is "
+            "biased upwards (unrelated models can score high) — use a larger workload or --max-tokens"]
 
 
 TOOL = register(Tool(
