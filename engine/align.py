@@ -2,7 +2,8 @@
 
 * Same tokenisation of every text -> token level: row i of both captures is the same token.
 * Different tokenizers with character offsets -> word level: each model's tokens are
-  mean-pooled per whitespace-delimited word, and words seen by both models are kept.
+  mean-pooled per whitespace-delimited word (per character in scripts written without spaces:
+  Chinese, Japanese, Thai...), and words seen by both models are kept.
 * No offsets -> text level: mean-pool each text.
 
 :func:`row_alignment` generalises this from the residual stream to any captured rows (a module's
@@ -21,7 +22,12 @@ import torch
 from .capture import Capture
 from .errors import GraftError
 
-_WORD = re.compile(r"\S+")
+# Scripts written without spaces between words (CJK ideographs, kana, Thai, Lao, Khmer, Myanmar,
+# Tibetan, half-width katakana): there each character is a word, else a sentence of Chinese would be
+# one row. Elsewhere a word is a run of non-space characters.
+_UNSPACED = "\u2E80-\u9FFF\uF900-\uFAFF\U00020000-\U0003FFFF\u0E00-\u0EFF\u1780-\u17FF\u1000-\u109F\u0F00-\u0FFF\uFF66-\uFF9F"
+UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
+_WORD = re.compile(f"[{_UNSPACED}]|[^\\s{_UNSPACED}]+")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 from transformers import GenerationConfig
 
+from .align import UNSPACED_CHAR
 from .errors import GraftError
 from .evaluate import (DeviceLike, _batches, _pad_left, _pad_right, _qa_pair, answer_ids, context_length, encode_prompt,
                        eos_ids, fit_prompt, frozen, model_device, pad_id)
@@ -27,14 +28,6 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # 1,000 -> 1000 (not 3,14)
 _DECIMAL = re.compile(r"(?<=\d)[.](?=\d)")  # 3.14 stays one number (kept as a digit-dot-digit run)
 _DOT = "\uE000"  # a private-use stand-in for the kept decimal point while punctuation is removed
-
-
-def _unspaced(ch: str) -> bool:
-    """Characters of scripts written without spaces between words (CJK, kana, Thai, Lao, Khmer,
-    Myanmar, Tibetan): whole-word matching cannot apply to them."""
-    o = ord(ch)
-    return (0x2E80 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF or 0x20000 <= o <= 0x3FFFF or 0x0E00 <= o <= 0x0EFF
-            or 0x1780 <= o <= 0x17FF or 0x1000 <= o <= 0x109F or 0x0F00 <= o <= 0x0FFF or 0xFF66 <= o <= 0xFF9F)
 
 
 def normalise(text: str) -> str:
@@ -71,7 +64,7 @@ def answer_matches(generation: str, reference: str) -> bool:
     ref = normalise(reference)
     if ref:
         gen = normalise(generation)
-        if any(_unspaced(ch) for ch in ref):
+        if UNSPACED_CHAR.search(ref):  # a script without spaces between words: no whole words to match
             return ref in gen
         return f" {ref} " in f" {gen} "
     raw = " ".join(reference.casefold().split())

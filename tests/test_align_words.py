@@ -75,3 +75,22 @@ def test_word_ids_match_the_rule_on_random_spans():
     cap = SimpleNamespace(texts=texts, text_index=torch.tensor(index, dtype=torch.long),
                           offsets=torch.tensor(offsets, dtype=torch.long).reshape(-1, 2), n=len(index))
     assert torch.equal(_word_ids(cap), reference(cap))
+
+
+def test_scripts_without_spaces_pool_per_character_not_per_sentence(tmp_path):
+    """A Chinese or Japanese sentence has no spaces: pooled per whitespace run it was one row per text
+    (6 rows for 6 texts; CKA of unrelated models then 0.93). Each character is a word there."""
+    from engine.models import ModelStore
+    from engine.runner import run_tool
+
+    texts = ["首都是东京，人口很多。", "富士山は日本で一番高い山です。", "他说图书馆早上九点开门。",
+             "Paris est la capitale 和 Berlin。"]
+    assert _WORD.findall(texts[3]) == ["Paris", "est", "la", "capitale", "和", "Berlin", "。"]
+    wl = tmp_path / "cjk.txt"
+    wl.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    store = ModelStore()
+    d, t = store.get(ModelSpec.parse("tiny-gpt2-a"), "cpu"), store.get(ModelSpec.parse("tiny-llama-a"), "cpu")
+    r = run_tool("cka", d, t, {"workload": str(wl)})
+    assert r["result"]["alignment"] == "word"
+    n_chars = sum(len([c for c in s if not c.isspace()]) for s in texts) - len("Parisestlacapitale") - len("Berlin") + 6
+    assert r["result"]["n_rows"] >= 0.8 * n_chars  # about one row per character (a few may be outliers)
