@@ -39,6 +39,18 @@ def _num(x: Any) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
+def _split_decode(tokenizer: Any, prompt: list[int], continuation: list[int]) -> tuple[str, str]:
+    """Prompt and continuation as text. A prompt cut after a fixed number of tokens can end inside a
+    character (a CJK character is several byte-level tokens): decoded alone it would end in U+FFFD
+    and the continuation would start with one. The character's bytes are given to the continuation."""
+    prompt_text = tokenizer.decode(prompt, skip_special_tokens=True)
+    whole = tokenizer.decode(list(prompt) + list(continuation), skip_special_tokens=True)
+    clean = prompt_text.rstrip("\ufffd")
+    if whole.startswith(clean):
+        return clean, whole[len(clean):]
+    return prompt_text, tokenizer.decode(continuation, skip_special_tokens=True)
+
+
 def retained_prompts(tokenizer: Any, texts: Sequence[str], prompt_tokens: int, max_length: int) -> list[list[int]]:
     """Token ids of each text's prompt: its first ``prompt_tokens`` tokens (special tokens included),
     at most ``max_length``."""
@@ -99,11 +111,10 @@ def interference(
         n_changed += changed
         if dl is not None:
             changes.append((dl, i))
+        prompt, before = _split_decode(tokenizer, prompts[i], gb[i])
         rows.append({
             "text": t, "loss_before": lb, "loss_after": la, "loss_change": dl, "changed": bool(changed),
-            "prompt": tokenizer.decode(prompts[i], skip_special_tokens=True),
-            "before": tokenizer.decode(gb[i], skip_special_tokens=True),
-            "after": tokenizer.decode(ga[i], skip_special_tokens=True),
+            "prompt": prompt, "before": before, "after": _split_decode(tokenizer, prompts[i], ga[i])[1],
         })
     ppl_b, ppl_a = _num(pb["ppl"]), _num(pa["ppl"])
     frac = ppl_a / ppl_b - 1.0 if ppl_a is not None and ppl_b else None

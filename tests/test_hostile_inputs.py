@@ -197,3 +197,18 @@ def test_a_long_reference_answer_keeps_its_question_in_the_graded_score():
     a, b = r["items"]
     assert a["prob"] != b["prob"]
     assert 0 < len(a["token_probs"]) < m.model.config.n_positions
+
+
+def test_a_prompt_cut_inside_a_character_shows_no_replacement_character():
+    """T12 cuts retained prompts after a fixed number of tokens; a CJK character is several byte-level
+    tokens, so the prompt ended in U+FFFD and the continuation began with one."""
+    from engine.interference import _split_decode
+    from engine.tiny import build_tiny
+
+    _, tok = build_tiny("tiny-gpt2-a")
+    text = "塔夫伦的首都是东京"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode(ids[:cut]) for cut in range(1, len(ids)))  # the old display did show it
+    for cut in range(1, len(ids)):
+        prompt, rest = _split_decode(tok, ids[:cut], ids[cut:])
+        assert prompt + rest == text and "\ufffd" not in prompt + rest
