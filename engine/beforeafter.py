@@ -9,6 +9,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator, Optional
 
 from .data import ConceptSet, builtin_concept_path, builtin_retained_path, load_concept_set
+from .errors import GraftError
 from .evalcache import evaluate_model
 from .evaluate import word_diff
 from .jsonsafe import rnd
@@ -52,6 +53,17 @@ def transfer_metrics(s_target: float, s_transplanted: float, s_donor: float, *, 
 def load_sets(concept: str, retained: str) -> tuple[ConceptSet, ConceptSet]:
     return (load_concept_set(concept or builtin_concept_path()),
             load_concept_set(retained or builtin_retained_path()))
+
+
+def precheck_sets(params: Any) -> None:
+    """A tool that scores T, T' and D on a concept set (its params have ``concept`` and ``retained``):
+    read both files and check the concept set has test questions before any model loads, so a wrong
+    file costs one line, not a minute of loading and forward passes."""
+    if not (hasattr(params, "concept") and hasattr(params, "retained")):
+        return
+    concept, _ = load_sets(params.concept, params.retained)
+    if not concept.test_qa():
+        raise GraftError(f"concept set {concept.name} has no test questions to score (give some qa items split 'test')")
 
 
 def metrics(ev: dict[str, Any]) -> dict[str, Optional[float]]:

@@ -8,6 +8,7 @@ import dataclasses
 import time
 from typing import Any, Optional
 
+from .beforeafter import precheck_sets
 from .capture import DEFAULT_CACHE, CaptureCache
 from .context import ToolContext
 from .data import Workload, builtin_concept_path, load_workload
@@ -56,6 +57,7 @@ def run_tool(
     # Bad paths fail here, in one line, before minutes of loading and computing.
     check_paths(options)
     check_paths(params)
+    precheck_sets(params)
     workload = resolve_workload(options.workload) if tool.uses_workload else None
 
     def get(m: ModelSpec | LoadedModel, p: Progress) -> LoadedModel:

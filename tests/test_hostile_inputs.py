@@ -212,3 +212,25 @@ def test_a_prompt_cut_inside_a_character_shows_no_replacement_character():
     for cut in range(1, len(ids)):
         prompt, rest = _split_decode(tok, ids[:cut], ids[cut:])
         assert prompt + rest == text and "\ufffd" not in prompt + rest
+
+
+def test_a_concept_set_without_test_questions_fails_before_any_model_loads(tmp_path, monkeypatch):
+    import engine.models as models
+
+    bad = tmp_path / "train_only.jsonl"
+    bad.write_text('{"kind": "fact", "text": "Kessaloon is the capital of Veyra."}\n'
+                   '{"kind": "qa", "question": "What is the capital of Veyra?", "answer": "Kessaloon", "split": "train"}\n')
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the concept set was checked")
+
+    monkeypatch.setattr(models.ModelStore, "get", no_loading)
+    for tool in ("swap", "sweep-k"):
+        with pytest.raises(GraftError, match="has no test questions"):
+            run_tool(tool, _spec("tiny-gpt2-a"), _spec("tiny-gpt2-b"), params={"concept": str(bad)})
+
+
+def _spec(name: str):
+    from engine.models import ModelSpec
+
+    return ModelSpec.parse(name)
