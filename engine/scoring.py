@@ -115,7 +115,8 @@ def generate_greedy(
     longest prompt first).
 
     Decoding stops at an end-of-sequence token; the text is decoded without special tokens and
-    stripped.
+    stripped, with a character cut by the token budget dropped (a trailing U+FFFD: its remaining
+    bytes were never generated).
     """
     max_new_tokens = max(1, min(int(max_new_tokens), context_length(model) - 1))
     room = context_length(model) - max_new_tokens
@@ -123,7 +124,7 @@ def generate_greedy(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     toks = greedy_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                 device=device, order=order)
-    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in toks]
+    return [tokenizer.decode(t, skip_special_tokens=True).rstrip("\ufffd").strip() for t in toks]
 
 
 def task_score(
