@@ -236,7 +236,8 @@ class OrganInsertion(ReversibleEdit):
                 for i in pl.blocks}
         fields = {i: pl.organ.card["architecture"] for pl in self.placements for i in pl.blocks if i in wide}
         uninstall(self.working)  # the HF folder holds the plain blocks; the bridges go beside them
-        weight_hash = state_dict_hash(self.working.state_dict())  # what Graft's loader rebuilds (less the bridges)
+        # what Graft's loader rebuilds (less the bridges), hashed only when it differs from the HF weights
+        weight_hash = state_dict_hash(self.working.state_dict()) if wide else None
         blocks = self.blocks
         try:
             for i in wide:
