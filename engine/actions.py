@@ -50,6 +50,9 @@ def check_make_donor(params: MakeDonorParams) -> None:
     if not params.out.strip():
         raise GraftError("--out is required: the donor's output folder")
     check_input_file(params.concept, "--concept")
+    concept = load_concept_set(params.concept)  # its format, and something to learn, before the base loads
+    if not concept.facts and not concept.train_qa():
+        raise GraftError(f"concept set {concept.name} has no facts or train questions to learn from")
     for flag, value in (("--replay", params.replay), ("--retained", params.retained)):
         if value not in (BUNDLED, NONE):
             check_input_file(value, flag)

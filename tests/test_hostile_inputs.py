@@ -234,3 +234,15 @@ def _spec(name: str):
     from engine.models import ModelSpec
 
     return ModelSpec.parse(name)
+
+
+def test_make_donor_refuses_a_concept_set_with_nothing_to_learn_before_loading(tmp_path):
+    from engine.actions import MakeDonorParams, check_make_donor
+    from engine.params import build_params
+
+    test_only = tmp_path / "test_only.jsonl"
+    test_only.write_text('{"kind": "qa", "question": "What is the capital of Veyra?", "answer": "Kessaloon", "split": "test"}\n')
+    params = build_params(MakeDonorParams, {"concept": str(test_only), "out": str(tmp_path / "donor")})
+    with pytest.raises(GraftError, match="has no facts or train questions to learn from"):
+        check_make_donor(params)
+    assert not (tmp_path / "donor").exists()
