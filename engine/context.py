@@ -12,7 +12,7 @@ from .align import Aligned, align, drop_outliers
 from .capture import DEFAULT_CACHE, Capture, CaptureCache, per_text_limit, MAX_TOKENS_PER_TEXT
 from .data import Workload
 from .errors import GraftError
-from .linalg import cka_matrix
+from .linalg import cka_matrix, compute_device, ieee_float32
 from .models import LoadedModel, ModelStore
 from .params import RunOptions
 from .progress import Progress
@@ -98,6 +98,20 @@ class ToolContext:
                 raise GraftError(f"too few aligned rows for CKA ({al.X.shape[1]}; at least {MIN_CKA_ROWS}): "
                                  "use a larger workload or --max-tokens")
             s = 0 if include_embeddings else 1
-            hit = (ct, cka_matrix(al.X[s:], al.Y[s:], progress.sub(0.7, 1.0)))
+            dev = linalg_device(self, al)
+            with ieee_float32(dev):
+                M = cka_matrix(al.X[s:].to(dev), al.Y[s:].to(dev), progress.sub(0.7, 1.0)).cpu()
+            hit = (ct, M)
             cd.derived[key] = hit
         return hit[1]
+
+
+def linalg_device(ctx: "ToolContext", al: Aligned) -> torch.device:
+    """Where T2-T4 compute on the aligned rows: the models' CUDA device when there is one and the rows
+    fit (:func:`engine.linalg.compute_device`), else the CPU. On CUDA the float64 products run on the
+    GPU rather than on the host's cores, which the forward passes there would otherwise wait on."""
+    cuda = [m.device for m in (getattr(ctx, "donor", None), getattr(ctx, "target", None))
+            if m is not None and getattr(m, "device", None) is not None and m.device.type == "cuda"]
+    if not cuda:
+        return torch.device("cpu")
+    return compute_device(cuda[0], al.X.numel() * al.X.element_size() + al.Y.numel() * al.Y.element_size())

@@ -5,12 +5,39 @@ for stability; inputs are never modified.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from .progress import Progress, silent
+
+
+def compute_device(device: torch.device, nbytes: int, headroom: float = 4.0) -> torch.device:
+    """Where T2-T4's linear algebra runs: the models' CUDA ``device`` when ``headroom`` times the
+    ``nbytes`` of rows it reads fits in that device's free memory (the tools make centred, gathered
+    and float64 copies of them), else the CPU. Captures live on the CPU either way."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if headroom * nbytes <= free else torch.device("cpu")
+
+
+@contextmanager
+def ieee_float32(device: torch.device) -> Iterator[None]:
+    """float32 products in full precision on CUDA while T2-T4 run there: with TF32 allowed (a
+    process-wide setting a host program may have made) CKA's float32 Gram blocks would round at
+    about 1e-3 instead of 1e-7."""
+    if device.type != "cuda":
+        yield
+        return
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
 
 
 def centre(X: torch.Tensor) -> torch.Tensor:

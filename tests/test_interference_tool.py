@@ -151,14 +151,15 @@ def test_stability_checks_fail_when_tampered(tiny_run, tmp_path, one_thread):
 
         ref = perplexity(rb.working, rb.target.tokenizer, texts)
         folder = save_for_check(rb.working, rb.target.tokenizer, tmp_path / "tp", {})
-        good = reload_check(folder, texts, ref["ppl"], ref["per_text_nll"], "cpu", "float32")
+        device = next(rb.working.parameters()).device  # where ref was scored (CUDA when present)
+        good = reload_check(folder, texts, ref["ppl"], ref["per_text_nll"], device, "float32")
         assert good["passed"] and good["weight_hash_matches_card"], good
         f = folder / "model.safetensors"
         state = load_file(str(f))
         key = next(k for k in state if k.endswith("mlp.c_fc.weight"))
         state[key] = state[key] + 0.05
         save_file(state, str(f), metadata={"format": "pt"})
-        bad = reload_check(folder, texts, ref["ppl"], ref["per_text_nll"], "cpu", "float32")
+        bad = reload_check(folder, texts, ref["ppl"], ref["per_text_nll"], device, "float32")
         assert not bad["passed"] and bad["max_abs_loss_change"] > 0 and not bad["weight_hash_matches_card"], bad
     finally:
         rb.undo()

@@ -27,9 +27,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..context import ToolContext
+from ..context import ToolContext, linalg_device
 from ..errors import GraftError
-from ..linalg import RidgeFactor, split_rows
+from ..linalg import RidgeFactor, ieee_float32, split_rows
 from ..params import HeldOutFit, param
 from ..progress import Progress
 from ..registry import Tool, register
@@ -127,26 +127,30 @@ def compute_bridge(ctx: ToolContext, params: BridgeParams, progress: Progress) -
         pick = torch.linspace(0, held_idx.numel() - 1, params.max_heldout_rows).round().long()
         held_idx = held_idx[pick]
     fit_idx = fit.nonzero().squeeze(1)
+    dev = linalg_device(ctx, al)
+    fit_idx, held_idx = fit_idx.to(dev), held_idx.to(dev)
     # Inputs: donor h_{s-1} for s in 0..Ld-1 is residual index s; same for target h_{p-1}.
-    Yd = al.X[:Ld]  # (Ld, n, dd) donor organ inputs
-    Xt = al.Y[:Lt]  # (Lt, n, dt) target streams at insertion points
+    Yd = al.X[:Ld].to(dev)  # (Ld, n, dd) donor organ inputs
+    Xt = al.Y[:Lt].to(dev)  # (Lt, n, dt) target streams at insertion points
     YdF = Yd[:, fit_idx].permute(1, 0, 2).reshape(fit_idx.numel(), Ld * dd).float()  # (n_f, Ld*dd)
     YdH = Yd[:, held_idx].permute(1, 0, 2).float()  # (n_h, Ld, dd)
     YdH_norm = YdH.double().norm(dim=-1)  # (n_h, Ld)
     square = dt == dd
-    cos_b = torch.zeros(Ld, Lt, dtype=torch.float64)
-    cos_r = torch.zeros(Ld, Lt, dtype=torch.float64) if square else None
+    cos_b = torch.zeros(Ld, Lt, dtype=torch.float64, device=dev)
+    cos_r = torch.zeros(Ld, Lt, dtype=torch.float64, device=dev) if square else None
     YdF64 = None
-    for p in range(Lt):
-        progress(0.6 + 0.4 * p / Lt, f"bridges into target position {p}")
-        XF, XH = Xt[p][fit_idx].double(), Xt[p][held_idx].double()  # (n_f, dt), (n_h, dt)
-        form = _form(XF.shape[0], XH.shape[0], dt, Ld * dd)
-        if form == "primal" and YdF64 is None:
-            YdF64 = YdF.double()
-        pred = _bridged(XF, XH, YdF64 if form == "primal" else YdF, params.ridge_alpha, square, form)
-        cos_b[:, p] = _mean_cos(pred.reshape(XH.shape[0], Ld, dd), YdH, YdH_norm)
-        if cos_r is not None:
-            cos_r[:, p] = _mean_cos(XH.float().unsqueeze(1), YdH, YdH_norm)
+    with ieee_float32(dev):
+        for p in range(Lt):
+            progress(0.6 + 0.4 * p / Lt, f"bridges into target position {p}")
+            XF, XH = Xt[p][fit_idx].double(), Xt[p][held_idx].double()  # (n_f, dt), (n_h, dt)
+            form = _form(XF.shape[0], XH.shape[0], dt, Ld * dd)
+            if form == "primal" and YdF64 is None:
+                YdF64 = YdF.double()
+            pred = _bridged(XF, XH, YdF64 if form == "primal" else YdF, params.ridge_alpha, square, form)
+            cos_b[:, p] = _mean_cos(pred.reshape(XH.shape[0], Ld, dd), YdH, YdH_norm)
+            if cos_r is not None:
+                cos_r[:, p] = _mean_cos(XH.float().unsqueeze(1), YdH, YdH_norm)
+    cos_b, cos_r = cos_b.cpu(), None if cos_r is None else cos_r.cpu()
     eps_b = 1.0 - cos_b
     eps_r = None if cos_r is None else 1.0 - cos_r
     plausible = [] if eps_r is None else [[int(s), int(p)] for s, p in (eps_r < params.epsilon_threshold).nonzero().tolist()]

@@ -31,10 +31,10 @@ from typing import Any, Optional
 
 import torch
 
-from ..context import ToolContext
+from ..context import ToolContext, linalg_device
 from ..errors import GraftError
 from ..linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, RidgeFactor, Standardiser,
-                      monotone_matching, procrustes_fit, procrustes_from_cross, residual, split_rows)
+                      ieee_float32, monotone_matching, procrustes_fit, procrustes_from_cross, residual, split_rows)
 from ..params import HeldOutFit, param
 from ..progress import Progress
 from ..registry import Tool, register
@@ -94,9 +94,13 @@ def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Pro
     if int(fit.sum()) < 2 or int(held.sum()) < 1:
         raise GraftError("too few aligned rows to hold some out: use a larger workload or --max-tokens")
     layers = []
-    for k, (i, j) in enumerate(pairs):
-        progress(0.75 + 0.25 * k / len(pairs), f"Procrustes layer {i} -> {j}")
-        layers.append(fit_pair(al.X[i + 1], al.Y[j + 1], fit, held, params.ridge_alpha, i, j).__dict__)
+    dev = linalg_device(ctx, al)
+    fit_d, held_d = fit.to(dev), held.to(dev)
+    with ieee_float32(dev):
+        for k, (i, j) in enumerate(pairs):
+            progress(0.75 + 0.25 * k / len(pairs), f"Procrustes layer {i} -> {j}")
+            X, Y = al.X[i + 1].to(dev), al.Y[j + 1].to(dev)
+            layers.append(fit_pair(X, Y, fit_d, held_d, params.ridge_alpha, i, j).__dict__)
     progress(1.0, "done")
     dx, dy = int(al.X.shape[2]), int(al.Y.shape[2])
     n_fit = int(fit.sum())
