@@ -8,7 +8,10 @@ Also the peak process memory (RSS; each pair and budget runs in its own
 process so the peaks do not mix) and, on CUDA, the peak GPU memory. Usage:
 
     python bench/alignment.py [--pairs tiny,smollm2,gemma] [--budgets 512,2048,8192] [--workload scale]
-                              [--device auto] [--dtype float32] [--repeat 3] [--json out.json]
+                              [--device auto] [--dtype float32] [--repeat 3] [--threads 1] [--json out.json]
+
+``--threads`` is torch's intra-op thread count (default 1, as the README's CPU table was taken;
+0 leaves torch's default, every core: the README's GPU rows ran with the host's 16).
 
 Workloads: ``concept`` is the bundled concept set (what the app runs by default; it holds about
 1,460 SmolLM2 tokens, so larger budgets stop there); ``scale`` (default) is every text of
@@ -148,10 +151,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="repeats per pair and budget (median reported)")
     ap.add_argument("--repeat-tiny", type=int, default=7, help="repeats for the tiny pairs")
     ap.add_argument("--repeat-large", type=int, default=1, help="repeats for real models at 8,192 tokens or more")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default: every core)")
     ap.add_argument("--json", default="")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one pair, one budget, JSON on stdout
     args = ap.parse_args()
     if args.child:
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
         donor, target = PAIRS[args.pairs]
         print(json.dumps(bench_pair(args.pairs, donor, target, int(args.budgets), args)))
         return
@@ -165,7 +171,7 @@ def main() -> None:
             repeat = args.repeat_tiny if name.startswith("tiny") else args.repeat if int(budget) < 8192 else args.repeat_large
             cmd = [sys.executable, __file__, "--child", "--pairs", name, "--budgets", budget, "--batch-size",
                    str(args.batch_size), "--device", args.device, "--dtype", args.dtype, "--workload", workload,
-                   "--repeat", str(repeat)]
+                   "--repeat", str(repeat), "--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"{name} at {budget} tokens failed:\n{proc.stderr[-2000:]}")
