@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import pair_labels, run_tool
+    from .runner import base_named_by_adapter, pair_labels, run_tool
     from .history import History, new_run_id
     from .models import ModelSpec
     from .params import build_params, check_paths
@@ -273,6 +273,11 @@ def _run(args: argparse.Namespace) -> int:
         params = build_params(tool.params_cls, {s.name: getattr(args, "param_" + s.name) for s in param_specs(tool.params_cls)
                                                 if getattr(args, "param_" + s.name) is not None})
         given = {name: getattr(args, name, None) for name in tool.inputs}
+        inferred = base_named_by_adapter(tool, given)  # --adapter alone: the base its card names
+        if inferred is not None:
+            given["base"] = inferred.ref
+            if not args.quiet:
+                print(f"base: {inferred.ref}, the model the adapter names as its base", file=sys.stderr)
         tool.choose(given)  # one line naming the alternatives when the inputs do not fit
         models = {k: ModelSpec.parse(v, args.trust_remote_code) if v and k not in TEXT_INPUTS else v for k, v in given.items()}
         # Every output and input path is checked before a model is loaded.

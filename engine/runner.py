@@ -47,7 +47,11 @@ def run_tool(
     """
     progress = progress or silent()
     tool = get_tool(tool_name)
-    chosen = tool.choose({"donor": donor, "target": target, "base": base, "adapter": adapter, "organ": organ, "run": run})
+    given = {"donor": donor, "target": target, "base": base, "adapter": adapter, "organ": organ, "run": run}
+    inferred = base_named_by_adapter(tool, given)
+    if inferred is not None:
+        base = given["base"] = inferred
+    chosen = tool.choose(given)
     if not isinstance(options, RunOptions):
         options = build_params(RunOptions, options or {})
     if not dataclasses.is_dataclass(params):
@@ -73,6 +77,8 @@ def run_tool(
     ctx = ToolContext(loaded["donor"], loaded["target"], workload, options, captures or DEFAULT_CACHE, live=live,
                       base=loaded["base"], adapter=adapter if "adapter" in chosen else None,
                       organ=organ if "organ" in chosen else None, run=run if "run" in chosen else None, store=store)
+    if inferred is not None:
+        ctx.meta.setdefault("notes", []).append(f"base: {inferred.ref}, the model the adapter names as its base")
     t1 = time.perf_counter()
     result = tool.compute(ctx, params, progress.sub(0.2, 1.0))
     t_compute = time.perf_counter() - t1
@@ -117,3 +123,24 @@ def pair_labels(envelope: dict[str, Any]) -> tuple[str, str]:
     src = envelope.get("donor") or envelope.get("adapter") or ""
     dst = envelope.get("target") or envelope.get("base") or ""
     return str(src), str(dst)
+
+
+def base_named_by_adapter(tool: Any, given: dict[str, Any]) -> Optional[ModelSpec]:
+    """--adapter without --base, for a tool that cannot run on the adapter alone (T11's conjugation
+    needs the base's weights): the base the adapter names (a make-donor card's base, the demo
+    donor's SmolLM2, or the PEFT config's ``base_model_name_or_path``) when that is a model here, a
+    built-in name or a local folder. None otherwise, and the tool's one-line "needs" error stands."""
+    present = {k for k, v in given.items() if v not in (None, "")}
+    if "base" in present or "adapter" not in present or any(set(alt) <= present for alt in tool.needs):
+        return None
+    if not any(set(alt) <= present | {"base"} for alt in tool.needs):
+        return None
+    from .errors import GraftError
+    from .lora import resolve_adapter
+
+    try:
+        hint = resolve_adapter(str(given["adapter"])).base_hint
+        spec = ModelSpec.parse(hint) if hint else None
+    except GraftError:
+        return None
+    return spec if spec is not None and spec.kind != "hub" else None

@@ -87,3 +87,34 @@ def test_make_donor_refuses_to_overwrite_a_foreign_folder(tmp_path, workload):
     p = cli("make-donor", "--base", "tiny-gpt2-a", "--concept", str(concept), "--out", str(d))
     assert p.returncode == 2 and "not a Graft donor folder" in p.stderr
     assert (d / "notes.txt").read_text() == "keep me"
+
+
+def test_conjugate_takes_the_base_its_adapter_names(tmp_path, sets, capsys):
+    """--adapter without --base: a make-donor folder's card names its base, so conjugation loads it
+    (CLI and run_tool alike); an adapter naming no local model keeps the one-line needs error."""
+    import shutil
+
+    from engine.cli import main
+    from engine.models import ModelSpec
+    from engine.runner import run_tool
+
+    d = tmp_path / "donor"
+    assert main(["make-donor", "--base", "tiny-llama-a", "--concept", sets["concept"], "--out", str(d),
+                 "--steps", "2", "--quiet"]) == 0
+    sets_args = ["--concept", sets["concept"], "--retained", sets["retained"], "--max-new-tokens", "4"]
+    out = tmp_path / "c.json"
+    assert main(["conjugate", "--adapter", str(d), "--target", "tiny-llama-b", *sets_args, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["base"] == "tiny-llama-a"
+    assert "base: tiny-llama-a, the model the adapter names as its base" in capsys.readouterr().err
+    env = run_tool("conjugate", target=ModelSpec.parse("tiny-llama-b"), adapter=str(d),
+                   params={"concept": sets["concept"], "retained": sets["retained"], "max_new_tokens": 4})
+    assert env["base"] == "tiny-llama-a" and any("names as its base" in n for n in env["meta"]["notes"])
+    peft = tmp_path / "peft"  # the adapter alone: its config names a hub id that is not here
+    shutil.copytree(d / "adapter", peft)
+    cfg = json.loads((peft / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "nobody/not-here"
+    (peft / "adapter_config.json").write_text(json.dumps(cfg))
+    assert main(["conjugate", "--adapter", str(peft), "--target", "tiny-llama-b", *sets_args]) == 2
+    assert "conjugate needs --adapter DIR and --base SPEC" in capsys.readouterr().err
+    # cartography reads an adapter alone and loads no base for it
+    assert "base" not in run_tool("cartography", adapter=str(d))
