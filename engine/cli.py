@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import jsonsafe
-from .errors import Cancelled, GraftError
+from .errors import Cancelled, GraftError, printable_line
 from .outputs import check_output_file, is_stream, new_file_mode
 from .params import WORKLOAD_OPTIONS, ParamSpec, RunOptions, param_specs
 from .progress import Progress
@@ -307,6 +307,11 @@ def _run(args: argparse.Namespace) -> int:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused a path the user gave (too long, no permission, full disk)
+        bar.close()
+        where = f": {exc.filename}" if exc.filename else ""
+        print(printable_line(f"error: {exc.strerror or type(exc).__name__}{where}"), file=sys.stderr)
+        return 2
     except Cancelled:
         bar.close()
         print("error: cancelled", file=sys.stderr)
@@ -332,5 +337,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _run(args)
     except Exception as exc:  # a bug: still one line, with a hint how to see the traceback
-        print(f"error: internal: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (GRAFT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(printable_line(f"error: internal: {type(exc).__name__}: {first} (GRAFT_DEBUG=1 shows the traceback)"), file=sys.stderr)
         return 1

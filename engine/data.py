@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -113,7 +114,7 @@ def texts_sha256(texts: Sequence[Any]) -> str:
 
 def _read_bytes(path: PathLike, what: str) -> tuple[Path, bytes]:
     p = Path(path).expanduser()
-    if not p.exists():
+    if not os.path.exists(p):  # False, not OSError, for a name too long for the file system
         raise GraftError(f"{what} file not found: {p}")
     if not p.is_file():
         raise GraftError(f"{what} path is not a file: {p}")

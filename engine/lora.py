@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,7 @@ def resolve_adapter(text: str) -> AdapterRef:
         base = str((card or {}).get("base_name") or SMOLLM2)
         return _adapter_folder(folder / "adapter", DEMO_DONOR, card, base)
     p = Path(raw).expanduser()
-    if not p.exists():
+    if not os.path.exists(p):  # False, not OSError, for a name too long for the file system
         raise GraftError(f"adapter not found: {raw} (give a PEFT adapter folder, a make-donor folder or {DEMO_DONOR})")
     p = p.resolve()
     if p.is_file():

@@ -69,7 +69,7 @@ class ModelSpec:
         if text in BUILTIN_DESCRIPTIONS:
             return cls("builtin", text, trust_remote_code)
         p = Path(text).expanduser()
-        if p.exists():
+        if os.path.exists(p):  # False, not OSError, for a name too long for the file system
             kind, ref = model_path_kind(p.resolve())
             return cls(kind, ref, trust_remote_code)
         if text.startswith(("/", ".", "~")) or text.endswith(".gguf") or os.sep in text and not _HUB_ID.match(text):

@@ -119,7 +119,7 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
 def check_input_file(path: str | Path, what: str = "input") -> Path:
     """``path`` is a readable file."""
     p = Path(path).expanduser()
-    if not p.exists():
+    if not os.path.exists(p):  # False, not OSError, for a name too long for the file system
         raise GraftError(f"{what}: file not found: {path}")
     if p.is_dir():
         raise GraftError(f"{what}: {path} is a folder, not a file")

@@ -18,6 +18,8 @@ from ui.transplant import COMPARE_RUN, latest_swap_id, swap_envelope, swap_runs,
 from viz.report import build_report  # noqa: E402
 from viz.compare import SCORE_LABELS, compare_figure, conjugate_figure, generations_html, metric_rows  # noqa: E402
 
+GENERATIONS_SHOWN = 500  # answers drawn on the page; the report and the JSON hold them all
+
 
 def _fmt(v) -> str:
     if v is None:
@@ -98,7 +100,7 @@ st.plotly_chart(fig, config=viz.download_config(fig), key=f"compare-fig-{run_id}
 
 st.markdown("#### Answers to the held-out questions")
 only = st.toggle("Only answers the transplant changed", key="compare_only_changed")
-st.html(generations_html(envelope, only_changed=only))
+st.html(generations_html(envelope, only_changed=only, limit=GENERATIONS_SHOWN))
 
 transplant_actions(run_id, envelope, where="compare")
 

@@ -13,6 +13,7 @@ from ui.boot import TAGLINE, TITLE  # noqa: E402
 from ui.navigation import app_pages  # noqa: E402
 from ui.sidebar import TINY_PAIR  # noqa: E402
 from ui.state import selection  # noqa: E402
+from ui.text import md  # noqa: E402
 
 
 def cell(text: str) -> str:
@@ -56,8 +57,8 @@ with st.container(border=True):
 
 st.markdown("#### Current pair")
 left, right = st.columns(2)
-left.metric("Donor", sel.donor_text or "—", border=True)
-right.metric("Target", sel.target_text or "—", border=True)
+left.metric("Donor", md(sel.donor_text) or "—", border=True)  # a metric's value is markdown too
+right.metric("Target", md(sel.target_text) or "—", border=True)
 if not sel.ok:
     st.warning("Fix the model choice in the sidebar first.", icon=":material/warning:")
 

@@ -16,6 +16,7 @@ from ui.jobs import tool_panel  # noqa: E402
 from ui.sidebar import VERDICT_LABELS  # noqa: E402
 from ui.state import selection  # noqa: E402
 from ui.toolpage import tools_on  # noqa: E402
+from ui.text import code, md
 
 
 STATE_BADGES = {"ready": ":green-badge[ready]", "needs preparing": ":orange-badge[needs preparing]",
@@ -25,14 +26,14 @@ KIND_NAMES = {"builtin": "built-in", "path": "local folder", "gguf": "GGUF file"
 
 def model_card(role: str, spec: Any, text: str, status: dict) -> None:
     with st.container(border=True):
-        st.markdown(f"**{role}** · `{text or '—'}`")
+        st.markdown(f"**{role}** · {code(text or '—')}")
         if spec is None:
             st.caption("not a valid model (see the sidebar)")
             return
         if spec.kind == "builtin":
             st.markdown(f"{STATE_BADGES.get(status[spec.ref]['state'], '')} {BUILTIN_DESCRIPTIONS[spec.ref]}")
         else:
-            st.markdown(f":blue-badge[{KIND_NAMES.get(spec.kind, spec.kind)}] {spec.ref}")
+            st.markdown(f":blue-badge[{KIND_NAMES.get(spec.kind, spec.kind)}] {md(spec.ref)}")
 
 
 def verdict_details(envelope: dict) -> None:

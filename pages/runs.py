@@ -13,6 +13,7 @@ require_app_entry()
 from engine.registry import all_tools  # noqa: E402
 from ui.jobs import file_stem, result_view  # noqa: E402
 from ui.state import job_runner, one_line, startup_notes  # noqa: E402
+from ui.text import md
 from viz.report import build_report  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def delete_run(run_id: str) -> None:
 st.title("Runs")
 history = job_runner().history
 for note in startup_notes():
-    st.info(f"On start: {note}", icon=":material/cleaning_services:")
+    st.info(f"On start: {md(note)}", icon=":material/cleaning_services:")
 elsewhere = history.active_elsewhere()
 if elsewhere:
     st.caption(f"{len(elsewhere)} run(s) are in progress in another Graft process (CLI or another server): "
@@ -86,14 +87,14 @@ if run is None:
     st.stop()
 
 with st.container(border=True):
-    st.markdown(f"#### {run['title']}  {STATUS_BADGES.get(run['status'], run['status'])}")
+    st.markdown(f"#### {md(run['title'])}  {STATUS_BADGES.get(run['status'], run['status'])}")
     duration = f"{run['duration_s']:.2f} s" if run["duration_s"] is not None else "—"
-    st.caption(f"donor **{run['donor']}** → target **{run['target']}** · created {when(run['created'])} · "
+    st.caption(f"donor **{md(run['donor'])}** → target **{md(run['target'])}** · created {when(run['created'])} · "
                f"duration {duration} · from {run['source']} · id `{run['id']}`")
     if run["status"] == "failed":
-        st.error(one_line(run["error"] or "failed"), icon=":material/error:")
+        st.error(md(one_line(run["error"] or "failed")), icon=":material/error:")
     elif run["status"] == "cancelled":
-        st.info(one_line(run["error"] or "cancelled"), icon=":material/block:")
+        st.info(md(one_line(run["error"] or "cancelled")), icon=":material/block:")
     elif run["status"] in ("queued", "running"):
         st.info("Still running; its live progress is on the page that started it.", icon=":material/hourglass_top:")
 

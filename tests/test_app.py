@@ -1,6 +1,7 @@
 """The Streamlit app, driven headless with AppTest on the tiny random pair (seconds per test)."""
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -66,6 +67,13 @@ def has_chart(at: AppTest) -> bool:
 
 def texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
+
+
+def shown(source: object) -> str:
+    """Markdown source as the reader sees its text: code-span fences dropped and backslash escapes
+    undone (the app escapes model names, paths and messages with ui.text.md)."""
+    s = re.sub(r"(?<!\\)(`+) ?(.+?) ?\1(?!`)", r"\2", str(source))
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", s)
 
 
 # --------------------------------------------------------------------------- every page
@@ -169,7 +177,7 @@ def test_failed_job_shows_its_one_line_error(home):
     at.session_state["_last_jobs"] = {"cka": job.id}
     run_until(at, lambda a: len(a.error) > 0)
     assert len(at.error) == 1
-    assert at.error[0].value == "T2 test failed: workload broken.jsonl line 3: missing text"
+    assert shown(at.error[0].value) == "T2 test failed: workload broken.jsonl line 3: missing text"
 
 
 def test_a_running_job_shows_progress_and_can_be_cancelled(home):
@@ -237,7 +245,7 @@ def test_build_demo_donor_button_runs_a_background_job(home, no_demo, monkeypatc
 def test_missing_donor_path_is_one_line_error_and_disables_run(home, tmp_path):
     missing = str(tmp_path / "no-such-model")
     at = open_app("pages/alignment.py", donor=missing)
-    errors = [e.value for e in at.sidebar.error]
+    errors = [shown(e.value) for e in at.sidebar.error]
     assert errors == [f"Donor: model path not found: {missing}"]
     assert all("\n" not in e for e in errors)
     assert not at.exception
@@ -256,7 +264,7 @@ def test_bad_workload_path_is_one_line_error(home, tmp_path):
     at.sidebar.radio(key="workload_source").set_value("Path on this machine").run()
     at.sidebar.text_input(key="workload_path").input(str(tmp_path / "nope.jsonl")).run()
     assert not at.exception
-    errors = [e.value for e in at.sidebar.error]
+    errors = [shown(e.value) for e in at.sidebar.error]
     assert len(errors) == 1 and errors[0].startswith("Workload:") and "\n" not in errors[0]
     assert at.button(key="run-cka").disabled
 

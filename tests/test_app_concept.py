@@ -3,7 +3,7 @@ spectrum from T6, and one-line errors for a bad adapter."""
 from __future__ import annotations
 
 from streamlit.testing.v1 import AppTest
-from test_app import open_app, run_until  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_app import open_app, run_until, shown  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def open_concept() -> AppTest:
@@ -43,7 +43,7 @@ def test_full_finetune_source_and_bad_adapter_are_one_line(home):
     at.text_input(key="concept_base").set_value("tiny-llama-a").run()
     at.button(key="run-cartography").click().run()
     run_until(at, lambda a: charts(a) >= 1)
-    assert "donor **tiny-llama-b** → base **tiny-llama-a**" in "\n".join(str(c.value) for c in at.caption)
+    assert "donor **tiny-llama-b** → base **tiny-llama-a**" in shown("\n".join(str(c.value) for c in at.caption))
 
 
 def test_conjugation_from_the_concept_page_then_compare_and_roll_back(home, tiny_adapter):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
-from test_app import run_until  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_app import run_until, shown  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -79,12 +79,30 @@ def test_run_submits_the_pair_on_the_screen_and_flags_a_stale_result(home):
     at.sidebar.selectbox(key="target_pick").set_value("tiny-llama-b")
     at.button(key="run-cka").click().run()
     run_until(at, lambda a: len(a.get("plotly_chart")) > 0)
-    caption = "\n".join(str(c.value) for c in at.caption)
+    caption = shown("\n".join(str(c.value) for c in at.caption))
     assert "donor **tiny-gpt2-a** → target **tiny-llama-b**" in caption
     assert not at.warning
     # Now the sidebar shows another pair: the old result is flagged, not shown as this pair's.
     at.sidebar.button(key="swap-models").click().run()
-    warnings = "\n".join(str(w.value) for w in at.warning)
+    warnings = shown("\n".join(str(w.value) for w in at.warning))
     assert "This result is for **tiny-gpt2-a → tiny-llama-b**" in warnings
     assert "tiny-llama-b → tiny-gpt2-a" in warnings
     assert any("anyway" in e.label for e in at.expander)
+
+
+HOSTILE_LINK = "![x](http://127.0.0.1:9/track.png) [click](https://example.invalid/p) **b** :red[r] $x^2$"
+
+
+@pytest.mark.parametrize("page", ["pages/home.py", "pages/models.py", "pages/alignment.py", "pages/runs.py"])
+def test_a_crafted_link_shows_its_model_text_literally(home, page):
+    """?donor= is whatever a link says: it is shown as escaped markdown (no image fetched, no live
+    link, no colour or LaTeX), and a name too long for the file system is an ordinary error."""
+    at = open_app({"donor": HOSTILE_LINK, "target": "A" * 300}, page)
+    shown = [str(e.value) for e in list(at.error) + list(at.sidebar.error) + list(at.info) + list(at.caption)
+             + list(at.markdown) + list(at.sidebar.caption) + list(at.sidebar.markdown)]
+    mentions = [s for s in shown if "track" in s or "AAAA" in s]
+    assert any("track" in s for s in mentions) and any("AAAA" in s for s in mentions), shown
+    for s in mentions:  # markdown source: every bracket, bang, colon, dollar and star escaped
+        if "track" in s and f"`{HOSTILE_LINK}`" not in s:  # a code span shows its text as written
+            assert r"\!\[x\]\(`http://127.0.0.1:9/track.png)`" in s and r"\[click\]\(`https" in s, s
+            assert r"\*\*b\*\*" in s and r"\:red\[r\]" in s and r"\$x\^2\$" in s, s

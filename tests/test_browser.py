@@ -117,3 +117,25 @@ def test_the_run_is_for_the_pair_on_the_screen(app_url, page):
     page.get_by_role("button", name="Swap donor and target").click()
     expect(page.get_by_text("This result is for tiny-gpt2-b → tiny-gpt2-a").first).to_be_visible(timeout=30_000)
     expect(page.locator(".js-plotly-plot").first).to_be_hidden()
+
+
+def test_a_crafted_link_renders_no_markup_and_fetches_nothing(app_url, page):
+    """?donor= from a link: the browser shows the text as written; no remote image is requested and
+    no link, styled text or LaTeX is drawn from it (markdown escaped by ui.text.md)."""
+    from urllib.parse import quote, urlparse
+
+    from playwright.sync_api import expect
+
+    evil = "![x](http://127.0.0.1:9/track.png) [click](https://example.invalid/p) **bold** :red[red] $x^2$"
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if urlparse(r.url).netloc in ("127.0.0.1:9", "example.invalid") else None)
+    page.goto(f"{app_url}/?donor={quote(evil)}&target=tiny-gpt2-b", timeout=60_000)
+    shown = page.get_by_test_id("stAlert").filter(has_text="track.png").first
+    expect(shown).to_be_visible(timeout=60_000)
+    assert evil in shown.inner_text()  # every character as typed
+    page.wait_for_timeout(1000)
+    assert outside == []
+    assert page.locator('img[src*="track.png"]').count() == 0
+    assert page.locator('a[href*="example.invalid"]').count() == 0
+    assert page.locator(".katex").count() == 0
+    assert page.locator('[data-testid="stException"]').count() == 0

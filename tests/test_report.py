@@ -141,3 +141,21 @@ def test_cli_swap_json_then_report_chains(home, sets, workload, tmp_path):
     assert not (tmp_path / "x.html").exists()
     proc = _cli("report", "--run", run_id, "--out", str(tmp_path))  # a folder
     assert proc.returncode == 2 and proc.stderr.startswith("error: --out:")
+
+
+def test_report_embeds_hostile_strings_inertly(swap_run):
+    """A question holding "<!--<script>" used to swallow the embedded JSON's closing tag, and a donor
+    folder named with tags became live markup (a mailto link, styled text) in the figure titles."""
+    env = json.loads(json.dumps(swap_run["env"]))
+    evil = "<!--<script>alert(1)</script> </script> & ]]> \u2028"
+    env["result"]["generations"][0]["question"] = evil
+    env["donor"] = "/m/p<b>B<a href='mailto:x@y.z'>m"
+    run_id = _record(swap_run["history"], env, "swap", {"donor": env["donor"], "target": PAIR[1]})
+    html = build_report(run_id, swap_run["history"])
+    start = html.index("<script type='application/json' id='graft-run'>")
+    body = html[start:].split(">", 1)[1]
+    data, rest = body.split("</script>", 1)
+    assert rest == "</body></html>" and "<" not in data and ">" not in data and "&" not in data
+    embedded = json.loads(data)
+    assert embedded["result"]["generations"][0]["question"] == evil and embedded["donor"] == env["donor"]
+    assert "<a href='mailto" not in html and "&lt;a href='mailto:x@y.z'&gt;" in html  # the title, as text

@@ -12,6 +12,7 @@ from engine.errors import GraftError
 from engine.models import ModelSpec
 from ui.jobs import PanelInputs
 from ui.state import one_line, selection
+from ui.text import code, md
 
 SOURCES = ("The donor's LoRA adapter", "A PEFT adapter folder", "Full fine-tune: donor − base")
 SOURCE_KEY, PATH_KEY, BASE_KEY = "concept_source", "concept_adapter_path", "concept_base"
@@ -75,7 +76,7 @@ def concept_inputs() -> ConceptInputs:
     if adapter:
         try:
             folder, hint, label = _resolve(adapter)
-            left.caption(f"Adapter: `{folder}`" + (f" · trained on **{hint}**" if hint else ""))
+            left.caption(f"Adapter: {code(folder)}" + (f" · trained on **{md(hint)}**" if hint else ""))
         except GraftError as exc:
             errors.append(f"Adapter: {one_line(exc)}")
     default_base = hint or (sel.target_text if source != SOURCES[2] else sel.target_text)

@@ -23,6 +23,7 @@ from engine.params import RunOptions, build_params, param_specs
 from engine.registry import get_tool
 from ui.state import graft_error, job_runner, last_job_id, one_line, remember_job, selection
 from ui.widgets import label_for, param_widgets
+from ui.text import md
 
 POLL_SECONDS = 0.75
 
@@ -83,12 +84,12 @@ def tool_panel(tool_name: str, *, how_to_read: str = "", details: Optional[Resul
         job_id = _submit_tool(tool.name, inputs) or job_id
     submit_error = st.session_state.pop(f"_submit_error-{tool.name}", None)
     if submit_error:
-        st.error(submit_error, icon=":material/error:")
+        st.error(md(submit_error), icon=":material/error:")
 
     if job_id:
         job_view(job_id, tool_name=tool.name, details=details, current=inputs)
     elif not inputs.ok:
-        st.info(inputs.errors[0] if inputs.errors else "Choose a valid donor and target in the sidebar to run this tool.",
+        st.info(md(inputs.errors[0]) if inputs.errors else "Choose a valid donor and target in the sidebar to run this tool.",
                 icon=":material/info:")
 
 
@@ -154,8 +155,8 @@ def inputs_mismatch(envelope: dict[str, Any], current: Optional[PanelInputs]) ->
     if all(then[k] == now[k] for k in now):
         return None
     src, dst = pair_labels({k: v for k, v in envelope.items() if k in ("donor", "target", "base", "adapter", "organ", "run") and v})
-    return (f"This result is for **{src} → {dst}**, not for the models on the screen "
-            f"(**{current.label}**). Run again for the models on the screen.")
+    return (f"This result is for **{md(src)} → {md(dst)}**, not for the models on the screen "
+            f"(**{md(current.label)}**). Run again for the models on the screen.")
 
 
 # --------------------------------------------------------------------------- one job
@@ -186,9 +187,9 @@ def _live_job(job_id: str, where: str) -> None:
         return
     with st.container(border=True):
         label = "Queued — waiting for the job before it" if job.status == "queued" else job.message or "running"
-        st.progress(min(max(job.progress, 0.0), 1.0), text=f"**{job.title}** · {label}")
+        st.progress(min(max(job.progress, 0.0), 1.0), text=f"**{md(job.title)}** · {md(label)}")
         left, right = st.columns([4, 1], vertical_alignment="center")
-        left.caption(f"{job.donor} → {job.target} · {job.elapsed():.1f} s · job {job.id}")
+        left.caption(f"{md(job.donor)} → {md(job.target)} · {job.elapsed():.1f} s · job {md(job.id)}")
         cancelling = job.cancel_event.is_set()
         if right.button("Cancelling…" if cancelling else "Cancel", key=f"cancel-{where}-{job.id}",
                         icon=":material/stop_circle:", disabled=cancelling, width="stretch"):
@@ -198,10 +199,10 @@ def _live_job(job_id: str, where: str) -> None:
 def _finished_job_view(job: Job, tool_name: Optional[str], details: Optional[ResultDetails],
                        on_done: Optional[ResultDetails], current: Optional[PanelInputs] = None) -> None:
     if job.status == "failed":
-        st.error(f"{job.title} failed: {one_line(job.error)}", icon=":material/error:")
+        st.error(md(f"{job.title} failed: {one_line(job.error)}"), icon=":material/error:")
         return
     if job.status == "cancelled":
-        st.info(f"{job.title} was cancelled after {job.elapsed():.1f} s.", icon=":material/block:")
+        st.info(md(f"{job.title} was cancelled after {job.elapsed():.1f} s."), icon=":material/block:")
         return
     if tool_name and job.result is not None:
         _guarded_result(tool_name, job.result, key=job.id, details=details, current=current)
@@ -218,7 +219,7 @@ def _stored_run_view(run_id: str, tool_name: Optional[str], details: Optional[Re
     if row["status"] == "done" and row["result"] and tool_name:
         _guarded_result(tool_name, row["result"], key=run_id, details=details, current=current)
     elif row["status"] in ("failed", "cancelled"):
-        st.error(f"{row['title']} {row['status']}: {one_line(row['error'] or row['status'])}", icon=":material/error:")
+        st.error(md(f"{row['title']} {row['status']}: {one_line(row['error'] or row['status'])}"), icon=":material/error:")
 
 
 def _guarded_result(tool_name: str, envelope: dict[str, Any], *, key: str,
@@ -229,7 +230,7 @@ def _guarded_result(tool_name: str, envelope: dict[str, Any], *, key: str,
     if warning is None:
         result_view(tool_name, envelope, key=key, details=details)
         return
-    st.warning(warning, icon=":material/warning:")
+    st.warning(warning, icon=":material/warning:")  # markdown: its model names are escaped (inputs_mismatch)
     with st.expander("Show that result anyway"):
         result_view(tool_name, envelope, key=key, details=details)
 
@@ -244,16 +245,16 @@ def result_view(tool_name: str, envelope: dict[str, Any], *, key: str,
     try:
         fig = viz.figure_for(tool_name, envelope)
     except GraftError as exc:
-        st.error(one_line(exc), icon=":material/error:")
+        st.error(md(one_line(exc)), icon=":material/error:")
     except Exception as exc:  # a figure bug must not hide the numbers or the downloads
-        st.warning(f"The figure could not be drawn ({graft_error(exc)}); the numbers are below.",
+        st.warning(f"The figure could not be drawn ({md(graft_error(exc))}); the numbers are below.",
                    icon=":material/warning:")
     for w in (envelope.get("result") or {}).get("warnings") or []:
-        st.warning(w, icon=":material/warning:")
+        st.warning(md(w), icon=":material/warning:")
     if fig is not None:
         st.plotly_chart(fig, config=viz.download_config(fig), key=f"fig-{tool_name}-{key}")
     for n in (envelope.get("meta") or {}).get("notes") or []:
-        st.caption(f"Note: {n}")
+        st.caption(f"Note: {md(n)}")
 
     metrics = key_numbers(envelope)
     if metrics:
@@ -301,12 +302,12 @@ def _fmt(v: float) -> str:
 def run_caption(envelope: dict[str, Any]) -> str:
     meta = envelope.get("meta") or {}
     names = [(k, envelope.get(k)) for k in ("adapter", "donor", "base", "target") if envelope.get(k)]
-    parts = [" → ".join(f"{k} **{v}**" for k, v in names) if names else "?"]
+    parts = [" → ".join(f"{k} **{md(v)}**" for k, v in names) if names else "?"]
     wl = meta.get("workload") or {}
     if wl:
-        parts.append(f"workload {wl.get('name', '?')} ({wl.get('n_texts', '?')} texts)")
+        parts.append(f"workload {md(wl.get('name', '?'))} ({md(wl.get('n_texts', '?'))} texts)")
     if "compute_seconds" in meta:
-        parts.append(f"{meta.get('load_seconds', 0) + meta['compute_seconds']:.2f} s on {meta.get('device', '?')}")
+        parts.append(f"{meta.get('load_seconds', 0) + meta['compute_seconds']:.2f} s on {md(meta.get('device', '?'))}")
     return " · ".join(parts)
 
 

@@ -13,6 +13,7 @@ from engine.organ import ORGAN_CARD, load_organ
 from engine.organ_run import organs_dir
 from ui.jobs import PanelInputs, file_stem
 from ui.state import last_job_id, one_line, selection
+from ui.text import md
 
 ORGAN_INSERT = "organ-insert"
 PICK_KEY, PATH_KEY, KNOWN_KEY = "organ_pick", "organ_path", "organ_known"
@@ -57,7 +58,7 @@ def organ_picker() -> tuple[Optional[str], Optional[str]]:
     if not path:
         return None, "extract an organ first (below), or type an organ checkpoint folder"
     try:
-        st.caption(describe(path))
+        st.caption(md(describe(path)))
     except (GraftError, OSError) as exc:
         return None, f"Organ: {one_line(exc)}"
     return path, None

@@ -27,6 +27,7 @@ from ui.demo import demo_builder, demo_pair_ready
 from ui.state import (DONOR, SELECTION, TARGET, TRUST, Selection, graft_error, job_runner, last_job_id, model_store,
                       one_line, preloader, startup_notes)
 from ui.widgets import param_widget
+from ui.text import md
 
 TINY_PAIR = ("tiny-gpt2-a", "tiny-gpt2-b")
 OTHER = "\u2026other"  # the picker entry that reveals a free-text path / GGUF / hub id field
@@ -54,7 +55,7 @@ def render_sidebar() -> Selection:
     if not st.session_state.get("_startup_notes_shown"):
         st.session_state["_startup_notes_shown"] = True
         for note in startup_notes():
-            st.toast(note, icon=":material/cleaning_services:")
+            st.toast(md(note), icon=":material/cleaning_services:")
     return sel
 
 
@@ -124,18 +125,18 @@ def _model_section(status: dict[str, dict[str, Any]]) -> Selection:
         if state == "unavailable":
             errors.append(f"{role.capitalize()}: {text} is unavailable here (its optional package is not installed)")
     for message in errors:
-        st.error(message, icon=":material/error:")
+        st.error(md(message), icon=":material/error:")
     for role, text in ((DONOR, donor_text), (TARGET, target_text)):
         if specs[role] is not None and specs[role].kind != "builtin":
             summary = _card_summary(text)
             if summary:
-                st.caption(f":material/description: {role.capitalize()}: {summary}")
+                st.caption(f":material/description: {role.capitalize()}: {md(summary)}")
         state = status.get(text, {}).get("state")
         if state == "needs building":
-            st.caption(f"{role.capitalize()} {text} is built on first use (several minutes on CPU); "
+            st.caption(f"{role.capitalize()} {md(text)} is built on first use (several minutes on CPU); "
                        "or build it now below.")
         elif state == "needs preparing":
-            st.caption(f"{role.capitalize()} {text} is converted once on first use (about a minute).")
+            st.caption(f"{role.capitalize()} {md(text)} is converted once on first use (about a minute).")
 
     if not demo_pair_ready() or last_job_id("demo-donor"):
         with st.container(border=True):
@@ -187,7 +188,7 @@ def _trust_section(donor_text: str, target_text: str) -> bool:
         st.markdown(":orange-badge[:material/code: custom code] The chosen models ship Python code that "
                     "runs on this machine if you trust it:")
         for who, names in files.items():
-            st.caption(f"**{who}**")
+            st.caption(f"**{md(who)}**")
             st.code("\n".join(names), language=None)
         return bool(st.checkbox("Trust and run this code (this session, this pair)", key=TRUST,
                                 help="Off: the models load without their custom code, or are refused if they need it. "
@@ -242,7 +243,7 @@ def _run_options_section() -> tuple[Optional[RunOptions], tuple[str, ...]]:
         errors.append(f"Run options: {one_line(exc)}")
         options = None
     for message in errors:
-        st.error(message, icon=":material/error:")
+        st.error(md(message), icon=":material/error:")
     return options, tuple(errors)
 
 
@@ -266,7 +267,7 @@ def _workload_picker() -> tuple[str, str]:
         name, n_texts = _workload_summary(path or str(builtin_concept_path()))
     except GraftError as exc:
         return path, one_line(exc)
-    st.caption(f"{name} · {n_texts} texts")
+    st.caption(f"{md(name)} · {n_texts} texts")
     return path, ""
 
 
@@ -343,13 +344,13 @@ def _compat_badge(sel: Selection, status: dict[str, dict[str, Any]]) -> None:
             verdicts = _compat_verdicts(sel.donor_text, sel.target_text, sel.trust_remote_code,
                                         sel.options.device, sel.options.dtype)
         except Exception as exc:  # the badge is a convenience: never let it break the sidebar
-            st.caption(f"Compatibility: {graft_error(exc)}")
+            st.caption(f"Compatibility: {md(graft_error(exc))}")
             return
         st.markdown(verdict_badges(verdicts))
     elif any(s.state == FAILED for s in states.values()):
         for role, s in states.items():
             if s.state == FAILED:
-                st.caption(f":material/error: {role.capitalize()} did not load: {s.message}")
+                st.caption(f":material/error: {role.capitalize()} did not load: {md(s.message)}")
         if st.button("Try loading again", key="preload-retry", type="tertiary", icon=":material/refresh:"):
             for spec in (sel.donor, sel.target):
                 preloader().retry(spec, sel.options.device, sel.options.dtype)

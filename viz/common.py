@@ -4,6 +4,7 @@ Nothing here computes a result: helpers only format numbers that already sit in 
 """
 from __future__ import annotations
 
+import html
 import math
 import re
 from typing import Any, Iterable, Optional, Sequence
@@ -79,13 +80,15 @@ def result_of(envelope: dict) -> dict:
 
 def display_name(ref: Any, default: str) -> str:
     """A model reference as shown in titles: local paths by their last component, hub ids and
-    built-in names unchanged."""
+    built-in names unchanged, escaped for Plotly's HTML-like text."""
     text = str(ref or "").strip()
     if not text:
         return default
     if text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1:
         text = re.split(r"[\\/]", text.rstrip("/\\"))[-1] or text
-    return text
+    # Plotly reads tags (<b>, <a href>, <span style>) and entities in titles and labels: a folder
+    # name is shown as written, never as markup.
+    return html.escape(text, quote=False)
 
 
 def model_names(envelope: dict) -> tuple[str, str]:
@@ -116,7 +119,7 @@ def slug(text: str) -> str:
 
 def download_filename(envelope: dict, default_code: str, tool: str) -> str:
     """A file-name stem for exported images/HTML, e.g. ``graft_T2_cka_tiny-gpt2-a_vs_tiny-llama-b``."""
-    d, t = model_names(envelope)
+    d, t = (html.unescape(n) for n in model_names(envelope))
     return slug(f"graft_{tool_code(envelope, default_code)}_{tool}_{d}_vs_{t}")
 
 

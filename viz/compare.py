@@ -111,7 +111,7 @@ _CSS = """
 <style>
 .graft-gen {border-collapse: collapse; width: 100%%; font-size: 0.86rem; font-family: %s;}
 .graft-gen th {background: %s; text-align: left; padding: 6px 8px; position: sticky; top: 0;}
-.graft-gen td {border-top: 1px solid %s; padding: 6px 8px; vertical-align: top;}
+.graft-gen td {border-top: 1px solid %s; padding: 6px 8px; vertical-align: top; overflow-wrap: anywhere;}
 .graft-gen td.q {width: 22%%; color: #333;}
 .graft-gen .ref {color: %s; font-size: 0.78rem;}
 .graft-gen del {background: %s; color: #8c1d18; text-decoration: line-through;}
@@ -141,16 +141,23 @@ def _diff_html(runs: list, side: str) -> str:
     return "".join(parts)
 
 
-def generations_html(envelope: dict, only_changed: bool = False) -> str:
+def generations_html(envelope: dict, only_changed: bool = False, limit: Optional[int] = None) -> str:
     """An HTML table: question + reference, then T, T' and D answers. Words T' changed are
-    marked (struck in T, highlighted in T'), with ✓/✗ for containing the reference."""
+    marked (struck in T, highlighted in T'), with ✓/✗ for containing the reference. With
+    ``limit``, the first ``limit`` rows and a line saying how many there are (the app's page stays
+    light on a concept set of thousands of questions; the report shows them all)."""
     r = c.result_of(envelope)
     rows = [g for g in (r.get("generations") or []) if not only_changed or g.get("changed")]
     if not rows:
         what = "no answer changed" if only_changed and r.get("generations") else "no generations in this result"
         return _CSS + f'<p class="graft-gen">{what}</p>'
-    out = [_CSS, '<table class="graft-gen"><thead><tr><th>question (reference)</th><th>T (target)</th>'
-                 "<th>T′ (transplanted)</th><th>D (donor)</th></tr></thead><tbody>"]
+    out = [_CSS]
+    if limit is not None and len(rows) > limit:
+        out.append(f'<p class="graft-gen">The first {limit:,} of {len(rows):,} answers; the HTML report and the '
+                   "run's JSON hold them all.</p>")
+        rows = rows[:limit]
+    out.append('<table class="graft-gen"><thead><tr><th>question (reference)</th><th>T (target)</th>'
+               "<th>T′ (transplanted)</th><th>D (donor)</th></tr></thead><tbody>")
     for g in rows:
         diff = g.get("diff")
         t_html = _diff_html(diff, "before") if diff else html.escape(g.get("target", ""))

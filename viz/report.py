@@ -34,7 +34,7 @@ h1 {font-size: 1.6rem; margin-bottom: 0.2rem;} h2 {font-size: 1.25rem; border-bo
   padding-bottom: 4px; margin-top: 2rem;} h3 {font-size: 1.05rem; margin-bottom: 0.3rem;}
 .sub {color: %(muted)s;} .muted {color: %(muted)s; font-size: 0.9rem;}
 table.kv, table.num {border-collapse: collapse; margin: 0.5rem 0; font-size: 0.92rem;}
-table.kv td, table.kv th, table.num td, table.num th {border: 1px solid %(grid)s; padding: 4px 8px; text-align: left;}
+table.kv td, table.kv th, table.num td, table.num th {border: 1px solid %(grid)s; padding: 4px 8px; text-align: left; overflow-wrap: anywhere;}
 table.kv th, table.num th {background: %(header)s;} table.num td.n {text-align: right; font-variant-numeric: tabular-nums;}
 code, pre {font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.82rem;}
 pre {background: #f7f7f7; padding: 8px; overflow-x: auto; white-space: pre-wrap; word-break: break-all;}
@@ -273,7 +273,9 @@ def build_report(run_id: str, history: Any = None) -> str:
     }
     toc = " ".join(f'<a href="#{c.slug(s).lower()}">{_e(s)}</a>' for s in SECTIONS)
     sections = "".join(f'<section id="{c.slug(s).lower()}"><h2>{_e(s)}</h2>{bodies[s]}</section>' for s in SECTIONS)
-    data = json.dumps(env, allow_nan=False).replace("</", "<\\/")
+    # Inside <script> the HTML parser ends or re-enters script data at "</script" and "<!--": every
+    # "<", ">" and "&" is written as a JSON escape, so no string in the run can do either.
+    data = json.dumps(env, allow_nan=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>{_e(title)}</title><style>{_CSS}</style>"
             f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head><body>"

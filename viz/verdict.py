@@ -126,7 +126,7 @@ _MODEL_ORDER = (("target", "T"), ("transplanted", "T′"), ("donor", "D"))
 
 def _ticks(tokens: list[str]) -> list[str]:
     """Token strings as axis labels, made unique by position (Plotly merges equal category labels)."""
-    return [f"{i}:{t.replace(' ', '·') or '∅'}" for i, t in enumerate(tokens)]
+    return [f"{i}:{html.escape(t.replace(' ', '·'), quote=False) or '∅'}" for i, t in enumerate(tokens)]
 
 
 def _layer_ticks(layers: list[str], flagged: set[str]) -> list[str]:
