@@ -65,7 +65,8 @@ def test_preloader_reports_a_failed_load_in_one_line_and_can_retry(gated_load):
     gate.set()
     pre = Preloader(ModelStore())
     state = pre.request(SPEC, wait_s=30)
-    assert state.state == FAILED and state.message == "model folder is gone: /nowhere"
+    # one line: a GraftError writes its line breaks as escapes (engine.errors.printable_line)
+    assert state.state == FAILED and state.message == "model folder is gone: /nowhere\\nsecond line of detail"
     assert pre.request(SPEC, wait_s=0.1).state == FAILED  # a failure is not retried by itself
     pre.retry(SPEC)
     assert pre.request(SPEC, wait_s=30).state == LOADED
