@@ -103,19 +103,22 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
     bare_forward(t, texts[:2], args.batch_size)
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    bare, base, diag, per_tool = [], [], [], {k: [] for k in TOOLS}
+    bare, base, diag, per_tool, capture = [], [], [], {k: [] for k in TOOLS}, []
     n_rows = 0
     for _ in range(args.repeat):
         bare.append(bare_forward(d, texts, args.batch_size) + bare_forward(t, texts, args.batch_size))
         base.append(bare_forward(d, texts, args.batch_size, backbone(d)) + bare_forward(t, texts, args.batch_size, backbone(t)))
         cache = CaptureCache()  # fresh: the capture is part of what we time
         t0 = time.perf_counter()
+        cap = 0.0
         for tool in TOOLS:
             t1 = time.perf_counter()
             env = run_tool(tool, d, t, opts, captures=cache)
             per_tool[tool].append(time.perf_counter() - t1)
             n_rows = env["meta"].get("n_rows", n_rows)
+            cap += env["meta"].get("capture_seconds", 0.0)  # the forward passes with hooks (0 once cached)
         diag.append(time.perf_counter() - t0)
+        capture.append(cap)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     out = {
         "pair": name, "donor": donor, "target": target, "device": str(d.device), "dtype": args.dtype,
@@ -125,6 +128,7 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
         "ratio": round(med(diag) / med(bare), 3),
         "ratio_backbone": round(med(diag) / med(base), 3),
         "per_tool_s": {k: round(med(v), 4) for k, v in per_tool.items()},
+        "capture_s": round(med(capture), 4),  # part of the first tool that captures (cka)
         "peak_rss_mib": round(peak_rss_mib(), 1),
     }
     if d.device.type == "cuda":
@@ -137,7 +141,8 @@ def line(r: dict) -> str:
             f"backbone={r['backbone_forward_s']:.3f}s diagnostics={r['diagnostics_s']:.3f}s ratio={r['ratio']:.2f} "
             f"(÷backbone {r['ratio_backbone']:.2f}) peak_rss={r['peak_rss_mib']:.0f}MiB "
             + (f"peak_gpu={r['peak_gpu_mib']:.0f}MiB " if "peak_gpu_mib" in r else "")
-            + " ".join(f"{k}={v:.3f}s" for k, v in r["per_tool_s"].items()))
+            + " ".join(f"{k}={v:.3f}s" for k, v in r["per_tool_s"].items())
+            + (f" (capture {r['capture_s']:.3f}s)" if "capture_s" in r else ""))
 
 
 def main() -> None:
