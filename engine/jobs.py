@@ -98,10 +98,18 @@ class JobRunner:
             return sorted(self._jobs.values(), key=lambda j: j.created, reverse=True)
 
     def cancel(self, job_id: str) -> None:
+        """A running job stops at its next progress checkpoint; a queued one is cancelled now (it
+        used to wait, shown as "Cancelling…", until the jobs ahead of it had finished)."""
         job = self.get(job_id)
-        if job is not None and not job.done:
-            job.cancel_event.set()
-            job.message = "cancelling..."
+        if job is None or job.done:
+            return
+        job.cancel_event.set()
+        with self._lock:  # the worker takes a queued job under the same lock (_start)
+            if job.status != "queued":
+                job.message = "cancelling..."
+                return
+            self.history.finish(job.id, "cancelled", error="cancelled before start")  # history first
+            job.status, job.message, job.finished = "cancelled", "cancelled before start", time.time()
 
     def wait(self, job_id: str, timeout: float = 600.0) -> Job:
         """Block until the job ends (tests and the CLI only; pages poll instead)."""
@@ -118,16 +126,25 @@ class JobRunner:
             job, work = self._queue.get()
             self._run(job, work)
 
+    def _start(self, job: Job) -> bool:
+        """Move a queued job to running; False when it was cancelled before it started."""
+        with self._lock:
+            if job.done:
+                return False
+            if job.cancel_event.is_set():
+                self.history.finish(job.id, "cancelled", error="cancelled before start")
+                job.status, job.message, job.finished = "cancelled", "cancelled before start", time.time()
+                return False
+            job.status, job.started = "running", time.time()
+            return True
+
     def _run(self, job: Job, work: Callable[[Progress], dict[str, Any]]) -> None:
-        if job.cancel_event.is_set():
-            job.status, job.message, job.finished = "cancelled", "cancelled before start", time.time()
-            self.history.finish(job.id, "cancelled", error="cancelled before start")
+        if not self._start(job):
             return
 
         def report(fraction: float, message: str) -> None:
             job.progress, job.message = fraction, message
 
-        job.status, job.started = "running", time.time()
         # The run history is written (History.running) before the in-memory job says it ended, so
         # a page that sees a finished job always finds the same outcome in the history.
         box: dict[str, Any] = {}

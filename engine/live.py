@@ -110,6 +110,15 @@ class LiveTransplants:
             with live.lock:
                 live.swap.rollback()
 
+    def drop_model(self, model: Any) -> None:
+        """Drop the transplants made on ``model`` (a LoadedModel the store evicted): each held the
+        evicted model alive with it, a whole second copy once the model is loaded again. Their
+        runs can be rebuilt."""
+        with self._lock:
+            ids = [i for i, live in self._items.items() if getattr(live.swap, "target", None) is model]
+        for i in ids:
+            self.drop(i)
+
     def _need(self, live_id: str) -> LiveTransplant:
         live = self.get(live_id)
         if live is None:

@@ -25,7 +25,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -364,6 +364,7 @@ class ModelStore:
         self._models: "OrderedDict[tuple, LoadedModel]" = OrderedDict()
         self._locks: dict[tuple, threading.Lock] = {}
         self._guard = threading.Lock()
+        self.on_evict: list[Callable[[LoadedModel], None]] = []  # e.g. the app's live transplants on it go too
 
     def get(self, spec: ModelSpec, device: str = "auto", dtype: str = "float32",
             progress: Optional[Progress] = None) -> LoadedModel:
@@ -381,8 +382,10 @@ class ModelStore:
             loaded = load_model(spec, dev, dtype, progress)
             with self._guard:
                 self._models[key] = loaded
-                while len(self._models) > self.max_models:
-                    self._models.popitem(last=False)
+                evicted = [self._models.popitem(last=False)[1] for _ in range(len(self._models) - self.max_models)]
+            for gone in evicted:
+                for hook in self.on_evict:
+                    hook(gone)
             return loaded
 
     def loaded(self) -> list[tuple]:

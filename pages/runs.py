@@ -40,6 +40,9 @@ st.title("Runs")
 history = job_runner().history
 for note in startup_notes():
     st.info(f"On start: {md(note)}", icon=":material/cleaning_services:")
+# A CLI run killed while this server was up stays 'running' until someone looks: this page does.
+for gone in history.reap_orphans():
+    st.info(f"Run {md(gone['id'])} was marked failed: {md(gone['error'])}.", icon=":material/cleaning_services:")
 elsewhere = history.active_elsewhere()
 if elsewhere:
     st.caption(f"{len(elsewhere)} run(s) are in progress in another Graft process (CLI or another server): "
@@ -55,7 +58,8 @@ if right.button("Refresh", icon=":material/refresh:"):
 rows = history.list(limit=500, tool=None if tool_filter == ALL else tool_filter)
 
 if not rows:
-    st.info("No runs yet. Run a tool on the Models or Alignment page and it appears here.", icon=":material/info:")
+    st.info("No runs yet. Run a tool on the Models or Alignment page and it appears here." if not history.list(limit=1) else
+            f"No {md(tools.get(tool_filter, tool_filter))} runs; pick another tool or all runs.", icon=":material/info:")
     st.stop()
 
 table = st.dataframe(

@@ -34,7 +34,9 @@ DEMO_JOB = "demo-donor"
 
 @st.cache_resource(show_spinner=False)
 def _store(home: str) -> ModelStore:
-    return ModelStore()
+    store = ModelStore()
+    store.on_evict.append(LIVE.drop_model)  # a transplant must not keep an evicted target alive
+    return store
 
 
 @st.cache_resource(show_spinner=False)

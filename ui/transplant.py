@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import streamlit as st
 
@@ -104,6 +104,17 @@ def _reapply(run_id: str, live_id: str) -> None:
         "T′ applied again; its weight hash equals the run's." if ok else "T′ applied again, but its weight hash differs from the run's.")
 
 
+def save_work(run_id: str, live_id: str, folder: str) -> Callable[[Any], dict[str, Any]]:
+    """The background work of "Save as model". Its only cancel point is before the write: the
+    write replaces the folder at once (engine.paths.replace_dir), so a cancel arriving during it
+    must not report "cancelled" for a folder that was saved."""
+    def work(progress) -> dict[str, Any]:
+        progress(0.1, f"saving T′ to {folder}")
+        path = LIVE.save(live_id, Path(folder).expanduser())
+        return {"saved_to": str(path), "swap_run": run_id}
+    return work
+
+
 def _save(run_id: str, live_id: str, folder_key: str) -> None:
     env = swap_envelope(run_id) or {}
     folder = (st.session_state.get(folder_key) or "").strip()
@@ -111,12 +122,7 @@ def _save(run_id: str, live_id: str, folder_key: str) -> None:
         st.session_state[f"_tp_msg-{run_id}"] = ("error", "give a folder to save T′ into")
         return
 
-    def work(progress) -> dict[str, Any]:
-        progress(0.1, f"saving T′ to {folder}")
-        path = LIVE.save(live_id, Path(folder).expanduser())
-        progress(1.0, "saved")
-        return {"saved_to": str(path), "swap_run": run_id}
-
+    work = save_work(run_id, live_id, folder)
     job = job_runner().submit("save-transplant", "Save transplant as model", env.get("donor", ""), env.get("target", ""),
                               {"swap_run": run_id, "folder": folder}, work)
     remember_job(f"save-{run_id}", job)

@@ -227,6 +227,7 @@ def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progr
     elif params.save:
         progress(0.96, f"saving T' to {params.save}")
         saved_to = conj.save(params.save, **extra)
+    progress(1.0, "done")  # the last cancel point: a cancelled run keeps nothing in memory
     live_id = None
     if not roll and ctx.live is not None:
         live_id = ctx.live.keep(conj, card)  # the app keeps T' applied for one-click roll back / save
@@ -234,7 +235,6 @@ def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progr
         conj.rollback()  # the CLI never leaves an applied working copy behind
         exact = conj.matches_target()
     untouched = target.state_hash() == hash_t
-    progress(1.0, "done")
     return ConjugateResult(
         source=source, base=base.spec.ref, modules=list(rep.get("modules") or []),
         map_counts=rep.get("map_counts") or {}, layer_map=[list(p) for p in rep.get("layer_map") or []],

@@ -151,8 +151,8 @@ def compute_organ_insert(ctx: ToolContext, params: OrganInsertParams, progress: 
     untouched = ctx.target.state_hash() == hash_t
     ctx.meta["seconds_insert"] = round(log["insert_seconds"], 4)  # timings vary run to run: meta, not result
     ctx.meta["seconds_rollback"] = round(rollback_s, 4)
+    progress(1.0, "done")  # the last cancel point: a cancelled run keeps nothing in memory
     live_id = ctx.live.keep_reapplied(ins, card) if ctx.live is not None and exact else None
-    progress(1.0, "done")
     return OrganInsertResult(
         mode=params.mode, bridge=params.bridge if params.mode == "bridged" else None, position=p0, placements=rows,
         before=before, after=after, donor=donor, donor_note=donor_note,

@@ -151,8 +151,8 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
     swap.rollback()
     bit_exact = swap.matches_target()
     untouched = ctx.target.state_hash() == hash_t
+    progress(1.0, "done")  # the last cancel point: a cancelled run keeps nothing in memory
     live_id = ctx.live.keep_reapplied(swap, card) if ctx.live is not None and bit_exact else None
-    progress(1.0, "done")
     return SwapResult(
         modules=chosen,
         selection="explicit" if explicit else "top-k",
