@@ -104,6 +104,7 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     bare, base, diag, per_tool, capture = [], [], [], {k: [] for k in TOOLS}, []
+    shared = {"align_seconds": [], "cka_seconds": []}  # per repeat, summed over its tools
     n_rows = 0
     for _ in range(args.repeat):
         bare.append(bare_forward(d, texts, args.batch_size) + bare_forward(t, texts, args.batch_size))
@@ -111,14 +112,19 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
         cache = CaptureCache()  # fresh: the capture is part of what we time
         t0 = time.perf_counter()
         cap = 0.0
+        parts = {k: 0.0 for k in shared}
         for tool in TOOLS:
             t1 = time.perf_counter()
             env = run_tool(tool, d, t, opts, captures=cache)
             per_tool[tool].append(time.perf_counter() - t1)
             n_rows = env["meta"].get("n_rows", n_rows)
             cap += env["meta"].get("capture_seconds", 0.0)  # the forward passes with hooks (0 once cached)
+            for k in parts:
+                parts[k] += env["meta"].get(k, 0.0)
         diag.append(time.perf_counter() - t0)
         capture.append(cap)
+        for k, v in parts.items():
+            shared[k].append(v)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     out = {
         "pair": name, "donor": donor, "target": target, "device": str(d.device), "dtype": args.dtype,
@@ -129,6 +135,9 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
         "ratio_backbone": round(med(diag) / med(base), 3),
         "per_tool_s": {k: round(med(v), 4) for k, v in per_tool.items()},
         "capture_s": round(med(capture), 4),  # part of the first tool that captures (cka)
+        # also parts of T2's time: the token alignment with its outlier filter, and CKA itself
+        "align_s": round(med(shared["align_seconds"]), 4),
+        "cka_s": round(med(shared["cka_seconds"]), 4),
         "peak_rss_mib": round(peak_rss_mib(), 1),
     }
     if d.device.type == "cuda":
@@ -142,7 +151,8 @@ def line(r: dict) -> str:
             f"(÷backbone {r['ratio_backbone']:.2f}) peak_rss={r['peak_rss_mib']:.0f}MiB "
             + (f"peak_gpu={r['peak_gpu_mib']:.0f}MiB " if "peak_gpu_mib" in r else "")
             + " ".join(f"{k}={v:.3f}s" for k, v in r["per_tool_s"].items())
-            + (f" (capture {r['capture_s']:.3f}s)" if "capture_s" in r else ""))
+            + (f" (capture {r['capture_s']:.3f}s" if "capture_s" in r else "")
+            + (f", align {r['align_s']:.3f}s, CKA {r['cka_s']:.3f}s)" if "cka_s" in r else ")" if "capture_s" in r else ""))
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ def drop_outliers(al: Aligned, factor: float) -> Aligned:
     if n_bad == 0 or n_bad > al.n // 2:
         return al
     keep = ~bad
-    return Aligned(al.X[:, keep], al.Y[:, keep], al.group[keep], al.mode, n_bad)
+    return Aligned(al.X[:, keep], al.Y[:, keep], al.group[keep.cpu()], al.mode, n_bad)
 
 
 def _word_ids(cap: Capture) -> torch.Tensor:
@@ -107,33 +107,44 @@ def _pool(resid: torch.Tensor, ids: torch.Tensor, n_groups: int) -> tuple[torch.
     """Mean of rows per group id (ids == -1 dropped). resid: (L, n, d) -> (L, n_groups, d), counts."""
     keep = ids >= 0
     idx = ids[keep]
-    src = resid[:, keep, :]
-    out = torch.zeros(resid.shape[0], n_groups, resid.shape[2], dtype=resid.dtype)
-    out.index_add_(1, idx, src)
-    counts = torch.bincount(idx, minlength=n_groups).to(resid.dtype)
-    return out / counts.clamp(min=1).view(1, -1, 1), counts
+    src = resid[:, keep.to(resid.device), :]
+    out = torch.zeros(resid.shape[0], n_groups, resid.shape[2], dtype=resid.dtype, device=resid.device)
+    out.index_add_(1, idx.to(resid.device), src)
+    counts = torch.bincount(idx, minlength=n_groups).to(resid.dtype)  # on the CPU
+    return out / counts.clamp(min=1).view(1, -1, 1).to(resid.device), counts
+
+
+def _residuals(donor: Capture, target: Capture) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both residual streams on the GPU when both captures kept them on the same one, else on the CPU."""
+    a, b = donor.rows(), target.rows()
+    if a.device != b.device:
+        a, b = donor.residual, target.residual
+    return a, b
 
 
 def align(donor: Capture, target: Capture) -> Aligned:
+    """The aligned rows, on the GPU when both captures are there (``group`` is always on the CPU)."""
     if donor.texts != target.texts:
         raise GraftError("internal: captures were taken on different texts")
+    RD, RT = _residuals(donor, target)
     if donor.token_ids == target.token_ids:
-        return Aligned(donor.residual, target.residual, donor.text_index.clone(), "token")
+        return Aligned(RD, RT, donor.text_index.clone(), "token")
     if donor.offsets is not None and target.offsets is not None:
         wd, wt = _word_ids(donor), _word_ids(target)
         n_words = int(max(wd.max().item(), wt.max().item())) + 1
-        Xd, cd = _pool(donor.residual, wd, n_words)
-        Yt, ct = _pool(target.residual, wt, n_words)
+        Xd, cd = _pool(RD, wd, n_words)
+        Yt, ct = _pool(RT, wt, n_words)
         both = (cd > 0) & (ct > 0)
         # text of each word: from whichever capture saw it (both did, for kept words)
         word_text = torch.full((n_words,), -1, dtype=torch.long)
         word_text[wd[wd >= 0]] = donor.text_index[wd >= 0]
         if int(both.sum()) < 2:
             raise GraftError("too few words shared by both tokenizations to align the models")
-        return Aligned(Xd[:, both], Yt[:, both], word_text[both], "word")
+        on = both.to(Xd.device)
+        return Aligned(Xd[:, on], Yt[:, on], word_text[both], "word")
     n_texts = len(donor.texts)
-    Xd, _ = _pool(donor.residual, donor.text_index, n_texts)
-    Yt, _ = _pool(target.residual, target.text_index, n_texts)
+    Xd, _ = _pool(RD, donor.text_index, n_texts)
+    Yt, _ = _pool(RT, target.text_index, n_texts)
     return Aligned(Xd, Yt, torch.arange(n_texts), "text")
 
 
@@ -185,6 +196,7 @@ def row_alignment(cb: Capture, ct: Capture, outlier_factor: float) -> tuple[RowA
     """The row alignment of two residual captures, and their aligned residual streams
     ``(L_B+1, n, d_B)``, ``(L_T+1, n, d_T)`` with outlier rows dropped (what T2 compares)."""
     al = align(cb, ct)
+    al = Aligned(al.X.cpu(), al.Y.cpu(), al.group, al.mode)  # the conjugation works on the CPU
     n = al.n
     keep = torch.ones(n, dtype=torch.bool)
     if outlier_factor > 0 and n >= 4:

@@ -5,7 +5,9 @@ The pass runs the model's backbone only (:func:`backbone`): nothing captured nee
 Captures the residual stream ``h_l`` after every block (and ``h_{-1}``, the input of block 0,
 which includes position/scale terms some families add to the embeddings), and optionally the
 outputs and/or the inputs of chosen linear modules. Only non-padding, non-special tokens become
-rows; rows are moved to the CPU as float32 right away, and a token budget bounds memory.
+rows, as float32; a token budget bounds memory. Module rows go to the CPU batch by batch. On CUDA
+the residual stream stays on the GPU while it fits (T2-T4 compute there) and is copied to the host
+only when asked for (:attr:`Capture.residual`); on a CPU it is there already.
 
 A module's input is what its forward receives (``input[0]``): for a block's q/k/v or gate/up that
 is the stream *after* the block's norm, for o the concatenated heads, for down the MLP hidden
@@ -36,7 +38,8 @@ _ENCODING_KEYS = ("input_ids", "attention_mask", "special_tokens_mask", "offset_
 class Capture:
     """Activations of one model on one workload.
 
-    residual: (L+1, n, d) float32 CPU; index 0 is h_{-1} (input of block 0), index l+1 is h_l.
+    residual: (L+1, n, d) float32 CPU; index 0 is h_{-1} (input of block 0), index l+1 is h_l
+    (``rows()``: the same on the GPU, when the capture ran there and kept it).
     modules: name -> (n, out_features) float32 CPU, names as in :mod:`engine.arch`.
     module_inputs: name -> (n, in_features) float32 CPU, the rows each module reads (modules fed
     the same tensor share one tensor object here).
@@ -46,7 +49,7 @@ class Capture:
 
     label: str
     texts: list[str]
-    residual: torch.Tensor
+    residual_host: Optional[torch.Tensor]  # None while the rows are on the device only (see residual)
     text_index: torch.Tensor
     offsets: Optional[torch.Tensor]
     token_ids: list[list[int]]
@@ -54,10 +57,24 @@ class Capture:
     module_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     forward_seconds: float = 0.0
     derived: dict = field(default_factory=dict, repr=False)  # memo of results computed from this capture
+    # The residual stream on the model's CUDA device, when the capture ran there and it fit: T2-T4
+    # compute on it there, so it never crosses to the host and back (engine.align, engine.context).
+    residual_device: Optional[torch.Tensor] = None
+
+    @property
+    def residual(self) -> torch.Tensor:
+        """(L+1, n, d) float32 on the CPU, copied from the device the first time it is asked for."""
+        if self.residual_host is None:
+            self.residual_host = self.residual_device.cpu()
+        return self.residual_host
+
+    def rows(self) -> torch.Tensor:
+        """The residual stream where it is: on the device when it stayed there, else on the CPU."""
+        return self.residual_device if self.residual_device is not None else self.residual
 
     @property
     def n(self) -> int:
-        return int(self.residual.shape[1])
+        return int(self.rows().shape[1])
 
 
 def per_text_limit(models: Sequence[LoadedModel]) -> int:
@@ -198,7 +215,8 @@ def capture(
     module_paths = {m: lin[m] for m in modules}
     input_paths = {m: lin[m] for m in module_inputs}
     L = model.arch.n_layers
-    per_layer: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
+    blocks: list[torch.Tensor] = []  # per batch: (L+1, n_b, d)
+    on_device = model.device.type == "cuda"  # keep the residual stream there while it fits
     per_module: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
     per_input: dict[str, list[torch.Tensor]] = {m: [] for m in module_inputs}
     # shares[m] = the module whose captured input m shares in every batch so far (None = own copy)
@@ -233,19 +251,31 @@ def capture(
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
                 t_fwd += time.perf_counter() - t0
-            keep_dev = keep.to(model.device)
+            # The kept rows' flat indices, found once on the host: on CUDA a boolean mask per layer
+            # would wait for the device each time, and so would a copy to the host per layer.
+            rows_dev = keep.flatten().nonzero().squeeze(1).to(model.device)
+            take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows_dev)  # noqa: E731  (n_b, d)
             if residual:
+                h0 = sink["resid.-1"]
+                block = torch.empty(L + 1, rows_dev.numel(), h0.shape[-1], dtype=h0.dtype, device=h0.device)
                 for l in range(-1, L):
-                    per_layer[l + 1].append(sink[f"resid.{l}"][keep_dev].float().cpu())  # (n_b, d)
+                    h = sink[f"resid.{l}"]
+                    torch.index_select(h.reshape(-1, h.shape[-1]), 0, rows_dev, out=block[l + 1])
+                blocks.append(block.float())  # (L+1, n_b, d)
+                if on_device and not _fits(blocks, model.device):
+                    on_device = False  # from here on each batch goes to the host
+                    blocks = [b.cpu() for b in blocks]
+                elif not on_device:
+                    blocks[-1] = blocks[-1].cpu()  # one copy to the host per batch
             for m in modules:
-                per_module[m].append(sink[m][keep_dev].float().cpu())
+                per_module[m].append(take(sink[m]).float().cpu())
             first_of: dict[int, str] = {}  # id of a hooked input tensor -> first module that read it
             for m in module_inputs:
                 t = sink[f"in:{m}"]
                 owner = first_of.setdefault(id(t), m)
                 same = owner != m and shares.get(m, owner) == owner
                 shares[m] = owner if same else None
-                per_input[m].append(per_input[owner][-1] if same else t[keep_dev].float().cpu())  # (n_b, in)
+                per_input[m].append(per_input[owner][-1] if same else take(t).float().cpu())  # (n_b, in)
             rows = torch.arange(len(batch)).unsqueeze(1).expand_as(keep)[keep] + b0
             text_index.append(rows)
             if fast:
@@ -257,7 +287,7 @@ def capture(
     progress(1.0, f"{model.label}: captured")
     n_rows = int(sum(int(t.numel()) for t in text_index))
     if residual:
-        resid = torch.stack([torch.cat(p, 0) for p in per_layer], 0)  # (L+1, n, d)
+        resid = torch.cat(blocks, 1)  # (L+1, n, d), on the device if on_device
     else:
         resid = torch.empty(0, n_rows, model.arch.hidden_size)
     if n_rows == 0:
@@ -270,7 +300,8 @@ def capture(
     return Capture(
         label=model.label,
         texts=list(texts),
-        residual=resid,
+        residual_host=None if resid.is_cuda else resid,
+        residual_device=resid if resid.is_cuda else None,
         text_index=torch.cat(text_index),
         offsets=torch.cat(offsets) if fast else None,
         token_ids=token_ids,
@@ -278,6 +309,18 @@ def capture(
         module_inputs=inputs,
         forward_seconds=t_fwd,
     )
+
+
+DEVICE_SHARE = 0.25  # a capture keeps its residual stream on the GPU while 4x its size fits in free memory
+
+
+def _fits(blocks: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether the residual rows captured so far may stay on ``device``: what T2-T4 then make of
+    them (float64 layers, centred copies, Gram blocks) must fit too, as for
+    :func:`engine.linalg.compute_device`."""
+    nbytes = sum(b.numel() * b.element_size() for b in blocks)
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= DEVICE_SHARE * free
 
 
 class CaptureCache:
@@ -332,6 +375,9 @@ class CaptureCache:
             self._items[key] = (weakref.ref(model.model), cap)
             while len(self._items) > self.max_items:
                 self._items.popitem(last=False)
+            on_gpu = [k for k, (_, c) in self._items.items() if c.residual_device is not None]
+            for k in on_gpu[:-2]:  # GPU memory holds the residual streams of one pair at most
+                del self._items[k]
         return cap
 
 

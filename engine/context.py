@@ -2,7 +2,9 @@
 :mod:`engine.runner` builds a context and runs a tool, so nothing here imports the registry."""
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -69,8 +71,7 @@ class ToolContext:
         t0 = time.perf_counter()
         cd = self.captures.get(self.donor, texts, modules=modules, batch_size=self.options.batch_size, progress=progress.sub(0, 0.5))
         ct = self.captures.get(self.target, texts, modules=modules, batch_size=self.options.batch_size, progress=progress.sub(0.5, 1))
-        self.meta.setdefault("capture_seconds", 0.0)
-        self.meta["capture_seconds"] += time.perf_counter() - t0
+        self._add_seconds("capture_seconds", t0)
         self.meta["n_texts"] = len(texts)
         self.meta["n_tokens_donor"] = cd.n
         self.meta["n_tokens_target"] = ct.n
@@ -81,8 +82,10 @@ class ToolContext:
         key = ("aligned", id(ct), self.options.outlier_factor)
         hit = cd.derived.get(key)
         if hit is None or hit[0] is not ct:
+            t0 = time.perf_counter()
             hit = (ct, drop_outliers(align(cd, ct), self.options.outlier_factor))
             cd.derived[key] = hit
+            self._add_seconds("align_seconds", t0)
         al = hit[1]
         self.meta.update(al.summary())
         return al
@@ -98,12 +101,18 @@ class ToolContext:
                 raise GraftError(f"too few aligned rows for CKA ({al.X.shape[1]}; at least {MIN_CKA_ROWS}): "
                                  "use a larger workload or --max-tokens")
             s = 0 if include_embeddings else 1
-            dev = linalg_device(self, al)
+            t0 = time.perf_counter()
+            rows, dev = device_rows(self, al)
             with ieee_float32(dev):
-                M = cka_matrix(al.X[s:].to(dev), al.Y[s:].to(dev), progress.sub(0.7, 1.0)).cpu()
+                M = cka_matrix(rows.X[s:], rows.Y[s:], progress.sub(0.7, 1.0)).cpu()
             hit = (ct, M)
             cd.derived[key] = hit
+            self._add_seconds("cka_seconds", t0)
         return hit[1]
+
+    def _add_seconds(self, key: str, t0: float) -> None:
+        """Seconds spent on shared work (capture, row alignment, CKA), for bench/alignment.py."""
+        self.meta[key] = self.meta.get(key, 0.0) + time.perf_counter() - t0
 
 
 def linalg_device(ctx: "ToolContext", al: Aligned) -> torch.device:
@@ -115,3 +124,36 @@ def linalg_device(ctx: "ToolContext", al: Aligned) -> torch.device:
     if not cuda:
         return torch.device("cpu")
     return compute_device(cuda[0], al.X.numel() * al.X.element_size() + al.Y.numel() * al.Y.element_size())
+
+
+class _DeviceRows:
+    """Aligned rows copied to a CUDA device, shared by CKA, T3 and T4 (each copied every layer on its
+    own before). One copy is kept, the latest pair's, so nothing pins more than one pair's rows on
+    the GPU; the next pair's copy replaces it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: Optional[tuple[weakref.ref, str]] = None
+        self._rows: Optional[Aligned] = None
+
+    def get(self, al: Aligned, dev: torch.device) -> Aligned:
+        if al.X.device == torch.empty(0, device=dev).device:  # there already (captured there)
+            return al
+        if dev.type == "cpu":
+            return Aligned(al.X.cpu(), al.Y.cpu(), al.group, al.mode, al.n_outliers)
+        with self._lock:
+            if self._key is not None and self._key[0]() is al and self._key[1] == str(dev):
+                return self._rows
+            self._key = self._rows = None  # freed before the next copy is made
+            rows = Aligned(al.X.to(dev), al.Y.to(dev), al.group, al.mode, al.n_outliers)
+            self._key, self._rows = (weakref.ref(al), str(dev)), rows
+            return rows
+
+
+DEVICE_ROWS = _DeviceRows()
+
+
+def device_rows(ctx: "ToolContext", al: Aligned) -> tuple[Aligned, torch.device]:
+    """``al`` where T2-T4 compute on it (:func:`linalg_device`), and that device."""
+    dev = linalg_device(ctx, al)
+    return DEVICE_ROWS.get(al, dev), dev

@@ -121,15 +121,28 @@ def _dots(A: torch.Tensor, B: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     summed in float64 (so rounding stays that of a few thousand float32 terms, about 1e-7
     relative, at any k, without converting the Gram blocks to float64)."""
     out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
-    for c in range(0, A.shape[1], chunk):
+    k0 = _whole_chunks(A, chunk)
+    if k0:  # on CUDA all whole chunks in one batched product (a loop would be launch-bound there)
+        a = A[:, :k0].unflatten(1, (-1, chunk)).transpose(0, 1)  # (chunks, m, chunk)
+        out += torch.bmm(a, B[:, :k0].unflatten(1, (-1, chunk)).permute(1, 2, 0)).double().sum(0)
+    for c in range(k0, A.shape[1], chunk):
         out += (A[:, c:c + chunk] @ B[:, c:c + chunk].T).double()
     return out
+
+
+def _whole_chunks(A: torch.Tensor, chunk: int) -> int:
+    """Columns of A that :func:`_dots` and :func:`_sq_norms` take in one batched call: its whole
+    chunks on CUDA, none on a CPU (where the loop is as fast and copies nothing)."""
+    return A.shape[1] // chunk * chunk if A.is_cuda else 0
 
 
 def _sq_norms(A: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Squared norm of every row of float32 A (m, k): float32 sums over column chunks, in float64."""
     out = torch.zeros(A.shape[0], dtype=torch.float64, device=A.device)
-    for c in range(0, A.shape[1], chunk):
+    k0 = _whole_chunks(A, chunk)
+    if k0:
+        out += A[:, :k0].unflatten(1, (-1, chunk)).pow(2).sum(2).double().sum(1)
+    for c in range(k0, A.shape[1], chunk):
         out += A[:, c:c + chunk].pow(2).sum(1).double()
     return out
 

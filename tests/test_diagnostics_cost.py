@@ -87,3 +87,20 @@ def test_vocabulary_memo_follows_added_tokens():
     a.add_tokens(["<graft-new-token>"])
     assert "<graft-new-token>" in tokenizer_vocab(a)
     assert not same_tokenizer(a, b)
+
+
+def test_cka_chunk_sums_batched_as_on_cuda_equal_the_loop(monkeypatch):
+    """On CUDA the whole 4,096-term chunks of CKA's Gram inner products go in one batched product;
+    forced here on the CPU, they equal the loop's float32 chunks summed in float64 (and float64)."""
+    import engine.linalg as linalg
+
+    g = torch.Generator().manual_seed(5)
+    A, B = torch.randn(3, 3 * 4096 + 100, generator=g), torch.randn(4, 3 * 4096 + 100, generator=g)
+    loop_dots, loop_norms = linalg._dots(A, B), linalg._sq_norms(A)
+    monkeypatch.setattr(linalg, "_whole_chunks", lambda M, chunk: M.shape[1] // chunk * chunk)
+    dots, norms = linalg._dots(A, B), linalg._sq_norms(A)
+    exact = A.double() @ B.double().T
+    bound = 1e-6 * (A.double().abs() @ B.double().abs().T)  # float32 round-off of sums of products
+    assert ((dots - loop_dots).abs() <= bound).all() and ((dots - exact).abs() <= bound).all()
+    assert torch.allclose(norms, loop_norms, rtol=1e-6) and torch.allclose(norms, A.double().pow(2).sum(1), rtol=1e-6)
+    assert not torch.equal(dots, torch.zeros_like(dots))

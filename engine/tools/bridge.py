@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..context import ToolContext, linalg_device
+from ..context import ToolContext, device_rows
 from ..errors import GraftError
 from ..linalg import RidgeFactor, ieee_float32, split_rows
 from ..params import HeldOutFit, param
@@ -127,7 +127,7 @@ def compute_bridge(ctx: ToolContext, params: BridgeParams, progress: Progress) -
         pick = torch.linspace(0, held_idx.numel() - 1, params.max_heldout_rows).round().long()
         held_idx = held_idx[pick]
     fit_idx = fit.nonzero().squeeze(1)
-    dev = linalg_device(ctx, al)
+    al, dev = device_rows(ctx, al)
     fit_idx, held_idx = fit_idx.to(dev), held_idx.to(dev)
     # Inputs: donor h_{s-1} for s in 0..Ld-1 is residual index s; same for target h_{p-1}.
     Yd = al.X[:Ld].to(dev)  # (Ld, n, dd) donor organ inputs

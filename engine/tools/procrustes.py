@@ -31,10 +31,12 @@ from typing import Any, Optional
 
 import torch
 
-from ..context import ToolContext, linalg_device
+from ..context import ToolContext, device_rows
 from ..errors import GraftError
-from ..linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, RidgeFactor, Standardiser,
-                      ieee_float32, monotone_matching, procrustes_fit, procrustes_from_cross, residual, split_rows)
+from ..linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, ProcrustesFit, RidgeFactor,
+                      Standardiser, ieee_float32, monotone_matching, procrustes_fit, procrustes_from_cross, residual,
+                      split_rows)
+from ..polar import cross_fits
 from ..params import HeldOutFit, param
 from ..progress import Progress
 from ..registry import Tool, register
@@ -79,6 +81,12 @@ class ProcrustesResult:
     warnings: list[str]
 
 
+def use_newton(dev: torch.device) -> bool:
+    """T3's maps from batched Newton polar factors (:mod:`engine.polar`) on CUDA, where they are fast;
+    per-layer SVDs on a CPU, where they are faster."""
+    return dev.type == "cuda"
+
+
 def depth_pairs(Ld: int, Lt: int) -> list[tuple[int, int]]:
     return [(i, round(i * (Lt - 1) / max(Ld - 1, 1))) for i in range(Ld)]
 
@@ -93,14 +101,25 @@ def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Pro
     fit, held = split_rows(al.group, params.heldout_fraction, params.seed)
     if int(fit.sum()) < 2 or int(held.sum()) < 1:
         raise GraftError("too few aligned rows to hold some out: use a larger workload or --max-tokens")
-    layers = []
-    dev = linalg_device(ctx, al)
+    al, dev = device_rows(ctx, al)
     fit_d, held_d = fit.to(dev), held.to(dev)
     with ieee_float32(dev):
-        for k, (i, j) in enumerate(pairs):
-            progress(0.75 + 0.25 * k / len(pairs), f"Procrustes layer {i} -> {j}")
-            X, Y = al.X[i + 1].to(dev), al.Y[j + 1].to(dev)
-            layers.append(fit_pair(X, Y, fit_d, held_d, params.ridge_alpha, i, j).__dict__)
+        if use_newton(dev):  # all layers' cross-products first, then one batch of polar factors
+            preps = []
+            for k, (i, j) in enumerate(pairs):
+                progress(0.75 + 0.2 * k / len(pairs), f"Procrustes layer {i} -> {j}")
+                preps.append(_prepare(al.X[i + 1].to(dev), al.Y[j + 1].to(dev), fit_d, held_d, params.ridge_alpha, i, j))
+            progress(0.95, "Procrustes maps")
+            todo = [p for p in preps if p.pf is None]
+            for p, pf in zip(todo, cross_fits([p.M for p in todo], newton=True)):
+                p.pf = pf
+            layers = [_finish(p).__dict__ for p in preps]
+        else:  # one layer at a time: no more than one layer's rows held
+            layers = []
+            for k, (i, j) in enumerate(pairs):
+                progress(0.75 + 0.25 * k / len(pairs), f"Procrustes layer {i} -> {j}")
+                X, Y = al.X[i + 1].to(dev), al.Y[j + 1].to(dev)
+                layers.append(fit_pair(X, Y, fit_d, held_d, params.ridge_alpha, i, j).__dict__)
     progress(1.0, "done")
     dx, dy = int(al.X.shape[2]), int(al.Y.shape[2])
     n_fit = int(fit.sum())
@@ -136,6 +155,32 @@ def fit_pair(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Te
     where ``<R, Gx R> = ||Xf||^2`` when R is orthogonal, ``<R, M>`` is the sum of M's singular values
     (the ones above the rank tolerance), and ``Gx W = M - lam W`` for the ridge map.
     """
+    p = _prepare(X, Y, fit, held, alpha, i, j)
+    if p.pf is None:
+        p.pf = procrustes_from_cross(p.M)
+    return _finish(p)
+
+
+@dataclass
+class _Pair:
+    """One layer pair between :func:`_prepare` (standardised rows, ridge scores, the cross-product
+    M) and :func:`_finish` (the Procrustes scores once the map ``pf`` is known)."""
+    i: int
+    j: int
+    Xh: torch.Tensor
+    Yh: torch.Tensor
+    xx: float
+    yy: float
+    fit_w: float
+    ridge: float
+    pf: Optional[ProcrustesFit]  # set by _prepare on the thin path, else from M
+    M: Optional[torch.Tensor]
+    Gx: Optional[torch.Tensor]  # Xf^T Xf, kept for ||Xf R||^2 = <R, Gx R> when R is not square
+    Xf: Optional[torch.Tensor]  # kept on the thin path when R is not square
+
+
+def _prepare(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Tensor, alpha: float,
+             i: int, j: int) -> _Pair:
     X, Y = X.double(), Y.double()
     sx, sy = Standardiser.fit(X[fit]), Standardiser.fit(Y[fit])
     Xf, Xh, Yf, Yh = sx(X[fit]), sx(X[held]), sy(Y[fit]), sy(Y[held])
@@ -143,6 +188,7 @@ def fit_pair(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Te
     yy = float(Yf.pow(2).sum())
     xx = float(Xf.pow(2).sum())  # = tr(Xf^T Xf)
     lam = alpha * xx / dx  # as engine.linalg.RidgeFactor
+    pf = M = Gx = None
     if Xf.shape[0] < min(dx, dy) and lam > 0:
         pf = procrustes_fit(Xf, Yf)
         Z = RidgeFactor.shifted(Xf @ Xf.T, lam).solve(Yf)  # (n, dy)
@@ -150,29 +196,41 @@ def fit_pair(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Te
         pred_w = (Xh @ Xf.T) @ Z
     else:
         GM = Xf.T @ torch.cat([Xf, Yf], 1)
-        Gx, M = GM[:, :dx], GM[:, dx:]
-        pf = procrustes_fit(Xf, Yf) if Xf.shape[0] < min(dx, dy) else procrustes_from_cross(M)
+        Gx, Mxy = GM[:, :dx], GM[:, dx:]
+        M = Mxy
+        if Xf.shape[0] < min(dx, dy):  # few rows and no ridge shift: the thin form for R
+            pf, M = procrustes_fit(Xf, Yf), None
         rf = RidgeFactor.of(Gx, alpha)
-        W = rf.solve(M)
+        W = rf.solve(Mxy)
         if rf.chol is not None:
-            fit_w = _ratio(yy - float((W * M).sum()) - rf.lam * float(W.pow(2).sum()), yy)
+            fit_w = _ratio(yy - float((W * Mxy).sum()) - rf.lam * float(W.pow(2).sum()), yy)
         else:
             fit_w = _residual(Xf @ W, Yf)
         pred_w = (Xh.float() @ W.float()).double()
+    square = dx == dy
+    return _Pair(i, j, Xh, Yh, xx, yy, fit_w, _residual(pred_w, Yh), pf, M,
+                 None if square else Gx, None if square or Gx is not None else Xf)
+
+
+def _finish(p: _Pair) -> ProcrustesLayer:
+    pf = p.pf
     R = pf.R  # (dx, dy)
+    dx, dy = R.shape
     if dx == dy and pf.completion != COMPLETION_SPAN:  # R orthogonal
-        xrr = xx
+        xrr = p.xx
+    elif p.Gx is not None:
+        xrr = float((p.Gx @ R * R).sum())  # ||Xf R||^2
     else:
-        xrr = float((Xf @ R).pow(2).sum())
-    fit_r = _ratio(xrr - 2.0 * pf.cross + yy, yy)
-    rh = _residual((Xh.float() @ R.float()).double(), Yh)
-    ident = _residual(Xh, Yh) if dx == dy else None
+        xrr = float((p.Xf @ R).pow(2).sum())
+    fit_r = _ratio(xrr - 2.0 * pf.cross + p.yy, p.yy)
+    rh = _residual((p.Xh.float() @ R.float()).double(), p.Yh)
+    ident = _residual(p.Xh, p.Yh) if dx == dy else None
     return ProcrustesLayer(
-        donor_layer=i, target_layer=j,
+        donor_layer=p.i, target_layer=p.j,
         residual_fit=round(fit_r, 6),
         residual_heldout=round(rh, 6),
-        residual_ridge=round(_residual(pred_w, Yh), 6),
-        residual_ridge_fit=round(fit_w, 6),
+        residual_ridge=round(p.ridge, 6),
+        residual_ridge_fit=round(p.fit_w, 6),
         residual_identity=None if ident is None else round(ident, 6),
         alignment=round(1.0 - rh, 6),
         rank=pf.rank,
