@@ -60,8 +60,8 @@ def cka_matrix(Xs: torch.Tensor, Ys: torch.Tensor, progress: Optional[Progress] 
     * Gram form: ||Xc^T Yc||_F^2 = <Xc Xc^T, Yc Yc^T>_F. The centred n x n Gram matrices are built
       in float32 block by block (rows in blocks; only blocks on or above the diagonal, the others counted
       twice by symmetry), and every block adds its Lx x Ly inner products and the squared norms
-      at once (float32 products of 4,096 terms summed in float64, :func:`_dots`; a model against
-      itself gets a diagonal of 1 to about 1e-7). About n^2 d / 2 flops per layer plus n^2 / 2 per pair; memory bounded by
+      at once (float32 products of 4,096 terms summed in float64 on a CPU, float64 products on
+      CUDA, :func:`_dots`; a model against itself gets a diagonal of 1 to about 1e-7). About n^2 d / 2 flops per layer plus n^2 / 2 per pair; memory bounded by
       ``gram_memory_bytes`` whatever n.
     * Feature form: one (dx x n) @ (n x dy) product per pair, all Y layers at once per X layer
       (n dx dy flops per pair, in float64), for few layers or very many rows.
@@ -116,33 +116,29 @@ def _gram_products(Xc: torch.Tensor, Yc: torch.Tensor, block: int, progress: Pro
     return num, nx, ny
 
 
-def _dots(A: torch.Tensor, B: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """A @ B^T for float32 A (m, k), B (p, k): float32 products over column chunks of ``chunk``,
-    summed in float64 (so rounding stays that of a few thousand float32 terms, about 1e-7
-    relative, at any k, without converting the Gram blocks to float64)."""
+def _dots(A: torch.Tensor, B: torch.Tensor, chunk: int = 4096, wide: Optional[bool] = None) -> torch.Tensor:
+    """A @ B^T for float32 A (m, k), B (p, k), in float64.
+
+    On a CPU: float32 products over column chunks of ``chunk``, summed in float64 (so rounding stays
+    that of a few thousand float32 terms, about 1e-7 relative, at any k, without converting the
+    Gram blocks to float64). On CUDA (``wide``): one float64 product, since a loop of chunks is
+    launch-bound there and a GPU's float32 sums of 4,096 terms round at about 1e-6, which a model
+    against itself would see on CKA's diagonal."""
+    if A.is_cuda if wide is None else wide:
+        return A.double() @ B.double().T
     out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
-    k0 = _whole_chunks(A, chunk)
-    if k0:  # on CUDA all whole chunks in one batched product (a loop would be launch-bound there)
-        a = A[:, :k0].unflatten(1, (-1, chunk)).transpose(0, 1)  # (chunks, m, chunk)
-        out += torch.bmm(a, B[:, :k0].unflatten(1, (-1, chunk)).permute(1, 2, 0)).double().sum(0)
-    for c in range(k0, A.shape[1], chunk):
+    for c in range(0, A.shape[1], chunk):
         out += (A[:, c:c + chunk] @ B[:, c:c + chunk].T).double()
     return out
 
 
-def _whole_chunks(A: torch.Tensor, chunk: int) -> int:
-    """Columns of A that :func:`_dots` and :func:`_sq_norms` take in one batched call: its whole
-    chunks on CUDA, none on a CPU (where the loop is as fast and copies nothing)."""
-    return A.shape[1] // chunk * chunk if A.is_cuda else 0
-
-
-def _sq_norms(A: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Squared norm of every row of float32 A (m, k): float32 sums over column chunks, in float64."""
+def _sq_norms(A: torch.Tensor, chunk: int = 4096, wide: Optional[bool] = None) -> torch.Tensor:
+    """Squared norm of every row of float32 A (m, k) in float64: float32 sums over column chunks on a
+    CPU, float64 throughout on CUDA (``wide``), as :func:`_dots`."""
+    if A.is_cuda if wide is None else wide:
+        return A.double().pow(2).sum(1)
     out = torch.zeros(A.shape[0], dtype=torch.float64, device=A.device)
-    k0 = _whole_chunks(A, chunk)
-    if k0:
-        out += A[:, :k0].unflatten(1, (-1, chunk)).pow(2).sum(2).double().sum(1)
-    for c in range(k0, A.shape[1], chunk):
+    for c in range(0, A.shape[1], chunk):
         out += A[:, c:c + chunk].pow(2).sum(1).double()
     return out
 

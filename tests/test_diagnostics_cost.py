@@ -89,18 +89,19 @@ def test_vocabulary_memo_follows_added_tokens():
     assert not same_tokenizer(a, b)
 
 
-def test_cka_chunk_sums_batched_as_on_cuda_equal_the_loop(monkeypatch):
-    """On CUDA the whole 4,096-term chunks of CKA's Gram inner products go in one batched product;
-    forced here on the CPU, they equal the loop's float32 chunks summed in float64 (and float64)."""
+def test_cka_inner_products_on_cuda_are_float64_and_a_layer_against_itself_is_exactly_one():
+    """CUDA's form of CKA's Gram inner products (forced here on the CPU): float64 products, equal to
+    float64 CKA and to the CPU's float32 chunks within their rounding, and a Gram block against
+    itself has <K, K> equal to ||K||^2 to float64 round-off (the CPU's chunks: about 1e-7)."""
     import engine.linalg as linalg
 
     g = torch.Generator().manual_seed(5)
     A, B = torch.randn(3, 3 * 4096 + 100, generator=g), torch.randn(4, 3 * 4096 + 100, generator=g)
-    loop_dots, loop_norms = linalg._dots(A, B), linalg._sq_norms(A)
-    monkeypatch.setattr(linalg, "_whole_chunks", lambda M, chunk: M.shape[1] // chunk * chunk)
-    dots, norms = linalg._dots(A, B), linalg._sq_norms(A)
     exact = A.double() @ B.double().T
     bound = 1e-6 * (A.double().abs() @ B.double().abs().T)  # float32 round-off of sums of products
-    assert ((dots - loop_dots).abs() <= bound).all() and ((dots - exact).abs() <= bound).all()
-    assert torch.allclose(norms, loop_norms, rtol=1e-6) and torch.allclose(norms, A.double().pow(2).sum(1), rtol=1e-6)
-    assert not torch.equal(dots, torch.zeros_like(dots))
+    cpu, wide = linalg._dots(A, B), linalg._dots(A, B, wide=True)
+    assert torch.allclose(wide, exact, rtol=1e-12, atol=1e-9) and ((cpu - exact).abs() <= bound).all()
+    assert not torch.equal(cpu, wide)  # the two forms do differ
+    self_dots, norms = linalg._dots(A, A, wide=True).diagonal(), linalg._sq_norms(A, wide=True)
+    assert torch.allclose(self_dots / norms, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-14)
+    assert torch.allclose(linalg._sq_norms(A), norms, rtol=1e-6)
