@@ -4,7 +4,8 @@ For each pair and token budget: ratio = (activation capture + T1 + T2 + T3 + T4)
 passes of both models over the same budgeted texts, same batching, no hooks), medians of
 ``--repeat`` runs. The capture runs each model's backbone only (no LM head: no logits are needed),
 so ``ratio_backbone`` also divides by bare passes of the backbones, the floor a capture could reach.
-Also the peak process memory (RSS; each pair and budget runs in its own
+T2's time is split into the capture (``capture_s``: the forward passes with hooks), the row
+alignment with its outlier filter (``align_s``) and CKA itself (``cka_s``). Also the peak process memory (RSS; each pair and budget runs in its own
 process so the peaks do not mix) and, on CUDA, the peak GPU memory. Usage:
 
     python bench/alignment.py [--pairs tiny,smollm2,gemma] [--budgets 512,2048,8192] [--workload scale]
