@@ -105,3 +105,20 @@ def test_cka_inner_products_on_cuda_are_float64_and_a_layer_against_itself_is_ex
     self_dots, norms = linalg._dots(A, A, wide=True).diagonal(), linalg._sq_norms(A, wide=True)
     assert torch.allclose(self_dots / norms, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-14)
     assert torch.allclose(linalg._sq_norms(A), norms, rtol=1e-6)
+
+
+def test_t1_jaccard_counts_from_the_smaller_side_as_the_set_formula():
+    """T1's Jaccard without building the union and intersection sets equals |a & b| / |a | b|,
+    on dict key views (the whole vocabulary) and sets (a sample), empty ones included."""
+    import random
+
+    from engine.tools.compat import jaccard
+
+    rng = random.Random(0)
+    for _ in range(50):
+        a = {f"t{rng.randrange(400)}": i for i in range(rng.randrange(0, 300))}
+        b = {f"t{rng.randrange(400)}" for _ in range(rng.randrange(0, 300))}
+        want = len(a.keys() & b) / max(len(a.keys() | b), 1)
+        assert jaccard(a.keys(), b) == pytest.approx(want, abs=1e-15)
+        assert jaccard(b, a.keys()) == pytest.approx(want, abs=1e-15)
+    assert jaccard(set(), set()) == 0.0 and jaccard({"x"}, {"x"}) == 1.0

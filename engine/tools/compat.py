@@ -46,11 +46,22 @@ class CompatResult:
     target_description: dict[str, Any] = field(default_factory=dict)
 
 
-def _vocab(tok: Any, limit: int) -> set[str]:
-    items = sorted(tokenizer_vocab(tok).items(), key=lambda kv: kv[1])
-    if limit:
-        items = items[:limit]
-    return {k for k, _ in items}
+def _vocab(tok: Any, limit: int) -> Any:
+    """The token strings compared: the whole vocabulary (its dict's keys, no copy), or the first
+    ``limit`` by id."""
+    vocab = tokenizer_vocab(tok)
+    if not limit:
+        return vocab.keys()
+    return {k for k, _ in sorted(vocab.items(), key=lambda kv: kv[1])[:limit]}
+
+
+def jaccard(a: Any, b: Any) -> float:
+    """|a & b| / |a | b| of two collections of distinct strings, counting the common ones from the
+    smaller side (Gemma-3's 262,144 entries made building the union and intersection sets most of
+    T1's time: 0.3 s a call)."""
+    small, large = (a, b) if len(a) <= len(b) else (b, a)
+    common = sum(1 for k in small if k in large)
+    return common / max(len(a) + len(b) - common, 1)
 
 
 def compute_compat(ctx: ToolContext, params: CompatParams, progress: Progress) -> CompatResult:
@@ -62,8 +73,7 @@ def compute_compat(ctx: ToolContext, params: CompatParams, progress: Progress) -
     if same_tok:  # equal vocabularies: every sample of them is equal too
         jacc = 1.0
     else:
-        vd, vt = _vocab(ctx.donor.tokenizer, params.vocab_sample), _vocab(ctx.target.tokenizer, params.vocab_sample)
-        jacc = len(vd & vt) / max(len(vd | vt), 1)
+        jacc = jaccard(_vocab(ctx.donor.tokenizer, params.vocab_sample), _vocab(ctx.target.tokenizer, params.vocab_sample))
 
     progress(0.7, "checking operations")
     dm = {m.name: m for m in ctx.donor.arch.linear_modules()}
