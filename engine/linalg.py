@@ -17,7 +17,8 @@ from .progress import Progress, silent
 def compute_device(device: torch.device, nbytes: int, headroom: float = 4.0) -> torch.device:
     """Where T2-T4's linear algebra runs: the models' CUDA ``device`` when ``headroom`` times the
     ``nbytes`` of rows it reads fits in that device's free memory (the tools make centred, gathered
-    and float64 copies of them), else the CPU. Captures live on the CPU either way."""
+    and float64 copies of them), else the CPU. (A capture on CUDA keeps its residual stream there
+    while it fits, :mod:`engine.capture`; rows found elsewhere are copied once per pair.)"""
     if device.type != "cuda" or not torch.cuda.is_available():
         return torch.device("cpu")
     free, _ = torch.cuda.mem_get_info(device)
