@@ -38,6 +38,11 @@ def open_app(page: str = "pages/home.py", donor: str = TINY[0], target: str = TI
     return at
 
 
+def picker(at: AppTest, role: str):
+    """The sidebar's model selectbox for ``role`` ("donor" or "target")."""
+    return next(s for s in at.sidebar.selectbox if s.label == role.capitalize())
+
+
 def run_until(at: AppTest, done, timeout: float = 60.0) -> AppTest:
     """Rerun the script (what the polling fragment does in a browser) until ``done(at)``."""
     t0 = time.time()
@@ -120,15 +125,15 @@ def test_first_visit_sees_start_here_and_the_tiny_pair_with_a_build_note(home, n
 
 def test_query_params_preselect_and_session_state_follows(home):
     at = open_app(donor="tiny-llama-a", target="tiny-gpt2-b")
-    assert at.sidebar.selectbox(key="donor_pick").value == "tiny-llama-a"
-    assert at.sidebar.selectbox(key="target_pick").value == "tiny-gpt2-b"
+    assert picker(at, "donor").value == "tiny-llama-a"
+    assert picker(at, "target").value == "tiny-gpt2-b"
     # Different families: no module swap, shown as a red badge.
     assert "module swap ✗" in texts(with_pair_loaded(at).sidebar.markdown)
-    at.sidebar.selectbox(key="donor_pick").set_value("tiny-gpt2-a").run()
+    picker(at, "donor").set_value("tiny-gpt2-a").run()
     assert at.session_state["donor"] == "tiny-gpt2-a"
     at.sidebar.button(key="swap-models").click().run()
     assert (at.session_state["donor"], at.session_state["target"]) == ("tiny-gpt2-b", "tiny-gpt2-a")
-    assert at.sidebar.selectbox(key="donor_pick").value == "tiny-gpt2-b"
+    assert picker(at, "donor").value == "tiny-gpt2-b"
 
 
 # --------------------------------------------------------------------------- running tools

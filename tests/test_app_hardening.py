@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
-from test_app import run_until, shown  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_app import picker, run_until, shown  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -60,7 +60,7 @@ def test_trust_switch_lists_the_files_and_holds_for_one_pair(home, code_folder):
     sel = at.session_state["_selection"]
     assert sel.trust_remote_code is True and sel.donor.trust_remote_code is True
     # Another target: the grant is gone, and must be given again deliberately.
-    at.sidebar.selectbox(key="target_pick").set_value("tiny-llama-b").run()
+    picker(at, "target").set_value("tiny-llama-b").run()
     assert at.session_state["_selection"].trust_remote_code is False
     assert at.sidebar.checkbox(key="trust_remote_code").value is False
     assert not (code_folder.parent / "EXECUTED").exists(), "listing the files must not import them"
@@ -76,7 +76,7 @@ def test_run_submits_the_pair_on_the_screen_and_flags_a_stale_result(home):
     at = open_app({"donor": "tiny-gpt2-a", "target": "tiny-gpt2-b"}, "pages/alignment.py")
     # Change the target and click Run in the same interaction, as a quick user would: the job
     # must be for the pair the sidebar now shows.
-    at.sidebar.selectbox(key="target_pick").set_value("tiny-llama-b")
+    picker(at, "target").set_value("tiny-llama-b")
     at.button(key="run-cka").click().run()
     run_until(at, lambda a: len(a.get("plotly_chart")) > 0)
     caption = shown("\n".join(str(c.value) for c in at.caption))
@@ -106,3 +106,22 @@ def test_a_crafted_link_shows_its_model_text_literally(home, page):
         if "track" in s and f"`{HOSTILE_LINK}`" not in s:  # a code span shows its text as written
             assert r"\!\[x\]\(`http://127.0.0.1:9/track.png)`" in s and r"\[click\]\(`https" in s, s
             assert r"\*\*b\*\*" in s and r"\:red\[r\]" in s and r"\$x\^2\$" in s, s
+
+
+def test_a_run_click_from_the_page_before_a_swap_runs_the_swapped_pair(home):
+    """The browser's Run click can come from the page drawn before the swap's rerun reached it:
+    its pickers still hold the old pair. Those stale values must not undo the swap."""
+    at = open_app({"donor": "tiny-gpt2-a", "target": "tiny-gpt2-b"}, "pages/alignment.py")
+    before = at._tree  # the page the browser still shows while the swap's rerun is under way
+    at.sidebar.button(key="swap-models").click().run()
+    before.sidebar.button(key="swap-models").set_value(False)  # that trigger was sent once already
+    for role, old in (("donor", "tiny-gpt2-a"), ("target", "tiny-gpt2-b")):  # the old page's pickers
+        picker(before, role).set_value(old)
+    before.button(key="run-cka").click()
+    at._run(before.get_widget_states())  # what the browser sends: the old page's widgets + Run
+    assert not at.exception, [e.value for e in at.exception]
+    assert (at.session_state["donor"], at.session_state["target"]) == ("tiny-gpt2-b", "tiny-gpt2-a")
+    run_until(at, lambda a: len(a.get("plotly_chart")) > 0)
+    caption = shown("\n".join(str(c.value) for c in at.caption))
+    assert "donor **tiny-gpt2-b** → target **tiny-gpt2-a**" in caption
+    assert not at.warning

@@ -197,11 +197,17 @@ def _trust_section(donor_text: str, target_text: str) -> bool:
 
 def _model_picker(role: str, label: str, what: str, choices: list[str], status: dict[str, dict[str, Any]]) -> str:
     """Selectbox of known models plus a free-text field; returns the chosen spec text."""
-    pick_key, path_key, synced_key = f"{role}_pick", f"{role}_path", f"_{role}_synced"
     wanted = st.session_state.get(role, "")
+    synced_key, gen_key = f"_{role}_synced", f"_{role}_gen"
     # The spec text was changed outside the widgets (query params, swap, "use the demo pair"):
-    # push it into the widgets before they are drawn.
-    if st.session_state.get(synced_key) != wanted or pick_key not in st.session_state:
+    # push it into new widgets before they are drawn. New keys, not the old ones: a click sent
+    # from the page drawn before this change still carries the old pickers' values, and under
+    # the old keys those would undo the change (swap, then Run at once, ran the old pair).
+    changed = st.session_state.get(synced_key) != wanted
+    gen = st.session_state.get(gen_key, 0) + (1 if changed else 0)
+    pick_key, path_key = picker_keys(role, gen)
+    if changed or pick_key not in st.session_state:
+        st.session_state[gen_key] = gen
         if wanted in choices:
             st.session_state[pick_key] = wanted
         else:
@@ -219,6 +225,14 @@ def _model_picker(role: str, label: str, what: str, choices: list[str], status: 
     st.session_state[role] = text
     st.session_state[synced_key] = text
     return text
+
+
+def picker_keys(role: str, gen: Optional[int] = None) -> tuple[str, str]:
+    """The widget keys of a role's model picker (selectbox, path field) in generation ``gen``
+    (default: the current one)."""
+    if gen is None:
+        gen = st.session_state.get(f"_{role}_gen", 0)
+    return f"{role}_pick-{gen}", f"{role}_path-{gen}"
 
 
 def _swap() -> None:
