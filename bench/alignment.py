@@ -140,6 +140,8 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
         "align_s": round(med(shared["align_seconds"]), 4),
         "cka_s": round(med(shared["cka_seconds"]), 4),
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        # every repeat, in order, so the spread behind the medians can be read
+        "bare_forward_runs_s": [round(x, 4) for x in bare], "diagnostics_runs_s": [round(x, 4) for x in diag],
     }
     if d.device.type == "cuda":
         out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

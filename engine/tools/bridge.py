@@ -18,7 +18,8 @@ from a float64 Cholesky factor, then the n_h x n_f matrix P and one product ``P 
 Y_f(s=L-1)]`` in float32), the same P through the n_f x n_f kernel when there are fewer fit rows than the
 width, or the primal W for all s at once when the target is narrow. The row cosines are float32
 dot products of d terms (about 1e-7 relative). At most ``max_heldout_rows`` held-out rows (evenly
-spaced) are scored, which bounds the cost.
+spaced) are scored, which bounds the cost. On a CPU with several threads the target positions
+are computed side by side, one thread each (:mod:`engine.threads`).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from ..linalg import RidgeFactor, ieee_float32, split_rows
 from ..params import HeldOutFit, param
 from ..progress import Progress
 from ..registry import Tool, register
+from ..threads import cpu_workers, parallel_map
 
 
 @dataclass(frozen=True)
@@ -136,20 +138,21 @@ def compute_bridge(ctx: ToolContext, params: BridgeParams, progress: Progress) -
     YdH = Yd[:, held_idx].permute(1, 0, 2).float()  # (n_h, Ld, dd)
     YdH_norm = YdH.double().norm(dim=-1)  # (n_h, Ld)
     square = dt == dd
-    cos_b = torch.zeros(Ld, Lt, dtype=torch.float64, device=dev)
-    cos_r = torch.zeros(Ld, Lt, dtype=torch.float64, device=dev) if square else None
-    YdF64 = None
+    form = _form(fit_idx.numel(), held_idx.numel(), dt, Ld * dd)  # the same for every p
+    YdF_form = YdF.double() if form == "primal" else YdF
+
+    def into(p: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The cosines of every donor position s bridged into target position p (raw and bridged)."""
+        XF, XH = Xt[p][fit_idx].double(), Xt[p][held_idx].double()  # (n_f, dt), (n_h, dt)
+        pred = _bridged(XF, XH, YdF_form, params.ridge_alpha, square, form)
+        raw = _mean_cos(XH.float().unsqueeze(1), YdH, YdH_norm) if square else None
+        return _mean_cos(pred.reshape(XH.shape[0], Ld, dd), YdH, YdH_norm), raw
+
+    workers = cpu_workers(dev, Lt, 2.0 * held_idx.numel() * fit_idx.numel() * Ld * dd)  # P @ Y_f per position
     with ieee_float32(dev):
-        for p in range(Lt):
-            progress(0.6 + 0.4 * p / Lt, f"bridges into target position {p}")
-            XF, XH = Xt[p][fit_idx].double(), Xt[p][held_idx].double()  # (n_f, dt), (n_h, dt)
-            form = _form(XF.shape[0], XH.shape[0], dt, Ld * dd)
-            if form == "primal" and YdF64 is None:
-                YdF64 = YdF.double()
-            pred = _bridged(XF, XH, YdF64 if form == "primal" else YdF, params.ridge_alpha, square, form)
-            cos_b[:, p] = _mean_cos(pred.reshape(XH.shape[0], Ld, dd), YdH, YdH_norm)
-            if cos_r is not None:
-                cos_r[:, p] = _mean_cos(XH.float().unsqueeze(1), YdH, YdH_norm)
+        cols = parallel_map(into, range(Lt), progress.sub(0.6, 1.0), lambda p: f"bridges into target position {p}", workers)
+    cos_b = torch.stack([b for b, _ in cols], 1)  # (Ld, Lt)
+    cos_r = torch.stack([r for _, r in cols], 1) if square else None
     cos_b, cos_r = cos_b.cpu(), None if cos_r is None else cos_r.cpu()
     eps_b = 1.0 - cos_b
     eps_r = None if cos_r is None else 1.0 - cos_r

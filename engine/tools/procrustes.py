@@ -22,6 +22,10 @@ relative tolerance ``PROCRUSTES_RTOL`` on the singular values):
 
 Each layer reports ``rank`` and ``underdetermined``; the result reports ``rows_per_width``
 (n_fit / the larger width), ``completion`` and one-line ``warnings``.
+
+Cost: on CUDA every layer's map comes from one batch of Newton polar factors (:mod:`engine.polar`);
+on a CPU from one SVD per layer, the layers side by side when there are several threads
+(:mod:`engine.threads`: a LAPACK SVD of this size gains little from threads of its own).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from ..polar import cross_fits
 from ..params import HeldOutFit, param
 from ..progress import Progress
 from ..registry import Tool, register
+from ..threads import cpu_workers, parallel_map
 
 
 @dataclass(frozen=True)
@@ -114,12 +119,15 @@ def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Pro
             for p, pf in zip(todo, cross_fits([p.M for p in todo], newton=True)):
                 p.pf = pf
             layers = [_finish(p).__dict__ for p in preps]
-        else:  # one layer at a time: no more than one layer's rows held
-            layers = []
-            for k, (i, j) in enumerate(pairs):
-                progress(0.75 + 0.25 * k / len(pairs), f"Procrustes layer {i} -> {j}")
-                X, Y = al.X[i + 1].to(dev), al.Y[j + 1].to(dev)
-                layers.append(fit_pair(X, Y, fit_d, held_d, params.ridge_alpha, i, j).__dict__)
+        else:  # layer by layer (side by side on several CPU threads): a layer's rows held per worker
+            def one(pair: tuple[int, int]) -> dict[str, Any]:
+                i, j = pair
+                return fit_pair(al.X[i + 1].to(dev), al.Y[j + 1].to(dev), fit_d, held_d, params.ridge_alpha, i, j).__dict__
+
+            dx, dy = int(al.X.shape[2]), int(al.Y.shape[2])
+            workers = cpu_workers(dev, len(pairs), float(fit.sum()) * dx * (dx + dy))  # X^T [X Y]; the SVD is d^3
+            layers = parallel_map(one, pairs, progress.sub(0.75, 1.0), lambda ij: f"Procrustes layer {ij[0]} -> {ij[1]}",
+                                  workers)
     progress(1.0, "done")
     dx, dy = int(al.X.shape[2]), int(al.Y.shape[2])
     n_fit = int(fit.sum())
