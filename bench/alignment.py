@@ -11,8 +11,11 @@ process so the peaks do not mix) and, on CUDA, the peak GPU memory. Usage:
     python bench/alignment.py [--pairs tiny,smollm2,gemma] [--budgets 512,2048,8192] [--workload scale]
                               [--device auto] [--dtype float32] [--repeat 3] [--threads 1] [--json out.json]
 
-``--threads`` is torch's intra-op thread count (default 1, as the README's CPU table was taken;
-0 leaves torch's default, every core: the README's GPU rows ran with the host's 16).
+``--threads`` is torch's intra-op thread count (default 1, as the README's first CPU table was
+taken; 0 leaves torch's default, every core, as the app runs: the README's both-cores table and
+GPU rows). With more than one thread on a CPU, T3's layers and T4's positions run side by side
+(``engine/threads.py``). The JSON also lists every repeat (``bare_forward_runs_s``,
+``diagnostics_runs_s``): with several threads the bare passes vary between repeats.
 
 Workloads: ``concept`` is the bundled concept set (what the app runs by default; it holds about
 1,460 SmolLM2 tokens, so larger budgets stop there); ``scale`` (default) is every text of

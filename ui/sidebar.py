@@ -205,7 +205,7 @@ def _model_picker(role: str, label: str, what: str, choices: list[str], status: 
     # the old keys those would undo the change (swap, then Run at once, ran the old pair).
     changed = st.session_state.get(synced_key) != wanted
     gen = st.session_state.get(gen_key, 0) + (1 if changed else 0)
-    pick_key, path_key = picker_keys(role, gen)
+    pick_key, path_key = _picker_keys(role, gen)
     if changed or pick_key not in st.session_state:
         st.session_state[gen_key] = gen
         if wanted in choices:
@@ -227,11 +227,8 @@ def _model_picker(role: str, label: str, what: str, choices: list[str], status: 
     return text
 
 
-def picker_keys(role: str, gen: Optional[int] = None) -> tuple[str, str]:
-    """The widget keys of a role's model picker (selectbox, path field) in generation ``gen``
-    (default: the current one)."""
-    if gen is None:
-        gen = st.session_state.get(f"_{role}_gen", 0)
+def _picker_keys(role: str, gen: int) -> tuple[str, str]:
+    """The widget keys of a role's model picker (selectbox, path field) in generation ``gen``."""
     return f"{role}_pick-{gen}", f"{role}_path-{gen}"
 
 
