@@ -25,16 +25,22 @@ R = TypeVar("R")
 # layers take microseconds): the loop stays sequential.
 MIN_FLOPS_PER_ITEM = 5e7
 
+# Every worker holds one item's working copies at a time: on a many-core host the workers are
+# capped so that all of them together stay under this many bytes.
+MAX_PARALLEL_BYTES = 2 * 2**30
+
 # torch's thread count is process-wide state; one parallel section at a time sets and restores it.
 _SECTION = threading.Lock()
 
 
-def cpu_workers(device: torch.device, n_items: int, flops_per_item: float) -> int:
+def cpu_workers(device: torch.device, n_items: int, flops_per_item: float, bytes_per_item: float = 0.0) -> int:
     """How many workers :func:`parallel_map` should use: torch's CPU thread count, at most one per
-    item, and 1 on CUDA or when an item is too small to be worth a thread."""
+    item and as many as ``MAX_PARALLEL_BYTES`` holds; 1 on CUDA or when an item is too small to
+    be worth a thread."""
     if device.type != "cpu" or flops_per_item < MIN_FLOPS_PER_ITEM:
         return 1
-    return max(1, min(torch.get_num_threads(), n_items))
+    by_memory = int(MAX_PARALLEL_BYTES // bytes_per_item) if bytes_per_item > 0 else n_items
+    return max(1, min(torch.get_num_threads(), n_items, by_memory))
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], progress: Progress,

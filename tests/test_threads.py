@@ -92,6 +92,8 @@ def test_cpu_workers(two_threads):
     assert th.cpu_workers(torch.device("cpu"), 1, 1e9) == 1
     assert th.cpu_workers(torch.device("cpu"), 30, 1e3) == 1  # tiny layers: not worth a thread
     assert th.cpu_workers(torch.device("cuda"), 30, 1e9) == 1
+    assert th.cpu_workers(torch.device("cpu"), 30, 1e9, bytes_per_item=th.MAX_PARALLEL_BYTES) == 1  # memory bound
+    assert th.cpu_workers(torch.device("cpu"), 30, 1e9, bytes_per_item=th.MAX_PARALLEL_BYTES / 2) == 2
     torch.set_num_threads(1)
     assert th.cpu_workers(torch.device("cpu"), 30, 1e9) == 1
 

@@ -148,7 +148,9 @@ def compute_bridge(ctx: ToolContext, params: BridgeParams, progress: Progress) -
         raw = _mean_cos(XH.float().unsqueeze(1), YdH, YdH_norm) if square else None
         return _mean_cos(pred.reshape(XH.shape[0], Ld, dd), YdH, YdH_norm), raw
 
-    workers = cpu_workers(dev, Lt, 2.0 * held_idx.numel() * fit_idx.numel() * Ld * dd)  # P @ Y_f per position
+    n_f, n_h = fit_idx.numel(), held_idx.numel()  # per worker: float64 rows and P, float32 predictions
+    workers = cpu_workers(dev, Lt, 2.0 * n_h * n_f * Ld * dd,  # P @ Y_f per position
+                          8.0 * (2 * (n_f + n_h) * dt + n_h * n_f) + 8.0 * n_h * Ld * dd)
     with ieee_float32(dev):
         cols = parallel_map(into, range(Lt), progress.sub(0.6, 1.0), lambda p: f"bridges into target position {p}", workers)
     cos_b = torch.stack([b for b, _ in cols], 1)  # (Ld, Lt)

@@ -125,7 +125,9 @@ def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Pro
                 return fit_pair(al.X[i + 1].to(dev), al.Y[j + 1].to(dev), fit_d, held_d, params.ridge_alpha, i, j).__dict__
 
             dx, dy = int(al.X.shape[2]), int(al.Y.shape[2])
-            workers = cpu_workers(dev, len(pairs), float(fit.sum()) * dx * (dx + dy))  # X^T [X Y]; the SVD is d^3
+            n = int(al.X.shape[1])  # a layer's float64 rows, standardised copies and d x d factors per worker
+            workers = cpu_workers(dev, len(pairs), float(fit.sum()) * dx * (dx + dy),  # X^T [X Y]; the SVD is d^3
+                                  16.0 * (n * (dx + dy) + 4 * max(dx, dy) ** 2))
             layers = parallel_map(one, pairs, progress.sub(0.75, 1.0), lambda ij: f"Procrustes layer {ij[0]} -> {ij[1]}",
                                   workers)
     progress(1.0, "done")
