@@ -21,7 +21,8 @@ from .capture import CaptureCache, capture
 from .conjugate import ConjugationPlan, ModulePlan
 from .conjugate_maps import FORCE_CHOICES, IDENTITY_TOL, PROCRUSTES_TOL, SideMap, fit_side
 from .errors import GraftError
-from .linalg import cka_matrix, monotone_matching, split_rows
+from .cka import cka_matrix
+from .linalg import monotone_matching, split_rows
 from .models import LoadedModel
 from .progress import ProgressLike, as_progress
 

@@ -14,7 +14,8 @@ from .align import Aligned, align, drop_outliers
 from .capture import DEFAULT_CACHE, Capture, CaptureCache, per_text_limit, MAX_TOKENS_PER_TEXT
 from .data import Workload
 from .errors import GraftError
-from .linalg import cka_matrix, compute_device, ieee_float32
+from .cka import cka_matrix
+from .linalg import compute_device, ieee_float32
 from .models import LoadedModel, ModelStore
 from .params import RunOptions
 from .progress import Progress

@@ -21,9 +21,11 @@ from .progress import Progress
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Below this many flops per item the thread hand-off costs more than it saves (the tiny models'
-# layers take microseconds): the loop stays sequential.
-MIN_FLOPS_PER_ITEM = 5e7
+# Below this many flops per item the loop stays sequential, torch's own threads on each item: a
+# worker's single-threaded product of 1e9 flops takes about 11 ms here, and below that the
+# hand-off costs more than it saves (the tiny models' T4, 4 positions of 1.8e8 flops each: 17 ms
+# on two workers, 11 ms in the loop).
+MIN_FLOPS_PER_ITEM = 1e9
 
 # Every worker holds one item's working copies at a time: on a many-core host the workers are
 # capped so that all of them together stay under this many bytes.

@@ -157,7 +157,8 @@ def planted_rotation_t3():
     import torch
 
     from engine.align import Aligned
-    from engine.linalg import cka_matrix, random_orthogonal
+    from engine.cka import cka_matrix
+    from engine.linalg import random_orthogonal
     from engine.progress import silent
     from engine.tools.procrustes import ProcrustesParams, compute_procrustes
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from engine.runner import run_tool
-from engine.linalg import cka, cka_matrix, monotone_matching, procrustes_map, random_orthogonal
+from engine.cka import cka, cka_matrix
+from engine.linalg import monotone_matching, procrustes_map, random_orthogonal
 from engine.models import ModelSpec
 
 

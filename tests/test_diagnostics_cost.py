@@ -8,7 +8,8 @@ and the memoised workload budget and vocabulary against fresh ones.
 import pytest
 import torch
 
-from engine.linalg import RidgeFactor, Standardiser, _gram_products, cka, procrustes_fit, residual
+from engine.cka import _gram_products, cka
+from engine.linalg import RidgeFactor, Standardiser, procrustes_fit, residual
 from engine.progress import silent
 from engine.tools.procrustes import fit_pair
 
@@ -93,18 +94,18 @@ def test_cka_inner_products_on_cuda_are_float64_and_a_layer_against_itself_is_ex
     """CUDA's form of CKA's Gram inner products (forced here on the CPU): float64 products, equal to
     float64 CKA and to the CPU's float32 chunks within their rounding, and a Gram block against
     itself has <K, K> equal to ||K||^2 to float64 round-off (the CPU's chunks: about 1e-7)."""
-    import engine.linalg as linalg
+    import engine.cka as cka_mod
 
     g = torch.Generator().manual_seed(5)
     A, B = torch.randn(3, 3 * 4096 + 100, generator=g), torch.randn(4, 3 * 4096 + 100, generator=g)
     exact = A.double() @ B.double().T
     bound = 1e-6 * (A.double().abs() @ B.double().abs().T)  # float32 round-off of sums of products
-    cpu, wide = linalg._dots(A, B), linalg._dots(A, B, wide=True)
+    cpu, wide = cka_mod._dots(A, B), cka_mod._dots(A, B, wide=True)
     assert torch.allclose(wide, exact, rtol=1e-12, atol=1e-9) and ((cpu - exact).abs() <= bound).all()
     assert not torch.equal(cpu, wide)  # the two forms do differ
-    self_dots, norms = linalg._dots(A, A, wide=True).diagonal(), linalg._sq_norms(A, wide=True)
+    self_dots, norms = cka_mod._dots(A, A, wide=True).diagonal(), cka_mod._sq_norms(A, wide=True)
     assert torch.allclose(self_dots / norms, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-14)
-    assert torch.allclose(linalg._sq_norms(A), norms, rtol=1e-6)
+    assert torch.allclose(cka_mod._sq_norms(A), norms, rtol=1e-6)
 
 
 def test_t1_jaccard_counts_from_the_smaller_side_as_the_set_formula():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from engine.align import Aligned
-from engine.linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, cka_matrix, procrustes_from_cross,
-                           random_orthogonal)
+from engine.cka import cka_matrix
+from engine.linalg import COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, procrustes_from_cross, random_orthogonal
 from engine.polar import cross_fits, polar_newton
 from engine.progress import silent
 from engine.tools import procrustes as t3

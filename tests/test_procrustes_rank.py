@@ -168,7 +168,7 @@ def test_unequal_widths_fit_within_the_span(dx, dy):
 
 def test_tool_with_unequal_widths_and_few_rows_is_finite_and_warns():
     from engine.align import Aligned
-    from engine.linalg import cka_matrix
+    from engine.cka import cka_matrix
     from engine.progress import silent
     from engine.tools.procrustes import ProcrustesParams, compute_procrustes
 

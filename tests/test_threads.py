@@ -14,7 +14,7 @@ import engine.tools.bridge as t4
 import engine.tools.procrustes as t3
 from engine.align import Aligned
 from engine.errors import Cancelled
-from engine.linalg import cka_matrix
+from engine.cka import cka_matrix
 from engine.progress import Progress, silent
 
 
@@ -91,6 +91,7 @@ def test_cpu_workers(two_threads):
     assert th.cpu_workers(torch.device("cpu"), 30, 1e9) == 2
     assert th.cpu_workers(torch.device("cpu"), 1, 1e9) == 1
     assert th.cpu_workers(torch.device("cpu"), 30, 1e3) == 1  # tiny layers: not worth a thread
+    assert th.cpu_workers(torch.device("cpu"), 30, 0.5 * th.MIN_FLOPS_PER_ITEM) == 1
     assert th.cpu_workers(torch.device("cuda"), 30, 1e9) == 1
     assert th.cpu_workers(torch.device("cpu"), 30, 1e9, bytes_per_item=th.MAX_PARALLEL_BYTES) == 1  # memory bound
     assert th.cpu_workers(torch.device("cpu"), 30, 1e9, bytes_per_item=th.MAX_PARALLEL_BYTES / 2) == 2

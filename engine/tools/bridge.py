@@ -30,7 +30,7 @@ import torch
 
 from ..context import ToolContext, device_rows
 from ..errors import GraftError
-from ..linalg import RidgeFactor, ieee_float32, split_rows
+from ..linalg import RidgeFactor, gram, ieee_float32, split_rows
 from ..params import HeldOutFit, param
 from ..progress import Progress
 from ..registry import Tool, register
@@ -63,7 +63,7 @@ class BridgeResult:
 def _mean_cos(pred: torch.Tensor, Y: torch.Tensor, Y_norm: torch.Tensor) -> torch.Tensor:
     """Mean row cosine of each donor block. pred: (n, Ld or 1, d), Y: (n, Ld, d) float32,
     Y_norm: (n, Ld) float64 -> (Ld,) float64. Sums of 576 float32 products (about 1e-7 relative)."""
-    num = (pred * Y).sum(-1).double()
+    num = torch.linalg.vecdot(pred, Y, dim=-1).double()  # no (n, Ld, d) temporary
     den = pred.norm(dim=-1).double() * Y_norm
     return (num / den.clamp_min(1e-12)).mean(0)
 
@@ -99,12 +99,12 @@ def _bridged(XF: torch.Tensor, XH: torch.Tensor, YF: torch.Tensor, alpha: float,
     """
     lam = alpha * float(XF.pow(2).sum()) / XF.shape[1]  # as RidgeFactor: alpha * tr(X^T X) / dt
     if form == "kernel" and lam > 0:
-        P = RidgeFactor.shifted(XF @ XF.T, lam).solve(XF @ XH.T).T  # (n_h, n_f); K symmetric
+        P = RidgeFactor.shifted(gram(XF.T), lam).solve(XF @ XH.T).T  # (n_h, n_f); K symmetric
         pred = P.float() @ YF
         if square:
             _add_prior(pred, XH - P @ XF)
         return pred
-    rf = RidgeFactor.of(XF.T @ XF, alpha)
+    rf = RidgeFactor.of(gram(XF), alpha)
     if form == "primal":
         B = XF.T @ YF  # (dt, Ld * dd) float64
         if square and rf.lam > 0:

@@ -38,7 +38,7 @@ import torch
 from ..context import ToolContext, device_rows
 from ..errors import GraftError
 from ..linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, ProcrustesFit, RidgeFactor,
-                      Standardiser, ieee_float32, monotone_matching, procrustes_fit, procrustes_from_cross, residual,
+                      Standardiser, gram, ieee_float32, monotone_matching, procrustes_fit, procrustes_from_cross, residual,
                       split_rows)
 from ..polar import cross_fits
 from ..params import HeldOutFit, param
@@ -107,7 +107,7 @@ def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Pro
     if int(fit.sum()) < 2 or int(held.sum()) < 1:
         raise GraftError("too few aligned rows to hold some out: use a larger workload or --max-tokens")
     al, dev = device_rows(ctx, al)
-    fit_d, held_d = fit.to(dev), held.to(dev)
+    fit_d, held_d = fit.nonzero().squeeze(1).to(dev), held.nonzero().squeeze(1).to(dev)  # row indices
     with ieee_float32(dev):
         if use_newton(dev):  # all layers' cross-products first, then one batch of polar factors
             preps = []
@@ -126,7 +126,7 @@ def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Pro
 
             dx, dy = int(al.X.shape[2]), int(al.Y.shape[2])
             n = int(al.X.shape[1])  # a layer's float64 rows, standardised copies and d x d factors per worker
-            workers = cpu_workers(dev, len(pairs), float(fit.sum()) * dx * (dx + dy),  # X^T [X Y]; the SVD is d^3
+            workers = cpu_workers(dev, len(pairs), 2.0 * float(fit.sum()) * dx * (dx + dy) + 20.0 * max(dx, dy) ** 3,  # X^T [X Y], SVD
                                   16.0 * (n * (dx + dy) + 4 * max(dx, dy) ** 2))
             layers = parallel_map(one, pairs, progress.sub(0.75, 1.0), lambda ij: f"Procrustes layer {ij[0]} -> {ij[1]}",
                                   workers)
@@ -158,8 +158,9 @@ def fit_pair(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Te
     Fewer fit rows than the widths (n < min(dx, dy)): R from the thin QR form
     (:func:`engine.linalg.procrustes_fit`), and W in its dual (Woodbury) form
     ``W = Xf^T Z, Z = (Xf Xf^T + lam I)^{-1} Yf``, so nothing d x d is factored: fit predictions
-    ``Xf W = Yf - lam Z`` and held-out ones ``(Xh Xf^T) Z``. Otherwise both maps come from one
-    product ``Xf^T [Xf Yf]`` (X^T X for the ridge, M = X^T Y shared by both maps).
+    ``Xf W = Yf - lam Z`` and held-out ones ``(Xh Xf^T) Z``. Otherwise both maps come from two
+    products: ``Gx = Xf^T Xf`` for the ridge (:func:`engine.linalg.gram`) and ``M = Xf^T Yf``,
+    shared by both maps. ``fit`` and ``held``: boolean row masks or row indices.
 
     Fit residuals come from those products: ``||Xf B - Yf||^2 = <B, Gx B> - 2 <B, M> + ||Yf||^2``,
     where ``<R, Gx R> = ||Xf||^2`` when R is orthogonal, ``<R, M>`` is the sum of M's singular values
@@ -191,9 +192,11 @@ class _Pair:
 
 def _prepare(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Tensor, alpha: float,
              i: int, j: int) -> _Pair:
-    X, Y = X.double(), Y.double()
-    sx, sy = Standardiser.fit(X[fit]), Standardiser.fit(Y[fit])
-    Xf, Xh, Yf, Yh = sx(X[fit]), sx(X[held]), sy(Y[fit]), sy(Y[held])
+    fit, held = _index(fit), _index(held)
+    Xf, Xh = X.index_select(0, fit).double(), X.index_select(0, held).double()
+    Yf, Yh = Y.index_select(0, fit).double(), Y.index_select(0, held).double()
+    sx, sy = Standardiser.fit(Xf), Standardiser.fit(Yf)
+    Xf, Xh, Yf, Yh = sx(Xf), sx(Xh), sy(Yf), sy(Yh)
     dx, dy = X.shape[1], Y.shape[1]
     yy = float(Yf.pow(2).sum())
     xx = float(Xf.pow(2).sum())  # = tr(Xf^T Xf)
@@ -201,12 +204,11 @@ def _prepare(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Te
     pf = M = Gx = None
     if Xf.shape[0] < min(dx, dy) and lam > 0:
         pf = procrustes_fit(Xf, Yf)
-        Z = RidgeFactor.shifted(Xf @ Xf.T, lam).solve(Yf)  # (n, dy)
+        Z = RidgeFactor.shifted(gram(Xf.T), lam).solve(Yf)  # (n, dy)
         fit_w = _ratio(lam * lam * float(Z.pow(2).sum()), yy)
         pred_w = (Xh @ Xf.T) @ Z
     else:
-        GM = Xf.T @ torch.cat([Xf, Yf], 1)
-        Gx, Mxy = GM[:, :dx], GM[:, dx:]
+        Gx, Mxy = gram(Xf), Xf.T @ Yf
         M = Mxy
         if Xf.shape[0] < min(dx, dy):  # few rows and no ridge shift: the thin form for R
             pf, M = procrustes_fit(Xf, Yf), None
@@ -220,6 +222,12 @@ def _prepare(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Te
     square = dx == dy
     return _Pair(i, j, Xh, Yh, xx, yy, fit_w, _residual(pred_w, Yh), pf, M,
                  None if square else Gx, None if square or Gx is not None else Xf)
+
+
+def _index(rows: torch.Tensor) -> torch.Tensor:
+    """Row indices from a boolean mask (or indices as given): a mask would be turned into indices
+    again by every indexing."""
+    return rows.nonzero().squeeze(1) if rows.dtype == torch.bool else rows
 
 
 def _finish(p: _Pair) -> ProcrustesLayer:
