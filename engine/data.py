@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from .errors import GraftError
 from .paths import data_dir
@@ -179,8 +180,9 @@ def _sha256(raw: bytes) -> str:
 # Concept sets
 
 
-def _parse_concept(p: Path, raw: bytes) -> ConceptSet:
-    records = _json_lines(p, _decode(p, raw))
+def _parse_concept(p: Path, raw: bytes, records: Optional[list[tuple[int, dict[str, Any]]]] = None) -> ConceptSet:
+    """A concept set from a file's bytes (``records``: its lines, when already parsed)."""
+    records = records if records is not None else _json_lines(p, _decode(p, raw))
     facts: list[str] = []
     # (question, answer, explicit split or None)
     pending: list[tuple[str, str, str | None]] = []
@@ -232,10 +234,33 @@ def load_workload(path: PathLike) -> Workload:
     any other suffix are plain text: one text per non-empty line, surrounding whitespace stripped.
     """
     p, raw = _read_bytes(path, "workload")
+    key = (p.name, _sha256(raw))  # the file is read every time; parsed once per content and name
+    with _WORKLOADS_LOCK:
+        hit = _WORKLOADS.get(key)
+    if hit is None:
+        hit = _parse_workload(p, raw)
+        if len(raw) <= _WORKLOAD_CACHE_BYTES:
+            with _WORKLOADS_LOCK:
+                _WORKLOADS[key] = hit
+                while len(_WORKLOADS) > _WORKLOAD_CACHE:
+                    _WORKLOADS.pop(next(iter(_WORKLOADS)))
+    return hit
+
+
+# Parsed workloads by (file name, sha256 of its bytes), the last 8 of at most 8 MiB each: every
+# tool run reads its workload, and the four diagnostics of one pair read the same file four times
+# (parsing the bundled concept set took 1-2 ms each time).
+_WORKLOADS: dict[tuple[str, str], Workload] = {}
+_WORKLOADS_LOCK = threading.Lock()
+_WORKLOAD_CACHE = 8
+_WORKLOAD_CACHE_BYTES = 8 * 2**20
+
+
+def _parse_workload(p: Path, raw: bytes) -> Workload:
     if p.suffix.lower() in JSONL_SUFFIXES:
         records = _json_lines(p, _decode(p, raw))
         if any("kind" in obj for _, obj in records):
-            texts = _parse_concept(p, raw).texts()
+            texts = _parse_concept(p, raw, records).texts()
         else:
             texts = tuple(_field(p, lineno, obj, "text", "text") for lineno, obj in records)
     else:

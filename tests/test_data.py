@@ -183,3 +183,27 @@ def test_workload_errors(tmp_path):
         load_workload(bad)
     with pytest.raises(GraftError, match="not found"):
         load_workload(tmp_path / "missing.txt")
+
+
+def test_a_workload_is_parsed_once_per_content_and_reparsed_when_the_file_changes(tmp_path, monkeypatch):
+    import engine.data as data
+
+    calls = []
+    parse = data._parse_workload
+    monkeypatch.setattr(data, "_parse_workload", lambda p, raw: calls.append(p.name) or parse(p, raw))
+    f = tmp_path / "w.txt"
+    f.write_text("one\ntwo\n")
+    assert load_workload(f).texts == ("one", "two")
+    assert load_workload(f).texts == ("one", "two")
+    assert calls == ["w.txt"]  # the second read found the parsed workload
+    f.write_text("three\n")
+    assert load_workload(f).texts == ("three",)  # new bytes: parsed again, never the stale texts
+    assert len(calls) == 2
+    g = tmp_path / "other.txt"
+    g.write_text("three\n")
+    assert load_workload(g).name == "other"  # same bytes under another name: its own entry
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 1}\n')
+    for _ in range(2):  # a bad file fails every time (failures are not cached)
+        with pytest.raises(GraftError, match="must be a string"):
+            load_workload(bad)
