@@ -39,7 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.capture import CaptureCache, MAX_TOKENS_PER_TEXT, backbone, budget_texts  # noqa: E402
+from engine.budget import MAX_TOKENS_PER_TEXT, budget_texts  # noqa: E402
+from engine.capture import CaptureCache, backbone  # noqa: E402
 from engine.runner import resolve_workload, run_tool  # noqa: E402
 from engine.data import load_workload  # noqa: E402
 from engine.models import DEMO_DONOR, GEMMA3, SMOLLM2, ModelSpec, ModelStore, builtin_folder  # noqa: E402

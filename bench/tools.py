@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.capture import MAX_TOKENS_PER_TEXT  # noqa: E402
+from engine.budget import MAX_TOKENS_PER_TEXT  # noqa: E402
 from engine.beforeafter import load_sets  # noqa: E402
 from engine.data import builtin_concept_path, load_workload  # noqa: E402
 from engine.evaluate import encode_prompt  # noqa: E402

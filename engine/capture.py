@@ -26,12 +26,12 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from .budget import MAX_TOKENS_PER_TEXT, budget_texts
 from .data import texts_sha256
 from .errors import GraftError
 from .models import LoadedModel
 from .progress import Progress, silent
 
-MAX_TOKENS_PER_TEXT = 512
 _ENCODING_KEYS = ("input_ids", "attention_mask", "special_tokens_mask", "offset_mapping")
 
 
@@ -78,77 +78,6 @@ class Capture:
         return int(self.rows().shape[1])
 
 
-def per_text_limit(models: Sequence[LoadedModel]) -> int:
-    """Content tokens one text may have: MAX_TOKENS_PER_TEXT, or less when a model's own context
-    is shorter (two positions are kept free for the special tokens its tokenizer adds)."""
-    from .evaluate import context_length
-
-    return max(1, min([MAX_TOKENS_PER_TEXT] + [context_length(m.model) - 2 for m in models]))
-
-
-def budget_texts(texts: Sequence[str], tokenizers: Sequence, max_tokens: int,
-                 per_text: int = MAX_TOKENS_PER_TEXT, cut_log: Optional[list] = None) -> list[str]:
-    """Keep texts in order until ``max_tokens`` content tokens (under the strictest tokenizer).
-
-    A text longer than the room left (or than ``per_text``, see :func:`per_text_limit`) is cut at
-    a character boundary, so every tokenizer sees the same strings, which cross-tokenizer
-    alignment needs. ``cut_log`` (a list) receives ``(text index, tokens before, tokens kept)``
-    for each text cut to ``per_text``, so the result can say so.
-    """
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
-        raise GraftError("the workload has no non-empty texts")
-    if max_tokens < 8:
-        raise GraftError("--max-tokens must be at least 8")
-    kept: list[str] = []
-    used = 0
-    encoded: list = []  # (ids, offsets or None) per tokenizer, for texts[i:] as far as tokenized
-    for i, text in enumerate(texts):
-        room = max_tokens - used
-        if room <= 0:
-            break
-        if not encoded:
-            encoded = _encode(texts[i:i + _batch(room, used, len(kept))], tokenizers)
-        limit = min(room, per_text)
-        cut, n_max, n_full = len(text), 0, 0
-        for ids, offsets in encoded.pop(0):
-            if len(ids) > limit:
-                end = offsets[limit - 1][1] if offsets is not None else len(text) * limit // len(ids)
-                cut = min(cut, int(end))
-            n_max = max(n_max, min(len(ids), limit))
-            n_full = max(n_full, len(ids))
-        if cut_log is not None and n_full > per_text and room >= per_text:
-            cut_log.append((len(kept), n_full, per_text))
-        if cut <= 0 or not text[:cut].strip():
-            break
-        kept.append(text[:cut])
-        used += n_max
-    if not kept:
-        raise GraftError("the token budget is too small for the first text")
-    return kept
-
-
-def _batch(room: int, used: int, n_kept: int) -> int:
-    """How many texts to tokenize next: about as many as the tokens left room for at the mean
-    length so far (4 before the first), 1 to 64. A call per batch instead of per text takes half
-    the time on the bundled workloads, and the estimate keeps a small budget from tokenizing a
-    large workload."""
-    if n_kept == 0 or used == 0:
-        return 4
-    return max(1, min(64, -(-room * n_kept // used)))
-
-
-def _encode(group: Sequence[str], tokenizers: Sequence) -> list[list[tuple[list[int], Optional[list]]]]:
-    """For each text of ``group``: ``(ids, offsets or None)`` under each tokenizer, no special
-    tokens (offsets from fast tokenizers only), one call per tokenizer."""
-    per_tok = []
-    for tok in tokenizers:
-        fast = bool(getattr(tok, "is_fast", False))
-        enc = tok(list(group), add_special_tokens=False, return_offsets_mapping=fast)
-        per_tok.append([(enc["input_ids"][k], enc["offset_mapping"][k] if fast else None) for k in range(len(group))])
-    return [[encodings[k] for encodings in per_tok] for k in range(len(group))]
-
-
 def backbone(model: LoadedModel) -> torch.nn.Module:
     """The module to run for a capture: the model's base (embeddings, blocks, final norm) when its
     blocks live there, so no logits are computed (the LM head is about a fifth of SmolLM2's
@@ -176,20 +105,45 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     raise GraftError("internal: a hooked linear module was called without a tensor input")
 
 
+class _ResidualRows:
+    """One batch's kept rows of the residual stream, gathered while the forward pass runs: each
+    block's output gives up its rows as soon as it is computed, so the pass frees its hidden states
+    as a bare pass does (holding all of them until the pass ends made the capture of the demo pair
+    up to 20% slower than the bare backbone on two threads, and its peak memory grow with depth)."""
+
+    def __init__(self, n_layers: int, rows: torch.Tensor) -> None:
+        self.rows = rows  # flat indices of the kept tokens in (batch x positions), on the model's device
+        self.block: Optional[torch.Tensor] = None  # (L+1, n_b, d), in the hidden states' dtype
+        self.filled = [False] * (n_layers + 1)
+
+    def put(self, l: int, h: torch.Tensor) -> None:
+        """Rows of h_l (l = -1 for the input of block 0)."""
+        flat = h.reshape(-1, h.shape[-1])
+        if self.block is None:
+            self.block = torch.empty(len(self.filled), self.rows.numel(), flat.shape[-1], dtype=flat.dtype, device=flat.device)
+        torch.index_select(flat, 0, self.rows, out=self.block[l + 1])
+        self.filled[l + 1] = True
+
+    def result(self) -> torch.Tensor:
+        if self.block is None or not all(self.filled):
+            missing = [l - 1 for l, f in enumerate(self.filled) if not f]
+            raise GraftError(f"internal: the forward pass did not run every block (no output for layer(s) {missing[:5]})")
+        return self.block
+
+
 @contextmanager
 def _hooks(model: LoadedModel, module_paths: dict[str, str], sink: dict[str, torch.Tensor],
-           input_paths: Optional[dict[str, str]] = None, residual: bool = True) -> Iterator[None]:
+           input_paths: Optional[dict[str, str]] = None, residual: Optional[_ResidualRows] = None) -> Iterator[None]:
     handles = []
     blocks = model.arch.blocks
 
     def pre_hook(_mod, args, kwargs):
-        h = args[0] if args else kwargs.get("hidden_states")
-        sink["resid.-1"] = h
+        residual.put(-1, args[0] if args else kwargs.get("hidden_states"))
 
-    if residual:
+    if residual is not None:
         handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
         for l, block in enumerate(blocks):
-            handles.append(block.register_forward_hook(lambda _m, _i, o, l=l: sink.__setitem__(f"resid.{l}", _hidden(o))))
+            handles.append(block.register_forward_hook(lambda _m, _i, o, l=l: residual.put(l, _hidden(o))))
     for name, path in module_paths.items():
         mod = model.arch.module(path)
         handles.append(mod.register_forward_hook(lambda _m, _i, o, name=name: sink.__setitem__(name, _hidden(o))))
@@ -268,23 +222,19 @@ def capture(
                 keep &= off[..., 1] > off[..., 0]
             sink: dict[str, torch.Tensor] = {}
             inputs = {"input_ids": enc["input_ids"].to(model.device), "attention_mask": enc["attention_mask"].to(model.device)}
-            with model.lock, _hooks(model, module_paths, sink, input_paths, residual):
+            # The kept rows' flat indices, found once on the host: on CUDA a boolean mask per layer
+            # would wait for the device each time, and so would a copy to the host per layer.
+            rows_dev = keep.flatten().nonzero().squeeze(1).to(model.device)
+            take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows_dev)  # noqa: E731  (n_b, d)
+            gathered = _ResidualRows(L, rows_dev) if residual else None
+            with model.lock, _hooks(model, module_paths, sink, input_paths, gathered):
                 t0 = time.perf_counter()
                 net(**inputs, use_cache=False)
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
                 t_fwd += time.perf_counter() - t0
-            # The kept rows' flat indices, found once on the host: on CUDA a boolean mask per layer
-            # would wait for the device each time, and so would a copy to the host per layer.
-            rows_dev = keep.flatten().nonzero().squeeze(1).to(model.device)
-            take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows_dev)  # noqa: E731  (n_b, d)
-            if residual:
-                h0 = sink["resid.-1"]
-                block = torch.empty(L + 1, rows_dev.numel(), h0.shape[-1], dtype=h0.dtype, device=h0.device)
-                for l in range(-1, L):
-                    h = sink[f"resid.{l}"]
-                    torch.index_select(h.reshape(-1, h.shape[-1]), 0, rows_dev, out=block[l + 1])
-                blocks.append(block.float())  # (L+1, n_b, d)
+            if gathered is not None:
+                blocks.append(gathered.result().float())  # (L+1, n_b, d)
                 if on_device and not _fits(blocks, model.device):
                     on_device = False  # from here on each batch goes to the host
                     blocks = [b.cpu() for b in blocks]

@@ -11,7 +11,8 @@ from typing import Any, Optional
 import torch
 
 from .align import Aligned, align, drop_outliers
-from .capture import DEFAULT_CACHE, Capture, CaptureCache, per_text_limit, MAX_TOKENS_PER_TEXT
+from .budget import MAX_TOKENS_PER_TEXT, per_text_limit
+from .capture import DEFAULT_CACHE, Capture, CaptureCache
 from .data import Workload
 from .errors import GraftError
 from .cka import cka_matrix

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from ..beforeafter import evaluate_shared, load_sets, locked, metrics, rnd, side_by_side, transfer_scores
-from ..capture import budget_texts, per_text_limit
+from ..budget import budget_texts, per_text_limit
 from ..conjugate import Conjugation, ConjugationPlan
 from ..conjugate_plan import plan_conjugation
 from ..context import ToolContext
