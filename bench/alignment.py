@@ -9,12 +9,11 @@ alignment with its outlier filter (``align_s``) and CKA itself (``cka_s``). Also
 process so the peaks do not mix) and, on CUDA, the peak GPU memory. Usage:
 
     python bench/alignment.py [--pairs tiny,smollm2,gemma] [--budgets 512,2048,8192] [--workload scale]
-                              [--device auto] [--dtype float32] [--repeat 3] [--threads 1] [--json out.json]
+                              [--device auto] [--dtype float32] [--repeat 3] [--threads 0] [--json out.json]
 
-``--threads`` is torch's intra-op thread count (default 1, as the README's first CPU table was
-taken; 0 leaves torch's default, every core, as the app runs: the README's both-cores table and
-GPU rows). With more than one thread on a CPU, T3's layers and T4's positions run side by side
-(``engine/threads.py``). The JSON also lists every repeat (``bare_forward_runs_s``,
+``--threads`` is torch's intra-op thread count (default 0: torch's default, every core, as the app
+runs and as the README's tables were taken; 1 for the one-thread figures). With more than one
+thread on a CPU, T3's layers and T4's positions run side by side (``engine/threads.py``). The JSON also lists every repeat (``bare_forward_runs_s``,
 ``diagnostics_runs_s``): with several threads the bare passes vary between repeats.
 
 Workloads: ``concept`` is the bundled concept set (what the app runs by default; it holds about
@@ -171,9 +170,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--workload", default="scale", help="'scale', 'concept' or a workload file")
     ap.add_argument("--repeat", type=int, default=3, help="repeats per pair and budget (median reported)")
-    ap.add_argument("--repeat-tiny", type=int, default=7, help="repeats for the tiny pairs")
+    ap.add_argument("--repeat-tiny", type=int, default=15, help="repeats for the tiny pairs (their passes take milliseconds)")
     ap.add_argument("--repeat-large", type=int, default=1, help="repeats for real models at 8,192 tokens or more")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default: every core)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default: every core, as the app runs)")
     ap.add_argument("--json", default="")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one pair, one budget, JSON on stdout
     args = ap.parse_args()
