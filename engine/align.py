@@ -103,14 +103,35 @@ def _word_ids(cap: Capture) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def ordered_add(out: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, counts: torch.Tensor) -> None:
+    """``out.index_add_(1, idx, src)`` with the CPU's order of additions on any device.
+
+    CUDA's index_add_ adds with atomics in no fixed order, so the same rows pooled to other last bits
+    from run to run (a CLI run and the app's differed at T4's 6th decimal). Here step j adds each
+    group's j-th row, a plain indexed write to distinct groups: the CPU's sums, to the bit, every time.
+    ``idx`` and ``counts`` (``bincount(idx)``) live on the CPU."""
+    if not len(idx):
+        return
+    order = torch.argsort(idx, stable=True)
+    g = idx[order]
+    j = torch.arange(len(g)) - (torch.cumsum(counts, 0) - counts)[g]  # rank of each row in its group
+    for step in range(int(counts.max())):
+        at = j == step
+        out[:, g[at].to(out.device)] += src[:, order[at].to(src.device)]
+
+
 def _pool(resid: torch.Tensor, ids: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of rows per group id (ids == -1 dropped). resid: (L, n, d) -> (L, n_groups, d), counts."""
     keep = ids >= 0
     idx = ids[keep]
     src = resid[:, keep.to(resid.device), :]
     out = torch.zeros(resid.shape[0], n_groups, resid.shape[2], dtype=resid.dtype, device=resid.device)
-    out.index_add_(1, idx.to(resid.device), src)
-    counts = torch.bincount(idx, minlength=n_groups).to(resid.dtype)  # on the CPU
+    counts = torch.bincount(idx, minlength=n_groups)  # on the CPU
+    if resid.device.type == "cpu":
+        out.index_add_(1, idx, src)
+    else:
+        ordered_add(out, idx, src, counts)
+    counts = counts.to(resid.dtype)
     return out / counts.clamp(min=1).view(1, -1, 1).to(resid.device), counts
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from engine.align import _WORD, _word_ids
+from engine.align import _WORD, _pool, _word_ids, ordered_add
 from engine.models import ModelSpec, load_model
 
 TEXTS = [
@@ -94,3 +95,38 @@ def test_scripts_without_spaces_pool_per_character_not_per_sentence(tmp_path):
     assert r["result"]["alignment"] == "word"
     n_chars = sum(len([c for c in s if not c.isspace()]) for s in texts) - len("Parisestlacapitale") - len("Berlin") + 6
     assert r["result"]["n_rows"] >= 0.8 * n_chars  # about one row per character (a few may be outliers)
+
+
+def _id_cases():
+    g = torch.Generator().manual_seed(0)
+    for n, groups in [(1, 1), (7, 3), (500, 40), (2048, 1437), (300, 1)]:
+        ids = torch.randint(-1, groups, (n,), generator=g)  # unsorted, with dropped rows (-1)
+        yield ids, groups
+    yield torch.zeros(300, dtype=torch.long), 1  # one 300-token word ("a" * 300)
+    yield -torch.ones(5, dtype=torch.long), 2  # every row dropped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ordered_add_is_index_add_to_the_bit(dtype):
+    """Word pooling's sums on CUDA (ordered_add, run here on the CPU) are the CPU's index_add_,
+    bit for bit: the same additions in the same order, so the pooled rows do not depend on the device's
+    scheduling."""
+    g = torch.Generator().manual_seed(1)
+    for ids, groups in _id_cases():
+        keep = ids >= 0
+        src = (torch.randn(3, int(keep.sum()), 16, generator=g) * 100).to(dtype)
+        idx = ids[keep]
+        a = torch.zeros(3, groups, 16, dtype=dtype).index_add_(1, idx, src)
+        b = torch.zeros(3, groups, 16, dtype=dtype)
+        ordered_add(b, idx, src, torch.bincount(idx, minlength=groups))
+        assert torch.equal(a, b), (len(ids), groups)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_word_pooling_on_cuda_is_the_same_every_run_and_equals_the_cpu():
+    for ids, groups in _id_cases():
+        resid = torch.randn(4, len(ids), 64, generator=torch.Generator().manual_seed(len(ids))) * 50
+        cpu, _ = _pool(resid, ids, groups)
+        runs = [_pool(resid.cuda(), ids, groups)[0].cpu() for _ in range(3)]
+        assert all(torch.equal(runs[0], r) for r in runs[1:])
+        assert torch.equal(runs[0], cpu)

@@ -11,9 +11,13 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Water boils at one hun
          "Paris is the capital of France, and Berlin is the capital of Germany.", "A short one."]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["tiny-gpt2-a", "tiny-llama-b"])
-def test_captured_rows_equal_each_texts_own_hidden_states(name, one_thread):
-    m = ModelStore().get(ModelSpec.parse(name), "cpu", "float32")
+def test_captured_rows_equal_each_texts_own_hidden_states(name, device, one_thread):
+    m = ModelStore().get(ModelSpec.parse(name), device, "float32")
     cap = capture(m, TEXTS, batch_size=3)  # padded batches of 3 and 1
     L = m.arch.n_layers
     tok = m.tokenizer
@@ -21,8 +25,8 @@ def test_captured_rows_equal_each_texts_own_hidden_states(name, one_thread):
         enc = tok(text, return_tensors="pt", return_special_tokens_mask=True, return_offsets_mapping=True)
         keep = ~enc["special_tokens_mask"][0].bool() & (enc["offset_mapping"][0, :, 1] > enc["offset_mapping"][0, :, 0])
         with torch.inference_mode():
-            hs = m.model(input_ids=enc["input_ids"], output_hidden_states=True).hidden_states
-        rows = cap.residual[:, cap.text_index == k]  # (L+1, n_k, d)
+            hs = [h.cpu() for h in m.model(input_ids=enc["input_ids"].to(device), output_hidden_states=True).hidden_states]
+        rows = cap.residual[:, cap.text_index == k]  # (L+1, n_k, d), copied to the host when asked
         assert rows.shape[1] == int(keep.sum()) > 0
         # HF's tuple: the input of block 0, then every block's output, the last after the final norm
         for l in range(L):
