@@ -105,7 +105,7 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
     texts = budget_texts(resolve_workload(args.workload).texts, [d.tokenizer, t.tokenizer], max_tokens)
     bare_forward(d, texts[:2], args.batch_size)  # warm-up (allocator, kernels)
     bare_forward(t, texts[:2], args.batch_size)
-    for tool in TOOLS:  # and the diagnostics' first calls (lazy libraries: cuSOLVER's handles on a GPU)
+    for tool in TOOLS:  # and the diagnostics' first calls (one-time costs: a first GPU run was 4x the next)
         run_tool(tool, d, t, {**opts, "max_tokens": 256}, captures=CaptureCache())
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
