@@ -56,7 +56,6 @@ class Capture:
     token_ids: list[list[int]]
     modules: dict[str, torch.Tensor] = field(default_factory=dict)
     module_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    forward_seconds: float = 0.0
     derived: dict = field(default_factory=dict, repr=False)  # memo of results computed from this capture
     # The residual stream on the model's CUDA device, when the capture ran there and it fit: T2-T4
     # compute on it there, so it never crosses to the host and back (engine.align, engine.context).
@@ -176,8 +175,6 @@ def capture(
     residual stream (``Capture.residual`` is then ``(0, n, d)``), for passes that only need
     module rows; the rows are the same tokens in the same order either way.
     """
-    import time
-
     progress = progress or silent()
     tok = model.tokenizer
     from .evaluate import context_length
@@ -201,7 +198,6 @@ def capture(
     offsets: list[torch.Tensor] = []
     token_ids: list[list[int]] = []
     fast = bool(getattr(tok, "is_fast", False))
-    t_fwd = 0.0
     old_side = getattr(tok, "padding_side", "right")
     tok.padding_side = "right"
     net = backbone(model)
@@ -228,11 +224,7 @@ def capture(
             take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows_dev)  # noqa: E731  (n_b, d)
             gathered = _ResidualRows(L, rows_dev) if residual else None
             with model.lock, _hooks(model, module_paths, sink, input_paths, gathered):
-                t0 = time.perf_counter()
-                net(**inputs, use_cache=False)
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize()
-                t_fwd += time.perf_counter() - t0
+                net(**inputs, use_cache=False)  # on CUDA no wait here: the host prepares the next batch meanwhile
             if gathered is not None:
                 blocks.append(gathered.result().float())  # (L+1, n_b, d)
                 if on_device and not _fits(blocks, model.device):
@@ -261,6 +253,8 @@ def capture(
     n_rows = int(sum(int(t.numel()) for t in text_index))
     if residual:
         resid = torch.cat(blocks, 1)  # (L+1, n, d), on the device if on_device
+        if resid.is_cuda:  # the batches queued without waiting: the capture ends when the GPU is done
+            torch.cuda.synchronize(resid.device)
     else:
         resid = torch.empty(0, n_rows, model.arch.hidden_size)
     if n_rows == 0:
@@ -280,7 +274,6 @@ def capture(
         token_ids=token_ids,
         modules={m: torch.cat(v, 0) for m, v in per_module.items()},
         module_inputs=inputs,
-        forward_seconds=t_fwd,
     )
 
 
