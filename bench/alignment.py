@@ -1,7 +1,8 @@
 """Cost of the pre-surgery diagnostics, as ratios taken within one run, and how it grows.
 
 For each pair and token budget: ratio = (activation capture + T1 + T2 + T3 + T4) / (bare forward
-passes of both models over the same budgeted texts, same batching, no hooks), medians of
+passes of both models over the same budgeted texts, batched as the capture batches them: texts
+of like length together; no hooks), medians of
 ``--repeat`` runs. The capture runs each model's backbone only (no LM head: no logits are needed),
 so ``ratio_backbone`` also divides by bare passes of the backbones, the floor a capture could reach.
 T2's time is split into the capture (``capture_s``: the forward passes with hooks), the row
@@ -38,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.budget import MAX_TOKENS_PER_TEXT, budget_texts  # noqa: E402
+from engine.budget import MAX_TOKENS_PER_TEXT, budget_texts, length_batches  # noqa: E402
 from engine.capture import CaptureCache, backbone  # noqa: E402
 from engine.runner import resolve_workload, run_tool  # noqa: E402
 from engine.data import load_workload  # noqa: E402
@@ -81,15 +82,20 @@ def workload_path(name: str) -> str:
 
 
 @torch.inference_mode()
-def bare_forward(model, texts, batch_size, net=None) -> float:
+def bare_forward(model, texts, batch_size, net=None, by_length: bool = True) -> float:
     """Seconds of plain forward passes (no hooks) of the whole model, logits included, or of
-    ``net`` (the backbone a capture runs, :func:`engine.capture.backbone`)."""
+    ``net`` (the backbone a capture runs, :func:`engine.capture.backbone`). Batched as the capture
+    batches (texts of like length together, :func:`engine.budget.length_batches`), or with
+    ``by_length=False`` in workload order, as this bench did before the capture sorted."""
     tok = model.tokenizer
     net = net if net is not None else model.model
     tok.padding_side = "right"
     t0 = time.perf_counter()
-    for b in range(0, len(texts), batch_size):
-        enc = tok(texts[b:b + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=MAX_TOKENS_PER_TEXT)
+    ids = tok(list(texts), truncation=True, max_length=MAX_TOKENS_PER_TEXT)["input_ids"]
+    batches = (length_batches([len(x) for x in ids], batch_size) if by_length
+               else [list(range(b, min(b + batch_size, len(ids)))) for b in range(0, len(ids), batch_size)])
+    for idx in batches:
+        enc = tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
         net(input_ids=enc["input_ids"].to(model.device), attention_mask=enc["attention_mask"].to(model.device), use_cache=False)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
@@ -109,12 +115,14 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
         run_tool(tool, d, t, {**opts, "max_tokens": 256}, captures=CaptureCache())
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    bare, base, diag, per_tool, capture = [], [], [], {k: [] for k in TOOLS}, []
+    bare, base, diag, per_tool, capture, in_order = [], [], [], {k: [] for k in TOOLS}, [], []
     shared = {"align_seconds": [], "cka_seconds": []}  # per repeat, summed over its tools
     n_rows = 0
     for _ in range(args.repeat):
         bare.append(bare_forward(d, texts, args.batch_size) + bare_forward(t, texts, args.batch_size))
         base.append(bare_forward(d, texts, args.batch_size, backbone(d)) + bare_forward(t, texts, args.batch_size, backbone(t)))
+        if args.in_order:
+            in_order.append(bare_forward(d, texts, args.batch_size, by_length=False) + bare_forward(t, texts, args.batch_size, by_length=False))
         cache = CaptureCache()  # fresh: the capture is part of what we time
         t0 = time.perf_counter()
         cap = 0.0
@@ -148,6 +156,10 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
         # every repeat, in order, so the spread behind the medians can be read
         "bare_forward_runs_s": [round(x, 4) for x in bare], "diagnostics_runs_s": [round(x, 4) for x in diag],
     }
+    if in_order:  # the bare passes as this bench ran them before the capture batched by length
+        out["bare_in_order_s"] = round(med(in_order), 4)
+        out["ratio_in_order"] = round(med(diag) / med(in_order), 3)
+        out["bare_in_order_runs_s"] = [round(x, 4) for x in in_order]
     if d.device.type == "cuda":
         out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
@@ -159,6 +171,7 @@ def line(r: dict) -> str:
             f"(÷backbone {r['ratio_backbone']:.2f}) peak_rss={r['peak_rss_mib']:.0f}MiB "
             + (f"peak_gpu={r['peak_gpu_mib']:.0f}MiB " if "peak_gpu_mib" in r else "")
             + " ".join(f"{k}={v:.3f}s" for k, v in r["per_tool_s"].items())
+            + (f" in-order bare={r['bare_in_order_s']:.3f}s ratio_in_order={r['ratio_in_order']:.2f} " if "bare_in_order_s" in r else "")
             + (f" (capture {r['capture_s']:.3f}s" if "capture_s" in r else "")
             + (f", align {r['align_s']:.3f}s, CKA {r['cka_s']:.3f}s)" if "cka_s" in r else ")" if "capture_s" in r else ""))
 
@@ -175,6 +188,8 @@ def main() -> None:
     ap.add_argument("--repeat-tiny", type=int, default=15, help="repeats for the tiny pairs (their passes take milliseconds)")
     ap.add_argument("--repeat-large", type=int, default=1, help="repeats for real models at 8,192 tokens or more")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default: every core, as the app runs)")
+    ap.add_argument("--in-order", action="store_true",
+                    help="also time bare passes in workload order (how this bench batched before the capture sorted by length)")
     ap.add_argument("--json", default="")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one pair, one budget, JSON on stdout
     args = ap.parse_args()
@@ -194,7 +209,7 @@ def main() -> None:
             repeat = args.repeat_tiny if name.startswith("tiny") else args.repeat if int(budget) < 8192 else args.repeat_large
             cmd = [sys.executable, __file__, "--child", "--pairs", name, "--budgets", budget, "--batch-size",
                    str(args.batch_size), "--device", args.device, "--dtype", args.dtype, "--workload", workload,
-                   "--repeat", str(repeat), "--threads", str(args.threads)]
+                   "--repeat", str(repeat), "--threads", str(args.threads)] + (["--in-order"] if args.in_order else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"{name} at {budget} tokens failed:\n{proc.stderr[-2000:]}")

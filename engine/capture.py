@@ -5,7 +5,9 @@ The pass runs the model's backbone only (:func:`backbone`): nothing captured nee
 Captures the residual stream ``h_l`` after every block (and ``h_{-1}``, the input of block 0,
 which includes position/scale terms some families add to the embeddings), and optionally the
 outputs and/or the inputs of chosen linear modules. Only non-padding, non-special tokens become
-rows, as float32; a token budget bounds memory. Module rows go to the CPU batch by batch. On CUDA
+rows, as float32, in workload order; a token budget bounds memory. Texts are tokenized once and
+batched by length (:func:`engine.budget.length_batches`), so padding costs little; each batch's rows
+go straight to their place in the stream. Module rows go to the CPU batch by batch. On CUDA
 the residual stream stays on the GPU while it fits (T2-T4 compute there) and is copied to the host
 only when asked for (:attr:`Capture.residual`); on a CPU it is there already.
 
@@ -26,13 +28,12 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .budget import MAX_TOKENS_PER_TEXT, budget_texts
+from .budget import MAX_TOKENS_PER_TEXT, budget_texts, length_batches
 from .data import texts_sha256
 from .errors import GraftError
 from .models import LoadedModel
 from .progress import Progress, silent
 
-_ENCODING_KEYS = ("input_ids", "attention_mask", "special_tokens_mask", "offset_mapping")
 
 
 @dataclass
@@ -157,6 +158,37 @@ def _hooks(model: LoadedModel, module_paths: dict[str, str], sink: dict[str, tor
             h.remove()
 
 
+def _encode(tok, texts: Sequence[str], max_length: int, fast: bool) -> list[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+    """Every text tokenized once, unpadded: (ids, kept positions, character spans or None). Kept:
+    not a special token and, with a fast tokenizer, spanning at least one character."""
+    enc = tok(list(texts), truncation=True, max_length=max_length, return_offsets_mapping=fast,
+              return_special_tokens_mask=True)
+    out = []
+    for k, ids in enumerate(enc["input_ids"]):
+        keep = ~np.asarray(enc["special_tokens_mask"][k], dtype=bool).reshape(-1)
+        off = None
+        if fast:
+            off = np.asarray(enc["offset_mapping"][k], dtype=np.int64).reshape(-1, 2)
+            keep &= off[:, 1] > off[:, 0]
+        out.append((np.asarray(ids, dtype=np.int64).reshape(-1), keep, off))
+    return out
+
+
+def _to(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``. To CUDA through pinned memory without waiting: a plain copy
+    would wait for the GPU to finish the batches already queued."""
+    t = torch.from_numpy(a)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _in_order(parts: list[torch.Tensor], dests: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Module rows of the batches in workload order: part k's rows go to rows dests[k]."""
+    out = torch.empty((n,) + tuple(parts[0].shape[1:]), dtype=parts[0].dtype)
+    for part, dest in zip(parts, dests):
+        out.index_copy_(0, dest, part)
+    return out
+
+
 @torch.inference_mode()
 def capture(
     model: LoadedModel,
@@ -188,91 +220,74 @@ def capture(
     module_paths = {m: lin[m] for m in modules}
     input_paths = {m: lin[m] for m in module_inputs}
     L = model.arch.n_layers
-    blocks: list[torch.Tensor] = []  # per batch: (L+1, n_b, d)
-    on_device = model.device.type == "cuda"  # keep the residual stream there while it fits
     per_module: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
     per_input: dict[str, list[torch.Tensor]] = {m: [] for m in module_inputs}
     # shares[m] = the module whose captured input m shares in every batch so far (None = own copy)
     shares: dict[str, Optional[str]] = {}
-    text_index: list[torch.Tensor] = []
-    offsets: list[torch.Tensor] = []
-    token_ids: list[list[int]] = []
+    dests: list[torch.Tensor] = []  # per batch: the final row of each of its rows (workload order)
     fast = bool(getattr(tok, "is_fast", False))
-    old_side = getattr(tok, "padding_side", "right")
-    tok.padding_side = "right"
-    net = backbone(model)
-    try:
-        for b0 in range(0, len(texts), batch_size):
-            progress(b0 / max(len(texts), 1), f"{model.label}: forward {b0}/{len(texts)} texts")
-            batch = list(texts[b0 : b0 + batch_size])
-            # Lists, made tensors here through numpy: BatchEncoding's own conversion walks every
-            # offset pair in Python (as long as the tiny models' forward passes at 2,048 tokens),
-            # and torch.tensor on nested lists takes four times numpy's time.
-            enc = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in tok(
-                batch, padding=True, truncation=True, max_length=max_length,
-                return_offsets_mapping=fast, return_special_tokens_mask=True,
-            ).items() if k in _ENCODING_KEYS}
-            keep = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()  # (B, T)
-            if fast:
-                off = enc["offset_mapping"]  # (B, T, 2)
-                keep &= off[..., 1] > off[..., 0]
-            sink: dict[str, torch.Tensor] = {}
-            inputs = {"input_ids": enc["input_ids"].to(model.device), "attention_mask": enc["attention_mask"].to(model.device)}
-            # The kept rows' flat indices, found once on the host: on CUDA a boolean mask per layer
-            # would wait for the device each time, and so would a copy to the host per layer.
-            rows_dev = keep.flatten().nonzero().squeeze(1).to(model.device)
-            take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows_dev)  # noqa: E731  (n_b, d)
-            gathered = _ResidualRows(L, rows_dev) if residual else None
-            with model.lock, _hooks(model, module_paths, sink, input_paths, gathered):
-                net(**inputs, use_cache=False)  # on CUDA no wait here: the host prepares the next batch meanwhile
-            if gathered is not None:
-                blocks.append(gathered.result().float())  # (L+1, n_b, d)
-                if on_device and not _fits(blocks, model.device):
-                    on_device = False  # from here on each batch goes to the host
-                    blocks = [b.cpu() for b in blocks]
-                elif not on_device:
-                    blocks[-1] = blocks[-1].cpu()  # one copy to the host per batch
-            for m in modules:
-                per_module[m].append(take(sink[m]).float().cpu())
-            first_of: dict[int, str] = {}  # id of a hooked input tensor -> first module that read it
-            for m in module_inputs:
-                t = sink[f"in:{m}"]
-                owner = first_of.setdefault(id(t), m)
-                same = owner != m and shares.get(m, owner) == owner
-                shares[m] = owner if same else None
-                per_input[m].append(per_input[owner][-1] if same else take(t).float().cpu())  # (n_b, in)
-            rows = torch.arange(len(batch)).unsqueeze(1).expand_as(keep)[keep] + b0
-            text_index.append(rows)
-            if fast:
-                offsets.append(off[keep])
-            for i in range(len(batch)):
-                token_ids.append(enc["input_ids"][i][keep[i]].tolist())
-    finally:
-        tok.padding_side = old_side
-    progress(1.0, f"{model.label}: captured")
-    n_rows = int(sum(int(t.numel()) for t in text_index))
-    if residual:
-        resid = torch.cat(blocks, 1)  # (L+1, n, d), on the device if on_device
-        if resid.is_cuda:  # the batches queued without waiting: the capture ends when the GPU is done
-            torch.cuda.synchronize(resid.device)
-    else:
-        resid = torch.empty(0, n_rows, model.arch.hidden_size)
+    enc = _encode(tok, texts, max_length, fast)  # per text: ids, kept positions, character spans
+    counts = [int(keep.sum()) for _, keep, _ in enc]
+    starts = np.cumsum([0] + counts)
+    n_rows = int(starts[-1])
     if n_rows == 0:
         raise GraftError("the workload produced no tokens")
+    # The whole stream at once, each batch's rows copied to their place as the batch ends: no
+    # concatenation doubling it at the end. On CUDA it stays there when it fits.
+    shape = (L + 1, n_rows, model.arch.hidden_size) if residual else (0, n_rows, model.arch.hidden_size)
+    on_device = residual and model.device.type == "cuda" and _fits(4 * shape[0] * n_rows * shape[2], model.device)
+    resid = torch.empty(shape, dtype=torch.float32, device=model.device if on_device else "cpu")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    net = backbone(model)
+    done = 0
+    for idx in length_batches([len(ids) for ids, _, _ in enc], batch_size):
+        progress(done / max(len(texts), 1), f"{model.label}: forward {done}/{len(texts)} texts")
+        done += len(idx)
+        if not any(counts[i] for i in idx):
+            continue  # no row to keep (texts of special tokens only): no pass
+        T = max(len(enc[i][0]) for i in idx)  # right padding, as the tokenizer pads
+        ids, mask, keep = np.full((len(idx), T), pad_id, np.int64), np.zeros((len(idx), T), np.int64), np.zeros((len(idx), T), bool)
+        for r, i in enumerate(idx):
+            n_i = len(enc[i][0])
+            ids[r, :n_i], mask[r, :n_i], keep[r, :n_i] = enc[i][0], 1, enc[i][1]
+        dests.append(torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])))
+        sink: dict[str, torch.Tensor] = {}
+        inputs = {"input_ids": _to(ids, model.device), "attention_mask": _to(mask, model.device)}
+        # The kept rows' flat indices, found once on the host: on CUDA a boolean mask per layer
+        # would wait for the device each time, and so would a copy to the host per layer.
+        rows_dev = _to(np.flatnonzero(keep), model.device)
+        take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows_dev)  # noqa: E731  (n_b, d)
+        gathered = _ResidualRows(L, rows_dev) if residual else None
+        with model.lock, _hooks(model, module_paths, sink, input_paths, gathered):
+            net(**inputs, use_cache=False)  # on CUDA no wait here: the host prepares the next batch meanwhile
+        if gathered is not None:  # (L+1, n_b, d): one copy to the host per batch if it goes there
+            resid.index_copy_(1, _to(dests[-1].numpy(), resid.device), gathered.result().float().to(resid.device))
+        for m in modules:
+            per_module[m].append(take(sink[m]).float().cpu())
+        first_of: dict[int, str] = {}  # id of a hooked input tensor -> first module that read it
+        for m in module_inputs:
+            t = sink[f"in:{m}"]
+            owner = first_of.setdefault(id(t), m)
+            same = owner != m and shares.get(m, owner) == owner
+            shares[m] = owner if same else None
+            per_input[m].append(per_input[owner][-1] if same else take(t).float().cpu())  # (n_b, in)
+    progress(1.0, f"{model.label}: captured")
+    if model.device.type == "cuda":  # the batches queued without waiting: the capture ends when the GPU is done
+        torch.cuda.synchronize(model.device)
     inputs: dict[str, torch.Tensor] = {}
     for m in module_inputs:
         owner = shares.get(m)
         # A module that read its owner's tensor in every batch shares the owner's rows (one copy).
-        inputs[m] = inputs[owner] if owner is not None else torch.cat(per_input[m], 0)
+        inputs[m] = inputs[owner] if owner is not None else _in_order(per_input[m], dests, n_rows)
     return Capture(
         label=model.label,
         texts=list(texts),
         residual_host=None if resid.is_cuda else resid,
         residual_device=resid if resid.is_cuda else None,
-        text_index=torch.cat(text_index),
-        offsets=torch.cat(offsets) if fast else None,
-        token_ids=token_ids,
-        modules={m: torch.cat(v, 0) for m, v in per_module.items()},
+        text_index=torch.repeat_interleave(torch.arange(len(enc)), torch.tensor(counts, dtype=torch.long)),
+        offsets=torch.cat([torch.from_numpy(off[keep]) for _, keep, off in enc]) if fast else None,
+        token_ids=[ids[keep].tolist() for ids, keep, _ in enc],
+        modules={m: _in_order(v, dests, n_rows) for m, v in per_module.items()},
         module_inputs=inputs,
     )
 
@@ -280,11 +295,10 @@ def capture(
 DEVICE_SHARE = 0.25  # a capture keeps its residual stream on the GPU while 4x its size fits in free memory
 
 
-def _fits(blocks: list[torch.Tensor], device: torch.device) -> bool:
-    """Whether the residual rows captured so far may stay on ``device``: what T2-T4 then make of
-    them (float64 layers, centred copies, Gram blocks) must fit too, as for
+def _fits(nbytes: int, device: torch.device) -> bool:
+    """Whether a residual stream of ``nbytes`` may stay on ``device``: what T2-T4 then make of
+    it (float64 layers, centred copies, Gram blocks) must fit too, as for
     :func:`engine.linalg.compute_device`."""
-    nbytes = sum(b.numel() * b.element_size() for b in blocks)
     free, _ = torch.cuda.mem_get_info(device)
     return nbytes <= DEVICE_SHARE * free
 

@@ -43,3 +43,36 @@ def test_a_block_that_never_ran_is_an_error_not_uninitialised_rows():
         rows.result()
     rows.put(0, h)
     assert torch.equal(rows.result()[2], (h + 1)[0, [0, 2]])
+
+
+def test_length_batches_put_like_lengths_together_and_every_text_once():
+    from engine.budget import length_batches
+
+    lengths = [5, 40, 7, 40, 1, 12, 7]
+    batches = length_batches(lengths, 3)
+    assert batches == [[1, 3, 5], [2, 6, 0], [4]]  # longest first; ties keep workload order
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert length_batches([], 8) == [] and length_batches([3], 0) == [[0]]
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2-a", "tiny-llama-b"])
+def test_rows_stay_in_workload_order_whatever_the_batches(name, one_thread):
+    """Batches by length reorder the passes, not the rows: batch sizes 1 and 3 (other neighbours,
+    other padding) give the same tokens in the same order, and the same residual and module rows to
+    float32 round-off; a text with no content tokens ('') adds no row and shifts none."""
+    m = ModelStore().get(ModelSpec.parse(name), "cpu", "float32")
+    texts = TEXTS[:2] + [""] + TEXTS[2:]
+    lin = [x.name for x in m.arch.linear_modules()][:3]
+    a = capture(m, texts, modules=lin, module_inputs=lin, batch_size=1)
+    b = capture(m, texts, modules=lin, module_inputs=lin, batch_size=3)
+    assert a.token_ids == b.token_ids and a.token_ids[2] == []
+    assert torch.equal(a.text_index, b.text_index) and 2 not in a.text_index.tolist()
+    assert torch.equal(a.offsets, b.offsets)
+    assert torch.allclose(a.residual, b.residual, atol=1e-5, rtol=1e-4)
+    for k in lin:
+        assert torch.allclose(a.modules[k], b.modules[k], atol=1e-5, rtol=1e-4)
+        assert torch.allclose(a.module_inputs[k], b.module_inputs[k], atol=1e-5, rtol=1e-4)
+    for k, text in enumerate(texts):  # each text's kept tokens, as its own tokenizer call gives them
+        enc = m.tokenizer(text, return_special_tokens_mask=True, return_offsets_mapping=True)
+        ids = [t for t, sp, (s, e) in zip(enc["input_ids"], enc["special_tokens_mask"], enc["offset_mapping"]) if not sp and e > s]
+        assert a.token_ids[k] == ids and len(ids) == int((a.text_index == k).sum())
