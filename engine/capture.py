@@ -209,7 +209,7 @@ def capture(
     """
     progress = progress or silent()
     tok = model.tokenizer
-    from .evaluate import context_length
+    from .evaluate import context_length, pad_id
 
     max_length = min(MAX_TOKENS_PER_TEXT, context_length(model.model))
     lin = {m.name: m.path for m in model.arch.linear_modules()}
@@ -237,7 +237,7 @@ def capture(
     shape = (L + 1, n_rows, model.arch.hidden_size) if residual else (0, n_rows, model.arch.hidden_size)
     on_device = residual and model.device.type == "cuda" and _fits(4 * shape[0] * n_rows * shape[2], model.device)
     resid = torch.empty(shape, dtype=torch.float32, device=model.device if on_device else "cpu")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    fill = pad_id(tok)
     net = backbone(model)
     done = 0
     for idx in length_batches([len(ids) for ids, _, _ in enc], batch_size):
@@ -246,7 +246,7 @@ def capture(
         if not any(counts[i] for i in idx):
             continue  # no row to keep (texts of special tokens only): no pass
         T = max(len(enc[i][0]) for i in idx)  # right padding, as the tokenizer pads
-        ids, mask, keep = np.full((len(idx), T), pad_id, np.int64), np.zeros((len(idx), T), np.int64), np.zeros((len(idx), T), bool)
+        ids, mask, keep = np.full((len(idx), T), fill, np.int64), np.zeros((len(idx), T), np.int64), np.zeros((len(idx), T), bool)
         for r, i in enumerate(idx):
             n_i = len(enc[i][0])
             ids[r, :n_i], mask[r, :n_i], keep[r, :n_i] = enc[i][0], 1, enc[i][1]

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .budget import length_batches
 from .errors import GraftError
 
 DeviceLike = Union[str, torch.device, None]
@@ -163,13 +164,11 @@ def perplexity(
     dev = model_device(model, device)
     max_length = min(max_length, context_length(model))
     encoded = [encode_text(tokenizer, t, max_length) for t in texts]
-    # Longest first: batches of similar length waste little compute on padding.
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     sums = [0.0] * len(texts)
     counts = [0] * len(texts)
     fill = pad_id(tokenizer)
     with frozen(model):
-        for idx in _batches(order, batch_size):
+        for idx in length_batches([len(e) for e in encoded], batch_size):  # little padding
             seqs = [encoded[i] for i in idx]
             if max(len(s) for s in seqs) < 2:
                 continue

@@ -16,6 +16,7 @@ import torch
 from transformers import GenerationConfig
 
 from .align import UNSPACED_CHAR
+from .budget import length_batches
 from .errors import GraftError
 from .evaluate import (DeviceLike, _batches, _pad_left, _pad_right, _qa_pair, answer_ids, context_length, encode_prompt,
                        eos_ids, fit_prompt, frozen, model_device, pad_id)
@@ -195,11 +196,10 @@ def graded_score(
     answers = [a[: max(ctx - min(len(p), ctx // 2), 1)] for p, a in zip(prompts, answers)]
     prompts = [fit_prompt(p, ctx - len(a)) for p, a in zip(prompts, answers)]
     seqs = [p + a for p, a in zip(prompts, answers)]
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     token_probs: list[list[float]] = [[] for _ in seqs]
     fill = pad_id(tokenizer)
     with frozen(model):
-        for idx in _batches(order, batch_size):
+        for idx in length_batches([len(x) for x in seqs], batch_size):
             ids, mask = _pad_right([seqs[i] for i in idx], fill, dev)
             logits = model(input_ids=ids, attention_mask=mask).logits
             for r, i in enumerate(idx):
