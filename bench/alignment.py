@@ -10,7 +10,10 @@ alignment with its outlier filter (``align_s``) and CKA itself (``cka_s``). Also
 process so the peaks do not mix) and, on CUDA, the peak GPU memory. Usage:
 
     python bench/alignment.py [--pairs tiny,smollm2,gemma] [--budgets 512,2048,8192] [--workload scale]
-                              [--device auto] [--dtype float32] [--repeat 3] [--threads 0] [--json out.json]
+                              [--device auto] [--dtype float32] [--repeat 3] [--threads 0] [--in-order] [--json out.json]
+
+``--in-order`` also times the bare passes batched in workload order (``bare_in_order_s``,
+``ratio_in_order``): how this bench batched them before the capture sorted its texts by length.
 
 ``--threads`` is torch's intra-op thread count (default 0: torch's default, every core, as the app
 runs and as the README's tables were taken; 1 for the one-thread figures). With more than one
