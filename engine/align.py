@@ -124,7 +124,7 @@ def _pool(resid: torch.Tensor, ids: torch.Tensor, n_groups: int) -> tuple[torch.
     """Mean of rows per group id (ids == -1 dropped). resid: (L, n, d) -> (L, n_groups, d), counts."""
     keep = ids >= 0
     idx = ids[keep]
-    src = resid[:, keep.to(resid.device), :]
+    src = resid if bool(keep.all()) else resid[:, keep.to(resid.device), :]  # no copy when every row counts
     out = torch.zeros(resid.shape[0], n_groups, resid.shape[2], dtype=resid.dtype, device=resid.device)
     counts = torch.bincount(idx, minlength=n_groups)  # on the CPU
     if resid.device.type == "cpu":
@@ -132,7 +132,7 @@ def _pool(resid: torch.Tensor, ids: torch.Tensor, n_groups: int) -> tuple[torch.
     else:
         ordered_add(out, idx, src, counts)
     counts = counts.to(resid.dtype)
-    return out / counts.clamp(min=1).view(1, -1, 1).to(resid.device), counts
+    return out.div_(counts.clamp(min=1).view(1, -1, 1).to(resid.device)), counts
 
 
 def _residuals(donor: Capture, target: Capture) -> tuple[torch.Tensor, torch.Tensor]:
