@@ -35,7 +35,6 @@ from .models import LoadedModel
 from .progress import Progress, silent
 
 
-
 @dataclass
 class Capture:
     """Activations of one model on one workload.
@@ -174,10 +173,9 @@ def _encode(tok, texts: Sequence[str], max_length: int, fast: bool) -> list[tupl
     return out
 
 
-def _to(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on ``device``. To CUDA through pinned memory without waiting: a plain copy
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``. To CUDA through pinned memory without waiting: a plain copy
     would wait for the GPU to finish the batches already queued."""
-    t = torch.from_numpy(a)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
@@ -209,7 +207,7 @@ def capture(
     """
     progress = progress or silent()
     tok = model.tokenizer
-    from .evaluate import context_length, pad_id
+    from .evaluate import _pad_right, context_length, pad_id
 
     max_length = min(MAX_TOKENS_PER_TEXT, context_length(model.model))
     lin = {m.name: m.path for m in model.arch.linear_modules()}
@@ -245,23 +243,20 @@ def capture(
         done += len(idx)
         if not any(counts[i] for i in idx):
             continue  # no row to keep (texts of special tokens only): no pass
-        T = max(len(enc[i][0]) for i in idx)  # right padding, as the tokenizer pads
-        ids, mask, keep = np.full((len(idx), T), fill, np.int64), np.zeros((len(idx), T), np.int64), np.zeros((len(idx), T), bool)
-        for r, i in enumerate(idx):
-            n_i = len(enc[i][0])
-            ids[r, :n_i], mask[r, :n_i], keep[r, :n_i] = enc[i][0], 1, enc[i][1]
+        ids, mask = _pad_right([enc[i][0] for i in idx], fill, torch.device("cpu"))  # (B, T) on the host
         dests.append(torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])))
         sink: dict[str, torch.Tensor] = {}
         inputs = {"input_ids": _to(ids, model.device), "attention_mask": _to(mask, model.device)}
-        # The kept rows' flat indices, found once on the host: on CUDA a boolean mask per layer
-        # would wait for the device each time, and so would a copy to the host per layer.
-        rows_dev = _to(np.flatnonzero(keep), model.device)
+        # The kept rows' flat indices in (B x T), found once on the host: on CUDA a boolean mask per
+        # layer would wait for the device each time, and so would a copy to the host per layer.
+        T = ids.shape[1]
+        rows_dev = _to(torch.from_numpy(np.concatenate([r * T + np.flatnonzero(enc[i][1]) for r, i in enumerate(idx)])), model.device)
         take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows_dev)  # noqa: E731  (n_b, d)
         gathered = _ResidualRows(L, rows_dev) if residual else None
         with model.lock, _hooks(model, module_paths, sink, input_paths, gathered):
             net(**inputs, use_cache=False)  # on CUDA no wait here: the host prepares the next batch meanwhile
         if gathered is not None:  # (L+1, n_b, d): one copy to the host per batch if it goes there
-            resid.index_copy_(1, _to(dests[-1].numpy(), resid.device), gathered.result().float().to(resid.device))
+            resid.index_copy_(1, _to(dests[-1], resid.device), gathered.result().float().to(resid.device))
         for m in modules:
             per_module[m].append(take(sink[m]).float().cpu())
         first_of: dict[int, str] = {}  # id of a hooked input tensor -> first module that read it

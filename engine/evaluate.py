@@ -113,7 +113,7 @@ def _pad_right(seqs: list[list[int]], fill: int, device: torch.device) -> tuple[
     ids = torch.full((len(seqs), width), fill, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+        ids[r, : len(s)] = torch.as_tensor(s, dtype=torch.long)
         mask[r, : len(s)] = 1
     return ids.to(device), mask.to(device)
 
