@@ -26,7 +26,7 @@ class MakeDonorParams:
     """``make-donor``: LoRA fine-tune a base model on a concept file. Typed like the tools' params,
     so the CLI flags, their help and their checks (finite numbers, ranges, paths) come from here."""
 
-    concept: str = param("", "Concept set JSONL (facts + questions) to teach the donor.", path="in")
+    concept: str = param("", "Concept set of facts + questions (JSONL or a .json array) to teach the donor.", path="in")
     out: str = param("", "Output folder: merged/ (the donor model), adapter/ (PEFT LoRA) and card.json.", path="out_dir")
     steps: int = param(_STEPS, "Training steps.", min=1, max=1_000_000)
     rank: int = param(_RANK, "LoRA rank r.", min=1, max=4096)

@@ -14,6 +14,11 @@ file and the line, so the user can fix the file without reading a traceback.
 A **workload** is a list of texts for the diagnostics: a concept-set JSONL (its
 :meth:`ConceptSet.texts`), a JSONL of ``{"text": ...}`` objects, or a plain-text file with one text
 per non-empty line.
+
+A ``.json`` file holds the same objects as one JSON array (``[{"kind": ...}, ...]``, or for a
+workload also ``[{"text": ...}, ...]`` or ``["text", ...]``); one saved as JSON Lines under a
+``.json`` name is read as JSON Lines. Errors then name the array item (``file.json item 3``) instead
+of the line.
 """
 from __future__ import annotations
 
@@ -32,8 +37,10 @@ PathLike = Union[str, Path]
 
 SPLITS = ("train", "test")
 KINDS = ("fact", "text", "qa")
-# Suffixes read as JSON Lines; every other suffix is read as plain text, one text per line.
+# Suffixes read as JSON Lines, and as one JSON array (or JSON Lines); every other suffix is read
+# as plain text, one text per line.
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSON_SUFFIXES = (".json",)
 # Share of QA items without an explicit split that go to "test" (hash bucket 0 of 3).
 _TEST_BUCKETS = 3
 
@@ -135,40 +142,80 @@ def _decode(p: Path, raw: bytes) -> str:
         raise GraftError(f"{p.name}:{line}: not valid UTF-8 text") from None
 
 
-def _json_lines(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
-    """Parse non-blank lines as JSON objects, keeping 1-based line numbers. Lines end at "\n" (and
+Records = list[tuple[str, Any]]  # (where, for messages: "file.jsonl:3" or "file.json item 3"; the parsed value)
+
+
+def _text_only(where: str, value: Any) -> None:
+    """A ``\\ud800`` escape parses to a lone surrogate, which is not text: no tokenizer takes it."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise GraftError(f"{where}: a string holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                         "escape), which is not text") from None
+
+
+def _json_lines(p: Path, text: str) -> Records:
+    """Parse non-blank lines as JSON objects, located by 1-based line numbers. Lines end at "\n" (and
     "\r\n") only: U+2028, U+2029 and U+0085 may stand unescaped inside JSON strings (``json.dumps``
     with ``ensure_ascii=False`` writes them so), where ``str.splitlines`` would cut the line."""
-    out: list[tuple[int, dict[str, Any]]] = []
+    out: Records = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
         if not line.strip():
             continue
+        where = f"{p.name}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise GraftError(f"{p.name}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+            raise GraftError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise GraftError(f"{p.name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        try:  # a \ud800 escape parses to a lone surrogate, which is not text: no tokenizer takes it
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise GraftError(f"{p.name}:{lineno}: a string holds a lone surrogate (an unpaired \\ud800-\\udfff "
-                             "escape), which is not text") from None
-        out.append((lineno, obj))
+            raise GraftError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        _text_only(where, obj)
+        out.append((where, obj))
     return out
 
 
-def _field(p: Path, lineno: int, obj: dict[str, Any], key: str, kind: str) -> str:
+def _json_items(p: Path, text: str, strings: bool = False) -> Records:
+    """A ``.json`` file's items: one JSON array of objects (or of strings, with ``strings``), a
+    single object, or, when the file is not one JSON value, JSON Lines."""
+    if not text.strip():
+        return []
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # more than one value: JSON Lines under a .json name
+            return _json_lines(p, text)
+        raise GraftError(f"{p.name}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise GraftError(f"{p.name}: expected a JSON array of objects, got {type(value).__name__}")
+    out: Records = []
+    for k, item in enumerate(value, start=1):
+        where = f"{p.name} item {k}"
+        if not isinstance(item, dict) and not (strings and isinstance(item, str)):
+            wanted = "a JSON object or a string" if strings else "a JSON object"
+            raise GraftError(f"{where}: expected {wanted}, got {type(item).__name__}")
+        _text_only(where, item)
+        out.append((where, item))
+    return out
+
+
+def _records(p: Path, raw: bytes, strings: bool = False) -> Records:
+    text = _decode(p, raw)
+    return _json_items(p, text, strings) if p.suffix.lower() in JSON_SUFFIXES else _json_lines(p, text)
+
+
+def _field(where: str, obj: dict[str, Any], key: str, kind: str) -> str:
     """A required non-empty string field, stripped."""
     if key not in obj:
-        raise GraftError(f"{p.name}:{lineno}: {kind} item is missing field '{key}'")
+        raise GraftError(f"{where}: {kind} item is missing field '{key}'")
     value = obj[key]
     if not isinstance(value, str):
-        raise GraftError(f"{p.name}:{lineno}: field '{key}' must be a string, got {type(value).__name__}")
+        raise GraftError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
     value = value.strip()
     if not value:
-        raise GraftError(f"{p.name}:{lineno}: field '{key}' is empty")
+        raise GraftError(f"{where}: field '{key}' is empty")
     return value
 
 
@@ -180,26 +227,28 @@ def _sha256(raw: bytes) -> str:
 # Concept sets
 
 
-def _parse_concept(p: Path, raw: bytes, records: Optional[list[tuple[int, dict[str, Any]]]] = None) -> ConceptSet:
-    """A concept set from a file's bytes (``records``: its lines, when already parsed)."""
-    records = records if records is not None else _json_lines(p, _decode(p, raw))
+def _parse_concept(p: Path, raw: bytes, records: Optional[Records] = None) -> ConceptSet:
+    """A concept set from a file's bytes (``records``: its objects, when already parsed)."""
+    records = records if records is not None else _records(p, raw)
     facts: list[str] = []
     # (question, answer, explicit split or None)
     pending: list[tuple[str, str, str | None]] = []
-    for lineno, obj in records:
+    for where, obj in records:
+        if not isinstance(obj, dict):
+            raise GraftError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         if "kind" not in obj:
-            raise GraftError(f"{p.name}:{lineno}: missing field 'kind' (one of {', '.join(KINDS)})")
+            raise GraftError(f"{where}: missing field 'kind' (one of {', '.join(KINDS)})")
         kind = obj["kind"]
         if kind not in KINDS:
-            raise GraftError(f"{p.name}:{lineno}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+            raise GraftError(f"{where}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
         if kind in ("fact", "text"):
-            facts.append(_field(p, lineno, obj, "text", kind))
+            facts.append(_field(where, obj, "text", kind))
             continue
-        question = _field(p, lineno, obj, "question", kind)
-        answer = _field(p, lineno, obj, "answer", kind)
+        question = _field(where, obj, "question", kind)
+        answer = _field(where, obj, "answer", kind)
         split = obj.get("split")
         if split is not None and split not in SPLITS:
-            raise GraftError(f"{p.name}:{lineno}: split must be 'train' or 'test', got {split!r}")
+            raise GraftError(f"{where}: split must be 'train' or 'test', got {split!r}")
         pending.append((question, answer, split))
 
     if not facts and not pending:
@@ -217,7 +266,7 @@ def _parse_concept(p: Path, raw: bytes, records: Optional[list[tuple[int, dict[s
 
 
 def load_concept_set(path: PathLike) -> ConceptSet:
-    """Load and strictly validate a concept-set JSONL file (see the module docstring)."""
+    """Load and strictly validate a concept set: JSONL, or a ``.json`` array (see the module docstring)."""
     p, raw = _read_bytes(path, "concept set")
     return _parse_concept(p, raw)
 
@@ -230,8 +279,9 @@ def load_workload(path: PathLike) -> Workload:
     """Load a workload: concept-set JSONL, ``{"text": ...}`` JSONL, or plain text.
 
     A JSONL file in which any line has a ``kind`` field is read as a concept set (and validated
-    as one); otherwise every line must be an object with a non-empty ``text`` string. Files with
-    any other suffix are plain text: one text per non-empty line, surrounding whitespace stripped.
+    as one); otherwise every line must be an object with a non-empty ``text`` string. A ``.json``
+    file is the same as one array, whose items may also be plain strings. Files with any other
+    suffix are plain text: one text per non-empty line, surrounding whitespace stripped.
     """
     p, raw = _read_bytes(path, "workload")
     key = (p.name, _sha256(raw))  # the file is read every time; parsed once per content and name
@@ -257,12 +307,13 @@ _WORKLOAD_CACHE_BYTES = 8 * 2**20
 
 
 def _parse_workload(p: Path, raw: bytes) -> Workload:
-    if p.suffix.lower() in JSONL_SUFFIXES:
-        records = _json_lines(p, _decode(p, raw))
-        if any("kind" in obj for _, obj in records):
+    if p.suffix.lower() in JSONL_SUFFIXES + JSON_SUFFIXES:
+        records = _records(p, raw, strings=True)
+        if any(isinstance(obj, dict) and "kind" in obj for _, obj in records):
             texts = _parse_concept(p, raw, records).texts()
         else:
-            texts = tuple(_field(p, lineno, obj, "text", "text") for lineno, obj in records)
+            texts = tuple(_field(where, {"text": obj} if isinstance(obj, str) else obj, "text", "text")
+                          for where, obj in records)
     else:
         texts = tuple(line.strip() for line in _decode(p, raw).splitlines() if line.strip())
     if not texts:

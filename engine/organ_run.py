@@ -64,7 +64,7 @@ def require_source(ctx: Any, organ: Organ, progress: Progress) -> LoadedModel:
 
 
 def training_texts(path: str) -> tuple[list[str], dict[str, Any]]:
-    """Texts of a concept set JSONL, a JSONL of {"text"} or a plain text file (one text a line);
+    """Texts of a workload file (:func:`engine.data.load_workload`: concept set, {"text"} JSONL or .json, plain text);
     empty = the bundled concept set."""
     from .data import builtin_concept_path
 

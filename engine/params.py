@@ -150,7 +150,7 @@ class HeldOutFit:
 class RunOptions:
     """Options every pair tool shares: the workload and how to run the models."""
 
-    workload: str = param("", "Workload file (concept-set JSONL, JSONL of {\"text\"}, or .txt one text per line). Empty = the bundled concept set.", path="in")
+    workload: str = param("", "Workload file (concept-set JSONL, JSONL of {\"text\"}, the same as one .json array, or .txt one text per line). Empty = the bundled concept set.", path="in")
     max_tokens: int = param(2048, "Token budget for activation capture (bounds memory).", min=8, max=1_000_000)
     batch_size: int = param(8, "Texts per forward pass.", min=1, max=512)
     device: str = param("auto", "Where to run: auto (CUDA when present), cpu or cuda.", choices=("auto", "cpu", "cuda"))

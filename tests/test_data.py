@@ -185,6 +185,52 @@ def test_workload_errors(tmp_path):
         load_workload(tmp_path / "missing.txt")
 
 
+def test_a_json_array_reads_as_its_jsonl_twin(tmp_path):
+    """A .json file holding the same objects as one array gives the same concept set and workload
+    as the JSONL file; JSON Lines saved under a .json name reads as JSON Lines; a workload's array may
+    hold plain strings; one object is a one-item array."""
+    items = [r for r in GOOD if r != ""]
+    jsonl = write_jsonl(tmp_path / "c.jsonl", GOOD)
+    arr = tmp_path / "c.json"
+    arr.write_text(json.dumps(items, indent=2), encoding="utf-8")
+    lines = write_jsonl(tmp_path / "lines.json", GOOD)
+    want = load_concept_set(jsonl)
+    for f in (arr, lines):
+        got = load_concept_set(f)
+        assert (got.facts, got.qa) == (want.facts, want.qa)
+        assert load_workload(f).texts == load_workload(jsonl).texts
+    strings = tmp_path / "prompts.json"
+    strings.write_text(json.dumps(["  first ", "second", {"text": "third"}]), encoding="utf-8")
+    assert load_workload(strings).texts == ("first", "second", "third")
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"text": "only"}), encoding="utf-8")
+    assert load_workload(one).texts == ("only",)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('', "workload w.json has no texts"),
+        ('[]', "workload w.json has no texts"),
+        ('[{"text": "ok"}, {"txt": "typo"}]', r"w.json item 2: .*missing field 'text'"),
+        ('["ok", 3]', r"w.json item 2: expected a JSON object or a string, got int"),
+        ('["ok", ""]', r"w.json item 2: field 'text' is empty"),
+        ('["ok", "\\ud800"]', r"w.json item 2: a string holds a lone surrogate"),
+        ('"just a string"', r"w.json: expected a JSON array of objects, got str"),
+        ('[{"text": "ok"},\n {"text": ]', r"w.json:2: bad JSON"),
+        ('[{"kind": "fact", "text": "x"}, {"kind": "poem", "text": "y"}]', r"w.json item 2: unknown kind 'poem'"),
+    ],
+)
+def test_json_workload_errors_name_the_item(tmp_path, text, match):
+    assert_refused(load_workload, tmp_path / "w.json", text, match)
+
+
+def test_a_json_concept_set_takes_objects_only(tmp_path):
+    assert_refused(load_concept_set, tmp_path / "c.json", '[{"kind": "fact", "text": "x"}, "a string"]',
+                   r"c.json item 2: expected a JSON object, got str")
+    assert_refused(load_concept_set, tmp_path / "e.json", "[]", "e.json has no items")
+
+
 def test_a_workload_is_parsed_once_per_content_and_reparsed_when_the_file_changes(tmp_path, monkeypatch):
     import engine.data as data
 

@@ -32,7 +32,7 @@ from ui.text import md
 TINY_PAIR = ("tiny-gpt2-a", "tiny-gpt2-b")
 OTHER = "\u2026other"  # the picker entry that reveals a free-text path / GGUF / hub id field
 BUILTIN_ORDER = (DEMO_DONOR, SMOLLM2)  # shown first; the rest of the built-ins follow
-UPLOAD_SUFFIXES = ("jsonl", "ndjson", "txt")
+UPLOAD_SUFFIXES = ("jsonl", "ndjson", "json", "txt")
 WORKLOAD_SOURCES = ("Bundled concept set", "Upload a file", "Path on this machine")
 
 STATE_ICONS = {"ready": "●", "needs preparing": "◐", "needs building": "◐", "unavailable": "○"}

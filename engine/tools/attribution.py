@@ -32,7 +32,7 @@ class AttributionParams(TransplantChoice):
     question: int = param(0, "Which test question of the concept set (0 = the first).", min=0, max=100_000)
     custom_question: str = param("", "Your own question instead (give custom_answer too).")
     custom_answer: str = param("", "The reference answer of your own question.")
-    concept: str = param("", "Concept set JSONL whose test questions are used. Empty = the bundled set.", path="in")
+    concept: str = param("", "Concept set (JSONL or a .json array) whose test questions are used. Empty = the bundled set.", path="in")
     objective: str = param("first-token", "What is attributed: the logit of the answer's first token, or the whole "
                                           "answer's log-probability (teacher forcing).", choices=OBJECTIVES)
     baseline: str = param("content", "Baseline input: 'content' replaces only the question's tokens (and the answer's, "

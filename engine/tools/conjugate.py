@@ -57,9 +57,9 @@ class ConjugateParams:
               "(0.05 = 5%); negative = never roll back.", min=-1.0, max=1e6)
     min_locality: float = param(0.0, "Also roll back when fewer than this share of retained prompts keep their greedy "
                                      "continuation; 0 = off.", min=0.0, max=1.0)
-    concept: str = param("", "Concept set JSONL: concept perplexity and task score on its test questions. Empty = the "
+    concept: str = param("", "Concept set (JSONL or .json): concept perplexity and task score on its test questions. Empty = the "
                              "bundled set.", path="in")
-    retained: str = param("", "Retained general set JSONL (perplexity, locality, auto-rollback). Empty = the bundled "
+    retained: str = param("", "Retained general set, JSONL or .json (perplexity, locality, auto-rollback). Empty = the bundled "
                               "set.", path="in")
     score: str = param("graded", "Task score S behind TIR and Recovery: graded or exact.", choices=SCORES)
     max_new_tokens: int = param(16, "Greedy tokens per test question and per retained prompt.", min=1, max=512)

@@ -36,7 +36,7 @@ from ..registry import Tool, register
 
 @dataclass(frozen=True)
 class InterferenceParams(TransplantChoice):
-    retained: str = param("", "Retained general set JSONL (texts the transplant should leave alone). Empty = the "
+    retained: str = param("", "Retained general set, JSONL or .json (texts the transplant should leave alone). Empty = the "
                               "bundled set.", path="in")
     texts: str = param("", "Your own text file to check as well: plain text (one text per line), {\"text\"} JSONL "
                            "or a concept set. Empty = none.", path="in")

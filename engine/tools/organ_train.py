@@ -18,7 +18,7 @@ from ..registry import Tool, register
 
 @dataclass(frozen=True)
 class OrganTrainParams:
-    concept: str = param("", "Training texts: concept set JSONL, JSONL of {\"text\"}, or a text file (one text a line). Empty = the bundled concept set.", path="in")
+    concept: str = param("", "Training texts: concept set or {\"text\"} JSONL (or .json array), or a text file (one text a line). Empty = the bundled concept set.", path="in")
     steps: int = param(50, "Training steps (the step budget).", min=1, max=1_000_000)
     lr: float = param(1e-3, "Adam learning rate.", min=1e-8, max=1.0)
     seed: int = param(0, "Seed of the batch order (the run is deterministic for a seed).", min=0, max=2**31 - 1)
