@@ -269,6 +269,8 @@ def capture(
     progress(1.0, f"{model.label}: captured")
     if model.device.type == "cuda":  # the batches queued without waiting: the capture ends when the GPU is done
         torch.cuda.synchronize(model.device)
+    modules_rows = {m: _in_order(v, dests, n_rows) for m, v in per_module.items()}
+    _finite_or_raise(model, resid, modules_rows)
     inputs: dict[str, torch.Tensor] = {}
     for m in module_inputs:
         owner = shares.get(m)
@@ -282,9 +284,26 @@ def capture(
         text_index=torch.repeat_interleave(torch.arange(len(enc)), torch.tensor(counts, dtype=torch.long)),
         offsets=torch.cat([torch.from_numpy(off[keep]) for _, keep, off in enc]) if fast else None,
         token_ids=[ids[keep].tolist() for ids, keep, _ in enc],
-        modules={m: _in_order(v, dests, n_rows) for m, v in per_module.items()},
+        modules=modules_rows,
         module_inputs=inputs,
     )
+
+
+def _finite_or_raise(model: LoadedModel, resid: torch.Tensor, modules: dict[str, torch.Tensor]) -> None:
+    """A GraftError naming where the captured rows first stop being finite, and why if it can tell:
+    every diagnostic of NaN or inf rows is undefined (an SVD of them fails outright). One float64
+    sum per layer (a NaN or inf anywhere makes it non-finite; finite float32 rows cannot overflow it)."""
+    parts = [(f"{'the embeddings' if l == 0 else f'block {l - 1}'}", resid[l]) for l in range(resid.shape[0])]
+    parts += [(f"module {m}", t) for m, t in modules.items()]
+    for where, rows in parts:
+        if rows.numel() and not bool(torch.isfinite(rows.sum(dtype=torch.float64))):
+            n_bad = int((~torch.isfinite(rows).all(dim=1)).sum())
+            bad_weight = next((n for n, p in model.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+            why = (f"its weights hold NaN or inf (first in {bad_weight})" if bad_weight else
+                   "float16 overflows in this model: run it in bfloat16 or float32 (--dtype)" if model.dtype == torch.float16
+                   else "its weights are finite, so the forward pass overflowed")
+            raise GraftError(f"{model.label} gives NaN or inf activations from {where} on ({n_bad} of {rows.shape[0]} "
+                             f"token rows): {why}")
 
 
 DEVICE_SHARE = 0.25  # a capture keeps its residual stream on the GPU while 4x its size fits in free memory

@@ -76,3 +76,40 @@ def test_rows_stay_in_workload_order_whatever_the_batches(name, one_thread):
         enc = m.tokenizer(text, return_special_tokens_mask=True, return_offsets_mapping=True)
         ids = [t for t, sp, (s, e) in zip(enc["input_ids"], enc["special_tokens_mask"], enc["offset_mapping"]) if not sp and e > s]
         assert a.token_ids[k] == ids and len(ids) == int((a.text_index == k).sum())
+
+
+def _gpt2_folder(tmp_path, name, edit):
+    """A tiny GPT-2 (tiny-gpt2-a's tokenizer) whose weights ``edit`` changed, saved as a model folder."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    tok = ModelStore().get(ModelSpec.parse("tiny-gpt2-a"), "cpu", "float32").tokenizer
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=len(tok),
+                                                    bos_token_id=0, eos_token_id=0))
+    with torch.no_grad():
+        edit(m)
+    m.save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / name)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("case, dtype, match", [
+    ("nan-weight", "float32", r"from block 1 on \(\d+ of \d+ token rows\): its weights hold NaN or inf "
+                              r"\(first in transformer\.h\.1\.mlp\.c_fc\.weight\)"),
+    ("overflow", "float32", r"from block 2 on .*: its weights are finite, so the forward pass overflowed"),
+    ("overflow16", "float16", r"from block 2 on .*: float16 overflows in this model: run it in bfloat16 or float32"),
+])
+def test_nan_or_inf_activations_are_named_not_passed_on(tmp_path, case, dtype, match):
+    """Rows that are not finite would make every diagnostic undefined (T3's SVD failed outright):
+    the capture names the first block that gives them, and why."""
+    edits = {
+        "nan-weight": lambda m: m.transformer.h[1].mlp.c_fc.weight.__setitem__((0, 0), float("nan")),
+        "overflow": lambda m: (m.transformer.h[2].mlp.c_fc.weight.mul_(1e25), m.transformer.h[2].mlp.c_proj.weight.mul_(1e25)),
+        "overflow16": lambda m: (m.transformer.h[2].mlp.c_fc.weight.mul_(1e4), m.transformer.h[2].mlp.c_proj.weight.mul_(1e4)),
+    }
+    folder = _gpt2_folder(tmp_path, case, edits[case])
+    m = ModelStore().get(ModelSpec.parse(folder), "cpu", dtype)
+    with pytest.raises(GraftError, match=match):
+        capture(m, TEXTS, batch_size=3)
+    m16 = ModelStore().get(ModelSpec.parse(_gpt2_folder(tmp_path, "clean", lambda m: None)), "cpu", dtype)
+    assert torch.isfinite(capture(m16, TEXTS, batch_size=3).residual).all()  # the same model, unedited, passes
