@@ -42,6 +42,9 @@ def read_model_folder(folder: Path, dtype: torch.dtype, *, label: str, where: st
         msg = _first_line(exc)
         if "trust_remote_code" in msg:
             raise GraftError(f"{label} needs custom code: turn on 'trust remote code' only if you trust it") from exc
+        mismatch = _shape_mismatch(folder) if "mismatched_sizes" in msg else None
+        if mismatch:
+            raise GraftError(f"cannot load {where}: its weights do not fit its config.json ({mismatch})") from exc
         raise GraftError(f"cannot load {where}: {type(exc).__name__}: {msg}") from exc
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kw)
@@ -52,7 +55,35 @@ def read_model_folder(folder: Path, dtype: torch.dtype, *, label: str, where: st
         if "trust_remote_code" in msg:
             raise GraftError(f"{label} needs custom code: turn on 'trust remote code' only if you trust it") from exc
         raise GraftError(f"cannot load the tokenizer of {where}: {type(exc).__name__}: {msg}") from exc
+    if not tok("Hello, world.", add_special_tokens=False)["input_ids"]:  # transformers builds an empty one
+        raise GraftError(f"{where} has no usable tokenizer (no tokenizer.json, tokenizer.model or vocab files there): "
+                         "every text would be zero tokens; copy its base model's tokenizer files into the folder")
     return model, tok
+
+
+def _shape_mismatch(folder: Path) -> Optional[str]:
+    """The first weight whose shape in the folder's safetensors headers is not the one its config.json
+    gives the model (built on the meta device: no memory, whatever the config asks for), as one
+    phrase; None when none is found. transformers only says "look at the above report" then."""
+    try:
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as sf:
+                shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+        prefix = model.base_model_prefix
+        for name, t in model.state_dict().items():
+            key = next((k for k in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}") if k in shapes), None)
+            if key is not None and shapes[key] != tuple(t.shape):
+                dims = lambda s: " x ".join(map(str, s))  # noqa: E731
+                return f"{key} is {dims(shapes[key])} in the weights, config.json makes it {dims(t.shape)}"
+    except Exception:  # a best effort for the message only: the load has failed already
+        return None
+    return None
 
 
 def cached_hub_folder(ref: str) -> Optional[Path]:

@@ -205,6 +205,32 @@ def test_broken_tokenizer_is_a_graft_error(folder, capsys):
     assert "tokenizer" in cli_error(capsys, folder)
 
 
+def test_a_folder_without_tokenizer_files_is_named(folder, capsys):
+    """transformers builds an empty tokenizer for such a folder, so every text was zero tokens and
+    the run stopped on "the workload produced no tokens"."""
+    for f in folder.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            f.unlink()
+    with pytest.raises(GraftError, match="has no usable tokenizer"):
+        load(folder)
+    assert "has no usable tokenizer" in cli_error(capsys, folder)
+
+
+@pytest.mark.parametrize("width", [48, 1 << 20])  # 2^20: the model the config asks for would not fit in memory
+def test_weights_that_do_not_fit_the_config_name_the_first_tensor(folder, capsys, width):
+    cfg = json.loads((folder / "config.json").read_text())
+    wte = next(k for k in ("n_embd", "hidden_size") if k in cfg)
+    real = cfg[wte]
+    cfg[wte] = width
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GraftError) as exc:
+        load(folder)
+    msg = str(exc.value)
+    assert "its weights do not fit its config.json" in msg, msg
+    assert f"x {real} in the weights, config.json makes it " in msg and f"x {width})" in msg, msg
+    assert "do not fit its config.json" in cli_error(capsys, folder)
+
+
 # --------------------------------------------------------------------------- GGUF
 def _gguf_bytes(tmp_path: Path) -> bytes:
     """A real GGUF: the bundled SmolLM2 file when installed (only its first bytes are read),
