@@ -185,6 +185,10 @@ def adapter_deltas(ref: AdapterRef, n_layers: Optional[int] = None,
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise GraftError(f"{where}: module {path} has non-finite values (NaN or infinity) in its LoRA factors")
+        scaled = (B * scale).contiguous()
+        if not bool(torch.isfinite(scaled).all()):
+            raise GraftError(f"{where}: module {path}'s scale lora_alpha / {'sqrt(r)' if rslora else 'r'} = {scale:.3g} "
+                             f"takes its lora_B past the {str(B.dtype).replace('torch.', '')} range (see {ADAPTER_CONFIG})")
         pre, layer, rel = _place(path)
         if layer >= 0 and pre == main:
             canonical = _CANONICAL.get(rel)
@@ -200,7 +204,7 @@ def adapter_deltas(ref: AdapterRef, n_layers: Optional[int] = None,
         else:
             layer, module, kind, name, known = -1, path, "other", path, False
             report.unknown_modules.append(path)
-        out.append(ModuleDelta(name=name, layer=layer, module=module, kind=kind, B=(B * scale).contiguous(),
+        out.append(ModuleDelta(name=name, layer=layer, module=module, kind=kind, B=scaled,
                                A=A.contiguous(), source=path, known=known, scale=scale))
     if not out:
         raise GraftError(f"{where} holds no complete LoRA module (lora_A with its lora_B)")

@@ -453,6 +453,12 @@ def test_hostile_adapter_folders(tiny_adapter, tmp_path):
     cfg["r"] = 8
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     cases[d] = "does not match"
+    d = tmp_path / "alpha_overflow"  # finite alpha whose scale overflows the factors (was an internal SVD error)
+    shutil.copytree(tiny_adapter["path"], d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = 1e308
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    cases[d] = "past the float32 range"
     cases[tmp_path / "missing"] = "not found"
     for folder, what in cases.items():
         with pytest.raises(GraftError) as e:
