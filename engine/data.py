@@ -183,8 +183,12 @@ def _json_items(p: Path, text: str, strings: bool = False) -> Records:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # more than one value: JSON Lines under a .json name
-            return _json_lines(p, text)
+        if e.msg == "Extra data":  # more than one value: JSON Lines under a .json name, or one value and more
+            try:
+                return _json_lines(p, text)
+            except GraftError:
+                raise GraftError(f"{p.name}:{e.lineno}: bad JSON (more after the first value, at column {e.colno}; "
+                                 "neither one JSON value nor JSON Lines)") from None
         raise GraftError(f"{p.name}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
     if isinstance(value, dict):
         value = [value]

@@ -218,6 +218,7 @@ def test_a_json_array_reads_as_its_jsonl_twin(tmp_path):
         ('["ok", "\\ud800"]', r"w.json item 2: a string holds a lone surrogate"),
         ('"just a string"', r"w.json: expected a JSON array of objects, got str"),
         ('[{"text": "ok"},\n {"text": ]', r"w.json:2: bad JSON"),
+        ('[\n  {"text": "ok"}\n]\n{"text": "more"}', r"w.json:4: bad JSON \(more after the first value, at column 1"),
         ('[{"kind": "fact", "text": "x"}, {"kind": "poem", "text": "y"}]', r"w.json item 2: unknown kind 'poem'"),
     ],
 )
