@@ -139,3 +139,23 @@ def test_a_crafted_link_renders_no_markup_and_fetches_nothing(app_url, page):
     assert page.locator('a[href*="example.invalid"]').count() == 0
     assert page.locator(".katex").count() == 0
     assert page.locator('[data-testid="stException"]').count() == 0
+
+
+def test_a_json_workload_uploads_and_runs_in_a_real_browser(app_url, page, tmp_path):
+    """The sidebar's upload takes a .json array of texts, counts its texts, and T2 runs on it."""
+    import json
+
+    from playwright.sync_api import expect
+
+    f = tmp_path / "prompts.json"
+    f.write_text(json.dumps(["Paris is the capital of France.", {"text": "Water boils at one hundred degrees."},
+                             "The quick brown fox jumps over the lazy dog."]), encoding="utf-8")
+    page.goto(f"{app_url}/alignment?donor=tiny-gpt2-a&target=tiny-gpt2-b", timeout=60_000)
+    expect(page.get_by_role("heading", name="Alignment", exact=True, level=1)).to_be_visible(timeout=60_000)
+    page.get_by_text("Run options").click()
+    page.get_by_text("Upload a file").click()
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(f))
+    expect(page.get_by_text("prompts · 3 texts")).to_be_visible(timeout=30_000)
+    page.get_by_role("button", name="Run T2").click()
+    expect(page.locator(".js-plotly-plot .heatmaplayer g.hm").first).to_be_attached(timeout=90_000)
+    assert page.locator('[data-testid="stException"]').count() == 0
