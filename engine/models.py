@@ -336,7 +336,12 @@ def load_model(
         else:  # pragma: no cover - parse() only admits known names
             raise GraftError(f"unknown built-in model {spec.ref}")
         progress(0.9, f"loading {spec.ref}")
-        return _load_folder(spec, folder, dev, dt)
+        try:
+            return _load_folder(spec, folder, dev, dt)
+        except GraftError as exc:  # the cache was damaged on disk (it is written atomically): say how to rebuild it
+            cache = demo_donor_dir() if spec.ref == DEMO_DONOR else folder
+            raise GraftError(f"{exc} (Graft's cache of {spec.ref}: delete {cache} and run python -m engine prepare"
+                             f"{' --gemma' if spec.ref == GEMMA3 else ''} to rebuild it)") from exc
     if spec.kind == "path":
         return _load_folder(spec, Path(spec.ref), dev, dt)
     if spec.kind == "gguf":

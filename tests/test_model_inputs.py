@@ -231,6 +231,20 @@ def test_weights_that_do_not_fit_the_config_name_the_first_tensor(folder, capsys
     assert "do not fit its config.json" in cli_error(capsys, folder)
 
 
+def test_a_damaged_builtin_cache_says_how_to_rebuild_it(tiny_gpt2_folder, tmp_path, monkeypatch, capsys):
+    """The caches are written atomically, so only damage on disk truncates one: the error names the
+    file and says which folder to delete and what rebuilds it."""
+    monkeypatch.setenv("GRAFT_MODELS_HOME", str(tmp_path / "models"))
+    cache = tmp_path / "models" / "smollm2-135m-instruct"
+    shutil.copytree(tiny_gpt2_folder, cache)
+    _truncate(cache)
+    with pytest.raises(GraftError) as exc:
+        load_model(ModelSpec.parse("smollm2-135m-instruct"), "cpu")
+    msg = str(exc.value)
+    assert "model.safetensors is truncated" in msg and "\n" not in msg, msg
+    assert f"delete {cache} and run python -m engine prepare to rebuild it" in msg, msg
+
+
 # --------------------------------------------------------------------------- GGUF
 def _gguf_bytes(tmp_path: Path) -> bytes:
     """A real GGUF: the bundled SmolLM2 file when installed (only its first bytes are read),
