@@ -291,13 +291,17 @@ def capture(
 
 def _finite_or_raise(model: LoadedModel, resid: torch.Tensor, modules: dict[str, torch.Tensor]) -> None:
     """A GraftError naming where the captured rows first stop being finite, and why if it can tell:
-    every diagnostic of NaN or inf rows is undefined (an SVD of them fails outright). One float64
-    sum per layer (a NaN or inf anywhere makes it non-finite; finite float32 rows cannot overflow it)."""
+    every diagnostic of NaN or inf rows is undefined (an SVD of them fails outright). One float32
+    sum per layer screens (a NaN or inf anywhere makes it non-finite: 12 ms for 31 layers of 7,902
+    rows x 576, where a float64 sum took 400 ms); only a non-finite sum is checked value by value,
+    since finite rows can overflow a float32 sum."""
     parts = [(f"{'the embeddings' if l == 0 else f'block {l - 1}'}", resid[l]) for l in range(resid.shape[0])]
     parts += [(f"module {m}", t) for m, t in modules.items()]
     for where, rows in parts:
-        if rows.numel() and not bool(torch.isfinite(rows.sum(dtype=torch.float64))):
+        if rows.numel() and not bool(torch.isfinite(rows.sum())):
             n_bad = int((~torch.isfinite(rows).all(dim=1)).sum())
+            if n_bad == 0:
+                continue  # large finite values whose float32 sum overflowed
             bad_weight = next((n for n, p in model.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
             why = (f"its weights hold NaN or inf (first in {bad_weight})" if bad_weight else
                    "float16 overflows in this model: run it in bfloat16 or float32 (--dtype)" if model.dtype == torch.float16

@@ -113,3 +113,18 @@ def test_nan_or_inf_activations_are_named_not_passed_on(tmp_path, case, dtype, m
         capture(m, TEXTS, batch_size=3)
     m16 = ModelStore().get(ModelSpec.parse(_gpt2_folder(tmp_path, "clean", lambda m: None)), "cpu", dtype)
     assert torch.isfinite(capture(m16, TEXTS, batch_size=3).residual).all()  # the same model, unedited, passes
+
+
+def test_large_finite_rows_pass_the_finite_screen():
+    """The screen is a float32 sum per layer, which finite rows near the float32 range overflow: those
+    rows are checked value by value and pass; one inf among them does not."""
+    from types import SimpleNamespace
+
+    from engine.capture import _finite_or_raise
+
+    model = SimpleNamespace(label="m", dtype=torch.float32, model=torch.nn.Linear(2, 2))
+    rows = torch.full((3, 10, 4), 3e37)  # every sum of a layer overflows float32
+    _finite_or_raise(model, rows, {"blocks.0.mlp.up": rows[0]})
+    rows[2, 7, 1] = float("inf")
+    with pytest.raises(GraftError, match=r"from block 1 on \(1 of 10 token rows\): its weights are finite"):
+        _finite_or_raise(model, rows, {})
