@@ -17,7 +17,7 @@ process so the peaks do not mix) and, on CUDA, the peak GPU memory. Usage:
 
 ``--threads`` is torch's intra-op thread count (default 0: torch's default, every core, as the app
 runs and as the README's tables were taken; 1 for the one-thread figures). With more than one
-thread on a CPU, T3's layers and T4's positions run side by side (``engine/threads.py``). The JSON also lists every repeat (``bare_forward_runs_s``,
+thread on a CPU, T3's layers and T4's positions run side by side (``engine/core/threads.py``). The JSON also lists every repeat (``bare_forward_runs_s``,
 ``diagnostics_runs_s``): with several threads the bare passes vary between repeats.
 
 Workloads: ``concept`` is the bundled concept set (what the app runs by default; it holds about
@@ -42,11 +42,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.budget import MAX_TOKENS_PER_TEXT, budget_texts, length_batches  # noqa: E402
-from engine.capture import CaptureCache, backbone  # noqa: E402
-from engine.runner import resolve_workload, run_tool  # noqa: E402
-from engine.data import load_workload  # noqa: E402
-from engine.models import DEMO_DONOR, GEMMA3, SMOLLM2, ModelSpec, ModelStore, builtin_folder  # noqa: E402
+from engine.measure.budget import MAX_TOKENS_PER_TEXT, budget_texts, length_batches  # noqa: E402
+from engine.measure.capture import CaptureCache, backbone  # noqa: E402
+from engine.core.data import resolve_workload  # noqa: E402
+from engine.running.runner import run_tool  # noqa: E402
+from engine.core.data import load_workload  # noqa: E402
+from engine.loading.models import DEMO_DONOR, GEMMA3, SMOLLM2, ModelSpec, ModelStore, builtin_folder  # noqa: E402
 
 PAIRS = {"tiny": ("tiny-gpt2-a", "tiny-gpt2-b"), "tiny-cross": ("tiny-gpt2-a", "tiny-llama-b"),
          "smollm2": (DEMO_DONOR, SMOLLM2), "gemma": (SMOLLM2, GEMMA3)}
@@ -87,8 +88,8 @@ def workload_path(name: str) -> str:
 @torch.inference_mode()
 def bare_forward(model, texts, batch_size, net=None, by_length: bool = True) -> float:
     """Seconds of plain forward passes (no hooks) of the whole model, logits included, or of
-    ``net`` (the backbone a capture runs, :func:`engine.capture.backbone`). Batched as the capture
-    batches (texts of like length together, :func:`engine.budget.length_batches`), or with
+    ``net`` (the backbone a capture runs, :func:`engine.measure.capture.backbone`). Batched as the capture
+    batches (texts of like length together, :func:`engine.measure.budget.length_batches`), or with
     ``by_length=False`` in workload order, as this bench did before the capture sorted."""
     tok = model.tokenizer
     net = net if net is not None else model.model

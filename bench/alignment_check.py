@@ -18,9 +18,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.capture import CaptureCache  # noqa: E402
-from engine.runner import run_tool  # noqa: E402
-from engine.models import ModelSpec, ModelStore  # noqa: E402
+from engine.measure.capture import CaptureCache  # noqa: E402
+from engine.running.runner import run_tool  # noqa: E402
+from engine.loading.models import ModelSpec, ModelStore  # noqa: E402
 
 from alignment import PAIRS, TOOLS, workload_path  # noqa: E402  (bench/ is on sys.path when run as a script)
 

@@ -30,12 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.arch import ArchAdapter  # noqa: E402
-from engine.runner import run_tool  # noqa: E402
-from engine.errors import GraftError  # noqa: E402
-from engine.models import DEMO_DONOR, SMOLLM2, LoadedModel, ModelSpec  # noqa: E402
-from engine.tiny import build_tiny  # noqa: E402
-from engine.twin import rotate_model  # noqa: E402
+from engine.loading.arch import ArchAdapter  # noqa: E402
+from engine.running.runner import run_tool  # noqa: E402
+from engine.core.errors import GraftError  # noqa: E402
+from engine.loading.models import DEMO_DONOR, SMOLLM2, LoadedModel, ModelSpec  # noqa: E402
+from engine.loading.tiny import build_tiny  # noqa: E402
+from engine.surgery.twin import rotate_model  # noqa: E402
 
 TINY = ("self", "planted", "twin", "cross", "unrelated")
 

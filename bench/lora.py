@@ -1,4 +1,4 @@
-"""Cost and exactness of Model Surgery stage 1 (engine.lora, T5 / T6).
+"""Cost and exactness of Model Surgery stage 1 (engine.adapters.lora, T5 / T6).
 
 1. **Factored spectrum vs dense SVD** at ``d x d`` with a rank-``r`` update ``B @ A`` (default
    d = 2048, r = 16): ``factored_svd`` (QR of B and A^T, SVD of the r x r core) against a dense
@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.arch import linear_weight_out_in  # noqa: E402
-from engine.finetune_delta import finetune_deltas  # noqa: E402
-from engine.lowrank import factored_svd  # noqa: E402
+from engine.loading.arch import linear_weight_out_in  # noqa: E402
+from engine.adapters.finetune_delta import finetune_deltas  # noqa: E402
+from engine.adapters.lowrank import factored_svd  # noqa: E402
 
 
 def _median_time(fn, repeat: int) -> tuple[float, object]:
@@ -65,8 +65,8 @@ def bench_factored(d: int, r: int, repeat: int, dense_repeat: int) -> dict:
 
 
 def bench_smollm2(rank: int) -> dict:
-    from engine.runner import run_tool
-    from engine.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, demo_donor_ready
+    from engine.running.runner import run_tool
+    from engine.loading.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, demo_donor_ready
 
     if not demo_donor_ready():
         return {"skipped": "the demo donor is not built (python -m engine prepare)"}

@@ -1,4 +1,4 @@
-"""Organ transplantation (NOT, METHODS.md operation 2) on SmolLM2-135M-Instruct: cost and the
+"""Organ transplantation (NOT, docs/methods.md operation 2) on SmolLM2-135M-Instruct: cost and the
 paper's headline claims, measured with Graft's own tools and organ modules.
 
 Everything runs on SmolLM2-135M-Instruct (L = 30 blocks) with the bundled concept set. The organ
@@ -46,15 +46,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.beforeafter import load_sets  # noqa: E402
-from engine.runner import run_tool  # noqa: E402
-from engine.evalcache import clear_cache  # noqa: E402
-from engine.models import SMOLLM2, ModelSpec, ModelStore  # noqa: E402
-from engine.organ import default_start, extract_organ, load_organ  # noqa: E402
-from engine.organ_run import evaluate_insertion, evaluate_target, short, spearman  # noqa: E402
-from engine.organ_surgery import OrganInsertion, Placement  # noqa: E402
-from engine.organ_train import mean_loss, standalone_model  # noqa: E402
-from engine.progress import Progress, silent  # noqa: E402
+from engine.evaluation.beforeafter import load_sets  # noqa: E402
+from engine.running.runner import run_tool  # noqa: E402
+from engine.evaluation.evalcache import clear_cache  # noqa: E402
+from engine.loading.models import SMOLLM2, ModelSpec, ModelStore  # noqa: E402
+from engine.surgery.organ import default_start, extract_organ, load_organ  # noqa: E402
+from engine.running.organ_run import evaluate_insertion, evaluate_target, short, spearman  # noqa: E402
+from engine.surgery.organ_surgery import OrganInsertion, Placement  # noqa: E402
+from engine.surgery.organ_train import mean_loss, standalone_model  # noqa: E402
+from engine.core.progress import Progress, silent  # noqa: E402
 
 STEPS, QUICK_STEPS = 90, 20
 GRID, QUICK_GRID = "1,3,5,7,10,14,20,27", "1,7,10,20"
@@ -166,7 +166,7 @@ def checkpoint_lossless(target: Any, store: ModelStore, ckpt: str, start: int, s
 
 
 def train_lora(target: Any, store: ModelStore, sets: Any, out: Path, steps: int) -> dict[str, Any]:
-    from engine.donor import make_donor
+    from engine.adapters.donor import make_donor
 
     t0 = time.perf_counter()
     with target.lock:

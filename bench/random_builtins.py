@@ -29,7 +29,7 @@ MODELS = {"smol": "smollm2-135m-instruct", "donor": "smollm2-135m-instruct+conce
 
 
 def export(out: Path) -> None:
-    from engine.paths import models_dir
+    from engine.core.paths import models_dir
 
     for key, rel in MODELS.items():
         src, dst = models_dir() / rel, out / key

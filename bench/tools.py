@@ -31,12 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.budget import MAX_TOKENS_PER_TEXT  # noqa: E402
-from engine.beforeafter import load_sets  # noqa: E402
-from engine.data import builtin_concept_path, load_workload  # noqa: E402
-from engine.evaluate import encode_prompt  # noqa: E402
-from engine.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore  # noqa: E402
-from engine.runner import run_tool  # noqa: E402
+from engine.measure.budget import MAX_TOKENS_PER_TEXT  # noqa: E402
+from engine.evaluation.beforeafter import load_sets  # noqa: E402
+from engine.core.data import builtin_concept_path, load_workload  # noqa: E402
+from engine.loading.tokens import encode_prompt  # noqa: E402
+from engine.loading.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore  # noqa: E402
+from engine.running.runner import run_tool  # noqa: E402
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Cost of a reversible module swap (engine.transplant.ModuleSwap).
+"""Cost of a reversible module swap (engine.surgery.transplant.ModuleSwap).
 
 For each pair and each K (modules spread evenly over the swappable ones): time to materialise
 the working copy, median apply and rollback times over ``--repeat`` cycles, and the extra memory
@@ -9,7 +9,7 @@ rollback is bit-exact (weight hash) and that the cached target is untouched. Usa
     python bench/transplant.py [--pairs tiny,smollm2] [--k 8,32] [--repeat 5] [--device cpu] [--dtype float32]
 
 The SmolLM2 pair is the demo donor (SmolLM2 + concept LoRA) into SmolLM2 when the donor is
-built ("ready" in engine.models.builtin_status()); otherwise SmolLM2 into itself, which costs the
+built ("ready" in engine.loading.models.builtin_status()); otherwise SmolLM2 into itself, which costs the
 same (the copied bytes do not depend on their values), and the output says so.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, builtin_status  # noqa: E402
-from engine.transplant import ModuleSwap, swappable_modules  # noqa: E402
+from engine.loading.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, builtin_status  # noqa: E402
+from engine.surgery.transplant import ModuleSwap, swappable_modules  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -36,7 +36,7 @@ WIDTH = 1440
 
 def default_pair() -> tuple[str, str]:
     sys.path.insert(0, str(ROOT))
-    from engine.models import DEMO_DONOR, SMOLLM2, builtin_status
+    from engine.loading.models import DEMO_DONOR, SMOLLM2, builtin_status
 
     status = builtin_status()
     if status[DEMO_DONOR]["state"] == "ready" and status[SMOLLM2]["state"] == "ready":

@@ -7,20 +7,16 @@ input print one line on stderr and exit 2; nothing is written unless the run suc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
-import stat
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from . import jsonsafe
-from .errors import Cancelled, GraftError, printable_line
-from .outputs import check_output_file, is_stream, new_file_mode
-from .params import WORKLOAD_OPTIONS, ParamSpec, RunOptions, param_specs
-from .progress import Progress
+from .core import jsonsafe
+from .core.errors import Cancelled, GraftError, printable_line
+from .core.outputs import check_output_file, write_text_atomic
+from .core.params import WORKLOAD_OPTIONS, ParamSpec, RunOptions, param_specs
+from .core.progress import Progress
 
 
 class _Bar:
@@ -66,32 +62,6 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
     write_text_atomic(path, jsonsafe.dumps(payload, indent=2), "--json")
 
 
-def write_text_atomic(path: str, text: str, what: str, suggest: str = "result.json") -> Path:
-    """Write ``text`` to ``path`` atomically: a failed write never clobbers an existing file and
-    leaves no temporary file behind. ``what`` names the option in error messages; ``suggest`` the
-    file name suggested when ``path`` is a folder."""
-    out = check_output_file(path, what, suggest)
-    if is_stream(out):  # /dev/null, /dev/stdout: written through, never replaced
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text)
-        return out
-    try:  # keep an existing file's permissions; a new file gets the usual ones (0666 less the umask)
-        mode = stat.S_IMODE(os.stat(out).st_mode)
-    except OSError:
-        mode = new_file_mode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return out
-
-
 def _warn(envelope: dict[str, Any], quiet: bool) -> None:
     """Warnings of a result (``result.warnings``) and notes of the run (``meta.notes``) on stderr."""
     if quiet:
@@ -104,7 +74,7 @@ def _warn(envelope: dict[str, Any], quiet: bool) -> None:
 
 def _clean_leftovers() -> None:
     """On start: remove partial saves left by killed Graft processes, and say what went."""
-    from .paths import clean_stale_staging, describe_cleanup
+    from .core.paths import clean_stale_staging, describe_cleanup
 
     try:
         message = describe_cleanup(clean_stale_staging())
@@ -126,7 +96,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .registry import INPUT_HELP, INPUT_METAVAR, all_tools
+    from . import tools  # noqa: F401  (importing registers every built-in tool)
+    from .running.registry import INPUT_HELP, INPUT_METAVAR, all_tools
 
     parser = _Parser(prog="python -m engine", description="Graft: pre-surgery diagnostics and transplants, headless.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -147,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress on stderr")
         p.set_defaults(tool=tool.name)
 
-    from .actions import MakeDonorParams
+    from .running.actions import MakeDonorParams, MakeTwinParams
 
     d = sub.add_parser("make-donor", help="LoRA fine-tune a base model on a concept file (the donor)",
                        description=MakeDonorParams.__doc__)
@@ -163,11 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the residual stream by a seeded random orthogonal matrix: same function, other "
                                     "coordinates. A plain merge of an adapter into the twin fails; conjugation should not.")
     tw.add_argument("--base", required=True, help="the model to twin (Llama-family or Gemma 1 layout)")
-    tw.add_argument("--seed", default="0", help="seed of the rotation (default 0)")
-    tw.add_argument("--out", required=True, help="output folder (Hugging Face format + twin.json)")
-    tw.add_argument("--save-rotation", action="store_true",
-                    help="also save the rotation Q (rotation.safetensors), for verification")
-    tw.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to build it")
+    for s_ in param_specs(MakeTwinParams):
+        _add_spec(tw, s_, "param_")
     tw.add_argument("--json", dest="json_path", help="write the twin card here too")
     tw.add_argument("--quiet", action="store_true")
 
@@ -189,24 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import base_named_by_adapter, pair_labels, run_tool
-    from .history import History, new_run_id
-    from .models import ModelSpec
-    from .params import build_params, check_paths
-    from .registry import TEXT_INPUTS, get_tool
+    from .running.runner import base_named_by_adapter, pair_labels, run_tool
+    from .running.history import History, new_run_id
+    from .loading.models import ModelSpec
+    from .core.params import build_params, check_paths
+    from .running.registry import TEXT_INPUTS, get_tool
 
     bar = _Bar(getattr(args, "quiet", False))
     _clean_leftovers()
     try:
         if args.command == "list-models":
-            from .models import builtin_status
+            from .loading.models import builtin_status
 
             for name, st in builtin_status().items():
                 print(f"{name:34s} {st['state']:16s} {st['description']}")
             return 0
         if args.command == "prepare":
-            from .actions import prepare_builtins
-            from .models import prepare_gemma3
+            from .running.actions import prepare_builtins
+            from .loading.models import prepare_gemma3
 
             out = prepare_builtins(with_donor=not args.no_donor, progress=Progress(bar))
             if args.gemma:
@@ -216,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{k}: {v}")
             return 0
         if args.command == "make-donor":
-            from .actions import MakeDonorParams, build_donor_from_params, check_make_donor
+            from .running.actions import MakeDonorParams, build_donor_from_params, check_make_donor
 
             values = {s_.name: getattr(args, "param_" + s_.name) for s_ in param_specs(MakeDonorParams)
                       if getattr(args, "param_" + s_.name) is not None}
@@ -245,23 +213,24 @@ def _run(args: argparse.Namespace) -> int:
                 print(path)
             return 0
         if args.command == "make-twin":
-            from .models import ModelStore
-            from .outputs import check_output_dir
-            from .twin import make_twin
+            from .loading.models import ModelStore
+            from .core.outputs import check_output_dir
+            from .surgery.twin import make_twin
 
-            try:
-                seed = int(args.seed)
-            except ValueError:
-                raise GraftError(f"--seed expects an integer, got {args.seed!r}") from None
-            if not 0 <= seed < 2**63:
-                raise GraftError(f"--seed must be in [0, 2^63), got {seed}")
+            from .running.actions import MakeTwinParams
+
+            tparams = build_params(MakeTwinParams, {s_.name: getattr(args, "param_" + s_.name)
+                                                    for s_ in param_specs(MakeTwinParams)
+                                                    if getattr(args, "param_" + s_.name) is not None})
+            if not tparams.out.strip():
+                raise GraftError("--out is required: the twin's output folder")
             spec = ModelSpec.parse(args.base)
-            check_output_dir(args.out, "--out")
+            check_output_dir(tparams.out, "--out")
             if args.json_path:
                 check_output_file(args.json_path, "--json")
             progress = Progress(bar)
-            base = ModelStore().get(spec, args.device, "float32", progress.sub(0, 0.1))
-            card = make_twin(base, seed, args.out, progress.sub(0.1, 1.0), save_rotation=args.save_rotation)
+            base = ModelStore().get(spec, tparams.device, "float32", progress.sub(0, 0.1))
+            card = make_twin(base, tparams.seed, tparams.out, progress.sub(0.1, 1.0), save_rotation=tparams.save_rotation)
             bar.close()
             if args.json_path:
                 _write_json(args.json_path, card)

@@ -11,8 +11,8 @@ from ui.entry import require_app_entry  # streamlit only: light
 require_app_entry()
 
 import viz  # noqa: E402
-from engine import jsonsafe  # noqa: E402
-from engine.evalcache import SCORES  # noqa: E402
+from engine.api import jsonsafe  # noqa: E402
+from engine.api import SCORES  # noqa: E402
 from ui.jobs import file_stem  # noqa: E402
 from ui.transplant import COMPARE_RUN, latest_swap_id, swap_envelope, swap_runs, transplant_actions  # noqa: E402
 from viz.report import build_report  # noqa: E402

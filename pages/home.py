@@ -7,8 +7,8 @@ from ui.entry import require_app_entry  # streamlit only: light
 # this page's place, before the engine is imported here (the imports below are after it on purpose).
 require_app_entry()
 
-from engine.models import DEMO_DONOR, SMOLLM2  # noqa: E402
-from engine.registry import all_tools  # noqa: E402
+from engine.api import DEMO_DONOR, SMOLLM2  # noqa: E402
+from engine.api import all_tools  # noqa: E402
 from ui.boot import TAGLINE, TITLE  # noqa: E402
 from ui.navigation import app_pages  # noqa: E402
 from ui.sidebar import TINY_PAIR  # noqa: E402

@@ -10,7 +10,7 @@ from ui.entry import require_app_entry  # streamlit only: light
 # this page's place, before the engine is imported here (the imports below are after it on purpose).
 require_app_entry()
 
-from engine.models import BUILTIN_DESCRIPTIONS, DEMO_DONOR, builtin_status  # noqa: E402
+from engine.api import BUILTIN_DESCRIPTIONS, DEMO_DONOR, builtin_status  # noqa: E402
 from ui.demo import demo_builder, demo_state  # noqa: E402
 from ui.jobs import tool_panel  # noqa: E402
 from ui.sidebar import VERDICT_LABELS  # noqa: E402

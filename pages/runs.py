@@ -10,7 +10,7 @@ from ui.entry import require_app_entry  # streamlit only: light
 # this page's place, before the engine is imported here (the imports below are after it on purpose).
 require_app_entry()
 
-from engine.registry import all_tools  # noqa: E402
+from engine.api import all_tools  # noqa: E402
 from ui.jobs import file_stem, result_view  # noqa: E402
 from ui.state import job_runner, one_line, startup_notes  # noqa: E402
 from ui.text import md

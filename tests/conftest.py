@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# The suite pins the CPU: equality tests must not meet CUDA's reduction order by surprise on a GPU
+# host. GRAFT_TEST_DEVICE=cuda runs the same suite on the GPU (and the CUDA-only tests); subprocesses
+# inherit the choice. Set before torch is imported anywhere.
+TEST_DEVICE = os.environ.get("GRAFT_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise pytest.UsageError(f"GRAFT_TEST_DEVICE must be cpu or cuda, not {TEST_DEVICE!r}")
+if TEST_DEVICE == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import engine.tools  # noqa: E402, F401  (registers every built-in tool, as engine.api and the CLI do)
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +91,7 @@ def sets(tmp_path_factory):
 def tiny_gpt2_folder(tmp_path_factory) -> Path:
     """tiny-gpt2-a saved as a Hugging Face folder (safetensors weights + tokenizer), once per
     session. Shared: copy it before changing anything in it."""
-    from engine.tiny import build_tiny
+    from engine.loading.tiny import build_tiny
 
     d = tmp_path_factory.mktemp("tiny") / "tiny-gpt2-a"
     model, tok = build_tiny("tiny-gpt2-a")
@@ -96,7 +108,7 @@ def tiny_adapter(tmp_path_factory):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from engine.tiny import build_tiny
+    from engine.loading.tiny import build_tiny
 
     with torch.random.fork_rng(devices=[]):  # build_tiny and peft's init draw from the global RNG
         model, _ = build_tiny("tiny-llama-a")
@@ -118,11 +130,10 @@ def tiny_run(_graft_home, sets):
     """A finished tiny module-swap run (tiny-gpt2-b's top 2 modules into tiny-gpt2-a, the small
     sets) recorded in this test's GRAFT_HOME history, as the CLI records one: ``{"run_id": ...}``.
     Tools that read a finished transplant run (``--run``) are run on it."""
-    import dataclasses
 
-    from engine.runner import pair_labels, run_tool
-    from engine.history import History, new_run_id
-    from engine.models import ModelSpec
+    from engine.running.runner import pair_labels, run_tool
+    from engine.running.history import History, new_run_id
+    from engine.loading.models import ModelSpec
 
     params = {"k": 2, "max_new_tokens": 4, **sets}
     env = run_tool("swap", ModelSpec.parse("tiny-gpt2-b"), ModelSpec.parse("tiny-gpt2-a"), {}, params)
@@ -140,8 +151,8 @@ def tiny_organ(tmp_path_factory):
     """An organ checkpoint extracted by Graft from tiny-gpt2-a (blocks 1..3: s = floor(4/3), k = 3),
     so it fits the tiny GPT-2 targets of the conformance suite. ``{"path": <organ folder>,
     "source": "tiny-gpt2-a"}``."""
-    from engine.models import ModelSpec, load_model
-    from engine.organ import extract_organ, save_organ
+    from engine.loading.models import ModelSpec, load_model
+    from engine.surgery.organ import extract_organ, save_organ
 
     out = tmp_path_factory.mktemp("tiny_organ") / "organ"
     save_organ(extract_organ(load_model(ModelSpec.parse("tiny-gpt2-a"), "cpu")), out)
@@ -156,10 +167,10 @@ def planted_rotation_t3():
     ``(result, width)``."""
     import torch
 
-    from engine.align import Aligned
-    from engine.cka import cka_matrix
-    from engine.linalg import random_orthogonal
-    from engine.progress import silent
+    from engine.measure.align import Aligned
+    from engine.measure.cka import cka_matrix
+    from engine.measure.linalg import random_orthogonal
+    from engine.core.progress import silent
     from engine.tools.procrustes import ProcrustesParams, compute_procrustes
 
     g = torch.Generator().manual_seed(2)

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.align import _WORD, _pool, _word_ids, ordered_add
-from engine.models import ModelSpec, load_model
+from engine.measure.align import _WORD, _pool, _word_ids, ordered_add
+from engine.loading.models import ModelSpec, load_model
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -81,8 +81,8 @@ def test_word_ids_match_the_rule_on_random_spans():
 def test_scripts_without_spaces_pool_per_character_not_per_sentence(tmp_path):
     """A Chinese or Japanese sentence has no spaces: pooled per whitespace run it was one row per text
     (6 rows for 6 texts; CKA of unrelated models then 0.93). Each character is a word there."""
-    from engine.models import ModelStore
-    from engine.runner import run_tool
+    from engine.loading.models import ModelStore
+    from engine.running.runner import run_tool
 
     texts = ["首都是东京，人口很多。", "富士山は日本で一番高い山です。", "他说图书馆早上九点开门。",
              "Paris est la capitale 和 Berlin。"]

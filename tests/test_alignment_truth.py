@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from engine.runner import run_tool
-from engine.cka import cka, cka_matrix
-from engine.linalg import monotone_matching, procrustes_map, random_orthogonal
-from engine.models import ModelSpec
+from engine.running.runner import run_tool
+from engine.measure.cka import cka, cka_matrix
+from engine.measure.linalg import monotone_matching, procrustes_map, random_orthogonal
+from engine.loading.models import ModelSpec
 
 
 def test_cka_of_a_model_against_itself_has_unit_diagonal(workload):
@@ -91,7 +91,7 @@ def test_massive_activation_rows_are_dropped_and_the_planted_matching_returns():
     """Plant attention-sink rows: a few tokens with one huge, layer-constant coordinate in both
     models (as SmolLM2's first token, ~100x the median norm). They make every layer pair look alike
     under linear CKA; ``drop_outliers`` must find exactly those rows and restore the planted map."""
-    from engine.align import Aligned, drop_outliers
+    from engine.measure.align import Aligned, drop_outliers
 
     g = torch.Generator().manual_seed(5)
     n, d, L = 400, 12, 6
@@ -135,8 +135,8 @@ def test_bridge_self_pair_has_zero_epsilon_on_the_diagonal(workload):
 def test_bridge_cross_width_has_no_raw_cosine(workload):
     from transformers import GPT2Config, AutoModelForCausalLM
 
-    from engine.models import _finish
-    from engine.tiny import build_tiny
+    from engine.loading.models import _finish
+    from engine.loading.tiny import build_tiny
 
     _, tok = build_tiny("tiny-gpt2-a")
     torch.manual_seed(0)
@@ -166,8 +166,8 @@ def test_compat_verdicts_builtin_pairs(donor, target, expected, workload):
 def _loaded(config, tok_name="tiny-gpt2-a"):
     from transformers import AutoModelForCausalLM
 
-    from engine.models import _finish
-    from engine.tiny import build_tiny
+    from engine.loading.models import _finish
+    from engine.loading.tiny import build_tiny
 
     _, tok = build_tiny(tok_name)
     torch.manual_seed(0)
@@ -248,9 +248,9 @@ def test_bridge_recovers_a_planted_linear_map_and_matches_the_primal_ridge():
     """Target streams are an invertible linear image of the donor's: the bridged epsilon must be
     ~0 on the planted cells while the raw epsilon is large; every cell equals a direct primal
     ridge fit (the dual form used for speed is exact)."""
-    from engine.align import Aligned
-    from engine.linalg import split_rows
-    from engine.progress import silent
+    from engine.measure.align import Aligned
+    from engine.measure.linalg import split_rows
+    from engine.core.progress import silent
     from engine.tools.bridge import BridgeParams, compute_bridge
 
     g = torch.Generator().manual_seed(11)
@@ -284,7 +284,7 @@ def test_bridge_recovers_a_planted_linear_map_and_matches_the_primal_ridge():
 def test_every_bridge_form_equals_the_direct_ridge_fit(n_f, dt, dd):
     """T4 picks the primal, dual or kernel form by flop count; each must give the held-out
     predictions of the ridge bridge solved directly (fewer fit rows than the width included)."""
-    from engine.tools.bridge import _bridged
+    from engine.running.bridge_fit import _bridged
 
     g = torch.Generator().manual_seed(n_f + dt + dd)
     Ld, n_h, alpha = 3, 9, 0.05

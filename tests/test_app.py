@@ -55,9 +55,9 @@ def run_until(at: AppTest, done, timeout: float = 60.0) -> AppTest:
 
 
 def with_pair_loaded(at: AppTest, timeout: float = 300.0) -> AppTest:
-    """The sidebar loads the chosen pair in the background (engine/preload.py) and draws the T1
+    """The sidebar loads the chosen pair in the background (engine/loading/preload.py) and draws the T1
     badge on the run after: wait for both loads, then rerun (what the badge's polling does)."""
-    from engine.models import ModelSpec
+    from engine.loading.models import ModelSpec
     from ui.state import preloader
 
     for role in ("donor", "target"):
@@ -100,7 +100,7 @@ def test_a_tool_registered_on_a_page_without_a_file_gets_a_generic_page(home, mo
     """A newly registered tool shows up in the app without touching the UI."""
     import dataclasses
 
-    from engine import registry
+    from engine.running import registry
     from ui.navigation import FILE_PAGES, tool_page_names
 
     extra = dataclasses.replace(registry.get_tool("compat"), name="compat-copy", code="T99", page="Scratch")
@@ -214,7 +214,7 @@ def test_tool_parameters_come_from_their_widgets(home):
 
 
 def _fail(progress):
-    from engine.errors import GraftError
+    from engine.core.errors import GraftError
 
     raise GraftError("workload broken.jsonl line 3: missing text")
 
@@ -302,7 +302,7 @@ def test_uploads_are_saved_under_graft_home_without_overwriting(home):
 
 @pytest.mark.real
 def test_first_visit_with_the_demo_built_selects_the_demo_pair(home):
-    from engine.models import DEMO_DONOR, SMOLLM2
+    from engine.loading.models import DEMO_DONOR, SMOLLM2
     from ui.demo import demo_pair_ready
 
     assert demo_pair_ready(), "`make prepare` builds SmolLM2 and the demo donor before the tests"

@@ -67,7 +67,7 @@ def test_swap_then_compare_rollback_and_save(home, tmp_path):
     assert card["operation"] == "module-swap" and len(card["modules"]) == 4
     from transformers import AutoModelForCausalLM
 
-    from engine.models import ModelSpec, load_model
+    from engine.loading.models import ModelSpec, load_model
 
     donor = load_model(ModelSpec.parse(TINY[0]), "cpu")
     reloaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()

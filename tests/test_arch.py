@@ -6,8 +6,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from engine.arch import ArchAdapter, linear_weight_out_in
-from engine.errors import GraftError
+from engine.loading.arch import ArchAdapter, linear_weight_out_in
+from engine.core.errors import GraftError
 
 FAMILIES = {
     "gpt2": (GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, bos_token_id=0, eos_token_id=0), "gpt2",
@@ -84,7 +84,7 @@ def test_capture_backbone_skips_the_lm_head_and_gives_the_same_block_outputs(nam
     what the full model's forward gives."""
     from types import SimpleNamespace
 
-    from engine.capture import backbone
+    from engine.measure.capture import backbone
 
     model = build(name)
     a = ArchAdapter(model)

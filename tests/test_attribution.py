@@ -1,4 +1,4 @@
-"""T13 attribution (engine/attribution.py, engine/tools/attribution.py) with captum.
+"""T13 attribution (engine/evaluation/attribution.py, engine/tools/attribution.py) with captum.
 
 Completeness is checked against F measured here, independently of the tool's objective function
 (full logits, no ``logits_to_keep``): the logit of the answer's first token after the prompt (or the
@@ -11,10 +11,10 @@ embedding layer's delta stayed at 0.1-0.7 x |F(x) - F(b)| from 16 to 1024 steps)
 import pytest
 import torch
 
-from engine.attribution import attribute, filler_token
-from engine.runner import run_tool
-from engine.evaluate import answer_ids, encode_prompt, pad_id
-from engine.models import ModelSpec, load_model
+from engine.evaluation.attribution import attribute, filler_token
+from engine.running.runner import run_tool
+from engine.loading.tokens import answer_ids, encode_prompt, pad_id
+from engine.loading.models import ModelSpec, load_model
 
 QUESTION, ANSWER = "Where does the river flow?", "north through the valley"
 
@@ -107,7 +107,7 @@ def test_a_real_swap_changes_the_map(tiny_run, one_thread):
 
 
 def test_custom_question_needs_both_parts():
-    from engine.errors import GraftError
+    from engine.core.errors import GraftError
 
     a = ModelSpec.parse("tiny-gpt2-a")
     with pytest.raises(GraftError, match="custom"):
@@ -118,7 +118,7 @@ def test_the_old_zero_baseline_does_not_converge(monkeypatch, one_thread):
     """The cause of the old failure, kept as a check: with the tiny Llama's zero pad row as the
     filler of every position, each layer's baseline activation is exactly zero, the path starts on
     RMSNorm's singular point, and the early layers' error does not shrink with more points."""
-    import engine.attribution as attribution
+    import engine.evaluation.attribution as attribution
 
     m = load_model(ModelSpec.parse("tiny-llama-a"), "cpu")
     monkeypatch.setattr(attribution, "filler_token", lambda model, tok: pad_id(tok))

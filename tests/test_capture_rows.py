@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from engine.capture import _ResidualRows, capture
-from engine.errors import GraftError
-from engine.models import ModelSpec, ModelStore
+from engine.measure.capture import _ResidualRows, capture
+from engine.core.errors import GraftError
+from engine.loading.models import ModelSpec, ModelStore
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Water boils at one hundred degrees.",
          "Paris is the capital of France, and Berlin is the capital of Germany.", "A short one."]
@@ -46,7 +46,7 @@ def test_a_block_that_never_ran_is_an_error_not_uninitialised_rows():
 
 
 def test_length_batches_put_like_lengths_together_and_every_text_once():
-    from engine.budget import length_batches
+    from engine.measure.budget import length_batches
 
     lengths = [5, 40, 7, 40, 1, 12, 7]
     batches = length_batches(lengths, 3)
@@ -120,7 +120,7 @@ def test_large_finite_rows_pass_the_finite_screen():
     rows are checked value by value and pass; one inf among them does not."""
     from types import SimpleNamespace
 
-    from engine.capture import _finite_or_raise
+    from engine.measure.capture import _finite_or_raise
 
     model = SimpleNamespace(label="m", dtype=torch.float32, model=torch.nn.Linear(2, 2))
     rows = torch.full((3, 10, 4), 3e37)  # every sum of a layer overflows float32

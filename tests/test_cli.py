@@ -32,7 +32,7 @@ def test_procrustes_and_compat_fields(workload, tmp_path):
 
 
 def test_runs_are_recorded_in_history(workload, tmp_path):
-    from engine.history import History
+    from engine.running.history import History
 
     assert cli("compat", "--donor", "tiny-gpt2-a", "--target", "tiny-gpt2-b", "--workload", workload).returncode == 0
     runs = History().list()
@@ -95,8 +95,8 @@ def test_conjugate_takes_the_base_its_adapter_names(tmp_path, sets, capsys):
     import shutil
 
     from engine.cli import main
-    from engine.models import ModelSpec
-    from engine.runner import run_tool
+    from engine.loading.models import ModelSpec
+    from engine.running.runner import run_tool
 
     d = tmp_path / "donor"
     assert main(["make-donor", "--base", "tiny-llama-a", "--concept", sets["concept"], "--out", str(d),

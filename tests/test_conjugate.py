@@ -1,8 +1,8 @@
-"""Rank-k conjugation (engine/conjugate.py, conjugate_maps.py, conjugate_plan.py), module-input
-capture (engine/capture.py) and the interference check (engine/interference.py).
+"""Rank-k conjugation (engine/surgery/conjugate.py, conjugate_maps.py, conjugate_plan.py), module-input
+capture (engine/measure/capture.py) and the interference check (engine/evaluation/interference.py).
 
 Ground truth: a model against itself gives identity maps and exactly W + dW; a rotated twin
-(engine/twin.py, residual h' = h Q with random norm gains folded) defeats a plain merge while
+(engine/surgery/twin.py, residual h' = h Q with random norm gains folded) defeats a plain merge while
 conjugation reproduces the base's change, with ridge on the normed inputs, identity inside the
 blocks and Procrustes (recovering Q) on the residual writers.
 """
@@ -13,20 +13,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from engine.arch import ArchAdapter
-from engine.capture import CaptureCache, capture
-from engine.conjugate import Conjugation, apply_and_check
-from engine.conjugate_maps import fit_side
-from engine.conjugate_plan import plan_conjugation
-from engine.errors import Cancelled, GraftError
-from engine.interference import interference, should_roll_back
-from engine.linalg import random_orthogonal
-from engine.lowrank import ModuleDelta
-from engine.models import LoadedModel, ModelSpec, load_model
-from engine.progress import Progress
-from engine.tiny import _CORPUS, build_tiny
-from engine.transplant import SURGERY_CARD
-from engine.twin import rotate_model
+from engine.loading.arch import ArchAdapter
+from engine.measure.capture import CaptureCache, capture
+from engine.surgery.conjugate import Conjugation, apply_and_check
+from engine.surgery.conjugate_maps import fit_side
+from engine.surgery.conjugate_plan import plan_conjugation
+from engine.core.errors import Cancelled, GraftError
+from engine.evaluation.interference import interference, should_roll_back
+from engine.measure.linalg import random_orthogonal
+from engine.adapters.lowrank import ModuleDelta
+from engine.loading.models import LoadedModel, ModelSpec, load_model
+from engine.core.progress import Progress
+from engine.loading.tiny import _CORPUS, build_tiny
+from engine.surgery.transplant import SURGERY_CARD
+from engine.surgery.twin import rotate_model
 
 TEXTS = list(_CORPUS) + [
     "The quick brown fox jumps over the lazy dog.",
@@ -247,7 +247,7 @@ def test_rotated_twin_plain_merge_fails_conjugation_recovers(base, twin):
             assert mp.output.kind == "procrustes", mp.name  # the residual stream: O_T = O_B Q
             assert torch.allclose(mp.output.matrix, Q, atol=1e-4)
             assert mp.output.scale == pytest.approx(1.0, abs=1e-5)
-    # The update in the twin's coordinates is the construction's ground truth (engine/twin.py):
+    # The update in the twin's coordinates is the construction's ground truth (engine/surgery/twin.py):
     # readers dW diag(g) Q, writers Q^T dW.
     for mp in plan.conjugated:
         d = next(x for x in deltas if x.name == mp.name)

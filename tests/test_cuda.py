@@ -1,4 +1,4 @@
-"""T2-T4's linear algebra follows the models onto CUDA (engine.linalg.compute_device).
+"""T2-T4's linear algebra follows the models onto CUDA (engine.measure.linalg.compute_device).
 
 The placement rule is checked everywhere (with CUDA's memory query stubbed); the GPU results are
 checked against the CPU's where a GPU is present (the device machine of a session that had one)."""
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from engine import linalg
-from engine.models import ModelSpec
-from engine.runner import run_tool
+from engine.measure import linalg
+from engine.loading.models import ModelSpec
+from engine.running.runner import run_tool
 
 
 def test_linear_algebra_goes_to_cuda_only_when_the_rows_fit(monkeypatch):
@@ -54,8 +54,8 @@ def test_t2_to_t4_on_cuda_equal_the_cpu(pair, workload, monkeypatch):
     """The same captured rows (forward passes on the CPU) through T2-T4's linear algebra on the CPU
     and on CUDA, with TF32 allowed process-wide during the CUDA run: the ieee_float32 guard must keep
     CKA's float32 Gram blocks and T3/T4's float32 products exact."""
-    import engine.context as context
-    from engine.capture import CaptureCache
+    import engine.running.context as context
+    from engine.measure.capture import CaptureCache
 
     specs = ModelSpec.parse(pair[0]), ModelSpec.parse(pair[1])
     opts = {"device": "cpu", "workload": workload}
@@ -85,9 +85,9 @@ def test_a_capture_on_cuda_keeps_the_same_rows_as_on_the_cpu(dtype, workload):
     """The capture gathers the kept rows on the device and copies one block per batch to the host:
     the same tokens in the same order as on the CPU, the residual stream equal to float32 round-off
     (bf16: to its own precision), module outputs and inputs too."""
-    from engine.capture import capture
-    from engine.data import load_workload
-    from engine.models import load_model
+    from engine.measure.capture import capture
+    from engine.core.data import load_workload
+    from engine.loading.models import load_model
 
     texts = load_workload(workload).texts[:12]
     caps = {}
@@ -111,8 +111,8 @@ def test_a_capture_on_cuda_keeps_the_same_rows_as_on_the_cpu(dtype, workload):
 def test_aligned_rows_are_copied_to_the_device_once_and_one_pair_at_a_time():
     """CKA, T3 and T4 of a job share one device copy of the aligned rows (the 'meta' device stands in
     for CUDA here); another pair's rows replace it, and the CPU gets the rows themselves."""
-    from engine.align import Aligned
-    from engine.context import _DeviceRows
+    from engine.measure.align import Aligned
+    from engine.running.context import _DeviceRows
 
     cache = _DeviceRows()
     a = Aligned(torch.zeros(3, 10, 4), torch.zeros(3, 10, 5), torch.arange(10), "token")
@@ -129,7 +129,7 @@ def test_aligned_rows_are_copied_to_the_device_once_and_one_pair_at_a_time():
 def test_the_capture_cache_keeps_one_pairs_residual_streams_on_the_gpu(monkeypatch):
     """Captures that kept their residual stream on the GPU ('meta' stands in for it): the cache holds
     the latest two of them (one pair) and drops older ones whole; host captures stay as before."""
-    import engine.capture as capture_mod
+    import engine.measure.capture as capture_mod
 
     def fake(model, texts, **kw):
         on_gpu = model.label.startswith("gpu")
@@ -159,7 +159,7 @@ def test_t2_to_t4_with_the_models_on_cuda_match_the_cpu(pair, workload):
     """The whole path on CUDA: captures kept on the GPU, aligned there (token and word level), T2-T4
     computed there. The forward passes themselves round differently on the GPU, so the results
     agree to the issue's 1e-4 rather than to the last digit; counts and layer pairs are equal."""
-    from engine.capture import CaptureCache
+    from engine.measure.capture import CaptureCache
 
     specs = ModelSpec.parse(pair[0]), ModelSpec.parse(pair[1])
     tools = ("cka", "procrustes", "bridge-check")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.data import (
+from engine.core.data import (
     ConceptSet,
     QAItem,
     auto_split,
@@ -17,7 +17,7 @@ from engine.data import (
     load_concept_set,
     load_workload,
 )
-from engine.errors import GraftError
+from engine.core.errors import GraftError
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -233,7 +233,7 @@ def test_a_json_concept_set_takes_objects_only(tmp_path):
 
 
 def test_a_workload_is_parsed_once_per_content_and_reparsed_when_the_file_changes(tmp_path, monkeypatch):
-    import engine.data as data
+    import engine.core.data as data
 
     calls = []
     parse = data._parse_workload

@@ -8,9 +8,9 @@ and the memoised workload budget and vocabulary against fresh ones.
 import pytest
 import torch
 
-from engine.cka import _gram_products, cka
-from engine.linalg import RidgeFactor, Standardiser, procrustes_fit, residual
-from engine.progress import silent
+from engine.measure.cka import _gram_products, cka
+from engine.measure.linalg import RidgeFactor, Standardiser, procrustes_fit, residual
+from engine.core.progress import silent
 from engine.tools.procrustes import fit_pair
 
 
@@ -25,7 +25,8 @@ def test_t3_fit_pair_equals_the_direct_fits(n_fit, dx, dy):
     directly, with fewer fit rows than the widths (dual ridge, thin Procrustes) and with more."""
     n_held = 15
     X = _rows(n_fit + n_held, dx, 1)
-    Y = X[:, :dy] @ torch.linalg.qr(torch.randn(dy, dy, dtype=torch.float64))[0] if dy <= dx else _rows(n_fit + n_held, dy, 2)
+    rot = torch.linalg.qr(torch.randn(dy, dy, dtype=torch.float64, generator=torch.Generator().manual_seed(7 * dy)))[0]
+    Y = X[:, :dy] @ rot if dy <= dx else _rows(n_fit + n_held, dy, 2)
     Y = Y + 0.3 * _rows(n_fit + n_held, dy, 3)
     fit = torch.zeros(n_fit + n_held, dtype=torch.bool)
     fit[:n_fit] = True
@@ -60,8 +61,8 @@ def test_cka_gram_blocks_with_many_entries_match_float64_cka():
 
 
 def test_workload_budget_is_memoised_per_tokenizer_and_matches_a_fresh_budget(monkeypatch):
-    import engine.capture as capture
-    from engine.tiny import build_tiny
+    import engine.measure.capture as capture
+    from engine.loading.tiny import build_tiny
 
     tok_a, tok_b = build_tiny("tiny-gpt2-a")[1], build_tiny("tiny-gpt2-a")[1]
     texts = ["the cat sat on the mat " * 30, "a short one", "and another text here"]
@@ -79,8 +80,8 @@ def test_workload_budget_is_memoised_per_tokenizer_and_matches_a_fresh_budget(mo
 
 
 def test_vocabulary_memo_follows_added_tokens():
-    from engine.tiny import build_tiny
-    from engine.transplant import same_tokenizer, tokenizer_vocab
+    from engine.loading.tiny import build_tiny
+    from engine.loading.tokens import same_tokenizer, tokenizer_vocab
 
     a, b = build_tiny("tiny-gpt2-a")[1], build_tiny("tiny-gpt2-a")[1]
     assert same_tokenizer(a, b)
@@ -94,7 +95,7 @@ def test_cka_inner_products_on_cuda_are_float64_and_a_layer_against_itself_is_ex
     """CUDA's form of CKA's Gram inner products (forced here on the CPU): float64 products, equal to
     float64 CKA and to the CPU's float32 chunks within their rounding, and a Gram block against
     itself has <K, K> equal to ||K||^2 to float64 round-off (the CPU's chunks: about 1e-7)."""
-    import engine.cka as cka_mod
+    import engine.measure.cka as cka_mod
 
     g = torch.Generator().manual_seed(5)
     A, B = torch.randn(3, 3 * 4096 + 100, generator=g), torch.randn(4, 3 * 4096 + 100, generator=g)

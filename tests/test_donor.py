@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.data import builtin_concept_path, builtin_replay_path, builtin_retained_path, load_concept_set
-from engine.donor import lora_target_modules, make_donor
-from engine.donor_data import batch_plan, build_examples, text_examples
-from engine.evaluate import perplexity
-from engine.models import state_dict_hash
-from engine.errors import Cancelled, GraftError
-from engine.progress import Progress
-from engine.tiny import build_tiny
+from engine.core.data import builtin_concept_path, builtin_replay_path, builtin_retained_path, load_concept_set
+from engine.adapters.donor import lora_target_modules, make_donor
+from engine.adapters.donor_data import batch_plan, build_examples, text_examples
+from engine.evaluation.evaluate import perplexity
+from engine.loading.models import state_dict_hash
+from engine.core.errors import Cancelled, GraftError
+from engine.core.progress import Progress
+from engine.loading.tiny import build_tiny
 
 STEPS = 12
 
@@ -158,8 +158,8 @@ def test_bad_arguments(concept, tmp_path):
 
 
 def test_examples_facts_and_optional_qa(concept):
-    from engine.donor_data import build_examples
-    from engine.evaluate import answer_ids, encode_prompt
+    from engine.adapters.donor_data import build_examples
+    from engine.loading.tokens import answer_ids, encode_prompt
 
     _, tok = build_tiny("tiny-llama-a")
     facts_only = build_examples(tok, concept, 128)
@@ -177,7 +177,7 @@ def test_examples_facts_and_optional_qa(concept):
 
 
 def test_train_on_qa_run_and_no_facts_error(concept, tmp_path):
-    from engine.data import load_concept_set
+    from engine.core.data import load_concept_set
 
     model, tok = build_tiny("tiny-gpt2-a")
     card = make_donor(model, tok, concept, tmp_path / "qa", **{**KW, "steps": 3, "train_on_qa": True})
@@ -225,7 +225,7 @@ def test_batch_plan_without_replay_is_the_facts_only_order():
 
 def _spy_batches(monkeypatch):
     """Record the input ids of every training batch make_donor collates."""
-    import engine.donor as donor_mod
+    import engine.adapters.donor as donor_mod
 
     seen: list[list[tuple[int, ...]]] = []
     real = donor_mod.collate
@@ -301,8 +301,8 @@ def test_build_donor_replay_files(tmp_path):
     """build_donor: bundled replay/retained by default, a user file in the same format, or none."""
     import hashlib
 
-    from engine.actions import build_donor
-    from engine.models import ModelSpec, ModelStore
+    from engine.running.actions import build_donor
+    from engine.loading.models import ModelSpec, ModelStore
 
     user = tmp_path / "my_general.jsonl"
     user.write_text('{"kind": "fact", "text": "Trains run on rails."}\n'
@@ -336,7 +336,7 @@ def test_build_donor_replay_files(tmp_path):
     ],
 )
 def test_cli_make_donor_replay_flags(monkeypatch, tmp_path, flags, replay, retained):
-    import engine.actions
+    import engine.running.actions
     from engine.cli import main
 
     got = {}
@@ -345,7 +345,7 @@ def test_cli_make_donor_replay_flags(monkeypatch, tmp_path, flags, replay, retai
         got.update(kw)
         return {"out_dir": out_dir, "card": {"format": "graft-donor/1", "model": object()}}
 
-    monkeypatch.setattr(engine.actions, "build_donor", fake_build_donor)
+    monkeypatch.setattr(engine.running.actions, "build_donor", fake_build_donor)
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     monkeypatch.chdir(tmp_path)  # the relative file names below exist: inputs are checked up front
     for name in ("c.jsonl", "r.jsonl", "k.jsonl"):
@@ -364,8 +364,7 @@ def test_demo_donor_built_by_an_older_recipe_needs_rebuilding(tmp_path, monkeypa
     """A cache from before the replay recipe must not count as the demo donor."""
     import json as _json
 
-    from engine import models
-
+    from engine.loading import models
     monkeypatch.setenv("GRAFT_MODELS_HOME", str(tmp_path))
     out = models.demo_donor_dir()
     (out / "merged").mkdir(parents=True)
@@ -373,5 +372,5 @@ def test_demo_donor_built_by_an_older_recipe_needs_rebuilding(tmp_path, monkeypa
     (out / "card.json").write_text(_json.dumps({"format": "graft-donor/1"}))
     assert not models.demo_donor_ready()
     assert models.builtin_status()[models.DEMO_DONOR]["state"] != "ready"
-    (out / "card.json").write_text(_json.dumps({"format": "graft-donor/1", "demo_recipe": models.DEMO_RECIPE}))
+    (out / "card.json").write_text(_json.dumps({"format": "graft-donor/1", "demo_recipe": models.DEMO_DONOR_RECIPE}))
     assert models.demo_donor_ready() and models.builtin_status()[models.DEMO_DONOR]["state"] == "ready"

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
-from engine.data import QAItem
-from engine.errors import GraftError
-from engine.evaluate import answer_ids, encode_prompt, format_prompt, perplexity
-from engine.scoring import answer_matches, graded_score, normalise, task_score
-from engine.tiny import build_tiny
+from engine.core.data import QAItem
+from engine.core.errors import GraftError
+from engine.evaluation.evaluate import perplexity
+from engine.loading.tokens import answer_ids, encode_prompt, format_prompt
+from engine.evaluation.scoring import answer_matches, graded_score, normalise, task_score
+from engine.loading.tiny import build_tiny
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

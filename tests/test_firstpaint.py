@@ -1,5 +1,5 @@
 """The page never waits: the engine is imported behind a painted heading, and the sidebar's pair
-loads in the background (engine/preload.py) with its state on screen."""
+loads in the background (engine/loading/preload.py) with its state on screen."""
 from __future__ import annotations
 
 import threading
@@ -7,10 +7,10 @@ import threading
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import engine.models
-from engine.errors import GraftError
-from engine.models import ModelSpec, ModelStore
-from engine.preload import FAILED, LOADED, LOADING, Preloader
+import engine.loading.models
+from engine.core.errors import GraftError
+from engine.loading.models import ModelSpec, ModelStore
+from engine.loading.preload import FAILED, LOADED, LOADING, Preloader
 from tests.test_app import APP, TINY, texts
 
 SPEC = ModelSpec.parse("tiny-gpt2-a")
@@ -25,7 +25,7 @@ def home(tmp_path, monkeypatch):
 @pytest.fixture
 def gated_load(monkeypatch):
     """load_model blocks until the test opens the gate; counts calls; can be told to fail."""
-    real = engine.models.load_model
+    real = engine.loading.models.load_model
     gate = threading.Event()
     calls: list[str] = []
     fail: list[Exception] = []
@@ -37,7 +37,7 @@ def gated_load(monkeypatch):
             raise fail.pop()
         return real(spec, device, dtype, progress)
 
-    monkeypatch.setattr(engine.models, "load_model", load)
+    monkeypatch.setattr(engine.loading.models, "load_model", load)
     return gate, calls, fail
 
 
@@ -47,7 +47,7 @@ def test_preloader_loads_in_the_background_and_a_job_meanwhile_shares_the_load(g
     pre = Preloader(store)
     assert pre.state(SPEC) is None  # nobody asked yet
     first = pre.request(SPEC, wait_s=0.05)
-    assert first.state == LOADING and first.seconds >= 0
+    assert first.state == LOADING and first.seconds >= 0.05  # it waited wait_s for the gated load, and said so
     assert pre.request(SPEC).state == LOADING  # a second request starts no second load
     got: list = []
     job = threading.Thread(target=lambda: got.append(store.get(SPEC)))  # a job needing the same model
@@ -65,7 +65,7 @@ def test_preloader_reports_a_failed_load_in_one_line_and_can_retry(gated_load):
     gate.set()
     pre = Preloader(ModelStore())
     state = pre.request(SPEC, wait_s=30)
-    # one line: a GraftError writes its line breaks as escapes (engine.errors.printable_line)
+    # one line: a GraftError writes its line breaks as escapes (engine.core.errors.printable_line)
     assert state.state == FAILED and state.message == "model folder is gone: /nowhere\\nsecond line of detail"
     assert pre.request(SPEC, wait_s=0.1).state == FAILED  # a failure is not retried by itself
     pre.retry(SPEC)
@@ -120,7 +120,7 @@ def test_a_pair_that_fails_to_load_says_why_in_the_sidebar(home, gated_load):
 def test_the_demo_pair_loads_in_two_background_threads_at_once():
     """Both models of the demo pair requested together (what the sidebar does): two concurrent
     from_pretrained calls once failed with "Cannot copy out of meta tensor"; loads are serialised."""
-    from engine.models import DEMO_DONOR, SMOLLM2
+    from engine.loading.models import DEMO_DONOR, SMOLLM2
     from ui.demo import demo_pair_ready
 
     assert demo_pair_ready(), "`make prepare` builds SmolLM2 and the demo donor before the tests"

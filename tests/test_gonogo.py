@@ -1,10 +1,10 @@
-"""Pre-surgery go / no-go (engine/gonogo.py, tool ``go-no-go``), on pairs whose answer is known
+"""Pre-surgery go / no-go (engine/evaluation/gonogo.py, tool ``go-no-go``), on pairs whose answer is known
 by construction:
 
 * a model against itself: every operation is go, a direct organ is plausible at p = s, the
   conjugation maps are identities (a plain merge is enough);
 * a cross-family pair: module swap is no-go with T1's reason;
-* a rotated twin (engine/twin.py: same function, residual stream h' = h Q): shapes are equal, so
+* a rotated twin (engine/surgery/twin.py: same function, residual stream h' = h Q): shapes are equal, so
   T1 allows a swap, but the coordinates differ: module swap no-go, direct organ no-go (bridged
   go), conjugation go with fitted maps and a plain merge not advised;
 * a donor with two planted modules: swap is go and the suggested K holds both.
@@ -14,12 +14,12 @@ import json
 import pytest
 import torch
 
-from engine.arch import ArchAdapter
-from engine.runner import run_tool
-from engine.errors import GraftError
-from engine.models import LoadedModel, ModelSpec
-from engine.tiny import build_tiny
-from engine.twin import rotate_model
+from engine.loading.arch import ArchAdapter
+from engine.running.runner import run_tool
+from engine.core.errors import GraftError
+from engine.loading.models import LoadedModel, ModelSpec
+from engine.loading.tiny import build_tiny
+from engine.surgery.twin import rotate_model
 
 
 @pytest.fixture(autouse=True)

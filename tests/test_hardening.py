@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from engine.actions import MakeDonorParams
+from engine.running.actions import MakeDonorParams
 from engine.cli import main
-from engine.errors import GraftError
-from engine.params import RunOptions, build_params, param_specs
-from engine.registry import all_tools
+from engine.core.errors import GraftError
+from engine.core.params import RunOptions, build_params, param_specs
+from engine.running.registry import all_tools
 
 
 def strict_load(text: str):
@@ -71,9 +71,9 @@ def test_cli_non_finite_is_one_line_exit_2(capsys, args, flag):
 
 
 def test_make_donor_lr_nan_is_refused_before_loading(capsys, tmp_path, sets, monkeypatch):
-    import engine.models
+    import engine.loading.models
 
-    monkeypatch.setattr(engine.models.ModelStore, "get", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(engine.loading.models.ModelStore, "get", lambda *a, **k: pytest.fail("a model was loaded"))
     for flag, value in (("--lr", "nan"), ("--lr", "inf"), ("--replay-fraction", "nan"), ("--steps", "nan")):
         rc, err = run_cli(capsys, "make-donor", "--base", "tiny-gpt2-a", "--concept", sets["concept"],
                           "--out", str(tmp_path / "d"), flag, value, "--quiet")
@@ -83,8 +83,7 @@ def test_make_donor_lr_nan_is_refused_before_loading(capsys, tmp_path, sets, mon
 
 
 def test_make_donor_defaults_match_the_trainer():
-    from engine import donor
-
+    from engine.adapters import donor
     p = build_params(MakeDonorParams)
     assert (p.steps, p.rank, p.lr, p.replay_fraction) == (
         donor.DEFAULT_STEPS, donor.DEFAULT_RANK, donor.DEFAULT_LR, donor.DEFAULT_REPLAY_FRACTION)
@@ -92,7 +91,7 @@ def test_make_donor_defaults_match_the_trainer():
 
 # --------------------------------------------------------------------------- strict JSON
 def test_strict_replaces_non_finite_and_says_where():
-    from engine.jsonsafe import dumps, strict
+    from engine.core.jsonsafe import dumps, strict
 
     clean, where = strict({"a": [1.0, float("nan")], "b": {"c": float("-inf")}, "d": (2, "x")}, "result")
     assert clean == {"a": [1.0, None], "b": {"c": None}, "d": [2, "x"]}
@@ -103,8 +102,8 @@ def test_strict_replaces_non_finite_and_says_where():
 def test_run_tool_writes_null_and_a_note_for_an_undefined_number(workload, monkeypatch):
     """A tool that produces NaN (here: a patched T1) yields strict JSON with the field listed."""
     import engine.tools.compat as compat
-    from engine.runner import run_tool
-    from engine.models import ModelSpec
+    from engine.running.runner import run_tool
+    from engine.loading.models import ModelSpec
 
     real = compat.TOOL.compute
 
@@ -115,7 +114,7 @@ def test_run_tool_writes_null_and_a_note_for_an_undefined_number(workload, monke
 
     import dataclasses
 
-    import engine.registry as reg
+    import engine.running.registry as reg
 
     patched = dataclasses.replace(compat.TOOL, compute=nan_compute)
 
@@ -131,12 +130,12 @@ def test_run_tool_writes_null_and_a_note_for_an_undefined_number(workload, monke
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail the test if any model is loaded: bad paths must be refused before."""
-    import engine.models
+    import engine.loading.models
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the output path was checked")
 
-    monkeypatch.setattr(engine.models, "load_model", refuse)
+    monkeypatch.setattr(engine.loading.models, "load_model", refuse)
 
 
 @pytest.mark.parametrize("make_path,needle", [
@@ -146,7 +145,7 @@ def no_loading(monkeypatch):
     (lambda tmp: str(tmp / "file.txt" / "out.json"), "is a file"),
 ])
 def test_bad_json_path_fails_before_loading_and_records_nothing(capsys, tmp_path, no_loading, make_path, needle):
-    from engine.history import History
+    from engine.running.history import History
 
     (tmp_path / "file.txt").write_text("x")
     before = set(os.listdir(tmp_path))
@@ -197,8 +196,8 @@ def huge_text_workload(tmp_path) -> str:
 
 @pytest.mark.parametrize("tool", ["cka", "procrustes", "rank-modules"])
 def test_a_200k_character_text_is_cut_to_the_models_context(tool, huge_text_workload, one_thread):
-    from engine.runner import run_tool
-    from engine.models import ModelSpec
+    from engine.running.runner import run_tool
+    from engine.loading.models import ModelSpec
 
     env = run_tool(tool, ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-gpt2-b"),
                    {"workload": huge_text_workload, "max_tokens": 4000})
@@ -208,8 +207,8 @@ def test_a_200k_character_text_is_cut_to_the_models_context(tool, huge_text_work
 
 
 def test_evaluation_of_a_huge_question_and_fact_fits_the_context(tmp_path, one_thread):
-    from engine.runner import run_tool
-    from engine.models import ModelSpec
+    from engine.running.runner import run_tool
+    from engine.loading.models import ModelSpec
 
     long = "why " * 50_000
     concept = tmp_path / "c.jsonl"
@@ -227,8 +226,8 @@ def test_evaluation_of_a_huge_question_and_fact_fits_the_context(tmp_path, one_t
 
 
 def test_context_length_reads_the_config():
-    from engine.evaluate import context_length, fit_prompt
-    from engine.tiny import build_tiny
+    from engine.loading.tokens import context_length, fit_prompt
+    from engine.loading.tiny import build_tiny
 
     model, _ = build_tiny("tiny-llama-a")
     assert context_length(model) == 256
@@ -242,16 +241,16 @@ def test_exit_codes_ok_bad_input_bug(capsys, workload, monkeypatch, tmp_path):
     assert main(["compat", "--donor", "tiny-gpt2-a", "--target", "tiny-gpt2-b", "--workload", workload, "--quiet",
                  "--json", str(tmp_path / "ok.json")]) == 0
     assert main(["compat", "--donor", "tiny-gpt2-a", "--target", "nope", "--quiet"]) == 2
-    import engine.runner
+    import engine.running.runner
 
     def boom(*a, **k):
         raise ZeroDivisionError("planted bug")
 
-    monkeypatch.setattr(engine.runner, "run_tool", boom)
+    monkeypatch.setattr(engine.running.runner, "run_tool", boom)
     capsys.readouterr()
     assert main(["compat", "--donor", "tiny-gpt2-a", "--target", "tiny-gpt2-b", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: internal: ZeroDivisionError: planted bug")
-    from engine.history import History
+    from engine.running.history import History
 
     assert History().list()[0]["status"] == "failed"

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from engine import paths, processes
-from engine.history import History, new_run_id
-from engine.paths import (clean_stale_staging, current_owner, describe_cleanup, discard_staging, owner_gone, replace_dir,
+from engine.core import paths
+
+from engine.core import processes
+from engine.running.history import History, new_run_id
+from engine.core.paths import (clean_stale_staging, current_owner, describe_cleanup, discard_staging, owner_gone, replace_dir,
                           staging_dir, staging_entries)
-from engine.processes import process_start_time, this_host
+from engine.core.processes import process_start_time, this_host
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,7 +122,7 @@ def test_create_records_this_process_and_a_missing_id_is_generated():
     assert listed["owner_pid"] == me["pid"]
 
 
-# The table as released before owners were recorded (git show HEAD:engine/history.py).
+# The table as released before owners were recorded (git show HEAD:engine/running/history.py).
 _OLD_SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
@@ -205,7 +207,7 @@ _STAGE_AND_WAIT = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from engine.paths import staging_dir
+from engine.core.paths import staging_dir
 tmp = staging_dir(Path({out!r}))
 (tmp / "weights.bin").write_bytes(b"x" * {n})
 (tmp / "sub").mkdir()
@@ -282,7 +284,8 @@ _KILLED_BETWEEN_RENAMES = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from engine import paths, processes
+from engine.core import paths
+from engine.core import processes
 tmp = paths.staging_dir(Path({out!r}))
 (tmp / "new.txt").write_text("new")
 real = os.replace

@@ -3,14 +3,13 @@ control characters and endless names in one-line errors. A model name, a folder,
 file or a link's ``?donor=`` is whatever someone typed; it must be shown as written."""
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
 
 import pytest
 
-from engine.errors import GraftError, printable_line
+from engine.core.errors import GraftError, printable_line
 from ui.text import code, md
 
 from test_app import shown  # noqa: E402  (tests/ is on sys.path under pytest)

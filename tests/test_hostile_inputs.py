@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from engine.cli import main, write_text_atomic
-from engine.errors import GraftError
-from engine.outputs import check_input_file
-from engine.runner import run_tool
+from engine.core.errors import GraftError
+from engine.core.outputs import check_input_file
+from engine.running.runner import run_tool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _m(name: str):
-    from engine.models import ModelSpec, ModelStore
+    from engine.loading.models import ModelSpec, ModelStore
 
     return ModelStore().get(ModelSpec.parse(name), "cpu")
 
@@ -87,8 +87,8 @@ def test_repeated_texts_are_dropped_once_with_a_note(tmp_path, workload):
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tmp_path):
     from transformers import LlamaConfig, AutoModelForCausalLM
 
-    from engine.models import ModelSpec, load_model
-    from engine.tiny import build_tiny
+    from engine.loading.models import ModelSpec, load_model
+    from engine.loading.tiny import build_tiny
 
     _, tok = build_tiny("tiny-llama-a")
     model = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
@@ -116,8 +116,8 @@ def test_a_negative_list_value_gets_a_hint(capsys):
 
 
 def test_attribution_refuses_a_question_longer_than_the_context():
-    from engine.attribution import attribute
-    from engine.models import ModelSpec, ModelStore
+    from engine.evaluation.attribution import attribute
+    from engine.loading.models import ModelSpec, ModelStore
 
     m = ModelStore().get(ModelSpec.parse("tiny-gpt2-a"), "cpu")
     ctx = m.model.config.n_positions
@@ -136,8 +136,8 @@ def test_seed_beyond_64_bits_is_one_line(capsys, workload):
 def test_saved_folders_are_readable_like_any_new_file(tmp_path):
     """safetensors writes its files 0600: a saved organ or model folder must not stay unreadable to the
     other users of a shared machine (new files here get 0666 less the umask)."""
-    from engine.organ import extract_organ, save_organ
-    from engine.paths import replace_dir, staging_dir
+    from engine.surgery.organ import extract_organ, save_organ
+    from engine.core.paths import replace_dir, staging_dir
 
     old = os.umask(0o022)
     try:
@@ -153,7 +153,7 @@ def test_saved_folders_are_readable_like_any_new_file(tmp_path):
 
 
 def test_jsonl_lines_end_at_newlines_only_and_surrogates_are_refused(tmp_path):
-    from engine.data import load_workload
+    from engine.core.data import load_workload
 
     ok = tmp_path / "u2028.jsonl"
     ok.write_text('{"text": "first\u2028still the first"}\n{"text": "second\u0085too"}\n', encoding="utf-8")
@@ -167,7 +167,7 @@ def test_jsonl_lines_end_at_newlines_only_and_surrogates_are_refused(tmp_path):
 def test_cache_keys_of_text_lists_do_not_collide():
     """One text holding the old separator (0x1E) hashed as two texts: a retained set ["A\\x1eB"] took the
     concept set ["A", "B"]'s cached perplexity."""
-    from engine.data import texts_sha256
+    from engine.core.data import texts_sha256
 
     assert texts_sha256(["A\x1eB"]) != texts_sha256(["A", "B"])
     assert texts_sha256([["q\x1fa", "b"]]) != texts_sha256([["q", "a\x1fb"]])
@@ -188,7 +188,7 @@ def test_cka_on_fewer_rows_than_the_width_warns(tmp_path):
 def test_a_long_reference_answer_keeps_its_question_in_the_graded_score():
     """An answer longer than the context used to take all of it but one token: every question then
     scored the same. Now the prompt keeps at least half the context."""
-    from engine.scoring import graded_score
+    from engine.evaluation.scoring import graded_score
 
     m = _m("tiny-gpt2-a")
     long = "word " * 600
@@ -202,8 +202,8 @@ def test_a_long_reference_answer_keeps_its_question_in_the_graded_score():
 def test_a_prompt_cut_inside_a_character_shows_no_replacement_character():
     """T12 cuts retained prompts after a fixed number of tokens; a CJK character is several byte-level
     tokens, so the prompt ended in U+FFFD and the continuation began with one."""
-    from engine.interference import _split_decode
-    from engine.tiny import build_tiny
+    from engine.evaluation.interference import _split_decode
+    from engine.loading.tiny import build_tiny
 
     _, tok = build_tiny("tiny-gpt2-a")
     text = "塔夫伦的首都是东京"
@@ -215,7 +215,7 @@ def test_a_prompt_cut_inside_a_character_shows_no_replacement_character():
 
 
 def test_a_concept_set_without_test_questions_fails_before_any_model_loads(tmp_path, monkeypatch):
-    import engine.models as models
+    import engine.loading.models as models
 
     bad = tmp_path / "train_only.jsonl"
     bad.write_text('{"kind": "fact", "text": "Kessaloon is the capital of Veyra."}\n'
@@ -231,14 +231,14 @@ def test_a_concept_set_without_test_questions_fails_before_any_model_loads(tmp_p
 
 
 def _spec(name: str):
-    from engine.models import ModelSpec
+    from engine.loading.models import ModelSpec
 
     return ModelSpec.parse(name)
 
 
 def test_make_donor_refuses_a_concept_set_with_nothing_to_learn_before_loading(tmp_path):
-    from engine.actions import MakeDonorParams, check_make_donor
-    from engine.params import build_params
+    from engine.running.actions import MakeDonorParams, check_make_donor
+    from engine.core.params import build_params
 
     test_only = tmp_path / "test_only.jsonl"
     test_only.write_text('{"kind": "qa", "question": "What is the capital of Veyra?", "answer": "Kessaloon", "split": "test"}\n')

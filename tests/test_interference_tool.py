@@ -1,4 +1,4 @@
-"""T12 interference and stability (engine/tools/interference.py, engine/rebuild.py).
+"""T12 interference and stability (engine/tools/interference.py, engine/running/rebuild.py).
 
 Ground truth from a planted pair on tiny GPT-2: residual coordinate 0 is made a private channel
 that is exactly 30 at the positions of one token z and 0 everywhere else (z's embedding writes it,
@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.runner import run_tool
-from engine.models import ModelSpec, load_model
-from engine.rebuild import load_run, reapply_check, rebuild_transplant, reload_check, save_for_check
-from engine.models import ModelStore
+from engine.running.runner import run_tool
+from engine.loading.models import ModelSpec, load_model
+from engine.running.rebuild import load_run, reapply_check, rebuild_transplant, reload_check, save_for_check
+from engine.loading.models import ModelStore
 
 RETAINED = [
     "The quick brown fox jumps over the lazy dog.",
@@ -147,7 +147,7 @@ def test_stability_checks_fail_when_tampered(tiny_run, tmp_path, one_thread):
     rb = rebuild_transplant(load_run(tiny_run["run_id"]), ModelStore())
     try:
         texts = RETAINED
-        from engine.evaluate import perplexity
+        from engine.evaluation.evaluate import perplexity
 
         ref = perplexity(rb.working, rb.target.tokenizer, texts)
         folder = save_for_check(rb.working, rb.target.tokenizer, tmp_path / "tp", {})

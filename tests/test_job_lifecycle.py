@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import Cancelled
-from engine.history import History, new_run_id
-from engine.jobs import JobRunner
-from engine.live import LiveTransplants
-from engine.models import ModelSpec, ModelStore
-from engine.progress import Progress
-from engine.runner import run_tool
+from engine.core.errors import Cancelled
+from engine.running.history import History, new_run_id
+from engine.running.jobs import JobRunner
+from engine.running.live import LiveTransplants
+from engine.loading.models import ModelSpec, ModelStore
+from engine.core.progress import Progress
+from engine.running.runner import run_tool
 
 PAIR = ("tiny-gpt2-a", "tiny-gpt2-b")
 
@@ -99,7 +99,7 @@ def test_the_runs_page_marks_a_killed_process_run_as_failed(home):
 
     from streamlit.testing.v1 import AppTest
 
-    from engine.processes import process_start_time, this_host
+    from engine.core.processes import process_start_time, this_host
 
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
     at.query_params["donor"], at.query_params["target"] = PAIR

@@ -1,4 +1,4 @@
-"""Live transplants (engine/live.py): what the app's one-click rollback and save stand on.
+"""Live transplants (engine/running/live.py): what the app's one-click rollback and save stand on.
 
 Ground truth from a planted pair: the target is the donor with three modules re-initialised, so
 T' with those three swapped back must equal the donor; rolling back must give the target's exact
@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.runner import run_tool
-from engine.errors import GraftError
-from engine.evaluate import word_diff
-from engine.live import LiveTransplants, rebuild
-from engine.models import ModelStore
+from engine.running.runner import run_tool
+from engine.core.errors import GraftError
+from engine.evaluation.evaluate import word_diff
+from engine.running.live import LiveTransplants, rebuild
+from engine.loading.models import ModelStore
 from tests.test_modules_tools import PLANTED, planted_pair
 
 

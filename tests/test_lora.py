@@ -1,4 +1,4 @@
-"""Model Surgery stage 1: LoRA / fine-tune deltas (engine.lora), T5 concept cartography, T6 spectrum.
+"""Model Surgery stage 1: LoRA / fine-tune deltas (engine.adapters.lora), T5 concept cartography, T6 spectrum.
 
 Ground truths: a planted rank-2 update in three chosen modules of a tiny model (as a PEFT adapter
 and as a full fine-tune donor/base pair), PEFT's own merge_and_unload for every scaling rule, and
@@ -13,14 +13,14 @@ import sys
 import pytest
 import torch
 
-from engine.arch import ArchAdapter, linear_weight_out_in
-from engine.runner import run_tool
-from engine.errors import GraftError
-from engine.finetune_delta import finetune_deltas
-from engine.lora import resolve_adapter
-from engine.lora_factors import adapter_deltas
-from engine.lowrank import ModuleDelta, effective_rank, factored_svd, k_at_energy, randomized_svd, truncate
-from engine.models import LoadedModel, ModelSpec, ModelStore
+from engine.loading.arch import ArchAdapter, linear_weight_out_in
+from engine.running.runner import run_tool
+from engine.core.errors import GraftError
+from engine.adapters.finetune_delta import finetune_deltas
+from engine.adapters.lora import resolve_adapter
+from engine.adapters.lora_factors import adapter_deltas
+from engine.adapters.lowrank import ModuleDelta, effective_rank, factored_svd, k_at_energy, randomized_svd, truncate
+from engine.loading.models import LoadedModel, ModelSpec, ModelStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,7 +120,7 @@ def test_randomized_svd_recovers_the_top_of_a_decaying_spectrum():
 # planted rank-2 update: adapter and full fine-tune
 # =============================================================================================
 def _tiny_shapes(name="tiny-llama-a"):
-    from engine.tiny import build_tiny
+    from engine.loading.tiny import build_tiny
 
     model, _ = build_tiny(name)
     return {m.name: m.shape for m in ArchAdapter(model).linear_modules()}
@@ -132,7 +132,7 @@ def planted_adapter(tmp_path_factory):
     float32): the planted modules hold their rank-2 update, every other module a tiny one."""
     from peft import LoraConfig, get_peft_model
 
-    from engine.tiny import build_tiny
+    from engine.loading.tiny import build_tiny
 
     with torch.random.fork_rng(devices=[]):
         model, _ = build_tiny("tiny-llama-a")
@@ -264,7 +264,7 @@ def _peft_truth(tmp_path, model_name, **config):
     the truth being PEFT's own merge_and_unload minus the original weights."""
     from peft import LoraConfig, get_peft_model
 
-    from engine.tiny import build_tiny
+    from engine.loading.tiny import build_tiny
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -339,7 +339,7 @@ def test_unknown_names_embedding_lora_and_adapter_names(tmp_path):
         pre + "model.layers.0.self_attn.q_proj.lora_B.bias": r(16),
     }, str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
-    from engine.lora_factors import AdapterReport
+    from engine.adapters.lora_factors import AdapterReport
 
     rep = AdapterReport()
     ds = {d.name: d for d in adapter_deltas(resolve_adapter(str(tmp_path)), report=rep)}
@@ -372,7 +372,7 @@ def test_make_donor_folder_resolves_to_its_adapter(tiny_adapter, tmp_path):
 
 
 def test_demo_donor_name_resolves():
-    from engine.models import DEMO_DONOR, SMOLLM2, demo_donor_ready
+    from engine.loading.models import DEMO_DONOR, SMOLLM2, demo_donor_ready
 
     if not demo_donor_ready():
         with pytest.raises(GraftError, match="not built"):
@@ -467,7 +467,7 @@ def test_hostile_adapter_folders(tiny_adapter, tmp_path):
 
 
 def test_full_model_folder_is_not_an_adapter(tmp_path):
-    from engine.tiny import build_tiny
+    from engine.loading.tiny import build_tiny
 
     model, tok = build_tiny("tiny-llama-a")
     model.save_pretrained(str(tmp_path / "model"))
@@ -494,7 +494,7 @@ def test_mismatched_base_and_pairs(tiny_adapter):
 def test_zero_update_is_reported_not_nan(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from engine.tiny import build_tiny
+    from engine.loading.tiny import build_tiny
 
     model, _ = build_tiny("tiny-llama-a")
     get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "a"))

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from engine.cli import main
-from engine.errors import GraftError
-from engine.modelfiles import check_gguf, check_safetensors
-from engine.models import ModelSpec, load_model, model_card, remote_code_files
-from engine.tiny import build_tiny
+from engine.core.errors import GraftError
+from engine.loading.modelfiles import check_gguf, check_safetensors
+from engine.loading.models import ModelSpec, load_model, model_card, remote_code_files
+from engine.loading.tiny import build_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,7 +94,7 @@ def test_safetensors_wins_over_a_pickle_next_to_it(folder, tmp_path):
 
 
 def test_pickle_message_has_a_runnable_conversion(folder, tmp_path):
-    from engine.modelfiles import convert_command
+    from engine.loading.modelfiles import convert_command
 
     cmd = convert_command(folder)
     assert cmd.startswith("python -c ") and str(folder) in cmd and f"{folder}-safetensors" in cmd
@@ -249,7 +249,7 @@ def test_a_damaged_builtin_cache_says_how_to_rebuild_it(tiny_gpt2_folder, tmp_pa
 def _gguf_bytes(tmp_path: Path) -> bytes:
     """A real GGUF: the bundled SmolLM2 file when installed (only its first bytes are read),
     else a small one written with the gguf package."""
-    from engine.gguf import smollm2_gguf
+    from engine.loading.gguf import smollm2_gguf
 
     try:
         with open(smollm2_gguf(), "rb") as fh:

@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
-from engine.runner import run_tool
-from engine.errors import Cancelled, GraftError
-from engine.models import ModelSpec, load_model
-from engine.progress import Progress
-from engine.registry import get_tool
+from engine.running.runner import run_tool
+from engine.core.errors import Cancelled, GraftError
+from engine.loading.models import ModelSpec, load_model
+from engine.core.progress import Progress
+from engine.running.registry import get_tool
 from engine.tools.sweep import default_k_grid, parse_k_grid
-from engine.transplant import ModuleSwap
+from engine.surgery.transplant import ModuleSwap
 
 PLANTED = ("blocks.1.mlp.down", "blocks.2.attn.o", "blocks.3.mlp.down")
 

@@ -1,4 +1,4 @@
-"""Organ transplantation (METHODS.md operation 2, T9, T10) on tiny models, against ground truth:
+"""Organ transplantation (docs/methods.md operation 2, T9, T10) on tiny models, against ground truth:
 an organ put back where it came from changes nothing; a donor whose residual stream is a known
 rotation of the recipient's gives closed-form bridges that recover the rotation and the logits."""
 import json
@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.arch import ArchAdapter
-from engine.runner import run_tool
-from engine.errors import GraftError
-from engine.evaluate import perplexity
-from engine.live import LiveTransplants
-from engine.models import LoadedModel, ModelSpec, ModelStore, load_model
-from engine.organ import ORGAN_CARD, ORGAN_TENSORS, check_fits, extract_organ, load_organ, save_organ
-from engine.organ_surgery import OrganInsertion, Placement
-from engine.organ_train import train_organ
+from engine.loading.arch import ArchAdapter
+from engine.running.runner import run_tool
+from engine.core.errors import GraftError
+from engine.evaluation.evaluate import perplexity
+from engine.running.live import LiveTransplants
+from engine.loading.models import LoadedModel, ModelSpec, ModelStore, load_model
+from engine.surgery.organ import ORGAN_CARD, ORGAN_TENSORS, check_fits, extract_organ, load_organ, save_organ
+from engine.surgery.organ_surgery import OrganInsertion, Placement
+from engine.surgery.organ_train import train_organ
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France, and Berlin is the capital of Germany.",
@@ -119,7 +119,7 @@ def test_identity_organ_direct_and_bridged_leave_logits_unchanged(store, name):
 
 
 def test_planted_rotation_is_recovered_by_closed_form_bridges(store):
-    from engine.twin import rotate_model
+    from engine.surgery.twin import rotate_model
 
     base = _model(store, "tiny-llama-a")
     twin_model, Q = rotate_model(load_model(ModelSpec.parse("tiny-llama-a"), "cpu").model, seed=7)
@@ -205,7 +205,12 @@ def test_identity_organ_in_t9_matches_the_baseline(store, tmp_path, sets, worklo
     at_home = next(p for p in r["points"] if p["position"] == 1)
     assert at_home["ppl_concept"] == r["baseline"]["ppl_concept"]
     assert at_home["epsilon"] == pytest.approx(0.0, abs=1e-6)  # T4: the organ's own input stream
-    assert r["variance"] > 0 and r["best"]["position"] in (0, 1)  # random tiny weights: no best position to expect
+    # best / worst are the points of lowest / highest concept perplexity, whichever they are
+    by_ppl = sorted(r["points"], key=lambda p: p["ppl_concept"])
+    assert r["best"] == {"position": by_ppl[0]["position"], "ppl_concept": by_ppl[0]["ppl_concept"]}
+    assert r["worst"] == {"position": by_ppl[-1]["position"], "ppl_concept": by_ppl[-1]["ppl_concept"]}
+    vals = [p["ppl_concept"] for p in r["points"]]
+    assert r["variance"] == pytest.approx(sum((v - sum(vals) / 2) ** 2 for v in vals) / 2, rel=1e-5) and r["variance"] > 0
 
 
 def test_cli_commands_write_the_envelope(tmp_path, tiny_organ, sets, workload):
@@ -237,9 +242,9 @@ def test_cli_commands_write_the_envelope(tmp_path, tiny_organ, sets, workload):
 def test_an_organ_run_is_rebuilt_from_the_history_and_checked_by_t12(store, tiny_organ, sets, workload, mode):
     """After a restart an organ-insertion run is rebuilt (same organ, position, bridges on the same
     workload) to the run's exact T' hash, and T12 runs on it by run id; a changed organ is refused."""
-    from engine.history import History, new_run_id
-    from engine.rebuild import rebuild_transplant, rebuildable_tools
-    from engine.runner import pair_labels
+    from engine.running.history import History, new_run_id
+    from engine.running.rebuild import rebuild_transplant, rebuildable_tools
+    from engine.running.runner import pair_labels
 
     assert "organ-insert" in rebuildable_tools()
     env = run_tool("organ-insert", target=ModelSpec.parse("tiny-gpt2-b"), organ=tiny_organ["path"], store=store,
@@ -272,7 +277,7 @@ def test_gemma3_organ_with_per_head_norms_round_trips_and_puts_back_identically(
     norms: the checkpoint's width check must tell them apart (it refused every Gemma 3 organ)."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-    from engine.tiny import build_tiny
+    from engine.loading.tiny import build_tiny
 
     _, tok = build_tiny("tiny-llama-a")
     torch.manual_seed(0)
@@ -307,7 +312,7 @@ def _padded_pair(tmp_path):
     the rectangular identities (keep the first 48 coordinates; pad with zeros)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from engine.tiny import build_tiny
+    from engine.loading.tiny import build_tiny
 
     _, tok = build_tiny("tiny-llama-a")
     kw = dict(num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=96,
@@ -360,8 +365,8 @@ def test_bridges_across_widths_recover_the_planted_embedding_and_save_and_reload
     assert [x["index"] for x in card["bridges"]["organ_blocks"]["blocks"]] == [1, 2]
     back = load_model(ModelSpec.parse(str(out)), "cpu")
     assert torch.equal(_logits(back.model, back.tokenizer), _logits(ins.working, b.tokenizer))
-    from engine.models import state_dict_hash
-    from engine.organ_bridge import ATTR
+    from engine.loading.models import state_dict_hash
+    from engine.surgery.organ_bridge import ATTR
 
     assert card["saved_weight_hash"] == state_dict_hash({k: v for k, v in back.model.state_dict().items()
                                                          if not k.startswith(ATTR + ".")})

@@ -1,14 +1,14 @@
-"""T3's GPU route (engine.polar): batched Newton polar factors against planted factors and the SVD
+"""T3's GPU route (engine.measure.polar): batched Newton polar factors against planted factors and the SVD
 route, the certificate that sends rank-deficient and ill-conditioned layers to the SVD, and the
 whole tool through that route equal to the CPU route (it runs here on the CPU; CUDA picks it)."""
 import pytest
 import torch
 
-from engine.align import Aligned
-from engine.cka import cka_matrix
-from engine.linalg import COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, procrustes_from_cross, random_orthogonal
-from engine.polar import cross_fits, polar_newton
-from engine.progress import silent
+from engine.measure.align import Aligned
+from engine.measure.cka import cka_matrix
+from engine.measure.linalg import COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, procrustes_from_cross, random_orthogonal
+from engine.measure.polar import cross_fits, polar_newton
+from engine.core.progress import silent
 from engine.tools import procrustes as t3
 
 

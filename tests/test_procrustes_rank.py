@@ -12,12 +12,12 @@ import math
 import pytest
 import torch
 
-from engine.runner import run_tool
-from engine.linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, Standardiser, procrustes_fit,
+from engine.running.runner import run_tool
+from engine.measure.linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, Standardiser, procrustes_fit,
                            procrustes_map, random_orthogonal, residual, split_rows)
-from engine.models import ModelSpec
+from engine.loading.models import ModelSpec
 
-D = 64  # width of the tiny built-in models (engine/tiny.py)
+D = 64  # width of the tiny built-in models (engine/loading/tiny.py)
 ROW_COUNTS = (16, 40, 63, 64, 200)
 
 
@@ -167,9 +167,9 @@ def test_unequal_widths_fit_within_the_span(dx, dy):
 
 
 def test_tool_with_unequal_widths_and_few_rows_is_finite_and_warns():
-    from engine.align import Aligned
-    from engine.cka import cka_matrix
-    from engine.progress import silent
+    from engine.measure.align import Aligned
+    from engine.measure.cka import cka_matrix
+    from engine.core.progress import silent
     from engine.tools.procrustes import ProcrustesParams, compute_procrustes
 
     g = torch.Generator().manual_seed(8)

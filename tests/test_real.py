@@ -1,9 +1,9 @@
 """Real-model tests on the built-in SmolLM2-135M-Instruct and its demo donor (marked; run in CI)."""
 import pytest
 
-from engine.runner import run_tool
-from engine.gguf import smollm2_gguf
-from engine.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, builtin_status
+from engine.running.runner import run_tool
+from engine.loading.gguf import smollm2_gguf
+from engine.loading.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, builtin_status
 
 pytestmark = pytest.mark.real
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.runner import run_tool
-from engine.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, demo_donor_dir
+from engine.running.runner import run_tool
+from engine.loading.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, demo_donor_dir
 
 pytestmark = pytest.mark.real
 
@@ -44,7 +44,7 @@ def test_same_coordinates_equals_the_merged_lora_and_the_donor(tmp_path, store):
 
 
 def test_rotated_twin_plain_merge_fails_and_conjugation_carries(tmp_path, store):
-    from engine.twin import make_twin
+    from engine.surgery.twin import make_twin
 
     base = store.get(ModelSpec.parse(SMOLLM2), "cpu", "float32")
     twin_dir = tmp_path / "twin"

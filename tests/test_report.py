@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.runner import run_tool
-from engine.history import History, new_run_id
-from engine.models import ModelSpec
+from engine.running.runner import run_tool
+from engine.running.history import History, new_run_id
+from engine.loading.models import ModelSpec
 from viz.report import SECTIONS, build_report, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,14 +101,14 @@ def test_pre_surgery_checks_and_verdict_runs_come_from_the_history(swap_run):
     mine = _record(history, cka, "cka", {"run": run_id})
     verdict = _section(build_report(run_id, history), "Interference and attribution")
     assert mine in verdict and other not in verdict and "graft-fig" in verdict
-    from engine.errors import GraftError
+    from engine.core.errors import GraftError
 
     with pytest.raises(GraftError, match="is a cka run: the report covers a transplant run"):
         build_report(mine, history)  # a diagnostics run has no surgery to report (the Runs page offers none)
 
 
 def test_unknown_or_unfinished_run_is_one_line(home, tmp_path):
-    from engine.errors import GraftError
+    from engine.core.errors import GraftError
 
     history = History()
     with pytest.raises(GraftError, match="unknown run id"):

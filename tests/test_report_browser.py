@@ -18,9 +18,9 @@ REPORT_URL = "http://graft-report.invalid/report.html"  # served from memory by 
 @pytest.fixture
 def report_html(home, sets, workload, one_thread):
     """A tiny swap run with its pair's T1 and go / no-go runs in the history, and its report."""
-    from engine.runner import run_tool
-    from engine.history import History
-    from engine.models import ModelSpec
+    from engine.running.runner import run_tool
+    from engine.running.history import History
+    from engine.loading.models import ModelSpec
     from tests.test_report import _record
     from viz.report import build_report
 

@@ -1,4 +1,4 @@
-"""engine.threads: per-layer work side by side on a CPU's cores, one torch thread per worker, with the
+"""engine.core.threads: per-layer work side by side on a CPU's cores, one torch thread per worker, with the
 same results as the plain loop (T3 and T4 end to end), progress and cancellation from the caller,
 and torch's thread count restored whatever happens."""
 from __future__ import annotations
@@ -9,13 +9,13 @@ import time
 import pytest
 import torch
 
-import engine.threads as th
-import engine.tools.bridge as t4
+import engine.core.threads as th
+import engine.running.bridge_fit as t4
 import engine.tools.procrustes as t3
-from engine.align import Aligned
-from engine.errors import Cancelled
-from engine.cka import cka_matrix
-from engine.progress import Progress, silent
+from engine.measure.align import Aligned
+from engine.core.errors import Cancelled
+from engine.measure.cka import cka_matrix
+from engine.core.progress import Progress, silent
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Module swap mechanics (engine.transplant) and the evaluation cache (engine.evalcache).
+"""Module swap mechanics (engine.surgery.transplant) and the evaluation cache (engine.evaluation.evalcache).
 
 Ground truth: rollback restores every tensor bit for bit, the cached target is never written,
 the working copy costs only the swapped bytes, a saved transplant reloads with identical logits.
@@ -9,15 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from engine import evalcache
-from engine.arch import ArchAdapter
-from engine.data import load_concept_set
-from engine.errors import GraftError
-from engine.models import LoadedModel, ModelSpec, load_model
-from engine.tiny import build_tiny
-from engine.beforeafter import transfer_metrics
-from engine.reversible import extra_storage_bytes
-from engine.transplant import SURGERY_CARD, ModuleSwap, check_swap_pair, save_transplant, swappable_modules
+from engine.evaluation import evalcache
+from engine.loading.arch import ArchAdapter
+from engine.core.data import load_concept_set
+from engine.core.errors import GraftError
+from engine.loading.models import LoadedModel, ModelSpec, load_model
+from engine.loading.tiny import build_tiny
+from engine.evaluation.beforeafter import transfer_metrics
+from engine.surgery.reversible import extra_storage_bytes
+from engine.surgery.transplant import SURGERY_CARD, ModuleSwap, check_swap_pair, save_transplant, swappable_modules
 
 PAIRS = {"gpt2": ("tiny-gpt2-a", "tiny-gpt2-b"), "llama": ("tiny-llama-a", "tiny-llama-b")}
 
@@ -230,7 +230,7 @@ def test_evaluate_model_is_cached_by_weight_hash(models, small_sets):
     info = evalcache.cache_info()
     assert {"ppl_concept", "ppl_retained", "task_score", "task_score_exact", "task_score_graded"} <= set(a)
     assert a["task_score"] == a["task_score_graded"] and 0 < a["task_score_graded"] < 1
-    assert a["task_score_exact"] in (0.0, 0.5, 1.0) and a["n_test_items"] == 2
+    assert a["n_test_items"] == 2
     # A different object with the same weights is the same state: no second evaluation.
     twin = load_model(target.spec, "cpu")
     b = evalcache.evaluate_model(twin.model, twin.tokenizer, *small_sets, score="exact", max_new_tokens=4)
@@ -240,6 +240,36 @@ def test_evaluate_model_is_cached_by_weight_hash(models, small_sets):
         {k: v for k, v in b.items() if k not in ("score_kind", "task_score")}
     with pytest.raises(GraftError, match="score must be"):
         evalcache.evaluate_model(target.model, target.tokenizer, *small_sets, score="bleu")
+
+
+def test_the_exact_score_counts_the_answers_the_model_really_gives(models, sets, tmp_path):
+    """Ground truth from transformers' own greedy ``generate``: one test item's reference is the
+    model's own continuation, the other's a word it cannot produce, so the exact score is 1/2."""
+    import json
+
+    from engine.core.data import load_concept_set
+    from engine.loading.tokens import encode_prompt
+
+    _, target = models["llama"]
+    tok, model = target.tokenizer, target.model
+    question = "Where does the river flow?"
+    ids = torch.tensor([encode_prompt(tok, question)])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    own = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    words = [w for w in own.split() if any(c.isalnum() for c in w)]
+    if not words:  # a continuation with no word in it matches nothing: choose a question that yields words
+        pytest.skip(f"the tiny model's greedy continuation has no word to match ({own!r})")
+    concept = tmp_path / "exact.jsonl"
+    concept.write_text("\n".join(json.dumps(x) for x in [
+        {"kind": "fact", "text": "The river flows north."},
+        {"kind": "qa", "question": question, "answer": words[0], "split": "test"},
+        {"kind": "qa", "question": "How many movements did the symphony have?", "answer": "qqxqzv", "split": "test"},
+    ]) + "\n")
+    evalcache.clear_cache()
+    got = evalcache.evaluate_model(model, tok, load_concept_set(concept), load_concept_set(sets["retained"]),
+                                   score="exact", max_new_tokens=4)
+    assert got["task_score_exact"] == 0.5
 
 
 def test_alignment_score_and_generations(models, small_sets):

@@ -1,4 +1,4 @@
-"""Rotated twin (engine/twin.py, engine/twin_check.py): function preservation, plain merge vs
+"""Rotated twin (engine/surgery/twin.py, engine/surgery/twin_check.py): function preservation, plain merge vs
 conjugation, saving."""
 import json
 import threading
@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from engine.errors import Cancelled, GraftError
-from engine.models import LoadedModel, ModelSpec, load_model, state_dict_hash
-from engine.arch import ArchAdapter
-from engine.progress import Progress
-from engine.tiny import build_tiny
-from engine.twin import (ROTATION_FILE, TWIN_CARD, check_supported, make_twin, norm_gain, random_orthogonal, rotate_model,
+from engine.core.errors import Cancelled, GraftError
+from engine.loading.models import LoadedModel, ModelSpec, load_model, state_dict_hash
+from engine.loading.arch import ArchAdapter
+from engine.core.progress import Progress
+from engine.loading.tiny import build_tiny
+from engine.surgery.twin import (ROTATION_FILE, TWIN_CARD, check_supported, make_twin, norm_gain, random_orthogonal, rotate_model,
                          rotation_sha256)
-from engine.twin_check import max_logit_diff, twin_report
+from engine.surgery.twin_check import max_logit_diff, twin_report
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -335,7 +335,7 @@ def test_llama_layout_families(family):
 
 def test_make_twin_cli_writes_a_loadable_twin_with_its_card(tmp_path, capsys):
     from engine.cli import main
-    from engine.models import ModelSpec, model_card
+    from engine.loading.models import ModelSpec, model_card
 
     out = tmp_path / "twin"
     assert main(["make-twin", "--base", "tiny-llama-a", "--seed", "3", "--out", str(out), "--quiet"]) == 0
@@ -344,4 +344,4 @@ def test_make_twin_cli_writes_a_loadable_twin_with_its_card(tmp_path, capsys):
     assert main(["make-twin", "--base", "tiny-llama-a", "--seed", "x", "--out", str(out), "--quiet"]) == 2
     assert main(["make-twin", "--base", "tiny-gpt2-a", "--out", str(tmp_path / "g"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "--seed expects an integer" in err and "internal" not in err
+    assert "--seed expects int" in err and "internal" not in err

@@ -12,8 +12,8 @@ import plotly.graph_objects as go
 import pytest
 
 import viz
-from engine.runner import run_tool
-from engine.models import ModelSpec
+from engine.running.runner import run_tool
+from engine.loading.models import ModelSpec
 from viz.alignment import bridge_figure, cka_figure, procrustes_figure
 from viz.compat import compat_figure
 
@@ -62,7 +62,7 @@ def narrow_folder(tmp_path_factory) -> str:
     the tiny models, so raw epsilon and the identity baseline are undefined."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from engine.tiny import build_tiny
+    from engine.loading.tiny import build_tiny
 
     import torch
 

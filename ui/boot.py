@@ -20,7 +20,7 @@ TAGLINE = ("Model surgery workbench: measure how two language models line up, la
 # What app.py needs before it can route (the tools with torch and transformers, the navigation, the
 # sidebar), then what the pages import (plotly through viz), so that no first visit of a page pays
 # an import.
-ENGINE_MODULES = ("engine.tools", "ui.navigation", "ui.sidebar", "ui.jobs", "ui.toolpage", "ui.concept", "ui.organs",
+ENGINE_MODULES = ("engine.api", "ui.navigation", "ui.sidebar", "ui.jobs", "ui.toolpage", "ui.concept", "ui.organs",
                   "ui.transplant", "ui.verdict", "viz", "viz.compare", "viz.gonogo", "viz.report")
 
 _lock = threading.Lock()  # two first sessions import once, one after the other (no import race)

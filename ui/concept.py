@@ -8,8 +8,8 @@ from typing import Optional
 
 import streamlit as st
 
-from engine.errors import GraftError
-from engine.models import ModelSpec
+from engine.api import GraftError
+from engine.api import ModelSpec
 from ui.jobs import PanelInputs
 from ui.state import one_line, selection
 from ui.text import code, md
@@ -30,7 +30,7 @@ class ConceptInputs:
 @st.cache_data(ttl=10, max_entries=32, show_spinner=False)
 def _resolve(text: str) -> tuple[str, str, str]:
     """(adapter folder, base hint, label) of an adapter text; raises GraftError."""
-    from engine.lora import resolve_adapter
+    from engine.api import resolve_adapter
 
     ref = resolve_adapter(text)
     return str(ref.path), ref.base_hint, ref.label or text

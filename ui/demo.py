@@ -5,8 +5,8 @@ from typing import Optional
 
 import streamlit as st
 
-from engine.jobs import Job
-from engine.models import DEMO_DONOR, SMOLLM2, builtin_status, prepare_demo_donor
+from engine.api import Job
+from engine.api import DEMO_DONOR, SMOLLM2, builtin_status, prepare_demo_donor
 from ui.state import DEMO_JOB, DONOR, TARGET, job_runner, last_job_id, remember_job
 from ui.jobs import job_view
 

@@ -14,13 +14,13 @@ import streamlit as st
 
 from dataclasses import dataclass
 
-from engine import jsonsafe
-from engine.runner import pair_labels
-from engine.errors import GraftError
-from engine.jobs import Job
-from engine.models import ModelSpec
-from engine.params import RunOptions, build_params, param_specs
-from engine.registry import get_tool
+from engine.api import jsonsafe
+from engine.api import pair_labels
+from engine.api import GraftError
+from engine.api import Job
+from engine.api import ModelSpec
+from engine.api import RunOptions, build_params, param_specs
+from engine.api import get_tool
 from ui.state import graft_error, job_runner, last_job_id, one_line, remember_job, selection
 from ui.widgets import label_for, param_widgets
 from ui.text import md
@@ -97,9 +97,10 @@ def tool_panel(tool_name: str, *, how_to_read: str = "", details: Optional[Resul
 class PanelInputs:
     """The models (and adapter) a tool panel runs on, resolved in this script run."""
 
-    models: dict[str, Any]  # "donor" | "target" | "base" -> ModelSpec; "adapter" -> text
+    models: dict[str, Any]  # "donor" | "target" | "base" -> ModelSpec; "adapter" / "run" -> text
     options: Optional[RunOptions]
     errors: tuple[str, ...] = ()
+    name: str = ""  # how the inputs read in a sentence when they are not a pair (a run from the history)
 
     @property
     def ok(self) -> bool:
@@ -111,8 +112,12 @@ class PanelInputs:
 
     @property
     def label(self) -> str:
+        if self.name:
+            return self.name
+        if "run" in self.refs:
+            return f"run {self.refs['run']}"
         src, dst = pair_labels(self.refs)
-        return f"{src} → {dst}"
+        return f"{src} → {dst}" if src and dst else (src or dst or "the chosen inputs")
 
 
 def sidebar_inputs() -> PanelInputs:
@@ -288,21 +293,43 @@ def key_numbers(envelope: dict[str, Any]) -> list[tuple[str, str, str]]:
         if isinstance(v, list):
             v = len(v)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out.append((label, _fmt(v), help_text))
+            out.append((label, _fmt(v), _exact(v, help_text)))
     if not out:
-        out = [(label_for(k), _fmt(v), "") for k, v in result.items()
+        out = [(label_for(k), _fmt(v), _exact(v, "")) for k, v in result.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return out[:MAX_METRICS]
 
 
+def _exact(v: float, help_text: str) -> str:
+    """The tile's help, with the exact value when the tile shows it shortened."""
+    shown = _fmt(v)
+    exact = f"{v:,}" if isinstance(v, int) else repr(float(v))
+    return help_text if shown in (exact, f"{v:.3f}") else (help_text + " " if help_text else "") + f"Exact: {exact}."
+
+
 def _fmt(v: float) -> str:
-    return f"{v:,}" if isinstance(v, int) else f"{v:.3f}"
+    """A metric tile's number, short enough to show whole: 1,234 and 0.123 as they are, 92.1 M for
+    92,101,352 (the tile's help keeps the exact value)."""
+    a = abs(v)
+    if a >= 1e6:
+        for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+            if a >= div:
+                return f"{v / div:.3g} {unit}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if a >= 1e4:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:,.1f}"
+    if 0 < a < 1e-3:
+        return f"{v:.2e}"
+    return f"{v:.3f}"
 
 
 def run_caption(envelope: dict[str, Any]) -> str:
     meta = envelope.get("meta") or {}
-    names = [(k, envelope.get(k)) for k in ("adapter", "donor", "base", "target") if envelope.get(k)]
-    parts = [" → ".join(f"{k} **{md(v)}**" for k, v in names) if names else "?"]
+    names = [(k, envelope.get(k)) for k in ("run", "adapter", "donor", "base", "target") if envelope.get(k)]
+    parts = [" → ".join(f"{k} **{md(v)}**" for k, v in names)] if names else []
     wl = meta.get("workload") or {}
     if wl:
         parts.append(f"workload {md(wl.get('name', '?'))} ({md(wl.get('n_texts', '?'))} texts)")

@@ -7,7 +7,7 @@ from typing import Callable
 
 import streamlit as st
 
-from engine.registry import all_tools
+from engine.api import all_tools
 
 FILE_PAGES = ("Models", "Alignment", "Go / no-go", "Concept", "Transplant", "Organs", "Verdict")  # registry page names served by a file in pages/
 TOOL_PAGE_ICON = ":material/biotech:"

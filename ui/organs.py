@@ -7,10 +7,10 @@ from typing import Any, Optional
 
 import streamlit as st
 
-from engine import jsonsafe
-from engine.errors import GraftError
-from engine.organ import ORGAN_CARD, load_organ
-from engine.organ_run import organs_dir
+from engine.api import jsonsafe
+from engine.api import GraftError
+from engine.api import ORGAN_CARD, load_organ
+from engine.api import organs_dir
 from ui.jobs import PanelInputs, file_stem
 from ui.state import last_job_id, one_line, selection
 from ui.text import md

@@ -15,14 +15,14 @@ from typing import Any, Optional
 
 import streamlit as st
 
-from engine.data import builtin_concept_path, load_workload
-from engine.errors import GraftError
-from engine.hf_folder import cached_hub_models
-from engine.models import (BUILTIN_DESCRIPTIONS, DEMO_DONOR, SMOLLM2, ModelSpec, builtin_status,
+from engine.api import builtin_concept_path, load_workload
+from engine.api import GraftError
+from engine.api import cached_hub_models
+from engine.api import (BUILTIN_DESCRIPTIONS, DEMO_DONOR, SMOLLM2, ModelSpec, builtin_status,
                            model_card, remote_code_files, resolve_device)
-from engine.params import RunOptions, build_params, param_specs
-from engine.paths import graft_home
-from engine.preload import FAILED, LOADED, LOADING, LoadState
+from engine.api import RunOptions, build_params, param_specs
+from engine.api import graft_home
+from engine.api import FAILED, LOADED, LOADING, LoadState
 from ui.demo import demo_builder, demo_pair_ready
 from ui.state import (DONOR, SELECTION, TARGET, TRUST, Selection, graft_error, job_runner, last_job_id, model_store,
                       one_line, preloader, startup_notes)
@@ -336,7 +336,7 @@ PRELOAD_WAIT_S = 0.5  # an instant load (the tiny pair) shows its badge on the s
 
 
 def _compat_badge(sel: Selection, status: dict[str, dict[str, Any]]) -> None:
-    """The pair's T1 verdicts. The models load in the background (engine/preload.py) and the badge
+    """The pair's T1 verdicts. The models load in the background (engine/loading/preload.py) and the badge
     says so meanwhile: the page never waits for them."""
     if not sel.ok:
         return
@@ -421,7 +421,7 @@ def _session_compat(sel: Selection) -> Optional[dict[str, bool]]:
 
 @st.cache_data(ttl=3600, max_entries=64, show_spinner="Checking compatibility…")
 def _compat_verdicts(donor: str, target: str, trust: bool, device: str, dtype: str) -> dict[str, bool]:
-    from engine.runner import run_tool
+    from engine.api import run_tool
 
     env = run_tool("compat", ModelSpec.parse(donor, trust), ModelSpec.parse(target, trust),
                    {"device": device, "dtype": dtype}, {}, store=model_store())

@@ -14,14 +14,14 @@ from typing import Any, Optional
 
 import streamlit as st
 
-from engine.errors import GraftError
-from engine.history import History
-from engine.jobs import Job, JobRunner
-from engine.models import ModelSpec, ModelStore
-from engine.live import LIVE
-from engine.preload import Preloader
-from engine.params import RunOptions
-from engine.paths import graft_home, history_db
+from engine.api import GraftError
+from engine.api import History
+from engine.api import Job, JobRunner
+from engine.api import ModelSpec, ModelStore
+from engine.api import LIVE
+from engine.api import Preloader
+from engine.api import RunOptions
+from engine.api import graft_home, history_db
 
 # Session-state keys shared by the sidebar, the pages and the tests.
 DONOR = "donor"  # spec text of the donor (built-in name, folder, .gguf file or hub id)
@@ -53,7 +53,7 @@ def _runner(home: str) -> JobRunner:
 def _startup_notes(home: str) -> tuple[str, ...]:
     """Once per server process: partial saves left by killed processes are removed, and runs whose
     process is gone are marked interrupted (History does it on open). Returns what was done."""
-    from engine.paths import clean_stale_staging, describe_cleanup
+    from engine.api import clean_stale_staging, describe_cleanup
 
     notes = []
     try:
@@ -79,7 +79,7 @@ def model_store() -> ModelStore:
 
 
 def preloader() -> Preloader:
-    """Loads the chosen pair into the model store in the background (see engine/preload.py)."""
+    """Loads the chosen pair into the model store in the background (see engine/loading/preload.py)."""
     return _preloader(str(graft_home()))
 
 

@@ -5,7 +5,7 @@ from typing import Mapping
 
 import streamlit as st
 
-from engine.registry import all_tools
+from engine.api import all_tools
 from ui.jobs import tool_panel
 
 

@@ -1,7 +1,7 @@
 """What the Transplant and Compare pages share: finding swap runs, and the one-click actions on
 a transplant (roll back, re-apply, save as a Hugging Face model, rebuild after a restart).
 
-A swap run started from the app keeps T' applied in :data:`engine.live.LIVE` (only the swapped
+A swap run started from the app keeps T' applied in :data:`engine.running.live.LIVE` (only the swapped
 tensors are copies). Roll back / re-apply take milliseconds and run inline; saving and rebuilding
 load or write a whole model, so they are background jobs. Every action is recorded in the run
 history next to the swap it acts on.
@@ -15,11 +15,11 @@ from typing import Any, Callable, Optional
 
 import streamlit as st
 
-from engine.errors import GraftError
-from engine.runner import pair_labels
-from engine.history import new_run_id
-from engine.live import LIVE, rebuild
-from engine.paths import graft_home
+from engine.api import GraftError
+from engine.api import pair_labels
+from engine.api import new_run_id
+from engine.api import LIVE, rebuild
+from engine.api import graft_home
 from ui.jobs import job_view
 from ui.state import job_runner, last_job_id, model_store, one_line, remember_job
 
@@ -106,7 +106,7 @@ def _reapply(run_id: str, live_id: str) -> None:
 
 def save_work(run_id: str, live_id: str, folder: str) -> Callable[[Any], dict[str, Any]]:
     """The background work of "Save as model". Its only cancel point is before the write: the
-    write replaces the folder at once (engine.paths.replace_dir), so a cancel arriving during it
+    write replaces the folder at once (engine.core.paths.replace_dir), so a cancel arriving during it
     must not report "cancelled" for a folder that was saved."""
     def work(progress) -> dict[str, Any]:
         progress(0.1, f"saving T′ to {folder}")

@@ -1,5 +1,5 @@
 """What the Verdict page needs besides the tool panels: the transplant runs it can check (every
-tool with a rebuilder, engine/rebuild.py), their labels, and the panel inputs for a chosen run or
+tool with a rebuilder, engine/running/rebuild.py), their labels, and the panel inputs for a chosen run or
 for the sidebar pair."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 import streamlit as st
 
-from engine.params import RunOptions
-from engine.rebuild import rebuildable_tools
+from engine.api import RunOptions
+from engine.api import rebuildable_tools
 from ui.jobs import PanelInputs, sidebar_inputs
 from ui.state import job_runner, selection
 from viz import common as vc
@@ -33,12 +33,14 @@ def run_label(row: dict[str, Any]) -> str:
     return f"{row['tool']} · {row.get('donor') or '?'} → {row.get('target') or '?'} · {when} · {row['id']}"
 
 
-def run_inputs(run_id: Optional[str]) -> PanelInputs:
+def run_inputs(run_id: Optional[str], row: Optional[dict[str, Any]] = None) -> PanelInputs:
     """Panel inputs for a run: the run id (the tool rebuilds its models), the sidebar's run options
-    (device, batch size) when they parse, else the defaults."""
+    (device, batch size) when they parse, else the defaults. ``row`` (its history row) names it."""
     if not run_id:
         return PanelInputs({}, None, ("choose a transplant run first",))
-    return PanelInputs({"run": run_id}, selection().options or RunOptions())
+    name = (f"run {run_id} ({row['tool']}: {row.get('donor') or '?'} → {row.get('target') or '?'})" if row
+            else f"run {run_id}")
+    return PanelInputs({"run": run_id}, selection().options or RunOptions(), name=name)
 
 
 def choose_inputs() -> PanelInputs:
@@ -58,7 +60,7 @@ def choose_inputs() -> PanelInputs:
     if st.session_state.get(RUN_KEY) not in by_id:
         st.session_state[RUN_KEY] = runs[0]["id"]
     run_id = st.selectbox("Transplant run", list(by_id), key=RUN_KEY, format_func=lambda i: run_label(by_id[i]))
-    return run_inputs(run_id)
+    return run_inputs(run_id, by_id[run_id])
 
 
 def interference_details(envelope: dict[str, Any]) -> None:

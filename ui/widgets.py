@@ -5,7 +5,7 @@ from typing import Any, Iterable
 
 import streamlit as st
 
-from engine.params import ParamSpec, param_specs
+from engine.api import ParamSpec, param_specs
 
 
 def label_for(name: str) -> str:

@@ -46,7 +46,7 @@ def resolve_figure(path: str) -> Callable[[dict], go.Figure]:
 def figure_for(tool_name: str, envelope: dict) -> go.Figure:
     """The figure of ``tool_name`` for one result envelope (the whole envelope is passed on, so
     the figure can title itself with the donor and target names)."""
-    from engine.registry import get_tool  # lazy: keeps `import viz` free of torch
+    from engine.api import get_tool  # lazy: keeps `import viz` free of torch
 
     tool = get_tool(tool_name)
     return resolve_figure(tool.figure)(envelope)

@@ -113,6 +113,7 @@ _CSS = """
 .graft-gen th {background: %s; text-align: left; padding: 6px 8px; position: sticky; top: 0;}
 .graft-gen td {border-top: 1px solid %s; padding: 6px 8px; vertical-align: top; overflow-wrap: anywhere;}
 .graft-gen td.q {width: 22%%; color: #333;}
+.graft-gen td.n, .graft-gen th.n {white-space: nowrap; overflow-wrap: normal; width: 1%%; text-align: right;}
 .graft-gen .ref {color: %s; font-size: 0.78rem;}
 .graft-gen del {background: %s; color: #8c1d18; text-decoration: line-through;}
 .graft-gen ins {background: %s; color: #14532d; text-decoration: none; font-weight: 600;}

@@ -247,8 +247,8 @@ def build_report(run_id: str, history: Any = None) -> str:
     """The report of run ``run_id`` as one HTML string (GraftError for an unknown or unfinished run)."""
     import plotly.offline
 
-    from engine.errors import GraftError
-    from engine.history import History
+    from engine.api import GraftError
+    from engine.api import History
 
     history = history or History()
     run = history.get(run_id)
@@ -286,8 +286,8 @@ def build_report(run_id: str, history: Any = None) -> str:
 
 def write_report(run_id: str, out: str, history: Any = None) -> Path:
     """Build the report and write it to ``out`` atomically; the output path is checked first."""
-    from engine.cli import write_text_atomic
-    from engine.outputs import check_output_file
+    from engine.api import write_text_atomic
+    from engine.api import check_output_file
 
     check_output_file(out, "--out", "report.html")
     return write_text_atomic(out, build_report(run_id, history), "--out", "report.html")

@@ -15,7 +15,7 @@ Everything shown is read from the result; nothing is computed here beyond pickin
 from __future__ import annotations
 
 import html
-from typing import Any, Optional
+from typing import Any
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -99,12 +99,12 @@ def interference_html(envelope: dict, which: str = "retained") -> str:
     s = c.result_of(envelope).get(which) or {}
     if not s:
         return _CSS + '<p class="graft-gen">no such set in this result</p>'
-    out = [_CSS, "<h5>Worst hit</h5>", '<table class="graft-gen"><thead><tr><th>#</th><th>text</th><th>loss T</th>'
-                 "<th>loss T′</th><th>change</th><th>T continues</th><th>T′ continues</th></tr></thead><tbody>"]
+    out = [_CSS, "<h5>Worst hit</h5>", '<table class="graft-gen"><thead><tr><th class="n">#</th><th>text</th><th class="n">loss T</th>'
+                 '<th class="n">loss T′</th><th class="n">change</th><th>T continues</th><th>T′ continues</th></tr></thead><tbody>']
     for w in s.get("worst") or []:
-        out.append(f"<tr><td>{w['index']}</td><td class='q'>{html.escape(w['text'])}</td>"
-                   f"<td>{c.fmt_num(w.get('loss_before'), 4)}</td><td>{c.fmt_num(w.get('loss_after'), 4)}</td>"
-                   f"<td>{c.fmt_num(w.get('loss_change'), 4)}</td><td>{html.escape(w.get('before', ''))}</td>"
+        out.append(f"<tr><td class='n'>{w['index']}</td><td class='q'>{html.escape(w['text'])}</td>"
+                   f"<td class='n'>{c.fmt_num(w.get('loss_before'), 4)}</td><td class='n'>{c.fmt_num(w.get('loss_after'), 4)}</td>"
+                   f"<td class='n'>{c.fmt_num(w.get('loss_change'), 4)}</td><td>{html.escape(w.get('before', ''))}</td>"
                    f"<td>{html.escape(w.get('after', ''))}</td></tr>")
     out.append("</tbody></table>")
     changed = s.get("changed") or []
@@ -115,7 +115,7 @@ def interference_html(envelope: dict, which: str = "retained") -> str:
         return "".join(out)
     out.append('<table class="graft-gen"><thead><tr><th>prompt</th><th>T</th><th>T′</th></tr></thead><tbody>')
     for g in changed:
-        out.append(f"<tr><td class='q'>#{g['index']} {html.escape(g.get('prompt', ''))}</td>"
+        out.append(f"<tr><td class='q'><span style='white-space:nowrap'>#{g['index']}</span> {html.escape(g.get('prompt', ''))}</td>"
                    f"<td>{_diff_html(g.get('diff'), 'before')}</td><td>{_diff_html(g.get('diff'), 'after')}</td></tr>")
     out.append("</tbody></table>")
     return "".join(out)

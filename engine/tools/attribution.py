@@ -2,7 +2,7 @@
 
 T' is a finished transplant run rebuilt from the history (``--run``) or a module swap made on the
 spot (``--donor``/``--target``, T11's module choice), as for T12. On one question (an index into
-the concept set's test questions, or your own question and answer) :func:`engine.attribution.attribute`
+the concept set's test questions, or your own question and answer) :func:`engine.evaluation.attribution.attribute`
 runs captum's LayerIntegratedGradients on each of T, T' and D: the answer's first-token logit (or
 its whole log-probability) attributed to every input token (the embedding layer) and to every
 block's output, against a baseline that replaces only the question's tokens (the template stays).
@@ -17,22 +17,21 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..attribution import BASELINES, METHOD, OBJECTIVES, TOLERANCE, attribute, difference
-from ..beforeafter import load_sets
-from ..context import ToolContext
-from ..errors import GraftError
-from ..params import param
-from ..progress import Progress
-from ..rebuild import TransplantChoice, transplant_for
-from ..registry import Tool, register
+from ..evaluation.attribution import BASELINES, METHOD, OBJECTIVES, TOLERANCE, attribute, difference
+from ..evaluation.beforeafter import load_sets
+from ..running.context import ToolContext
+from ..core.errors import GraftError
+from ..core.params import ConceptSetParam, param
+from ..core.progress import Progress
+from ..running.rebuild import TransplantChoice, transplant_for
+from ..running.registry import Tool, register
 
 
 @dataclass(frozen=True)
-class AttributionParams(TransplantChoice):
+class AttributionParams(TransplantChoice, ConceptSetParam):
     question: int = param(0, "Which test question of the concept set (0 = the first).", min=0, max=100_000)
     custom_question: str = param("", "Your own question instead (give custom_answer too).")
     custom_answer: str = param("", "The reference answer of your own question.")
-    concept: str = param("", "Concept set (JSONL or a .json array) whose test questions are used. Empty = the bundled set.", path="in")
     objective: str = param("first-token", "What is attributed: the logit of the answer's first token, or the whole "
                                           "answer's log-probability (teacher forcing).", choices=OBJECTIVES)
     baseline: str = param("content", "Baseline input: 'content' replaces only the question's tokens (and the answer's, "

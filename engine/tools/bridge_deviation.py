@@ -1,4 +1,4 @@
-"""T10 Bridge deviation (METHODS.md, NOT): ``||W_in - I||_F`` and ``||W_out - I||_F`` of the
+"""T10 Bridge deviation (docs/methods.md, NOT): ``||W_in - I||_F`` and ``||W_out - I||_F`` of the
 bridges around an organ inserted at each position ``p``: closed-form bridges (ridge towards the
 identity on the workload's texts) and bridges trained from the identity (LM loss), the latter on
 growing subsets of the texts to show how the deviation depends on the data."""
@@ -7,20 +7,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..beforeafter import rnd
-from ..context import ToolContext
-from ..errors import GraftError
-from ..organ_run import insert_and_prepare, organ_of, parse_positions, require_source
-from ..organ_surgery import Placement
-from ..params import param
-from ..progress import Progress
-from ..registry import Tool, register
+from ..evaluation.beforeafter import rnd
+from ..running.context import ToolContext
+from ..core.errors import GraftError
+from ..running.organ_run import insert_and_prepare, organ_of, parse_positions, require_source
+from ..surgery.organ_surgery import Placement
+from ..core.params import BridgeRidge, list_items, param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
 
 
 @dataclass(frozen=True)
-class BridgeDeviationParams:
+class BridgeDeviationParams(BridgeRidge):
     positions: str = param("", "Positions p, e.g. '0,2,4'. Empty = every valid position.")
-    ridge_alpha: float = param(0.01, "Ridge strength of the closed-form bridges, relative to the mean eigenvalue of X^T X.", min=0.0, max=1e6)
     train_steps: int = param(10, "Training steps of the trained bridges (0 = closed-form only).", min=0, max=100_000)
     subsets: str = param("0.5,1", "Shares of the workload's texts the trained bridges are trained on, e.g. '0.25,0.5,1'.")
     lr: float = param(1e-3, "Adam learning rate of the trained bridges.", min=1e-8, max=1.0)
@@ -37,8 +36,11 @@ class BridgeDeviationResult:
 
 
 def _subsets(text: str) -> list[float]:
+    items = list_items(text, "--subsets", "the default 0.5,1")
+    if not items:
+        items = ["0.5", "1"]
     try:
-        vals = sorted({float(x) for x in text.replace(" ", "").split(",") if x})
+        vals = sorted({float(x) for x in items})
     except ValueError:
         raise GraftError(f"--subsets must be numbers in (0, 1] separated by commas, got {text!r}") from None
     if not vals or any(not 0 < v <= 1 for v in vals):

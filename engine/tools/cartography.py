@@ -1,12 +1,12 @@
-"""T5 Concept cartography (METHODS.md): where a concept lives, layer by layer and module by module.
+"""T5 Concept cartography (docs/methods.md): where a concept lives, layer by layer and module by module.
 
 Inputs (either):
 
 * ``--adapter``: a PEFT LoRA folder, a ``make-donor`` folder or the demo donor's name. Per module
-  ``dW = scale * B @ A`` exactly (``engine.lora_factors.adapter_deltas``). With ``--base`` as
+  ``dW = scale * B @ A`` exactly (``engine.adapters.lora_factors.adapter_deltas``). With ``--base`` as
   well, the adapter's shapes are checked against that model.
 * ``--donor`` with ``--base``: a full fine-tune. ``dW = W_D - W_T`` per linear module, kept as a
-  truncated randomized SVD of rank ``--rank`` (``engine.finetune_delta.finetune_deltas``) next to
+  truncated randomized SVD of rank ``--rank`` (``engine.adapters.finetune_delta.finetune_deltas``) next to
   the exact ``||dW||_F``.
 
 Cells (one per module): ``energy = ||dW||_F``; ``share = ||dW||_F^2 / sum ||dW||_F^2`` (squared
@@ -14,7 +14,7 @@ norms add up over modules; plain norms do not); ``top_sv`` the largest singular 
 ``effective_rank = exp(H(p))`` with ``p_i = s_i^2 / sum s_j^2`` over the singular values that are
 known (all of them for an adapter; the top ``--rank`` for a full fine-tune, where
 ``captured_share = sum s_i^2 / ||dW||_F^2`` says how much of the update they hold). Singular
-values come from the factors (``engine.lowrank.factored_svd``), never from a dense product.
+values come from the factors (``engine.adapters.lowrank.factored_svd``), never from a dense product.
 
 The grid is layers x module names (``attn.q`` ... ``mlp.down``) for each of the four metrics;
 per-kind (attention / MLP), per-module-name and per-layer shares sum the cells' shares.
@@ -26,191 +26,29 @@ tensor names). An existing folder is replaced only when it is empty or is a conc
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from ..errors import GraftError
-from ..finetune_delta import finetune_deltas
-from ..lora import resolve_adapter
-from ..lora_factors import MODULE_ORDER, AdapterReport, adapter_deltas, check_against_model, kind_of
-from ..lowrank import ModuleDelta, effective_rank, factored_svd
-from ..params import param
-from ..progress import Progress
-from ..registry import Tool, register
+from ..core.errors import GraftError
+from ..adapters.lowrank import effective_rank, factored_svd
+from ..core.params import param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
+from ..adapters.delta_map import NEEDS, CellStats, cell_stats, grid_axes, load_deltas
+from ..core.jsonsafe import finite_or_none
 
 CONCEPT_MAP_FORMAT = "graft-concept-map/1"
 CONCEPT_MAP_INDEX = "concept_map.json"
 CONCEPT_MAP_TENSORS = "concept_map.safetensors"
 METRICS = ("energy", "share", "top_sv", "effective_rank")
-NEEDS = (("adapter",), ("adapter", "base"), ("donor", "base"))  # adapter + base: shapes checked against the base
 
 
-def _f(x: Any) -> Optional[float]:
-    """A finite float for JSON, else None (never NaN / Infinity)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x + 0.0 if math.isfinite(x) else None
-
-
-# =============================================================================================
-# Inputs shared by T5 and T6
-# =============================================================================================
-@dataclass
-class DeltaSource:
-    deltas: list[ModuleDelta]
-    source: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
-    truncated: bool = False  # factors are a truncated SVD (full fine-tune)
-
-
-def _label(model: Any) -> str:
-    spec = getattr(model, "spec", None)
-    return str(getattr(spec, "ref", None) or getattr(model, "label", "") or "model")
-
-
-def load_deltas(ctx: Any, rank: int, seed: int, progress: Progress,
-                select: Optional[Callable[[str], bool]] = None) -> DeltaSource:
-    """The deltas of the run's input: ``ctx.adapter`` (with ``ctx.base`` optional, to check
-    shapes), else ``ctx.donor`` with ``ctx.base`` (full fine-tune). ``select(name)`` limits
-    the modules (applied before any SVD of a full fine-tune)."""
-    adapter = getattr(ctx, "adapter", None)
-    base = getattr(ctx, "base", None)
-    donor = getattr(ctx, "donor", None)
-    if adapter:
-        progress(0.05, "reading adapter")
-        ref = resolve_adapter(str(adapter))
-        report = AdapterReport()
-        n_layers = base.arch.n_layers if base is not None else None
-        deltas = adapter_deltas(ref, n_layers=n_layers, report=report)
-        warnings = list(report.warnings)
-        if base is not None:
-            warnings += check_against_model(deltas, base)
-        if select is not None:
-            deltas = [d for d in deltas if select(d.name)]
-        c = ref.config
-        source = {
-            "kind": "adapter",
-            "adapter": ref.describe(),
-            "base": _label(base) if base is not None else (ref.base_hint or None),
-            "base_checked": base is not None,
-            "donor_card": bool(ref.card),
-            "scale_rule": "lora_alpha / sqrt(r) (rsLoRA)" if c.get("use_rslora") else "lora_alpha / r",
-            "label": ref.label or str(ref.path),
-        }
-        progress(0.3, f"{len(deltas)} LoRA modules read")
-        return DeltaSource(deltas, source, warnings, truncated=False)
-    if donor is not None and base is not None:
-        progress(0.02, "forming W_D - W_T per module")
-        deltas = finetune_deltas(donor, base, rank, progress.sub(0.02, 0.8), seed=seed, select=select)
-        source = {
-            "kind": "finetune",
-            "donor": _label(donor),
-            "base": _label(base),
-            "rank": rank,
-            "seed": seed,
-            "method": "truncated randomized SVD (Halko et al. 2011, subspace iteration: oversampling 8, "
-                      "4 power iterations, float64) of W_D - W_T; exact ||dW||_F",
-            "label": f"{_label(donor)} - {_label(base)}",
-        }
-        warnings = []
-        if str(getattr(donor, "dtype", "")) != "torch.float32" or str(getattr(base, "dtype", "")) != "torch.float32":
-            warnings.append("the models were loaded in reduced precision: W_D - W_T carries rounding noise of that dtype")
-        return DeltaSource(deltas, source, warnings, truncated=True)
-    raise GraftError("this tool needs --adapter (a LoRA folder, a make-donor folder or the demo donor's name), "
-                     "or --donor with its --base (a full fine-tune)")
-
-
-def module_filter(text: str) -> Optional[Callable[[str], bool]]:
-    """A predicate over module names from a comma list: exact names (``blocks.3.attn.q``),
-    module names (``attn.q``: every layer), kinds (``attention``, ``mlp``), layers (``layer:3``)
-    or globs (``blocks.1*.mlp.*``). None for an empty list."""
-    items = [t.strip() for t in (text or "").split(",") if t.strip()]
-    if not items:
-        return None
-
-    def parts(name: str) -> tuple[Optional[int], str]:
-        if name.startswith("blocks."):
-            _, layer, rest = (name.split(".", 2) + ["", ""])[:3]
-            if layer.isdigit():
-                return int(layer), rest
-        return None, name
-
-    def one(item: str) -> Callable[[str], bool]:
-        low = item.lower()
-        if low in ("attention", "mlp", "other"):
-            return lambda n: kind_of(parts(n)[1]) == low if parts(n)[0] is not None else low == "other"
-        if low.startswith("layer:") and low[6:].strip().isdigit():
-            k = int(low[6:])
-            return lambda n: parts(n)[0] == k
-        if any(ch in item for ch in "*?["):
-            return lambda n: fnmatch.fnmatchcase(n, item)
-        return lambda n: n == item or parts(n)[1] == item
-
-    preds = [(item, one(item)) for item in items]
-
-    def select(name: str) -> bool:
-        hit = False
-        for item, p in preds:
-            if p(name):
-                select.used.add(item)  # type: ignore[attr-defined]
-                hit = True
-        return hit
-
-    select.used = set()  # type: ignore[attr-defined]
-    select.items = items  # type: ignore[attr-defined]
-    return select
-
-
-def check_filter_used(select: Optional[Callable[[str], bool]], names: list[str]) -> None:
-    if select is None:
-        return
-    unused = [i for i in select.items if i not in select.used]  # type: ignore[attr-defined]
-    if unused:
-        example = ", ".join(names[:3])
-        raise GraftError(f"--modules: {', '.join(unused)} matches no module (names look like {example}; "
-                         "module names such as attn.q, kinds attention / mlp, layer:3, or globs also work)")
-
-
-@dataclass
-class CellStats:
-    delta: ModuleDelta
-    S: torch.Tensor  # float64, descending
-    norm_sq: float  # exact ||dW||_F^2
-    captured: Optional[float]  # sum S^2 / norm_sq
-
-
-def cell_stats(deltas: list[ModuleDelta], progress: Progress) -> list[CellStats]:
-    out = []
-    for i, d in enumerate(deltas):
-        _, S, _ = factored_svd(d.B, d.A)
-        known = float((S * S).sum())
-        total = d.norm_sq() if d.frob_norm is not None else known
-        captured = min(1.0, known / total) if total > 0 else None
-        out.append(CellStats(d, S, total, captured))
-        if i % 16 == 0 or i == len(deltas) - 1:
-            progress((i + 1) / max(1, len(deltas)), f"spectrum {i + 1}/{len(deltas)}")
-    return out
-
-
-def grid_axes(deltas: list[ModuleDelta]) -> tuple[list[int], list[str]]:
-    """Rows (block layers present) and columns (module names, canonical order first)."""
-    layers = sorted({d.layer for d in deltas if d.layer >= 0})
-    order = {m: i for i, m in enumerate(MODULE_ORDER)}
-    modules = sorted({d.module for d in deltas if d.layer >= 0}, key=lambda m: (order.get(m, len(order)), m))
-    return layers, modules
-
-
-# =============================================================================================
-# T5
-# =============================================================================================
 @dataclass(frozen=True)
 class CartographyParams:
     rank: int = param(16, "Full fine-tune (--donor with --base) only: rank of the truncated randomized SVD kept per "
@@ -252,7 +90,7 @@ def write_concept_map(out_dir: str, stats: list[CellStats], cells: list[dict[str
     registered staging folder, replacing ``out_dir`` only once both are complete."""
     from safetensors.torch import save_file
 
-    from ..paths import discard_staging, replace_dir, staging_dir
+    from ..core.paths import discard_staging, replace_dir, staging_dir
 
     out = Path(out_dir).expanduser().resolve()
     _check_export_dir(out)
@@ -268,7 +106,7 @@ def write_concept_map(out_dir: str, stats: list[CellStats], cells: list[dict[str
         tensors[keys["Vh"]] = Vh[:k].to(torch.float32).contiguous()
         kept = float((S[:k] ** 2).sum())
         index_cells.append({**cell, "k": k, "tensors": keys,
-                            "k_energy_share": _f(kept / st.norm_sq) if st.norm_sq > 0 else None})
+                            "k_energy_share": finite_or_none(kept / st.norm_sq) if st.norm_sq > 0 else None})
     index = {
         "format": CONCEPT_MAP_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -313,11 +151,11 @@ def compute_cartography(ctx: Any, params: CartographyParams, progress: Progress)
         share = st.norm_sq / total_sq if total_sq > 0 else None
         cells.append({
             "name": d.name, "layer": d.layer, "module": d.module, "kind": d.kind,
-            "energy": _f(math.sqrt(st.norm_sq)), "share": _f(share),
-            "top_sv": _f(st.S[0]) if st.S.numel() else 0.0,
-            "effective_rank": _f(effective_rank(st.S)),
+            "energy": finite_or_none(math.sqrt(st.norm_sq)), "share": finite_or_none(share),
+            "top_sv": finite_or_none(st.S[0]) if st.S.numel() else 0.0,
+            "effective_rank": finite_or_none(effective_rank(st.S)),
             "rank": d.rank, "shape": list(d.shape),
-            "captured_share": _f(st.captured),
+            "captured_share": finite_or_none(st.captured),
             "known": d.known,
         })
     ranking = [c["name"] for c in sorted(cells, key=lambda c: (-(c["energy"] or 0.0), c["name"]))]
@@ -334,7 +172,7 @@ def compute_cartography(ctx: Any, params: CartographyParams, progress: Progress)
     def share_sum(pred: Callable[[dict], bool]) -> Optional[float]:
         if total_sq <= 0:
             return None
-        return _f(sum(c["share"] or 0.0 for c in cells if pred(c)))
+        return finite_or_none(sum(c["share"] or 0.0 for c in cells if pred(c)))
 
     kinds = sorted({c["kind"] for c in cells}, key=lambda k: ("attention", "mlp", "other").index(k)
                    if k in ("attention", "mlp", "other") else 3)
@@ -348,16 +186,16 @@ def compute_cartography(ctx: Any, params: CartographyParams, progress: Progress)
     if layers and total_sq > 0:
         best_layer = layers[max(range(len(layers)), key=lambda i: (layer_shares[i] or 0.0, -i))]
     totals = {
-        "energy": _f(math.sqrt(total_sq)),
-        "energy_sq": _f(total_sq),
+        "energy": finite_or_none(math.sqrt(total_sq)),
+        "energy_sq": finite_or_none(total_sq),
         "n_modules": len(cells),
         "n_layers": len(layers),
         "n_attention": sum(c["kind"] == "attention" for c in cells),
         "n_mlp": sum(c["kind"] == "mlp" for c in cells),
         "n_other": sum(c["kind"] not in ("attention", "mlp") for c in cells),
         "max_rank": max(d.rank for d in deltas),
-        "captured_share": _f(known_sq / total_sq) if total_sq > 0 else None,
-        "min_captured_share": _f(min(caps)) if caps else None,
+        "captured_share": finite_or_none(known_sq / total_sq) if total_sq > 0 else None,
+        "min_captured_share": finite_or_none(min(caps)) if caps else None,
         "top_module": top,
         "top_layer": best_layer,
         "top10_share": share_sum(lambda c: c["name"] in set(ranking[:10])),
@@ -380,16 +218,8 @@ def compute_cartography(ctx: Any, params: CartographyParams, progress: Progress)
     )
 
 
-def _tool(**kw: Any) -> Tool:
-    """A Tool with ``needs`` / ``uses_workload`` when the registry knows them (older registries don't)."""
-    import dataclasses as _dc
-
-    names = {f.name for f in _dc.fields(Tool)}
-    extra = {"needs": NEEDS, "uses_workload": False}
-    return Tool(**kw, **{k: v for k, v in extra.items() if k in names})
-
-
-TOOL = register(_tool(
+TOOL = register(Tool(needs=NEEDS, uses_workload=False,
+    
     name="cartography", code="T5", title="Concept cartography",
     summary="Where a concept lives: the energy of a LoRA adapter's (or a full fine-tune's) weight update per layer "
             "and module, with top singular value, effective rank, and an exportable concept map.",

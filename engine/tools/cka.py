@@ -1,4 +1,4 @@
-"""T2 Layer similarity map (METHODS.md): linear CKA between every donor and target layer, and
+"""T2 Layer similarity map (docs/methods.md): linear CKA between every donor and target layer, and
 the best monotone (non-decreasing) layer matching by dynamic programming.
 
 Layer ``-1`` is the embedding stream ``h_{-1}`` (the input of block 0), shown when
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..context import ToolContext
-from ..linalg import monotone_matching
-from ..params import param
-from ..progress import Progress
-from ..registry import Tool, register
+from ..running.context import ToolContext
+from ..measure.linalg import monotone_matching
+from ..core.params import param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
-"""T1 Compatibility report (METHODS.md, "Pre-surgery diagnostics").
+"""T1 Compatibility report (docs/methods.md, "Pre-surgery diagnostics").
 
 Compares the architecture fields of donor and target, the tokenizers (Jaccard overlap of token
 strings), and gives a verdict with reasons for each transplant operation, plus a compatibility
 signature (hash of the fields a transplant depends on).
 
-Choices where METHODS.md is silent: a module swap also requires the same family (equal shapes
+Graft's choices (docs/methods.md, T1): a module swap also requires the same family (equal shapes
 across families, e.g. a GPT-2 ``attn.o`` and a Llama ``attn.o``, do not mean the same map), and
 is possible when at least one module shared by name has equal shapes; the reasons say how many.
 """
@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..arch import block_internal_signature, signature
-from ..context import ToolContext
-from ..params import param
-from ..progress import Progress
-from ..registry import Tool, register
-from ..transplant import same_tokenizer, tokenizer_vocab
+from ..loading.arch import block_internal_signature, signature
+from ..running.context import ToolContext
+from ..core.params import param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
+from ..loading.tokens import same_tokenizer, tokenizer_vocab
 
 COMPARED = (
     "family", "model_type", "n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",

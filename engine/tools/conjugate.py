@@ -1,16 +1,16 @@
-"""Rank-k conjugation transplant (METHODS.md operation 3), as a registered tool: ``conjugate``.
+"""Rank-k conjugation transplant (docs/methods.md operation 3), as a registered tool: ``conjugate``.
 
 Inputs: the concept's update ``dW`` as a LoRA adapter (``--adapter``, trained on ``--base``) or as
 a full fine-tune (``--donor`` against ``--base``), and the ``--target`` it is carried into. The
-workload's texts are what every map is fitted on (:mod:`engine.conjugate_plan` and
-:mod:`engine.conjugate_maps` hold the maths: per-side identity / Procrustes / ridge maps, T2's layer
-matching, rank-k truncation from the factors; :mod:`engine.conjugate` the reversible edit).
+workload's texts are what every map is fitted on (:mod:`engine.surgery.conjugate_plan` and
+:mod:`engine.surgery.conjugate_maps` hold the maths: per-side identity / Procrustes / ridge maps, T2's layer
+matching, rank-k truncation from the factors; :mod:`engine.surgery.conjugate` the reversible edit).
 
-The run evaluates T, T' and D exactly as the module swap does (:mod:`engine.beforeafter`), with
+The run evaluates T, T' and D exactly as the module swap does (:mod:`engine.evaluation.beforeafter`), with
 D = the update applied to its own base (the adapter merged into a working copy of the base in
 memory, or the fine-tuned donor itself), so TIR and Recovery read "how much of what the update
 does on its own base it does on the target". It then checks interference on the retained set
-(:mod:`engine.interference`: retained perplexity and locality) and rolls T' back automatically
+(:mod:`engine.evaluation.interference`: retained perplexity and locality) and rolls T' back automatically
 when retained perplexity rises by more than ``max_retained_increase`` (or locality falls below
 ``min_locality``), saying why. Without ``--save`` the CLI rolls the target back before returning;
 the app keeps T' applied for one-click roll back and save, like a swap.
@@ -20,28 +20,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 
-from ..beforeafter import evaluate_shared, load_sets, locked, metrics, rnd, side_by_side, transfer_scores
-from ..budget import budget_texts, per_text_limit
-from ..conjugate import Conjugation, ConjugationPlan
-from ..conjugate_plan import plan_conjugation
-from ..context import ToolContext
-from ..errors import GraftError
-from ..evalcache import SCORES, alignment_score, evaluate_model
-from ..interference import interference, should_roll_back
-from ..models import LoadedModel
-from ..params import param
-from ..progress import Progress
-from ..registry import Tool, register
-from ..reversible import working_copy
-from ..transplant import same_tokenizer
+from ..evaluation.beforeafter import evaluate_shared, load_sets, locked, metrics, rnd, side_by_side, transfer_scores
+from ..surgery.conjugate import Conjugation
+from ..running.context import ToolContext
+from ..running.conjugation import conjugation_plan, merged_donor, update_deltas
+from ..core.errors import GraftError
+from ..evaluation.evalcache import SCORES, alignment_score, evaluate_model
+from ..evaluation.interference import interference, should_roll_back
+from ..core.params import EvaluationSets, GreedyTokensParam, TaskScoreParam, param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
+from ..loading.tokens import same_tokenizer
 
 MAPS = ("auto", "identity", "procrustes", "ridge")
 
 
 @dataclass(frozen=True)
-class ConjugateParams:
+class ConjugateParams(EvaluationSets, TaskScoreParam, GreedyTokensParam):
     k: int = param(0, "Rank kept per module (0 = each module's full rank).", min=0, max=100_000)
     energy: float = param(0.0, "Keep, per module, the smallest rank reaching this share of ||dW||^2 (T6); 0 = off. "
                                "With k as well, the smaller rank wins.", min=0.0, max=1.0)
@@ -57,12 +53,6 @@ class ConjugateParams:
               "(0.05 = 5%); negative = never roll back.", min=-1.0, max=1e6)
     min_locality: float = param(0.0, "Also roll back when fewer than this share of retained prompts keep their greedy "
                                      "continuation; 0 = off.", min=0.0, max=1.0)
-    concept: str = param("", "Concept set (JSONL or .json): concept perplexity and task score on its test questions. Empty = the "
-                             "bundled set.", path="in")
-    retained: str = param("", "Retained general set, JSONL or .json (perplexity, locality, auto-rollback). Empty = the bundled "
-                              "set.", path="in")
-    score: str = param("graded", "Task score S behind TIR and Recovery: graded or exact.", choices=SCORES)
-    max_new_tokens: int = param(16, "Greedy tokens per test question and per retained prompt.", min=1, max=512)
     prompt_tokens: int = param(16, "Retained prompts for locality: the first this many tokens of each text.",
                                min=1, max=4096)
     save: str = param("", "Save T' into this folder (Hugging Face format + surgery.json) unless it was rolled back. "
@@ -105,55 +95,6 @@ class ConjugateResult:
     live_id: Optional[str]
     warnings: list[str]
     plan: dict[str, Any]  # the full plan report (row alignment, residuals, skipped modules, timings)
-
-
-def merged_donor(base: LoadedModel, deltas: list) -> torch.nn.Module:
-    """The update applied to its own base, in memory: a working copy sharing every tensor of the
-    base except the updated weights (added in float64, rounded once)."""
-    mods = {m.name: m for m in base.arch.linear_modules()}
-    touched = [base.arch.module(mods[d.name].path).weight for d in deltas if d.name in mods]
-    model = working_copy(base, touched)
-    with torch.no_grad():
-        for d in deltas:
-            lm = mods.get(d.name)
-            if lm is None:
-                continue
-            w = dict(model.named_modules())[lm.path].weight
-            upd = d.B.double() @ d.A.double()
-            if lm.conv1d:
-                upd = upd.T
-            w.copy_((w.double() + upd.to(w.device)).to(w.dtype))
-    return model
-
-
-def update_deltas(ctx: ToolContext, params: ConjugateParams, progress: Progress) -> tuple[list, dict[str, Any], list[str]]:
-    from ..finetune_delta import finetune_deltas
-    from ..lora import resolve_adapter
-    from ..lora_factors import adapter_deltas, check_against_model
-
-    base = ctx.base
-    assert base is not None
-    if ctx.adapter is not None:
-        ref = resolve_adapter(ctx.adapter)
-        deltas = adapter_deltas(ref, n_layers=base.arch.n_layers)
-        warnings = check_against_model(deltas, base)
-        return deltas, {"kind": "adapter", **ref.describe()}, warnings
-    assert ctx.donor is not None
-    deltas = finetune_deltas(ctx.donor, base, params.rank, progress=progress, seed=params.seed)
-    return deltas, {"kind": "full fine-tune", "donor": ctx.donor.spec.ref, "rank": params.rank}, []
-
-
-def conjugation_plan(ctx: ToolContext, params: ConjugateParams, deltas: list, progress: Progress) -> ConjugationPlan:
-    """The run's plan: every map fitted on the workload's texts (deterministic for the same inputs,
-    parameters and workload, so a finished run's T' can be rebuilt: engine/rebuild.py)."""
-    base, target = ctx.base, ctx.target
-    assert base is not None and target is not None and ctx.workload is not None
-    texts = budget_texts(ctx.workload.texts, [base.tokenizer, target.tokenizer], ctx.options.max_tokens,
-                         per_text=per_text_limit([base, target]))
-    return plan_conjugation(
-        base, target, deltas, texts, k=params.k, energy=params.energy or None, ridge_alpha=params.ridge_alpha,
-        heldout_fraction=params.heldout_fraction, seed=params.seed, outlier_factor=ctx.options.outlier_factor,
-        force=params.map, batch_size=ctx.options.batch_size, captures=ctx.captures, progress=progress)
 
 
 def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progress) -> ConjugateResult:

@@ -1,8 +1,8 @@
 """``go-no-go`` (issue 9, part 3): a pre-surgery recommendation per transplant operation.
 
-Runs T1-T4 on the pair through the run's own :class:`~engine.context.ToolContext` (so T2-T4 share
+Runs T1-T4 on the pair through the run's own :class:`~engine.running.context.ToolContext` (so T2-T4 share
 one activation capture and one CKA matrix, exactly as when they run one by one), T7 where a module
-swap is possible, and T5/T6 when an adapter is given; then :mod:`engine.gonogo` turns their numbers
+swap is possible, and T5/T6 when an adapter is given; then :mod:`engine.evaluation.gonogo` turns their numbers
 into one line per operation (module swap, organ transplant, rank-k conjugation) with the settings
 to use (K, positions, rank k, maps) and the evidence behind each, or a no-go with the reason.
 The tools' own compute functions are called; nothing is re-implemented here.
@@ -13,18 +13,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .. import gonogo
-from ..context import ToolContext
-from ..errors import GraftError
-from ..params import param
-from ..progress import Progress
-from ..registry import Tool, register
+from ..evaluation import gonogo
+from ..running.context import ToolContext
+from ..core.errors import GraftError
+from ..core.params import param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
 from .bridge import BridgeParams, compute_bridge
 from .cartography import CartographyParams, compute_cartography
 from .cka import CKAParams, compute_cka
 from .compat import CompatParams, compute_compat
 from .procrustes import ProcrustesParams, compute_procrustes
-from .rank import rank_modules
+from ..running.module_choice import rank_modules
 from .spectrum import SpectrumParams, compute_spectrum
 
 
@@ -72,7 +72,7 @@ def compute_gonogo(ctx: ToolContext, params: GoNoGoParams, progress: Progress) -
                            positions=params.positions)
     adapter_ctx = None
     if params.adapter.strip():
-        from ..lora import resolve_adapter
+        from ..adapters.lora import resolve_adapter
 
         resolve_adapter(params.adapter)  # a bad adapter is one line before any capture
         adapter_ctx = dataclasses.replace(ctx, adapter=params.adapter.strip(), base=None)

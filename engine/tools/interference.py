@@ -1,14 +1,14 @@
-"""T12 ``interference``: what a transplant broke, and whether it is stable (METHODS.md T12).
+"""T12 ``interference``: what a transplant broke, and whether it is stable (docs/methods.md T12).
 
-T' is a finished transplant run rebuilt from the history (``--run``, :mod:`engine.rebuild`: module
+T' is a finished transplant run rebuilt from the history (``--run``, :mod:`engine.running.rebuild`: module
 swap, rank-k conjugation, or any operation with a registered rebuilder), or a module swap made on
 the spot (``--donor``/``--target``, the same module choice as T11). On the retained set (and on a
-text file the user brings) it measures, with :func:`engine.interference.interference`:
+text file the user brings) it measures, with :func:`engine.evaluation.interference.interference`:
 
 * the per-example loss change ``T' - T`` (mean token NLL of each text), its histogram and the
   worst-hit examples with their text, losses and greedy continuations;
 * locality: the share of retained prompts whose greedy continuation is unchanged, and the changed
-  ones with the changed words marked (:func:`engine.evaluate.word_diff`, T -> T').
+  ones with the changed words marked (:func:`engine.evaluation.evaluate.word_diff`, T -> T').
 
 Stability, as checks that can fail: the same transplant applied twice gives identical weight
 hashes (and the run's recorded one), and T' saved as a Hugging Face folder and reloaded gives an
@@ -23,24 +23,21 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..beforeafter import locked, rnd
-from ..context import ToolContext
-from ..data import builtin_retained_path, load_concept_set, load_workload
-from ..evaluate import word_diff
-from ..interference import interference
-from ..params import param
-from ..progress import Progress
-from ..rebuild import TransplantChoice, reapply_check, reload_check, save_for_check, transplant_for
-from ..registry import Tool, register
+from ..evaluation.beforeafter import locked, rnd
+from ..running.context import ToolContext
+from ..core.data import builtin_retained_path, load_concept_set, load_workload
+from ..evaluation.evaluate import word_diff
+from ..evaluation.interference import interference
+from ..core.params import GreedyTokensParam, RetainedSetParam, param
+from ..core.progress import Progress
+from ..running.rebuild import TransplantChoice, reapply_check, reload_check, save_for_check, transplant_for
+from ..running.registry import Tool, register
 
 
 @dataclass(frozen=True)
-class InterferenceParams(TransplantChoice):
-    retained: str = param("", "Retained general set, JSONL or .json (texts the transplant should leave alone). Empty = the "
-                              "bundled set.", path="in")
+class InterferenceParams(TransplantChoice, RetainedSetParam, GreedyTokensParam):
     texts: str = param("", "Your own text file to check as well: plain text (one text per line), {\"text\"} JSONL "
                            "or a concept set. Empty = none.", path="in")
-    max_new_tokens: int = param(16, "Greedy tokens continued from each prompt (locality).", min=1, max=512)
     prompt_tokens: int = param(16, "Each text's prompt for locality: its first this many tokens.", min=1, max=4096)
     n_worst: int = param(5, "How many of the worst-hit examples to list.", min=1, max=1000)
     bins: int = param(20, "Histogram bins of the per-example loss change.", min=2, max=200)

@@ -1,5 +1,5 @@
-"""Organ extraction (METHODS.md operation 2): ``k`` contiguous blocks of the donor from block ``s``,
-saved as an organ checkpoint (``organ.safetensors`` + ``organ.json``, :mod:`engine.organ`)."""
+"""Organ extraction (docs/methods.md operation 2): ``k`` contiguous blocks of the donor from block ``s``,
+saved as an organ checkpoint (``organ.safetensors`` + ``organ.json``, :mod:`engine.surgery.organ`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from ..context import ToolContext
-from ..organ import default_start, extract_organ, load_organ, save_organ
-from ..organ_run import default_out
-from ..params import param
-from ..progress import Progress
-from ..registry import Tool, register
+from ..running.context import ToolContext
+from ..surgery.organ import default_start, extract_organ, load_organ, save_organ
+from ..running.organ_run import default_out
+from ..core.params import param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
 
 
 @dataclass(frozen=True)

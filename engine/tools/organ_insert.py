@@ -1,8 +1,8 @@
-"""Organ insertion (METHODS.md operation 2, NOT) with before/after evaluation.
+"""Organ insertion (docs/methods.md operation 2, NOT) with before/after evaluation.
 
 The organ replaces the recipient's blocks ``p .. p+k-1`` (``direct``) or goes in between affine
 bridges (``bridged``: closed form from the workload's texts, trained from the identity, or both,
-:mod:`engine.organ_bridge`), optionally followed by recovery fine-tuning on the workload and
+:mod:`engine.surgery.organ_bridge`), optionally followed by recovery fine-tuning on the workload and
 optionally composed with a second organ placed ``spacing`` blocks after the first. T and T' are
 evaluated (perplexity on the concept facts and on the retained set, task score), and D (the
 organ's source) when the organ is untrained and reads the same tokens. Without ``--save`` the CLI
@@ -14,37 +14,31 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..beforeafter import load_sets, rnd
-from ..context import ToolContext
-from ..evalcache import SCORES
-from ..organ import load_organ
-from ..organ_run import (BRIDGES, RECOVERY, evaluate_insertion, evaluate_target, insert_and_prepare, load_source,
+from ..evaluation.beforeafter import load_sets, rnd
+from ..running.context import ToolContext
+from ..surgery.organ import load_organ
+from ..running.organ_run import (BRIDGES, RECOVERY, evaluate_insertion, evaluate_target, insert_and_prepare, load_source,
                          organ_of, require_source, short)
-from ..organ_surgery import MODES, Placement
-from ..params import param
-from ..progress import Progress
-from ..registry import Tool, register
-from ..rebuild import Rebuilt, as_dmodel, register_rebuilder
-from ..transplant import same_tokenizer
+from ..surgery.organ_surgery import MODES, Placement
+from ..core.params import BridgeRidge, EvaluationSets, GreedyTokensParam, TaskScoreParam, param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
+from ..running.rebuild import Rebuilt, as_dmodel, register_rebuilder
+from ..loading.tokens import same_tokenizer
 
 
 @dataclass(frozen=True)
-class OrganInsertParams:
+class OrganInsertParams(BridgeRidge, EvaluationSets, TaskScoreParam, GreedyTokensParam):
     position: int = param(-1, "Recipient block p where the organ's first block goes; -1 = the organ's own start s.", min=-1, max=100_000)
     mode: str = param("direct", "direct: the organ replaces blocks p..p+k-1; bridged: affine bridges W_in, W_out around it.", choices=MODES)
     bridge: str = param("closed-form", "Bridged mode: closed-form (ridge towards identity, training-free), trained (from identity, LM loss) or closed-form+trained.", choices=BRIDGES)
     bridge_steps: int = param(20, "Training steps of trained bridges.", min=1, max=100_000)
-    ridge_alpha: float = param(0.01, "Ridge strength of the closed-form bridges, relative to the mean eigenvalue of X^T X.", min=0.0, max=1e6)
     recovery_steps: int = param(0, "Recovery fine-tuning steps after insertion (0 = none).", min=0, max=100_000)
     recovery: str = param("organs+neighbours", "Recovery: train the organ and its neighbouring blocks, or bridges first then bridges + organ.", choices=RECOVERY)
     lr: float = param(1e-4, "Adam learning rate of bridge training and recovery.", min=1e-8, max=1.0)
     seed: int = param(0, "Seed of the training batch order.", min=0, max=2**31 - 1)
     second_organ: str = param("", "Optional second organ checkpoint folder, placed after the first (multi-organ composition).")
     spacing: int = param(0, "Blocks between the first organ's last block and the second organ's first.", min=0, max=100_000)
-    concept: str = param("", "Concept set JSONL: concept perplexity and task score. Empty = the bundled set.", path="in")
-    retained: str = param("", "Retained general set JSONL. Empty = the bundled set.", path="in")
-    score: str = param("graded", "Task score: graded (mean answer-token probability) or exact (greedy answer contains the reference).", choices=SCORES)
-    max_new_tokens: int = param(16, "Greedy tokens per test question (exact score).", min=1, max=512)
     save: str = param("", "Save T' into this folder (Hugging Face format + surgery.json, + bridges.safetensors when bridged). Empty = don't save.", path="out_dir")
 
 
@@ -176,11 +170,11 @@ def rebuild_organ_insert(envelope: dict[str, Any], store: Any, device: Optional[
     """An organ-insertion run: the same organ(s) put at the same position(s) of the same target
     again, bridges fitted / trained and recovery run on the run's workload (checked by its sha256),
     then T' checked against the run's weight hash (refused and rolled back when it differs)."""
-    from ..errors import GraftError
-    from ..models import ModelSpec
-    from ..params import RunOptions, build_params
-    from ..progress import silent
-    from ..runner import resolve_workload
+    from ..core.errors import GraftError
+    from ..loading.models import ModelSpec
+    from ..core.params import RunOptions, build_params
+    from ..core.progress import silent
+    from ..core.data import resolve_workload
 
     result, meta = envelope.get("result") or {}, envelope.get("meta") or {}
     card = result.get("card") or {}

@@ -1,19 +1,19 @@
-"""Standalone organ training (METHODS.md operation 2, NOT): frozen embeddings -> organ -> frozen
-final norm and head, causal LM loss on a concept set or any text file (:mod:`engine.organ_train`).
+"""Standalone organ training (docs/methods.md operation 2, NOT): frozen embeddings -> organ -> frozen
+final norm and head, causal LM loss on a concept set or any text file (:mod:`engine.surgery.organ_train`).
 The trained organ is a new checkpoint whose card records the training configuration and metrics."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..context import ToolContext
-from ..errors import GraftError
-from ..organ import load_organ, save_organ
-from ..organ_run import default_out, load_source, organ_of, training_texts
-from ..organ_train import train_organ
-from ..params import param
-from ..progress import Progress
-from ..registry import Tool, register
+from ..running.context import ToolContext
+from ..core.errors import GraftError
+from ..surgery.organ import load_organ, save_organ
+from ..running.organ_run import default_out, load_source, organ_of, training_texts
+from ..surgery.organ_train import train_organ
+from ..core.params import param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
 
 
 @dataclass(frozen=True)

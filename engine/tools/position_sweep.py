@@ -1,4 +1,4 @@
-"""T9 Position sensitivity (METHODS.md, NOT): the same organ inserted at every position ``p`` of a
+"""T9 Position sensitivity (docs/methods.md, NOT): the same organ inserted at every position ``p`` of a
 grid (direct or bridged, optionally after ``n`` recovery steps); perplexity on the concept facts
 and the retained set against ``p``, best / worst / mean / variance, and T4's epsilon for the same
 ``(s, p)`` with the Spearman rank correlation between epsilon and the measured perplexity (did the
@@ -10,29 +10,26 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..beforeafter import load_sets, rnd
-from ..context import ToolContext
-from ..organ_run import (BRIDGES, epsilon_row, evaluate_insertion, evaluate_target, insert_and_prepare, load_source,
+from ..evaluation.beforeafter import load_sets, rnd
+from ..running.context import ToolContext
+from ..running.organ_run import (BRIDGES, epsilon_row, evaluate_insertion, evaluate_target, insert_and_prepare, load_source,
                          organ_of, parse_positions, require_source, short, spearman)
-from ..organ_surgery import MODES, Placement
-from ..params import param
-from ..progress import Progress
-from ..registry import Tool, register
+from ..surgery.organ_surgery import MODES, Placement
+from ..core.params import BridgeRidge, EvaluationSets, param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
 
 
 @dataclass(frozen=True)
-class PositionSweepParams:
+class PositionSweepParams(BridgeRidge, EvaluationSets):
     positions: str = param("", "Positions p to try, e.g. '0,2,4'. Empty = every valid position.")
     mode: str = param("direct", "direct replacement or bridged insertion at each position.", choices=MODES)
     bridge: str = param("closed-form", "Bridged mode: closed-form, trained (from identity) or closed-form+trained.", choices=BRIDGES)
     bridge_steps: int = param(20, "Training steps of trained bridges.", min=1, max=100_000)
-    ridge_alpha: float = param(0.01, "Ridge strength of the closed-form bridges, relative to the mean eigenvalue of X^T X.", min=0.0, max=1e6)
     recovery_steps: int = param(0, "Recovery steps (organ + neighbouring blocks) at each position before evaluating.", min=0, max=100_000)
     lr: float = param(1e-4, "Adam learning rate of bridge training and recovery.", min=1e-8, max=1.0)
     seed: int = param(0, "Seed of the training batch order.", min=0, max=2**31 - 1)
     epsilon: bool = param(True, "Overlay T4's epsilon for (s, p) (one capture of source and target on the workload).")
-    concept: str = param("", "Concept set JSONL for the concept perplexity. Empty = the bundled set.", path="in")
-    retained: str = param("", "Retained general set JSONL. Empty = the bundled set.", path="in")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""T3 Per-layer Procrustes residuals (METHODS.md).
+"""T3 Per-layer Procrustes residuals (docs/methods.md).
 
 For each matched layer pair (i, j): centre and scale both row matrices to unit Frobenius norm
 (statistics from the fit rows, applied unchanged to the held-out rows so nothing leaks), split
@@ -12,7 +12,7 @@ Underdetermined fits. When the rank of X^T Y on the fit rows is below min(dx, dy
 fewer centred fit rows than the width: n_fit - 1 < width), many orthogonal maps fit equally well
 and they differ exactly on the directions the fit rows do not span, which is where held-out rows
 have energy. The held-out residual would then depend on which completion the SVD routine happens
-to return. ``engine.linalg.procrustes_fit`` makes the map unique instead (numerical rank with the
+to return. ``engine.measure.linalg.procrustes_fit`` makes the map unique instead (numerical rank with the
 relative tolerance ``PROCRUSTES_RTOL`` on the singular values):
 
 * equal widths: the exact minimiser closest to the identity (a model against itself gives R = I,
@@ -23,9 +23,9 @@ relative tolerance ``PROCRUSTES_RTOL`` on the singular values):
 Each layer reports ``rank`` and ``underdetermined``; the result reports ``rows_per_width``
 (n_fit / the larger width), ``completion`` and one-line ``warnings``.
 
-Cost: on CUDA every layer's map comes from one batch of Newton polar factors (:mod:`engine.polar`);
+Cost: on CUDA every layer's map comes from one batch of Newton polar factors (:mod:`engine.measure.polar`);
 on a CPU from one SVD per layer, the layers side by side when there are several threads
-(:mod:`engine.threads`: a LAPACK SVD of this size gains little from threads of its own).
+(:mod:`engine.core.threads`: a LAPACK SVD of this size gains little from threads of its own).
 """
 from __future__ import annotations
 
@@ -35,16 +35,16 @@ from typing import Any, Optional
 
 import torch
 
-from ..context import ToolContext, device_rows
-from ..errors import GraftError
-from ..linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, ProcrustesFit, RidgeFactor,
+from ..running.context import ToolContext, device_rows
+from ..core.errors import GraftError
+from ..measure.linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, ProcrustesFit, RidgeFactor,
                       Standardiser, gram, ieee_float32, monotone_matching, procrustes_fit, procrustes_from_cross, residual,
                       split_rows)
-from ..polar import cross_fits
-from ..params import HeldOutFit, param
-from ..progress import Progress
-from ..registry import Tool, register
-from ..threads import cpu_workers, parallel_map
+from ..measure.polar import cross_fits
+from ..core.params import HeldOutFit, param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
+from ..core.threads import cpu_workers, parallel_map
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class ProcrustesResult:
 
 
 def use_newton(dev: torch.device) -> bool:
-    """T3's maps from batched Newton polar factors (:mod:`engine.polar`) on CUDA, where they are fast;
+    """T3's maps from batched Newton polar factors (:mod:`engine.measure.polar`) on CUDA, where they are fast;
     per-layer SVDs on a CPU, where they are faster."""
     return dev.type == "cuda"
 
@@ -156,10 +156,10 @@ def fit_pair(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Te
     which moves the residuals by about 1e-7).
 
     Fewer fit rows than the widths (n < min(dx, dy)): R from the thin QR form
-    (:func:`engine.linalg.procrustes_fit`), and W in its dual (Woodbury) form
+    (:func:`engine.measure.linalg.procrustes_fit`), and W in its dual (Woodbury) form
     ``W = Xf^T Z, Z = (Xf Xf^T + lam I)^{-1} Yf``, so nothing d x d is factored: fit predictions
     ``Xf W = Yf - lam Z`` and held-out ones ``(Xh Xf^T) Z``. Otherwise both maps come from two
-    products: ``Gx = Xf^T Xf`` for the ridge (:func:`engine.linalg.gram`) and ``M = Xf^T Yf``,
+    products: ``Gx = Xf^T Xf`` for the ridge (:func:`engine.measure.linalg.gram`) and ``M = Xf^T Yf``,
     shared by both maps. ``fit`` and ``held``: boolean row masks or row indices.
 
     Fit residuals come from those products: ``||Xf B - Yf||^2 = <B, Gx B> - 2 <B, M> + ||Yf||^2``,
@@ -200,7 +200,7 @@ def _prepare(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Te
     dx, dy = X.shape[1], Y.shape[1]
     yy = float(Yf.pow(2).sum())
     xx = float(Xf.pow(2).sum())  # = tr(Xf^T Xf)
-    lam = alpha * xx / dx  # as engine.linalg.RidgeFactor
+    lam = alpha * xx / dx  # as engine.measure.linalg.RidgeFactor
     pf = M = Gx = None
     if Xf.shape[0] < min(dx, dy) and lam > 0:
         pf = procrustes_fit(Xf, Yf)

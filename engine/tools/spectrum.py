@@ -1,8 +1,8 @@
-"""T6 Spectrum and rank-k (METHODS.md): how many directions each module's update needs.
+"""T6 Spectrum and rank-k (docs/methods.md): how many directions each module's update needs.
 
 Same inputs as T5 (``--adapter``, or ``--donor`` with ``--base``; see
 :mod:`engine.tools.cartography`). Per module, the singular values of ``dW`` come from the
-factors (``engine.lowrank.factored_svd``: QR of ``B`` and ``A^T``, SVD of the small core), never
+factors (``engine.adapters.lowrank.factored_svd``: QR of ``B`` and ``A^T``, SVD of the small core), never
 from the dense product. ``energy_cumulative[k-1] = sum_{i<=k} s_i^2 / ||dW||_F^2`` and the
 recommended ``k_at_threshold`` is the smallest ``k`` reaching ``--threshold`` (default 0.9).
 
@@ -21,12 +21,13 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..errors import GraftError
-from ..lowrank import cumulative_energy, effective_rank, k_at_energy
-from ..params import param
-from ..progress import Progress
-from ..registry import register
-from .cartography import _f, _tool, cell_stats, check_filter_used, grid_axes, load_deltas, module_filter
+from ..core.errors import GraftError
+from ..adapters.lowrank import cumulative_energy, effective_rank, k_at_energy
+from ..core.params import param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
+from ..adapters.delta_map import NEEDS, cell_stats, check_filter_used, grid_axes, load_deltas, module_filter
+from ..core.jsonsafe import finite_or_none
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,12 @@ def compute_spectrum(ctx: Any, params: SpectrumParams, progress: Progress) -> Sp
         rows.append({
             "name": d.name, "layer": d.layer, "module": d.module, "kind": d.kind,
             "rank": d.rank, "shape": list(d.shape),
-            "energy": _f(st.norm_sq ** 0.5),
+            "energy": finite_or_none(st.norm_sq ** 0.5),
             "singular_values": [float(s) for s in st.S],
             "energy_cumulative": cumulative_energy(st.S, total=st.norm_sq if st.norm_sq > 0 else None),
             "k_at_threshold": k,
-            "effective_rank": _f(effective_rank(st.S)),
-            "captured_share": _f(st.captured),
+            "effective_rank": finite_or_none(effective_rank(st.S)),
+            "captured_share": finite_or_none(st.captured),
         })
     live = [r for r in rows if (r["energy"] or 0.0) > 0]
     ks = [r["k_at_threshold"] for r in live if r["k_at_threshold"] is not None]
@@ -100,7 +101,7 @@ def compute_spectrum(ctx: Any, params: SpectrumParams, progress: Progress) -> Sp
         "n_undetermined": len(undetermined),
         "undetermined": undetermined[:50],
         "median_k": _median(ks),
-        "mean_k": _f(sum(ks) / len(ks)) if ks else None,
+        "mean_k": finite_or_none(sum(ks) / len(ks)) if ks else None,
         "min_k": min(ks) if ks else None,
         "max_k": max(ks) if ks else None,
         "k_counts": dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
@@ -124,7 +125,8 @@ def compute_spectrum(ctx: Any, params: SpectrumParams, progress: Progress) -> Sp
                           module_names=names, k_grid=k_grid, warnings=warnings)
 
 
-TOOL = register(_tool(
+TOOL = register(Tool(needs=NEEDS, uses_workload=False,
+    
     name="spectrum", code="T6", title="Spectrum and rank-k",
     summary="Singular values of each module's weight update from its low-rank factors, cumulative energy curves, "
             "and the smallest rank k reaching an energy threshold per module.",

@@ -1,37 +1,32 @@
 """T11 ``swap``. Swap the top-K (or the named) modules from D into a working copy of T
-(:class:`engine.transplant.ModuleSwap`, never touching the cached target), evaluate T, T' and D
-(:func:`engine.evalcache.evaluate_model`), report TIR = S(T')/S(T) and
+(:class:`engine.surgery.transplant.ModuleSwap`, never touching the cached target), evaluate T, T' and D
+(:func:`engine.evaluation.evalcache.evaluate_model`), report TIR = S(T')/S(T) and
 Recovery = (S(T') - S(T)) / (S(D) - S(T)) with their undefined cases, the alignment score of T
 and T' against D, generations side by side, weight hashes, and verify a bit-exact rollback.
 
 Cross-family pairs, or pairs with different tokenizers, are refused with one line
-(:func:`engine.transplant.check_swap_pair`).
+(:func:`engine.surgery.transplant.check_swap_pair`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..beforeafter import evaluate_shared, load_sets, locked, metrics, rnd, side_by_side, transfer_scores
-from ..context import ToolContext
-from ..errors import GraftError
-from ..evalcache import SCORES, alignment_score, evaluate_model
-from ..params import param
-from ..progress import Progress
-from ..registry import Tool, register
-from ..transplant import ModuleSwap, check_swap_pair, save_transplant, swappable_modules
-from .rank import rank_modules
+from ..evaluation.beforeafter import evaluate_shared, load_sets, locked, metrics, rnd, side_by_side, transfer_scores
+from ..running.context import ToolContext
+from ..evaluation.evalcache import SCORES, alignment_score, evaluate_model
+from ..core.params import EvaluationSets, GreedyTokensParam, TaskScoreParam, param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
+from ..surgery.transplant import ModuleSwap, check_swap_pair, save_transplant, swappable_modules
+from ..running.module_choice import choose_modules
 
 
 @dataclass(frozen=True)
-class SwapParams:
+class SwapParams(EvaluationSets, TaskScoreParam, GreedyTokensParam):
     k: int = param(8, "Swap the top-K modules of the T7 ranking (ignored when --modules is given).", min=1, max=100_000)
     modules: str = param("", "Comma-separated module names to swap instead of the top K, e.g. 'blocks.3.attn.o,blocks.5.mlp.down'.")
-    concept: str = param("", "Concept set JSONL: perplexity on its facts and task score on its test questions. Empty = the bundled set.", path="in")
-    retained: str = param("", "Retained general set JSONL for the retained perplexity. Empty = the bundled set.", path="in")
-    score: str = param("graded", "Task score S behind TIR and Recovery: graded (mean answer-token probability) or exact (greedy answer contains the reference).", choices=SCORES)
     save: str = param("", "Save T' into this folder (Hugging Face format + surgery.json). Empty = don't save.", path="out_dir")
-    max_new_tokens: int = param(16, "Greedy tokens generated per test question (exact score, generations).", min=1, max=512)
 
 
 @dataclass
@@ -63,34 +58,7 @@ class SwapResult:
     saved_to: Optional[str]
     transfer: dict[str, dict[str, Any]]  # TIR / Recovery (+ status, note) under each score kind: graded, exact
     card: dict[str, Any]  # the surgery card saved with T' (operation, models, parameters, results, hashes)
-    live_id: Optional[str]  # app only: T' is kept applied under this id (engine/live.py); None from the CLI
-
-
-def _parse_modules(text: str) -> list[str]:
-    names = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
-    if text.strip() and not names:
-        raise GraftError(f"--modules names no module ({text!r}); leave it empty for T7's top --k")
-    return names
-
-
-def choose_modules(ctx: ToolContext, k: int, modules: str, progress: Progress) -> tuple[list[dict[str, Any]], bool]:
-    """The modules a swap takes: the names in ``modules`` (comma-separated) when given, else the
-    top ``k`` of the T7 ranking. Returns (rows of name, layer, kind, score; whether chosen by hand).
-    Used by every tool that runs a swap itself (T11, T12, T13)."""
-    check_swap_pair(ctx.donor, ctx.target)
-    swappable, _ = swappable_modules(ctx.donor, ctx.target)
-    explicit = _parse_modules(modules)
-    if explicit:
-        chosen = [{"name": n, "layer": None, "kind": None, "score": None} for n in explicit]
-        by_name = {m.name: m for m in swappable}
-        for row in chosen:
-            if row["name"] in by_name:
-                row.update(layer=by_name[row["name"]].layer, kind=by_name[row["name"]].kind)
-        progress(1.0, "modules chosen by hand")
-    else:
-        ranking = rank_modules(ctx, progress)
-        chosen = [{key: m[key] for key in ("name", "layer", "kind", "score")} for m in ranking.modules[:k]]
-    return chosen, bool(explicit)
+    live_id: Optional[str]  # app only: T' is kept applied under this id (engine/running/live.py); None from the CLI
 
 
 def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> SwapResult:

@@ -7,24 +7,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..beforeafter import evaluate_shared, load_sets, metrics, rnd, transfer_scores
-from ..context import ToolContext
-from ..errors import GraftError
-from ..evalcache import SCORES, evaluate_model
-from ..params import param
-from ..progress import Progress
-from ..registry import Tool, register
-from ..transplant import ModuleSwap, check_swap_pair
-from .rank import rank_modules
+from ..evaluation.beforeafter import evaluate_shared, load_sets, metrics, rnd, transfer_scores
+from ..running.context import ToolContext
+from ..core.errors import GraftError
+from ..evaluation.evalcache import evaluate_model
+from ..core.params import EvaluationSets, GreedyTokensParam, TaskScoreParam, list_items, param
+from ..core.progress import Progress
+from ..running.registry import Tool, register
+from ..surgery.transplant import ModuleSwap, check_swap_pair
+from ..running.module_choice import rank_modules
 
 
 @dataclass(frozen=True)
-class SweepParams:
+class SweepParams(EvaluationSets, TaskScoreParam, GreedyTokensParam):
     k_grid: str = param("", "Comma-separated K values, e.g. '0,1,2,4,8,16,32'. Empty = 0, 1, 2, 4, ... doubling up to every swappable module. Values above that number are clipped.")
-    concept: str = param("", "Concept set JSONL: task score on its test questions. Empty = the bundled set.", path="in")
-    retained: str = param("", "Retained general set JSONL for the retained perplexity. Empty = the bundled set.", path="in")
-    score: str = param("graded", "Task score S behind TIR and Recovery: graded (mean answer-token probability) or exact (greedy answer contains the reference).", choices=SCORES)
-    max_new_tokens: int = param(16, "Greedy tokens generated per test question (exact score only).", min=1, max=512)
 
 
 @dataclass
@@ -56,13 +52,11 @@ def default_k_grid(n: int) -> list[int]:
 
 def parse_k_grid(text: str, n: int) -> tuple[list[int], list[int]]:
     """Sorted unique K values from ``text`` (or the default grid) and the values clipped to ``n``."""
-    if not text.strip():
+    items = list_items(text, "--k-grid", "the default grid (0, 1, 2, 4, ... doubling)")
+    if not items:
         return default_k_grid(n), []
     ks: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
+    for part in items:
         try:
             k = int(part)
         except ValueError:

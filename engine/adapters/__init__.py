@@ -1,0 +1,1 @@
+"""Adapters: LoRA factors, fine-tune deltas, low-rank algebra, making a donor."""

@@ -1,0 +1,1 @@
+"""Shared ground: errors, strict JSON, progress, typed parameters, paths, outputs, data files."""

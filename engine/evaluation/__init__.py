@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, task scores, before/after, interference, attribution, go / no-go rules."""

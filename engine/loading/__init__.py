@@ -1,0 +1,1 @@
+"""Loading models: specs, folders, GGUF, tiny models, architecture layouts, the model store."""

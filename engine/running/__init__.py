@@ -1,0 +1,1 @@
+"""Running: tool context, registry, runner, jobs, run history, live transplants, rebuilds."""
