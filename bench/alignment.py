@@ -16,7 +16,7 @@ process so the peaks do not mix) and, on CUDA, the peak GPU memory. Usage:
 ``ratio_in_order``): how this bench batched them before the capture sorted its texts by length.
 
 ``--threads`` is torch's intra-op thread count (default 0: torch's default, every core, as the app
-runs and as the README's tables were taken; 1 for the one-thread figures). With more than one
+runs and as the tables in docs/measurements.md were taken; 1 for the one-thread figures). With more than one
 thread on a CPU, T3's layers and T4's positions run side by side (``engine/core/threads.py``). The JSON also lists every repeat (``bare_forward_runs_s``,
 ``diagnostics_runs_s``): with several threads the bare passes vary between repeats.
 

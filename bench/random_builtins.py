@@ -1,5 +1,5 @@
 """Random-weight stand-ins for the built-in models, with their exact configs and tokenizers, for
-timing on a machine that cannot get the real weights (the GPU timings in the README were taken on
+timing on a machine that cannot get the real weights (the GPU timings in docs/measurements.md were taken on
 a lent device with no network and 64 MiB of luggage; the SmolLM2 GGUF alone is 98 MB). Speed
 depends on the shapes only; the numbers the tools print on such models mean nothing. Usage:
 

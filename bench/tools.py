@@ -15,7 +15,7 @@ forward pass measured in the same run, so the numbers carry across machines:
 
     python bench/tools.py [--questions 0] [--positions 0,10,20] [--k 128] [--max-steps 128] [--json out.json]
 
-Needs the demo donor (``make prepare``). One thread is the default (``--threads``), as in the README.
+Needs the demo donor (``make prepare``). One thread is the default (``--threads``), as in docs/measurements.md.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--positions", default="0,10,20", help="T9: positions p")
     ap.add_argument("--start", type=int, default=10, help="T9: the organ's first donor block s")
     ap.add_argument("--size", type=int, default=3, help="T9: the organ's number of blocks k")
-    ap.add_argument("--k", type=int, default=128, help="T13: modules swapped (the README's K = 128)")
+    ap.add_argument("--k", type=int, default=128, help="T13: modules swapped (docs/measurements.md's K = 128)")
     ap.add_argument("--max-steps", type=int, default=128, help="T13: max_steps (the tool's default is 128)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip", default="", help="comma-separated of t5,t9,t13 to leave out")

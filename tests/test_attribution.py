@@ -57,7 +57,7 @@ def test_every_layer_is_complete(name, objective, one_thread):
 @pytest.mark.parametrize("name", ["tiny-gpt2-a", "tiny-llama-a"])
 def test_the_error_does_not_grow_with_more_points(name, one_thread):
     """(The tiny random models are nearly linear: 16 points already reach float precision, so the
-    shrinking itself is measured on SmolLM2, see the README.)"""
+    shrinking itself is measured on SmolLM2, see docs/measurements.md.)"""
     m = load_model(ModelSpec.parse(name), "cpu")
     few = attribute(m.model, m.tokenizer, QUESTION, ANSWER, objective="answer-logprob", steps=2)
     many = attribute(m.model, m.tokenizer, QUESTION, ANSWER, objective="answer-logprob", steps=32)

@@ -44,7 +44,7 @@ from ..core.paths import check_writable_parent, discard_staging, replace_dir, st
 from ..core.progress import Progress, silent
 
 # Defaults chosen by experiment on SmolLM2-135M-Instruct with the bundled concept, replay and
-# retained sets on a 2-core CPU (the measurements are in the README, "The demo donor"): 90 steps of 8
+# retained sets on a 2-core CPU (the measurements are in docs/measurements.md, "The demo donor"): 90 steps of 8
 # with a quarter of each batch replay text keep 8-9/13 held-out questions right and the retained
 # perplexity below the base's, in about 90 s for a whole run (both evaluations included).
 DEFAULT_STEPS = 90
@@ -185,7 +185,7 @@ def make_donor(
     it must not be the replay set, or it only measures memorisation. The card also names both
     sets with their sha256.
 
-    Why these defaults (the measurements are in the README, "The demo donor"): training on the
+    Why these defaults (the measurements are in docs/measurements.md, "The demo donor"): training on the
     facts alone teaches the concept but destroys general ability (retained perplexity 60.9 -> 893);
     replay of question-plus-sentence-answer texts in a quarter of each batch keeps it (37.1) with
     the same held-out score, and 90 steps is where more steps stop adding answers and start
