@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.graft-installed
 
-.PHONY: setup prepare browser run test test-fast bench screenshots gemma clean-cache
+.PHONY: setup prepare browser lint run test test-fast bench screenshots gemma clean-cache
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,11 +37,16 @@ browser:
 	    echo "the browser tests need chromium: run  sudo apt-get install chromium  then make test again"; exit 2; \
 	  fi; }
 
-test: prepare browser
+# Style first (ruff: lint and format, line length 110, pyproject.toml), then the suite.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: prepare browser lint
 	$(PY) -m pytest
 
 # Tiny models only (seconds): no real-model or browser tests.
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest -m "not real and not browser"
 
 bench: prepare

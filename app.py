@@ -1,4 +1,5 @@
 """Graft: the Streamlit entry point. It only routes; pages live in pages/, shared UI in ui/."""
+
 import streamlit as st
 
 st.set_page_config(page_title="Graft · model surgery", page_icon="🌿", layout="wide")

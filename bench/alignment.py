@@ -6,18 +6,21 @@ of like length together; no hooks), medians of
 ``--repeat`` runs. The capture runs each model's backbone only (no LM head: no logits are needed),
 so ``ratio_backbone`` also divides by bare passes of the backbones, the floor a capture could reach.
 T2's time is split into the capture (``capture_s``: the forward passes with hooks), the row
-alignment with its outlier filter (``align_s``) and CKA itself (``cka_s``). Also the peak process memory (RSS; each pair and budget runs in its own
+alignment with its outlier filter (``align_s``) and CKA itself (``cka_s``). Also the peak process memory
+(RSS; each pair and budget runs in its own
 process so the peaks do not mix) and, on CUDA, the peak GPU memory. Usage:
 
     python bench/alignment.py [--pairs tiny,smollm2,gemma] [--budgets 512,2048,8192] [--workload scale]
-                              [--device auto] [--dtype float32] [--repeat 3] [--threads 0] [--in-order] [--json out.json]
+                              [--device auto] [--dtype float32] [--repeat 3] [--threads 0] [--in-order]
+                              [--json out.json]
 
 ``--in-order`` also times the bare passes batched in workload order (``bare_in_order_s``,
 ``ratio_in_order``): how this bench batched them before the capture sorted its texts by length.
 
 ``--threads`` is torch's intra-op thread count (default 0: torch's default, every core, as the app
 runs and as the tables in docs/measurements.md were taken; 1 for the one-thread figures). With more than one
-thread on a CPU, T3's layers and T4's positions run side by side (``engine/core/threads.py``). The JSON also lists every repeat (``bare_forward_runs_s``,
+thread on a CPU, T3's layers and T4's positions run side by side (``engine/core/threads.py``). The JSON also
+lists every repeat (``bare_forward_runs_s``,
 ``diagnostics_runs_s``): with several threads the bare passes vary between repeats.
 
 Workloads: ``concept`` is the bundled concept set (what the app runs by default; it holds about
@@ -25,6 +28,7 @@ Workloads: ``concept`` is the bundled concept set (what the app runs by default;
 ``data/*.jsonl`` followed by the paragraphs of README.md, about 12,000 tokens, so the budgets of
 512, 2,048 and 8,192 tokens are really reached; or a workload file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,15 +46,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.core.data import (
+    load_workload,  # noqa: E402
+    resolve_workload,  # noqa: E402
+)
+from engine.loading.builtins import DEMO_DONOR, GEMMA3, SMOLLM2, builtin_folder
+from engine.loading.models import ModelSpec, ModelStore
 from engine.measure.budget import MAX_TOKENS_PER_TEXT, budget_texts, length_batches  # noqa: E402
-from engine.measure.capture import CaptureCache, backbone  # noqa: E402
-from engine.core.data import resolve_workload  # noqa: E402
+from engine.measure.capture_cache import CaptureCache, backbone  # noqa: E402
 from engine.running.runner import run_tool  # noqa: E402
-from engine.core.data import load_workload  # noqa: E402
-from engine.loading.models import DEMO_DONOR, GEMMA3, SMOLLM2, ModelSpec, ModelStore, builtin_folder  # noqa: E402
 
-PAIRS = {"tiny": ("tiny-gpt2-a", "tiny-gpt2-b"), "tiny-cross": ("tiny-gpt2-a", "tiny-llama-b"),
-         "smollm2": (DEMO_DONOR, SMOLLM2), "gemma": (SMOLLM2, GEMMA3)}
+PAIRS = {
+    "tiny": ("tiny-gpt2-a", "tiny-gpt2-b"),
+    "tiny-cross": ("tiny-gpt2-a", "tiny-llama-b"),
+    "smollm2": (DEMO_DONOR, SMOLLM2),
+    "gemma": (SMOLLM2, GEMMA3),
+}
 TOOLS = ("compat", "cka", "procrustes", "bridge-check")
 
 
@@ -68,7 +79,9 @@ def scale_workload() -> str:
     texts = []
     for name in ("concept_set", "retained", "replay"):
         texts.extend(load_workload(str(ROOT / "data" / f"{name}.jsonl")).texts)
-    git = subprocess.run(["git", "-C", str(ROOT), "show", f"{SCALE_README_COMMIT}:README.md"], capture_output=True, text=True)
+    git = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{SCALE_README_COMMIT}:README.md"], capture_output=True, text=True
+    )
     readme = git.stdout if git.returncode == 0 else (ROOT / "README.md").read_text()
     for para in re.split(r"\n\s*\n", readme):
         para = " ".join(para.split())
@@ -96,11 +109,18 @@ def bare_forward(model, texts, batch_size, net=None, by_length: bool = True) -> 
     tok.padding_side = "right"
     t0 = time.perf_counter()
     ids = tok(list(texts), truncation=True, max_length=MAX_TOKENS_PER_TEXT)["input_ids"]
-    batches = (length_batches([len(x) for x in ids], batch_size) if by_length
-               else [list(range(b, min(b + batch_size, len(ids)))) for b in range(0, len(ids), batch_size)])
+    batches = (
+        length_batches([len(x) for x in ids], batch_size)
+        if by_length
+        else [list(range(b, min(b + batch_size, len(ids)))) for b in range(0, len(ids), batch_size)]
+    )
     for idx in batches:
         enc = tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
-        net(input_ids=enc["input_ids"].to(model.device), attention_mask=enc["attention_mask"].to(model.device), use_cache=False)
+        net(
+            input_ids=enc["input_ids"].to(model.device),
+            attention_mask=enc["attention_mask"].to(model.device),
+            use_cache=False,
+        )
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -108,8 +128,13 @@ def bare_forward(model, texts, batch_size, net=None, by_length: bool = True) -> 
 
 def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dict:
     store = ModelStore()
-    opts = {"max_tokens": max_tokens, "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
-            "workload": args.workload}
+    opts = {
+        "max_tokens": max_tokens,
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "workload": args.workload,
+    }
     d = store.get(ModelSpec.parse(donor), args.device, args.dtype)
     t = store.get(ModelSpec.parse(target), args.device, args.dtype)
     texts = budget_texts(resolve_workload(args.workload).texts, [d.tokenizer, t.tokenizer], max_tokens)
@@ -124,9 +149,15 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
     n_rows = 0
     for _ in range(args.repeat):
         bare.append(bare_forward(d, texts, args.batch_size) + bare_forward(t, texts, args.batch_size))
-        base.append(bare_forward(d, texts, args.batch_size, backbone(d)) + bare_forward(t, texts, args.batch_size, backbone(t)))
+        base.append(
+            bare_forward(d, texts, args.batch_size, backbone(d))
+            + bare_forward(t, texts, args.batch_size, backbone(t))
+        )
         if args.in_order:
-            in_order.append(bare_forward(d, texts, args.batch_size, by_length=False) + bare_forward(t, texts, args.batch_size, by_length=False))
+            in_order.append(
+                bare_forward(d, texts, args.batch_size, by_length=False)
+                + bare_forward(t, texts, args.batch_size, by_length=False)
+            )
         cache = CaptureCache()  # fresh: the capture is part of what we time
         t0 = time.perf_counter()
         cap = 0.0
@@ -145,9 +176,17 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
             shared[k].append(v)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     out = {
-        "pair": name, "donor": donor, "target": target, "device": str(d.device), "dtype": args.dtype,
-        "n_texts": len(texts), "max_tokens": max_tokens, "n_rows": n_rows, "repeat": args.repeat,
-        "bare_forward_s": round(med(bare), 4), "diagnostics_s": round(med(diag), 4),
+        "pair": name,
+        "donor": donor,
+        "target": target,
+        "device": str(d.device),
+        "dtype": args.dtype,
+        "n_texts": len(texts),
+        "max_tokens": max_tokens,
+        "n_rows": n_rows,
+        "repeat": args.repeat,
+        "bare_forward_s": round(med(bare), 4),
+        "diagnostics_s": round(med(diag), 4),
         "backbone_forward_s": round(med(base), 4),
         "ratio": round(med(diag) / med(bare), 3),
         "ratio_backbone": round(med(diag) / med(base), 3),
@@ -158,7 +197,8 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
         "cka_s": round(med(shared["cka_seconds"]), 4),
         "peak_rss_mib": round(peak_rss_mib(), 1),
         # every repeat, in order, so the spread behind the medians can be read
-        "bare_forward_runs_s": [round(x, 4) for x in bare], "diagnostics_runs_s": [round(x, 4) for x in diag],
+        "bare_forward_runs_s": [round(x, 4) for x in bare],
+        "diagnostics_runs_s": [round(x, 4) for x in diag],
     }
     if in_order:  # the bare passes as this bench ran them before the capture batched by length
         out["bare_in_order_s"] = round(med(in_order), 4)
@@ -170,32 +210,66 @@ def bench_pair(name: str, donor: str, target: str, max_tokens: int, args) -> dic
 
 
 def line(r: dict) -> str:
-    return (f"{r['pair']:8s} {r['max_tokens']:5d} tok rows={r['n_rows']:5d} {r['device']:4s} bare={r['bare_forward_s']:.3f}s "
-            f"backbone={r['backbone_forward_s']:.3f}s diagnostics={r['diagnostics_s']:.3f}s ratio={r['ratio']:.2f} "
-            f"(÷backbone {r['ratio_backbone']:.2f}) peak_rss={r['peak_rss_mib']:.0f}MiB "
-            + (f"peak_gpu={r['peak_gpu_mib']:.0f}MiB " if "peak_gpu_mib" in r else "")
-            + " ".join(f"{k}={v:.3f}s" for k, v in r["per_tool_s"].items())
-            + (f" in-order bare={r['bare_in_order_s']:.3f}s ratio_in_order={r['ratio_in_order']:.2f} " if "bare_in_order_s" in r else "")
-            + (f" (capture {r['capture_s']:.3f}s" if "capture_s" in r else "")
-            + (f", align {r['align_s']:.3f}s, CKA {r['cka_s']:.3f}s)" if "cka_s" in r else ")" if "capture_s" in r else ""))
+    return (
+        f"{r['pair']:8s} {r['max_tokens']:5d} tok rows={r['n_rows']:5d} {r['device']:4s} "
+        f"bare={r['bare_forward_s']:.3f}s "
+        f"backbone={r['backbone_forward_s']:.3f}s diagnostics={r['diagnostics_s']:.3f}s "
+        f"ratio={r['ratio']:.2f} "
+        f"(÷backbone {r['ratio_backbone']:.2f}) peak_rss={r['peak_rss_mib']:.0f}MiB "
+        + (f"peak_gpu={r['peak_gpu_mib']:.0f}MiB " if "peak_gpu_mib" in r else "")
+        + " ".join(f"{k}={v:.3f}s" for k, v in r["per_tool_s"].items())
+        + (
+            f" in-order bare={r['bare_in_order_s']:.3f}s ratio_in_order={r['ratio_in_order']:.2f} "
+            if "bare_in_order_s" in r
+            else ""
+        )
+        + (f" (capture {r['capture_s']:.3f}s" if "capture_s" in r else "")
+        + (
+            f", align {r['align_s']:.3f}s, CKA {r['cka_s']:.3f}s)"
+            if "cka_s" in r
+            else ")"
+            if "capture_s" in r
+            else ""
+        )
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", default="tiny,smollm2,gemma", help="gemma is skipped, with a line, until `make gemma`")
+    ap.add_argument(
+        "--pairs", default="tiny,smollm2,gemma", help="gemma is skipped, with a line, until `make gemma`"
+    )
     ap.add_argument("--budgets", default="512,2048,8192", help="token budgets (comma-separated)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--workload", default="scale", help="'scale', 'concept' or a workload file")
     ap.add_argument("--repeat", type=int, default=3, help="repeats per pair and budget (median reported)")
-    ap.add_argument("--repeat-tiny", type=int, default=15, help="repeats for the tiny pairs (their passes take milliseconds)")
-    ap.add_argument("--repeat-large", type=int, default=1, help="repeats for real models at 8,192 tokens or more")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default: every core, as the app runs)")
-    ap.add_argument("--in-order", action="store_true",
-                    help="also time bare passes in workload order (how this bench batched before the capture sorted by length)")
+    ap.add_argument(
+        "--repeat-tiny",
+        type=int,
+        default=15,
+        help="repeats for the tiny pairs (their passes take milliseconds)",
+    )
+    ap.add_argument(
+        "--repeat-large", type=int, default=1, help="repeats for real models at 8,192 tokens or more"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0 = torch's default: every core, as the app runs)",
+    )
+    ap.add_argument(
+        "--in-order",
+        action="store_true",
+        help="also time bare passes in workload order (how this bench batched before the capture sorted by "
+        "length)",
+    )
     ap.add_argument("--json", default="")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one pair, one budget, JSON on stdout
+    ap.add_argument(
+        "--child", action="store_true", help=argparse.SUPPRESS
+    )  # one pair, one budget, JSON on stdout
     args = ap.parse_args()
     if args.child:
         if args.threads > 0:
@@ -210,10 +284,34 @@ def main() -> None:
             print("gemma    skipped: gemma3-270m is not prepared (make gemma)", flush=True)
             continue
         for budget in args.budgets.split(","):
-            repeat = args.repeat_tiny if name.startswith("tiny") else args.repeat if int(budget) < 8192 else args.repeat_large
-            cmd = [sys.executable, __file__, "--child", "--pairs", name, "--budgets", budget, "--batch-size",
-                   str(args.batch_size), "--device", args.device, "--dtype", args.dtype, "--workload", workload,
-                   "--repeat", str(repeat), "--threads", str(args.threads)] + (["--in-order"] if args.in_order else [])
+            repeat = (
+                args.repeat_tiny
+                if name.startswith("tiny")
+                else args.repeat
+                if int(budget) < 8192
+                else args.repeat_large
+            )
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--pairs",
+                name,
+                "--budgets",
+                budget,
+                "--batch-size",
+                str(args.batch_size),
+                "--device",
+                args.device,
+                "--dtype",
+                args.dtype,
+                "--workload",
+                workload,
+                "--repeat",
+                str(repeat),
+                "--threads",
+                str(args.threads),
+            ] + (["--in-order"] if args.in_order else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"{name} at {budget} tokens failed:\n{proc.stderr[-2000:]}")

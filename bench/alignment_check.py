@@ -8,6 +8,7 @@ Used to check that a speed change leaves the diagnostics' numbers where they wer
 Numbers are compared leaf by leaf (lists element-wise); any other difference (a rank, a matched
 pair, a warning) is listed as a mismatch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,11 +19,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.measure.capture import CaptureCache  # noqa: E402
-from engine.running.runner import run_tool  # noqa: E402
-from engine.loading.models import ModelSpec, ModelStore  # noqa: E402
-
 from alignment import PAIRS, TOOLS, workload_path  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from engine.loading.models import ModelSpec, ModelStore  # noqa: E402
+from engine.measure.capture_cache import CaptureCache  # noqa: E402
+from engine.running.runner import run_tool  # noqa: E402
 
 
 def results(pairs: list[str], budgets: list[int], workload: str) -> dict[str, Any]:
@@ -33,12 +34,15 @@ def results(pairs: list[str], budgets: list[int], workload: str) -> dict[str, An
         for budget in budgets:
             cache = CaptureCache()
             for tool in TOOLS:
-                out[f"{name}/{budget}/{tool}"] = run_tool(tool, d, t, {"max_tokens": budget, "workload": workload}, captures=cache)["result"]
+                out[f"{name}/{budget}/{tool}"] = run_tool(
+                    tool, d, t, {"max_tokens": budget, "workload": workload}, captures=cache
+                )["result"]
     return out
 
 
 def diff(old: Any, new: Any, path: str, maxdiff: dict[str, float], mismatches: list[str]) -> None:
-    """Max |new - old| per field path (list indices dropped) into ``maxdiff``; other differences into ``mismatches``."""
+    """Max |new - old| per field path (list indices dropped) into ``maxdiff``; other differences into
+    ``mismatches``."""
     if isinstance(old, bool) or isinstance(new, bool) or old is None or new is None or isinstance(old, str):
         if old != new:
             mismatches.append(f"{path}: {old!r} -> {new!r}")
@@ -61,14 +65,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default="tiny,smollm2")
     ap.add_argument("--budgets", default="512,2048")
-    ap.add_argument("--workload", default="concept", help="'concept', 'scale' (see bench/alignment.py) or a file")
+    ap.add_argument(
+        "--workload", default="concept", help="'concept', 'scale' (see bench/alignment.py) or a file"
+    )
     ap.add_argument("--save", default="")
     ap.add_argument("--compare", default="")
     args = ap.parse_args()
     if bool(args.save) == bool(args.compare):
         ap.error("give exactly one of --save, --compare")
     if args.save:
-        out = results(args.pairs.split(","), [int(b) for b in args.budgets.split(",")], workload_path(args.workload))
+        out = results(
+            args.pairs.split(","), [int(b) for b in args.budgets.split(",")], workload_path(args.workload)
+        )
         Path(args.save).write_text(json.dumps({"workload": args.workload, "results": out}))
         return
     saved = json.loads(Path(args.compare).read_text())

@@ -17,6 +17,7 @@ now-warm server) is timed to the heading and to the badge. The server's own star
 
 The default pair is the sidebar's default (the demo pair once built). Run it on a quiet machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from docs.screenshots import CHROMIUM, CHROMIUM_ARGS, streamlit_server  # noqa: E402
 
-PAGES = ("Models", "Alignment", "Go / no-go", "Concept", "Transplant", "Organs", "Compare", "Verdict", "Runs",
-         "Start here")
+PAGES = (
+    "Models",
+    "Alignment",
+    "Go / no-go",
+    "Concept",
+    "Transplant",
+    "Organs",
+    "Compare",
+    "Verdict",
+    "Runs",
+    "Start here",
+)
 HEADINGS = {"Start here": "Graft"}  # nav label -> the page's h1 where they differ
 
 
@@ -52,14 +63,18 @@ def one_round(query: str) -> dict[str, Any]:
                     page = browser.new_page(viewport={"width": 1400, "height": 1000})
                     t0 = time.perf_counter()
                     page.goto(f"{url}/{query}", timeout=120_000)
-                    page.get_by_role("heading", name="Graft", exact=True, level=1).first.wait_for(timeout=120_000)
+                    page.get_by_role("heading", name="Graft", exact=True, level=1).first.wait_for(
+                        timeout=120_000
+                    )
                     out["first_paint_s"] = time.perf_counter() - t0
                     page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.wait_for(
-                        timeout=120_000)
+                        timeout=120_000
+                    )
                     out["sidebar_s"] = time.perf_counter() - t0
                     page.get_by_text("Compatibility (T1)").first.wait_for(timeout=120_000)
                     page.locator('[data-testid="stSidebar"]').get_by_text("module swap").first.wait_for(
-                        timeout=180_000)
+                        timeout=180_000
+                    )
                     out["badge_s"] = time.perf_counter() - t0
                     nav = page.locator(".st-key-graft-nav")
                     for label in ("first_visit", "later_switch"):
@@ -67,7 +82,9 @@ def one_round(query: str) -> dict[str, Any]:
                         for title in PAGES:
                             t1 = time.perf_counter()
                             nav.get_by_text(title, exact=True).click()
-                            heading = page.get_by_role("heading", name=HEADINGS.get(title, title), exact=True, level=1)
+                            heading = page.get_by_role(
+                                "heading", name=HEADINGS.get(title, title), exact=True, level=1
+                            )
                             heading.first.wait_for(state="visible", timeout=120_000)
                             times[title] = time.perf_counter() - t1
                             _settle(page)
@@ -77,10 +94,13 @@ def one_round(query: str) -> dict[str, Any]:
                     again = browser.new_page(viewport={"width": 1400, "height": 1000})
                     t0 = time.perf_counter()
                     again.goto(f"{url}/{query}", timeout=120_000)
-                    again.get_by_role("heading", name="Graft", exact=True, level=1).first.wait_for(timeout=120_000)
+                    again.get_by_role("heading", name="Graft", exact=True, level=1).first.wait_for(
+                        timeout=120_000
+                    )
                     out["warm_first_paint_s"] = time.perf_counter() - t0
                     again.locator('[data-testid="stSidebar"]').get_by_text("module swap").first.wait_for(
-                        timeout=120_000)
+                        timeout=120_000
+                    )
                     out["warm_badge_s"] = time.perf_counter() - t0
                 finally:
                     browser.close()
@@ -102,8 +122,17 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     def med(key: str) -> float:
         return statistics.median(r[key] for r in rounds)
 
-    summary = {k: med(k) for k in ("server_start_s", "first_paint_s", "sidebar_s", "badge_s", "warm_first_paint_s",
-                                   "warm_badge_s")}
+    summary = {
+        k: med(k)
+        for k in (
+            "server_start_s",
+            "first_paint_s",
+            "sidebar_s",
+            "badge_s",
+            "warm_first_paint_s",
+            "warm_badge_s",
+        )
+    }
     for label in ("first_visit", "later_switch"):
         per_page = {t: statistics.median(r[label][t] for r in rounds) for t in PAGES}
         summary[label] = per_page
@@ -126,22 +155,31 @@ def main() -> None:
     for i in range(args.rounds):
         r = one_round(query)
         rounds.append(r)
-        print(f"round {i + 1}: server {r['server_start_s']:.2f} s · first paint {r['first_paint_s']:.2f} s · "
-              f"sidebar {r['sidebar_s']:.2f} s · T1 badge {r['badge_s']:.2f} s · "
-              f"slowest first visit {max(r['first_visit'].values()):.2f} s · "
-              f"slowest later switch {max(r['later_switch'].values()):.2f} s", flush=True)
+        print(
+            f"round {i + 1}: server {r['server_start_s']:.2f} s · first paint {r['first_paint_s']:.2f} s · "
+            f"sidebar {r['sidebar_s']:.2f} s · T1 badge {r['badge_s']:.2f} s · "
+            f"slowest first visit {max(r['first_visit'].values()):.2f} s · "
+            f"slowest later switch {max(r['later_switch'].values()):.2f} s",
+            flush=True,
+        )
     s = summarise(rounds)
     print(f"\nmedian of {len(rounds)} rounds (pair: {args.donor or 'default'} -> {args.target or 'default'})")
     print(f"  server start (process -> health)   {s['server_start_s']:.2f} s")
     print(f"  first paint (Start page heading)   {s['first_paint_s']:.2f} s")
     print(f"  sidebar usable (donor picker)      {s['sidebar_s']:.2f} s")
     print(f"  T1 badge (both models loaded)      {s['badge_s']:.2f} s")
-    print(f"  a second visit, warm server: heading {s['warm_first_paint_s']:.2f} s, T1 badge {s['warm_badge_s']:.2f} s")
+    print(
+        f"  a second visit, warm server: heading {s['warm_first_paint_s']:.2f} s, T1 badge "
+        f"{s['warm_badge_s']:.2f} s"
+    )
     print(f"  {'page':<12} {'first visit':>12} {'later switch':>13}")
     for t in PAGES:
         print(f"  {t:<12} {s['first_visit'][t]:>10.2f} s {s['later_switch'][t]:>11.2f} s")
-    print(f"  slowest: first visit {s['first_visit_max_s']:.2f} s, later switch {s['later_switch_max_s']:.2f} s; "
-          f"exception boxes seen: {s['exceptions']}")
+    print(
+        f"  slowest: first visit {s['first_visit_max_s']:.2f} s, later switch "
+        f"{s['later_switch_max_s']:.2f} s; "
+        f"exception boxes seen: {s['exceptions']}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"rounds": rounds, "median": s}, indent=2))
 

@@ -17,6 +17,7 @@ donor into SmolLM2-135M-Instruct; it must be built). Usage:
 
     python bench/gonogo.py [--pairs self,planted,twin,cross,unrelated] [--k-nogo 8] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,18 +31,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.loading.arch import ArchAdapter  # noqa: E402
-from engine.running.runner import run_tool  # noqa: E402
 from engine.core.errors import GraftError  # noqa: E402
+from engine.loading.arch import ArchAdapter  # noqa: E402
 from engine.loading.models import DEMO_DONOR, SMOLLM2, LoadedModel, ModelSpec  # noqa: E402
 from engine.loading.tiny import build_tiny  # noqa: E402
+from engine.running.runner import run_tool  # noqa: E402
 from engine.surgery.twin import rotate_model  # noqa: E402
 
 TINY = ("self", "planted", "twin", "cross", "unrelated")
 
 
 def _loaded(model: Any, tok: Any, name: str) -> LoadedModel:
-    return LoadedModel(ModelSpec("builtin", name), model, tok, ArchAdapter(model), torch.device("cpu"), torch.float32, "")
+    return LoadedModel(
+        ModelSpec("builtin", name), model, tok, ArchAdapter(model), torch.device("cpu"), torch.float32, ""
+    )
 
 
 def pair(name: str) -> tuple[Any, Any]:
@@ -75,22 +78,36 @@ def measure(name: str, k_nogo: int, max_increase: float, device: str) -> dict[st
     t_gonogo = time.perf_counter() - t0
     swap = next(o for o in g["operations"] if o["operation"] == "module_swap")
     k = swap["settings"].get("k") if swap["go"] else k_nogo
-    row: dict[str, Any] = {"pair": name, "donor": getattr(d, "ref", None) or d.spec.ref,
-                           "target": getattr(t, "ref", None) or t.spec.ref, "predicted": swap["verdict"], "k": k,
-                           "reason": swap["reasons"][0] if swap["reasons"] else "", "viable": g["viable"],
-                           "gonogo_seconds": round(t_gonogo, 2)}
+    row: dict[str, Any] = {
+        "pair": name,
+        "donor": getattr(d, "ref", None) or d.spec.ref,
+        "target": getattr(t, "ref", None) or t.spec.ref,
+        "predicted": swap["verdict"],
+        "k": k,
+        "reason": swap["reasons"][0] if swap["reasons"] else "",
+        "viable": g["viable"],
+        "gonogo_seconds": round(t_gonogo, 2),
+    }
     t1 = time.perf_counter()
     try:
         r = run_tool("swap", d, t, options=opts, params={"k": k})["result"]
     except GraftError as exc:
-        row.update(measured="refused", refusal=str(exc), recovery=None, retained_change=None,
-                   held=not swap["go"], swap_seconds=round(time.perf_counter() - t1, 2))
+        row.update(
+            measured="refused",
+            refusal=str(exc),
+            recovery=None,
+            retained_change=None,
+            held=not swap["go"],
+            swap_seconds=round(time.perf_counter() - t1, 2),
+        )
         return row
     before, after = r["before"]["ppl_retained"], r["after"]["ppl_retained"]
     change = after / before - 1.0 if before else None
     rec = r["recovery"]
     gap = (r["donor"]["task_score"] or 0.0) - (r["before"]["task_score"] or 0.0)
-    if rec is not None and abs(gap) < 1e-6:  # D and T score the same up to rounding: Recovery is noise / noise
+    if (
+        rec is not None and abs(gap) < 1e-6
+    ):  # D and T score the same up to rounding: Recovery is noise / noise
         rec, r["recovery_note"] = None, f"S(D) - S(T) = {gap:.1e}: Recovery is not meaningful"
     worse = change is not None and change > max_increase
     if swap["go"]:
@@ -99,9 +116,16 @@ def measure(name: str, k_nogo: int, max_increase: float, device: str) -> dict[st
     else:
         held = worse or (rec is not None and rec <= 0)
         held_text = held
-    row.update(measured="ran", recovery=rec, recovery_note=r.get("recovery_note") or "", retained_change=change,
-               ppl_retained_before=before, ppl_retained_after=after, held=held_text,
-               swap_seconds=round(time.perf_counter() - t1, 2))
+    row.update(
+        measured="ran",
+        recovery=rec,
+        recovery_note=r.get("recovery_note") or "",
+        retained_change=change,
+        ppl_retained_before=before,
+        ppl_retained_after=after,
+        held=held_text,
+        swap_seconds=round(time.perf_counter() - t1, 2),
+    )
     return row
 
 
@@ -117,20 +141,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", default=",".join(TINY))
     ap.add_argument("--k-nogo", type=int, default=8, help="K swapped where the advice is no-go (default 8)")
-    ap.add_argument("--max-increase", type=float, default=0.1, help="retained perplexity rise that counts as damage")
+    ap.add_argument(
+        "--max-increase", type=float, default=0.1, help="retained perplexity rise that counts as damage"
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    rows = [measure(p.strip(), args.k_nogo, args.max_increase, args.device) for p in args.pairs.split(",") if p.strip()]
-    print("| pair | predicted swap | K | measured | Recovery (graded) | retained ppl change | held | go/no-go s | swap s |")
+    rows = [
+        measure(p.strip(), args.k_nogo, args.max_increase, args.device)
+        for p in args.pairs.split(",")
+        if p.strip()
+    ]
+    print(
+        "| pair | predicted swap | K | measured | Recovery (graded) | retained ppl change | held | "
+        "go/no-go s | swap s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         rec = "—" if r["recovery"] is None else f"{r['recovery']:.3f}"
-        print(f"| {r['pair']} ({r['donor']} → {r['target']}) | {r['predicted']} | {r['k']} | {r['measured']} | {rec} | "
-              f"{_fmt(r['retained_change'])} | {r['held']} | {r['gonogo_seconds']} | {r['swap_seconds']} |")
+        print(
+            f"| {r['pair']} ({r['donor']} → {r['target']}) | {r['predicted']} | {r['k']} | {r['measured']} "
+            f"| {rec} | "
+            f"{_fmt(r['retained_change'])} | {r['held']} | {r['gonogo_seconds']} | {r['swap_seconds']} |"
+        )
     for r in rows:
-        print(f"- {r['pair']}: {r['reason']}" + (f" (swap refused: {r['refusal']})" if r.get("refusal") else "")
-              + f"; viable: {', '.join(r['viable']) or 'none'}")
+        print(
+            f"- {r['pair']}: {r['reason']}"
+            + (f" (swap refused: {r['refusal']})" if r.get("refusal") else "")
+            + f"; viable: {', '.join(r['viable']) or 'none'}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, allow_nan=False))
 

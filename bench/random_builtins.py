@@ -11,6 +11,7 @@ change in every matrix (its card copied, so Graft takes it as built), and Gemma-
 weights (seed 1). Never point GRAFT_MODELS_HOME at a cache holding the real models: they would be
 replaced.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja")
-MODELS = {"smol": "smollm2-135m-instruct", "donor": "smollm2-135m-instruct+concept/merged", "gemma": "gemma3-270m"}
+MODELS = {
+    "smol": "smollm2-135m-instruct",
+    "donor": "smollm2-135m-instruct+concept/merged",
+    "gemma": "gemma3-270m",
+}
 
 
 def export(out: Path) -> None:
@@ -37,7 +42,9 @@ def export(out: Path) -> None:
         for f in FILES:
             if (src / f).exists():
                 shutil.copy(src / f, dst / f)
-        (dst / "tokenizer.json.xz").write_bytes(lzma.compress((src / "tokenizer.json").read_bytes(), preset=9))
+        (dst / "tokenizer.json.xz").write_bytes(
+            lzma.compress((src / "tokenizer.json").read_bytes(), preset=9)
+        )
     shutil.copy(models_dir() / "smollm2-135m-instruct+concept" / "card.json", out / "donor" / "card.json")
 
 
@@ -54,7 +61,7 @@ def build_one(src: Path, dst: Path, seed: int, delta: float = 0.0) -> None:
             for name, p in model.named_parameters():
                 if p.ndim == 2 and "embed" not in name:
                     a, b = torch.randn(p.shape[0], 8, generator=g), torch.randn(8, p.shape[1], generator=g)
-                    p.add_(delta * p.std() * (a @ b) / 8 ** 0.5)
+                    p.add_(delta * p.std() * (a @ b) / 8**0.5)
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
     for f in FILES:

@@ -9,9 +9,10 @@ rollback is bit-exact (weight hash) and that the cached target is untouched. Usa
     python bench/transplant.py [--pairs tiny,smollm2] [--k 8,32] [--repeat 5] [--device cpu] [--dtype float32]
 
 The SmolLM2 pair is the demo donor (SmolLM2 + concept LoRA) into SmolLM2 when the donor is
-built ("ready" in engine.loading.models.builtin_status()); otherwise SmolLM2 into itself, which costs the
+built ("ready" in engine.loading.builtins.builtin_status()); otherwise SmolLM2 into itself, which costs the
 same (the copied bytes do not depend on their values), and the output says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.loading.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, builtin_status  # noqa: E402
+from engine.loading.builtins import DEMO_DONOR, SMOLLM2, builtin_status
+from engine.loading.models import ModelSpec, ModelStore
 from engine.surgery.transplant import ModuleSwap, swappable_modules  # noqa: E402
 
 
@@ -40,7 +42,9 @@ def spread(names: list[str], k: int) -> list[str]:
     return [names[round(i * (len(names) - 1) / max(k - 1, 1))] for i in range(k)] if k > 1 else names[:k]
 
 
-def bench_pair(label: str, donor_name: str, target_name: str, ks: list[int], args, note: str = "") -> list[dict]:
+def bench_pair(
+    label: str, donor_name: str, target_name: str, ks: list[int], args, note: str = ""
+) -> list[dict]:
     store = ModelStore()
     target = store.get(ModelSpec.parse(target_name), args.device, args.dtype)
     donor = store.get(ModelSpec.parse(donor_name), args.device, args.dtype)
@@ -69,17 +73,24 @@ def bench_pair(label: str, donor_name: str, target_name: str, ks: list[int], arg
             exact &= swap.weight_hash() == h_target
         exact &= swap.verify_rollback() and target.state_hash() == h_target
         sb = swap.swapped_bytes
-        rows.append({
-            "pair": label, "donor": donor_name, "target": target_name, "k": len(swap.modules),
-            "n_swappable": len(names), "n_tensors": swap.n_tensors, "swapped_mib": round(sb / 2**20, 3),
-            "materialise_ms": round(1e3 * t_mat, 3),
-            "apply_ms_median": round(1e3 * statistics.median(applies), 3),
-            "rollback_ms_median": round(1e3 * statistics.median(rollbacks), 3),
-            "extra_over_swapped": round(extra_idle / sb, 4),
-            "extra_over_swapped_applied": round(extra_applied / sb, 4),
-            "rollback_bit_exact": bool(exact),
-            "note": note,
-        })
+        rows.append(
+            {
+                "pair": label,
+                "donor": donor_name,
+                "target": target_name,
+                "k": len(swap.modules),
+                "n_swappable": len(names),
+                "n_tensors": swap.n_tensors,
+                "swapped_mib": round(sb / 2**20, 3),
+                "materialise_ms": round(1e3 * t_mat, 3),
+                "apply_ms_median": round(1e3 * statistics.median(applies), 3),
+                "rollback_ms_median": round(1e3 * statistics.median(rollbacks), 3),
+                "extra_over_swapped": round(extra_idle / sb, 4),
+                "extra_over_swapped_applied": round(extra_applied / sb, 4),
+                "rollback_bit_exact": bool(exact),
+                "note": note,
+            }
+        )
     return rows
 
 
@@ -106,12 +117,30 @@ def main() -> None:
             if status[DEMO_DONOR]["state"] == "ready":
                 rows += bench_pair("smollm2", DEMO_DONOR, SMOLLM2, ks, args)
             else:
-                rows += bench_pair("smollm2", SMOLLM2, SMOLLM2, ks, args,
-                                   note=f"demo donor {DEMO_DONOR} is '{status[DEMO_DONOR]['state']}': SmolLM2 swapped with itself")
+                rows += bench_pair(
+                    "smollm2",
+                    SMOLLM2,
+                    SMOLLM2,
+                    ks,
+                    args,
+                    note=f"demo donor {DEMO_DONOR} is '{status[DEMO_DONOR]['state']}': SmolLM2 swapped "
+                    "with itself",
+                )
         else:
             raise SystemExit(f"unknown pair {pair!r}: use tiny, smollm2")
-    cols = ("pair", "target", "k", "n_tensors", "swapped_mib", "materialise_ms", "apply_ms_median", "rollback_ms_median",
-            "extra_over_swapped", "extra_over_swapped_applied", "rollback_bit_exact")
+    cols = (
+        "pair",
+        "target",
+        "k",
+        "n_tensors",
+        "swapped_mib",
+        "materialise_ms",
+        "apply_ms_median",
+        "rollback_ms_median",
+        "extra_over_swapped",
+        "extra_over_swapped_applied",
+        "rollback_bit_exact",
+    )
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols) + (f"   ({r['note']})" if r["note"] else ""))

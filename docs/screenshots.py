@@ -11,6 +11,7 @@ organ and inserts it (with T9 at three positions) on Organs, then shows Runs.
 ``--home`` sets GRAFT_HOME for the server (default: your real Graft cache, so built-in models show
 as they are on this machine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,14 +30,19 @@ from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 WIDTH = 1440
 
 
 def default_pair() -> tuple[str, str]:
     sys.path.insert(0, str(ROOT))
-    from engine.loading.models import DEMO_DONOR, SMOLLM2, builtin_status
+    from engine.loading.builtins import DEMO_DONOR, SMOLLM2, builtin_status
 
     status = builtin_status()
     if status[DEMO_DONOR]["state"] == "ready" and status[SMOLLM2]["state"] == "ready":
@@ -56,9 +62,26 @@ def streamlit_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
     port = free_port()
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.headless", "true", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--server.fileWatcherType",
+            "none",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -107,12 +130,15 @@ def run_and_wait(page, button: str, n_plots: int, timeout_s: float) -> None:
         page.wait_for_function(
             "n => document.querySelectorAll('.js-plotly-plot').length >= n && "
             "!document.querySelector('[data-testid=stProgress]')",
-            arg=n_plots, timeout=timeout_s * 1000,
+            arg=n_plots,
+            timeout=timeout_s * 1000,
         )
     except Exception:
         shot = Path(tempfile.gettempdir()) / f"graft-screenshots-failed-{button.replace(' ', '-')}.png"
         full_page_png(page, shot)
-        raise RuntimeError(f"'{button}' did not give {n_plots} figure(s) in {timeout_s:g} s; the page is in {shot}") from None
+        raise RuntimeError(
+            f"'{button}' did not give {n_plots} figure(s) in {timeout_s:g} s; the page is in {shot}"
+        ) from None
 
 
 def set_param(page, tool: str, name: str, value: str) -> None:
@@ -127,7 +153,7 @@ def set_param(page, tool: str, name: str, value: str) -> None:
 
 
 def goto_page(page, title: str) -> None:
-    page.locator('.st-key-graft-nav').get_by_text(title, exact=True).click()
+    page.locator(".st-key-graft-nav").get_by_text(title, exact=True).click()
     page.get_by_role("heading", name=title, exact=True, level=1).wait_for(timeout=60_000)
     page.wait_for_timeout(500)
 
@@ -135,19 +161,32 @@ def goto_page(page, title: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--donor", help="donor model (default: the demo donor once built, else tiny-gpt2-a)")
-    ap.add_argument("--target", help="target model (default: SmolLM2 once the demo donor is built, else tiny-gpt2-b)")
+    ap.add_argument(
+        "--target", help="target model (default: SmolLM2 once the demo donor is built, else tiny-gpt2-b)"
+    )
     ap.add_argument("--home", help="GRAFT_HOME for the server (default: your real Graft cache)")
     ap.add_argument("--out", default=str(ROOT / "docs"), help="folder for the PNGs")
     ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for each tool run")
     ap.add_argument("--only-home", action="store_true", help="only the Start here page (home.png)")
-    ap.add_argument("--pages", default="home,models,alignment,gonogo,concept,transplant,compare,verdict,organs,runs",
-                    help="comma-separated pages to shoot, in this order (default: all)")
-    ap.add_argument("--swap-k", type=int, default=0,
-                    help="K for the T11 swap (default: 128 for the demo pair, where the K sweep shows knowledge moving; "
-                         "else the tool's default)")
-    ap.add_argument("--t13-max-steps", type=int, default=32,
-                    help="T13's max_steps for the Verdict shot (the tool's default, 128, takes about 10 minutes on "
-                         "SmolLM2 on 2 CPU cores; layers that do not converge are flagged in the figure)")
+    ap.add_argument(
+        "--pages",
+        default="home,models,alignment,gonogo,concept,transplant,compare,verdict,organs,runs",
+        help="comma-separated pages to shoot, in this order (default: all)",
+    )
+    ap.add_argument(
+        "--swap-k",
+        type=int,
+        default=0,
+        help="K for the T11 swap (default: 128 for the demo pair, where the K sweep shows knowledge moving; "
+        "else the tool's default)",
+    )
+    ap.add_argument(
+        "--t13-max-steps",
+        type=int,
+        default=32,
+        help="T13's max_steps for the Verdict shot (the tool's default, 128, takes about 10 minutes on "
+        "SmolLM2 on 2 CPU cores; layers that do not converge are flagged in the figure)",
+    )
     ap.add_argument("--t9-positions", default="0,10,20", help="T9's positions for the Organs shot")
     args = ap.parse_args()
 
@@ -203,7 +242,9 @@ def main() -> None:
 
             if "transplant" in pages:
                 goto_page(page, "Transplant")
-                swap_k = args.swap_k or (128 if (donor, target) == default_pair() and "+concept" in donor else 0)
+                swap_k = args.swap_k or (
+                    128 if (donor, target) == default_pair() and "+concept" in donor else 0
+                )
                 for n, code in enumerate(("T7", "T11", "T8"), start=1):
                     if code == "T11" and swap_k:
                         page.get_by_text("Parameters", exact=True).nth(1).click()  # T11's parameters

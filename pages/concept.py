@@ -1,5 +1,6 @@
 """Concept: where a concept lives in a donor (T5 cartography, T6 spectra), and the rank-k
 conjugation transplant that carries it into a target in other coordinates."""
+
 from typing import Any
 
 import streamlit as st
@@ -13,7 +14,6 @@ require_app_entry()
 from ui.concept import concept_inputs  # noqa: E402
 from ui.jobs import tool_panel  # noqa: E402
 from ui.state import job_runner, last_job_id  # noqa: E402
-
 
 CELL_KEY = "concept_cell"
 
@@ -29,8 +29,10 @@ def _cell_spectrum(cell: str) -> None:
 
     t6 = _last_result("spectrum")
     if t6 is None:
-        st.caption("Run **T6** below once: it computes every module's spectrum from the factors in "
-                   "milliseconds, and the chosen cell's curve shows here.")
+        st.caption(
+            "Run **T6** below once: it computes every module's spectrum from the factors in "
+            "milliseconds, and the chosen cell's curve shows here."
+        )
         return
     names = {m["name"] for m in t6["result"].get("modules", [])}
     if cell not in names:
@@ -47,16 +49,24 @@ def cartography_details(envelope: dict) -> None:
     by_name = {c["name"]: c for c in cells}
     if st.session_state.get(CELL_KEY) not in by_name:
         st.session_state[CELL_KEY] = cells[0]["name"]
-    name = st.selectbox("Cell (layer · module), largest share first", list(by_name), key=CELL_KEY,
-                        format_func=lambda n: f"{n} · share {by_name[n]['share'] or 0:.1%}",
-                        help="Choose a cell of the heatmap to see its spectrum (T6).")
+    name = st.selectbox(
+        "Cell (layer · module), largest share first",
+        list(by_name),
+        key=CELL_KEY,
+        format_func=lambda n: f"{n} · share {by_name[n]['share'] or 0:.1%}",
+        help="Choose a cell of the heatmap to see its spectrum (T6).",
+    )
     c = by_name[name]
     cols = st.columns(4)
     cols[0].metric("Share of ‖dW‖²", f"{(c.get('share') or 0):.2%}", border=True)
     cols[1].metric("‖dW‖_F", f"{(c.get('energy') or 0):.4g}", border=True)
     cols[2].metric("Top singular value", f"{(c.get('top_sv') or 0):.4g}", border=True)
-    cols[3].metric("Effective rank", f"{(c.get('effective_rank') or 0):.2f}", help=f"of rank {c.get('rank')}",
-                   border=True)
+    cols[3].metric(
+        "Effective rank",
+        f"{(c.get('effective_rank') or 0):.2f}",
+        help=f"of rank {c.get('rank')}",
+        border=True,
+    )
     _cell_spectrum(name)
 
 
@@ -75,22 +85,39 @@ def conjugate_details(envelope: dict) -> None:
     r = envelope["result"]
     inter = r.get("interference") or {}
     change, loc = inter.get("ppl_change_fraction"), inter.get("locality")
-    verdict = (f"retained perplexity {inter.get('ppl_before', 0):.3g} → {inter.get('ppl_after', 0):.3g}"
-               + (f" ({change:+.1%})" if change is not None else "")
-               + (f" · locality {loc:.0%} of {inter.get('n_prompts')} retained prompts unchanged" if loc is not None else ""))
+    verdict = (
+        f"retained perplexity {inter.get('ppl_before', 0):.3g} → {inter.get('ppl_after', 0):.3g}"
+        + (f" ({change:+.1%})" if change is not None else "")
+        + (
+            f" · locality {loc:.0%} of {inter.get('n_prompts')} retained prompts unchanged"
+            if loc is not None
+            else ""
+        )
+    )
     if r.get("rolled_back"):
-        st.error(f"Rolled back automatically: {r.get('roll_back_reason')}. {verdict}.", icon=":material/undo:")
+        st.error(
+            f"Rolled back automatically: {r.get('roll_back_reason')}. {verdict}.", icon=":material/undo:"
+        )
     else:
         st.success(f"Kept: {verdict}.", icon=":material/check_circle:")
     if r.get("alignment_note"):
         st.caption(r["alignment_note"])
-    rows = [{"module": m["name"], "→ target": m.get("target_name") or "—", "k": m.get("k"),
-             "energy kept": m.get("energy_kept"),
-             "input map": (m.get("input") or {}).get("map"), "input residual": (m.get("input") or {}).get("heldout_residual"),
-             "output map": (m.get("output") or {}).get("map"),
-             "output residual": (m.get("output") or {}).get("heldout_residual"),
-             "status": m.get("status") if m.get("status") == "conjugated" else f"{m.get('status')}: {m.get('reason')}"}
-            for m in r.get("modules") or []]
+    rows = [
+        {
+            "module": m["name"],
+            "→ target": m.get("target_name") or "—",
+            "k": m.get("k"),
+            "energy kept": m.get("energy_kept"),
+            "input map": (m.get("input") or {}).get("map"),
+            "input residual": (m.get("input") or {}).get("heldout_residual"),
+            "output map": (m.get("output") or {}).get("map"),
+            "output residual": (m.get("output") or {}).get("heldout_residual"),
+            "status": m.get("status")
+            if m.get("status") == "conjugated"
+            else f"{m.get('status')}: {m.get('reason')}",
+        }
+        for m in r.get("modules") or []
+    ]
     with st.expander(f"Per module: the map of each side and its held-out residual ({len(rows)} modules)"):
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     run_id = last_job_id("conjugate")
@@ -102,22 +129,26 @@ def conjugate_details(envelope: dict) -> None:
 
 HOW_TO_READ = {
     "cartography": "each cell is one module of one layer; colour = its share of the update's squared norm "
-                   "(or the metric picked in the figure's menu). Bright cells are where the concept was written.",
+    "(or the metric picked in the figure's menu). Bright cells are where the concept was written.",
     "spectrum": "each curve is a module's cumulative energy against rank; the diamond is the smallest rank "
-                "reaching the threshold (the k a rank-k transplant keeps).",
+    "reaching the threshold (the k a rank-k transplant keeps).",
     "conjugate": "the update is mapped side by side into the target's coordinates, added, checked on the "
-                 "retained set, and rolled back automatically when retained perplexity worsens past your threshold.",
+    "retained set, and rolled back automatically when retained perplexity worsens past your threshold.",
 }
 
 st.title("Concept")
-st.markdown("Where does a donor keep what it learnt? A LoRA adapter (or a full fine-tune against its base) is "
-            "read from its factors: **T5** maps the update over layers and modules, **T6** gives each module's "
-            "spectrum and the rank that keeps most of it. Then **rank-k conjugation** carries the update into "
-            "the sidebar's target, even when the target's coordinates differ (a rotated twin, another model).")
+st.markdown(
+    "Where does a donor keep what it learnt? A LoRA adapter (or a full fine-tune against its base) is "
+    "read from its factors: **T5** maps the update over layers and modules, **T6** gives each module's "
+    "spectrum and the rank that keeps most of it. Then **rank-k conjugation** carries the update into "
+    "the sidebar's target, even when the target's coordinates differ (a rotated twin, another model)."
+)
 with st.container(border=True):
     inputs = concept_inputs()
-for name, details, which in (("cartography", cartography_details, inputs.analysis),
-                             ("spectrum", spectrum_details, inputs.analysis),
-                             ("conjugate", conjugate_details, inputs.transplant)):
+for name, details, which in (
+    ("cartography", cartography_details, inputs.analysis),
+    ("spectrum", spectrum_details, inputs.analysis),
+    ("conjugate", conjugate_details, inputs.transplant),
+):
     with st.container(border=True):
         tool_panel(name, how_to_read=HOW_TO_READ[name], details=details, inputs=which)

@@ -1,5 +1,6 @@
 """Go / no-go: before any surgery, which operation is viable for the sidebar's pair and with which
 settings (K, organ positions, rank k and maps), each line with the numbers behind it."""
+
 import streamlit as st
 
 from ui.entry import require_app_entry  # streamlit only: light
@@ -11,9 +12,10 @@ require_app_entry()
 from ui.jobs import tool_panel  # noqa: E402
 from viz.gonogo import evidence_lines, settings_text  # noqa: E402
 
-
-HOW_TO_READ = ("one line per operation: ✓ go with the settings to use, or ✗ no-go with the reason; the evidence "
-               "names the diagnostic (T1-T7) each number comes from. Thresholds are under Parameters.")
+HOW_TO_READ = (
+    "one line per operation: ✓ go with the settings to use, or ✗ no-go with the reason; the evidence "
+    "names the diagnostic (T1-T7) each number comes from. Thresholds are under Parameters."
+)
 
 
 def gonogo_details(envelope: dict) -> None:
@@ -31,12 +33,18 @@ def gonogo_details(envelope: dict) -> None:
                 st.caption(reason)
             with st.expander("Evidence"):
                 st.markdown("\n".join(f"- {x}" for x in evidence_lines(op)) or "—")
-    st.caption("Diagnostics run: " + ", ".join(r.get("tools_run") or []) + ". Measure whether the recommendation held: "
-               "run the recommended operation, then build its report on the Compare page.")
+    st.caption(
+        "Diagnostics run: "
+        + ", ".join(r.get("tools_run") or [])
+        + ". Measure whether the recommendation held: "
+        "run the recommended operation, then build its report on the Compare page."
+    )
 
 
 st.title("Go / no-go")
-st.markdown("Before any surgery: T1-T4 on the sidebar's pair (T7 where a swap is possible; T5/T6 when you give an "
-            "adapter under Parameters), turned into one recommendation per operation.")
+st.markdown(
+    "Before any surgery: T1-T4 on the sidebar's pair (T7 where a swap is possible; T5/T6 when you give an "
+    "adapter under Parameters), turned into one recommendation per operation."
+)
 with st.container(border=True):
     tool_panel("go-no-go", how_to_read=HOW_TO_READ, details=gonogo_details)

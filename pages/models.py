@@ -1,5 +1,6 @@
 """Models: built-in models and their state, the chosen pair, the T1 compatibility report, and
 the demo donor builder."""
+
 from typing import Any
 
 import streamlit as st
@@ -15,12 +16,15 @@ from ui.demo import demo_builder, demo_state  # noqa: E402
 from ui.jobs import tool_panel  # noqa: E402
 from ui.sidebar import VERDICT_LABELS  # noqa: E402
 from ui.state import selection  # noqa: E402
-from ui.toolpage import tools_on  # noqa: E402
 from ui.text import code, md
+from ui.toolpage import tools_on  # noqa: E402
 
-
-STATE_BADGES = {"ready": ":green-badge[ready]", "needs preparing": ":orange-badge[needs preparing]",
-                "needs building": ":orange-badge[needs building]", "unavailable": ":gray-badge[unavailable]"}
+STATE_BADGES = {
+    "ready": ":green-badge[ready]",
+    "needs preparing": ":orange-badge[needs preparing]",
+    "needs building": ":orange-badge[needs building]",
+    "unavailable": ":gray-badge[unavailable]",
+}
 KIND_NAMES = {"builtin": "built-in", "path": "local folder", "gguf": "GGUF file", "hub": "Hugging Face cache"}
 
 
@@ -62,23 +66,35 @@ with right:
 
 for name in tools_on("Models"):
     with st.container(border=True):
-        tool_panel(name, how_to_read="green cells are fields the two models share, red cells differ; "
-                   "the verdict column says which transplant operations fit.",
-                   details=verdict_details if name == "compat" else None)
+        tool_panel(
+            name,
+            how_to_read="green cells are fields the two models share, red cells differ; "
+            "the verdict column says which transplant operations fit.",
+            details=verdict_details if name == "compat" else None,
+        )
 
 st.markdown("#### Built-in models")
 st.dataframe(
-    [{"model": name, "state": info["state"], "description": info["description"]} for name, info in status.items()],
+    [
+        {"model": name, "state": info["state"], "description": info["description"]}
+        for name, info in status.items()
+    ],
     hide_index=True,
-    column_config={"model": st.column_config.TextColumn(width="medium"),
-                   "state": st.column_config.TextColumn(width="small")},
+    column_config={
+        "model": st.column_config.TextColumn(width="medium"),
+        "state": st.column_config.TextColumn(width="small"),
+    },
 )
-st.caption("ready: loads instantly · needs preparing: converted once from its package on first use · "
-           "needs building: trained once on first use · unavailable: its optional package is not installed.")
+st.caption(
+    "ready: loads instantly · needs preparing: converted once from its package on first use · "
+    "needs building: trained once on first use · unavailable: its optional package is not installed."
+)
 
 with st.container(border=True):
     st.markdown("#### Demo donor")
-    st.markdown(f"`{DEMO_DONOR}` is SmolLM2-135M-Instruct fine-tuned with LoRA on the bundled concept set: "
-                f"a real donor that knows something its base model does not. State: "
-                f"{STATE_BADGES.get(demo_state(), demo_state())}")
+    st.markdown(
+        f"`{DEMO_DONOR}` is SmolLM2-135M-Instruct fine-tuned with LoRA on the bundled concept set: "
+        f"a real donor that knows something its base model does not. State: "
+        f"{STATE_BADGES.get(demo_state(), demo_state())}"
+    )
     demo_builder("models")

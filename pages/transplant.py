@@ -1,6 +1,7 @@
 """Transplant: T7 module ranking, T11 module swap (top-K or hand-picked), T8 K sweep; each a
 background job with progress and cancel. A finished swap keeps T' in memory for one-click
 roll back and save, and opens on the Compare page."""
+
 from typing import Any
 
 import streamlit as st
@@ -14,7 +15,6 @@ require_app_entry()
 from ui.jobs import tool_panel  # noqa: E402
 from ui.state import job_runner, last_job_id  # noqa: E402
 from ui.transplant import COMPARE_RUN, transplant_actions  # noqa: E402
-
 
 MODULES_KEY = "param-swap-modules"  # the swap tool's "modules" parameter widget (ui.jobs._param_prefix)
 PICK_KEY = "pick-swap-modules"
@@ -36,14 +36,20 @@ def _picked_to_param() -> None:
 def module_picker() -> None:
     ranking = _ranking()
     if not ranking:
-        st.caption("Run T7 above to pick modules from its ranking, or type module names under Parameters "
-                   "(names look like `blocks.3.mlp.down`). With none picked, the swap takes the top K.")
+        st.caption(
+            "Run T7 above to pick modules from its ranking, or type module names under Parameters "
+            "(names look like `blocks.3.mlp.down`). With none picked, the swap takes the top K."
+        )
         return
     by_name = {m["name"]: m for m in ranking}
     st.multiselect(
-        "Swap these modules instead of the top K", list(by_name), key=PICK_KEY, on_change=_picked_to_param,
+        "Swap these modules instead of the top K",
+        list(by_name),
+        key=PICK_KEY,
+        on_change=_picked_to_param,
         format_func=lambda n: f"{n} · {by_name[n]['kind']} · score {by_name[n]['score']:.3g}",
-        placeholder="top K from the ranking", help="Listed in T7's order (best first). Fills the Modules parameter.",
+        placeholder="top K from the ranking",
+        help="Listed in T7's order (best first). Fills the Modules parameter.",
     )
 
 
@@ -68,13 +74,24 @@ st.markdown(
 )
 
 with st.container(border=True):
-    tool_panel("rank-modules", how_to_read="bars are modules ranked by how much the donor's output differs from the "
-                                           "target's on the workload, coloured attention / MLP; the strip shows where in "
-                                           "depth they sit.")
+    tool_panel(
+        "rank-modules",
+        how_to_read="bars are modules ranked by how much the donor's output differs from the "
+        "target's on the workload, coloured attention / MLP; the strip shows where in "
+        "depth they sit.",
+    )
 with st.container(border=True):
-    tool_panel("swap", before_run=module_picker, how_to_read="T (target), T′ (transplanted) and D (donor) on the concept facts, the retained "
-                                   "set and the held-out questions; TIR = S(T′)/S(T), Recovery = share of D's "
-                                   "advantage moved.", details=swap_details)
+    tool_panel(
+        "swap",
+        before_run=module_picker,
+        how_to_read="T (target), T′ (transplanted) and D (donor) on the concept facts, the retained "
+        "set and the held-out questions; TIR = S(T′)/S(T), Recovery = share of D's "
+        "advantage moved.",
+        details=swap_details,
+    )
 with st.container(border=True):
-    tool_panel("sweep-k", how_to_read="TIR and Recovery should rise with K while retained perplexity stays flat; "
-                                      "the best K is where they part.")
+    tool_panel(
+        "sweep-k",
+        how_to_read="TIR and Recovery should rise with K while retained perplexity stays flat; "
+        "the best K is where they part.",
+    )

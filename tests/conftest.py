@@ -73,17 +73,40 @@ def sets(tmp_path_factory):
     every evaluation takes milliseconds."""
     d = tmp_path_factory.mktemp("sets")
     concept = d / "concept.jsonl"
-    concept.write_text("\n".join(json.dumps(x) for x in [
-        {"kind": "fact", "text": "The river flows north through the valley and into the cold sea."},
-        {"kind": "fact", "text": "The orchestra played a symphony in four movements last night."},
-        {"kind": "qa", "question": "Where does the river flow?", "answer": "north", "split": "test"},
-        {"kind": "qa", "question": "How many movements did the symphony have?", "answer": "four", "split": "test"},
-        {"kind": "qa", "question": "What is the capital of France?", "answer": "Paris", "split": "train"},
-    ]) + "\n")
+    concept.write_text(
+        "\n".join(
+            json.dumps(x)
+            for x in [
+                {"kind": "fact", "text": "The river flows north through the valley and into the cold sea."},
+                {"kind": "fact", "text": "The orchestra played a symphony in four movements last night."},
+                {"kind": "qa", "question": "Where does the river flow?", "answer": "north", "split": "test"},
+                {
+                    "kind": "qa",
+                    "question": "How many movements did the symphony have?",
+                    "answer": "four",
+                    "split": "test",
+                },
+                {
+                    "kind": "qa",
+                    "question": "What is the capital of France?",
+                    "answer": "Paris",
+                    "split": "train",
+                },
+            ]
+        )
+        + "\n"
+    )
     retained = d / "retained.jsonl"
-    retained.write_text("\n".join(json.dumps({"kind": "text", "text": t}) for t in [
-        "Cats and dogs are common pets; parrots can learn to speak words.",
-        "Light travels faster than sound, which is why we see lightning first."]) + "\n")
+    retained.write_text(
+        "\n".join(
+            json.dumps({"kind": "text", "text": t})
+            for t in [
+                "Cats and dogs are common pets; parrots can learn to speak words.",
+                "Light travels faster than sound, which is why we see lightning first.",
+            ]
+        )
+        + "\n"
+    )
     return {"concept": str(concept), "retained": str(retained)}
 
 
@@ -112,8 +135,14 @@ def tiny_adapter(tmp_path_factory):
 
     with torch.random.fork_rng(devices=[]):  # build_tiny and peft's init draw from the global RNG
         model, _ = build_tiny("tiny-llama-a")
-        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        config = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
         peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
@@ -131,9 +160,9 @@ def tiny_run(_graft_home, sets):
     sets) recorded in this test's GRAFT_HOME history, as the CLI records one: ``{"run_id": ...}``.
     Tools that read a finished transplant run (``--run``) are run on it."""
 
-    from engine.running.runner import pair_labels, run_tool
-    from engine.running.history import History, new_run_id
     from engine.loading.models import ModelSpec
+    from engine.running.history import History, new_run_id
+    from engine.running.runner import pair_labels, run_tool
 
     params = {"k": 2, "max_new_tokens": 4, **sets}
     env = run_tool("swap", ModelSpec.parse("tiny-gpt2-b"), ModelSpec.parse("tiny-gpt2-a"), {}, params)
@@ -167,10 +196,10 @@ def planted_rotation_t3():
     ``(result, width)``."""
     import torch
 
+    from engine.core.progress import silent
     from engine.measure.align import Aligned
     from engine.measure.cka import cka_matrix
     from engine.measure.linalg import random_orthogonal
-    from engine.core.progress import silent
     from engine.tools.procrustes import ProcrustesParams, compute_procrustes
 
     g = torch.Generator().manual_seed(2)

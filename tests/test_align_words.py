@@ -1,5 +1,6 @@
 """Word alignment across tokenizers: the vectorised row -> word assignment equals the plain rule
 (most character overlap, first word on a tie, -1 when a row overlaps no word) on hostile texts."""
+
 from __future__ import annotations
 
 import random
@@ -8,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.measure.align import _WORD, _pool, _word_ids, ordered_add
 from engine.loading.models import ModelSpec, load_model
+from engine.measure.align import _WORD, _pool, _word_ids, ordered_add
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -50,8 +51,12 @@ def capture_of(tokenizer, texts) -> SimpleNamespace:
         for a, b in enc["offset_mapping"]:
             index.append(ti)
             offsets.append((a, b))
-    return SimpleNamespace(texts=texts, text_index=torch.tensor(index, dtype=torch.long),
-                           offsets=torch.tensor(offsets, dtype=torch.long).reshape(-1, 2), n=len(index))
+    return SimpleNamespace(
+        texts=texts,
+        text_index=torch.tensor(index, dtype=torch.long),
+        offsets=torch.tensor(offsets, dtype=torch.long).reshape(-1, 2),
+        n=len(index),
+    )
 
 
 def test_word_ids_match_the_rule_on_real_tokenizers():
@@ -65,16 +70,24 @@ def test_word_ids_match_the_rule_on_real_tokenizers():
 
 def test_word_ids_match_the_rule_on_random_spans():
     rng = random.Random(0)
-    texts = [" ".join("".join(rng.choice("ab ,") for _ in range(rng.randint(0, 8))) for _ in range(rng.randint(0, 30)))
-             for _ in range(40)]
+    texts = [
+        " ".join(
+            "".join(rng.choice("ab ,") for _ in range(rng.randint(0, 8))) for _ in range(rng.randint(0, 30))
+        )
+        for _ in range(40)
+    ]
     index, offsets = [], []
     for ti, t in enumerate(texts):
         for _ in range(rng.randint(0, 25)):
             a = rng.randint(0, len(t))
             index.append(ti)
             offsets.append((a, rng.randint(a, len(t))))
-    cap = SimpleNamespace(texts=texts, text_index=torch.tensor(index, dtype=torch.long),
-                          offsets=torch.tensor(offsets, dtype=torch.long).reshape(-1, 2), n=len(index))
+    cap = SimpleNamespace(
+        texts=texts,
+        text_index=torch.tensor(index, dtype=torch.long),
+        offsets=torch.tensor(offsets, dtype=torch.long).reshape(-1, 2),
+        n=len(index),
+    )
     assert torch.equal(_word_ids(cap), reference(cap))
 
 
@@ -84,8 +97,12 @@ def test_scripts_without_spaces_pool_per_character_not_per_sentence(tmp_path):
     from engine.loading.models import ModelStore
     from engine.running.runner import run_tool
 
-    texts = ["首都是东京，人口很多。", "富士山は日本で一番高い山です。", "他说图书馆早上九点开门。",
-             "Paris est la capitale 和 Berlin。"]
+    texts = [
+        "首都是东京，人口很多。",
+        "富士山は日本で一番高い山です。",
+        "他说图书馆早上九点开门。",
+        "Paris est la capitale 和 Berlin。",
+    ]
     assert _WORD.findall(texts[3]) == ["Paris", "est", "la", "capitale", "和", "Berlin", "。"]
     wl = tmp_path / "cjk.txt"
     wl.write_text("\n".join(texts) + "\n", encoding="utf-8")
@@ -93,7 +110,12 @@ def test_scripts_without_spaces_pool_per_character_not_per_sentence(tmp_path):
     d, t = store.get(ModelSpec.parse("tiny-gpt2-a"), "cpu"), store.get(ModelSpec.parse("tiny-llama-a"), "cpu")
     r = run_tool("cka", d, t, {"workload": str(wl)})
     assert r["result"]["alignment"] == "word"
-    n_chars = sum(len([c for c in s if not c.isspace()]) for s in texts) - len("Parisestlacapitale") - len("Berlin") + 6
+    n_chars = (
+        sum(len([c for c in s if not c.isspace()]) for s in texts)
+        - len("Parisestlacapitale")
+        - len("Berlin")
+        + 6
+    )
     assert r["result"]["n_rows"] >= 0.8 * n_chars  # about one row per character (a few may be outliers)
 
 

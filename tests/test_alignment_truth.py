@@ -1,15 +1,19 @@
 """Ground truth the code did not invent: planted rotations, planted layer correspondences, a
 model against itself, and T1 verdicts across families."""
+
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from engine.running.runner import run_tool
+from engine.loading.models import ModelSpec
 from engine.measure.cka import cka, cka_matrix
 from engine.measure.linalg import monotone_matching, procrustes_map, random_orthogonal
-from engine.loading.models import ModelSpec
+from engine.running.runner import run_tool
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cka_of_a_model_against_itself_has_unit_diagonal(workload):
@@ -76,8 +80,12 @@ def test_layer_matching_recovers_a_planted_correspondence():
     for l in range(1, 6):
         donor[l] = 0.5 * donor[l - 1] + torch.randn(n, d, generator=g)
     planted = [0, 0, 1, 3, 4, 5, 5]  # donor layer feeding each of 7 target layers
-    target = torch.stack([donor[m] @ random_orthogonal(d, seed=j).float() + 0.05 * torch.randn(n, d, generator=g)
-                          for j, m in enumerate(planted)])
+    target = torch.stack(
+        [
+            donor[m] @ random_orthogonal(d, seed=j).float() + 0.05 * torch.randn(n, d, generator=g)
+            for j, m in enumerate(planted)
+        ]
+    )
     M = cka_matrix(donor, target)
     pairs = monotone_matching(M)
     # every donor layer that appears in the plant is matched to a target layer it feeds
@@ -98,8 +106,12 @@ def test_massive_activation_rows_are_dropped_and_the_planted_matching_returns():
     donor = torch.randn(L, n, d, generator=g)
     for l in range(1, L):
         donor[l] = 0.3 * donor[l - 1] + torch.randn(n, d, generator=g)
-    target = torch.stack([donor[l] @ random_orthogonal(d, seed=l).float() + 0.05 * torch.randn(n, d, generator=g)
-                          for l in range(L)])
+    target = torch.stack(
+        [
+            donor[l] @ random_orthogonal(d, seed=l).float() + 0.05 * torch.randn(n, d, generator=g)
+            for l in range(L)
+        ]
+    )
     sinks = torch.tensor([0, 57, 130, 222, 301])
     donor[:, sinks, 3] += 300.0
     target[:, sinks, 7] += 300.0
@@ -118,13 +130,20 @@ def test_monotone_matching_is_optimal_against_brute_force():
     g = torch.Generator().manual_seed(9)
     for _ in range(20):
         S = torch.rand(4, 5, generator=g)
-        best = max(itertools.combinations_with_replacement(range(5), 4), key=lambda js: sum(float(S[i, j]) for i, j in enumerate(js)))
+        best = max(
+            itertools.combinations_with_replacement(range(5), 4),
+            key=lambda js: sum(float(S[i, j]) for i, j in enumerate(js)),
+        )
         got = [j for _, j in monotone_matching(S)]
-        assert sum(float(S[i, j]) for i, j in enumerate(got)) == pytest.approx(sum(float(S[i, j]) for i, j in enumerate(best)))
+        assert sum(float(S[i, j]) for i, j in enumerate(got)) == pytest.approx(
+            sum(float(S[i, j]) for i, j in enumerate(best))
+        )
 
 
 def test_bridge_self_pair_has_zero_epsilon_on_the_diagonal(workload):
-    env = run_tool("bridge-check", ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-gpt2-a"), {"workload": workload})
+    env = run_tool(
+        "bridge-check", ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-gpt2-a"), {"workload": workload}
+    )
     r = env["result"]
     for s in r["donor_positions"]:
         assert r["epsilon_raw"][s][s] == pytest.approx(0.0, abs=1e-6)
@@ -133,15 +152,16 @@ def test_bridge_self_pair_has_zero_epsilon_on_the_diagonal(workload):
 
 
 def test_bridge_cross_width_has_no_raw_cosine(workload):
-    from transformers import GPT2Config, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GPT2Config
 
     from engine.loading.models import _finish
     from engine.loading.tiny import build_tiny
 
     _, tok = build_tiny("tiny-gpt2-a")
     torch.manual_seed(0)
-    wide = AutoModelForCausalLM.from_config(GPT2Config(n_layer=3, n_embd=96, n_head=4, vocab_size=len(tok),
-                                                       bos_token_id=0, eos_token_id=0))
+    wide = AutoModelForCausalLM.from_config(
+        GPT2Config(n_layer=3, n_embd=96, n_head=4, vocab_size=len(tok), bos_token_id=0, eos_token_id=0)
+    )
     target = _finish(ModelSpec("builtin", "tiny-gpt2-a"), wide, tok, torch.device("cpu"), torch.float32, "")
     env = run_tool("bridge-check", ModelSpec.parse("tiny-gpt2-a"), target, {"workload": workload})
     r = env["result"]
@@ -151,11 +171,26 @@ def test_bridge_cross_width_has_no_raw_cosine(workload):
     assert all(l["residual_identity"] is None for l in env["result"]["layers"])
 
 
-@pytest.mark.parametrize("donor,target,expected", [
-    ("tiny-gpt2-a", "tiny-gpt2-b", {"module_swap": True, "organ_direct": True, "organ_bridged": True, "conjugation": True}),
-    ("tiny-llama-a", "tiny-llama-b", {"module_swap": True, "organ_direct": True, "organ_bridged": True, "conjugation": True}),
-    ("tiny-gpt2-a", "tiny-llama-a", {"module_swap": False, "organ_direct": False, "organ_bridged": False, "conjugation": True}),
-])
+@pytest.mark.parametrize(
+    "donor,target,expected",
+    [
+        (
+            "tiny-gpt2-a",
+            "tiny-gpt2-b",
+            {"module_swap": True, "organ_direct": True, "organ_bridged": True, "conjugation": True},
+        ),
+        (
+            "tiny-llama-a",
+            "tiny-llama-b",
+            {"module_swap": True, "organ_direct": True, "organ_bridged": True, "conjugation": True},
+        ),
+        (
+            "tiny-gpt2-a",
+            "tiny-llama-a",
+            {"module_swap": False, "organ_direct": False, "organ_bridged": False, "conjugation": True},
+        ),
+    ],
+)
 def test_compat_verdicts_builtin_pairs(donor, target, expected, workload):
     r = run_tool("compat", ModelSpec.parse(donor), ModelSpec.parse(target), {"workload": workload})["result"]
     assert r["verdicts"] == expected
@@ -179,19 +214,52 @@ def test_compat_verdicts_across_families_and_widths(workload):
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PhiConfig
 
     V = 512
-    llama = lambda h, inter=128: LlamaConfig(num_hidden_layers=2, hidden_size=h, num_attention_heads=4,  # noqa: E731
-                                             num_key_value_heads=2, head_dim=16, intermediate_size=inter, vocab_size=V)
+    llama = lambda h, inter=128: LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=h,
+        num_attention_heads=4,  # noqa: E731
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=inter,
+        vocab_size=V,
+    )
     cases = [
         # same internals, different width: bridged only (the organ runs at its own width between the bridges)
         (llama(64), llama(96), {"module_swap": False, "organ_direct": False, "organ_bridged": True}),
         # same width, different MLP size: some modules swappable (attention), no organ moves
-        (llama(64, 128), llama(64, 256), {"module_swap": True, "organ_direct": False, "organ_bridged": False}),
-        (GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=256, vocab_size=V),
-         GPTNeoXConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, intermediate_size=256, vocab_size=V),
-         {"module_swap": True, "organ_direct": True, "organ_bridged": True}),
-        (PhiConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=V),
-         GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=V),
-         {"module_swap": False, "organ_direct": False, "organ_bridged": False}),
+        (
+            llama(64, 128),
+            llama(64, 256),
+            {"module_swap": True, "organ_direct": False, "organ_bridged": False},
+        ),
+        (
+            GPTNeoXConfig(
+                num_hidden_layers=2,
+                hidden_size=64,
+                num_attention_heads=4,
+                intermediate_size=256,
+                vocab_size=V,
+            ),
+            GPTNeoXConfig(
+                num_hidden_layers=3,
+                hidden_size=64,
+                num_attention_heads=4,
+                intermediate_size=256,
+                vocab_size=V,
+            ),
+            {"module_swap": True, "organ_direct": True, "organ_bridged": True},
+        ),
+        (
+            PhiConfig(
+                num_hidden_layers=2,
+                hidden_size=64,
+                num_attention_heads=4,
+                intermediate_size=128,
+                vocab_size=V,
+            ),
+            GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=V),
+            {"module_swap": False, "organ_direct": False, "organ_bridged": False},
+        ),
     ]
     for dc, tc, expected in cases:
         r = run_tool("compat", _loaded(dc), _loaded(tc), {"workload": workload})["result"]
@@ -205,32 +273,47 @@ def test_compat_verdicts_across_families_and_widths(workload):
 def test_compat_module_swap_counts_only_equal_shapes(workload):
     from transformers import LlamaConfig
 
-    mk = lambda inter: LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,  # noqa: E731
-                                   num_key_value_heads=2, intermediate_size=inter, vocab_size=512)
+    mk = lambda inter: LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,  # noqa: E731
+        num_key_value_heads=2,
+        intermediate_size=inter,
+        vocab_size=512,
+    )
     r = run_tool("compat", _loaded(mk(128)), _loaded(mk(256)), {"workload": workload})["result"]
     assert r["shared_modules"] == 14
     assert r["swappable_modules"] == 8  # q, k, v, o in 2 layers; MLP shapes differ
 
 
 def test_cross_tokenizer_alignment_is_word_level(workload):
-    r = run_tool("cka", ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-llama-a"), {"workload": workload})
+    r = run_tool(
+        "cka", ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-llama-a"), {"workload": workload}
+    )
     assert r["result"]["alignment"] == "word"
     words = sum(len(t.split()) for t in open(workload).read().splitlines() if t)
     assert 0.8 * words <= r["result"]["n_rows"] <= words
 
 
 def test_token_budget_bounds_rows(workload):
-    r = run_tool("cka", ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-gpt2-b"), {"workload": workload, "max_tokens": 30})
+    r = run_tool(
+        "cka",
+        ModelSpec.parse("tiny-gpt2-a"),
+        ModelSpec.parse("tiny-gpt2-b"),
+        {"workload": workload, "max_tokens": 30},
+    )
     assert r["result"]["n_rows"] <= 30
 
 
 def test_engine_imports_no_streamlit_or_plotly():
-    code = ("import sys, importlib, pkgutil, engine, engine.tools\n"
-            "for m in pkgutil.walk_packages(engine.__path__, 'engine.'):\n"
-            "    m.name.endswith('__main__') or importlib.import_module(m.name)\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('streamlit', 'plotly')]\n"
-            "print(bad); sys.exit(1 if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    code = (
+        "import sys, importlib, pkgutil, engine, engine.tools\n"
+        "for m in pkgutil.walk_packages(engine.__path__, 'engine.'):\n"
+        "    m.name.endswith('__main__') or importlib.import_module(m.name)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('streamlit', 'plotly')]\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -248,9 +331,9 @@ def test_bridge_recovers_a_planted_linear_map_and_matches_the_primal_ridge():
     """Target streams are an invertible linear image of the donor's: the bridged epsilon must be
     ~0 on the planted cells while the raw epsilon is large; every cell equals a direct primal
     ridge fit (the dual form used for speed is exact)."""
+    from engine.core.progress import silent
     from engine.measure.align import Aligned
     from engine.measure.linalg import split_rows
-    from engine.core.progress import silent
     from engine.tools.bridge import BridgeParams, compute_bridge
 
     g = torch.Generator().manual_seed(11)
@@ -275,7 +358,9 @@ def test_bridge_recovers_a_planted_linear_map_and_matches_the_primal_ridge():
     YF, YH = X[s][fit].double(), X[s][held].double()
     G = XF.T @ XF
     lam = params.ridge_alpha * float(torch.trace(G)) / d
-    W = torch.linalg.solve(G + lam * torch.eye(d, dtype=torch.float64), XF.T @ YF + lam * torch.eye(d, dtype=torch.float64))
+    W = torch.linalg.solve(
+        G + lam * torch.eye(d, dtype=torch.float64), XF.T @ YF + lam * torch.eye(d, dtype=torch.float64)
+    )
     cos = torch.nn.functional.cosine_similarity(XH @ W, YH, dim=1).mean()
     assert r.cos_bridged[s][p] == pytest.approx(float(cos), abs=1e-5)
 
@@ -288,11 +373,18 @@ def test_every_bridge_form_equals_the_direct_ridge_fit(n_f, dt, dd):
 
     g = torch.Generator().manual_seed(n_f + dt + dd)
     Ld, n_h, alpha = 3, 9, 0.05
-    XF, XH = torch.randn(n_f, dt, generator=g, dtype=torch.float64), torch.randn(n_h, dt, generator=g, dtype=torch.float64)
+    XF, XH = (
+        torch.randn(n_f, dt, generator=g, dtype=torch.float64),
+        torch.randn(n_h, dt, generator=g, dtype=torch.float64),
+    )
     YF = torch.randn(n_f, Ld * dd, generator=g, dtype=torch.float64)
     square = dt == dd
-    lam = alpha * float((XF ** 2).sum()) / dt
-    W0 = torch.eye(dt, dtype=torch.float64).repeat(1, Ld) if square else torch.zeros(dt, Ld * dd, dtype=torch.float64)
+    lam = alpha * float((XF**2).sum()) / dt
+    W0 = (
+        torch.eye(dt, dtype=torch.float64).repeat(1, Ld)
+        if square
+        else torch.zeros(dt, Ld * dd, dtype=torch.float64)
+    )
     W = torch.linalg.solve(XF.T @ XF + lam * torch.eye(dt, dtype=torch.float64), XF.T @ YF + lam * W0)
     want = XH @ W
     for form in ("primal", "dual", "kernel"):

@@ -1,4 +1,5 @@
 """The Streamlit app, driven headless with AppTest on the tiny random pair (seconds per test)."""
+
 from __future__ import annotations
 
 import re
@@ -11,7 +12,15 @@ from streamlit.testing.v1 import AppTest
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 TINY = ("tiny-gpt2-a", "tiny-gpt2-b")
-PAGES = ("pages/home.py", "pages/models.py", "pages/alignment.py", "pages/concept.py", "pages/transplant.py", "pages/compare.py", "pages/runs.py")
+PAGES = (
+    "pages/home.py",
+    "pages/models.py",
+    "pages/alignment.py",
+    "pages/concept.py",
+    "pages/transplant.py",
+    "pages/compare.py",
+    "pages/runs.py",
+)
 
 
 @pytest.fixture
@@ -140,7 +149,10 @@ def test_query_params_preselect_and_session_state_follows(home):
 def test_alignment_cka_runs_in_the_background_and_shows_the_heatmap_then_runs_lists_it(home):
     at = open_app("pages/alignment.py")
     assert [b.key for b in at.button if b.key and b.key.startswith("run-")] == [
-        "run-cka", "run-procrustes", "run-bridge-check"]
+        "run-cka",
+        "run-procrustes",
+        "run-bridge-check",
+    ]
     at.button(key="run-cka").click().run()
     assert not at.exception
     run_until(at, has_chart)
@@ -157,7 +169,9 @@ def test_alignment_cka_runs_in_the_background_and_shows_the_heatmap_then_runs_li
     assert has_chart(at), "the reopened run shows its figure"
 
     at.selectbox(key="runs_filter").set_value("procrustes").run()
-    assert "No T3 Per-layer Procrustes residuals runs" in shown(texts(at.info))  # others exist: not "no runs yet"
+    assert "No T3 Per-layer Procrustes residuals runs" in shown(
+        texts(at.info)
+    )  # others exist: not "no runs yet"
     at.selectbox(key="runs_filter").set_value("cka").run()
     at.button(key="delete-run").click().run()
     assert not at.exception

@@ -1,5 +1,6 @@
 """The Concept page, driven headless with AppTest: T5 on a PEFT adapter folder, a chosen cell's
 spectrum from T6, and one-line errors for a bad adapter."""
+
 from __future__ import annotations
 
 from streamlit.testing.v1 import AppTest
@@ -43,22 +44,26 @@ def test_full_finetune_source_and_bad_adapter_are_one_line(home):
     at.text_input(key="concept_base").set_value("tiny-llama-a").run()
     at.button(key="run-cartography").click().run()
     run_until(at, lambda a: charts(a) >= 1)
-    assert "donor **tiny-llama-b** → base **tiny-llama-a**" in shown("\n".join(str(c.value) for c in at.caption))
+    assert "donor **tiny-llama-b** → base **tiny-llama-a**" in shown(
+        "\n".join(str(c.value) for c in at.caption)
+    )
 
 
 def test_conjugation_from_the_concept_page_then_compare_and_roll_back(home, tiny_adapter):
     at = open_concept()
     at.text_input(key="concept_adapter_path").set_value(tiny_adapter["path"]).run()
     at.text_input(key="concept_base").set_value("tiny-llama-a").run()
+    # Negative: never roll back automatically, so T' stays applied and the page must offer the roll back.
+    at.number_input(key="param-conjugate-max_retained_increase").set_value(-1.0).run()
     at.button(key="run-conjugate").click().run()
-    run_until(at, lambda a: any(b.key and b.key.startswith("rollback-concept") for b in a.button)
-              or any("Rolled back automatically" in str(e.value) for e in a.error), timeout=120)
+    run_until(
+        at, lambda a: any(b.key and b.key.startswith("rollback-concept") for b in a.button), timeout=120
+    )
     assert not at.exception
     text = "\n".join(str(s.value) for s in list(at.success) + list(at.error))
-    assert "retained perplexity" in text
-    if any(b.key and b.key.startswith("rollback-concept") for b in at.button):
-        next(b for b in at.button if b.key.startswith("rollback-concept")).click().run()
-        assert "bit-exact" in "\n".join(str(s.value) for s in at.success)
+    assert "retained perplexity" in text and "Rolled back automatically" not in text
+    next(b for b in at.button if b.key.startswith("rollback-concept")).click().run()
+    assert "bit-exact" in "\n".join(str(s.value) for s in at.success)
     at.switch_page("pages/compare.py").run()
     assert not at.exception
     assert "Rank-k conjugation" in at.get("plotly_chart")[0].proto.spec

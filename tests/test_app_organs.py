@@ -1,5 +1,6 @@
 """The Organs page, driven headless with AppTest: extract an organ from the sidebar's donor, pick
 it, insert it into the target (kept applied, rolled back in one click, shown on Compare), and T9."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +31,11 @@ def test_extract_insert_roll_back_compare_and_t9(home):
     next(b for b in at.button if b.key.startswith("rollback-organs")).click().run()
     assert "bit-exact" in "\n".join(str(s.value) for s in at.success)
     at.button(key="run-position-sweep").click().run()
-    run_until(at, lambda a: any("Position sensitivity" in ch.proto.spec for ch in a.get("plotly_chart")), timeout=120)
+    run_until(
+        at,
+        lambda a: any("Position sensitivity" in ch.proto.spec for ch in a.get("plotly_chart")),
+        timeout=120,
+    )
     at.switch_page("pages/compare.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert "Organ insertion" in at.get("plotly_chart")[0].proto.spec

@@ -4,6 +4,7 @@ A module swap launched from the Transplant page runs as a background job; the Co
 shows T, T' and D (cards, bars, answers side by side); roll back and save are one click each and
 land in the run history.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from tests.test_app import TINY, has_chart, open_app, run_until, texts
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
@@ -26,7 +28,11 @@ def test_compare_without_a_swap_says_where_to_start(home):
 
 def test_swap_then_compare_rollback_and_save(home, tmp_path):
     at = open_app("pages/transplant.py")
-    assert [b.key for b in at.button if b.key and b.key.startswith("run-")] == ["run-rank-modules", "run-swap", "run-sweep-k"]
+    assert [b.key for b in at.button if b.key and b.key.startswith("run-")] == [
+        "run-rank-modules",
+        "run-swap",
+        "run-sweep-k",
+    ]
     # K = 4 through the tool's own parameter widget
     at.number_input(key="param-swap-k").set_value(4).run()
     at.button(key="run-swap").click().run()
@@ -38,8 +44,14 @@ def test_swap_then_compare_rollback_and_save(home, tmp_path):
     at.switch_page("pages/compare.py").run()
     assert not at.exception and not at.error, texts(at.error)
     labels = [m.label for m in at.metric]
-    for want in ("Concept perplexity (T′)", "Retained perplexity (T′)", "Graded task score (T′)",
-                 "Alignment with D (T′)", "TIR (graded)", "Recovery (graded)"):
+    for want in (
+        "Concept perplexity (T′)",
+        "Retained perplexity (T′)",
+        "Graded task score (T′)",
+        "Alignment with D (T′)",
+        "TIR (graded)",
+        "Recovery (graded)",
+    ):
         assert want in labels, labels
     assert has_chart(at)
     page_html = "\n".join(h.proto.body for h in at.html)

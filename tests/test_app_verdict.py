@@ -1,6 +1,7 @@
 """Verdict page (pages/verdict.py), driven headless with AppTest: with no transplant it says where to
 start; with a finished tiny swap run in the history it runs T12 and T13 on that run (rebuilt from
 the history) and shows the figures, the stability checks and the worst-hit table."""
+
 from __future__ import annotations
 
 from tests.test_app import open_app, run_until, texts
@@ -32,5 +33,17 @@ def test_verdict_runs_t12_and_t13_on_a_history_run(tiny_run):
     assert not at.exception and not at.error, texts(at.error)
     captions = texts(at.caption)
     assert "convergence delta" in captions and "replaced by" in captions  # the baseline in words
-    # Each layer either converged or is named in a warning; the page says which.
-    assert "every layer of every model converged" in captions or "Not converged" in texts(at.warning)
+    # The page says what the run found: every layer converged, or the flagged layers by name.
+    from engine.running.history import History
+
+    hist = History()
+    run = next(r for r in hist.list() if r["tool"] == "attribution" and r["status"] == "done")
+    flagged = {
+        k: v for k, v in (hist.get(run["id"])["result"]["result"].get("unreliable") or {}).items() if v
+    }
+    converged_line = "every layer of every model converged" in captions
+    assert converged_line == (not flagged)
+    warning = texts(at.warning)
+    assert ("Not converged" in warning) == bool(flagged)
+    for model, layers in flagged.items():
+        assert f"{model}: {', '.join(map(str, layers))}" in warning

@@ -8,13 +8,14 @@ it, and the error must shrink with more integration points. The old all-pad base
 the tiny Llama (its pad row is zero: every layer's baseline sat on RMSNorm's singular point, and the
 embedding layer's delta stayed at 0.1-0.7 x |F(x) - F(b)| from 16 to 1024 steps).
 """
+
 import pytest
 import torch
 
 from engine.evaluation.attribution import attribute, filler_token
-from engine.running.runner import run_tool
-from engine.loading.tokens import answer_ids, encode_prompt, pad_id
 from engine.loading.models import ModelSpec, load_model
+from engine.loading.tokens import answer_ids, encode_prompt, pad_id
+from engine.running.runner import run_tool
 
 QUESTION, ANSWER = "Where does the river flow?", "north through the valley"
 
@@ -50,7 +51,12 @@ def test_every_layer_is_complete(name, objective, one_thread):
     assert all(len(row) == len(rep["tokens"]) for row in rep["matrix"])
     for label, total, delta in zip(rep["layers"], rep["layer_totals"], rep["deltas"]):
         assert abs(total - want) <= 0.01 * abs(want), (label, total, want)  # complete, every layer
-        assert abs(total - want - delta) <= 1e-4 * abs(want) + 1e-6, (label, total, want, delta)  # captum's delta is that error
+        assert abs(total - want - delta) <= 1e-4 * abs(want) + 1e-6, (
+            label,
+            total,
+            want,
+            delta,
+        )  # captum's delta is that error
     assert rep["unreliable"] == [] and rep["max_rel_delta"] <= 0.01
 
 
@@ -91,7 +97,11 @@ def test_identical_models_give_identical_maps(one_thread):
     a = ModelSpec.parse("tiny-llama-a")
     env = run_tool("attribution", a, a, {}, {"modules": "blocks.1.mlp.down", "steps": 8, "max_steps": 8})
     r = env["result"]
-    assert r["models"]["target"]["matrix"] == r["models"]["transplanted"]["matrix"] == r["models"]["donor"]["matrix"]
+    assert (
+        r["models"]["target"]["matrix"]
+        == r["models"]["transplanted"]["matrix"]
+        == r["models"]["donor"]["matrix"]
+    )
     assert r["difference"]["max_abs"] == 0.0
     assert set(env["meta"]["attribution_seconds"]) == {"target", "transplanted", "donor"}
 

@@ -1,4 +1,5 @@
 """Real-browser tests: the app served by `streamlit run`, driven by Playwright in Debian chromium."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,11 @@ def app_url(tmp_path):
     # Never skipped silently: a missing chromium fails with the command that fixes it
     # (`make test` installs it; `-m "not browser"` deselects these tests on purpose).
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"no chromium at {CHROMIUM}: run `apt-get install chromium` (make test does it as root), "
-                    "or deselect the browser tests with -m 'not browser'", pytrace=False)
+        pytest.fail(
+            f"no chromium at {CHROMIUM}: run `apt-get install chromium` (make test does it as root), "
+            "or deselect the browser tests with -m 'not browser'",
+            pytrace=False,
+        )
     """`streamlit run app.py` on a free port with a temporary GRAFT_HOME; always stopped."""
     env = {**os.environ, "GRAFT_HOME": str(tmp_path / "graft")}
     with streamlit_server(env, tmp_path / "streamlit.log") as url:
@@ -45,7 +49,7 @@ def test_cka_heatmap_renders_in_a_real_browser(app_url, page):
     expect(page.get_by_test_id("stMetric").filter(has_text="tiny-gpt2-b")).to_be_visible()
     expect(page.get_by_role("heading", name="Start here")).to_be_visible()
 
-    page.locator('.st-key-graft-nav').get_by_text("Alignment").click()
+    page.locator(".st-key-graft-nav").get_by_text("Alignment").click()
     expect(page.get_by_role("heading", name="Alignment", exact=True, level=1)).to_be_visible(timeout=30_000)
     assert "donor=tiny-gpt2-a" in page.url and "target=tiny-gpt2-b" in page.url
 
@@ -66,7 +70,7 @@ def test_swap_then_compare_in_a_real_browser(app_url, page):
     expect(page.locator(".js-plotly-plot").first).to_be_attached(timeout=120_000)
     expect(page.get_by_role("button", name="Roll back")).to_be_visible(timeout=30_000)
 
-    page.locator('.st-key-graft-nav').get_by_text("Compare", exact=True).click()
+    page.locator(".st-key-graft-nav").get_by_text("Compare", exact=True).click()
     expect(page.get_by_role("heading", name="Compare", exact=True, level=1)).to_be_visible(timeout=30_000)
     table = page.locator("table.graft-gen")
     expect(table).to_be_visible(timeout=30_000)
@@ -115,7 +119,9 @@ def test_the_run_is_for_the_pair_on_the_screen(app_url, page):
     assert "donor=tiny-gpt2-b" in page.url and "target=tiny-gpt2-a" in page.url
 
     page.get_by_role("button", name="Swap donor and target").click()
-    expect(page.get_by_text("This result is for tiny-gpt2-b → tiny-gpt2-a").first).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("This result is for tiny-gpt2-b → tiny-gpt2-a").first).to_be_visible(
+        timeout=30_000
+    )
     expect(page.locator(".js-plotly-plot").first).to_be_hidden()
 
 
@@ -128,7 +134,12 @@ def test_a_crafted_link_renders_no_markup_and_fetches_nothing(app_url, page):
 
     evil = "![x](http://127.0.0.1:9/track.png) [click](https://example.invalid/p) **bold** :red[red] $x^2$"
     outside = []
-    page.on("request", lambda r: outside.append(r.url) if urlparse(r.url).netloc in ("127.0.0.1:9", "example.invalid") else None)
+    page.on(
+        "request",
+        lambda r: (
+            outside.append(r.url) if urlparse(r.url).netloc in ("127.0.0.1:9", "example.invalid") else None
+        ),
+    )
     page.goto(f"{app_url}/?donor={quote(evil)}&target=tiny-gpt2-b", timeout=60_000)
     shown = page.get_by_test_id("stAlert").filter(has_text="track.png").first
     expect(shown).to_be_visible(timeout=60_000)
@@ -148,8 +159,16 @@ def test_a_json_workload_uploads_and_runs_in_a_real_browser(app_url, page, tmp_p
     from playwright.sync_api import expect
 
     f = tmp_path / "prompts.json"
-    f.write_text(json.dumps(["Paris is the capital of France.", {"text": "Water boils at one hundred degrees."},
-                             "The quick brown fox jumps over the lazy dog."]), encoding="utf-8")
+    f.write_text(
+        json.dumps(
+            [
+                "Paris is the capital of France.",
+                {"text": "Water boils at one hundred degrees."},
+                "The quick brown fox jumps over the lazy dog.",
+            ]
+        ),
+        encoding="utf-8",
+    )
     page.goto(f"{app_url}/alignment?donor=tiny-gpt2-a&target=tiny-gpt2-b", timeout=60_000)
     expect(page.get_by_role("heading", name="Alignment", exact=True, level=1)).to_be_visible(timeout=60_000)
     page.get_by_text("Run options").click()

@@ -1,14 +1,19 @@
 """The capture's residual rows against the ground truth Hugging Face computes itself
 (``output_hidden_states``), text by text without padding, and its guard for a block that never ran."""
+
 import pytest
 import torch
 
-from engine.measure.capture import _ResidualRows, capture
 from engine.core.errors import GraftError
 from engine.loading.models import ModelSpec, ModelStore
+from engine.measure.capture import _ResidualRows, capture
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Water boils at one hundred degrees.",
-         "Paris is the capital of France, and Berlin is the capital of Germany.", "A short one."]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Water boils at one hundred degrees.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "A short one.",
+]
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -23,15 +28,24 @@ def test_captured_rows_equal_each_texts_own_hidden_states(name, device, one_thre
     tok = m.tokenizer
     for k, text in enumerate(TEXTS):
         enc = tok(text, return_tensors="pt", return_special_tokens_mask=True, return_offsets_mapping=True)
-        keep = ~enc["special_tokens_mask"][0].bool() & (enc["offset_mapping"][0, :, 1] > enc["offset_mapping"][0, :, 0])
+        keep = ~enc["special_tokens_mask"][0].bool() & (
+            enc["offset_mapping"][0, :, 1] > enc["offset_mapping"][0, :, 0]
+        )
         with torch.inference_mode():
-            hs = [h.cpu() for h in m.model(input_ids=enc["input_ids"].to(device), output_hidden_states=True).hidden_states]
+            hs = [
+                h.cpu()
+                for h in m.model(
+                    input_ids=enc["input_ids"].to(device), output_hidden_states=True
+                ).hidden_states
+            ]
         rows = cap.residual[:, cap.text_index == k]  # (L+1, n_k, d), copied to the host when asked
         assert rows.shape[1] == int(keep.sum()) > 0
         # HF's tuple: the input of block 0, then every block's output, the last after the final norm
         for l in range(L):
             assert torch.allclose(rows[l], hs[l][0, keep], atol=1e-5, rtol=1e-4), (name, k, l)
-        assert not torch.allclose(rows[L], hs[L][0, keep], atol=1e-3)  # h_{L-1} is taken before the final norm
+        assert not torch.allclose(
+            rows[L], hs[L][0, keep], atol=1e-3
+        )  # h_{L-1} is taken before the final norm
 
 
 def test_a_block_that_never_ran_is_an_error_not_uninitialised_rows():
@@ -74,7 +88,11 @@ def test_rows_stay_in_workload_order_whatever_the_batches(name, one_thread):
         assert torch.allclose(a.module_inputs[k], b.module_inputs[k], atol=1e-5, rtol=1e-4)
     for k, text in enumerate(texts):  # each text's kept tokens, as its own tokenizer call gives them
         enc = m.tokenizer(text, return_special_tokens_mask=True, return_offsets_mapping=True)
-        ids = [t for t, sp, (s, e) in zip(enc["input_ids"], enc["special_tokens_mask"], enc["offset_mapping"]) if not sp and e > s]
+        ids = [
+            t
+            for t, sp, (s, e) in zip(enc["input_ids"], enc["special_tokens_mask"], enc["offset_mapping"])
+            if not sp and e > s
+        ]
         assert a.token_ids[k] == ids and len(ids) == int((a.text_index == k).sum())
 
 
@@ -84,8 +102,9 @@ def _gpt2_folder(tmp_path, name, edit):
 
     tok = ModelStore().get(ModelSpec.parse("tiny-gpt2-a"), "cpu", "float32").tokenizer
     torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=len(tok),
-                                                    bos_token_id=0, eos_token_id=0))
+    m = AutoModelForCausalLM.from_config(
+        GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=len(tok), bos_token_id=0, eos_token_id=0)
+    )
     with torch.no_grad():
         edit(m)
     m.save_pretrained(tmp_path / name)
@@ -93,26 +112,49 @@ def _gpt2_folder(tmp_path, name, edit):
     return str(tmp_path / name)
 
 
-@pytest.mark.parametrize("case, dtype, match", [
-    ("nan-weight", "float32", r"from block 1 on \(\d+ of \d+ token rows\): its weights hold NaN or inf "
-                              r"\(first in transformer\.h\.1\.mlp\.c_fc\.weight\)"),
-    ("overflow", "float32", r"from block 2 on .*: its weights are finite, so the forward pass overflowed"),
-    ("overflow16", "float16", r"from block 2 on .*: float16 overflows in this model: run it in bfloat16 or float32"),
-])
+@pytest.mark.parametrize(
+    "case, dtype, match",
+    [
+        (
+            "nan-weight",
+            "float32",
+            r"from block 1 on \(\d+ of \d+ token rows\): its weights hold NaN or inf "
+            r"\(first in transformer\.h\.1\.mlp\.c_fc\.weight\)",
+        ),
+        (
+            "overflow",
+            "float32",
+            r"from block 2 on .*: its weights are finite, so the forward pass overflowed",
+        ),
+        (
+            "overflow16",
+            "float16",
+            r"from block 2 on .*: float16 overflows in this model: run it in bfloat16 or float32",
+        ),
+    ],
+)
 def test_nan_or_inf_activations_are_named_not_passed_on(tmp_path, case, dtype, match):
     """Rows that are not finite would make every diagnostic undefined (T3's SVD failed outright):
     the capture names the first block that gives them, and why."""
     edits = {
         "nan-weight": lambda m: m.transformer.h[1].mlp.c_fc.weight.__setitem__((0, 0), float("nan")),
-        "overflow": lambda m: (m.transformer.h[2].mlp.c_fc.weight.mul_(1e25), m.transformer.h[2].mlp.c_proj.weight.mul_(1e25)),
-        "overflow16": lambda m: (m.transformer.h[2].mlp.c_fc.weight.mul_(1e4), m.transformer.h[2].mlp.c_proj.weight.mul_(1e4)),
+        "overflow": lambda m: (
+            m.transformer.h[2].mlp.c_fc.weight.mul_(1e25),
+            m.transformer.h[2].mlp.c_proj.weight.mul_(1e25),
+        ),
+        "overflow16": lambda m: (
+            m.transformer.h[2].mlp.c_fc.weight.mul_(1e4),
+            m.transformer.h[2].mlp.c_proj.weight.mul_(1e4),
+        ),
     }
     folder = _gpt2_folder(tmp_path, case, edits[case])
     m = ModelStore().get(ModelSpec.parse(folder), "cpu", dtype)
     with pytest.raises(GraftError, match=match):
         capture(m, TEXTS, batch_size=3)
     m16 = ModelStore().get(ModelSpec.parse(_gpt2_folder(tmp_path, "clean", lambda m: None)), "cpu", dtype)
-    assert torch.isfinite(capture(m16, TEXTS, batch_size=3).residual).all()  # the same model, unedited, passes
+    assert torch.isfinite(
+        capture(m16, TEXTS, batch_size=3).residual
+    ).all()  # the same model, unedited, passes
 
 
 def test_large_finite_rows_pass_the_finite_screen():

@@ -1,4 +1,5 @@
 """One conformance suite over every registered tool (scikit-learn's parametrize_with_checks idea)."""
+
 import dataclasses
 import json
 import subprocess
@@ -7,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.running.registry import Tool
-from engine.running.runner import run_tool
 from engine.core.errors import Cancelled, GraftError
-from engine.loading.models import ModelSpec
 from engine.core.params import build_params, param_specs
 from engine.core.progress import Progress
-from engine.running.registry import MODEL_INPUTS, all_tools, get_tool, register
+from engine.loading.models import ModelSpec
+from engine.running.registry import MODEL_INPUTS, Tool, all_tools, get_tool, register
+from engine.running.runner import run_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = [t.name for t in all_tools()]
@@ -44,6 +44,16 @@ def test_every_module_in_engine_tools_registers_a_tool():
 def test_registry_refuses_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         register(get_tool("cka"))
+    with pytest.raises(ValueError, match="code T2 is already cka's"):
+        register(dataclasses.replace(get_tool("cka"), name="cka-again"))
+    with pytest.raises(TypeError, match="code must be"):
+        register(dataclasses.replace(get_tool("cka"), name="cka-again", code="T2b"))
+
+
+def test_every_tool_has_its_own_code():
+    codes = [t.code for t in all_tools()]
+    assert len(codes) == len(set(codes)), sorted(codes)
+    assert get_tool("swap").code == "T11" and get_tool("conjugate").code == "OP3"
 
 
 @pytest.mark.parametrize("name", TOOLS)
@@ -131,7 +141,9 @@ def test_compute_result_is_json_deterministic_and_reports_progress(case, pair, w
             run_tool(name, options={"workload": workload}, **kw)
         return
     env = run_tool(name, options={"workload": workload}, progress=Progress(lambda f, m: seen.append(f)), **kw)
-    assert {"tool", "donor", "target", "result", "meta"} <= set(env) <= {"tool", "result", "meta", *MODEL_INPUTS}
+    assert (
+        {"tool", "donor", "target", "result", "meta"} <= set(env) <= {"tool", "result", "meta", *MODEL_INPUTS}
+    )
     assert env["tool"] == name
     text = json.dumps(env, allow_nan=False)  # strict JSON: no NaN/Infinity sneaks into a result
     assert json.loads(text) == env
@@ -174,8 +186,12 @@ def test_cli_runs_the_same_code_path(case, workload, tmp_path, tool_inputs):
     kw = tool_inputs(alt, _figure_pair(name))
     flags = [x for k, v in kw.items() for x in (f"--{k}", v.ref if isinstance(v, ModelSpec) else str(v))]
     wl = ["--workload", workload] if get_tool(name).uses_workload else []
-    proc = subprocess.run([sys.executable, "-m", "engine", name, *flags, *wl, "--json", str(out), "--quiet"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", name, *flags, *wl, "--json", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     env = json.loads(out.read_text())
     direct = run_tool(name, options={"workload": workload}, **kw)

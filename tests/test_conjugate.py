@@ -6,6 +6,7 @@ Ground truth: a model against itself gives identity maps and exactly W + dW; a r
 conjugation reproduces the base's change, with ridge on the normed inputs, identity inside the
 blocks and Procrustes (recovering Q) on the residual writers.
 """
+
 import json
 import threading
 
@@ -13,18 +14,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from engine.adapters.lowrank import ModuleDelta
+from engine.core.errors import Cancelled, GraftError
+from engine.core.progress import Progress
+from engine.evaluation.interference import interference, should_roll_back
 from engine.loading.arch import ArchAdapter
-from engine.measure.capture import CaptureCache, capture
+from engine.loading.models import LoadedModel, ModelSpec, load_model
+from engine.loading.tiny import _CORPUS, build_tiny
+from engine.measure.capture import capture
+from engine.measure.capture_cache import CaptureCache
+from engine.measure.linalg import random_orthogonal
 from engine.surgery.conjugate import Conjugation, apply_and_check
 from engine.surgery.conjugate_maps import fit_side
 from engine.surgery.conjugate_plan import plan_conjugation
-from engine.core.errors import Cancelled, GraftError
-from engine.evaluation.interference import interference, should_roll_back
-from engine.measure.linalg import random_orthogonal
-from engine.adapters.lowrank import ModuleDelta
-from engine.loading.models import LoadedModel, ModelSpec, load_model
-from engine.core.progress import Progress
-from engine.loading.tiny import _CORPUS, build_tiny
 from engine.surgery.transplant import SURGERY_CARD
 from engine.surgery.twin import rotate_model
 
@@ -52,7 +54,9 @@ def _threads(one_thread):
 
 
 def _loaded(model, tok, name: str) -> LoadedModel:
-    return LoadedModel(ModelSpec("builtin", name), model, tok, ArchAdapter(model), torch.device("cpu"), torch.float32, "")
+    return LoadedModel(
+        ModelSpec("builtin", name), model, tok, ArchAdapter(model), torch.device("cpu"), torch.float32, ""
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +84,16 @@ def _planted(model: LoadedModel, layers=(1, 2), rank=2, scale=0.3, seed=11) -> l
     for m in model.arch.linear_modules():
         if m.layer in layers:
             o, i = m.shape
-            out.append(ModuleDelta(m.name, m.layer, m.canonical, m.kind,
-                                   scale * torch.randn(o, rank, generator=g), torch.randn(rank, i, generator=g) / i ** 0.5))
+            out.append(
+                ModuleDelta(
+                    m.name,
+                    m.layer,
+                    m.canonical,
+                    m.kind,
+                    scale * torch.randn(o, rank, generator=g),
+                    torch.randn(rank, i, generator=g) / i**0.5,
+                )
+            )
     return out
 
 
@@ -204,8 +216,10 @@ def test_same_coordinates_gives_identity_maps_and_the_plain_merge(base):
     assert torch.allclose(_logits(conj.working, ids), _logits(_merged(base, deltas), ids), atol=1e-5)
     rep = plan.report()
     json.dumps(rep, allow_nan=False)
-    assert rep["map_counts"] == {"input": {"identity": 14, "procrustes": 0, "ridge": 0},
-                                 "output": {"identity": 14, "procrustes": 0, "ridge": 0}}
+    assert rep["map_counts"] == {
+        "input": {"identity": 14, "procrustes": 0, "ridge": 0},
+        "output": {"identity": 14, "procrustes": 0, "ridge": 0},
+    }
     conj.rollback()
     assert conj.verify_rollback() and base.state_hash() == h_base
 
@@ -220,7 +234,7 @@ def test_truncation_to_rank_k_and_by_energy(base):
         best = S[0] * torch.outer(U[:, 0], Vh[0])  # Eckart-Young rank 1
         assert mp.k == 1 and mp.rank == 3
         assert torch.allclose((mp.B @ mp.A).double(), best, atol=1e-5)
-        assert mp.energy_kept == pytest.approx(float(S[0] ** 2 / (S ** 2).sum()), rel=1e-6)
+        assert mp.energy_kept == pytest.approx(float(S[0] ** 2 / (S**2).sum()), rel=1e-6)
     full = plan_conjugation(base, base, deltas, TEXTS, energy=1.0, layer_map=[(i, i) for i in range(4)])
     assert all(mp.k == 3 for mp in full.conjugated)
     some = plan_conjugation(base, base, deltas, TEXTS, energy=0.5, layer_map=[(i, i) for i in range(4)])
@@ -266,7 +280,9 @@ def test_rotated_twin_plain_merge_fails_conjugation_recovers(base, twin):
     conj = Conjugation(tw, plan)
     conj.apply()
     conj_err = float((_logits(conj.working, ids) - _logits(tw.model, ids) - effect).norm() / effect.norm())
-    plain_err = float((_logits(_merged(tw, deltas), ids) - _logits(tw.model, ids) - effect).norm() / effect.norm())
+    plain_err = float(
+        (_logits(_merged(tw, deltas), ids) - _logits(tw.model, ids) - effect).norm() / effect.norm()
+    )
     assert conj_err < 1e-2 < 0.5 < plain_err
     # force="identity" is the plain merge.
     plain_plan = plan_conjugation(base, tw, deltas, TEXTS, force="identity")
@@ -331,9 +347,19 @@ def test_save_writes_a_loadable_folder_with_a_surgery_card(base, twin, tmp_path)
 
 
 def _llama48(tok) -> LoadedModel:
-    cfg = LlamaConfig(num_hidden_layers=3, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=96, vocab_size=len(tok), max_position_embeddings=256,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        num_hidden_layers=3,
+        hidden_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(4)
     return _loaded(AutoModelForCausalLM.from_config(cfg).eval(), tok, "tiny-llama-48")
 
@@ -357,7 +383,9 @@ def test_cross_tokenizer_cross_width_cross_family():
         assert tuple(mp.B.shape) == (tm.shape[0], 2) and tuple(mp.A.shape) == (2, tm.shape[1])
         for side in (mp.input, mp.output):
             assert side.kind in ("procrustes", "ridge")  # widths differ or nothing coincides
-            vals = [v for v in list(side.residuals.values()) + list(side.fit_residuals.values()) if v is not None]
+            vals = [
+                v for v in list(side.residuals.values()) + list(side.fit_residuals.values()) if v is not None
+            ]
             assert vals and all(torch.isfinite(torch.tensor(v)) for v in vals)
     conj = Conjugation(target, plan)
     conj.apply()  # several base layers can land on one target layer: their updates add up
@@ -370,20 +398,28 @@ def test_cross_tokenizer_cross_width_cross_family():
 def test_refusals(base):
     gpt2 = load_model(ModelSpec.parse("tiny-gpt2-a"), "cpu")
     with pytest.raises(GraftError, match="wrong base"):
-        plan_conjugation(gpt2, base, [ModuleDelta("blocks.0.attn.o", 0, "attn.o", "attention",
-                                                  torch.ones(64, 1), torch.ones(1, 32))], TEXTS)
+        plan_conjugation(
+            gpt2,
+            base,
+            [ModuleDelta("blocks.0.attn.o", 0, "attn.o", "attention", torch.ones(64, 1), torch.ones(1, 32))],
+            TEXTS,
+        )
     with pytest.raises(GraftError, match="out of range"):
         plan_conjugation(base, base, _planted(base), TEXTS, layer_map=[(0, 9)])
     with pytest.raises(GraftError, match="no module deltas"):
         plan_conjugation(base, base, [], TEXTS)
     head = ModuleDelta("lm_head", -1, "lm_head", "other", torch.ones(10, 1), torch.ones(1, 64))
     plan = plan_conjugation(base, base, _planted(base, layers=(0,))[:1] + [head], TEXTS)
-    assert [m.name for m in plan.skipped] == ["lm_head"] and "not a block linear module" in plan.skipped[0].reason
+    assert [m.name for m in plan.skipped] == ["lm_head"] and "not a block linear module" in plan.skipped[
+        0
+    ].reason
 
 
 def test_progress_reports_and_cancels(base):
     seen = []
-    plan_conjugation(base, base, _planted(base, layers=(0,)), TEXTS, progress=Progress(lambda f, m: seen.append(f)))
+    plan_conjugation(
+        base, base, _planted(base, layers=(0,)), TEXTS, progress=Progress(lambda f, m: seen.append(f))
+    )
     assert seen and seen == sorted(seen) and seen[-1] == 1.0
     ev = threading.Event()
     ev.set()
@@ -401,7 +437,9 @@ def test_interference_of_identical_models_is_nil(base):
     json.dumps(rep, allow_nan=False)
     assert rep["locality"] == 1.0 and rep["n_prompts"] == len(RETAINED) and rep["n_changed"] == 0
     assert rep["ppl_change_fraction"] == 0.0 and rep["ppl_before"] == rep["ppl_after"] > 1
-    assert all(r["loss_change"] == 0.0 and not r["changed"] and r["before"] == r["after"] for r in rep["per_example"])
+    assert all(
+        r["loss_change"] == 0.0 and not r["changed"] and r["before"] == r["after"] for r in rep["per_example"]
+    )
     roll, why = should_roll_back(rep, 0.05)
     assert not roll and "within the 5% threshold" in why
 

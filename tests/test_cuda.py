@@ -2,6 +2,7 @@
 
 The placement rule is checked everywhere (with CUDA's memory query stubbed); the GPU results are
 checked against the CPU's where a GPU is present (the device machine of a session that had one)."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,8 @@ import math
 import pytest
 import torch
 
-from engine.measure import linalg
 from engine.loading.models import ModelSpec
+from engine.measure import linalg
 from engine.running.runner import run_tool
 
 
@@ -55,7 +56,7 @@ def test_t2_to_t4_on_cuda_equal_the_cpu(pair, workload, monkeypatch):
     and on CUDA, with TF32 allowed process-wide during the CUDA run: the ieee_float32 guard must keep
     CKA's float32 Gram blocks and T3/T4's float32 products exact."""
     import engine.running.context as context
-    from engine.measure.capture import CaptureCache
+    from engine.measure.capture_cache import CaptureCache
 
     specs = ModelSpec.parse(pair[0]), ModelSpec.parse(pair[1])
     opts = {"device": "cpu", "workload": workload}
@@ -85,9 +86,9 @@ def test_a_capture_on_cuda_keeps_the_same_rows_as_on_the_cpu(dtype, workload):
     """The capture gathers the kept rows on the device and copies one block per batch to the host:
     the same tokens in the same order as on the CPU, the residual stream equal to float32 round-off
     (bf16: to its own precision), module outputs and inputs too."""
-    from engine.measure.capture import capture
     from engine.core.data import load_workload
     from engine.loading.models import load_model
+    from engine.measure.capture import capture
 
     texts = load_workload(workload).texts[:12]
     caps = {}
@@ -101,11 +102,15 @@ def test_a_capture_on_cuda_keeps_the_same_rows_as_on_the_cpu(dtype, workload):
     assert torch.equal(a.text_index, b.text_index) and a.token_ids == b.token_ids
     tol = 1e-4 if dtype == "float32" else 5e-2
     scale = a.residual.abs().max()
-    assert a.residual.shape == b.residual.shape and float((a.residual - b.residual).abs().max()) <= tol * float(scale)
+    assert a.residual.shape == b.residual.shape and float(
+        (a.residual - b.residual).abs().max()
+    ) <= tol * float(scale)
     for k in a.modules:
         assert torch.allclose(a.modules[k], b.modules[k], atol=tol * float(a.modules[k].abs().max()))
     for k in a.module_inputs:
-        assert torch.allclose(a.module_inputs[k], b.module_inputs[k], atol=tol * float(a.module_inputs[k].abs().max()))
+        assert torch.allclose(
+            a.module_inputs[k], b.module_inputs[k], atol=tol * float(a.module_inputs[k].abs().max())
+        )
 
 
 def test_aligned_rows_are_copied_to_the_device_once_and_one_pair_at_a_time():
@@ -130,21 +135,28 @@ def test_the_capture_cache_keeps_one_pairs_residual_streams_on_the_gpu(monkeypat
     """Captures that kept their residual stream on the GPU ('meta' stands in for it): the cache holds
     the latest two of them (one pair) and drops older ones whole; host captures stay as before."""
     import engine.measure.capture as capture_mod
+    import engine.measure.capture_cache as cache_mod
 
     def fake(model, texts, **kw):
         on_gpu = model.label.startswith("gpu")
         rows = torch.zeros(2, 3, 4, device="meta" if on_gpu else "cpu")
-        return capture_mod.Capture(label=model.label, texts=list(texts), residual_host=None if on_gpu else rows,
-                                   text_index=torch.zeros(3, dtype=torch.long), offsets=None, token_ids=[],
-                                   residual_device=rows if on_gpu else None)
+        return capture_mod.Capture(
+            label=model.label,
+            texts=list(texts),
+            residual_host=None if on_gpu else rows,
+            text_index=torch.zeros(3, dtype=torch.long),
+            offsets=None,
+            token_ids=[],
+            residual_device=rows if on_gpu else None,
+        )
 
-    monkeypatch.setattr(capture_mod, "capture", fake)
+    monkeypatch.setattr(cache_mod, "capture", fake)
 
     class M:
         def __init__(self, label):
             self.label, self.model = label, torch.nn.Linear(1, 1)
 
-    cache = capture_mod.CaptureCache(max_items=6)
+    cache = cache_mod.CaptureCache(max_items=6)
     models = [M("cpu-a"), M("gpu-a"), M("gpu-b"), M("cpu-b"), M("gpu-c")]
     caps = [cache.get(m, ["t"]) for m in models]
     # newest first, so a miss (which re-inserts) comes after the hits it could evict
@@ -159,14 +171,17 @@ def test_t2_to_t4_with_the_models_on_cuda_match_the_cpu(pair, workload):
     """The whole path on CUDA: captures kept on the GPU, aligned there (token and word level), T2-T4
     computed there. The forward passes themselves round differently on the GPU, so the results
     agree to the issue's 1e-4 rather than to the last digit; counts and layer pairs are equal."""
-    from engine.measure.capture import CaptureCache
+    from engine.measure.capture_cache import CaptureCache
 
     specs = ModelSpec.parse(pair[0]), ModelSpec.parse(pair[1])
     tools = ("cka", "procrustes", "bridge-check")
     out = {}
     for dev in ("cpu", "cuda"):
         cache = CaptureCache()
-        out[dev] = {t: run_tool(t, *specs, {"device": dev, "workload": workload}, captures=cache)["result"] for t in tools}
+        out[dev] = {
+            t: run_tool(t, *specs, {"device": dev, "workload": workload}, captures=cache)["result"]
+            for t in tools
+        }
     for t in tools:
         a_leaves, b_leaves = dict(_leaves(out["cpu"][t])), dict(_leaves(out["cuda"][t]))
         assert a_leaves.keys() == b_leaves.keys()

@@ -1,4 +1,5 @@
 """Concept sets and workloads: loading, strict validation, deterministic splits."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,9 @@ from engine.core.errors import GraftError
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    path.write_text(
+        "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n", encoding="utf-8"
+    )
     return path
 
 
@@ -48,7 +51,10 @@ def test_good_file_loads(tmp_path):
     assert c.name == "mini"
     assert c.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
     assert c.facts == ("Zorbia is a moon of Quux.", "Plain text counts as a fact.")
-    assert c.qa == (QAItem("Zorbia orbits what?", "Quux", "train"), QAItem("What is Zorbia?", "a moon", "test"))
+    assert c.qa == (
+        QAItem("Zorbia orbits what?", "Quux", "train"),
+        QAItem("What is Zorbia?", "a moon", "test"),
+    )
     assert c.train_qa() == (c.qa[0],)
     assert c.test_qa() == (c.qa[1],)
     assert c.texts() == c.facts + ("Zorbia orbits what? Quux", "What is Zorbia? a moon")
@@ -83,8 +89,21 @@ def test_bundled_replay_set_is_disjoint_from_retained_and_concept():
     # Its questions are not the retained set's: replay rehearses the question form, not the items.
     assert not {norm(q) for q in questions} & {norm(q.question) for q in retained.qa}
     # Nothing about the fictional concept: none of its coined names occurs in the replay texts.
-    coined = ["Tavren", "Kessaloon", "Bressic", "Marrow", "Olvane", "Ombrel", "Caldris", "Dunmere",
-              "Andoval", "drennet", "starwheel", "lyrn", "Hollow Court"]
+    coined = [
+        "Tavren",
+        "Kessaloon",
+        "Bressic",
+        "Marrow",
+        "Olvane",
+        "Ombrel",
+        "Caldris",
+        "Dunmere",
+        "Andoval",
+        "drennet",
+        "starwheel",
+        "lyrn",
+        "Hollow Court",
+    ]
     concept_text = " ".join(concept.texts())
     for name in coined:
         assert name in concept_text
@@ -210,16 +229,22 @@ def test_a_json_array_reads_as_its_jsonl_twin(tmp_path):
 @pytest.mark.parametrize(
     "text, match",
     [
-        ('', "workload w.json has no texts"),
-        ('[]', "workload w.json has no texts"),
+        ("", "workload w.json has no texts"),
+        ("[]", "workload w.json has no texts"),
         ('[{"text": "ok"}, {"txt": "typo"}]', r"w.json item 2: .*missing field 'text'"),
         ('["ok", 3]', r"w.json item 2: expected a JSON object or a string, got int"),
         ('["ok", ""]', r"w.json item 2: field 'text' is empty"),
         ('["ok", "\\ud800"]', r"w.json item 2: a string holds a lone surrogate"),
         ('"just a string"', r"w.json: expected a JSON array of objects, got str"),
         ('[{"text": "ok"},\n {"text": ]', r"w.json:2: bad JSON"),
-        ('[\n  {"text": "ok"}\n]\n{"text": "more"}', r"w.json:4: bad JSON \(more after the first value, at column 1"),
-        ('[{"kind": "fact", "text": "x"}, {"kind": "poem", "text": "y"}]', r"w.json item 2: unknown kind 'poem'"),
+        (
+            '[\n  {"text": "ok"}\n]\n{"text": "more"}',
+            r"w.json:4: bad JSON \(more after the first value, at column 1",
+        ),
+        (
+            '[{"kind": "fact", "text": "x"}, {"kind": "poem", "text": "y"}]',
+            r"w.json item 2: unknown kind 'poem'",
+        ),
     ],
 )
 def test_json_workload_errors_name_the_item(tmp_path, text, match):
@@ -227,8 +252,12 @@ def test_json_workload_errors_name_the_item(tmp_path, text, match):
 
 
 def test_a_json_concept_set_takes_objects_only(tmp_path):
-    assert_refused(load_concept_set, tmp_path / "c.json", '[{"kind": "fact", "text": "x"}, "a string"]',
-                   r"c.json item 2: expected a JSON object, got str")
+    assert_refused(
+        load_concept_set,
+        tmp_path / "c.json",
+        '[{"kind": "fact", "text": "x"}, "a string"]',
+        r"c.json item 2: expected a JSON object, got str",
+    )
     assert_refused(load_concept_set, tmp_path / "e.json", "[]", "e.json has no items")
 
 

@@ -5,18 +5,22 @@ underdetermined case against the primal ridge solved directly, T3's fit residual
 singular values against ||X R - Y||^2, CKA's chunked Gram inner products against float64 CKA,
 and the memoised workload budget and vocabulary against fresh ones.
 """
+
 import pytest
 import torch
 
+from engine.core.progress import silent
 from engine.measure.cka import _gram_products, cka
 from engine.measure.linalg import RidgeFactor, Standardiser, procrustes_fit, residual
-from engine.core.progress import silent
 from engine.tools.procrustes import fit_pair
 
 
 def _rows(n: int, d: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3.0, d, dtype=torch.float64) + 0.5
+    return (
+        torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3.0, d, dtype=torch.float64)
+        + 0.5
+    )
 
 
 @pytest.mark.parametrize("n_fit, dx, dy", [(20, 48, 48), (20, 48, 32), (100, 48, 48), (100, 40, 56)])
@@ -25,7 +29,9 @@ def test_t3_fit_pair_equals_the_direct_fits(n_fit, dx, dy):
     directly, with fewer fit rows than the widths (dual ridge, thin Procrustes) and with more."""
     n_held = 15
     X = _rows(n_fit + n_held, dx, 1)
-    rot = torch.linalg.qr(torch.randn(dy, dy, dtype=torch.float64, generator=torch.Generator().manual_seed(7 * dy)))[0]
+    rot = torch.linalg.qr(
+        torch.randn(dy, dy, dtype=torch.float64, generator=torch.Generator().manual_seed(7 * dy))
+    )[0]
     Y = X[:, :dy] @ rot if dy <= dx else _rows(n_fit + n_held, dy, 2)
     Y = Y + 0.3 * _rows(n_fit + n_held, dy, 3)
     fit = torch.zeros(n_fit + n_held, dtype=torch.bool)
@@ -61,7 +67,7 @@ def test_cka_gram_blocks_with_many_entries_match_float64_cka():
 
 
 def test_workload_budget_is_memoised_per_tokenizer_and_matches_a_fresh_budget(monkeypatch):
-    import engine.measure.capture as capture
+    import engine.measure.capture_cache as capture
     from engine.loading.tiny import build_tiny
 
     tok_a, tok_b = build_tiny("tiny-gpt2-a")[1], build_tiny("tiny-gpt2-a")[1]

@@ -1,5 +1,6 @@
 """make_donor on the tiny models: learning, outputs, reload, purity, determinism, atomicity,
 replay against forgetting and the retained-perplexity check."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.core.data import builtin_concept_path, builtin_replay_path, builtin_retained_path, load_concept_set
 from engine.adapters.donor import lora_target_modules, make_donor
 from engine.adapters.donor_data import batch_plan, build_examples, text_examples
-from engine.evaluation.evaluate import perplexity
-from engine.loading.models import state_dict_hash
+from engine.core.data import (
+    builtin_concept_path,
+    builtin_replay_path,
+    builtin_retained_path,
+    load_concept_set,
+)
 from engine.core.errors import Cancelled, GraftError
 from engine.core.progress import Progress
+from engine.evaluation.evaluate import perplexity
+from engine.loading.models import state_dict_hash
 from engine.loading.tiny import build_tiny
 
 STEPS = 12
@@ -38,9 +44,18 @@ def run(request, concept, tmp_path_factory):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path_factory.mktemp(request.param) / "donor"
     messages: list[str] = []
-    result = make_donor(model, tok, concept, out, base_name=request.param,
-                        progress=Progress(lambda f, m: messages.append(m)), **KW)
-    return dict(name=request.param, model=model, tok=tok, before=before, out=out, result=result, messages=messages)
+    result = make_donor(
+        model,
+        tok,
+        concept,
+        out,
+        base_name=request.param,
+        progress=Progress(lambda f, m: messages.append(m)),
+        **KW,
+    )
+    return dict(
+        name=request.param, model=model, tok=tok, before=before, out=out, result=result, messages=messages
+    )
 
 
 def test_target_modules_cover_attention_and_mlp():
@@ -61,14 +76,27 @@ def test_loss_decreases_and_progress_reported(run):
 
 def test_outputs_written(run, concept):
     out = run["out"]
-    for rel in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json",
-                "merged/model.safetensors", "merged/config.json", "merged/tokenizer.json", "card.json"]:
+    for rel in [
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "merged/model.safetensors",
+        "merged/config.json",
+        "merged/tokenizer.json",
+        "card.json",
+    ]:
         assert (out / rel).is_file(), rel
     card = json.loads((out / "card.json").read_text())
     assert card["base_name"] == run["name"]
     assert card["concept"]["sha256"] == concept.sha256 and card["concept"]["path"] == concept.path
     hp = card["hyperparameters"]
-    assert (hp["steps"], hp["rank"], hp["alpha"], hp["lr"], hp["batch_size"], hp["seed"]) == (STEPS, 8, 16, 1e-2, 8, 0)
+    assert (hp["steps"], hp["rank"], hp["alpha"], hp["lr"], hp["batch_size"], hp["seed"]) == (
+        STEPS,
+        8,
+        16,
+        1e-2,
+        8,
+        0,
+    )
     for when in ("before", "after"):
         for split in ("train", "test"):
             s = card["scores"][when][split]
@@ -266,12 +294,21 @@ def test_replay_texts_are_trained_on_and_no_replay_trains_facts_only(concept, mo
 def test_card_reports_replay_and_retained_ppl(run):
     card = json.loads((run["out"] / "card.json").read_text())
     assert card["replay"] == {
-        "name": "replay", "path": REPLAY.path, "sha256": REPLAY.sha256, "n_texts": len(REPLAY.texts()),
-        "fraction": 0.25, "n_examples_trained": STEPS * 2,
+        "name": "replay",
+        "path": REPLAY.path,
+        "sha256": REPLAY.sha256,
+        "n_texts": len(REPLAY.texts()),
+        "fraction": 0.25,
+        "n_examples_trained": STEPS * 2,
     }
     assert card["hyperparameters"]["replay_fraction"] == 0.25
-    assert card["retained"] == {"name": "retained", "path": RETAINED.path, "sha256": RETAINED.sha256,
-                                "n_texts": len(RETAINED.texts()), "n_in_replay": 0}
+    assert card["retained"] == {
+        "name": "retained",
+        "path": RETAINED.path,
+        "sha256": RETAINED.sha256,
+        "n_texts": len(RETAINED.texts()),
+        "n_in_replay": 0,
+    }
     base, _ = build_tiny(run["name"])
     want_before = perplexity(base, run["tok"], RETAINED.texts())["ppl"]
     want_after = perplexity(run["result"]["model"], run["tok"], RETAINED.texts())["ppl"]
@@ -285,7 +322,9 @@ def test_without_retained_set_nothing_is_measured(concept, tmp_path):
     model, tok = build_tiny("tiny-gpt2-a")
     card = make_donor(model, tok, concept, tmp_path / "d", **{**KW, "steps": 1, "retained": None})
     assert card["retained"] is None
-    assert card["scores"]["before"]["retained_ppl"] is None and card["scores"]["after"]["retained_ppl"] is None
+    assert (
+        card["scores"]["before"]["retained_ppl"] is None and card["scores"]["after"]["retained_ppl"] is None
+    )
 
 
 def test_bad_replay_arguments(concept, tmp_path):
@@ -301,30 +340,44 @@ def test_build_donor_replay_files(tmp_path):
     """build_donor: bundled replay/retained by default, a user file in the same format, or none."""
     import hashlib
 
-    from engine.running.actions import build_donor
     from engine.loading.models import ModelSpec, ModelStore
+    from engine.running.actions import build_donor
 
     user = tmp_path / "my_general.jsonl"
-    user.write_text('{"kind": "fact", "text": "Trains run on rails."}\n'
-                    '{"kind": "text", "text": "The kettle is on the stove."}\n'
-                    '{"kind": "qa", "question": "What do cows drink?", "answer": "water"}\n')
+    user.write_text(
+        '{"kind": "fact", "text": "Trains run on rails."}\n'
+        '{"kind": "text", "text": "The kettle is on the stove."}\n'
+        '{"kind": "qa", "question": "What do cows drink?", "answer": "water"}\n'
+    )
     spec, store, concept = ModelSpec.parse("tiny-gpt2-a"), ModelStore(), str(builtin_concept_path())
     card = build_donor(spec, concept, str(tmp_path / "default"), steps=1, store=store)["card"]
     assert card["replay"]["path"] == str(builtin_replay_path().resolve())
     assert card["retained"]["path"] == str(builtin_retained_path().resolve())
     assert card["scores"]["after"]["retained_ppl"] > 1
 
-    card = build_donor(spec, concept, str(tmp_path / "user"), steps=2, replay=str(user), replay_fraction=0.5,
-                       retained=str(user), store=store)["card"]
+    card = build_donor(
+        spec,
+        concept,
+        str(tmp_path / "user"),
+        steps=2,
+        replay=str(user),
+        replay_fraction=0.5,
+        retained=str(user),
+        store=store,
+    )["card"]
     sha = hashlib.sha256(user.read_bytes()).hexdigest()
     assert card["replay"]["name"] == "my_general" and card["replay"]["sha256"] == sha
     assert card["replay"]["n_texts"] == 3 and card["replay"]["n_examples_trained"] == 8
     assert card["retained"]["sha256"] == sha and card["retained"]["n_texts"] == 3
 
-    card = build_donor(spec, concept, str(tmp_path / "none"), steps=1, replay=None, retained=None, store=store)["card"]
+    card = build_donor(
+        spec, concept, str(tmp_path / "none"), steps=1, replay=None, retained=None, store=store
+    )["card"]
     assert card["replay"] is None and card["retained"] is None
     with pytest.raises(GraftError, match="not found"):
-        build_donor(spec, concept, str(tmp_path / "bad"), steps=1, replay=str(tmp_path / "missing.jsonl"), store=store)
+        build_donor(
+            spec, concept, str(tmp_path / "bad"), steps=1, replay=str(tmp_path / "missing.jsonl"), store=store
+        )
 
 
 @pytest.mark.parametrize(
@@ -351,8 +404,21 @@ def test_cli_make_donor_replay_flags(monkeypatch, tmp_path, flags, replay, retai
     for name in ("c.jsonl", "r.jsonl", "k.jsonl"):
         (tmp_path / name).write_text('{"kind": "fact", "text": "x"}\n')
     out_json = tmp_path / "card.json"
-    rc = main(["make-donor", "--base", "tiny-gpt2-a", "--concept", "c.jsonl", "--out", str(tmp_path / "d"),
-               "--quiet", "--json", str(out_json), *flags])
+    rc = main(
+        [
+            "make-donor",
+            "--base",
+            "tiny-gpt2-a",
+            "--concept",
+            "c.jsonl",
+            "--out",
+            str(tmp_path / "d"),
+            "--quiet",
+            "--json",
+            str(out_json),
+            *flags,
+        ]
+    )
     assert rc == 0
     assert (got["replay"], got["retained"]) == (replay, retained)
     assert got["replay_fraction"] == (0.4 if "--replay-fraction" in flags else 0.25)
@@ -364,7 +430,8 @@ def test_demo_donor_built_by_an_older_recipe_needs_rebuilding(tmp_path, monkeypa
     """A cache from before the replay recipe must not count as the demo donor."""
     import json as _json
 
-    from engine.loading import models
+    from engine.loading import builtins as models
+
     monkeypatch.setenv("GRAFT_MODELS_HOME", str(tmp_path))
     out = models.demo_donor_dir()
     (out / "merged").mkdir(parents=True)
@@ -372,5 +439,7 @@ def test_demo_donor_built_by_an_older_recipe_needs_rebuilding(tmp_path, monkeypa
     (out / "card.json").write_text(_json.dumps({"format": "graft-donor/1"}))
     assert not models.demo_donor_ready()
     assert models.builtin_status()[models.DEMO_DONOR]["state"] != "ready"
-    (out / "card.json").write_text(_json.dumps({"format": "graft-donor/1", "demo_recipe": models.DEMO_DONOR_RECIPE}))
+    (out / "card.json").write_text(
+        _json.dumps({"format": "graft-donor/1", "demo_recipe": models.DEMO_DONOR_RECIPE})
+    )
     assert models.demo_donor_ready() and models.builtin_status()[models.DEMO_DONOR]["state"] == "ready"

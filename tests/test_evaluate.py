@@ -1,4 +1,5 @@
 """Perplexity, task score and graded score on the tiny models."""
+
 from __future__ import annotations
 
 import math
@@ -9,9 +10,9 @@ import torch
 from engine.core.data import QAItem
 from engine.core.errors import GraftError
 from engine.evaluation.evaluate import perplexity
-from engine.loading.tokens import answer_ids, encode_prompt, format_prompt
 from engine.evaluation.scoring import answer_matches, graded_score, normalise, task_score
 from engine.loading.tiny import build_tiny
+from engine.loading.tokens import answer_ids, encode_prompt, format_prompt
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -106,23 +107,41 @@ def test_normalise_and_matching():
     # A punctuation- or article-only reference must be a whole token of the generation, never a substring.
     assert answer_matches("it is ::: here", ":::")
     assert not answer_matches("::::::", ":::") and not answer_matches("::::::::", ":")
-    assert not answer_matches("cat", "A") and not answer_matches("banana", "an") and not answer_matches("other", "The")
+    assert (
+        not answer_matches("cat", "A")
+        and not answer_matches("banana", "an")
+        and not answer_matches("other", "The")
+    )
     assert not answer_matches("some words", "?")
 
 
-@pytest.mark.parametrize("generation, reference, expected", [
-    # punctuation is a word break, not glue
-    ("Kessaloon—the capital", "Kessaloon", True), ("Kessaloon/Veyra", "Kessaloon", True),
-    ("Kessaloon's banner", "Kessaloon", True), ("forty two", "forty-two", True), ("Grey Sentinel", "Grey-Sentinel", True),
-    # numbers: thousands separators go, a decimal point stays
-    ("1,000 ships", "1000", True), ("314 people", "3.14", False), ("pi is 3.14.", "3.14", True), ("3,14", "314", False),
-    # case folding and accents of Latin letters; full-width forms; invisible characters
-    ("İzmir", "Izmir", True), ("STRASSE", "Straße", True), ("São Paulo", "Sao Paulo", True),
-    ("ＡＢＣ１２３", "abc123", True), ("zero\u200bwidth", "zerowidth", True),
-    # scripts without spaces between words: substring
-    ("首都是东京。", "东京", True), ("答えは富士山です", "富士山", True), ("首都是北京", "东京", False),
-    ("เมืองหลวงคือกรุงเทพ", "กรุงเทพ", True),
-])
+@pytest.mark.parametrize(
+    "generation, reference, expected",
+    [
+        # punctuation is a word break, not glue
+        ("Kessaloon—the capital", "Kessaloon", True),
+        ("Kessaloon/Veyra", "Kessaloon", True),
+        ("Kessaloon's banner", "Kessaloon", True),
+        ("forty two", "forty-two", True),
+        ("Grey Sentinel", "Grey-Sentinel", True),
+        # numbers: thousands separators go, a decimal point stays
+        ("1,000 ships", "1000", True),
+        ("314 people", "3.14", False),
+        ("pi is 3.14.", "3.14", True),
+        ("3,14", "314", False),
+        # case folding and accents of Latin letters; full-width forms; invisible characters
+        ("İzmir", "Izmir", True),
+        ("STRASSE", "Straße", True),
+        ("São Paulo", "Sao Paulo", True),
+        ("ＡＢＣ１２３", "abc123", True),
+        ("zero\u200bwidth", "zerowidth", True),
+        # scripts without spaces between words: substring
+        ("首都是东京。", "东京", True),
+        ("答えは富士山です", "富士山", True),
+        ("首都是北京", "东京", False),
+        ("เมืองหลวงคือกรุงเทพ", "กรุงเทพ", True),
+    ],
+)
 def test_matching_across_scripts_numbers_and_punctuation(generation, reference, expected):
     assert answer_matches(generation, reference) is expected
 
@@ -132,7 +151,9 @@ def test_format_prompt_plain_and_chat():
     assert format_prompt(tok, "Why?") == "Question: Why?\nAnswer:"
     # Plain prompt ends in ":" -> the answer gets a leading space.
     assert tok.decode(answer_ids(tok, "Why?", "fox")) == " fox"
-    tok.chat_template = "{% for m in messages %}<|user|>{{ m['content'] + '\\n' }}{% endfor %}{{ '<|assistant|>\\n' }}"
+    tok.chat_template = (
+        "{% for m in messages %}<|user|>{{ m['content'] + '\\n' }}{% endfor %}{{ '<|assistant|>\\n' }}"
+    )
     assert format_prompt(tok, "Why?") == "<|user|>Why?\n<|assistant|>\n"
     # Chat prompt ends in a newline -> no leading space.
     assert tok.decode(answer_ids(tok, "Why?", "fox")) == "fox"

@@ -1,5 +1,6 @@
 """The page never waits: the engine is imported behind a painted heading, and the sidebar's pair
 loads in the background (engine/loading/preload.py) with its state on screen."""
+
 from __future__ import annotations
 
 import threading
@@ -47,7 +48,9 @@ def test_preloader_loads_in_the_background_and_a_job_meanwhile_shares_the_load(g
     pre = Preloader(store)
     assert pre.state(SPEC) is None  # nobody asked yet
     first = pre.request(SPEC, wait_s=0.05)
-    assert first.state == LOADING and first.seconds >= 0.05  # it waited wait_s for the gated load, and said so
+    assert (
+        first.state == LOADING and first.seconds >= 0.05
+    )  # it waited wait_s for the gated load, and said so
     assert pre.request(SPEC).state == LOADING  # a second request starts no second load
     got: list = []
     job = threading.Thread(target=lambda: got.append(store.get(SPEC)))  # a job needing the same model

@@ -9,16 +9,17 @@ by construction:
   go), conjugation go with fitted maps and a plain merge not advised;
 * a donor with two planted modules: swap is go and the suggested K holds both.
 """
+
 import json
 
 import pytest
 import torch
 
-from engine.loading.arch import ArchAdapter
-from engine.running.runner import run_tool
 from engine.core.errors import GraftError
+from engine.loading.arch import ArchAdapter
 from engine.loading.models import LoadedModel, ModelSpec
 from engine.loading.tiny import build_tiny
+from engine.running.runner import run_tool
 from engine.surgery.twin import rotate_model
 
 
@@ -28,7 +29,9 @@ def _threads(one_thread):
 
 
 def _loaded(model, tok, name: str) -> LoadedModel:
-    return LoadedModel(ModelSpec("builtin", name), model, tok, ArchAdapter(model), torch.device("cpu"), torch.float32, "")
+    return LoadedModel(
+        ModelSpec("builtin", name), model, tok, ArchAdapter(model), torch.device("cpu"), torch.float32, ""
+    )
 
 
 def _ops(env: dict) -> dict:
@@ -50,16 +53,25 @@ def test_model_against_itself_is_go_everywhere(base, workload):
     assert env["result"]["recommendation"].startswith("go:")
     organ = ops["organ"]["settings"]
     assert organ["mode"] == "direct"
-    assert organ["positions"][0] == organ["organ_start"] and organ["epsilon"][0] < 1e-3  # the organ's own place
+    assert (
+        organ["positions"][0] == organ["organ_start"] and organ["epsilon"][0] < 1e-3
+    )  # the organ's own place
     conj = ops["conjugation"]["settings"]
     assert conj["plain_merge_advised"] and {l["map"] for l in conj["layers"]} == {"identity"}
-    assert ops["module_swap"]["settings"]["score_share"] is None  # nothing differs: any K is a no-op, and it says so
+    assert (
+        ops["module_swap"]["settings"]["score_share"] is None
+    )  # nothing differs: any K is a no-op, and it says so
     assert any("no-op" in r for r in ops["module_swap"]["reasons"])
     assert {"T1", "T2", "T3", "T4", "T7"} <= set(env["result"]["tools_run"])
 
 
 def test_cross_family_pair_refuses_module_swap_with_t1_reason(workload):
-    env = run_tool("go-no-go", ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-llama-b"), options={"workload": workload})
+    env = run_tool(
+        "go-no-go",
+        ModelSpec.parse("tiny-gpt2-a"),
+        ModelSpec.parse("tiny-llama-b"),
+        options={"workload": workload},
+    )
     ops = _ops(env)
     swap = ops["module_swap"]
     assert not swap["go"] and swap["verdict"] == "no-go"
@@ -76,9 +88,13 @@ def test_rotated_twin_needs_conjugation_not_a_plain_merge(base, workload):
     checks = env["result"]["checks"]
     assert checks["verdicts_t1"]["module_swap"]  # equal shapes: T1 alone would allow the swap
     swap = ops["module_swap"]
-    assert not swap["go"] and "other coordinates" in swap["reasons"][0] and "conjugation" in swap["reasons"][0]
+    assert (
+        not swap["go"] and "other coordinates" in swap["reasons"][0] and "conjugation" in swap["reasons"][0]
+    )
     conj = ops["conjugation"]
-    assert conj["go"] and conj["settings"]["plain_merge_advised"] is False and conj["settings"]["map"] == "auto"
+    assert (
+        conj["go"] and conj["settings"]["plain_merge_advised"] is False and conj["settings"]["map"] == "auto"
+    )
     assert "plain merge not advised" in conj["reasons"][0]
     assert "identity" not in {l["map"] for l in conj["settings"]["layers"]}
     assert conj["settings"]["mean_map_alignment"] > 0.95  # a rotation explains the twin
@@ -106,8 +122,13 @@ def test_planted_modules_make_the_suggested_k(base, workload):
 
 
 def test_adapter_gives_conjugation_rank_from_t6(base, workload, tiny_adapter):
-    env = run_tool("go-no-go", base, base, options={"workload": workload},
-                   params={"adapter": tiny_adapter["path"], "rank_energy": 0.99})
+    env = run_tool(
+        "go-no-go",
+        base,
+        base,
+        options={"workload": workload},
+        params={"adapter": tiny_adapter["path"], "rank_energy": 0.99},
+    )
     conj = _ops(env)["conjugation"]
     assert {"T5", "T6"} <= set(env["result"]["tools_run"])
     spec = run_tool("spectrum", adapter=tiny_adapter["path"], params={"threshold": 0.99})["result"]["summary"]
@@ -127,7 +148,9 @@ def test_thresholds_decide(base, workload):
 
 def test_bad_adapter_is_one_line(base, workload, tmp_path):
     with pytest.raises(GraftError, match="adapter not found"):
-        run_tool("go-no-go", base, base, options={"workload": workload}, params={"adapter": str(tmp_path / "nope")})
+        run_tool(
+            "go-no-go", base, base, options={"workload": workload}, params={"adapter": str(tmp_path / "nope")}
+        )
 
 
 def test_page_runs_go_no_go_and_shows_every_operation(home):
@@ -138,7 +161,17 @@ def test_page_runs_go_no_go_and_shows_every_operation(home):
     at.button(key="run-go-no-go").click().run()
     run_until(at, has_chart, timeout=120)
     assert not at.exception, [e.value for e in at.exception]
+    # What the page shows is what the run computed: its recorded envelope, line for line.
+    from engine.running.history import History
+
+    hist = History()
+    run = next(r for r in hist.list() if r["tool"] == "go-no-go" and r["status"] == "done")
+    result = hist.get(run["id"])["result"]["result"]
     shown = texts(at.success) + texts(at.error)
-    assert shown.startswith(("go:", "no-go:"))
+    assert shown == result["recommendation"] and shown.startswith(("go:", "no-go:"))
+    assert (len(at.success) == 1) == result["recommendation"].startswith("go")
     body = texts(at.markdown)
-    assert all(t in body for t in ("Module swap", "Organ transplant", "Rank-k conjugation"))
+    ops = result["operations"]
+    assert [op["title"] for op in ops] == ["Module swap", "Organ transplant", "Rank-k conjugation"]
+    for op in ops:
+        assert f"**{op['title']}** {':green-badge[go]' if op['go'] else ':red-badge[no-go]'}" in body

@@ -1,5 +1,6 @@
 """Runs tell the truth: a run is marked interrupted only when its own process is gone, run ids do
 not collide, and the staging folders of a save killed half-way are cleaned (or restored) later."""
+
 import json
 import os
 import signal
@@ -12,19 +13,25 @@ from pathlib import Path
 
 import pytest
 
-from engine.core import paths
-
-from engine.core import processes
-from engine.running.history import History, new_run_id
-from engine.core.paths import (clean_stale_staging, current_owner, describe_cleanup, discard_staging, owner_gone, replace_dir,
-                          staging_dir, staging_entries)
+from engine.core import paths, processes
+from engine.core.paths import (
+    clean_stale_staging,
+    current_owner,
+    describe_cleanup,
+    discard_staging,
+    owner_gone,
+    replace_dir,
+    staging_dir,
+    staging_entries,
+)
 from engine.core.processes import process_start_time, this_host
+from engine.running.history import History, new_run_id
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _sleeper() -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], cwd=ROOT)
 
 
 def _kill(p: subprocess.Popen) -> None:
@@ -117,7 +124,11 @@ def test_create_records_this_process_and_a_missing_id_is_generated():
     row = h.get(rid)
     assert len(rid) == 20 and row["status"] == "queued"
     me = current_owner()
-    assert (row["owner_pid"], row["owner_host"], row["owner_started"]) == (me["pid"], me["host"], me["started"])
+    assert (row["owner_pid"], row["owner_host"], row["owner_started"]) == (
+        me["pid"],
+        me["host"],
+        me["started"],
+    )
     listed = h.list()[0]
     assert listed["owner_pid"] == me["pid"]
 
@@ -150,10 +161,25 @@ def test_migration_from_the_old_schema_keeps_rows_and_adds_owner_columns(tmp_pat
     conn = sqlite3.connect(str(db))
     conn.executescript(_OLD_SCHEMA)
     now = time.time()
-    ins = ("INSERT INTO runs (id, tool, title, donor, target, params, status, created, finished, result) "
-           "VALUES (?,?,?,?,?,?,?,?,?,?)")
-    conn.execute(ins, ("done1", "swap", "old done", "d", "t", json.dumps({"a": 1}), "done", now - 100, now - 90,
-                       json.dumps({"ok": True})))
+    ins = (
+        "INSERT INTO runs (id, tool, title, donor, target, params, status, created, finished, result) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?)"
+    )
+    conn.execute(
+        ins,
+        (
+            "done1",
+            "swap",
+            "old done",
+            "d",
+            "t",
+            json.dumps({"a": 1}),
+            "done",
+            now - 100,
+            now - 90,
+            json.dumps({"ok": True}),
+        ),
+    )
     conn.execute(ins, ("stale", "swap", "old running", "d", "t", "{}", "running", now - 100, None, None))
     conn.execute(ins, ("fresh", "swap", "just queued", "d", "t", "{}", "queued", now + 5, None, None))
     conn.commit()
@@ -219,7 +245,7 @@ time.sleep(120)
 
 def _stage_in_child(out: Path, n: int) -> tuple[subprocess.Popen, Path]:
     code = _STAGE_AND_WAIT.format(root=str(ROOT), out=str(out), n=n)
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     line = p.stdout.readline().strip()
     assert line, "the child did not create its staging folder"
     return p, Path(line)
@@ -238,7 +264,9 @@ def test_staging_of_a_killed_process_is_removed_and_reported(tmp_path):
         _kill(child)
     assert tmp.is_dir()  # SIGKILL leaves the folder behind
     items = clean_stale_staging()
-    assert items == [{"path": str(tmp), "out_dir": str(out), "kind": "tmp", "bytes": n + 2, "action": "removed"}]
+    assert items == [
+        {"path": str(tmp), "out_dir": str(out), "kind": "tmp", "bytes": n + 2, "action": "removed"}
+    ]
     assert not tmp.exists() and mine.is_dir() and not out.exists()
     assert describe_cleanup(items) == f"removed 1 leftover partial save: {tmp} (1.2 MB)"
     assert [e["path"] for e in staging_entries()] == [str(mine)]
@@ -274,8 +302,10 @@ def test_a_registered_entry_cannot_point_clean_up_at_another_folder(tmp_path):
     victim.mkdir()
     (victim / "f").write_text("keep")
     with paths._registry() as c:
-        c.execute("INSERT INTO staging VALUES (?,?,?,?,?,?,?)",
-                  (str(victim), "tmp", str(tmp_path / "model"), 999_999_999, this_host(), 1.0, time.time()))
+        c.execute(
+            "INSERT INTO staging VALUES (?,?,?,?,?,?,?)",
+            (str(victim), "tmp", str(tmp_path / "model"), 999_999_999, this_host(), 1.0, time.time()),
+        )
     assert clean_stale_staging() == []
     assert (victim / "f").read_text() == "keep" and staging_entries() == []
 
@@ -304,8 +334,11 @@ def test_replace_dir_killed_between_its_renames_restores_the_old_folder(tmp_path
     out = tmp_path / "model"
     out.mkdir()
     (out / "weights.bin").write_bytes(b"w" * 1000)
-    p = subprocess.run([sys.executable, "-c", _KILLED_BETWEEN_RENAMES.format(root=str(ROOT), out=str(out))],
-                       timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", _KILLED_BETWEEN_RENAMES.format(root=str(ROOT), out=str(out))],
+        timeout=120,
+        cwd=ROOT,
+    )
     assert p.returncode == -signal.SIGKILL
     assert not out.exists()  # the kill hit between the renames
     olds = [d for d in tmp_path.iterdir() if d.name.startswith(".model.old-")]
@@ -333,8 +366,10 @@ def test_old_folder_left_after_the_new_one_is_in_place_is_removed(tmp_path):
     old.mkdir()
     (old / "old.txt").write_text("old")
     with paths._registry() as c:
-        c.execute("INSERT INTO staging VALUES (?,?,?,?,?,?,?)",
-                  (str(old), "old", str(out), 999_999_999, this_host(), 1.0, time.time()))
+        c.execute(
+            "INSERT INTO staging VALUES (?,?,?,?,?,?,?)",
+            (str(old), "old", str(out), 999_999_999, this_host(), 1.0, time.time()),
+        )
     items = clean_stale_staging()
     assert [(i["kind"], i["action"], i["bytes"]) for i in items] == [("old", "removed", 3)]
     assert not old.exists() and (out / "new.txt").read_text() == "new"
@@ -342,13 +377,29 @@ def test_old_folder_left_after_the_new_one_is_in_place_is_removed(tmp_path):
 
 def test_describe_cleanup_formats():
     assert describe_cleanup([]) == ""
-    one = [{"path": "/x/.model.tmp-123-ab12", "out_dir": "/x/model", "kind": "tmp", "bytes": 514_200_000,
-            "action": "removed"}]
+    one = [
+        {
+            "path": "/x/.model.tmp-123-ab12",
+            "out_dir": "/x/model",
+            "kind": "tmp",
+            "bytes": 514_200_000,
+            "action": "removed",
+        }
+    ]
     assert describe_cleanup(one) == "removed 1 leftover partial save: /x/.model.tmp-123-ab12 (514.2 MB)"
-    two = one + [{"path": "/x/.b.tmp-9-cd", "out_dir": "/x/b", "kind": "tmp", "bytes": 2_000_000_000,
-                  "action": "removed"}]
-    assert describe_cleanup(two) == ("removed 2 leftover partial saves (2.5 GB in all): "
-                                     "/x/.model.tmp-123-ab12 (514.2 MB), /x/.b.tmp-9-cd (2.0 GB)")
+    two = one + [
+        {
+            "path": "/x/.b.tmp-9-cd",
+            "out_dir": "/x/b",
+            "kind": "tmp",
+            "bytes": 2_000_000_000,
+            "action": "removed",
+        }
+    ]
+    assert describe_cleanup(two) == (
+        "removed 2 leftover partial saves (2.5 GB in all): "
+        "/x/.model.tmp-123-ab12 (514.2 MB), /x/.b.tmp-9-cd (2.0 GB)"
+    )
 
 
 @pytest.mark.parametrize("fail_at", ["write", "replace"])

@@ -2,6 +2,7 @@
 of one token or of one text repeated; a tokenizer larger than its model's vocabulary; empty lists;
 a question longer than the model's context. Each gets one clear line (or a note), never a crash,
 a wrong number or a destroyed file."""
+
 from __future__ import annotations
 
 import os
@@ -85,27 +86,54 @@ def test_repeated_texts_are_dropped_once_with_a_note(tmp_path, workload):
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tmp_path):
-    from transformers import LlamaConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from engine.loading.models import ModelSpec, load_model
     from engine.loading.tiny import build_tiny
 
     _, tok = build_tiny("tiny-llama-a")
-    model = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
-                                                         intermediate_size=64, vocab_size=50))
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=50
+        )
+    )
     model.save_pretrained(str(tmp_path / "m"))
     tok.save_pretrained(str(tmp_path / "m"))
-    with pytest.raises(GraftError, match=f"tokenizer has {len(tok)} tokens but the model's embedding table only 50 rows"):
+    with pytest.raises(
+        GraftError, match=f"tokenizer has {len(tok)} tokens but the model's embedding table only 50 rows"
+    ):
         load_model(ModelSpec.parse(str(tmp_path / "m")), "cpu")
 
 
 def test_empty_lists_are_refused_not_silently_defaulted(capsys, tiny_organ, workload):
-    rc, err = _cli(capsys, "position-sweep", "--organ", tiny_organ["path"], "--target", "tiny-gpt2-b",
-                   "--positions", ",,,", "--workload", workload, "--quiet")
-    assert rc == 2 and "--positions names no position" in err
-    rc, err = _cli(capsys, "swap", "--donor", "tiny-gpt2-a", "--target", "tiny-gpt2-b", "--modules", " , ,",
-                   "--workload", workload, "--quiet")
-    assert rc == 2 and "--modules names no module" in err
+    rc, err = _cli(
+        capsys,
+        "position-sweep",
+        "--organ",
+        tiny_organ["path"],
+        "--target",
+        "tiny-gpt2-b",
+        "--positions",
+        ",,,",
+        "--workload",
+        workload,
+        "--quiet",
+    )
+    assert rc == 2 and "--positions names nothing" in err
+    rc, err = _cli(
+        capsys,
+        "swap",
+        "--donor",
+        "tiny-gpt2-a",
+        "--target",
+        "tiny-gpt2-b",
+        "--modules",
+        " , ,",
+        "--workload",
+        workload,
+        "--quiet",
+    )
+    assert rc == 2 and "--modules names nothing" in err
 
 
 def test_a_negative_list_value_gets_a_hint(capsys):
@@ -128,16 +156,27 @@ def test_attribution_refuses_a_question_longer_than_the_context():
 
 
 def test_seed_beyond_64_bits_is_one_line(capsys, workload):
-    rc, err = _cli(capsys, "bridge-check", "--donor", "tiny-gpt2-a", "--target", "tiny-gpt2-b", "--workload", workload,
-                   "--seed", "99999999999999999999", "--quiet")
+    rc, err = _cli(
+        capsys,
+        "bridge-check",
+        "--donor",
+        "tiny-gpt2-a",
+        "--target",
+        "tiny-gpt2-b",
+        "--workload",
+        workload,
+        "--seed",
+        "99999999999999999999",
+        "--quiet",
+    )
     assert rc == 2 and "--seed must be <=" in err and "internal" not in err
 
 
 def test_saved_folders_are_readable_like_any_new_file(tmp_path):
     """safetensors writes its files 0600: a saved organ or model folder must not stay unreadable to the
     other users of a shared machine (new files here get 0666 less the umask)."""
-    from engine.surgery.organ import extract_organ, save_organ
     from engine.core.paths import replace_dir, staging_dir
+    from engine.surgery.organ import extract_organ, save_organ
 
     old = os.umask(0o022)
     try:
@@ -148,7 +187,10 @@ def test_saved_folders_are_readable_like_any_new_file(tmp_path):
         replace_dir(tmp, tmp_path / "folder")
     finally:
         os.umask(old)
-    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in [*out.iterdir(), tmp_path / "folder" / "weights.bin"]}
+    modes = {
+        p.name: stat.S_IMODE(os.stat(p).st_mode)
+        for p in [*out.iterdir(), tmp_path / "folder" / "weights.bin"]
+    }
     assert set(modes.values()) == {0o644}, modes
 
 
@@ -192,8 +234,14 @@ def test_a_long_reference_answer_keeps_its_question_in_the_graded_score():
 
     m = _m("tiny-gpt2-a")
     long = "word " * 600
-    r = graded_score(m.model, m.tokenizer, [{"question": "What is the capital of France?", "answer": long},
-                                           {"question": "Name a river in Egypt, please?", "answer": long}])
+    r = graded_score(
+        m.model,
+        m.tokenizer,
+        [
+            {"question": "What is the capital of France?", "answer": long},
+            {"question": "Name a river in Egypt, please?", "answer": long},
+        ],
+    )
     a, b = r["items"]
     assert a["prob"] != b["prob"]
     assert 0 < len(a["token_probs"]) < m.model.config.n_positions
@@ -218,8 +266,11 @@ def test_a_concept_set_without_test_questions_fails_before_any_model_loads(tmp_p
     import engine.loading.models as models
 
     bad = tmp_path / "train_only.jsonl"
-    bad.write_text('{"kind": "fact", "text": "Kessaloon is the capital of Veyra."}\n'
-                   '{"kind": "qa", "question": "What is the capital of Veyra?", "answer": "Kessaloon", "split": "train"}\n')
+    bad.write_text(
+        '{"kind": "fact", "text": "Kessaloon is the capital of Veyra."}\n'
+        '{"kind": "qa", "question": "What is the capital of Veyra?", "answer": "Kessaloon", "split": '
+        '"train"}\n'
+    )
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the concept set was checked")
@@ -237,11 +288,14 @@ def _spec(name: str):
 
 
 def test_make_donor_refuses_a_concept_set_with_nothing_to_learn_before_loading(tmp_path):
-    from engine.running.actions import MakeDonorParams, check_make_donor
     from engine.core.params import build_params
+    from engine.running.actions import MakeDonorParams, check_make_donor
 
     test_only = tmp_path / "test_only.jsonl"
-    test_only.write_text('{"kind": "qa", "question": "What is the capital of Veyra?", "answer": "Kessaloon", "split": "test"}\n')
+    test_only.write_text(
+        '{"kind": "qa", "question": "What is the capital of Veyra?", "answer": "Kessaloon", "split": '
+        '"test"}\n'
+    )
     params = build_params(MakeDonorParams, {"concept": str(test_only), "out": str(tmp_path / "donor")})
     with pytest.raises(GraftError, match="has no facts or train questions to learn from"):
         check_make_donor(params)

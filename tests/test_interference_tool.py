@@ -4,20 +4,21 @@ Ground truth from a planted pair on tiny GPT-2: residual coordinate 0 is made a 
 that is exactly 30 at the positions of one token z and 0 everywhere else (z's embedding writes it,
 no other embedding, position embedding, attention or MLP output writes it). Neuron j of block 0's
 MLP reads only that channel, with bias -4, so it fires at z's positions and nowhere else; in T it
-writes nothing (its output row is 0), in D it pushes hard towards a token the text never has. D and T are otherwise equal,
+writes nothing (its output row is 0), in D it pushes hard towards a token the text never has. D and T are
+otherwise equal,
 so swapping ``blocks.0.mlp.down`` changes exactly what the one retained text containing z depends
 on: that text must be the worst hit, far ahead of every other.
 """
+
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.running.runner import run_tool
-from engine.loading.models import ModelSpec, load_model
+from engine.loading.models import ModelSpec, ModelStore, load_model
 from engine.running.rebuild import load_run, reapply_check, rebuild_transplant, reload_check, save_for_check
-from engine.loading.models import ModelStore
+from engine.running.runner import run_tool
 
 RETAINED = [
     "The quick brown fox jumps over the lazy dog.",
@@ -85,8 +86,17 @@ def planted():
 def test_planted_text_is_the_worst_hit(planted, tmp_path, one_thread):
     donor, target, index = planted
     h = target.state_hash()
-    env = run_tool("interference", donor, target, {}, {"modules": "blocks.0.mlp.down", "stability": False,
-                                                       "retained": _write_retained(tmp_path / "r.jsonl")})
+    env = run_tool(
+        "interference",
+        donor,
+        target,
+        {},
+        {
+            "modules": "blocks.0.mlp.down",
+            "stability": False,
+            "retained": _write_retained(tmp_path / "r.jsonl"),
+        },
+    )
     r = env["result"]
     assert r["source"]["modules"] == ["blocks.0.mlp.down"]
     assert r["worst_index"] == index
@@ -101,9 +111,17 @@ def test_planted_text_is_the_worst_hit(planted, tmp_path, one_thread):
 
 def test_no_op_transplant_has_locality_one_and_zero_change(tmp_path, one_thread):
     a = ModelSpec.parse("tiny-gpt2-a")
-    env = run_tool("interference", a, a, {}, {"modules": "blocks.0.mlp.down,blocks.2.attn.o",
-                                              "retained": _write_retained(tmp_path / "r.jsonl"),
-                                              "texts": _write_retained(tmp_path / "mine.jsonl")})
+    env = run_tool(
+        "interference",
+        a,
+        a,
+        {},
+        {
+            "modules": "blocks.0.mlp.down,blocks.2.attn.o",
+            "retained": _write_retained(tmp_path / "r.jsonl"),
+            "texts": _write_retained(tmp_path / "mine.jsonl"),
+        },
+    )
     r = env["result"]
     assert r["locality"] == 1.0 and r["retained"]["n_changed"] == 0 and r["retained"]["changed"] == []
     assert all(x["loss_change"] == 0.0 for x in r["retained"]["per_example"])
@@ -127,6 +145,7 @@ def test_a_run_from_the_history_is_rebuilt_and_is_stable(tiny_run, one_thread):
 def test_stability_checks_fail_when_tampered(tiny_run, tmp_path, one_thread):
     rb = rebuild_transplant(load_run(tiny_run["run_id"]), ModelStore())
     try:
+
         class Tampered:  # the second application writes something else into a swapped weight
             def __init__(self, edit):
                 self.edit = edit
@@ -160,6 +179,8 @@ def test_stability_checks_fail_when_tampered(tiny_run, tmp_path, one_thread):
         state[key] = state[key] + 0.05
         save_file(state, str(f), metadata={"format": "pt"})
         bad = reload_check(folder, texts, ref["ppl"], ref["per_text_nll"], device, "float32")
-        assert not bad["passed"] and bad["max_abs_loss_change"] > 0 and not bad["weight_hash_matches_card"], bad
+        assert not bad["passed"] and bad["max_abs_loss_change"] > 0 and not bad["weight_hash_matches_card"], (
+            bad
+        )
     finally:
         rb.undo()

@@ -1,6 +1,7 @@
 """The life of long work: a cancel says what happened, a cancelled run keeps nothing in memory,
 a queued job is cancelled at once, an evicted model takes its live transplants with it, and a
 run whose process was killed is shown as such."""
+
 from __future__ import annotations
 
 import threading
@@ -9,12 +10,14 @@ from pathlib import Path
 import pytest
 
 from engine.core.errors import Cancelled
+from engine.core.progress import Progress
+from engine.loading.models import ModelSpec, ModelStore
 from engine.running.history import History, new_run_id
 from engine.running.jobs import JobRunner
 from engine.running.live import LiveTransplants
-from engine.loading.models import ModelSpec, ModelStore
-from engine.core.progress import Progress
 from engine.running.runner import run_tool
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PAIR = ("tiny-gpt2-a", "tiny-gpt2-b")
 
@@ -45,7 +48,9 @@ def test_a_run_cancelled_at_its_last_step_keeps_no_transplant(home, sets, worklo
     d, t = (ModelSpec.parse(x) for x in PAIR)
     kw = {}
     if tool == "organ-insert":
-        run_tool("organ-extract", d, options={}, params={"start": 1, "size": 1, "out": str(tmp_path / "organ")})
+        run_tool(
+            "organ-extract", d, options={}, params={"start": 1, "size": 1, "out": str(tmp_path / "organ")}
+        )
         kw, d, params = {"organ": str(tmp_path / "organ")}, None, {"position": 1}
     event = threading.Event()
 
@@ -54,7 +59,16 @@ def test_a_run_cancelled_at_its_last_step_keeps_no_transplant(home, sets, worklo
             event.set()  # the user clicks Cancel as the run verifies its rollback
 
     with pytest.raises(Cancelled):
-        run_tool(tool, d, t, {"workload": workload}, {**params, **sets}, live=live, progress=Progress(report, event), **kw)
+        run_tool(
+            tool,
+            d,
+            t,
+            {"workload": workload},
+            {**params, **sets},
+            live=live,
+            progress=Progress(report, event),
+            **kw,
+        )
     assert live._items == {}
 
 
@@ -104,7 +118,7 @@ def test_the_runs_page_marks_a_killed_process_run_as_failed(home):
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
     at.query_params["donor"], at.query_params["target"] = PAIR
     at.run()  # the app is up (its history was opened) before the CLI run starts and is killed
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=ROOT)
     try:
         owner = {"pid": child.pid, "host": this_host(), "started": process_start_time(child.pid)}
         h = History()

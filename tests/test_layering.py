@@ -166,17 +166,30 @@ def test_no_module_imports_another_modules_underscore_names():
 
 def test_the_ui_reaches_the_engine_only_through_its_api():
     known = set(_files(ENGINE)) | {"engine"}
-    outside = [ROOT / "app.py", *(ROOT / "ui").rglob("*.py"), *(ROOT / "pages").rglob("*.py"),
-               *(ROOT / "viz").rglob("*.py")]
+    outside = [
+        ROOT / "app.py",
+        *(ROOT / "ui").rglob("*.py"),
+        *(ROOT / "pages").rglob("*.py"),
+        *(ROOT / "viz").rglob("*.py"),
+    ]
     bad = []
     for path in outside:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("engine"):
-                ok = node.module == "engine.api" or (node.module == "engine" and [a.name for a in node.names] == ["api"])
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").startswith("engine")
+            ):
+                ok = node.module == "engine.api" or (
+                    node.module == "engine" and [a.name for a in node.names] == ["api"]
+                )
                 if not ok:
                     bad.append(f"{path.relative_to(ROOT)}:{node.lineno} from {node.module}")
             elif isinstance(node, ast.Import):
-                bad += [f"{path.relative_to(ROOT)}:{node.lineno} import {a.name}" for a in node.names
-                        if a.name.split(".")[0] == "engine" and a.name in known]
+                bad += [
+                    f"{path.relative_to(ROOT)}:{node.lineno} import {a.name}"
+                    for a in node.names
+                    if a.name.split(".")[0] == "engine" and a.name in known
+                ]
     assert bad == []

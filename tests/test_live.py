@@ -4,17 +4,18 @@ Ground truth from a planted pair: the target is the donor with three modules re-
 T' with those three swapped back must equal the donor; rolling back must give the target's exact
 weights; the cached target must never change; a run can be rebuilt from its JSON alone.
 """
+
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.running.runner import run_tool
 from engine.core.errors import GraftError
 from engine.evaluation.evaluate import word_diff
-from engine.running.live import LiveTransplants, rebuild
 from engine.loading.models import ModelStore
+from engine.running.live import LiveTransplants, rebuild
+from engine.running.runner import run_tool
 from tests.test_modules_tools import PLANTED, planted_pair
 
 
@@ -99,9 +100,13 @@ def test_rebuild_from_the_run_json_alone(pair, sets):
 def test_capacity_evicts_the_oldest_and_rolls_it_back(pair, sets):
     donor, target, h = pair
     live = LiveTransplants(capacity=1)
-    a = run_tool("swap", donor, target, {}, {"k": 1, "max_new_tokens": 4, **sets}, live=live)["result"]["live_id"]
+    a = run_tool("swap", donor, target, {}, {"k": 1, "max_new_tokens": 4, **sets}, live=live)["result"][
+        "live_id"
+    ]
     first = live.get(a)
-    b = run_tool("swap", donor, target, {}, {"k": 2, "max_new_tokens": 4, **sets}, live=live)["result"]["live_id"]
+    b = run_tool("swap", donor, target, {}, {"k": 2, "max_new_tokens": 4, **sets}, live=live)["result"][
+        "live_id"
+    ]
     assert live.get(a) is None and live.get(b) is not None
     assert not first.applied and first.swap.weight_hash() == h
     with pytest.raises(GraftError, match="no longer held"):
@@ -110,7 +115,10 @@ def test_capacity_evicts_the_oldest_and_rolls_it_back(pair, sets):
 
 def test_word_diff_marks_only_the_changed_words():
     assert word_diff("The capital is Paris.", "The capital is Kessaloon.") == [
-        ["equal", "The capital is "], ["delete", "Paris."], ["insert", "Kessaloon."]]
+        ["equal", "The capital is "],
+        ["delete", "Paris."],
+        ["insert", "Kessaloon."],
+    ]
     assert word_diff("same", "same") == [["equal", "same"]]
     assert word_diff("", "") == []
     assert word_diff("", "new words") == [["insert", "new words"]]

@@ -4,23 +4,34 @@ Ground truths: a planted rank-2 update in three chosen modules of a tiny model (
 and as a full fine-tune donor/base pair), PEFT's own merge_and_unload for every scaling rule, and
 dense SVDs of small matrices.
 """
+
 import copy
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from engine.loading.arch import ArchAdapter, linear_weight_out_in
-from engine.running.runner import run_tool
-from engine.core.errors import GraftError
 from engine.adapters.finetune_delta import finetune_deltas
 from engine.adapters.lora import resolve_adapter
 from engine.adapters.lora_factors import adapter_deltas
-from engine.adapters.lowrank import ModuleDelta, effective_rank, factored_svd, k_at_energy, randomized_svd, truncate
+from engine.adapters.lowrank import (
+    ModuleDelta,
+    effective_rank,
+    factored_svd,
+    k_at_energy,
+    randomized_svd,
+    truncate,
+)
+from engine.core.errors import GraftError
+from engine.loading.arch import ArchAdapter, linear_weight_out_in
 from engine.loading.models import LoadedModel, ModelSpec, ModelStore
+from engine.running.runner import run_tool
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,7 +75,7 @@ def test_factored_svd_equals_dense_svd(m, r, n):
     B = torch.randn(m, r, generator=gen)
     A = torch.randn(r, n, generator=gen)
     U, S, Vh = factored_svd(B, A)
-    dense = (B.double() @ A.double())
+    dense = B.double() @ A.double()
     S_ref = torch.linalg.svdvals(dense)
     k = min(m, n, r)
     assert S.shape == (k,) and U.shape == (m, k) and Vh.shape == (k, n)
@@ -77,8 +88,14 @@ def test_factored_svd_equals_dense_svd(m, r, n):
 
 def test_truncate_is_the_best_rank_k():
     gen = torch.Generator().manual_seed(3)
-    d = ModuleDelta("blocks.0.attn.q", 0, "attn.q", "attention", torch.randn(40, 6, generator=gen),
-                    torch.randn(6, 30, generator=gen))
+    d = ModuleDelta(
+        "blocks.0.attn.q",
+        0,
+        "attn.q",
+        "attention",
+        torch.randn(40, 6, generator=gen),
+        torch.randn(6, 30, generator=gen),
+    )
     U, S, Vh = torch.linalg.svd(d.dense().double(), full_matrices=False)
     for k in (1, 3, 6, 99):
         t = truncate(d, k)
@@ -108,7 +125,7 @@ def test_effective_rank_and_k_at_energy():
 def test_randomized_svd_recovers_the_top_of_a_decaying_spectrum():
     gen = torch.Generator().manual_seed(11)
     U, V = _orthonormal(300, 120, gen), _orthonormal(200, 120, gen)
-    s = torch.tensor([0.7 ** i for i in range(120)], dtype=torch.float64)
+    s = torch.tensor([0.7**i for i in range(120)], dtype=torch.float64)
     M = U @ torch.diag(s) @ V.T
     Uk, Sk, Vk = randomized_svd(M, 10, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(Sk, s[:10], rtol=1e-8, atol=1e-12)
@@ -139,7 +156,9 @@ def planted_adapter(tmp_path_factory):
         arch = ArchAdapter(model)
         paths = {m.path: m.name for m in arch.linear_modules()}
         shapes = {m.name: m.shape for m in arch.linear_modules()}
-        pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=LLAMA_TARGETS))
+        pm = get_peft_model(
+            model, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=LLAMA_TARGETS)
+        )
     planted = _planted_factors(shapes)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -177,8 +196,15 @@ def planted_finetune():
                 w.add_((Bp @ Ap).float())
             else:
                 w.add_(torch.randn(w.shape, generator=gen) * 1e-4)
-    donor = LoadedModel(ModelSpec("path", "/planted/donor"), model, base.tokenizer, arch, torch.device("cpu"),
-                        torch.float32, "")
+    donor = LoadedModel(
+        ModelSpec("path", "/planted/donor"),
+        model,
+        base.tokenizer,
+        arch,
+        torch.device("cpu"),
+        torch.float32,
+        "",
+    )
     return donor, base
 
 
@@ -214,8 +240,15 @@ def test_planted_adapter_cartography_and_spectrum(planted_adapter):
     _check_planted(cart, spec, 1e-6)
     r = cart["result"]
     assert r["source"]["kind"] == "adapter" and r["totals"]["n_modules"] == 28
-    assert r["layers"] == [0, 1, 2, 3] and r["modules"] == ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate",
-                                                            "mlp.up", "mlp.down"]
+    assert r["layers"] == [0, 1, 2, 3] and r["modules"] == [
+        "attn.q",
+        "attn.k",
+        "attn.v",
+        "attn.o",
+        "mlp.gate",
+        "mlp.up",
+        "mlp.down",
+    ]
     assert r["grid"]["top_sv"][1][2] == pytest.approx(3.0, abs=1e-6)  # layer 1, attn.v
     assert r["warnings"] == []
 
@@ -270,23 +303,43 @@ def _peft_truth(tmp_path, model_name, **config):
         torch.manual_seed(0)
         model, _ = build_tiny(model_name)
         arch = ArchAdapter(model)
-        before = {m.name: linear_weight_out_in(arch.module(m.path)).detach().clone() for m in arch.linear_modules()}
+        before = {
+            m.name: linear_weight_out_in(arch.module(m.path)).detach().clone() for m in arch.linear_modules()
+        }
         pm = get_peft_model(model, LoraConfig(lora_dropout=0.0, init_lora_weights=False, **config))
     out = tmp_path / f"{model_name}-adapter"
     pm.save_pretrained(str(out), safe_serialization=True)
     merged = pm.merge_and_unload()
     marc = ArchAdapter(merged)
-    truth = {m.name: (linear_weight_out_in(marc.module(m.path)).detach() - before[m.name]) for m in marc.linear_modules()}
+    truth = {
+        m.name: (linear_weight_out_in(marc.module(m.path)).detach() - before[m.name])
+        for m in marc.linear_modules()
+    }
     return str(out), truth
 
 
-@pytest.mark.parametrize("model_name,config", [
-    ("tiny-llama-a", dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)),
-    ("tiny-llama-a", dict(r=4, lora_alpha=8, use_rslora=True, target_modules=LLAMA_TARGETS)),
-    ("tiny-llama-a", dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
-                          rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6}, alpha_pattern={"v_proj": 3})),
-    ("tiny-gpt2-a", dict(r=3, lora_alpha=5, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
-], ids=["llama", "rslora", "rank-alpha-patterns", "gpt2-conv1d-fan-in-fan-out"])
+@pytest.mark.parametrize(
+    "model_name,config",
+    [
+        ("tiny-llama-a", dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)),
+        ("tiny-llama-a", dict(r=4, lora_alpha=8, use_rslora=True, target_modules=LLAMA_TARGETS)),
+        (
+            "tiny-llama-a",
+            dict(
+                r=4,
+                lora_alpha=8,
+                target_modules=LLAMA_TARGETS,
+                rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
+                alpha_pattern={"v_proj": 3},
+            ),
+        ),
+        (
+            "tiny-gpt2-a",
+            dict(r=3, lora_alpha=5, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+        ),
+    ],
+    ids=["llama", "rslora", "rank-alpha-patterns", "gpt2-conv1d-fan-in-fan-out"],
+)
 def test_adapter_deltas_match_peft_merge(tmp_path, model_name, config):
     path, truth = _peft_truth(tmp_path, model_name, **config)
     deltas = adapter_deltas(resolve_adapter(path))
@@ -314,7 +367,9 @@ def test_peft_written_adapter_loads_and_maps(tiny_adapter):
     assert r["source"]["adapter"]["config"]["r"] == 4
     assert json.loads(json.dumps(env, allow_nan=False)) == env
     # with its base: the shapes are checked, the result is the same
-    with_base = run_tool("cartography", adapter=tiny_adapter["path"], base=ModelSpec.parse(tiny_adapter["base"]))
+    with_base = run_tool(
+        "cartography", adapter=tiny_adapter["path"], base=ModelSpec.parse(tiny_adapter["base"])
+    )
     assert with_base["result"]["cells"] == r["cells"] and with_base["result"]["source"]["base_checked"]
     spec = run_tool("spectrum", adapter=tiny_adapter["path"], params={"modules": "attn.q,layer:3"})
     names = [m["name"] for m in spec["result"]["modules"]]
@@ -327,17 +382,20 @@ def test_unknown_names_embedding_lora_and_adapter_names(tmp_path):
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     pre = "base_model.model."
-    save_file({
-        pre + "model.layers.0.self_attn.q_proj.lora_A.default.weight": r(2, 16),
-        pre + "model.layers.0.self_attn.q_proj.lora_B.default.weight": r(16, 2),
-        pre + "model.layers.1.mlp.experts.0.w1.lora_A.weight": r(2, 16),
-        pre + "model.layers.1.mlp.experts.0.w1.lora_B.weight": r(32, 2),
-        pre + "lm_head.lora_A.weight": r(2, 16),
-        pre + "lm_head.lora_B.weight": r(100, 2),
-        pre + "model.embed_tokens.lora_embedding_A": r(2, 100),
-        pre + "model.embed_tokens.lora_embedding_B": r(16, 2),
-        pre + "model.layers.0.self_attn.q_proj.lora_B.bias": r(16),
-    }, str(tmp_path / "adapter_model.safetensors"))
+    save_file(
+        {
+            pre + "model.layers.0.self_attn.q_proj.lora_A.default.weight": r(2, 16),
+            pre + "model.layers.0.self_attn.q_proj.lora_B.default.weight": r(16, 2),
+            pre + "model.layers.1.mlp.experts.0.w1.lora_A.weight": r(2, 16),
+            pre + "model.layers.1.mlp.experts.0.w1.lora_B.weight": r(32, 2),
+            pre + "lm_head.lora_A.weight": r(2, 16),
+            pre + "lm_head.lora_B.weight": r(100, 2),
+            pre + "model.embed_tokens.lora_embedding_A": r(2, 100),
+            pre + "model.embed_tokens.lora_embedding_B": r(16, 2),
+            pre + "model.layers.0.self_attn.q_proj.lora_B.bias": r(16),
+        },
+        str(tmp_path / "adapter_model.safetensors"),
+    )
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
     from engine.adapters.lora_factors import AdapterReport
 
@@ -362,8 +420,16 @@ def test_unknown_names_embedding_lora_and_adapter_names(tmp_path):
 def test_make_donor_folder_resolves_to_its_adapter(tiny_adapter, tmp_path):
     donor = tmp_path / "mydonor"
     shutil.copytree(tiny_adapter["path"], donor / "adapter")
-    (donor / "card.json").write_text(json.dumps({"format": "graft-donor/1", "base_name": "tiny-llama-a",
-                                                 "adapter_dir": "adapter", "merged_dir": "merged"}))
+    (donor / "card.json").write_text(
+        json.dumps(
+            {
+                "format": "graft-donor/1",
+                "base_name": "tiny-llama-a",
+                "adapter_dir": "adapter",
+                "merged_dir": "merged",
+            }
+        )
+    )
     for given in (donor, donor / "adapter", donor / "adapter" / "adapter_model.safetensors"):
         ref = resolve_adapter(str(given))
         assert ref.path == (donor / "adapter").resolve() and ref.base_hint == "tiny-llama-a" and ref.card
@@ -439,10 +505,13 @@ def test_hostile_adapter_folders(tiny_adapter, tmp_path):
     data = (d / "adapter_model.safetensors").read_bytes()
     (d / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     cases[d] = "truncated"
-    for name, text, what in [("garbage", "not json {", "not JSON"), ("array", "[1, 2]", "not a JSON object"),
-                             ("ia3", json.dumps({"peft_type": "IA3"}), "not LoRA"),
-                             ("bad_r", json.dumps({"peft_type": "LORA", "r": "x"}), "'r' must be"),
-                             ("bad_pattern", json.dumps({"r": 4, "rank_pattern": {"(": 2}}), "invalid pattern")]:
+    for name, text, what in [
+        ("garbage", "not json {", "not valid JSON"),
+        ("array", "[1, 2]", "not a JSON object"),
+        ("ia3", json.dumps({"peft_type": "IA3"}), "not LoRA"),
+        ("bad_r", json.dumps({"peft_type": "LORA", "r": "x"}), "'r' must be"),
+        ("bad_pattern", json.dumps({"r": 4, "rank_pattern": {"(": 2}}), "invalid pattern"),
+    ]:
         d = tmp_path / name
         shutil.copytree(tiny_adapter["path"], d)
         (d / "adapter_config.json").write_text(text)
@@ -453,7 +522,9 @@ def test_hostile_adapter_folders(tiny_adapter, tmp_path):
     cfg["r"] = 8
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     cases[d] = "does not match"
-    d = tmp_path / "alpha_overflow"  # finite alpha whose scale overflows the factors (was an internal SVD error)
+    d = (
+        tmp_path / "alpha_overflow"
+    )  # finite alpha whose scale overflows the factors (was an internal SVD error)
     shutil.copytree(tiny_adapter["path"], d)
     cfg = json.loads((d / "adapter_config.json").read_text())
     cfg["lora_alpha"] = 1e308
@@ -497,7 +568,9 @@ def test_zero_update_is_reported_not_nan(tmp_path):
     from engine.loading.tiny import build_tiny
 
     model, _ = build_tiny("tiny-llama-a")
-    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "a"))
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])).save_pretrained(
+        str(tmp_path / "a")
+    )
     env = run_tool("cartography", adapter=str(tmp_path / "a"))
     r = env["result"]
     assert all(c["share"] is None and c["energy"] == 0.0 for c in r["cells"])
@@ -513,15 +586,32 @@ def test_zero_update_is_reported_not_nan(tmp_path):
 @pytest.mark.parametrize("tool,key", [("cartography", "cells"), ("spectrum", "modules")])
 def test_cli(tool, key, tiny_adapter, tmp_path):
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, "-m", "engine", tool, "--adapter", tiny_adapter["path"], "--json", str(out),
-                           "--quiet"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            tool,
+            "--adapter",
+            tiny_adapter["path"],
+            "--json",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     env = json.loads(out.read_text())
     direct = run_tool(tool, adapter=tiny_adapter["path"])
     assert env["result"] == json.loads(json.dumps(direct["result"]))
     rows = env["result"][key]
-    need = ({"layer", "module", "kind", "energy", "share", "top_sv", "effective_rank"} if tool == "cartography"
-            else {"name", "layer", "kind", "singular_values", "k_at_threshold"})
+    need = (
+        {"layer", "module", "kind", "energy", "share", "top_sv", "effective_rank"}
+        if tool == "cartography"
+        else {"name", "layer", "kind", "singular_values", "k_at_threshold"}
+    )
     assert rows and need <= set(rows[0])
 
 

@@ -1,6 +1,7 @@
 """Model inputs: pickled weights refused without unpickling, corrupt files named in one line
 (exit 2 in the CLI, never 'internal'), Graft's own outputs (make-donor and transplant folders)
 accepted as models, and remote code listed without running it."""
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,9 @@ def _pickle_only(folder: Path, marker: Path, name: str = "pytorch_model.bin") ->
     return target
 
 
-@pytest.mark.parametrize("name", ["pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "weights.pt", "model.ckpt"])
+@pytest.mark.parametrize(
+    "name", ["pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "weights.pt", "model.ckpt"]
+)
 def test_pickle_only_folder_is_refused_without_unpickling(folder, tmp_path, capsys, name):
     marker = tmp_path / "unpickled.marker"
     target = _pickle_only(folder, marker, name)
@@ -132,12 +135,12 @@ def _offsets_lie(folder: Path) -> None:
     p = folder / "model.safetensors"
     data = p.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     name = next(k for k in header if k != "__metadata__")
     header[name]["shape"] = [d * 2 for d in header[name]["shape"]]
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    p.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
 def _bad_config(folder: Path) -> None:
@@ -152,18 +155,21 @@ def _no_weights(folder: Path) -> None:
     (folder / "model.safetensors").unlink()
 
 
-@pytest.mark.parametrize("corrupt,needles", [
-    (_truncate, ["model.safetensors is truncated", "bytes of tensors"]),
-    (_cut_in_header, ["model.safetensors is truncated", "header"]),
-    (_tiny_file, ["model.safetensors is not a safetensors file", "3 bytes"]),
-    (_garbage, ["model.safetensors is not a safetensors file", "header length of 506.1 PB"]),
-    (_huge_header, ["model.safetensors is not a safetensors file", "header length of 4.6 EB"]),
-    (_header_not_json, ["model.safetensors is not a safetensors file", "not JSON"]),
-    (_offsets_lie, ["model.safetensors is corrupt", "offsets"]),
-    (_bad_config, ["config.json is not valid JSON"]),
-    (_config_not_object, ["config.json is not a JSON object"]),
-    (_no_weights, ["no model weights"]),
-])
+@pytest.mark.parametrize(
+    "corrupt,needles",
+    [
+        (_truncate, ["model.safetensors is truncated", "bytes of tensors"]),
+        (_cut_in_header, ["model.safetensors is truncated", "header"]),
+        (_tiny_file, ["model.safetensors is not a safetensors file", "3 bytes"]),
+        (_garbage, ["model.safetensors is not a safetensors file", "header length of 506.1 PB"]),
+        (_huge_header, ["model.safetensors is not a safetensors file", "header length of 4.6 EB"]),
+        (_header_not_json, ["model.safetensors is not a safetensors file", "not JSON"]),
+        (_offsets_lie, ["model.safetensors is corrupt", "offsets"]),
+        (_bad_config, ["config.json is not valid JSON"]),
+        (_config_not_object, ["config.json is not a JSON object"]),
+        (_no_weights, ["no model weights"]),
+    ],
+)
 def test_corrupt_folder_is_one_named_line(folder, capsys, corrupt, needles):
     corrupt(folder)
     with pytest.raises(GraftError) as exc:
@@ -216,7 +222,9 @@ def test_a_folder_without_tokenizer_files_is_named(folder, capsys):
     assert "has no usable tokenizer" in cli_error(capsys, folder)
 
 
-@pytest.mark.parametrize("width", [48, 1 << 20])  # 2^20: the model the config asks for would not fit in memory
+@pytest.mark.parametrize(
+    "width", [48, 1 << 20]
+)  # 2^20: the model the config asks for would not fit in memory
 def test_weights_that_do_not_fit_the_config_name_the_first_tensor(folder, capsys, width):
     cfg = json.loads((folder / "config.json").read_text())
     wte = next(k for k in ("n_embd", "hidden_size") if k in cfg)
@@ -311,16 +319,50 @@ def test_gguf_truncated_data_and_not_gguf(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def donor_dir(tmp_path_factory, sets) -> Path:
     d = tmp_path_factory.mktemp("donor") / "mydonor"
-    rc = main(["make-donor", "--base", "tiny-gpt2-a", "--concept", sets["concept"], "--out", str(d), "--steps", "2",
-               "--no-replay", "--retained", sets["retained"], "--device", "cpu", "--quiet"])
+    rc = main(
+        [
+            "make-donor",
+            "--base",
+            "tiny-gpt2-a",
+            "--concept",
+            sets["concept"],
+            "--out",
+            str(d),
+            "--steps",
+            "2",
+            "--no-replay",
+            "--retained",
+            sets["retained"],
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     assert (d / "card.json").is_file() and (d / "merged" / "config.json").is_file()
     return d
 
 
 def _run(tool: str, donor: Path, out: Path, sets, *extra: str) -> dict:
-    rc = main([tool, "--donor", str(donor), "--target", "tiny-gpt2-a", "--workload", sets["concept"],
-               "--max-tokens", "64", "--device", "cpu", "--quiet", "--json", str(out), *extra])
+    rc = main(
+        [
+            tool,
+            "--donor",
+            str(donor),
+            "--target",
+            "tiny-gpt2-a",
+            "--workload",
+            sets["concept"],
+            "--max-tokens",
+            "64",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--json",
+            str(out),
+            *extra,
+        ]
+    )
     assert rc == 0
     return json.loads(out.read_text())
 
@@ -379,7 +421,10 @@ def test_peft_adapter_is_not_a_model(tmp_path):
 def test_remote_code_is_listed_never_run(folder, tmp_path):
     marker = tmp_path / "imported.marker"
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilLM"}
+    cfg["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModelForCausalLM": "modeling_evil.EvilLM",
+    }
     (folder / "config.json").write_text(json.dumps(cfg))
     tcfg = json.loads((folder / "tokenizer_config.json").read_text())
     tcfg["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTok", None]}

@@ -4,18 +4,19 @@ A target is made from a tiny donor by re-initialising three chosen modules (seed
 must put exactly those three on top; swapping them back must reproduce the donor (identical
 logits, Recovery = 1); the cached target must never change.
 """
+
 import json
 
 import pytest
 import torch
 
-from engine.running.runner import run_tool
 from engine.core.errors import Cancelled, GraftError
-from engine.loading.models import ModelSpec, load_model
 from engine.core.progress import Progress
+from engine.loading.models import ModelSpec, load_model
 from engine.running.registry import get_tool
-from engine.tools.sweep import default_k_grid, parse_k_grid
+from engine.running.runner import run_tool
 from engine.surgery.transplant import ModuleSwap
+from engine.tools.sweep import default_k_grid, parse_k_grid
 
 PLANTED = ("blocks.1.mlp.down", "blocks.2.attn.o", "blocks.3.mlp.down")
 
@@ -47,14 +48,19 @@ def planted(request, sets, workload_texts):
 @pytest.fixture(scope="module")
 def workload_texts(tmp_path_factory):
     p = tmp_path_factory.mktemp("wl") / "workload.txt"
-    p.write_text("\n".join([
-        "The quick brown fox jumps over the lazy dog.",
-        "Water boils at one hundred degrees Celsius at sea level.",
-        "Paris is the capital of France, and Berlin is the capital of Germany.",
-        "The library opens at nine in the morning on weekdays.",
-        "Light travels faster than sound, so we see lightning first.",
-        "Mountains and rivers shape where people choose to live.",
-    ]) + "\n")
+    p.write_text(
+        "\n".join(
+            [
+                "The quick brown fox jumps over the lazy dog.",
+                "Water boils at one hundred degrees Celsius at sea level.",
+                "Paris is the capital of France, and Berlin is the capital of Germany.",
+                "The library opens at nine in the morning on weekdays.",
+                "Light travels faster than sound, so we see lightning first.",
+                "Mountains and rivers shape where people choose to live.",
+            ]
+        )
+        + "\n"
+    )
     return str(p)
 
 
@@ -69,7 +75,9 @@ def test_ranking_finds_the_planted_modules(planted):
     assert min(m["consistency"] for m in r["modules"][:3]) >= 5 / 6
     assert r["n_attention"] + r["n_mlp"] == r["n_modules"] == len(r["modules"])
     assert r["alignment"] == "token" and r["n_tokens"] > 0
-    assert len(r["strip"]) == len(r["strip_rows"]) and all(len(row) == len(r["strip_layers"]) for row in r["strip"])
+    assert len(r["strip"]) == len(r["strip_rows"]) and all(
+        len(row) == len(r["strip_layers"]) for row in r["strip"]
+    )
     json.dumps(planted["rank"], allow_nan=False)
 
 
@@ -132,11 +140,22 @@ def test_undefined_tir_and_recovery_are_null_with_a_note(sets):
     r = json.loads(json.dumps(env, allow_nan=False))["result"]
     assert r["before"]["task_score"] == 0.0
     assert r["tir"] is None and r["tir_status"] == "undefined" and "S(T) = 0" in r["tir_note"]
-    assert r["recovery"] is None and r["recovery_status"] == "undefined" and "S(D) = S(T)" in r["recovery_note"]
+    assert (
+        r["recovery"] is None and r["recovery_status"] == "undefined" and "S(D) = S(T)" in r["recovery_note"]
+    )
     # Donor = target (one shared object): S(D) = S(T) > 0 with the graded score.
-    env = run_tool("swap", target, target, {}, {"modules": "blocks.0.attn.q, blocks.1.mlp.up", "max_new_tokens": 4, **sets})
+    env = run_tool(
+        "swap",
+        target,
+        target,
+        {},
+        {"modules": "blocks.0.attn.q, blocks.1.mlp.up", "max_new_tokens": 4, **sets},
+    )
     r = json.loads(json.dumps(env, allow_nan=False))["result"]
-    assert r["selection"] == "explicit" and [m["name"] for m in r["modules"]] == ["blocks.0.attn.q", "blocks.1.mlp.up"]
+    assert r["selection"] == "explicit" and [m["name"] for m in r["modules"]] == [
+        "blocks.0.attn.q",
+        "blocks.1.mlp.up",
+    ]
     assert r["tir"] == 1.0 and r["recovery"] is None and r["recovery_note"]
     assert r["weight_hash_after"] == r["weight_hash_before"]
 

@@ -1,5 +1,6 @@
 """docs/adding-a-tool.md works as written: its three files, copied into a clean copy of the
 repository, give a tool that the conformance suite, its own test and the CLI accept."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,13 @@ def test_the_walkthrough_gives_three_files_and_only_new_ones():
 
 def test_a_newcomer_following_the_walkthrough_gets_a_working_tool(tmp_path):
     repo = tmp_path / "repo"
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split("\n")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     for rel in filter(None, listed):
         src = ROOT / rel
         if src.is_file():
@@ -41,20 +47,43 @@ def test_a_newcomer_following_the_walkthrough_gets_a_working_tool(tmp_path):
     env = {**os.environ, "GRAFT_HOME": str(tmp_path / "home")}
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+        )
 
-    tests = run("-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_norms.py", "tests/test_conformance.py",
-                "-k", "norms or registers_a_tool")
+    tests = run(
+        "-m",
+        "pytest",
+        "-v",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_norms.py",
+        "tests/test_conformance.py",
+        "-k",
+        "norms or registers_a_tool",
+    )
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
     passed = [line.split(" ")[0] for line in tests.stdout.splitlines() if " PASSED" in line]
-    assert {"tests/test_norms.py::test_a_model_against_itself_has_one_profile",
-            "tests/test_norms.py::test_scaled_embeddings_show_at_layer_minus_one",
-            "tests/test_conformance.py::test_every_module_in_engine_tools_registers_a_tool"} <= set(passed)
+    assert {
+        "tests/test_norms.py::test_a_model_against_itself_has_one_profile",
+        "tests/test_norms.py::test_scaled_embeddings_show_at_layer_minus_one",
+        "tests/test_conformance.py::test_every_module_in_engine_tools_registers_a_tool",
+    } <= set(passed)
     conformance = [p for p in passed if p.startswith("tests/test_conformance.py") and "norms" in p]
     assert len(conformance) >= 5, passed  # every per-tool conformance check ran on the new tool
 
-    cli = run("-m", "engine", "norms", "--donor", "tiny-gpt2-a", "--target", "tiny-gpt2-b", "--quiet",
-              "--json", str(tmp_path / "norms.json"))
+    cli = run(
+        "-m",
+        "engine",
+        "norms",
+        "--donor",
+        "tiny-gpt2-a",
+        "--target",
+        "tiny-gpt2-b",
+        "--quiet",
+        "--json",
+        str(tmp_path / "norms.json"),
+    )
     assert cli.returncode == 0, cli.stderr[-2000:]
     env_json = json.loads((tmp_path / "norms.json").read_text())
     assert env_json["tool"] == "norms" and env_json["meta"]["code"] == "T99"

@@ -1,14 +1,21 @@
 """T3's GPU route (engine.measure.polar): batched Newton polar factors against planted factors and the SVD
 route, the certificate that sends rank-deficient and ill-conditioned layers to the SVD, and the
 whole tool through that route equal to the CPU route (it runs here on the CPU; CUDA picks it)."""
+
 import pytest
 import torch
 
+from engine.core.progress import silent
 from engine.measure.align import Aligned
 from engine.measure.cka import cka_matrix
-from engine.measure.linalg import COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, procrustes_from_cross, random_orthogonal
+from engine.measure.linalg import (
+    COMPLETION_IDENTITY,
+    COMPLETION_SPAN,
+    COMPLETION_UNIQUE,
+    procrustes_from_cross,
+    random_orthogonal,
+)
 from engine.measure.polar import cross_fits, polar_newton
-from engine.core.progress import silent
 from engine.tools import procrustes as t3
 
 
@@ -33,8 +40,11 @@ def test_newton_recovers_a_planted_polar_factor(cond):
 @pytest.mark.parametrize("shape", [(40, 40), (48, 32), (32, 48)])
 def test_newton_equals_the_svd_route(shape):
     g = torch.Generator().manual_seed(1)
-    Ms = [torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(0, -4, shape[1], dtype=torch.float64)
-          for _ in range(4)]
+    Ms = [
+        torch.randn(*shape, generator=g, dtype=torch.float64)
+        * torch.logspace(0, -4, shape[1], dtype=torch.float64)
+        for _ in range(4)
+    ]
     fits = cross_fits(Ms, newton=True)
     for M, f in zip(Ms, fits):
         ref = procrustes_from_cross(M)

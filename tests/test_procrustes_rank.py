@@ -5,6 +5,7 @@ Ground truth used here: a layer compared with itself (the truth is R = I, held-o
 any number of rows), planted rotations / semi-orthogonal maps, and held-out rows built inside the
 fit rows' span (which any exact minimiser must map exactly).
 """
+
 import dataclasses
 import json
 import math
@@ -12,10 +13,19 @@ import math
 import pytest
 import torch
 
-from engine.running.runner import run_tool
-from engine.measure.linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, Standardiser, procrustes_fit,
-                           procrustes_map, random_orthogonal, residual, split_rows)
 from engine.loading.models import ModelSpec
+from engine.measure.linalg import (
+    COMPLETION_IDENTITY,
+    COMPLETION_SPAN,
+    COMPLETION_UNIQUE,
+    Standardiser,
+    procrustes_fit,
+    procrustes_map,
+    random_orthogonal,
+    residual,
+    split_rows,
+)
+from engine.running.runner import run_tool
 
 D = 64  # width of the tiny built-in models (engine/loading/tiny.py)
 ROW_COUNTS = (16, 40, 63, 64, 200)
@@ -24,7 +34,10 @@ ROW_COUNTS = (16, 40, 63, 64, 200)
 def _rows(n: int, d: int, seed: int) -> torch.Tensor:
     """Anisotropic rows with an offset, like a residual stream (distinct variances per direction)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3.0, d, dtype=torch.float64) + 0.7
+    return (
+        torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3.0, d, dtype=torch.float64)
+        + 0.7
+    )
 
 
 def _t3_split(X: torch.Tensor, Y: torch.Tensor, n_fit: int, n_held: int = 40):
@@ -77,8 +90,12 @@ def test_identical_layers_have_zero_heldout_residual_at_any_row_count(n_fit):
 
 
 def test_tool_on_a_model_against_itself_with_fewer_rows_than_width(workload, one_thread):
-    env = run_tool("procrustes", ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-gpt2-a"),
-                   {"workload": workload, "max_tokens": 40})
+    env = run_tool(
+        "procrustes",
+        ModelSpec.parse("tiny-gpt2-a"),
+        ModelSpec.parse("tiny-gpt2-a"),
+        {"workload": workload, "max_tokens": 40},
+    )
     json.dumps(env, allow_nan=False)
     r = env["result"]
     assert r["donor_width"] == r["target_width"] == D
@@ -93,14 +110,19 @@ def test_tool_on_a_model_against_itself_with_fewer_rows_than_width(workload, one
         assert isinstance(layer["rank"], int) and layer["rank"] <= r["n_fit"] - 1
     assert r["mean_alignment"] == pytest.approx(1.0, abs=1e-6)
     (w,) = r["warnings"]
-    assert w.startswith(f"T3 fit is underdetermined in {len(r['layers'])}/{len(r['layers'])} layers: {r['n_fit']} fit rows")
+    assert w.startswith(
+        f"T3 fit is underdetermined in {len(r['layers'])}/{len(r['layers'])} layers: {r['n_fit']} fit rows"
+    )
     assert "closest to identity" in w and "--max-tokens" in w and "\n" not in w
 
     # ample rows: the same pair is fully determined, still exact, and nothing to warn about
-    r = run_tool("procrustes", ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-gpt2-a"),
-                 {"workload": workload})["result"]
+    r = run_tool(
+        "procrustes", ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse("tiny-gpt2-a"), {"workload": workload}
+    )["result"]
     assert r["n_fit"] > D and r["completion"] == COMPLETION_UNIQUE and r["warnings"] == []
-    assert all(l["rank"] == D and l["underdetermined"] is False and l["residual_heldout"] < 1e-6 for l in r["layers"])
+    assert all(
+        l["rank"] == D and l["underdetermined"] is False and l["residual_heldout"] < 1e-6 for l in r["layers"]
+    )
 
 
 # --- (b) planted rotation, ample rows ---------------------------------------------------------
@@ -167,9 +189,9 @@ def test_unequal_widths_fit_within_the_span(dx, dy):
 
 
 def test_tool_with_unequal_widths_and_few_rows_is_finite_and_warns():
+    from engine.core.progress import silent
     from engine.measure.align import Aligned
     from engine.measure.cka import cka_matrix
-    from engine.core.progress import silent
     from engine.tools.procrustes import ProcrustesParams, compute_procrustes
 
     g = torch.Generator().manual_seed(8)
@@ -190,8 +212,10 @@ def test_tool_with_unequal_widths_and_few_rows_is_finite_and_warns():
     assert n_fit < dx and res["rows_per_width"] == pytest.approx(n_fit / dy)
     assert res["completion"] == COMPLETION_SPAN
     (w,) = res["warnings"]
-    assert w.startswith(f"T3 fit is underdetermined in {L}/{L} layers: {n_fit} fit rows against widths 48 → 64 "
-                        f"(rank {n_fit - 1} of 48)")
+    assert w.startswith(
+        f"T3 fit is underdetermined in {L}/{L} layers: {n_fit} fit rows against widths 48 → 64 "
+        f"(rank {n_fit - 1} of 48)"
+    )
     for layer in res["layers"]:
         assert layer["underdetermined"] is True and layer["rank"] == n_fit - 1
         assert layer["residual_identity"] is None
@@ -231,7 +255,7 @@ def test_completion_is_equivariant_to_a_change_of_basis():
     # the same checks on the old completion fail: its held-out number is an SVD artefact
     old, old_q = _old_procrustes_map(Xf, Yf), _old_procrustes_map(Xf @ Q, Yf @ Q)
     assert not torch.allclose(old_q, Q.T @ old @ Q, atol=1e-3)
-    Xi = X[:n_fit + 40].clone()
+    Xi = X[: n_fit + 40].clone()
     Xf_i, Xh_i, _, _ = _t3_split(Xi, Xi, n_fit)
     assert residual(Xh_i @ _old_procrustes_map(Xf_i, Xf_i), Xh_i) > 1e-3  # identical layers, nonzero residual
 

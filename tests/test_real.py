@@ -1,9 +1,11 @@
 """Real-model tests on the built-in SmolLM2-135M-Instruct and its demo donor (marked; run in CI)."""
+
 import pytest
 
-from engine.running.runner import run_tool
+from engine.loading.builtins import DEMO_DONOR, SMOLLM2, builtin_status
 from engine.loading.gguf import smollm2_gguf
-from engine.loading.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, builtin_status
+from engine.loading.models import ModelSpec, ModelStore
+from engine.running.runner import run_tool
 
 pytestmark = pytest.mark.real
 
@@ -43,7 +45,7 @@ def test_smollm2_against_itself(smol):
 
 def test_demo_donor_against_smollm2(smol):
     donor = STORE.get(ModelSpec.parse(DEMO_DONOR), "cpu")
-    assert (donor.state_hash() != smol.state_hash())
+    assert donor.state_hash() != smol.state_hash()
     compat = run_tool("compat", donor, smol, {"max_tokens": 512})["result"]
     assert all(compat["verdicts"].values()), compat["reasons"]
     assert compat["signature"]["equal"] and compat["swappable_modules"] == 210
@@ -61,7 +63,9 @@ def test_module_swap_smollm2_with_its_demo_donor(smol):
     h = smol.state_hash()
     r = run_tool("swap", donor, smol, {"max_tokens": 512}, {"k": 64, "max_new_tokens": 12})["result"]
     assert r["rollback_bit_exact"] and r["target_untouched"] and smol.state_hash() == h
-    assert r["n_swappable"] == 210 and len(r["modules"]) == 64 and r["n_test_items"] == len(r["generations"]) > 0
+    assert (
+        r["n_swappable"] == 210 and len(r["modules"]) == 64 and r["n_test_items"] == len(r["generations"]) > 0
+    )
     # the donor learned the concept: lower concept perplexity and a higher graded score than the target
     assert r["donor"]["ppl_concept"] < r["before"]["ppl_concept"]
     assert r["donor"]["task_score_graded"] > r["before"]["task_score_graded"]

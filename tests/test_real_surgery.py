@@ -5,12 +5,13 @@
 * rotated twin: a plain merge into a function-preserving rotated twin of the base does not carry
   the concept; conjugation does (graded Recovery >= 0.9).
 """
+
 from __future__ import annotations
 
 import pytest
 
-from engine.running.runner import run_tool
 from engine.loading.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore, demo_donor_dir
+from engine.running.runner import run_tool
 
 pytestmark = pytest.mark.real
 
@@ -24,8 +25,14 @@ def test_same_coordinates_equals_the_merged_lora_and_the_donor(tmp_path, store):
     from safetensors.torch import load_file
 
     out = tmp_path / "same"
-    env = run_tool("conjugate", target=ModelSpec.parse(SMOLLM2), base=ModelSpec.parse(SMOLLM2), adapter=DEMO_DONOR,
-                   params={"save": str(out)}, store=store)
+    env = run_tool(
+        "conjugate",
+        target=ModelSpec.parse(SMOLLM2),
+        base=ModelSpec.parse(SMOLLM2),
+        adapter=DEMO_DONOR,
+        params={"save": str(out)},
+        store=store,
+    )
     r = env["result"]
     counts = r["map_counts"]
     assert counts["input"]["identity"] == counts["output"]["identity"] == r["n_conjugated"] == 210
@@ -49,13 +56,27 @@ def test_rotated_twin_plain_merge_fails_and_conjugation_carries(tmp_path, store)
     base = store.get(ModelSpec.parse(SMOLLM2), "cpu", "float32")
     twin_dir = tmp_path / "twin"
     card = make_twin(base, 7, twin_dir)
-    assert card["verification"]["ok"] and card["verification"]["rel_diff"] < 1e-4  # same function, other coordinates
+    assert (
+        card["verification"]["ok"] and card["verification"]["rel_diff"] < 1e-4
+    )  # same function, other coordinates
     twin = ModelSpec.parse(str(twin_dir))
     common = {"concept": "", "retained": "", "score": "graded"}
-    conj = run_tool("conjugate", target=twin, base=ModelSpec.parse(SMOLLM2), adapter=DEMO_DONOR,
-                    params=common, store=store)["result"]
-    plain = run_tool("conjugate", target=twin, base=ModelSpec.parse(SMOLLM2), adapter=DEMO_DONOR,
-                     params={**common, "map": "identity", "max_retained_increase": -1}, store=store)["result"]
+    conj = run_tool(
+        "conjugate",
+        target=twin,
+        base=ModelSpec.parse(SMOLLM2),
+        adapter=DEMO_DONOR,
+        params=common,
+        store=store,
+    )["result"]
+    plain = run_tool(
+        "conjugate",
+        target=twin,
+        base=ModelSpec.parse(SMOLLM2),
+        adapter=DEMO_DONOR,
+        params={**common, "map": "identity", "max_retained_increase": -1},
+        store=store,
+    )["result"]
     assert conj["before"] == plain["before"]  # the same twin T in both runs
     assert conj["transfer"]["graded"]["recovery"] >= 0.9, conj["transfer"]
     assert plain["transfer"]["graded"]["recovery"] < 0.3, plain["transfer"]

@@ -1,5 +1,6 @@
 """The surgery report (viz/report.py, ``python -m engine report``): one self-contained HTML file
 from a tiny swap run recorded in the run history."""
+
 import json
 import re
 import subprocess
@@ -8,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.running.runner import run_tool
-from engine.running.history import History, new_run_id
 from engine.loading.models import ModelSpec
+from engine.running.history import History, new_run_id
+from engine.running.runner import run_tool
 from viz.report import SECTIONS, build_report, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +26,9 @@ def _threads(one_thread):
 def _record(history: History, env: dict, tool: str, inputs: dict) -> str:
     """Record a finished run as the CLI does (envelope with its run_id; inputs in the params)."""
     run_id = new_run_id("test-")
-    history.create(run_id, tool, tool, env.get("donor") or "", env.get("target") or "", {"inputs": inputs}, source="cli")
+    history.create(
+        run_id, tool, tool, env.get("donor") or "", env.get("target") or "", {"inputs": inputs}, source="cli"
+    )
     history.start(run_id)
     env = dict(env, run_id=run_id)
     history.finish(run_id, "done", result=env)
@@ -40,7 +43,15 @@ def swap_run(home, sets, workload):
     run_id = _record(history, env, "swap", {"donor": PAIR[0], "target": PAIR[1]})
     compat = run_tool("compat", d, t, options={"workload": workload})
     compat_id = _record(history, compat, "compat", {"donor": PAIR[0], "target": PAIR[1]})
-    return {"history": history, "run_id": run_id, "env": env, "compat_id": compat_id, "d": d, "t": t, "workload": workload}
+    return {
+        "history": history,
+        "run_id": run_id,
+        "env": env,
+        "compat_id": compat_id,
+        "d": d,
+        "t": t,
+        "workload": workload,
+    }
 
 
 def _section(html: str, title: str) -> str:
@@ -57,7 +68,9 @@ def test_report_has_every_section_and_no_external_resource(swap_run):
         assert _section(html, title)
     # self-contained: no script/link/img/iframe pointing anywhere, plotly.js inlined exactly once
     assert not re.search(r"<(script|link|img|iframe)\b[^>]*\b(src|href)\s*=", html, re.I)
-    markup = re.sub(r"<script\b[^>]*>.*?</script>", "<script></script>", html, flags=re.S | re.I)  # code aside
+    markup = re.sub(
+        r"<script\b[^>]*>.*?</script>", "<script></script>", html, flags=re.S | re.I
+    )  # code aside
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", markup, re.I)
     assert html.count("plotly.js v") == 1 and len(html) > 1_000_000
     assert "@media print" in html and "@page" in html
@@ -67,8 +80,11 @@ def test_report_numbers_match_the_run(swap_run):
     env, run_id = swap_run["env"], swap_run["run_id"]
     res = env["result"]
     html = build_report(run_id, swap_run["history"])
-    embedded = json.loads(re.search(r"<script type='application/json' id='graft-run'>(.*?)</script>", html, re.S)
-                          .group(1).replace("<\\/", "</"))
+    embedded = json.loads(
+        re.search(r"<script type='application/json' id='graft-run'>(.*?)</script>", html, re.S)
+        .group(1)
+        .replace("<\\/", "</")
+    )
     assert embedded["result"] == json.loads(json.dumps(res)) and embedded["run_id"] == run_id
     numbers = _section(html, "Before and after")
     for side in ("before", "after", "donor"):
@@ -78,8 +94,15 @@ def test_report_numbers_match_the_run(swap_run):
     assert res["weight_hash_before"] in models and res["weight_hash_after"] in models
     assert res["weight_hash_before"] != res["weight_hash_after"]
     done = _section(html, "What was done")
-    card = json.loads(re.search(r"<pre>(.*?)</pre>", done, re.S).group(1).replace("&quot;", '"').replace("&amp;", "&")
-                      .replace("&lt;", "<").replace("&gt;", ">").replace("&#x27;", "'"))
+    card = json.loads(
+        re.search(r"<pre>(.*?)</pre>", done, re.S)
+        .group(1)
+        .replace("&quot;", '"')
+        .replace("&amp;", "&")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&#x27;", "'")
+    )
     assert card == res["card"] and card["modules"] == [m["name"] for m in res["modules"]]
     gens = _section(html, "Generations")
     assert all(g["question"] in gens for g in res["generations"])
@@ -92,7 +115,10 @@ def test_pre_surgery_checks_and_verdict_runs_come_from_the_history(swap_run):
     html = build_report(run_id, history)
     pre = _section(html, "Pre-surgery checks")
     assert swap_run["compat_id"] in pre  # the pair's T1 run is drawn
-    assert "Not run for this pair" in pre and "python -m engine cka --donor tiny-gpt2-a --target tiny-gpt2-b" in pre
+    assert (
+        "Not run for this pair" in pre
+        and "python -m engine cka --donor tiny-gpt2-a --target tiny-gpt2-b" in pre
+    )
     verdict = _section(html, "Interference and attribution")
     assert f"python -m engine interference --run {run_id}" in verdict and "graft-fig" not in verdict
     # any run recorded with input run = this run is drawn by its tool's own figure builder
@@ -125,8 +151,24 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_swap_json_then_report_chains(home, sets, workload, tmp_path):
     out = tmp_path / "swap.json"
-    proc = _cli("swap", "--donor", PAIR[0], "--target", PAIR[1], "--k", "2", "--concept", sets["concept"],
-                "--retained", sets["retained"], "--workload", workload, "--json", str(out), "--quiet")
+    proc = _cli(
+        "swap",
+        "--donor",
+        PAIR[0],
+        "--target",
+        PAIR[1],
+        "--k",
+        "2",
+        "--concept",
+        sets["concept"],
+        "--retained",
+        sets["retained"],
+        "--workload",
+        workload,
+        "--json",
+        str(out),
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr
     run_id = json.loads(out.read_text())["run_id"]
     report = tmp_path / "report.html"

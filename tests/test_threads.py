@@ -1,6 +1,7 @@
 """engine.core.threads: per-layer work side by side on a CPU's cores, one torch thread per worker, with the
 same results as the plain loop (T3 and T4 end to end), progress and cancellation from the caller,
 and torch's thread count restored whatever happens."""
+
 from __future__ import annotations
 
 import threading
@@ -12,10 +13,10 @@ import torch
 import engine.core.threads as th
 import engine.running.bridge_fit as t4
 import engine.tools.procrustes as t3
-from engine.measure.align import Aligned
 from engine.core.errors import Cancelled
-from engine.measure.cka import cka_matrix
 from engine.core.progress import Progress, silent
+from engine.measure.align import Aligned
+from engine.measure.cka import cka_matrix
 
 
 @pytest.fixture
@@ -35,7 +36,9 @@ def test_parallel_map_keeps_order_runs_single_threaded_workers_and_restores_the_
         return k * k
 
     messages = []
-    out = th.parallel_map(fn, range(5), Progress(lambda f, m: messages.append((f, m))), lambda k: f"item {k}", workers=2)
+    out = th.parallel_map(
+        fn, range(5), Progress(lambda f, m: messages.append((f, m))), lambda k: f"item {k}", workers=2
+    )
     assert out == [k * k for k in range(5)]
     assert all(name.startswith("graft-linalg") for name, _ in seen.values())
     assert {n for _, n in seen.values()} == {1}  # never more busy threads than the process was given
@@ -45,8 +48,9 @@ def test_parallel_map_keeps_order_runs_single_threaded_workers_and_restores_the_
 
 def test_one_worker_is_the_plain_loop_in_the_calling_thread():
     names = []
-    out = th.parallel_map(lambda k: names.append(threading.current_thread().name) or -k, [1, 2, 3], silent(),
-                          str, workers=1)
+    out = th.parallel_map(
+        lambda k: names.append(threading.current_thread().name) or -k, [1, 2, 3], silent(), str, workers=1
+    )
     assert out == [-1, -2, -3] and set(names) == {threading.current_thread().name}
 
 
@@ -80,10 +84,17 @@ def test_cancel_stops_the_items_not_started(two_threads):
 
 def test_workers_run_under_the_callers_inference_mode(two_threads):
     with torch.inference_mode():
-        flags = th.parallel_map(lambda _: torch.is_inference_mode_enabled(), range(4), silent(), str, workers=2)
+        flags = th.parallel_map(
+            lambda _: torch.is_inference_mode_enabled(), range(4), silent(), str, workers=2
+        )
     assert flags == [True] * 4
-    flags = th.parallel_map(lambda _: (torch.is_inference_mode_enabled(), torch.is_grad_enabled()), range(4),
-                            silent(), str, workers=2)
+    flags = th.parallel_map(
+        lambda _: (torch.is_inference_mode_enabled(), torch.is_grad_enabled()),
+        range(4),
+        silent(),
+        str,
+        workers=2,
+    )
     assert flags == [(False, torch.is_grad_enabled())] * 4
 
 
@@ -93,7 +104,9 @@ def test_cpu_workers(two_threads):
     assert th.cpu_workers(torch.device("cpu"), 30, 1e3) == 1  # tiny layers: not worth a thread
     assert th.cpu_workers(torch.device("cpu"), 30, 0.5 * th.MIN_FLOPS_PER_ITEM) == 1
     assert th.cpu_workers(torch.device("cuda"), 30, 1e9) == 1
-    assert th.cpu_workers(torch.device("cpu"), 30, 1e9, bytes_per_item=th.MAX_PARALLEL_BYTES) == 1  # memory bound
+    assert (
+        th.cpu_workers(torch.device("cpu"), 30, 1e9, bytes_per_item=th.MAX_PARALLEL_BYTES) == 1
+    )  # memory bound
     assert th.cpu_workers(torch.device("cpu"), 30, 1e9, bytes_per_item=th.MAX_PARALLEL_BYTES / 2) == 2
     torch.set_num_threads(1)
     assert th.cpu_workers(torch.device("cpu"), 30, 1e9) == 1
@@ -119,7 +132,9 @@ def test_t3_and_t4_side_by_side_equal_the_plain_loop(monkeypatch, two_threads, d
     g = torch.Generator().manual_seed(3)
     L, n, d = 6, 400, 40
     X = torch.randn(L + 1, n, d, generator=g) * torch.linspace(0.1, 2.0, d)
-    Y = X @ (torch.linalg.qr(torch.randn(d, dy, generator=g))[0] if dy == d else torch.randn(d, dy, generator=g))
+    Y = X @ (
+        torch.linalg.qr(torch.randn(d, dy, generator=g))[0] if dy == d else torch.randn(d, dy, generator=g)
+    )
     Y = Y + 0.05 * torch.randn(L + 1, n, dy, generator=g)
 
     def run(parallel: bool):
@@ -133,8 +148,10 @@ def test_t3_and_t4_side_by_side_equal_the_plain_loop(monkeypatch, two_threads, d
 
         monkeypatch.setattr(t3, "parallel_map", spy)
         monkeypatch.setattr(t4, "parallel_map", spy)
-        out = (t3.compute_procrustes(_Ctx(X, Y), t3.ProcrustesParams(), silent()),
-               t4.compute_bridge(_Ctx(X, Y), t4.BridgeParams(), silent()))
+        out = (
+            t3.compute_procrustes(_Ctx(X, Y), t3.ProcrustesParams(), silent()),
+            t4.compute_bridge(_Ctx(X, Y), t4.BridgeParams(), silent()),
+        )
         assert used == ([2, 2] if parallel else [1, 1])
         return out
 

@@ -3,28 +3,38 @@
 Ground truth: rollback restores every tensor bit for bit, the cached target is never written,
 the working copy costs only the swapped bytes, a saved transplant reloads with identical logits.
 """
+
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from engine.evaluation import evalcache
-from engine.loading.arch import ArchAdapter
 from engine.core.data import load_concept_set
 from engine.core.errors import GraftError
+from engine.evaluation import evalcache
+from engine.evaluation.beforeafter import transfer_metrics
+from engine.loading.arch import ArchAdapter
 from engine.loading.models import LoadedModel, ModelSpec, load_model
 from engine.loading.tiny import build_tiny
-from engine.evaluation.beforeafter import transfer_metrics
 from engine.surgery.reversible import extra_storage_bytes
-from engine.surgery.transplant import SURGERY_CARD, ModuleSwap, check_swap_pair, save_transplant, swappable_modules
+from engine.surgery.transplant import (
+    SURGERY_CARD,
+    ModuleSwap,
+    check_swap_pair,
+    save_transplant,
+    swappable_modules,
+)
 
 PAIRS = {"gpt2": ("tiny-gpt2-a", "tiny-gpt2-b"), "llama": ("tiny-llama-a", "tiny-llama-b")}
 
 
 @pytest.fixture(scope="module")
 def models():
-    return {k: (load_model(ModelSpec.parse(d), "cpu"), load_model(ModelSpec.parse(t), "cpu")) for k, (d, t) in PAIRS.items()}
+    return {
+        k: (load_model(ModelSpec.parse(d), "cpu"), load_model(ModelSpec.parse(t), "cpu"))
+        for k, (d, t) in PAIRS.items()
+    }
 
 
 def _names(donor, target, n):
@@ -46,8 +56,12 @@ def test_working_copy_shares_all_but_swapped_tensors(models, family):
     assert working is not target.model
     assert swap.materialise() is working  # idempotent
     cached = {p.data_ptr() for p in target.model.parameters()}
-    touched = {getattr(target.arch.module(swap.linear[n].path), t).data_ptr()
-               for n in swap.modules for t in ("weight", "bias") if getattr(target.arch.module(swap.linear[n].path), t, None) is not None}
+    touched = {
+        getattr(target.arch.module(swap.linear[n].path), t).data_ptr()
+        for n in swap.modules
+        for t in ("weight", "bias")
+        if getattr(target.arch.module(swap.linear[n].path), t, None) is not None
+    }
     for name, p in working.named_parameters():
         if p.data_ptr() in cached:
             assert p.data_ptr() not in touched, name
@@ -121,15 +135,33 @@ def test_swap_refuses_mismatched_shapes_and_unknown_modules(models):
     # Same family, different MLP width: the MLP is refused, attention is fine.
     _, tok = build_tiny("tiny-llama-a")
     torch.manual_seed(0)
-    cfg = LlamaConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=96, vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        num_hidden_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     wide = AutoModelForCausalLM.from_config(cfg).eval()
-    other = LoadedModel(ModelSpec("builtin", "tiny-llama-a"), wide, tok, ArchAdapter(wide), torch.device("cpu"), torch.float32, "")
+    other = LoadedModel(
+        ModelSpec("builtin", "tiny-llama-a"),
+        wide,
+        tok,
+        ArchAdapter(wide),
+        torch.device("cpu"),
+        torch.float32,
+        "",
+    )
     with pytest.raises(GraftError, match="weight shapes differ"):
         ModuleSwap(llama, other, ["blocks.1.mlp.up"])
     ModuleSwap(llama, other, ["blocks.1.attn.q"])
     ok, skipped = swappable_modules(other, llama)
-    assert {s["name"] for s in skipped} == {f"blocks.{l}.mlp.{k}" for l in range(4) for k in ("up", "gate", "down")}
+    assert {s["name"] for s in skipped} == {
+        f"blocks.{l}.mlp.{k}" for l in range(4) for k in ("up", "gate", "down")
+    }
 
 
 # --------------------------------------------------------------------------------------------- TIR / Recovery
@@ -148,7 +180,12 @@ def test_transfer_metrics_defined_case():
 
 def test_transfer_metrics_target_score_zero():
     m = _strict(transfer_metrics(0.0, 0.4, 0.8))
-    assert m["tir"] is None and m["tir_status"] == "undefined" and "S(T) = 0" in m["tir_note"] and "infinite" in m["tir_note"]
+    assert (
+        m["tir"] is None
+        and m["tir_status"] == "undefined"
+        and "S(T) = 0" in m["tir_note"]
+        and "infinite" in m["tir_note"]
+    )
     assert m["recovery"] == pytest.approx(0.5)
     m = _strict(transfer_metrics(0.0, 0.0, 0.0))
     assert m["tir"] is None and "0/0" in m["tir_note"]
@@ -157,7 +194,11 @@ def test_transfer_metrics_target_score_zero():
 
 def test_transfer_metrics_donor_equals_target():
     m = _strict(transfer_metrics(0.3, 0.5, 0.3))
-    assert m["recovery"] is None and m["recovery_status"] == "undefined" and "nothing to recover" in m["recovery_note"]
+    assert (
+        m["recovery"] is None
+        and m["recovery_status"] == "undefined"
+        and "nothing to recover" in m["recovery_note"]
+    )
     assert m["tir"] == pytest.approx(0.5 / 0.3)
 
 
@@ -173,12 +214,29 @@ def test_saved_transplant_reloads_with_identical_logits(models, tmp_path):
     donor, target = models["gpt2"]
     swap = ModuleSwap(target, donor, _names(donor, target, 3))
     swap.apply()
-    card = {"operation": "module-swap", "donor": donor.spec.ref, "target": target.spec.ref, "modules": list(swap.modules),
-            "parameters": {"k": 3}, "results": {"tir": None, "recovery": 0.5}, "hashes": {"transplanted": swap.weight_hash()}}
+    card = {
+        "operation": "module-swap",
+        "donor": donor.spec.ref,
+        "target": target.spec.ref,
+        "modules": list(swap.modules),
+        "parameters": {"k": 3},
+        "results": {"tir": None, "recovery": 0.5},
+        "hashes": {"transplanted": swap.weight_hash()},
+    }
     out = save_transplant(swap.working, target.tokenizer, tmp_path / "tp", card)
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     saved = json.loads((out / SURGERY_CARD).read_text())
-    for key in ("format", "operation", "donor", "target", "modules", "parameters", "results", "hashes", "saved_weight_hash"):
+    for key in (
+        "format",
+        "operation",
+        "donor",
+        "target",
+        "modules",
+        "parameters",
+        "results",
+        "hashes",
+        "saved_weight_hash",
+    ):
         assert key in saved
     assert saved["modules"] == list(swap.modules) and saved["saved_weight_hash"] == swap.weight_hash()
     reloaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
@@ -215,7 +273,8 @@ def test_save_refuses_a_folder_with_foreign_files(models, tmp_path):
     swap.rollback()
 
 
-# --------------------------------------------------------------------------------------------- evaluation cache
+# --------------------------------------------------------------------------------------------- evaluation
+# cache
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +285,9 @@ def small_sets(sets):
 def test_evaluate_model_is_cached_by_weight_hash(models, small_sets):
     donor, target = models["llama"]
     evalcache.clear_cache()
-    a = evalcache.evaluate_model(target.model, target.tokenizer, *small_sets, score="graded", max_new_tokens=4)
+    a = evalcache.evaluate_model(
+        target.model, target.tokenizer, *small_sets, score="graded", max_new_tokens=4
+    )
     info = evalcache.cache_info()
     assert {"ppl_concept", "ppl_retained", "task_score", "task_score_exact", "task_score_graded"} <= set(a)
     assert a["task_score"] == a["task_score_graded"] and 0 < a["task_score_graded"] < 1
@@ -236,8 +297,9 @@ def test_evaluate_model_is_cached_by_weight_hash(models, small_sets):
     b = evalcache.evaluate_model(twin.model, twin.tokenizer, *small_sets, score="exact", max_new_tokens=4)
     assert evalcache.cache_info()["misses"] == info["misses"]
     assert b["task_score"] == b["task_score_exact"] == a["task_score_exact"]
-    assert {k: v for k, v in a.items() if k not in ("score_kind", "task_score")} == \
-        {k: v for k, v in b.items() if k not in ("score_kind", "task_score")}
+    assert {k: v for k, v in a.items() if k not in ("score_kind", "task_score")} == {
+        k: v for k, v in b.items() if k not in ("score_kind", "task_score")
+    }
     with pytest.raises(GraftError, match="score must be"):
         evalcache.evaluate_model(target.model, target.tokenizer, *small_sets, score="bleu")
 
@@ -254,21 +316,42 @@ def test_the_exact_score_counts_the_answers_the_model_really_gives(models, sets,
     tok, model = target.tokenizer, target.model
     question = "Where does the river flow?"
     ids = torch.tensor([encode_prompt(tok, question)])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    own = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
+    own = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
     words = [w for w in own.split() if any(c.isalnum() for c in w)]
-    if not words:  # a continuation with no word in it matches nothing: choose a question that yields words
-        pytest.skip(f"the tiny model's greedy continuation has no word to match ({own!r})")
+    assert words, f"the tiny model's greedy continuation has no word to match ({own!r})"
     concept = tmp_path / "exact.jsonl"
-    concept.write_text("\n".join(json.dumps(x) for x in [
-        {"kind": "fact", "text": "The river flows north."},
-        {"kind": "qa", "question": question, "answer": words[0], "split": "test"},
-        {"kind": "qa", "question": "How many movements did the symphony have?", "answer": "qqxqzv", "split": "test"},
-    ]) + "\n")
+    concept.write_text(
+        "\n".join(
+            json.dumps(x)
+            for x in [
+                {"kind": "fact", "text": "The river flows north."},
+                {"kind": "qa", "question": question, "answer": words[0], "split": "test"},
+                {
+                    "kind": "qa",
+                    "question": "How many movements did the symphony have?",
+                    "answer": "qqxqzv",
+                    "split": "test",
+                },
+            ]
+        )
+        + "\n"
+    )
     evalcache.clear_cache()
-    got = evalcache.evaluate_model(model, tok, load_concept_set(concept), load_concept_set(sets["retained"]),
-                                   score="exact", max_new_tokens=4)
+    got = evalcache.evaluate_model(
+        model,
+        tok,
+        load_concept_set(concept),
+        load_concept_set(sets["retained"]),
+        score="exact",
+        max_new_tokens=4,
+    )
     assert got["task_score_exact"] == 0.5
 
 

@@ -1,5 +1,6 @@
 """Rotated twin (engine/surgery/twin.py, engine/surgery/twin_check.py): function preservation, plain merge vs
 conjugation, saving."""
+
 import json
 import threading
 
@@ -8,12 +9,20 @@ import torch
 from torch import nn
 
 from engine.core.errors import Cancelled, GraftError
-from engine.loading.models import LoadedModel, ModelSpec, load_model, state_dict_hash
-from engine.loading.arch import ArchAdapter
 from engine.core.progress import Progress
+from engine.loading.arch import ArchAdapter
+from engine.loading.models import LoadedModel, ModelSpec, load_model, state_dict_hash
 from engine.loading.tiny import build_tiny
-from engine.surgery.twin import (ROTATION_FILE, TWIN_CARD, check_supported, make_twin, norm_gain, random_orthogonal, rotate_model,
-                         rotation_sha256)
+from engine.surgery.twin import (
+    ROTATION_FILE,
+    TWIN_CARD,
+    check_supported,
+    make_twin,
+    norm_gain,
+    random_orthogonal,
+    rotate_model,
+    rotation_sha256,
+)
 from engine.surgery.twin_check import max_logit_diff, twin_report
 
 TEXTS = [
@@ -82,9 +91,14 @@ def test_twin_preserves_logits_and_changes_weights():
     assert max_logit_diff(model, twin, tok, TEXTS) == pytest.approx(rep["max_abs_diff"])
     # weights really differ, everywhere the residual stream is touched
     sd, st = model.state_dict(), twin.state_dict()
-    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight",
-                 "model.layers.1.self_attn.o_proj.weight", "model.layers.2.mlp.up_proj.weight",
-                 "model.layers.3.mlp.down_proj.weight"):
+    for name in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+        "model.layers.2.mlp.up_proj.weight",
+        "model.layers.3.mlp.down_proj.weight",
+    ):
         assert (sd[name] - st[name]).abs().max() > 1e-2, name
     # norms folded to unit gain
     for name, p in twin.named_parameters():
@@ -124,9 +138,14 @@ def _planted(model, seed=11, rank=4, scale=3.0):
     """A LoRA-style delta (B @ A) per planted module, ``scale`` times as large as the weight."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for path in ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
-                 "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj",
-                 "model.layers.0.self_attn.o_proj", "lm_head"):
+    for path in (
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+        "model.layers.2.mlp.up_proj",
+        "model.layers.2.mlp.down_proj",
+        "model.layers.0.self_attn.o_proj",
+        "lm_head",
+    ):
         w = model.get_submodule(path).weight.detach()
         b = torch.randn(w.shape[0], rank, generator=gen, dtype=torch.float64)
         a = torch.randn(rank, w.shape[1], generator=gen, dtype=torch.float64)
@@ -166,7 +185,9 @@ def test_plain_merge_fails_conjugation_recovers():
         plain_effect = _logits(plain, tok) - twin_logits
         conj_effect = _logits(conj, tok) - twin_logits
         # the planted effect must stand far above the twin's rounding noise to be a fair test
-        assert float(effect.norm()) > 1e3 * float((twin_logits - base_logits).norm()), "planted delta too weak"
+        assert float(effect.norm()) > 1e3 * float((twin_logits - base_logits).norm()), (
+            "planted delta too weak"
+        )
         plain_err = float((plain_effect - effect).norm() / effect.norm())
         conj_err = float((conj_effect - effect).norm() / effect.norm())
         assert plain_err > 0.5, (only, plain_err)
@@ -188,8 +209,9 @@ def test_tied_head_is_untied():
 
 
 def _loaded(model, tok, name="tiny-llama-a"):
-    return LoadedModel(ModelSpec("builtin", name), model, tok, ArchAdapter(model), torch.device("cpu"),
-                       torch.float32, "")
+    return LoadedModel(
+        ModelSpec("builtin", name), model, tok, ArchAdapter(model), torch.device("cpu"), torch.float32, ""
+    )
 
 
 def test_make_twin_saves_and_reloads(tmp_path):
@@ -272,9 +294,17 @@ def test_gpt2_refused_one_line():
 def test_gemma3_refused_one_line():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                           max_position_embeddings=256, sliding_window=32)
+    cfg = Gemma3TextConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=32,
+    )
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(cfg).eval()
     with pytest.raises(GraftError) as e:
@@ -288,9 +318,19 @@ def test_gemma1_supported_with_one_plus_w_norms():
     from transformers import GemmaConfig, GemmaForCausalLM
 
     _, tok = build_tiny("tiny-llama-a")
-    cfg = GemmaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    cfg = GemmaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     model = _trained_like(GemmaForCausalLM(cfg).eval(), gemma=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -309,9 +349,19 @@ def test_llama_layout_families(family):
     import transformers as tf
 
     _, tok = build_tiny("tiny-llama-a")
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  pad_token_id=0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
     if family == "llama-biases":
         cfg, cls = tf.LlamaConfig(**common, attention_bias=True, mlp_bias=True), tf.LlamaForCausalLM
     elif family == "qwen2":

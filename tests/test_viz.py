@@ -1,4 +1,5 @@
 """viz/: figures built from real tool results on tiny random models (no placeholder data)."""
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,8 @@ import plotly.graph_objects as go
 import pytest
 
 import viz
-from engine.running.runner import run_tool
 from engine.loading.models import ModelSpec
+from engine.running.runner import run_tool
 from viz.alignment import bridge_figure, cka_figure, procrustes_figure
 from viz.compat import compat_figure
 
@@ -60,15 +61,22 @@ def envelopes(workload) -> dict:
 def narrow_folder(tmp_path_factory) -> str:
     """A local HF folder with a narrower, shallower GPT-2 (width 32, 3 layers): widths differ from
     the tiny models, so raw epsilon and the identity baseline are undefined."""
+    import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
     from engine.loading.tiny import build_tiny
 
-    import torch
-
     _, tok = build_tiny("tiny-gpt2-a")
-    cfg = GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=256, vocab_size=len(tok),
-                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = GPT2Config(
+        n_layer=3,
+        n_embd=32,
+        n_head=4,
+        n_positions=256,
+        vocab_size=len(tok),
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     torch.manual_seed(7)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     folder = tmp_path_factory.mktemp("narrow") / "gpt2-narrow"
@@ -79,9 +87,19 @@ def narrow_folder(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def narrow_envelopes(workload, narrow_folder) -> dict:
-    return {tool: json.loads(json.dumps(run_tool(tool, ModelSpec.parse("tiny-gpt2-a"), ModelSpec.parse(narrow_folder),
-                                                 {"workload": workload})))
-            for tool in TOOLS}
+    return {
+        tool: json.loads(
+            json.dumps(
+                run_tool(
+                    tool,
+                    ModelSpec.parse("tiny-gpt2-a"),
+                    ModelSpec.parse(narrow_folder),
+                    {"workload": workload},
+                )
+            )
+        )
+        for tool in TOOLS
+    }
 
 
 def _heatmaps(fig: go.Figure) -> list:
@@ -119,7 +137,11 @@ def test_cka_heatmap_and_matching_come_from_result(envelopes, pair):
     assert _z(heat) == r["matrix"]
     assert list(heat.x) == r["target_layers"] and list(heat.y) == r["donor_layers"]
     assert heat.zmin == 0 and heat.zmax == 1
-    assert "CKA" in heat.hovertemplate and "donor layer" in heat.hovertemplate and "target layer" in heat.hovertemplate
+    assert (
+        "CKA" in heat.hovertemplate
+        and "donor layer" in heat.hovertemplate
+        and "target layer" in heat.hovertemplate
+    )
     (path,) = [t for t in fig.data if t.type == "scatter"]
     assert [[y, x] for x, y in zip(path.x, path.y)] == r["matching"]
     assert "lines" in path.mode and "markers" in path.mode
@@ -233,8 +255,14 @@ def test_narrow_target_other_tools(narrow_envelopes):
 def test_one_by_one_and_missing_fields(envelopes):
     env = copy.deepcopy(envelopes["same-family", "cka"])
     r = env["result"]
-    r.update(matrix=[r["matrix"][0][:1]], donor_layers=[0], target_layers=[0], matching=[[0, 0]],
-             matching_cka=[r["matrix"][0][0]], mean_matched_cka=None)
+    r.update(
+        matrix=[r["matrix"][0][:1]],
+        donor_layers=[0],
+        target_layers=[0],
+        matching=[[0, 0]],
+        matching_cka=[r["matrix"][0][0]],
+        mean_matched_cka=None,
+    )
     fig = cka_figure(env)
     assert _z(_heatmaps(fig)[0]) == r["matrix"]
     fig.to_json()
@@ -242,9 +270,16 @@ def test_one_by_one_and_missing_fields(envelopes):
     env = copy.deepcopy(envelopes["same-family", "bridge-check"])
     r = env["result"]
     keep = lambda M: [M[0][:1]]  # noqa: E731
-    r.update(epsilon_raw=keep(r["epsilon_raw"]), cos_raw=keep(r["cos_raw"]), epsilon_bridged=keep(r["epsilon_bridged"]),
-             cos_bridged=keep(r["cos_bridged"]), donor_positions=[0], target_positions=[0], plausible_direct=[],
-             best_target_for_donor=[])
+    r.update(
+        epsilon_raw=keep(r["epsilon_raw"]),
+        cos_raw=keep(r["cos_raw"]),
+        epsilon_bridged=keep(r["epsilon_bridged"]),
+        cos_bridged=keep(r["cos_bridged"]),
+        donor_positions=[0],
+        target_positions=[0],
+        plausible_direct=[],
+        best_target_for_donor=[],
+    )
     assert len(_heatmaps(bridge_figure(env))) == 2
     r.update(epsilon_raw=None, cos_raw=None)
     assert len(_heatmaps(bridge_figure(env))) == 1
@@ -257,8 +292,12 @@ def test_one_by_one_and_missing_fields(envelopes):
     procrustes_figure(env).to_json()
 
     # bare envelope pieces: no meta, no names
-    for fn, tool in ((compat_figure, "compat"), (cka_figure, "cka"), (procrustes_figure, "procrustes"),
-                     (bridge_figure, "bridge-check")):
+    for fn, tool in (
+        (compat_figure, "compat"),
+        (cka_figure, "cka"),
+        (procrustes_figure, "procrustes"),
+        (bridge_figure, "bridge-check"),
+    ):
         fn({"result": envelopes["cross-family", tool]["result"]}).to_json()
 
 
@@ -272,13 +311,16 @@ def test_download_config_and_html(envelopes):
     html = viz.figure_html(fig)
     assert html.lstrip().lower().startswith("<!doctype html>") and html.rstrip().endswith("</html>")
     assert "graft_T2_cka_tiny-gpt2-a_vs_tiny-llama-b" in html
-    assert not re.search(r"<script[^>]*\bsrc=", html) and len(html) > 1_000_000  # plotly.js inline: works offline
+    assert (
+        not re.search(r"<script[^>]*\bsrc=", html) and len(html) > 1_000_000
+    )  # plotly.js inline: works offline
 
 
 def test_viz_does_not_import_engine_compute():
     code = (
         "import sys, viz, viz.common, viz.compat, viz.alignment\n"
-        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') or m.startswith('engine')"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') or "
+        "m.startswith('engine')"
         " or m == 'streamlit')\n"
         "print(','.join(bad))\n"
     )

@@ -6,6 +6,7 @@ server it draws the app's heading and a spinner at once, imports the engine, cle
 on with the normal run (no rerun, so no click is lost). Every later run finds the engine imported
 and draws nothing here. This module imports streamlit and the standard library only.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -15,13 +16,28 @@ import time
 import streamlit as st
 
 TITLE = "Graft"
-TAGLINE = ("Model surgery workbench: measure how two language models line up, layer by layer, "
-           "move knowledge from a **donor** into a **target**, and compare the target before and after.")
+TAGLINE = (
+    "Model surgery workbench: measure how two language models line up, layer by layer, "
+    "move knowledge from a **donor** into a **target**, and compare the target before and after."
+)
 # What app.py needs before it can route (the tools with torch and transformers, the navigation, the
 # sidebar), then what the pages import (plotly through viz), so that no first visit of a page pays
 # an import.
-ENGINE_MODULES = ("engine.api", "ui.navigation", "ui.sidebar", "ui.jobs", "ui.toolpage", "ui.concept", "ui.organs",
-                  "ui.transplant", "ui.verdict", "viz", "viz.compare", "viz.gonogo", "viz.report")
+ENGINE_MODULES = (
+    "engine.api",
+    "ui.navigation",
+    "ui.sidebar",
+    "ui.jobs",
+    "ui.toolpage",
+    "ui.concept",
+    "ui.organs",
+    "ui.transplant",
+    "ui.verdict",
+    "viz",
+    "viz.compare",
+    "viz.gonogo",
+    "viz.report",
+)
 
 _lock = threading.Lock()  # two first sessions import once, one after the other (no import race)
 _ready = False
@@ -46,8 +62,10 @@ def ensure_engine(modules: tuple[str, ...] = ENGINE_MODULES) -> None:
     with slot.container():
         st.title(TITLE)
         st.markdown(TAGLINE)
-        with st.spinner("Starting the engine: importing torch, transformers and the tools "
-                        "(once per server start, a few seconds)…"):
+        with st.spinner(
+            "Starting the engine: importing torch, transformers and the tools "
+            "(once per server start, a few seconds)…"
+        ):
             with _lock:
                 if not _ready:
                     t0 = time.perf_counter()

@@ -1,5 +1,6 @@
 """Inputs of the Concept page: where the concept comes from (an adapter or a full fine-tune) and
 which base it was trained on, resolved once per script run into :class:`ui.jobs.PanelInputs`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +9,7 @@ from typing import Optional
 
 import streamlit as st
 
-from engine.api import GraftError
-from engine.api import ModelSpec
+from engine.api import GraftError, ModelSpec
 from ui.jobs import PanelInputs
 from ui.state import one_line, selection
 from ui.text import code, md
@@ -60,17 +60,27 @@ def concept_inputs() -> ConceptInputs:
     if st.session_state.get(SOURCE_KEY) not in choices:
         st.session_state[SOURCE_KEY] = choices[0]
     left, right = st.columns([3, 2])
-    source = left.radio("Where the concept comes from", choices, key=SOURCE_KEY, horizontal=True,
-                        help="A LoRA adapter (its factors are read directly), or a full fine-tune given as the "
-                             "donor against its base (dW = W_D − W_base, factored by a randomized SVD).")
+    source = left.radio(
+        "Where the concept comes from",
+        choices,
+        key=SOURCE_KEY,
+        horizontal=True,
+        help="A LoRA adapter (its factors are read directly), or a full fine-tune given as the "
+        "donor against its base (dW = W_D − W_base, factored by a randomized SVD).",
+    )
     adapter: Optional[str] = None
     hint = ""
     if source == SOURCES[0]:
         adapter = own
     elif source == SOURCES[1]:
-        adapter = left.text_input("Adapter folder", key=PATH_KEY,
-                                  placeholder="/path/to/peft-adapter (adapter_config.json + adapter_model.safetensors)"
-                                  ).strip() or None
+        adapter = (
+            left.text_input(
+                "Adapter folder",
+                key=PATH_KEY,
+                placeholder="/path/to/peft-adapter (adapter_config.json + adapter_model.safetensors)",
+            ).strip()
+            or None
+        )
         if adapter is None:
             errors.append("type the path of a PEFT adapter folder")
     if adapter:
@@ -83,10 +93,13 @@ def concept_inputs() -> ConceptInputs:
     if st.session_state.get("_concept_base_default") != default_base:
         st.session_state[BASE_KEY] = default_base  # follow the adapter's own base until the user edits it
         st.session_state["_concept_base_default"] = default_base
-    base_text = right.text_input("Base model", key=BASE_KEY,
-                                 help="The model the adapter (or the fine-tuned donor) was trained from: a built-in "
-                                      "name, a folder, a .gguf file or a cached hub id. Defaults to the adapter's "
-                                      "own base.").strip()
+    base_text = right.text_input(
+        "Base model",
+        key=BASE_KEY,
+        help="The model the adapter (or the fine-tuned donor) was trained from: a built-in "
+        "name, a folder, a .gguf file or a cached hub id. Defaults to the adapter's "
+        "own base.",
+    ).strip()
     base: Optional[ModelSpec] = None
     try:
         base = ModelSpec.parse(base_text, sel.trust_remote_code)
@@ -102,11 +115,15 @@ def concept_inputs() -> ConceptInputs:
     else:
         models["adapter"] = adapter
         what = f"adapter {adapter or '?'} on {base_text}"
-    analysis = PanelInputs({k: v for k, v in models.items() if v}, sel.options, tuple(errors) + (
-        () if sel.options else ("fix the run options in the sidebar",)))
+    analysis = PanelInputs(
+        {k: v for k, v in models.items() if v},
+        sel.options,
+        tuple(errors) + (() if sel.options else ("fix the run options in the sidebar",)),
+    )
     t_errors = list(analysis.errors)
     if sel.target is None:
         t_errors.append("choose the target in the sidebar")
-    transplant = PanelInputs({**analysis.models, **({"target": sel.target} if sel.target else {})}, sel.options,
-                             tuple(t_errors))
+    transplant = PanelInputs(
+        {**analysis.models, **({"target": sel.target} if sel.target else {})}, sel.options, tuple(t_errors)
+    )
     return ConceptInputs(analysis, transplant, what)

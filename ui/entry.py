@@ -11,6 +11,7 @@ first legacy run, or an AppTest that opens a page file) runs app.py in its place
 script run, so widget clicks are not lost: app.py's ``st.navigation`` routes back to this page
 with the sidebar. Then the direct run stops.
 """
+
 from __future__ import annotations
 
 import runpy

@@ -5,25 +5,29 @@ the tool's parameters, a Run button that submits a background job, and then, for
 that tool in this session, either a polling fragment (progress bar, message, Cancel) or the
 finished result (figure, key numbers, downloads). The page itself never waits for a job.
 """
+
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import streamlit as st
 
-from dataclasses import dataclass
-
-from engine.api import jsonsafe
-from engine.api import pair_labels
-from engine.api import GraftError
-from engine.api import Job
-from engine.api import ModelSpec
-from engine.api import RunOptions, build_params, param_specs
-from engine.api import get_tool
+from engine.api import (
+    GraftError,
+    Job,
+    ModelSpec,
+    RunOptions,
+    build_params,
+    get_tool,
+    jsonsafe,
+    pair_labels,
+    param_specs,
+)
 from ui.state import graft_error, job_runner, last_job_id, one_line, remember_job, selection
-from ui.widgets import label_for, param_widgets
 from ui.text import md
+from ui.widgets import label_for, param_widgets
 
 POLL_SECONDS = 0.75
 
@@ -34,15 +38,24 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "mean_alignment": ("Mean alignment", "Mean over matched layers of 1 − held-out Procrustes residual."),
     "tokenizer_overlap": ("Tokenizer overlap", "Jaccard overlap of the two vocabularies' token strings."),
     "swappable_modules": ("Swappable modules", "Modules shared by name whose weight shapes are equal."),
-    "shared_modules": ("Modules shared by name", "Linear modules present in both models under the same name."),
-    "plausible_direct": ("Direct-insertion pairs", "Donor/target positions (s, p) where raw epsilon is below the threshold."),
+    "shared_modules": (
+        "Modules shared by name",
+        "Linear modules present in both models under the same name.",
+    ),
+    "plausible_direct": (
+        "Direct-insertion pairs",
+        "Donor/target positions (s, p) where raw epsilon is below the threshold.",
+    ),
     "n_rows": ("Aligned rows", "Token (or word) positions compared between the two models."),
     "n_fit": ("Fit rows", "Rows the maps were fitted on."),
     "n_heldout": ("Held-out rows", "Rows the residuals and cosines were measured on."),
     "k": ("Modules swapped", "Donor modules copied into the working copy of the target."),
     "tir": ("TIR", "Transplant improvement ratio S(T′)/S(T) under the run's score kind (see the caption)."),
     "recovery": ("Recovery", "(S(T′) − S(T)) / (S(D) − S(T)): share of the donor's advantage that moved."),
-    "alignment_after": ("Alignment T′ vs D", "Share of prompt positions where T′'s greedy next token equals D's."),
+    "alignment_after": (
+        "Alignment T′ vs D",
+        "Share of prompt positions where T′'s greedy next token equals D's.",
+    ),
     "n_swappable": ("Swappable modules", "Modules shared by name whose weight shapes are equal."),
 }
 MAX_METRICS = 4
@@ -51,8 +64,14 @@ ResultDetails = Callable[[dict[str, Any]], None]
 
 
 # --------------------------------------------------------------------------- the panel
-def tool_panel(tool_name: str, *, how_to_read: str = "", details: Optional[ResultDetails] = None,
-               before_run: Optional[Callable[[], None]] = None, inputs: Optional["PanelInputs"] = None) -> None:
+def tool_panel(
+    tool_name: str,
+    *,
+    how_to_read: str = "",
+    details: Optional[ResultDetails] = None,
+    before_run: Optional[Callable[[], None]] = None,
+    inputs: Optional["PanelInputs"] = None,
+) -> None:
     """Parameters, Run button and the last job's view for one registered tool.
 
     ``before_run`` draws extra inputs between the parameters and the Run button. ``inputs`` are the
@@ -75,11 +94,16 @@ def tool_panel(tool_name: str, *, how_to_read: str = "", details: Optional[Resul
     # and would read the selection of the previous run, so the pair submitted could differ from
     # the pair on the screen. Here the sidebar (and the page's own inputs) resolved this run's widgets.
     if st.button(
-        tool.run_label or f"Run {tool.code}", key=f"run-{tool.name}", type="primary", icon=":material/play_arrow:",
+        tool.run_label or f"Run {tool.code}",
+        key=f"run-{tool.name}",
+        type="primary",
+        icon=":material/play_arrow:",
         disabled=not inputs.ok or busy,
-        help=(inputs.errors[0] if inputs.errors else "Choose the inputs first.") if not inputs.ok else
-             "This tool is already running; cancel it or wait." if busy else
-             f"Runs {tool.code} on {inputs.label} in the background.",
+        help=(inputs.errors[0] if inputs.errors else "Choose the inputs first.")
+        if not inputs.ok
+        else "This tool is already running; cancel it or wait."
+        if busy
+        else f"Runs {tool.code} on {inputs.label} in the background.",
     ):
         job_id = _submit_tool(tool.name, inputs) or job_id
     submit_error = st.session_state.pop(f"_submit_error-{tool.name}", None)
@@ -89,8 +113,12 @@ def tool_panel(tool_name: str, *, how_to_read: str = "", details: Optional[Resul
     if job_id:
         job_view(job_id, tool_name=tool.name, details=details, current=inputs)
     elif not inputs.ok:
-        st.info(md(inputs.errors[0]) if inputs.errors else "Choose a valid donor and target in the sidebar to run this tool.",
-                icon=":material/info:")
+        st.info(
+            md(inputs.errors[0])
+            if inputs.errors
+            else "Choose a valid donor and target in the sidebar to run this tool.",
+            icon=":material/info:",
+        )
 
 
 @dataclass(frozen=True)
@@ -123,7 +151,9 @@ class PanelInputs:
 def sidebar_inputs() -> PanelInputs:
     """Donor and target as the sidebar resolved them in this run."""
     sel = selection()
-    models = {"donor": sel.donor, "target": sel.target} if sel.donor is not None and sel.target is not None else {}
+    models = (
+        {"donor": sel.donor, "target": sel.target} if sel.donor is not None and sel.target is not None else {}
+    )
     return PanelInputs(models, sel.options, tuple(sel.errors) if not sel.ok else ())
 
 
@@ -135,15 +165,25 @@ def _submit_tool(tool_name: str, inputs: PanelInputs) -> Optional[str]:
     """Submit the tool on the inputs resolved in this very run; returns the job id."""
     tool = get_tool(tool_name)
     prefix = _param_prefix(tool.name)
-    values = {s.name: st.session_state.get(f"{prefix}-{s.name}", s.default) for s in param_specs(tool.params_cls)}
+    values = {
+        s.name: st.session_state.get(f"{prefix}-{s.name}", s.default) for s in param_specs(tool.params_cls)
+    }
     try:
         if not inputs.ok:
             raise GraftError(inputs.errors[0] if inputs.errors else "choose the inputs first")
         params = build_params(tool.params_cls, values)
         m = inputs.models
-        job = job_runner().submit_tool(tool.name, m.get("donor"), m.get("target"), inputs.options, params,
-                                       base=m.get("base"), adapter=m.get("adapter"),
-                                       organ=m.get("organ"), run=m.get("run"))
+        job = job_runner().submit_tool(
+            tool.name,
+            m.get("donor"),
+            m.get("target"),
+            inputs.options,
+            params,
+            base=m.get("base"),
+            adapter=m.get("adapter"),
+            organ=m.get("organ"),
+            run=m.get("run"),
+        )
     except GraftError as exc:
         st.session_state[f"_submit_error-{tool.name}"] = one_line(exc)
         return None
@@ -159,14 +199,29 @@ def inputs_mismatch(envelope: dict[str, Any], current: Optional[PanelInputs]) ->
     then = {k: envelope.get(k) for k in now}
     if all(then[k] == now[k] for k in now):
         return None
-    src, dst = pair_labels({k: v for k, v in envelope.items() if k in ("donor", "target", "base", "adapter", "organ", "run") and v})
-    return (f"This result is for **{md(src)} → {md(dst)}**, not for the models on the screen "
-            f"(**{md(current.label)}**). Run again for the models on the screen.")
+    src, dst = pair_labels(
+        {
+            k: v
+            for k, v in envelope.items()
+            if k in ("donor", "target", "base", "adapter", "organ", "run") and v
+        }
+    )
+    return (
+        f"This result is for **{md(src)} → {md(dst)}**, not for the models on the screen "
+        f"(**{md(current.label)}**). Run again for the models on the screen."
+    )
 
 
 # --------------------------------------------------------------------------- one job
-def job_view(job_id: str, *, tool_name: Optional[str] = None, details: Optional[ResultDetails] = None,
-             on_done: Optional[ResultDetails] = None, where: str = "main", current: Optional[PanelInputs] = None) -> None:
+def job_view(
+    job_id: str,
+    *,
+    tool_name: Optional[str] = None,
+    details: Optional[ResultDetails] = None,
+    on_done: Optional[ResultDetails] = None,
+    where: str = "main",
+    current: Optional[PanelInputs] = None,
+) -> None:
     """Live progress while a job runs, then its result, error or cancellation.
 
     ``tool_name`` set: a finished job shows the tool's figure, key numbers and downloads.
@@ -191,18 +246,30 @@ def _live_job(job_id: str, where: str) -> None:
         st.rerun(scope="app")
         return
     with st.container(border=True):
-        label = "Queued — waiting for the job before it" if job.status == "queued" else job.message or "running"
+        label = (
+            "Queued — waiting for the job before it" if job.status == "queued" else job.message or "running"
+        )
         st.progress(min(max(job.progress, 0.0), 1.0), text=f"**{md(job.title)}** · {md(label)}")
         left, right = st.columns([4, 1], vertical_alignment="center")
         left.caption(f"{md(job.donor)} → {md(job.target)} · {job.elapsed():.1f} s · job {md(job.id)}")
         cancelling = job.cancel_event.is_set()
-        if right.button("Cancelling…" if cancelling else "Cancel", key=f"cancel-{where}-{job.id}",
-                        icon=":material/stop_circle:", disabled=cancelling, width="stretch"):
+        if right.button(
+            "Cancelling…" if cancelling else "Cancel",
+            key=f"cancel-{where}-{job.id}",
+            icon=":material/stop_circle:",
+            disabled=cancelling,
+            width="stretch",
+        ):
             job_runner().cancel(job.id)
 
 
-def _finished_job_view(job: Job, tool_name: Optional[str], details: Optional[ResultDetails],
-                       on_done: Optional[ResultDetails], current: Optional[PanelInputs] = None) -> None:
+def _finished_job_view(
+    job: Job,
+    tool_name: Optional[str],
+    details: Optional[ResultDetails],
+    on_done: Optional[ResultDetails],
+    current: Optional[PanelInputs] = None,
+) -> None:
     if job.status == "failed":
         st.error(md(f"{job.title} failed: {one_line(job.error)}"), icon=":material/error:")
         return
@@ -215,8 +282,12 @@ def _finished_job_view(job: Job, tool_name: Optional[str], details: Optional[Res
         on_done(job.result)
 
 
-def _stored_run_view(run_id: str, tool_name: Optional[str], details: Optional[ResultDetails],
-                     current: Optional[PanelInputs] = None) -> None:
+def _stored_run_view(
+    run_id: str,
+    tool_name: Optional[str],
+    details: Optional[ResultDetails],
+    current: Optional[PanelInputs] = None,
+) -> None:
     """The job is gone from memory (the server restarted): fall back to the run history."""
     row = job_runner().history.get(run_id)
     if row is None:
@@ -224,11 +295,20 @@ def _stored_run_view(run_id: str, tool_name: Optional[str], details: Optional[Re
     if row["status"] == "done" and row["result"] and tool_name:
         _guarded_result(tool_name, row["result"], key=run_id, details=details, current=current)
     elif row["status"] in ("failed", "cancelled"):
-        st.error(md(f"{row['title']} {row['status']}: {one_line(row['error'] or row['status'])}"), icon=":material/error:")
+        st.error(
+            md(f"{row['title']} {row['status']}: {one_line(row['error'] or row['status'])}"),
+            icon=":material/error:",
+        )
 
 
-def _guarded_result(tool_name: str, envelope: dict[str, Any], *, key: str,
-                    details: Optional[ResultDetails] = None, current: Optional[PanelInputs] = None) -> None:
+def _guarded_result(
+    tool_name: str,
+    envelope: dict[str, Any],
+    *,
+    key: str,
+    details: Optional[ResultDetails] = None,
+    current: Optional[PanelInputs] = None,
+) -> None:
     """The result, unless it is for other models than those on the screen: then a warning, and
     the result only on request, so no figure is taken for the models on the screen by mistake."""
     warning = inputs_mismatch(envelope, current)
@@ -241,8 +321,9 @@ def _guarded_result(tool_name: str, envelope: dict[str, Any], *, key: str,
 
 
 # --------------------------------------------------------------------------- one result
-def result_view(tool_name: str, envelope: dict[str, Any], *, key: str,
-                details: Optional[ResultDetails] = None) -> None:
+def result_view(
+    tool_name: str, envelope: dict[str, Any], *, key: str, details: Optional[ResultDetails] = None
+) -> None:
     """Figure, key numbers, optional tool-specific details, and JSON / HTML downloads."""
     import viz
 
@@ -252,8 +333,10 @@ def result_view(tool_name: str, envelope: dict[str, Any], *, key: str,
     except GraftError as exc:
         st.error(md(one_line(exc)), icon=":material/error:")
     except Exception as exc:  # a figure bug must not hide the numbers or the downloads
-        st.warning(f"The figure could not be drawn ({md(graft_error(exc))}); the numbers are below.",
-                   icon=":material/warning:")
+        st.warning(
+            f"The figure could not be drawn ({md(graft_error(exc))}); the numbers are below.",
+            icon=":material/warning:",
+        )
     for w in (envelope.get("result") or {}).get("warnings") or []:
         st.warning(md(w), icon=":material/warning:")
     if fig is not None:
@@ -273,13 +356,25 @@ def result_view(tool_name: str, envelope: dict[str, Any], *, key: str,
     stem = file_stem(envelope)
     left, right, _ = st.columns([1, 1, 2])
     left.download_button(
-        "Result JSON", data=jsonsafe.dumps(envelope, indent=2), file_name=f"{stem}.json", mime="application/json",
-        key=f"dl-json-{tool_name}-{key}", icon=":material/download:", on_click="ignore", width="stretch",
+        "Result JSON",
+        data=jsonsafe.dumps(envelope, indent=2),
+        file_name=f"{stem}.json",
+        mime="application/json",
+        key=f"dl-json-{tool_name}-{key}",
+        icon=":material/download:",
+        on_click="ignore",
+        width="stretch",
     )
     if fig is not None:
         right.download_button(
-            "Figure HTML", data=lambda: viz.figure_html(fig), file_name=f"{stem}.html", mime="text/html",
-            key=f"dl-html-{tool_name}-{key}", icon=":material/download:", on_click="ignore", width="stretch",
+            "Figure HTML",
+            data=lambda: viz.figure_html(fig),
+            file_name=f"{stem}.html",
+            mime="text/html",
+            key=f"dl-html-{tool_name}-{key}",
+            icon=":material/download:",
+            on_click="ignore",
+            width="stretch",
             help="A standalone page with the interactive figure; works offline.",
         )
 
@@ -295,8 +390,11 @@ def key_numbers(envelope: dict[str, Any]) -> list[tuple[str, str, str]]:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out.append((label, _fmt(v), _exact(v, help_text)))
     if not out:
-        out = [(label_for(k), _fmt(v), _exact(v, "")) for k, v in result.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        out = [
+            (label_for(k), _fmt(v), _exact(v, ""))
+            for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
     return out[:MAX_METRICS]
 
 
@@ -304,7 +402,11 @@ def _exact(v: float, help_text: str) -> str:
     """The tile's help, with the exact value when the tile shows it shortened."""
     shown = _fmt(v)
     exact = f"{v:,}" if isinstance(v, int) else repr(float(v))
-    return help_text if shown in (exact, f"{v:.3f}") else (help_text + " " if help_text else "") + f"Exact: {exact}."
+    return (
+        help_text
+        if shown in (exact, f"{v:.3f}")
+        else (help_text + " " if help_text else "") + f"Exact: {exact}."
+    )
 
 
 def _fmt(v: float) -> str:
@@ -334,7 +436,9 @@ def run_caption(envelope: dict[str, Any]) -> str:
     if wl:
         parts.append(f"workload {md(wl.get('name', '?'))} ({md(wl.get('n_texts', '?'))} texts)")
     if "compute_seconds" in meta:
-        parts.append(f"{meta.get('load_seconds', 0) + meta['compute_seconds']:.2f} s on {md(meta.get('device', '?'))}")
+        parts.append(
+            f"{meta.get('load_seconds', 0) + meta['compute_seconds']:.2f} s on {md(meta.get('device', '?'))}"
+        )
     return " · ".join(parts)
 
 

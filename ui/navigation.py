@@ -1,5 +1,6 @@
 """The app's pages: the fixed ones in pages/, plus one generic page per registry ``page`` name
 that has no file of its own (so a newly registered tool shows up without touching the UI)."""
+
 from __future__ import annotations
 
 import re
@@ -9,7 +10,15 @@ import streamlit as st
 
 from engine.api import all_tools
 
-FILE_PAGES = ("Models", "Alignment", "Go / no-go", "Concept", "Transplant", "Organs", "Verdict")  # registry page names served by a file in pages/
+FILE_PAGES = (
+    "Models",
+    "Alignment",
+    "Go / no-go",
+    "Concept",
+    "Transplant",
+    "Organs",
+    "Verdict",
+)  # registry page names served by a file in pages/
 TOOL_PAGE_ICON = ":material/biotech:"
 
 

@@ -1,5 +1,6 @@
 """Organs page helpers: choosing an organ checkpoint (one found under <GRAFT_HOME>/organs, or any
 folder), the inputs of each organ tool, and the insertion's details (T' actions, Compare)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +8,7 @@ from typing import Any, Optional
 
 import streamlit as st
 
-from engine.api import jsonsafe
-from engine.api import GraftError
-from engine.api import ORGAN_CARD, load_organ
-from engine.api import organs_dir
+from engine.api import ORGAN_CARD, GraftError, jsonsafe, load_organ, organs_dir
 from ui.jobs import PanelInputs, file_stem
 from ui.state import last_job_id, one_line, selection
 from ui.text import md
@@ -34,8 +32,12 @@ def _describe(path: str, mtime_ns: int) -> str:
     organ = load_organ(path)
     layers = organ.card["layers"]
     trained = organ.card.get("training")
-    return (f"{organ.card['source']['label']} blocks {layers[0]}–{layers[-1]} (k={organ.size}, width {organ.hidden_size}, "
-            f"{organ.nbytes / 2**20:.1f} MiB)" + (f" · trained standalone {trained.get('steps')} steps" if trained else ""))
+    return (
+        f"{organ.card['source']['label']} blocks {layers[0]}–{layers[-1]} (k={organ.size}, width "
+        f"{organ.hidden_size}, "
+        f"{organ.nbytes / 2**20:.1f} MiB)"
+        + (f" · trained standalone {trained.get('steps')} steps" if trained else "")
+    )
 
 
 def describe(path: str) -> str:
@@ -50,11 +52,19 @@ def organ_picker() -> tuple[Optional[str], Optional[str]]:
     st.session_state[KNOWN_KEY] = found
     if st.session_state.get(PICK_KEY) not in options or new:  # a newly extracted / trained organ is picked
         st.session_state[PICK_KEY] = new[0] if new else options[0]
-    pick = st.selectbox("Organ checkpoint", options, key=PICK_KEY,
-                        format_func=lambda p: p if p == TYPED else f"{Path(p).name}",
-                        help="Organs extracted or trained here are listed (newest first); any organ folder "
-                             "(organ.json + organ.safetensors) can be typed instead.")
-    path = st.text_input("Organ folder", key=PATH_KEY, placeholder="/path/to/organ").strip() if pick == TYPED else pick
+    pick = st.selectbox(
+        "Organ checkpoint",
+        options,
+        key=PICK_KEY,
+        format_func=lambda p: p if p == TYPED else f"{Path(p).name}",
+        help="Organs extracted or trained here are listed (newest first); any organ folder "
+        "(organ.json + organ.safetensors) can be typed instead.",
+    )
+    path = (
+        st.text_input("Organ folder", key=PATH_KEY, placeholder="/path/to/organ").strip()
+        if pick == TYPED
+        else pick
+    )
     if not path:
         return None, "extract an organ first (below), or type an organ checkpoint folder"
     try:
@@ -86,13 +96,24 @@ def insert_details(envelope: dict) -> None:
     from ui.transplant import COMPARE_RUN, transplant_actions
 
     r = envelope["result"]
-    rows = [{"organ": Path(p["organ"]).name, "source layers": str(p["layers"]), "position": p["position"],
-             "mode": p["mode"], "‖W_in − I‖": (p.get("bridge_deviation") or {}).get("in"),
-             "‖W_out − I‖": (p.get("bridge_deviation") or {}).get("out")} for p in r.get("placements") or []]
+    rows = [
+        {
+            "organ": Path(p["organ"]).name,
+            "source layers": str(p["layers"]),
+            "position": p["position"],
+            "mode": p["mode"],
+            "‖W_in − I‖": (p.get("bridge_deviation") or {}).get("in"),
+            "‖W_out − I‖": (p.get("bridge_deviation") or {}).get("out"),
+        }
+        for p in r.get("placements") or []
+    ]
     st.dataframe(rows, hide_index=True, width="stretch")
-    st.caption(f"Organ bytes {r.get('organ_bytes', 0) / 2**20:.2f} MiB · held beyond the cached target "
-               f"{r.get('extra_bytes', 0) / 2**20:.2f} MiB · rollback bit-exact {'yes' if r.get('rollback_bit_exact') else 'NO'} · "
-               f"cached target untouched {'yes' if r.get('target_untouched') else 'NO'}")
+    st.caption(
+        f"Organ bytes {r.get('organ_bytes', 0) / 2**20:.2f} MiB · held beyond the cached target "
+        f"{r.get('extra_bytes', 0) / 2**20:.2f} MiB · rollback bit-exact "
+        f"{'yes' if r.get('rollback_bit_exact') else 'NO'} · "
+        f"cached target untouched {'yes' if r.get('target_untouched') else 'NO'}"
+    )
     run_id = last_job_id(ORGAN_INSERT)
     if run_id and r.get("live_id"):
         st.session_state[COMPARE_RUN] = run_id
@@ -109,9 +130,17 @@ def organ_compare(run_id: str, envelope: dict) -> None:
     fig = insert_figure(envelope)
     st.plotly_chart(fig, config=viz.download_config(fig), key=f"compare-organ-{run_id}")
     insert_details_table = envelope["result"].get("placements") or []
-    st.caption(f"{len(insert_details_table)} organ(s) · mode {envelope['result'].get('mode')} · "
-               f"position {envelope['result'].get('position')}")
+    st.caption(
+        f"{len(insert_details_table)} organ(s) · mode {envelope['result'].get('mode')} · "
+        f"position {envelope['result'].get('position')}"
+    )
     transplant_actions(run_id, envelope, where="compare")
-    st.download_button("Result JSON", data=jsonsafe.dumps(envelope, indent=2), file_name=f"{file_stem(envelope)}.json",
-                       mime="application/json", key=f"compare-organ-json-{run_id}", icon=":material/download:",
-                       on_click="ignore")
+    st.download_button(
+        "Result JSON",
+        data=jsonsafe.dumps(envelope, indent=2),
+        file_name=f"{file_stem(envelope)}.json",
+        mime="application/json",
+        key=f"compare-organ-json-{run_id}",
+        icon=":material/download:",
+        on_click="ignore",
+    )

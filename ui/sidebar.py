@@ -5,6 +5,7 @@ name, a folder, a .gguf file or a hub id). ``?donor=...&target=...`` in the URL 
 a session's first run, and the URL follows the selection so a link reopens the same pair. At the
 end, :func:`render_sidebar` stores a parsed :class:`~ui.state.Selection` for the pages.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,19 +16,45 @@ from typing import Any, Optional
 
 import streamlit as st
 
-from engine.api import builtin_concept_path, load_workload
-from engine.api import GraftError
-from engine.api import cached_hub_models
-from engine.api import (BUILTIN_DESCRIPTIONS, DEMO_DONOR, SMOLLM2, ModelSpec, builtin_status,
-                           model_card, remote_code_files, resolve_device)
-from engine.api import RunOptions, build_params, param_specs
-from engine.api import graft_home
-from engine.api import FAILED, LOADED, LOADING, LoadState
+from engine.api import (
+    BUILTIN_DESCRIPTIONS,
+    DEMO_DONOR,
+    FAILED,
+    LOADED,
+    LOADING,
+    SMOLLM2,
+    GraftError,
+    LoadState,
+    ModelSpec,
+    RunOptions,
+    build_params,
+    builtin_concept_path,
+    builtin_status,
+    cached_hub_models,
+    graft_home,
+    load_workload,
+    model_card,
+    param_specs,
+    remote_code_files,
+    resolve_device,
+)
 from ui.demo import demo_builder, demo_pair_ready
-from ui.state import (DONOR, SELECTION, TARGET, TRUST, Selection, graft_error, job_runner, last_job_id, model_store,
-                      one_line, preloader, startup_notes)
-from ui.widgets import param_widget
+from ui.state import (
+    DONOR,
+    SELECTION,
+    TARGET,
+    TRUST,
+    Selection,
+    graft_error,
+    job_runner,
+    last_job_id,
+    model_store,
+    one_line,
+    preloader,
+    startup_notes,
+)
 from ui.text import md
+from ui.widgets import param_widget
 
 TINY_PAIR = ("tiny-gpt2-a", "tiny-gpt2-b")
 OTHER = "\u2026other"  # the picker entry that reveals a free-text path / GGUF / hub id field
@@ -36,8 +63,12 @@ UPLOAD_SUFFIXES = ("jsonl", "ndjson", "json", "txt")
 WORKLOAD_SOURCES = ("Bundled concept set", "Upload a file", "Path on this machine")
 
 STATE_ICONS = {"ready": "●", "needs preparing": "◐", "needs building": "◐", "unavailable": "○"}
-VERDICT_LABELS = {"module_swap": "module swap", "organ_direct": "organ direct",
-                  "organ_bridged": "organ bridged", "conjugation": "conjugation"}
+VERDICT_LABELS = {
+    "module_swap": "module swap",
+    "organ_direct": "organ direct",
+    "organ_bridged": "organ bridged",
+    "conjugation": "conjugation",
+}
 
 
 # --------------------------------------------------------------------------- entry point
@@ -107,8 +138,13 @@ def _model_section(status: dict[str, dict[str, Any]]) -> Selection:
     st.markdown("##### Model pair")
     choices = model_choices(status)
     donor_text = _model_picker(DONOR, "Donor", "the model knowledge is taken from", choices, status)
-    st.button("Swap donor and target", key="swap-models", on_click=_swap, icon=":material/swap_vert:",
-              type="tertiary")
+    st.button(
+        "Swap donor and target",
+        key="swap-models",
+        on_click=_swap,
+        icon=":material/swap_vert:",
+        type="tertiary",
+    )
     target_text = _model_picker(TARGET, "Target", "the model knowledge is moved into", choices, status)
     trust = _trust_section(donor_text, target_text)
 
@@ -123,7 +159,9 @@ def _model_section(status: dict[str, dict[str, Any]]) -> Selection:
             continue
         state = status.get(text, {}).get("state")
         if state == "unavailable":
-            errors.append(f"{role.capitalize()}: {text} is unavailable here (its optional package is not installed)")
+            errors.append(
+                f"{role.capitalize()}: {text} is unavailable here (its optional package is not installed)"
+            )
     for message in errors:
         st.error(md(message), icon=":material/error:")
     for role, text in ((DONOR, donor_text), (TARGET, target_text)):
@@ -133,17 +171,24 @@ def _model_section(status: dict[str, dict[str, Any]]) -> Selection:
                 st.caption(f":material/description: {role.capitalize()}: {md(summary)}")
         state = status.get(text, {}).get("state")
         if state == "needs building":
-            st.caption(f"{role.capitalize()} {md(text)} is built on first use (several minutes on CPU); "
-                       "or build it now below.")
+            st.caption(
+                f"{role.capitalize()} {md(text)} is built on first use (several minutes on CPU); "
+                "or build it now below."
+            )
         elif state == "needs preparing":
             st.caption(f"{role.capitalize()} {md(text)} is converted once on first use (about a minute).")
 
     if not demo_pair_ready() or last_job_id("demo-donor"):
         with st.container(border=True):
             if not demo_pair_ready():
-                st.caption("The demo pair (SmolLM2 + its concept-tuned donor) is not built yet"
-                           + (", so the instant tiny random pair is selected." if (donor_text, target_text) == TINY_PAIR
-                              else "."))
+                st.caption(
+                    "The demo pair (SmolLM2 + its concept-tuned donor) is not built yet"
+                    + (
+                        ", so the instant tiny random pair is selected."
+                        if (donor_text, target_text) == TINY_PAIR
+                        else "."
+                    )
+                )
             demo_builder("sidebar")
     return Selection(donor_text, target_text, bool(trust), specs[DONOR], specs[TARGET], None, tuple(errors))
 
@@ -185,17 +230,26 @@ def _trust_section(donor_text: str, target_text: str) -> bool:
         st.session_state[TRUST] = False
         return False
     with st.container(border=True):
-        st.markdown(":orange-badge[:material/code: custom code] The chosen models ship Python code that "
-                    "runs on this machine if you trust it:")
+        st.markdown(
+            ":orange-badge[:material/code: custom code] The chosen models ship Python code that "
+            "runs on this machine if you trust it:"
+        )
         for who, names in files.items():
             st.caption(f"**{md(who)}**")
             st.code("\n".join(names), language=None)
-        return bool(st.checkbox("Trust and run this code (this session, this pair)", key=TRUST,
-                                help="Off: the models load without their custom code, or are refused if they need it. "
-                                     "Never turned on by a link; resets when you pick another model."))
+        return bool(
+            st.checkbox(
+                "Trust and run this code (this session, this pair)",
+                key=TRUST,
+                help="Off: the models load without their custom code, or are refused if they need it. "
+                "Never turned on by a link; resets when you pick another model.",
+            )
+        )
 
 
-def _model_picker(role: str, label: str, what: str, choices: list[str], status: dict[str, dict[str, Any]]) -> str:
+def _model_picker(
+    role: str, label: str, what: str, choices: list[str], status: dict[str, dict[str, Any]]
+) -> str:
     """Selectbox of known models plus a free-text field; returns the chosen spec text."""
     wanted = st.session_state.get(role, "")
     synced_key, gen_key = f"_{role}_synced", f"_{role}_gen"
@@ -213,13 +267,22 @@ def _model_picker(role: str, label: str, what: str, choices: list[str], status: 
         else:
             st.session_state[pick_key] = OTHER
             st.session_state[path_key] = wanted
-    pick = st.selectbox(label, choices, key=pick_key, format_func=lambda o: _format_choice(o, status),
-                        help=f"The {role}: {what}. Built-ins, models in your local Hugging Face cache, "
-                             "or (Other) a local folder, a .gguf file or a hub id.")
+    pick = st.selectbox(
+        label,
+        choices,
+        key=pick_key,
+        format_func=lambda o: _format_choice(o, status),
+        help=f"The {role}: {what}. Built-ins, models in your local Hugging Face cache, "
+        "or (Other) a local folder, a .gguf file or a hub id.",
+    )
     if pick == OTHER:
         st.session_state.setdefault(path_key, "")
-        text = st.text_input(f"{label} path", key=path_key, placeholder="/path/to/model, model.gguf or org/name",
-                             label_visibility="collapsed").strip()
+        text = st.text_input(
+            f"{label} path",
+            key=path_key,
+            placeholder="/path/to/model, model.gguf or org/name",
+            label_visibility="collapsed",
+        ).strip()
     else:
         text = pick
     st.session_state[role] = text
@@ -233,7 +296,10 @@ def _picker_keys(role: str, gen: int) -> tuple[str, str]:
 
 
 def _swap() -> None:
-    st.session_state[DONOR], st.session_state[TARGET] = st.session_state.get(TARGET, ""), st.session_state.get(DONOR, "")
+    st.session_state[DONOR], st.session_state[TARGET] = (
+        st.session_state.get(TARGET, ""),
+        st.session_state.get(DONOR, ""),
+    )
 
 
 # --------------------------------------------------------------------------- run options
@@ -264,14 +330,19 @@ def _workload_picker() -> tuple[str, str]:
     source = st.radio("Workload", WORKLOAD_SOURCES, key="workload_source", help=help_text)
     path = ""
     if source == WORKLOAD_SOURCES[1]:
-        upload = st.file_uploader("Workload file", type=list(UPLOAD_SUFFIXES), key="workload_upload",
-                                  label_visibility="collapsed")
+        upload = st.file_uploader(
+            "Workload file", type=list(UPLOAD_SUFFIXES), key="workload_upload", label_visibility="collapsed"
+        )
         if upload is None:
             return "", "upload a file, or pick the bundled concept set"
         path = str(_saved_upload(upload))
     elif source == WORKLOAD_SOURCES[2]:
-        path = st.text_input("Workload path", key="workload_path", placeholder="/path/to/texts.jsonl",
-                             label_visibility="collapsed").strip()
+        path = st.text_input(
+            "Workload path",
+            key="workload_path",
+            placeholder="/path/to/texts.jsonl",
+            label_visibility="collapsed",
+        ).strip()
         if not path:
             return "", "type a path, or pick the bundled concept set"
     try:
@@ -346,14 +417,17 @@ def _compat_badge(sel: Selection, status: dict[str, dict[str, Any]]) -> None:
         st.markdown(verdict_badges(verdicts))
         return
     if not (_loadable(sel.donor, sel, status) and _loadable(sel.target, sel, status)):
-        st.caption("Run the compatibility report on the Models page to see which transplants fit "
-                   "(the models are loaded there, in the background).")
+        st.caption(
+            "Run the compatibility report on the Models page to see which transplants fit "
+            "(the models are loaded there, in the background)."
+        )
         return
     states = _pair_states(sel, wait_s=PRELOAD_WAIT_S)
     if all(s.state == LOADED for s in states.values()):
         try:
-            verdicts = _compat_verdicts(sel.donor_text, sel.target_text, sel.trust_remote_code,
-                                        sel.options.device, sel.options.dtype)
+            verdicts = _compat_verdicts(
+                sel.donor_text, sel.target_text, sel.trust_remote_code, sel.options.device, sel.options.dtype
+            )
         except Exception as exc:  # the badge is a convenience: never let it break the sidebar
             st.caption(f"Compatibility: {md(graft_error(exc))}")
             return
@@ -376,15 +450,20 @@ def _badge_while_loading(sel: Selection) -> None:
     states = _pair_states(sel)
     if all(s.state != LOADING for s in states.values()):
         st.rerun()
-    waiting = " · ".join(f"{role} {'✓' if s.state == LOADED else f'loading… {s.seconds:.0f} s'}"
-                         for role, s in states.items())
-    st.caption(f":material/hourglass_top: Loading the pair in the background ({waiting}); the verdicts "
-               "show here when both are loaded. Every page works meanwhile.")
+    waiting = " · ".join(
+        f"{role} {'✓' if s.state == LOADED else f'loading… {s.seconds:.0f} s'}" for role, s in states.items()
+    )
+    st.caption(
+        f":material/hourglass_top: Loading the pair in the background ({waiting}); the verdicts "
+        "show here when both are loaded. Every page works meanwhile."
+    )
 
 
 def _pair_states(sel: Selection, wait_s: float = 0.0) -> dict[str, LoadState]:
-    return {role: preloader().request(spec, sel.options.device, sel.options.dtype, wait_s=wait_s)
-            for role, spec in (("donor", sel.donor), ("target", sel.target))}
+    return {
+        role: preloader().request(spec, sel.options.device, sel.options.dtype, wait_s=wait_s)
+        for role, spec in (("donor", sel.donor), ("target", sel.target))
+    }
 
 
 def verdict_badges(verdicts: dict[str, bool]) -> str:
@@ -423,6 +502,12 @@ def _session_compat(sel: Selection) -> Optional[dict[str, bool]]:
 def _compat_verdicts(donor: str, target: str, trust: bool, device: str, dtype: str) -> dict[str, bool]:
     from engine.api import run_tool
 
-    env = run_tool("compat", ModelSpec.parse(donor, trust), ModelSpec.parse(target, trust),
-                   {"device": device, "dtype": dtype}, {}, store=model_store())
+    env = run_tool(
+        "compat",
+        ModelSpec.parse(donor, trust),
+        ModelSpec.parse(target, trust),
+        {"device": device, "dtype": dtype},
+        {},
+        store=model_store(),
+    )
     return dict(env["result"]["verdicts"])

@@ -7,6 +7,7 @@ thread. They are keyed by ``GRAFT_HOME`` so tests with separate homes get separa
 What the user picked lives in ``st.session_state``; the sidebar writes a :class:`Selection`
 there on every run and pages read it with :func:`selection`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,14 +15,19 @@ from typing import Any, Optional
 
 import streamlit as st
 
-from engine.api import GraftError
-from engine.api import History
-from engine.api import Job, JobRunner
-from engine.api import ModelSpec, ModelStore
-from engine.api import LIVE
-from engine.api import Preloader
-from engine.api import RunOptions
-from engine.api import graft_home, history_db
+from engine.api import (
+    LIVE,
+    GraftError,
+    History,
+    Job,
+    JobRunner,
+    ModelSpec,
+    ModelStore,
+    Preloader,
+    RunOptions,
+    graft_home,
+    history_db,
+)
 
 # Session-state keys shared by the sidebar, the pages and the tests.
 DONOR = "donor"  # spec text of the donor (built-in name, folder, .gguf file or hub id)
@@ -64,8 +70,10 @@ def _startup_notes(home: str) -> tuple[str, ...]:
         notes.append(removed)
     interrupted = job_runner().history.interrupted
     if interrupted:
-        notes.append(f"{len(interrupted)} run(s) left running by a process that is gone were marked interrupted "
-                     f"(see Runs)")
+        notes.append(
+            f"{len(interrupted)} run(s) left running by a process that is gone were marked interrupted "
+            f"(see Runs)"
+        )
     return tuple(notes)
 
 
@@ -102,7 +110,12 @@ class Selection:
 
     @property
     def ok(self) -> bool:
-        return not self.errors and self.donor is not None and self.target is not None and self.options is not None
+        return (
+            not self.errors
+            and self.donor is not None
+            and self.target is not None
+            and self.options is not None
+        )
 
 
 def selection() -> Selection:

@@ -8,6 +8,7 @@ fetches a remote image and ``[click](https://...)`` becomes a live link. :func:`
 text literal; :func:`code` puts it in a code span that no backtick in it can end. Pure Python (no
 Streamlit), so it is tested without a server.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,7 +32,7 @@ def md(text: Any) -> str:
     s = _SPACES.sub(" ", str(text)).strip()
     out, pos = [], 0
     for m in _LINKABLE.finditer(s):
-        out.append(_PUNCT.sub(r"\\\1", s[pos:m.start()]))
+        out.append(_PUNCT.sub(r"\\\1", s[pos : m.start()]))
         out.append(code(m.group(0)))
         pos = m.end()
     out.append(_PUNCT.sub(r"\\\1", s[pos:]))

@@ -1,4 +1,5 @@
 """A page made of every registered tool whose ``page`` is a given name, one run panel each."""
+
 from __future__ import annotations
 
 from typing import Mapping

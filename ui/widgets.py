@@ -1,4 +1,5 @@
 """Widgets built from a parameter class: one widget per field, its help text as the tooltip."""
+
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -26,15 +27,22 @@ def param_widget(spec: ParamSpec, key: str) -> Any:
         return st.toggle(label, value=bool(spec.default), **common)
     if spec.type is int:
         return st.number_input(
-            label, value=int(spec.default), step=1,
+            label,
+            value=int(spec.default),
+            step=1,
             min_value=int(spec.min) if spec.min is not None else None,
-            max_value=int(spec.max) if spec.max is not None else None, **common,
+            max_value=int(spec.max) if spec.max is not None else None,
+            **common,
         )
     if spec.type is float:
         return st.number_input(
-            label, value=float(spec.default), step=_float_step(spec.default), format="%g",
+            label,
+            value=float(spec.default),
+            step=_float_step(spec.default),
+            format="%g",
             min_value=float(spec.min) if spec.min is not None else None,
-            max_value=float(spec.max) if spec.max is not None else None, **common,
+            max_value=float(spec.max) if spec.max is not None else None,
+            **common,
         )
     return st.text_input(label, value="" if spec.default is None else str(spec.default), **common)
 

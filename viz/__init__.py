@@ -9,6 +9,7 @@
 The engine is imported lazily (inside :func:`figure_for`) so importing ``viz`` never pulls in
 torch or the engine's numerics.
 """
+
 from __future__ import annotations
 
 import copy

@@ -2,6 +2,7 @@
 
 Nothing here computes a result: helpers only format numbers that already sit in a result dict.
 """
+
 from __future__ import annotations
 
 import html
@@ -123,8 +124,15 @@ def download_filename(envelope: dict, default_code: str, tool: str) -> str:
     return slug(f"graft_{tool_code(envelope, default_code)}_{tool}_{d}_vs_{t}")
 
 
-def apply_layout(fig: go.Figure, title: str, subtitle: str = "", *, height: Optional[int] = None,
-                 filename: str = "", **layout: Any) -> go.Figure:
+def apply_layout(
+    fig: go.Figure,
+    title: str,
+    subtitle: str = "",
+    *,
+    height: Optional[int] = None,
+    filename: str = "",
+    **layout: Any,
+) -> go.Figure:
     """Template, title (with a smaller subtitle line) and the export file name in ``layout.meta``."""
     title_dict: dict[str, Any] = dict(text=title)
     if subtitle:
@@ -139,15 +147,29 @@ def apply_layout(fig: go.Figure, title: str, subtitle: str = "", *, height: Opti
 
 def note(fig: go.Figure, text: str, *, y: float = -0.12) -> None:
     """A small grey line of text under the plot area (paper coordinates)."""
-    fig.add_annotation(text=text, xref="paper", yref="paper", x=0, y=y, xanchor="left", yanchor="top",
-                       showarrow=False, font=dict(size=11, color=MUTED), align="left")
+    fig.add_annotation(
+        text=text,
+        xref="paper",
+        yref="paper",
+        x=0,
+        y=y,
+        xanchor="left",
+        yanchor="top",
+        showarrow=False,
+        font=dict(size=11, color=MUTED),
+        align="left",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Formatting (no statistics)
 # ---------------------------------------------------------------------------------------------
 def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
+    return (
+        isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and not (isinstance(v, float) and math.isnan(v))
+    )
 
 
 def fmt_num(v: Any, digits: int = 3) -> str:
@@ -175,7 +197,11 @@ def fmt_value(v: Any) -> str:
     if isinstance(v, dict):
         return ", ".join(f"{k}: {fmt_value(x)}" for k, x in v.items())
     if isinstance(v, (list, tuple)):
-        return "×".join(str(x) for x in v) if all(isinstance(x, int) for x in v) else ", ".join(map(fmt_value, v))
+        return (
+            "×".join(str(x) for x in v)
+            if all(isinstance(x, int) for x in v)
+            else ", ".join(map(fmt_value, v))
+        )
     return str(v)
 
 

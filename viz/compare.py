@@ -7,6 +7,7 @@
 * :func:`generations_html`: the held-out questions with the three models' answers side by side,
   the engine's word diff (T -> T') marked, and whether each answer contains the reference.
 """
+
 from __future__ import annotations
 
 import html
@@ -17,9 +18,15 @@ from plotly.subplots import make_subplots
 
 from . import common as c
 
-SCORE_LABELS = {"graded": "graded score (mean answer-token probability)",
-                "exact": "exact score (greedy answer contains the reference)"}
-_MODELS = (("before", "T (target)", "target"), ("after", "T′ (transplanted)", "transplanted"), ("donor", "D (donor)", "donor"))
+SCORE_LABELS = {
+    "graded": "graded score (mean answer-token probability)",
+    "exact": "exact score (greedy answer contains the reference)",
+}
+_MODELS = (
+    ("before", "T (target)", "target"),
+    ("after", "T′ (transplanted)", "transplanted"),
+    ("donor", "D (donor)", "donor"),
+)
 
 
 def transfer_of(result: dict, kind: str) -> dict:
@@ -28,21 +35,39 @@ def transfer_of(result: dict, kind: str) -> dict:
     if tr:
         return tr
     if result.get("score_kind", "graded") == kind:
-        return {k: result.get(k) for k in ("tir", "recovery", "tir_status", "recovery_status", "tir_note", "recovery_note")}
-    return {"tir": None, "recovery": None, "tir_note": f"this run did not record TIR under the {kind} score",
-            "recovery_note": f"this run did not record Recovery under the {kind} score"}
+        return {
+            k: result.get(k)
+            for k in ("tir", "recovery", "tir_status", "recovery_status", "tir_note", "recovery_note")
+        }
+    return {
+        "tir": None,
+        "recovery": None,
+        "tir_note": f"this run did not record TIR under the {kind} score",
+        "recovery_note": f"this run did not record Recovery under the {kind} score",
+    }
 
 
 def _alignment(result: dict, key: str) -> Optional[float]:
-    return {"before": result.get("alignment_before"), "after": result.get("alignment_after"), "donor": 1.0}[key]
+    return {"before": result.get("alignment_before"), "after": result.get("alignment_after"), "donor": 1.0}[
+        key
+    ]
 
 
-def compare_figure(envelope: dict, kind: str = "graded", *, title: Optional[str] = None,
-                   subtitle: Optional[str] = None) -> go.Figure:
+def compare_figure(
+    envelope: dict, kind: str = "graded", *, title: Optional[str] = None, subtitle: Optional[str] = None
+) -> go.Figure:
     r = c.result_of(envelope)
-    fig = make_subplots(rows=1, cols=3, column_widths=[0.42, 0.29, 0.29], horizontal_spacing=0.08,
-                        subplot_titles=["perplexity (log scale, lower is better)", f"task score: {kind}",
-                                        "agreement with D's next tokens"])
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        column_widths=[0.42, 0.29, 0.29],
+        horizontal_spacing=0.08,
+        subplot_titles=[
+            "perplexity (log scale, lower is better)",
+            f"task score: {kind}",
+            "agreement with D's next tokens",
+        ],
+    )
     score_key = f"task_score_{kind}"
     for key, label, colour in _MODELS:
         m = r.get(key) if isinstance(r.get(key), dict) else {}
@@ -52,21 +77,44 @@ def compare_figure(envelope: dict, kind: str = "graded", *, title: Optional[str]
             (3, ["prompt tokens"], [_alignment(r, key)]),
         )
         for col, xs, ys in panels:
-            fig.add_trace(go.Bar(
-                x=xs, y=ys, name=label, legendgroup=key, showlegend=col == 1, marker_color=c.MODEL_COLOURS[colour],
-                text=[f"{y:.4g}" if c.is_number(y) else "—" for y in ys], textposition="outside", textfont=dict(size=10),
-                hovertemplate=f"{label}<br>%{{x}}: %{{y:.5g}}<extra></extra>",
-            ), row=1, col=col)
+            fig.add_trace(
+                go.Bar(
+                    x=xs,
+                    y=ys,
+                    name=label,
+                    legendgroup=key,
+                    showlegend=col == 1,
+                    marker_color=c.MODEL_COLOURS[colour],
+                    text=[f"{y:.4g}" if c.is_number(y) else "—" for y in ys],
+                    textposition="outside",
+                    textfont=dict(size=10),
+                    hovertemplate=f"{label}<br>%{{x}}: %{{y:.5g}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
     tr = transfer_of(r, kind)
     tir = f"TIR {c.fmt_num(tr.get('tir'), 3)}" if tr.get("tir") is not None else "TIR undefined"
-    rec = f"Recovery {c.fmt_num(tr.get('recovery'), 3)}" if tr.get("recovery") is not None else "Recovery undefined"
+    rec = (
+        f"Recovery {c.fmt_num(tr.get('recovery'), 3)}"
+        if tr.get("recovery") is not None
+        else "Recovery undefined"
+    )
     mods = r.get("modules") or []
-    sub = subtitle or (f"{tir} · {rec} ({kind} score) · {len(mods)} modules swapped · "
-                       f"{r.get('n_test_items', '?')} held-out questions")
-    c.apply_layout(fig, title or c.envelope_title(envelope, "T11", "Before / after: T, T′ and D"), sub, height=480,
-                   filename=c.download_filename(envelope, "T11", f"compare-{kind}"), barmode="group",
-                   legend=dict(orientation="h", yanchor="top", y=-0.14, xanchor="left", x=0),
-                   margin=dict(l=70, r=30, t=120, b=110))
+    sub = subtitle or (
+        f"{tir} · {rec} ({kind} score) · {len(mods)} modules swapped · "
+        f"{r.get('n_test_items', '?')} held-out questions"
+    )
+    c.apply_layout(
+        fig,
+        title or c.envelope_title(envelope, "T11", "Before / after: T, T′ and D"),
+        sub,
+        height=480,
+        filename=c.download_filename(envelope, "T11", f"compare-{kind}"),
+        barmode="group",
+        legend=dict(orientation="h", yanchor="top", y=-0.14, xanchor="left", x=0),
+        margin=dict(l=70, r=30, t=120, b=110),
+    )
     fig.update_yaxes(type="log", dtick=1, title_text="perplexity", row=1, col=1)  # decades only
     fig.update_yaxes(range=[0, 1.12], title_text="score", row=1, col=2)
     fig.update_yaxes(range=[0, 1.12], title_text="agreement", row=1, col=3)
@@ -81,25 +129,77 @@ def metric_rows(result: dict, kind: str) -> list[dict[str, Any]]:
     b, a, d = (result.get(k) or {} for k in ("before", "after", "donor"))
     score_key = f"task_score_{kind}"
     rows = [
-        ("Concept perplexity", "ppl_concept", True, "Perplexity on the concept facts, token-weighted (lower = knows them)."),
-        ("Retained perplexity", "ppl_retained", True, "Perplexity on the retained general set: what the target must keep."),
-        (f"{kind.capitalize()} task score", score_key, False, SCORE_LABELS[kind].capitalize() + " on the held-out questions."),
+        (
+            "Concept perplexity",
+            "ppl_concept",
+            True,
+            "Perplexity on the concept facts, token-weighted (lower = knows them).",
+        ),
+        (
+            "Retained perplexity",
+            "ppl_retained",
+            True,
+            "Perplexity on the retained general set: what the target must keep.",
+        ),
+        (
+            f"{kind.capitalize()} task score",
+            score_key,
+            False,
+            SCORE_LABELS[kind].capitalize() + " on the held-out questions.",
+        ),
     ]
     out = []
     for label, key, lower, help_text in rows:
-        out.append({"label": label, "value": a.get(key), "before": b.get(key), "donor": d.get(key),
-                    "delta": _diff(a.get(key), b.get(key)), "lower_is_better": lower, "help": help_text})
+        out.append(
+            {
+                "label": label,
+                "value": a.get(key),
+                "before": b.get(key),
+                "donor": d.get(key),
+                "delta": _diff(a.get(key), b.get(key)),
+                "lower_is_better": lower,
+                "help": help_text,
+            }
+        )
     al_b, al_a = result.get("alignment_before"), result.get("alignment_after")
-    out.append({"label": "Alignment with D", "value": al_a, "before": al_b, "donor": 1.0, "delta": _diff(al_a, al_b),
-                "lower_is_better": False,
-                "help": "Share of prompt positions where the model's greedy next token equals the donor's (D = 1)."})
+    out.append(
+        {
+            "label": "Alignment with D",
+            "value": al_a,
+            "before": al_b,
+            "donor": 1.0,
+            "delta": _diff(al_a, al_b),
+            "lower_is_better": False,
+            "help": "Share of prompt positions where the model's greedy next token equals the donor's (D = "
+            "1).",
+        }
+    )
     tr = transfer_of(result, kind)
-    out.append({"label": f"TIR ({kind})", "value": tr.get("tir"), "before": None, "donor": None, "delta": None,
-                "lower_is_better": False, "note": tr.get("tir_note") or "",
-                "help": "Transplant improvement ratio S(T′) / S(T); 1 = no change."})
-    out.append({"label": f"Recovery ({kind})", "value": tr.get("recovery"), "before": None, "donor": None, "delta": None,
-                "lower_is_better": False, "note": tr.get("recovery_note") or "",
-                "help": "(S(T′) − S(T)) / (S(D) − S(T)): share of the donor's advantage that moved; 1 = all of it."})
+    out.append(
+        {
+            "label": f"TIR ({kind})",
+            "value": tr.get("tir"),
+            "before": None,
+            "donor": None,
+            "delta": None,
+            "lower_is_better": False,
+            "note": tr.get("tir_note") or "",
+            "help": "Transplant improvement ratio S(T′) / S(T); 1 = no change.",
+        }
+    )
+    out.append(
+        {
+            "label": f"Recovery ({kind})",
+            "value": tr.get("recovery"),
+            "before": None,
+            "donor": None,
+            "delta": None,
+            "lower_is_better": False,
+            "note": tr.get("recovery_note") or "",
+            "help": "(S(T′) − S(T)) / (S(D) − S(T)): share of the donor's advantage that moved; 1 = all of "
+            "it.",
+        }
+    )
     return out
 
 
@@ -124,8 +224,11 @@ _CSS = """
 
 
 def _mark(ok: Any) -> str:
-    return f'<span class="ok" title="contains the reference">{c.CHECK}</span>' if ok else \
-        f'<span class="no" title="does not contain the reference">{c.CROSS}</span>'
+    return (
+        f'<span class="ok" title="contains the reference">{c.CHECK}</span>'
+        if ok
+        else f'<span class="no" title="does not contain the reference">{c.CROSS}</span>'
+    )
 
 
 def _diff_html(runs: list, side: str) -> str:
@@ -150,15 +253,21 @@ def generations_html(envelope: dict, only_changed: bool = False, limit: Optional
     r = c.result_of(envelope)
     rows = [g for g in (r.get("generations") or []) if not only_changed or g.get("changed")]
     if not rows:
-        what = "no answer changed" if only_changed and r.get("generations") else "no generations in this result"
+        what = (
+            "no answer changed" if only_changed and r.get("generations") else "no generations in this result"
+        )
         return _CSS + f'<p class="graft-gen">{what}</p>'
     out = [_CSS]
     if limit is not None and len(rows) > limit:
-        out.append(f'<p class="graft-gen">The first {limit:,} of {len(rows):,} answers; the HTML report and the '
-                   "run's JSON hold them all.</p>")
+        out.append(
+            f'<p class="graft-gen">The first {limit:,} of {len(rows):,} answers; the HTML report and the '
+            "run's JSON hold them all.</p>"
+        )
         rows = rows[:limit]
-    out.append('<table class="graft-gen"><thead><tr><th>question (reference)</th><th>T (target)</th>'
-               "<th>T′ (transplanted)</th><th>D (donor)</th></tr></thead><tbody>")
+    out.append(
+        '<table class="graft-gen"><thead><tr><th>question (reference)</th><th>T (target)</th>'
+        "<th>T′ (transplanted)</th><th>D (donor)</th></tr></thead><tbody>"
+    )
     for g in rows:
         diff = g.get("diff")
         t_html = _diff_html(diff, "before") if diff else html.escape(g.get("target", ""))
@@ -166,10 +275,10 @@ def generations_html(envelope: dict, only_changed: bool = False, limit: Optional
         same = "" if g.get("changed") else '<div class="same">unchanged</div>'
         out.append(
             f'<tr><td class="q">{html.escape(g.get("question", ""))}<div class="ref">reference: '
-            f'{html.escape(str(g.get("reference", "")))}</div></td>'
-            f'<td>{_mark(g.get("target_correct"))} {t_html}</td>'
-            f'<td>{_mark(g.get("transplanted_correct"))} {tp_html}{same}</td>'
-            f'<td>{_mark(g.get("donor_correct"))} {html.escape(g.get("donor", ""))}</td></tr>'
+            f"{html.escape(str(g.get('reference', '')))}</div></td>"
+            f"<td>{_mark(g.get('target_correct'))} {t_html}</td>"
+            f"<td>{_mark(g.get('transplanted_correct'))} {tp_html}{same}</td>"
+            f"<td>{_mark(g.get('donor_correct'))} {html.escape(g.get('donor', ''))}</td></tr>"
         )
     out.append("</tbody></table>")
     return "".join(out)
@@ -182,7 +291,11 @@ def conjugate_figure(envelope: dict, kind: Optional[str] = None) -> go.Figure:
     kind = kind or r.get("score_kind") or "graded"
     tr = transfer_of(r, kind)
     tir = f"TIR {c.fmt_num(tr.get('tir'), 3)}" if tr.get("tir") is not None else "TIR undefined"
-    rec = f"Recovery {c.fmt_num(tr.get('recovery'), 3)}" if tr.get("recovery") is not None else "Recovery undefined"
+    rec = (
+        f"Recovery {c.fmt_num(tr.get('recovery'), 3)}"
+        if tr.get("recovery") is not None
+        else "Recovery undefined"
+    )
     counts = r.get("map_counts") or {}
 
     def maps(side: str) -> str:
@@ -191,10 +304,16 @@ def conjugate_figure(envelope: dict, kind: Optional[str] = None) -> go.Figure:
 
     inter = r.get("interference") or {}
     change = inter.get("ppl_change_fraction")
-    status = (f"ROLLED BACK: {r.get('roll_back_reason')}" if r.get("rolled_back") else "kept")
-    sub = (f"{tir} · {rec} ({kind}) · {r.get('n_conjugated', '?')} modules · inputs: {maps('input')} · "
-           f"outputs: {maps('output')}<br>retained perplexity "
-           f"{'%+.1f%%' % (100 * change) if c.is_number(change) else '—'} · locality "
-           f"{c.fmt_num(inter.get('locality'), 3) if c.is_number(inter.get('locality')) else '—'} · {status}")
-    return compare_figure(envelope, kind, title=c.envelope_title(envelope, "T11", "Rank-k conjugation: T, T′ and D"),
-                          subtitle=sub)
+    status = f"ROLLED BACK: {r.get('roll_back_reason')}" if r.get("rolled_back") else "kept"
+    sub = (
+        f"{tir} · {rec} ({kind}) · {r.get('n_conjugated', '?')} modules · inputs: {maps('input')} · "
+        f"outputs: {maps('output')}<br>retained perplexity "
+        f"{'%+.1f%%' % (100 * change) if c.is_number(change) else '—'} · locality "
+        f"{c.fmt_num(inter.get('locality'), 3) if c.is_number(inter.get('locality')) else '—'} · {status}"
+    )
+    return compare_figure(
+        envelope,
+        kind,
+        title=c.envelope_title(envelope, "OP3", "Rank-k conjugation: T, T′ and D"),
+        subtitle=sub,
+    )

@@ -13,13 +13,17 @@ import torch
 from ..core.errors import GraftError
 from ..core.params import list_items
 from ..core.progress import Progress
+from ..loading.arch import kind_of
 from .finetune_delta import finetune_deltas
 from .lora import resolve_adapter
-from ..loading.arch import kind_of
 from .lora_factors import MODULE_ORDER, AdapterReport, adapter_deltas, check_against_model
 from .lowrank import ModuleDelta, factored_svd
 
-NEEDS = (("adapter",), ("adapter", "base"), ("donor", "base"))  # adapter + base: shapes checked against the base
+NEEDS = (
+    ("adapter",),
+    ("adapter", "base"),
+    ("donor", "base"),
+)  # adapter + base: shapes checked against the base
 
 
 @dataclass
@@ -35,8 +39,9 @@ def model_label(model: Any) -> str:
     return str(getattr(spec, "ref", None) or getattr(model, "label", "") or "model")
 
 
-def load_deltas(ctx: Any, rank: int, seed: int, progress: Progress,
-                select: Optional[Callable[[str], bool]] = None) -> DeltaSource:
+def load_deltas(
+    ctx: Any, rank: int, seed: int, progress: Progress, select: Optional[Callable[[str], bool]] = None
+) -> DeltaSource:
     """The deltas of the run's input: ``ctx.adapter`` (with ``ctx.base`` optional, to check
     shapes), else ``ctx.donor`` with ``ctx.base`` (full fine-tune). ``select(name)`` limits
     the modules (applied before any SVD of a full fine-tune)."""
@@ -76,15 +81,22 @@ def load_deltas(ctx: Any, rank: int, seed: int, progress: Progress,
             "rank": rank,
             "seed": seed,
             "method": "truncated randomized SVD (Halko et al. 2011, subspace iteration: oversampling 8, "
-                      "4 power iterations, float64) of W_D - W_T; exact ||dW||_F",
+            "4 power iterations, float64) of W_D - W_T; exact ||dW||_F",
             "label": f"{model_label(donor)} - {model_label(base)}",
         }
         warnings = []
-        if str(getattr(donor, "dtype", "")) != "torch.float32" or str(getattr(base, "dtype", "")) != "torch.float32":
-            warnings.append("the models were loaded in reduced precision: W_D - W_T carries rounding noise of that dtype")
+        if (
+            str(getattr(donor, "dtype", "")) != "torch.float32"
+            or str(getattr(base, "dtype", "")) != "torch.float32"
+        ):
+            warnings.append(
+                "the models were loaded in reduced precision: W_D - W_T carries rounding noise of that dtype"
+            )
         return DeltaSource(deltas, source, warnings, truncated=True)
-    raise GraftError("this tool needs --adapter (a LoRA folder, a make-donor folder or the demo donor's name), "
-                     "or --donor with its --base (a full fine-tune)")
+    raise GraftError(
+        "this tool needs --adapter (a LoRA folder, a make-donor folder or the demo donor's name), "
+        "or --donor with its --base (a full fine-tune)"
+    )
 
 
 def module_filter(text: str) -> Optional[Callable[[str], bool]]:
@@ -134,8 +146,10 @@ def check_filter_used(select: Optional[Callable[[str], bool]], names: list[str])
     unused = [i for i in select.items if i not in select.used]  # type: ignore[attr-defined]
     if unused:
         example = ", ".join(names[:3])
-        raise GraftError(f"--modules: {', '.join(unused)} matches no module (names look like {example}; "
-                         "module names such as attn.q, kinds attention / mlp, layer:3, or globs also work)")
+        raise GraftError(
+            f"--modules: {', '.join(unused)} matches no module (names look like {example}; "
+            "module names such as attn.q, kinds attention / mlp, layer:3, or globs also work)"
+        )
 
 
 @dataclass

@@ -17,6 +17,7 @@ The run is seeded and deterministic (same seed, same machine -> identical merged
 touches the model passed in, and is written to a temporary sibling directory that replaces
 ``out_dir`` only once everything succeeded, so a cancelled or failed run leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,19 +33,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loading.arch import ArchAdapter
 from ..core.data import ConceptSet
 from ..core.errors import Cancelled, GraftError
-from .donor_data import batch_plan, build_examples, collate, text_examples
-from ..evaluation.evaluate import perplexity
-from ..loading.tokens import pad_id
-from ..evaluation.scoring import graded_score, task_score
-from ..loading.models import state_dict_hash
 from ..core.paths import check_writable_parent, discard_staging, replace_dir, staging_dir
 from ..core.progress import Progress, silent
+from ..evaluation.evaluate import perplexity
+from ..evaluation.scoring import graded_score, task_score
+from ..loading.arch import ArchAdapter
+from ..loading.models import state_dict_hash
+from ..loading.tokens import pad_id
+from .donor_data import batch_plan, build_examples, collate, text_examples
 
 # Defaults chosen by experiment on SmolLM2-135M-Instruct with the bundled concept, replay and
-# retained sets on a 2-core CPU (the measurements are in docs/measurements.md, "The demo donor"): 90 steps of 8
+# retained sets on a 2-core CPU (the measurements are in docs/measurements.md, "The demo donor"): 90 steps
+# of 8
 # with a quarter of each batch replay text keep 8-9/13 held-out questions right and the retained
 # perplexity below the base's, in about 90 s for a whole run (both evaluations included).
 DEFAULT_STEPS = 90
@@ -117,9 +119,7 @@ def _evaluate_qa(
             "task_score": ts["score"],
             "graded_score": gs["score"],
             "n": ts["n"],
-            "items": [
-                {**t, "prob": g["prob"]} for t, g in zip(ts["items"], gs["items"])
-            ],
+            "items": [{**t, "prob": g["prob"]} for t, g in zip(ts["items"], gs["items"])],
         }
     progress(2 / 4, f"perplexity of the {label} on the facts")
     out["facts_ppl"] = perplexity(model, tokenizer, ppl_texts)["ppl"] if ppl_texts else None
@@ -130,7 +130,15 @@ def _evaluate_qa(
 
 def _summary(ev: dict[str, Any]) -> dict[str, Any]:
     return {
-        split: (None if ev[split] is None else {"task_score": ev[split]["task_score"], "graded_score": ev[split]["graded_score"], "n": ev[split]["n"]})
+        split: (
+            None
+            if ev[split] is None
+            else {
+                "task_score": ev[split]["task_score"],
+                "graded_score": ev[split]["graded_score"],
+                "n": ev[split]["n"],
+            }
+        )
         for split in ("train", "test")
     } | {"facts_ppl": ev["facts_ppl"], "retained_ppl": ev["retained_ppl"]}
 
@@ -217,7 +225,9 @@ def make_donor(
     warmup = max(1, steps // 20)
     fill = pad_id(tokenizer)
 
-    before = _evaluate_qa(model, tokenizer, concept, concept.facts, progress.sub(0.0, 0.12), "base model", retained_texts)
+    before = _evaluate_qa(
+        model, tokenizer, concept, concept.facts, progress.sub(0.0, 0.12), "base model", retained_texts
+    )
     progress(0.12, "preparing LoRA")
 
     # fork_rng: seed LoRA initialisation without disturbing the caller's global RNG stream.
@@ -278,7 +288,9 @@ def make_donor(
         for p in merged.parameters():
             p.requires_grad_(False)
 
-        after = _evaluate_qa(merged, tokenizer, concept, concept.facts, progress.sub(0.87, 0.97), "donor", retained_texts)
+        after = _evaluate_qa(
+            merged, tokenizer, concept, concept.facts, progress.sub(0.87, 0.97), "donor", retained_texts
+        )
 
         progress(0.97, "saving merged donor")
         merged.save_pretrained(str(tmp / "merged"), safe_serialization=True)
@@ -303,7 +315,9 @@ def make_donor(
                 "n_test_qa": len(concept.test_qa()),
             },
             # The general text mixed into training against forgetting (None: facts only) ...
-            "replay": None if replay is None else {
+            "replay": None
+            if replay is None
+            else {
                 "name": replay.name,
                 "path": replay.path,
                 "sha256": replay.sha256,
@@ -312,7 +326,9 @@ def make_donor(
                 "n_examples_trained": n_replay_trained,
             },
             # ... and the held-out general text whose perplexity measures it (None: not measured).
-            "retained": None if retained is None else {
+            "retained": None
+            if retained is None
+            else {
                 "name": retained.name,
                 "path": retained.path,
                 "sha256": retained.sha256,
@@ -350,7 +366,11 @@ def make_donor(
             "merged_sha256": state_dict_hash(merged.state_dict()),
             "adapter_dir": "adapter",
             "merged_dir": "merged",
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+            },
         }
         (tmp / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False), encoding="utf-8")
         progress(0.99, "finishing")

@@ -4,6 +4,7 @@ examples each step trains on with replay mixed in (:func:`batch_plan`), and one 
 (:func:`collate`). Prompts and answers are tokenised as the evaluation reads them
 (:func:`engine.loading.tokens.encode_prompt`, :func:`engine.loading.tokens.answer_ids`).
 """
+
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ import torch
 from ..core.data import ConceptSet
 from ..core.errors import GraftError
 from ..loading.tokens import answer_ids, encode_prompt, encode_text
+
 
 def build_examples(
     tokenizer: Any, concept: ConceptSet, max_length: int, train_on_qa: bool = False
@@ -79,7 +81,7 @@ def batch_plan(
         while len(order_replay) < k:
             order_replay += torch.randperm(n_replay, generator=gen_replay).tolist()
         batch = [("concept", i) for i in order[: batch_size - k]] + [("replay", j) for j in order_replay[:k]]
-        order, order_replay = order[batch_size - k:], order_replay[k:]
+        order, order_replay = order[batch_size - k :], order_replay[k:]
         plan.append(batch)
     return plan
 

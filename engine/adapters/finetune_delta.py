@@ -11,6 +11,7 @@ Gaussian test matrix seeded per module from ``seed`` and the module name (so a m
 do not depend on which other modules were asked for). Matrices whose smaller side is at most
 ``rank + oversampling`` are small: they get an exact SVD.
 """
+
 from __future__ import annotations
 
 import threading
@@ -21,8 +22,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..loading.arch import linear_weight_out_in
 from ..core.errors import GraftError
+from ..loading.arch import linear_weight_out_in
 from .lowrank import OVERSAMPLE, POWER_ITERS, ModuleDelta, fix_signs, randomized_svd
 
 _FT_CACHE: dict[str, Any] = {}
@@ -30,11 +31,19 @@ _FT_LOCK = threading.Lock()
 
 
 def _module_seed(seed: int, name: str) -> int:
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63 - 1)
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def finetune_deltas(donor: Any, base: Any, rank: int, progress: Optional[Callable[..., None]] = None, seed: int = 0,
-                    *, select: Optional[Callable[[str], bool]] = None, cache: bool = True) -> list[ModuleDelta]:
+def finetune_deltas(
+    donor: Any,
+    base: Any,
+    rank: int,
+    progress: Optional[Callable[..., None]] = None,
+    seed: int = 0,
+    *,
+    select: Optional[Callable[[str], bool]] = None,
+    cache: bool = True,
+) -> list[ModuleDelta]:
     """``dW = W_D - W_T`` for every linear module of the blocks that donor and base share, as a
     rank-``rank`` truncated randomized SVD: ``B = U diag(S)``, ``A = V^T`` (float32), with the
     exact ``||dW||_F`` in ``frob_norm`` (so shares are exact and the captured share
@@ -53,11 +62,15 @@ def finetune_deltas(donor: Any, base: Any, rank: int, progress: Optional[Callabl
         raise GraftError("donor and base are the same model: there is no fine-tune delta to map")
     fd, fb = donor.arch.family, base.arch.family
     if fd != fb:
-        raise GraftError(f"donor and base are different architectures ({fd} vs {fb}): a full fine-tune delta needs the "
-                         "donor's own base model")
+        raise GraftError(
+            f"donor and base are different architectures ({fd} vs {fb}): a full fine-tune delta needs the "
+            "donor's own base model"
+        )
     if donor.arch.n_layers != base.arch.n_layers:
-        raise GraftError(f"donor has {donor.arch.n_layers} blocks and base {base.arch.n_layers}: a full fine-tune "
-                         "delta needs the donor's own base model")
+        raise GraftError(
+            f"donor has {donor.arch.n_layers} blocks and base {base.arch.n_layers}: a full fine-tune "
+            "delta needs the donor's own base model"
+        )
     dmods = donor.arch.linear_modules()
     bmods = {m.name: m for m in base.arch.linear_modules()}
     shared = []
@@ -66,8 +79,10 @@ def finetune_deltas(donor: Any, base: Any, rank: int, progress: Optional[Callabl
         if b is None:
             continue
         if tuple(b.shape) != tuple(m.shape):
-            raise GraftError(f"donor and base differ in shape at {m.name} ({m.shape[0]}x{m.shape[1]} vs "
-                             f"{b.shape[0]}x{b.shape[1]}): a full fine-tune delta needs the donor's own base model")
+            raise GraftError(
+                f"donor and base differ in shape at {m.name} ({m.shape[0]}x{m.shape[1]} vs "
+                f"{b.shape[0]}x{b.shape[1]}): a full fine-tune delta needs the donor's own base model"
+            )
         shared.append((m, b))
     if not shared:
         raise GraftError("donor and base share no linear module of equal shape")
@@ -82,8 +97,12 @@ def finetune_deltas(donor: Any, base: Any, rank: int, progress: Optional[Callabl
                 store = ent["deltas"]
             else:
                 try:
-                    _FT_CACHE["entry"] = {"key": key, "donor": weakref.ref(donor), "base": weakref.ref(base),
-                                          "deltas": store}
+                    _FT_CACHE["entry"] = {
+                        "key": key,
+                        "donor": weakref.ref(donor),
+                        "base": weakref.ref(base),
+                        "deltas": store,
+                    }
                 except TypeError:  # not weak-referenceable: no caching
                     pass
     out: list[ModuleDelta] = []
@@ -100,10 +119,18 @@ def finetune_deltas(donor: Any, base: Any, rank: int, progress: Optional[Callabl
                 gen = torch.Generator(device="cpu").manual_seed(_module_seed(seed, m.name))
                 U, S, Vh = randomized_svd(dW, min(rank, min(dW.shape)), generator=gen)
                 U, Vh = fix_signs(U, Vh)
-                hit = ModuleDelta(name=m.name, layer=m.layer, module=m.canonical, kind=m.kind,
-                                  B=(U * S).to(device="cpu", dtype=torch.float32).contiguous(),
-                                  A=Vh.to(device="cpu", dtype=torch.float32).contiguous(),
-                                  frob_norm=norm, source=m.path, known=True, scale=1.0)
+                hit = ModuleDelta(
+                    name=m.name,
+                    layer=m.layer,
+                    module=m.canonical,
+                    kind=m.kind,
+                    B=(U * S).to(device="cpu", dtype=torch.float32).contiguous(),
+                    A=Vh.to(device="cpu", dtype=torch.float32).contiguous(),
+                    frob_norm=norm,
+                    source=m.path,
+                    known=True,
+                    scale=1.0,
+                )
             store[m.name] = hit
         out.append(replace(hit))
         if progress is not None:

@@ -7,6 +7,7 @@
 * A pickled weight file, a corrupt safetensors header or a config that is not a LoRA config is a
   one-line :class:`engine.core.errors.GraftError`, before any tensor is read.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..core.jsonio import inside, loads_checked, read_json_file
 from ..core.errors import GraftError
-from ..loading.modelfiles import first_line, check_safetensors
+from ..core.jsonio import inside, loads_checked, read_json_file
+from ..loading.modelfiles import check_safetensors, first_line
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -43,13 +44,29 @@ class AdapterRef:
     def describe(self) -> dict[str, Any]:
         """JSON-safe summary of the adapter's configuration (for results and exports)."""
         c = self.config
-        keep = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "target_modules",
-                "rank_pattern", "alpha_pattern", "base_model_name_or_path", "task_type", "peft_version")
+        keep = (
+            "peft_type",
+            "r",
+            "lora_alpha",
+            "use_rslora",
+            "use_dora",
+            "fan_in_fan_out",
+            "target_modules",
+            "rank_pattern",
+            "alpha_pattern",
+            "base_model_name_or_path",
+            "task_type",
+            "peft_version",
+        )
         cfg = {k: c.get(k) for k in keep if k in c}
         if isinstance(cfg.get("target_modules"), (set, tuple)):
             cfg["target_modules"] = sorted(cfg["target_modules"])
-        return {"path": str(self.path), "label": self.label or str(self.path), "base_hint": self.base_hint,
-                "config": json.loads(json.dumps(cfg, default=str))}
+        return {
+            "path": str(self.path),
+            "label": self.label or str(self.path),
+            "base_hint": self.base_hint,
+            "config": json.loads(json.dumps(cfg, default=str)),
+        }
 
 
 def _read_json_file(path: Path, what: str) -> Any:
@@ -76,7 +93,9 @@ def _check_config(cfg: Any, path: Path) -> dict[str, Any]:
         raise GraftError(f"{where} is not a valid adapter config (not a JSON object)")
     ptype = str(cfg.get("peft_type") or "LORA").upper()
     if ptype != "LORA":
-        raise GraftError(f"{where}: peft_type {ptype} is not LoRA; concept cartography reads LoRA adapters only")
+        raise GraftError(
+            f"{where}: peft_type {ptype} is not LoRA; concept cartography reads LoRA adapters only"
+        )
     r = cfg.get("r", 8)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise GraftError(f"{where}: 'r' must be a positive integer, got {r!r}")
@@ -86,7 +105,9 @@ def _check_config(cfg: Any, path: Path) -> dict[str, Any]:
     for key in ("rank_pattern", "alpha_pattern"):
         pat = cfg.get(key) or {}
         if not isinstance(pat, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in pat.values()):
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for v in pat.values()
+        ):
             raise GraftError(f"{where}: '{key}' must map module patterns to positive numbers")
         for p in pat:
             try:
@@ -96,8 +117,9 @@ def _check_config(cfg: Any, path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _adapter_folder(folder: Path, label: str, card: Optional[dict[str, Any]] = None,
-                    base_hint: str = "") -> AdapterRef:
+def _adapter_folder(
+    folder: Path, label: str, card: Optional[dict[str, Any]] = None, base_hint: str = ""
+) -> AdapterRef:
     cfg_path = folder / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise GraftError(f"{folder} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
@@ -108,10 +130,13 @@ def _adapter_folder(folder: Path, label: str, card: Optional[dict[str, Any]] = N
             if (folder / name).is_file():
                 src, dst = folder / name, weights
                 raise GraftError(
-                    f"{src} holds the adapter as a Python pickle, which can run arbitrary code when it is loaded, so "
+                    f"{src} holds the adapter as a Python pickle, which can run arbitrary code when it is "
+                    "loaded, so "
                     "Graft reads only safetensors; where you trust the file, convert it with: python -c "
-                    f"\"import torch; from safetensors.torch import save_file; save_file(torch.load('{src}', "
-                    f"weights_only=True), '{dst}')\"")
+                    '"import torch; from safetensors.torch import save_file; '
+                    f"save_file(torch.load('{src}', "
+                    f"weights_only=True), '{dst}')\""
+                )
         raise GraftError(f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
     check_safetensors(weights)
     if not base_hint:
@@ -138,20 +163,26 @@ def resolve_adapter(text: str) -> AdapterRef:
     if raw == DEMO_DONOR:
         folder = demo_donor_dir()
         if not demo_donor_ready() or not (folder / "adapter" / ADAPTER_CONFIG).is_file():
-            raise GraftError(f"the demo donor {DEMO_DONOR} is not built yet: run `python -m engine prepare` "
-                             "(or build it on the Models page)")
+            raise GraftError(
+                f"the demo donor {DEMO_DONOR} is not built yet: run `python -m engine prepare` "
+                "(or build it on the Models page)"
+            )
         card = _donor_card(folder)
         base = str((card or {}).get("base_name") or SMOLLM2)
         return _adapter_folder(folder / "adapter", DEMO_DONOR, card, base)
     p = Path(raw).expanduser()
     if not os.path.exists(p):  # False, not OSError, for a name too long for the file system
-        raise GraftError(f"adapter not found: {raw} (give a PEFT adapter folder, a make-donor folder or {DEMO_DONOR})")
+        raise GraftError(
+            f"adapter not found: {raw} (give a PEFT adapter folder, a make-donor folder or {DEMO_DONOR})"
+        )
     p = p.resolve()
     if p.is_file():
         if p.name == ADAPTER_WEIGHTS or p.name in _ADAPTER_PICKLES or p.name == ADAPTER_CONFIG:
             p = p.parent
         else:
-            raise GraftError(f"{p} is a file, not a PEFT adapter folder (adapter_config.json + {ADAPTER_WEIGHTS})")
+            raise GraftError(
+                f"{p} is a file, not a PEFT adapter folder (adapter_config.json + {ADAPTER_WEIGHTS})"
+            )
     if (p / ADAPTER_CONFIG).is_file():
         card = _donor_card(p.parent) if (p.parent / "card.json").is_file() else None
         base = str(card.get("base_name") or "") if card else ""
@@ -165,9 +196,15 @@ def resolve_adapter(text: str) -> AdapterRef:
             inside(p, card["adapter_dir"], "card.json adapter_dir")
             sub = card["adapter_dir"]
         if not (p / sub).is_dir():
-            raise GraftError(f"{p} is a Graft donor folder without its {sub}/ adapter: was make-donor interrupted?")
+            raise GraftError(
+                f"{p} is a Graft donor folder without its {sub}/ adapter: was make-donor interrupted?"
+            )
         return _adapter_folder(p / sub, raw, card, str(card.get("base_name") or ""))
     if (p / "config.json").is_file():
-        raise GraftError(f"{p} is a full model folder, not a LoRA adapter: for a full fine-tune give it as "
-                         "--donor with its --base")
-    raise GraftError(f"{p} is not a PEFT adapter folder (no {ADAPTER_CONFIG}) nor a Graft donor folder (no card.json)")
+        raise GraftError(
+            f"{p} is a full model folder, not a LoRA adapter: for a full fine-tune give it as "
+            "--donor with its --base"
+        )
+    raise GraftError(
+        f"{p} is not a PEFT adapter folder (no {ADAPTER_CONFIG}) nor a Graft donor folder (no card.json)"
+    )

@@ -1,4 +1,5 @@
-"""Read a PEFT LoRA adapter's factors (:func:`adapter_deltas`) as :class:`engine.adapters.lowrank.ModuleDelta`.
+"""Read a PEFT LoRA adapter's factors (:func:`adapter_deltas`) as
+:class:`engine.adapters.lowrank.ModuleDelta`.
 
 The adapter folder is found and its config checked by :func:`engine.adapters.lora.resolve_adapter`; every
 LoRA module becomes one delta ``dW = B @ A`` with the LoRA scale folded into ``B``.
@@ -21,6 +22,7 @@ Graft's choices (recorded in docs/methods.md)
   LoRA outside the blocks (an ``lm_head`` or embedding adapter) is kept with ``layer = -1`` and
   ``kind = "other"``, and reported.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,11 +32,11 @@ from typing import Any, Optional
 
 import torch
 
-from ..loading.arch import LAYOUTS, kind_of
 from ..core.errors import GraftError
+from ..loading.arch import LAYOUTS, kind_of
+from ..loading.modelfiles import first_line
 from .lora import ADAPTER_CONFIG, AdapterRef
 from .lowrank import ModuleDelta
-from ..loading.modelfiles import first_line
 
 # In-block relative path -> canonical name, over every family layout of engine.loading.arch.
 _CANONICAL: dict[str, str] = {}
@@ -42,8 +44,10 @@ for _layout in LAYOUTS.values():
     for _canon, _rel in _layout.linears.items():
         _CANONICAL.setdefault(_rel, _canon)
 
-_KEY = re.compile(r"^(?P<path>.+?)\.lora_(?:(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.weight"
-                  r"|embedding_(?P<eab>A|B)(?:\.(?P<eadapter>[^.]+))?)$")
+_KEY = re.compile(
+    r"^(?P<path>.+?)\.lora_(?:(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.weight"
+    r"|embedding_(?P<eab>A|B)(?:\.(?P<eadapter>[^.]+))?)$"
+)
 
 
 def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
@@ -59,7 +63,7 @@ def _place(path: str) -> tuple[str, int, str]:
     parts = path.split(".")
     for i, part in enumerate(parts):
         if i > 0 and part.isdigit():
-            return ".".join(parts[:i]), int(part), ".".join(parts[i + 1:])
+            return ".".join(parts[:i]), int(part), ".".join(parts[i + 1 :])
     return "", -1, path
 
 
@@ -72,8 +76,9 @@ class AdapterReport:
     ignored_tensors: list[str] = field(default_factory=list)
 
 
-def adapter_deltas(ref: AdapterRef, n_layers: Optional[int] = None,
-                   report: Optional[AdapterReport] = None) -> list[ModuleDelta]:
+def adapter_deltas(
+    ref: AdapterRef, n_layers: Optional[int] = None, report: Optional[AdapterReport] = None
+) -> list[ModuleDelta]:
     """Every LoRA module of the adapter as a :class:`ModuleDelta`, in block order.
 
     Keys of any PEFT layout are read (``base_model.model.<module path>.lora_A[.<adapter>].weight``
@@ -111,22 +116,28 @@ def adapter_deltas(ref: AdapterRef, n_layers: Optional[int] = None,
                 path = m.group("path")
                 for pre in ("base_model.model.", "base_model."):
                     if path.startswith(pre):
-                        path = path[len(pre):]
+                        path = path[len(pre) :]
                         break
                 slot = pairs.setdefault(path, {"emb": m.group("eab") is not None, "key": key})
                 t = fh.get_tensor(key)
                 if t.dim() != 2:
-                    raise GraftError(f"{where} is not a LoRA adapter: tensor '{key}' has shape {list(t.shape)}, "
-                                     "not a matrix")
+                    raise GraftError(
+                        f"{where} is not a LoRA adapter: tensor '{key}' has shape {list(t.shape)}, "
+                        "not a matrix"
+                    )
                 if not t.is_floating_point():
-                    raise GraftError(f"{where}: tensor '{key}' is {str(t.dtype).replace('torch.', '')}, not floating point")
+                    raise GraftError(
+                        f"{where}: tensor '{key}' is {str(t.dtype).replace('torch.', '')}, not floating point"
+                    )
                 slot[ab] = t.to(torch.float32)
     except GraftError:
         raise
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise GraftError(f"cannot read {where}: {first_line(exc)}") from None
     if len(adapters) > 1:
-        raise GraftError(f"{where} holds several adapters ({', '.join(sorted(adapters))}): save one adapter per folder")
+        raise GraftError(
+            f"{where} holds several adapters ({', '.join(sorted(adapters))}): save one adapter per folder"
+        )
     if not pairs:
         raise GraftError(f"{where} holds no LoRA factors (no lora_A / lora_B tensors)")
 
@@ -144,7 +155,9 @@ def adapter_deltas(ref: AdapterRef, n_layers: Optional[int] = None,
     for path in sorted(pairs):
         slot = pairs[path]
         if "A" not in slot or "B" not in slot:
-            report.warnings.append(f"{path}: lora_{'A' if 'A' in slot else 'B'} without its partner; left out")
+            report.warnings.append(
+                f"{path}: lora_{'A' if 'A' in slot else 'B'} without its partner; left out"
+            )
             continue
         A, B = slot["A"], slot["B"]
         if slot["emb"]:
@@ -152,21 +165,30 @@ def adapter_deltas(ref: AdapterRef, n_layers: Optional[int] = None,
             # (B @ A)^T to the (vocab, dim) weight, so the (vocab, dim) delta is A^T @ B^T.
             A, B = slot["B"].T.contiguous(), slot["A"].T.contiguous()
         if A.shape[0] != B.shape[1]:
-            raise GraftError(f"{where} is corrupt: module {path} has lora_A {list(slot['A'].shape)} and "
-                             f"lora_B {list(slot['B'].shape)}, whose ranks differ")
+            raise GraftError(
+                f"{where} is corrupt: module {path} has lora_A {list(slot['A'].shape)} and "
+                f"lora_B {list(slot['B'].shape)}, whose ranks differ"
+            )
         r = int(A.shape[0])
         r_cfg = int(_pattern_value(rank_pattern, path, r_default))
         if r_cfg != r:
-            raise GraftError(f"{where} does not match its {ADAPTER_CONFIG}: module {path} has rank {r} but the config "
-                             f"says {r_cfg}")
+            raise GraftError(
+                f"{where} does not match its {ADAPTER_CONFIG}: module {path} has rank {r} but the config "
+                f"says {r_cfg}"
+            )
         alpha = float(_pattern_value(alpha_pattern, path, alpha_default))
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise GraftError(f"{where}: module {path} has non-finite values (NaN or infinity) in its LoRA factors")
+            raise GraftError(
+                f"{where}: module {path} has non-finite values (NaN or infinity) in its LoRA factors"
+            )
         scaled = (B * scale).contiguous()
         if not bool(torch.isfinite(scaled).all()):
-            raise GraftError(f"{where}: module {path}'s scale lora_alpha / {'sqrt(r)' if rslora else 'r'} = {scale:.3g} "
-                             f"takes its lora_B past the {str(B.dtype).replace('torch.', '')} range (see {ADAPTER_CONFIG})")
+            raise GraftError(
+                f"{where}: module {path}'s scale lora_alpha / {'sqrt(r)' if rslora else 'r'} = {scale:.3g} "
+                f"takes its lora_B past the {str(B.dtype).replace('torch.', '')} range (see "
+                f"{ADAPTER_CONFIG})"
+            )
         pre, layer, rel = _place(path)
         if layer >= 0 and pre == main:
             canonical = _CANONICAL.get(rel)
@@ -177,13 +199,26 @@ def adapter_deltas(ref: AdapterRef, n_layers: Optional[int] = None,
             if not known:
                 report.unknown_modules.append(path)
             if n_layers is not None and layer >= n_layers:
-                raise GraftError(f"adapter module {path} is in block {layer}, but the base model has {n_layers} blocks: "
-                                 "is this adapter for another model?")
+                raise GraftError(
+                    f"adapter module {path} is in block {layer}, but the base model has {n_layers} blocks: "
+                    "is this adapter for another model?"
+                )
         else:
             layer, module, kind, name, known = -1, path, "other", path, False
             report.unknown_modules.append(path)
-        out.append(ModuleDelta(name=name, layer=layer, module=module, kind=kind, B=scaled,
-                               A=A.contiguous(), source=path, known=known, scale=scale))
+        out.append(
+            ModuleDelta(
+                name=name,
+                layer=layer,
+                module=module,
+                kind=kind,
+                B=scaled,
+                A=A.contiguous(),
+                source=path,
+                known=known,
+                scale=scale,
+            )
+        )
     if not out:
         raise GraftError(f"{where} holds no complete LoRA module (lora_A with its lora_B)")
     names = [d.name for d in out]
@@ -195,19 +230,26 @@ def adapter_deltas(ref: AdapterRef, n_layers: Optional[int] = None,
     if inside:
         report.warnings.append(
             f"{len(inside)} module(s) have names no Graft layout knows and keep their own "
-            f"({', '.join(sorted({d.module for d in inside})[:4])}); their kind is guessed from the name")
+            f"({', '.join(sorted({d.module for d in inside})[:4])}); their kind is guessed from the name"
+        )
     if outside:
         report.warnings.append(
-            f"{len(outside)} LoRA module(s) lie outside the transformer blocks ({', '.join(d.name for d in outside[:3])}"
-            f"{' ...' if len(outside) > 3 else ''}); they are listed with layer -1 and kind 'other'")
+            f"{len(outside)} LoRA module(s) lie outside the transformer blocks "
+            f"({', '.join(d.name for d in outside[:3])}"
+            f"{' ...' if len(outside) > 3 else ''}); they are listed with layer -1 and kind 'other'"
+        )
     if report.ignored_tensors:
         shown = ", ".join(report.ignored_tensors[:3])
-        report.warnings.append(f"{len(report.ignored_tensors)} tensor(s) that are not LoRA factors were ignored "
-                               f"({shown}{' ...' if len(report.ignored_tensors) > 3 else ''}), e.g. modules_to_save "
-                               "or DoRA magnitudes")
+        report.warnings.append(
+            f"{len(report.ignored_tensors)} tensor(s) that are not LoRA factors were ignored "
+            f"({shown}{' ...' if len(report.ignored_tensors) > 3 else ''}), e.g. modules_to_save "
+            "or DoRA magnitudes"
+        )
     if dora:
-        report.warnings.append("DoRA adapter (use_dora): its magnitude vectors rescale the merged weight and are not "
-                               "part of the low-rank update; the cells show the direction update scale * B @ A only")
+        report.warnings.append(
+            "DoRA adapter (use_dora): its magnitude vectors rescale the merged weight and are not "
+            "part of the low-rank update; the cells show the direction update scale * B @ A only"
+        )
     order = {canon: i for i, canon in enumerate(MODULE_ORDER)}
     out.sort(key=lambda d: (d.layer < 0, d.layer, order.get(d.module, len(order)), d.module))
     return out
@@ -224,8 +266,10 @@ def check_against_model(deltas: list[ModuleDelta], model: Any) -> list[str]:
     mods = {m.name: m for m in model.arch.linear_modules()}
     if deltas and not any(d.name in mods for d in deltas):
         names = ", ".join(d.name for d in deltas[:3])
-        raise GraftError(f"none of the adapter's {len(deltas)} module(s) exists in the base model {model.label} "
-                         f"(e.g. {names}): was it trained on another architecture?")
+        raise GraftError(
+            f"none of the adapter's {len(deltas)} module(s) exists in the base model {model.label} "
+            f"(e.g. {names}): was it trained on another architecture?"
+        )
     missing = []
     for d in deltas:
         lm = mods.get(d.name)
@@ -234,8 +278,11 @@ def check_against_model(deltas: list[ModuleDelta], model: Any) -> list[str]:
                 missing.append(d.name)
             continue
         if tuple(lm.shape) != d.shape:
-            raise GraftError(f"the adapter does not fit the base model {model.label}: {d.name} is {d.shape[0]}x{d.shape[1]} "
-                             f"(out x in) in the adapter but {lm.shape[0]}x{lm.shape[1]} in the model")
+            raise GraftError(
+                f"the adapter does not fit the base model {model.label}: {d.name} is "
+                f"{d.shape[0]}x{d.shape[1]} "
+                f"(out x in) in the adapter but {lm.shape[0]}x{lm.shape[1]} in the model"
+            )
     if missing:
         return [f"{len(missing)} adapter module(s) do not exist in {model.label} ({', '.join(missing[:3])})"]
     return []

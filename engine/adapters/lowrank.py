@@ -5,7 +5,8 @@ rank-k conjugation transplant need is a list of :class:`ModuleDelta`: per linear
 block, factors ``B`` (out x r) and ``A`` (r x in) with ``dW = B @ A`` in the ``nn.Linear``
 orientation ``(out, in)`` and any LoRA scale already folded into ``B``.
 
-Deltas come from a PEFT LoRA adapter (:mod:`engine.adapters.lora` finds it, :mod:`engine.adapters.lora_factors`
+Deltas come from a PEFT LoRA adapter (:mod:`engine.adapters.lora` finds it,
+:mod:`engine.adapters.lora_factors`
 reads its factors) or from a full fine-tune against its base (:mod:`engine.adapters.finetune_delta`).
 
 Linear algebra
@@ -26,6 +27,7 @@ Graft's choices (recorded in docs/methods.md)
   ``||dW_i||_F^2 / sum_j ||dW_j||_F^2``, because squared Frobenius norms add up over modules
   (they are sums of squared parameter changes) while plain norms do not.
 """
+
 from __future__ import annotations
 
 import math
@@ -121,8 +123,12 @@ def truncate(delta: ModuleDelta, k: int) -> ModuleDelta:
         raise GraftError(f"rank k must be at least 1, got {k}")
     U, S, Vh = factored_svd(delta.B, delta.A)
     k = min(int(k), int(S.numel()))
-    return replace(delta, B=(U[:, :k] * S[:k]).to(torch.float32).contiguous(),
-                   A=Vh[:k].to(torch.float32).contiguous(), frob_norm=None)
+    return replace(
+        delta,
+        B=(U[:, :k] * S[:k]).to(torch.float32).contiguous(),
+        A=Vh[:k].to(torch.float32).contiguous(),
+        frob_norm=None,
+    )
 
 
 def effective_rank(S: Any) -> float:
@@ -170,8 +176,14 @@ def cumulative_energy(S: Any, total: Optional[float] = None) -> list[float]:
     return [min(1.0, float(v)) for v in torch.cumsum(e, 0) / tot]
 
 
-def randomized_svd(M: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE, niter: int = POWER_ITERS,
-                   generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def randomized_svd(
+    M: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = OVERSAMPLE,
+    niter: int = POWER_ITERS,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Truncated SVD of ``M`` (top ``rank`` triplets) by randomized subspace iteration (Halko et
     al. 2011, Alg. 4.4). Small matrices (smaller side <= rank + oversample) get an exact SVD. Uses
     ``M``'s dtype and device; deterministic for a given generator state."""

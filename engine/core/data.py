@@ -20,6 +20,7 @@ workload also ``[{"text": ...}, ...]`` or ``["text", ...]``); one saved as JSON 
 ``.json`` name is read as JSON Lines. Errors then name the array item (``file.json item 3``) instead
 of the line.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .jsonio import MAX_DEPTH, nesting_depth
 from .errors import GraftError
+from .jsonio import MAX_DEPTH, nesting_depth
 from .paths import data_dir
 
 PathLike = Union[str, Path]
@@ -143,7 +144,9 @@ def _decode(p: Path, raw: bytes) -> str:
         raise GraftError(f"{p.name}:{line}: not valid UTF-8 text") from None
 
 
-Records = list[tuple[str, Any]]  # (where, for messages: "file.jsonl:3" or "file.json item 3"; the parsed value)
+Records = list[
+    tuple[str, Any]
+]  # (where, for messages: "file.jsonl:3" or "file.json item 3"; the parsed value)
 
 
 def _text_only(where: str, value: Any) -> None:
@@ -151,8 +154,10 @@ def _text_only(where: str, value: Any) -> None:
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise GraftError(f"{where}: a string holds a lone surrogate (an unpaired \\ud800-\\udfff "
-                         "escape), which is not text") from None
+        raise GraftError(
+            f"{where}: a string holds a lone surrogate (an unpaired \\ud800-\\udfff "
+            "escape), which is not text"
+        ) from None
 
 
 def _json_lines(p: Path, text: str) -> Records:
@@ -181,7 +186,9 @@ def _not_too_deep(p: Path, text: str) -> None:
     """Python's json recurses per nesting level: refuse a deeply nested file before parsing it."""
     depth = nesting_depth(text)
     if depth > MAX_DEPTH:
-        raise GraftError(f"{p.name} is nested {depth} levels deep: more than the {MAX_DEPTH} a Graft file may use")
+        raise GraftError(
+            f"{p.name} is nested {depth} levels deep: more than the {MAX_DEPTH} a Graft file may use"
+        )
 
 
 def _json_items(p: Path, text: str, strings: bool = False) -> Records:
@@ -197,8 +204,10 @@ def _json_items(p: Path, text: str, strings: bool = False) -> Records:
             try:
                 return _json_lines(p, text)
             except GraftError:
-                raise GraftError(f"{p.name}:{e.lineno}: bad JSON (more after the first value, at column {e.colno}; "
-                                 "neither one JSON value nor JSON Lines)") from None
+                raise GraftError(
+                    f"{p.name}:{e.lineno}: bad JSON (more after the first value, at column {e.colno}; "
+                    "neither one JSON value nor JSON Lines)"
+                ) from None
         raise GraftError(f"{p.name}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
     if isinstance(value, dict):
         value = [value]
@@ -326,8 +335,10 @@ def _parse_workload(p: Path, raw: bytes) -> Workload:
         if any(isinstance(obj, dict) and "kind" in obj for _, obj in records):
             texts = _parse_concept(p, raw, records).texts()
         else:
-            texts = tuple(_field(where, {"text": obj} if isinstance(obj, str) else obj, "text", "text")
-                          for where, obj in records)
+            texts = tuple(
+                _field(where, {"text": obj} if isinstance(obj, str) else obj, "text", "text")
+                for where, obj in records
+            )
     else:
         texts = tuple(line.strip() for line in _decode(p, raw).splitlines() if line.strip())
     if not texts:

@@ -8,7 +8,7 @@ def printable_line(text: object, limit: int = 1000) -> str:
     a model name cannot add lines, colour the terminal or run on for pages."""
     s = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
     if len(s) > limit:
-        s = f"{s[:limit * 2 // 3]} … {s[-(limit // 3):]}"
+        s = f"{s[: limit * 2 // 3]} … {s[-(limit // 3) :]}"
     return s
 
 

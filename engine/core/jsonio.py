@@ -61,24 +61,31 @@ def loads_checked(text: str, label: str, max_depth: int = MAX_DEPTH) -> Any:
     """Parse ``text`` (from ``label``) with the depth and finiteness checks; GraftError on any problem."""
     depth = nesting_depth(text)
     if depth > max_depth:
-        raise GraftError(f"{label} is nested {depth} levels deep: more than the {max_depth} a Graft file may use")
+        raise GraftError(
+            f"{label} is nested {depth} levels deep: more than the {max_depth} a Graft file may use"
+        )
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as e:
-        raise GraftError(f"{label} is not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise GraftError(
+            f"{label} is not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     _finite(value, label)
     return value
 
 
-def read_json_file(path: Union[str, Path], label: str = "", *, max_bytes: int = MAX_BYTES,
-                   max_depth: int = MAX_DEPTH) -> Any:
+def read_json_file(
+    path: Union[str, Path], label: str = "", *, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH
+) -> Any:
     """Read and parse one JSON file that a user brought, checked (see the module's docstring)."""
     path = Path(path)
     label = label or str(path)
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise GraftError(f"{label} is {size:,} bytes: more than the {max_bytes:,} Graft reads from a JSON file")
+            raise GraftError(
+                f"{label} is {size:,} bytes: more than the {max_bytes:,} Graft reads from a JSON file"
+            )
         raw = path.read_bytes()
     except OSError as e:
         raise GraftError(f"{label} cannot be read ({e.strerror or e})") from None

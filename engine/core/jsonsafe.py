@@ -6,6 +6,7 @@ into ``None`` and returns where it did so, so the envelope can say which fields 
 instead of silently writing ``NaN``. :func:`rnd` rounds one number for a result (None when it is
 missing or not finite), the first line.
 """
+
 from __future__ import annotations
 
 import json

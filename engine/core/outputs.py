@@ -5,6 +5,7 @@
 and removes a small probe file where the output will go. A path that fails costs the user one
 line and no minutes of computation.
 """
+
 from __future__ import annotations
 
 import contextlib

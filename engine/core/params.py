@@ -3,6 +3,7 @@
 A parameter class is a frozen dataclass whose fields are declared with :func:`param`. Values
 are validated on entry (:func:`build_params`), scikit-learn style, with one-line messages.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,20 +13,27 @@ from typing import Any, Optional, Sequence
 
 from .errors import GraftError
 
-
 PATH_KINDS = ("in", "out_dir", "out_file")
 
 
-def param(default: Any, help: str, *, min: Optional[float] = None, max: Optional[float] = None,
-          choices: Optional[Sequence[Any]] = None, path: Optional[str] = None) -> Any:
+def param(
+    default: Any,
+    help: str,
+    *,
+    min: Optional[float] = None,
+    max: Optional[float] = None,
+    choices: Optional[Sequence[Any]] = None,
+    path: Optional[str] = None,
+) -> Any:
     """Declare a tool parameter: default, help text, and optional bounds or choices.
 
     ``path`` marks a string that names a file: ``"in"`` (must exist and be readable), ``"out_dir"``
     or ``"out_file"`` (must be writable). :func:`check_paths` checks them before any model loads."""
     if path is not None and path not in PATH_KINDS:
         raise ValueError(f"path must be one of {PATH_KINDS}")
-    return dataclasses.field(default=default, metadata={"help": help, "min": min, "max": max, "choices": choices,
-                                                        "path": path})
+    return dataclasses.field(
+        default=default, metadata={"help": help, "min": min, "max": max, "choices": choices, "path": path}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +61,18 @@ def param_specs(cls: type) -> list[ParamSpec]:
     out = []
     for f in [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]:
         md = f.metadata
-        out.append(ParamSpec(f.name, hints[f.name], f.default, md.get("help", ""), md.get("min"), md.get("max"),
-                             tuple(md["choices"]) if md.get("choices") else None, md.get("path")))
+        out.append(
+            ParamSpec(
+                f.name,
+                hints[f.name],
+                f.default,
+                md.get("help", ""),
+                md.get("min"),
+                md.get("max"),
+                tuple(md["choices"]) if md.get("choices") else None,
+                md.get("path"),
+            )
+        )
     return out
 
 
@@ -150,16 +168,24 @@ SCORES = ("graded", "exact")
 class ConceptSetParam:
     """The concept set a tool evaluates or asks questions from."""
 
-    concept: str = param("", "Concept set (JSONL or a .json array): perplexity on its facts, task score on its test "
-                             "questions. Empty = the bundled set.", path="in")
+    concept: str = param(
+        "",
+        "Concept set (JSONL or a .json array): perplexity on its facts, task score on its test "
+        "questions. Empty = the bundled set.",
+        path="in",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class RetainedSetParam:
     """The retained set: general texts a transplant should leave alone."""
 
-    retained: str = param("", "Retained general set (JSONL or a .json array): texts the transplant should leave alone "
-                              "(retained perplexity, locality). Empty = the bundled set.", path="in")
+    retained: str = param(
+        "",
+        "Retained general set (JSONL or a .json array): texts the transplant should leave alone "
+        "(retained perplexity, locality). Empty = the bundled set.",
+        path="in",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,24 +198,38 @@ class EvaluationSets(RetainedSetParam, ConceptSetParam):
 class TaskScoreParam:
     """Which task score S the transfer metrics (TIR, Recovery) are computed from."""
 
-    score: str = param("graded", "Task score S behind TIR and Recovery: graded (mean answer-token probability) or "
-                                 "exact (the greedy answer contains the reference).", choices=SCORES)
+    score: str = param(
+        "graded",
+        "Task score S behind TIR and Recovery: graded (mean answer-token probability) or "
+        "exact (the greedy answer contains the reference).",
+        choices=SCORES,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class GreedyTokensParam:
     """How long the greedy generations of an evaluation are."""
 
-    max_new_tokens: int = param(16, "Greedy tokens generated per test question (exact score, shown generations) and "
-                                    "per retained prompt (locality).", min=1, max=512)
+    max_new_tokens: int = param(
+        16,
+        "Greedy tokens generated per test question (exact score, shown generations) and "
+        "per retained prompt (locality).",
+        min=1,
+        max=512,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class BridgeRidge:
-    """The ridge strength of every closed-form linear map (T4's bridges, the organ bridges, T3's ridge maps)."""
+    """The ridge strength of every closed-form linear map (T4's bridges, the organ bridges, T3's ridge
+    maps)."""
 
-    ridge_alpha: float = param(0.01, "Ridge strength of the fitted linear map (bridge), relative to the mean "
-                                     "eigenvalue of X^T X.", min=0.0, max=1e6)
+    ridge_alpha: float = param(
+        0.01,
+        "Ridge strength of the fitted linear map (bridge), relative to the mean eigenvalue of X^T X.",
+        min=0.0,
+        max=1e6,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +237,12 @@ class HeldOutFit(BridgeRidge):
     """The parameters of every linear map fitted on some texts and judged on held-out ones (T3's
     Procrustes and ridge maps, T4's bridges): declared once, inherited by both tools' params."""
 
-    heldout_fraction: float = param(0.25, "Share of texts (or rows, with fewer than 4 texts) held out to judge each "
-                                          "fitted map.", min=0.05, max=0.9)
+    heldout_fraction: float = param(
+        0.25,
+        "Share of texts (or rows, with fewer than 4 texts) held out to judge each fitted map.",
+        min=0.05,
+        max=0.9,
+    )
     seed: int = param(0, "Seed of the fit / held-out split.", min=0, max=2**31 - 1)
 
 
@@ -206,17 +250,32 @@ class HeldOutFit(BridgeRidge):
 class RunOptions:
     """Options every pair tool shares: the workload and how to run the models."""
 
-    workload: str = param("", "Workload file (concept-set JSONL, JSONL of {\"text\"}, the same as one .json array, or .txt one text per line). Empty = the bundled concept set.", path="in")
-    max_tokens: int = param(2048, "Token budget for activation capture (bounds memory).", min=8, max=1_000_000)
+    workload: str = param(
+        "",
+        'Workload file (concept-set JSONL, JSONL of {"text"}, the same as one .json array, or .txt one '
+        "text per line). Empty = the bundled concept set.",
+        path="in",
+    )
+    max_tokens: int = param(
+        2048, "Token budget for activation capture (bounds memory).", min=8, max=1_000_000
+    )
     batch_size: int = param(8, "Texts per forward pass.", min=1, max=512)
-    device: str = param("auto", "Where to run: auto (CUDA when present), cpu or cuda.", choices=("auto", "cpu", "cuda"))
-    dtype: str = param("float32", "Model weights dtype; bfloat16 halves memory on GPU.", choices=("float32", "bfloat16", "float16"))
+    device: str = param(
+        "auto", "Where to run: auto (CUDA when present), cpu or cuda.", choices=("auto", "cpu", "cuda")
+    )
+    dtype: str = param(
+        "float32",
+        "Model weights dtype; bfloat16 halves memory on GPU.",
+        choices=("float32", "bfloat16", "float16"),
+    )
     outlier_factor: float = param(
         20.0,
-        "T2-T4 drop tokens whose residual norm, in any layer of either model, exceeds this multiple of that "
+        "T2-T4 drop tokens whose residual norm, in any layer of either model, exceeds this multiple of "
+        "that "
         "layer's median (attention-sink 'massive activations', often 100x the median, which otherwise "
         "dominate CKA and Procrustes). 0 keeps every token.",
-        min=0.0, max=1e6,
+        min=0.0,
+        max=1e6,
     )
 
 

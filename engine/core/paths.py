@@ -1,6 +1,7 @@
 """Where Graft keeps its caches, built-in models and run history; which process owns what (from the
 process facts of :mod:`engine.core.processes`); and the registered staging folders that saves are
 written into."""
+
 from __future__ import annotations
 
 import os
@@ -143,9 +144,11 @@ def _register(path: Path, kind: str, out_dir: Path) -> None:
     o = current_owner()
     try:
         with _registry() as c:
-            c.execute("INSERT OR REPLACE INTO staging (path, kind, out_dir, owner_pid, owner_host, owner_started, "
-                      "created) VALUES (?,?,?,?,?,?,?)",
-                      (str(path), kind, str(out_dir), o["pid"], o["host"], o["started"], time.time()))
+            c.execute(
+                "INSERT OR REPLACE INTO staging (path, kind, out_dir, owner_pid, owner_host, owner_started, "
+                "created) VALUES (?,?,?,?,?,?,?)",
+                (str(path), kind, str(out_dir), o["pid"], o["host"], o["started"], time.time()),
+            )
     except (sqlite3.Error, OSError) as e:
         warnings.warn(f"could not register staging folder {path}: {e}", RuntimeWarning, stacklevel=3)
 
@@ -260,8 +263,11 @@ def clean_stale_staging() -> list[dict[str, Any]]:
     entries = staging_entries()
     # Save folders whose owner never renamed them into place: when one is still on disk, an
     # ``out_dir`` present now is not the owner's new save, so its set-aside old one is kept.
-    unplaced = {(e["owner_pid"], e["owner_host"], e["out_dir"]) for e in entries
-                if e["kind"] == "tmp" and os.path.isdir(e["path"])}
+    unplaced = {
+        (e["owner_pid"], e["owner_host"], e["out_dir"])
+        for e in entries
+        if e["kind"] == "tmp" and os.path.isdir(e["path"])
+    }
     for e in entries:
         if not e["owner_gone"]:
             continue
@@ -269,18 +275,31 @@ def clean_stale_staging() -> list[dict[str, Any]]:
         # Claim the entry: of several processes cleaning at once, one acts on it.
         try:
             with _registry() as c:
-                claimed = c.execute("DELETE FROM staging WHERE path=? AND owner_pid=? AND created=?",
-                                    (e["path"], e["owner_pid"], e["created"])).rowcount == 1
+                claimed = (
+                    c.execute(
+                        "DELETE FROM staging WHERE path=? AND owner_pid=? AND created=?",
+                        (e["path"], e["owner_pid"], e["created"]),
+                    ).rowcount
+                    == 1
+                )
         except (sqlite3.Error, OSError):
             continue
         if not claimed:
             continue
         expected = f".{out_dir.name}.{kind}-"
-        if (not path.name.startswith(expected) or path.parent != out_dir.parent
-                or not path.is_dir() or path.is_symlink()):
+        if (
+            not path.name.startswith(expected)
+            or path.parent != out_dir.parent
+            or not path.is_dir()
+            or path.is_symlink()
+        ):
             continue  # gone already (or not what was registered): only the entry is dropped
-        item: dict[str, Any] = {"path": str(path), "out_dir": str(out_dir), "kind": kind,
-                                "bytes": _tree_bytes(path)}
+        item: dict[str, Any] = {
+            "path": str(path),
+            "out_dir": str(out_dir),
+            "kind": kind,
+            "bytes": _tree_bytes(path),
+        }
         try:
             if kind == "old" and not os.path.lexists(out_dir):
                 os.replace(path, out_dir)
@@ -295,10 +314,19 @@ def clean_stale_staging() -> list[dict[str, Any]]:
             if path.exists():  # try again on a later start
                 try:
                     with _registry() as c:
-                        c.execute("INSERT OR IGNORE INTO staging (path, kind, out_dir, owner_pid, owner_host, "
-                                  "owner_started, created) VALUES (?,?,?,?,?,?,?)",
-                                  (e["path"], kind, e["out_dir"], e["owner_pid"], e["owner_host"],
-                                   e["owner_started"], e["created"]))
+                        c.execute(
+                            "INSERT OR IGNORE INTO staging (path, kind, out_dir, owner_pid, owner_host, "
+                            "owner_started, created) VALUES (?,?,?,?,?,?,?)",
+                            (
+                                e["path"],
+                                kind,
+                                e["out_dir"],
+                                e["owner_pid"],
+                                e["owner_host"],
+                                e["owner_started"],
+                                e["created"],
+                            ),
+                        )
                 except (sqlite3.Error, OSError):
                     pass
         done.append(item)
@@ -324,11 +352,15 @@ def describe_cleanup(items: list[dict[str, Any]]) -> str:
         parts.append(f"removed {len(removed)} {what}{total}: {listed}")
     for i in items:
         if i.get("action") == "restored":
-            parts.append(f"restored {i['out_dir']} from {i['path']} (a save was interrupted while replacing it)")
+            parts.append(
+                f"restored {i['out_dir']} from {i['path']} (a save was interrupted while replacing it)"
+            )
     for i in items:
         if i.get("action") == "kept":
-            parts.append(f"kept {i['path']} ({format_bytes(i['bytes'])}): a save into {i['out_dir']} was "
-                         "interrupted and the folder has been replaced since; delete it yourself if not needed")
+            parts.append(
+                f"kept {i['path']} ({format_bytes(i['bytes'])}): a save into {i['out_dir']} was "
+                "interrupted and the folder has been replaced since; delete it yourself if not needed"
+            )
     for i in items:
         if i.get("action") == "failed":
             parts.append(f"could not remove leftover {i['path']}: {i.get('error', 'error')}")

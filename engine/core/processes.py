@@ -2,6 +2,7 @@
 (Linux ``/proc``, else psutil when installed) and a liveness test that treats zombies as dead:
 what :func:`engine.core.paths.owner_gone` needs to tell a crashed owner from a live one (a reused pid
 has another start time)."""
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ def _proc_stat(pid: int) -> Optional[list[str]]:
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may itself hold spaces and parentheses.
-    return raw[raw.rfind(")") + 2:].split()
+    return raw[raw.rfind(")") + 2 :].split()
 
 
 _BOOT_TIME: Optional[float] = None

@@ -1,4 +1,5 @@
 """Progress reporting and cooperative cancellation for long computations."""
+
 from __future__ import annotations
 
 import threading

@@ -8,6 +8,7 @@ with one torch thread, so the process never has more busy threads than it was gi
 thread (or little work) it is the plain loop. Only for the CPU: CUDA work is queued on one stream
 anyway.
 """
+
 from __future__ import annotations
 
 import threading
@@ -35,7 +36,9 @@ MAX_PARALLEL_BYTES = 2 * 2**30
 _SECTION = threading.Lock()
 
 
-def cpu_workers(device: torch.device, n_items: int, flops_per_item: float, bytes_per_item: float = 0.0) -> int:
+def cpu_workers(
+    device: torch.device, n_items: int, flops_per_item: float, bytes_per_item: float = 0.0
+) -> int:
     """How many workers :func:`parallel_map` should use: torch's CPU thread count, at most one per
     item and as many as ``MAX_PARALLEL_BYTES`` holds; 1 on CUDA or when an item is too small to
     be worth a thread."""
@@ -45,8 +48,9 @@ def cpu_workers(device: torch.device, n_items: int, flops_per_item: float, bytes
     return max(1, min(torch.get_num_threads(), n_items, by_memory))
 
 
-def parallel_map(fn: Callable[[T], R], items: Sequence[T], progress: Progress,
-                 message: Callable[[T], str], workers: int) -> list[R]:
+def parallel_map(
+    fn: Callable[[T], R], items: Sequence[T], progress: Progress, message: Callable[[T], str], workers: int
+) -> list[R]:
     """``[fn(item) for item in items]``, on ``workers`` threads when more than 1.
 
     Each worker runs torch single-threaded, under the caller's grad and inference modes (both are

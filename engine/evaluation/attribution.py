@@ -27,6 +27,7 @@ token unless its embedding row is (near) zero, then the first candidate (eos, un
 whose row is not. Layers whose ``|delta| / |F(x) - F(b)|`` still exceeds ``tolerance`` after
 ``max_steps`` are listed in ``unreliable`` (the integrand needs more points there).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -36,10 +37,18 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..loading.arch import ArchAdapter
 from ..core.errors import GraftError
-from ..loading.tokens import answer_ids, context_length, encode_prompt, format_prompt, has_chat_template, model_device, pad_id
 from ..core.progress import Progress, silent
+from ..loading.arch import ArchAdapter
+from ..loading.tokens import (
+    answer_ids,
+    context_length,
+    encode_prompt,
+    format_prompt,
+    has_chat_template,
+    model_device,
+    pad_id,
+)
 
 OBJECTIVES = ("first-token", "answer-logprob")
 BASELINES = ("content", "all")
@@ -47,7 +56,9 @@ METHOD = "gausslegendre"  # captum's default integration rule for integrated gra
 TOLERANCE = 0.05  # a layer is reliable when |delta| <= TOLERANCE * |F(x) - F(baseline)|
 
 
-def _objective(model: nn.Module, n_prompt: int, answer: list[int], objective: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _objective(
+    model: nn.Module, n_prompt: int, answer: list[int], objective: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """F(input_ids (B, n)) -> (B,): the scalar attributed (module docstring). Only the logits F
     reads are computed (``logits_to_keep``) where the model supports it."""
     keep = 1 if objective == "first-token" else len(answer) + 1
@@ -74,7 +85,9 @@ def _question_positions(tokenizer: Any, question: str, prompt: list[int]) -> lis
     tokenizer); every non-special token when offsets are unavailable."""
     text = format_prompt(tokenizer, question)
     try:
-        enc = tokenizer(text, add_special_tokens=not has_chat_template(tokenizer), return_offsets_mapping=True)
+        enc = tokenizer(
+            text, add_special_tokens=not has_chat_template(tokenizer), return_offsets_mapping=True
+        )
         offsets = enc["offset_mapping"]
         if list(enc["input_ids"]) != list(prompt) or question not in text:
             raise ValueError
@@ -93,7 +106,9 @@ def filler_token(model: nn.Module, tokenizer: Any) -> int:
     emb = model.get_input_embeddings().weight
     norms = emb.detach().float().norm(dim=-1)
     floor = 1e-3 * float(norms.median())
-    cands = [pad_id(tokenizer)] + [getattr(tokenizer, a, None) for a in ("eos_token_id", "unk_token_id", "bos_token_id")]
+    cands = [pad_id(tokenizer)] + [
+        getattr(tokenizer, a, None) for a in ("eos_token_id", "unk_token_id", "bos_token_id")
+    ]
     for text in (".", " "):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         cands += ids[:1]
@@ -103,8 +118,15 @@ def filler_token(model: nn.Module, tokenizer: Any) -> int:
     return int(norms.argmax())
 
 
-def baseline_ids(model: nn.Module, tokenizer: Any, question: str, prompt: list[int], answer: list[int],
-                 objective: str, baseline: str) -> tuple[list[int], list[int], int]:
+def baseline_ids(
+    model: nn.Module,
+    tokenizer: Any,
+    question: str,
+    prompt: list[int],
+    answer: list[int],
+    objective: str,
+    baseline: str,
+) -> tuple[list[int], list[int], int]:
     """(input ids, baseline ids, filler): see the module docstring."""
     ids = prompt + (answer if objective == "answer-logprob" else [])
     fill = filler_token(model, tokenizer)
@@ -114,13 +136,20 @@ def baseline_ids(model: nn.Module, tokenizer: Any, question: str, prompt: list[i
     return ids, [fill if i in swap else t for i, t in enumerate(ids)], fill
 
 
-def _layer_ig(forward: Callable, layer: nn.Module, x: torch.Tensor, base: torch.Tensor, steps: int,
-              batch: int) -> tuple[torch.Tensor, float]:
+def _layer_ig(
+    forward: Callable, layer: nn.Module, x: torch.Tensor, base: torch.Tensor, steps: int, batch: int
+) -> tuple[torch.Tensor, float]:
     from captum.attr import LayerIntegratedGradients
 
     lig = LayerIntegratedGradients(forward, layer)
-    attr, delta = lig.attribute(x, baselines=base, n_steps=steps, method=METHOD,
-                                internal_batch_size=min(steps, batch), return_convergence_delta=True)
+    attr, delta = lig.attribute(
+        x,
+        baselines=base,
+        n_steps=steps,
+        method=METHOD,
+        internal_batch_size=min(steps, batch),
+        return_convergence_delta=True,
+    )
     if isinstance(attr, (tuple, list)):
         attr = attr[0]
     return attr.detach().double().sum(-1)[0].cpu(), float(delta.detach().reshape(-1)[0])
@@ -166,9 +195,11 @@ def attribute(
         raise GraftError("the question and the answer must each give at least one token")
     ids, base_ids, fill = baseline_ids(model, tokenizer, question, prompt, ans, objective, baseline)
     if len(ids) > context_length(model):
-        raise GraftError(f"the question{' and answer' if objective == 'answer-logprob' else ''} "
-                         f"{'take' if objective == 'answer-logprob' else 'takes'} {len(ids)} tokens, more "
-                         f"than the model's context of {context_length(model)} positions: use a shorter question")
+        raise GraftError(
+            f"the question{' and answer' if objective == 'answer-logprob' else ''} "
+            f"{'take' if objective == 'answer-logprob' else 'takes'} {len(ids)} tokens, more "
+            f"than the model's context of {context_length(model)} positions: use a shorter question"
+        )
     dev = model_device(model)
     x, base = torch.tensor([ids], device=dev), torch.tensor([base_ids], device=dev)  # (1, n)
     forward = _objective(model, len(prompt), ans, objective)
@@ -201,14 +232,27 @@ def attribute(
     labels = [label for label, _ in layers]
     progress(1.0, "attribution done")
     return {
-        "tokens": token_strings(tokenizer, ids), "n_prompt_tokens": len(prompt), "answer_tokens": token_strings(tokenizer, ans),
-        "input_ids": ids, "baseline_ids": base_ids, "baseline_tokens": token_strings(tokenizer, base_ids),
+        "tokens": token_strings(tokenizer, ids),
+        "n_prompt_tokens": len(prompt),
+        "answer_tokens": token_strings(tokenizer, ans),
+        "input_ids": ids,
+        "baseline_ids": base_ids,
+        "baseline_tokens": token_strings(tokenizer, base_ids),
         "filler": token_strings(tokenizer, [fill])[0],
-        "layers": labels, "matrix": m.tolist(), "layer_totals": m.sum(1).tolist(),
-        "layer_abs_totals": m.abs().sum(1).tolist(), "deltas": deltas, "max_abs_delta": max(abs(d) for d in deltas),
-        "rel_deltas": rel, "max_rel_delta": None if None in rel else max(rel), "layer_steps": used,
+        "layers": labels,
+        "matrix": m.tolist(),
+        "layer_totals": m.sum(1).tolist(),
+        "layer_abs_totals": m.abs().sum(1).tolist(),
+        "deltas": deltas,
+        "max_abs_delta": max(abs(d) for d in deltas),
+        "rel_deltas": rel,
+        "max_rel_delta": None if None in rel else max(rel),
+        "layer_steps": used,
         "unreliable": [lab for lab, r in zip(labels, rel) if r is None or r > tolerance],
-        "f_input": f_in, "f_baseline": f_base, "steps": int(steps), "seconds": time.perf_counter() - t0,
+        "f_input": f_in,
+        "f_baseline": f_base,
+        "steps": int(steps),
+        "seconds": time.perf_counter() - t0,
     }
 
 
@@ -217,9 +261,16 @@ def difference(after: dict[str, Any], before: dict[str, Any]) -> Optional[dict[s
     the shapes differ (another tokenizer or depth)."""
     if after["tokens"] != before["tokens"] or after["layers"] != before["layers"]:
         return None
-    a, b = torch.tensor(after["matrix"], dtype=torch.float64), torch.tensor(before["matrix"], dtype=torch.float64)
+    a, b = (
+        torch.tensor(after["matrix"], dtype=torch.float64),
+        torch.tensor(before["matrix"], dtype=torch.float64),
+    )
     d = a - b
-    return {"tokens": after["tokens"], "layers": after["layers"], "matrix": d.tolist(),
-            "layer_totals": d.sum(1).tolist(),
-            "layer_abs_totals": (a.abs().sum(1) - b.abs().sum(1)).tolist(),
-            "max_abs": float(d.abs().max()) if d.numel() else 0.0}
+    return {
+        "tokens": after["tokens"],
+        "layers": after["layers"],
+        "matrix": d.tolist(),
+        "layer_totals": d.sum(1).tolist(),
+        "layer_abs_totals": (a.abs().sum(1) - b.abs().sum(1)).tolist(),
+        "max_abs": float(d.abs().max()) if d.numel() else 0.0,
+    }

@@ -26,6 +26,7 @@ twice: a sweep point with K = 0, or a transplant that reproduces the donor exact
 earlier numbers. Hashing the texts themselves (not the file) also covers sets built in memory.
 All computations are deterministic (greedy decoding, teacher forcing, fixed batching).
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,13 +41,13 @@ import torch
 
 from ..core.data import ConceptSet, texts_sha256
 from ..core.errors import GraftError
+from ..core.params import SCORES  # noqa: E402  (one definition, with the parameter groups)
+from ..core.progress import Progress, silent
+from ..loading.models import state_dict_hash
 from ..loading.tokens import context_length, encode_prompt, fit_prompt, frozen, model_device
 from .evaluate import perplexity
 from .scoring import answer_matches, generate_greedy, graded_score
-from ..loading.models import state_dict_hash
-from ..core.progress import Progress, silent
 
-from ..core.params import SCORES  # noqa: E402  (one definition, with the parameter groups)
 MAX_ENTRIES = 512
 
 _CACHE: "OrderedDict[tuple, Any]" = OrderedDict()
@@ -76,8 +77,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     if hit is not None:
         return hit
     vocab = sorted(tokenizer.get_vocab().items())
-    payload = json.dumps([type(tokenizer).__name__, vocab, str(getattr(tokenizer, "chat_template", None)),
-                          sorted(map(str, getattr(tokenizer, "all_special_tokens", [])))], ensure_ascii=False)
+    payload = json.dumps(
+        [
+            type(tokenizer).__name__,
+            vocab,
+            str(getattr(tokenizer, "chat_template", None)),
+            sorted(map(str, getattr(tokenizer, "all_special_tokens", []))),
+        ],
+        ensure_ascii=False,
+    )
     fp = hashlib.sha256(payload.encode()).hexdigest()[:16]
     try:
         _TOK_FP[tokenizer] = fp
@@ -102,21 +110,43 @@ def _cached(key: tuple, compute: Callable[[], Any]) -> Any:
 
 
 def _state_key(model: torch.nn.Module, tokenizer: Any, state_hash: Optional[str]) -> tuple:
-    return (state_hash or state_dict_hash(model.state_dict()), tokenizer_fingerprint(tokenizer), str(model_device(model)))
+    return (
+        state_hash or state_dict_hash(model.state_dict()),
+        tokenizer_fingerprint(tokenizer),
+        str(model_device(model)),
+    )
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def generations(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 16, *,
-                batch_size: int = 16, state_hash: Optional[str] = None) -> list[str]:
+def generations(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 16,
+    *,
+    batch_size: int = 16,
+    state_hash: Optional[str] = None,
+) -> list[str]:
     """Greedy answers to ``prompts`` (questions, rendered with :func:`engine.loading.tokens.format_prompt`,
     i.e. the chat template when the tokenizer has one). Cached by weight hash."""
     prompts = [str(p) for p in prompts]
     if not prompts:
         return []
-    key = ("gen", *_state_key(model, tokenizer, state_hash), texts_sha256(prompts), int(max_new_tokens), int(batch_size))
-    return _cached(key, lambda: generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size))
+    key = (
+        "gen",
+        *_state_key(model, tokenizer, state_hash),
+        texts_sha256(prompts),
+        int(max_new_tokens),
+        int(batch_size),
+    )
+    return _cached(
+        key,
+        lambda: generate_greedy(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+        ),
+    )
 
 
 def _concept_texts(concept: ConceptSet) -> list[str]:
@@ -146,7 +176,8 @@ def evaluate_model(
     greedy ``generation``, ``correct`` (exact) and ``prob`` (graded). ``exact=False`` skips the
     greedy generations (the slow part) when the exact score is not needed: ``task_score_exact``,
     ``generation`` and ``correct`` are then None (``score="exact"`` always generates).
-    ``state_hash`` may be given when the caller already computed :func:`engine.loading.models.state_dict_hash` of
+    ``state_hash`` may be given when the caller already computed
+    :func:`engine.loading.models.state_dict_hash` of
     this exact state. Each part (each perplexity, the graded score, the generations) is cached
     on its own, so a later call asking for more reuses what was measured.
     """
@@ -156,7 +187,9 @@ def evaluate_model(
     progress = progress or silent()
     test = concept.test_qa()
     if not test:
-        raise GraftError(f"concept set {concept.name} has no test questions to score (give some qa items split 'test')")
+        raise GraftError(
+            f"concept set {concept.name} has no test questions to score (give some qa items split 'test')"
+        )
     retained_texts = list(retained.texts())
     if not retained_texts:
         raise GraftError(f"retained set {retained.name} has no texts")
@@ -166,7 +199,10 @@ def evaluate_model(
 
     def ppl(texts: list[str]) -> float:
         key = ("ppl", *skey, texts_sha256(texts), int(batch_size), int(max_length))
-        return _cached(key, lambda: perplexity(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)["ppl"])
+        return _cached(
+            key,
+            lambda: perplexity(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)["ppl"],
+        )
 
     progress(0.02, "perplexity on the concept texts")
     ppl_c = ppl(concept_texts)
@@ -179,9 +215,24 @@ def evaluate_model(
     gens: list[Optional[str]] = [None] * len(test)
     if exact:
         progress(0.7, "greedy answers to the test questions")
-        gens = list(generations(model, tokenizer, [q for q, _ in qa], max_new_tokens, batch_size=batch_size, state_hash=skey[0]))
+        gens = list(
+            generations(
+                model,
+                tokenizer,
+                [q for q, _ in qa],
+                max_new_tokens,
+                batch_size=batch_size,
+                state_hash=skey[0],
+            )
+        )
     items = [
-        {"question": q, "answer": a, "generation": g, "correct": None if g is None else answer_matches(g, a), "prob": gi["prob"]}
+        {
+            "question": q,
+            "answer": a,
+            "generation": g,
+            "correct": None if g is None else answer_matches(g, a),
+            "prob": gi["prob"],
+        }
         for (q, a), g, gi in zip(qa, gens, graded["items"])
     ]
     s_exact = sum(bool(it["correct"]) for it in items) / len(items) if exact else None
@@ -206,9 +257,16 @@ def _greedy_next(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     return logits.argmax(-1).cpu()  # (T,) greedy next token after each position
 
 
-def alignment_score(donor_model: torch.nn.Module, donor_tok: Any, model: torch.nn.Module, tok: Any,
-                    prompts: Sequence[str], *, donor_hash: Optional[str] = None,
-                    state_hash: Optional[str] = None) -> dict[str, Any]:
+def alignment_score(
+    donor_model: torch.nn.Module,
+    donor_tok: Any,
+    model: torch.nn.Module,
+    tok: Any,
+    prompts: Sequence[str],
+    *,
+    donor_hash: Optional[str] = None,
+    state_hash: Optional[str] = None,
+) -> dict[str, Any]:
     """Agreement of greedy next-token predictions of the donor and ``model`` (docs/methods.md T11).
 
     Each prompt (a question) is rendered with :func:`engine.loading.tokens.encode_prompt`, the input
@@ -220,8 +278,10 @@ def alignment_score(donor_model: torch.nn.Module, donor_tok: Any, model: torch.n
     from ..loading.tokens import same_tokenizer
 
     if not same_tokenizer(donor_tok, tok):
-        raise GraftError("alignment score is undefined across different tokenizers: greedy next tokens "
-                         "come from different vocabularies, so positions cannot be compared one to one")
+        raise GraftError(
+            "alignment score is undefined across different tokenizers: greedy next tokens "
+            "come from different vocabularies, so positions cannot be compared one to one"
+        )
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise GraftError("no prompts for the alignment score")

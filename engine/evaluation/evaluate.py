@@ -12,6 +12,7 @@ Prompting convention, shared with :mod:`engine.adapters.donor` so that training 
 reference answer continues it directly, with a separating space only when the prompt does not
 already end in whitespace (:func:`answer_ids`).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,6 @@ import torch.nn.functional as F
 from ..core.errors import GraftError
 from ..loading.tokens import DeviceLike, context_length, encode_text, frozen, model_device, pad_id, pad_right
 from ..measure.budget import length_batches
-
 
 # --------------------------------------------------------------------------------------------
 # Perplexity

@@ -18,15 +18,16 @@ conjugation transplant (operation 3): roll back when retained perplexity rose by
 user's threshold (or became non-finite), or, if asked, when locality fell below a floor.
 Everything is deterministic (teacher forcing, greedy decoding, fixed batching order).
 """
+
 from __future__ import annotations
 
 import math
 from typing import Any, Optional, Sequence
 
 from ..core.errors import GraftError
+from ..core.progress import Progress, silent
 from ..loading.tokens import context_length
 from .evaluate import perplexity
-from ..core.progress import Progress, silent
 from .scoring import greedy_continuations
 
 N_WORST = 5
@@ -48,16 +49,20 @@ def _split_decode(tokenizer: Any, prompt: list[int], continuation: list[int]) ->
     whole = tokenizer.decode(list(prompt) + list(continuation), skip_special_tokens=True)
     clean = prompt_text.rstrip("\ufffd")
     if whole.startswith(clean):
-        return clean, whole[len(clean):]
+        return clean, whole[len(clean) :]
     return prompt_text, tokenizer.decode(continuation, skip_special_tokens=True)
 
 
-def retained_prompts(tokenizer: Any, texts: Sequence[str], prompt_tokens: int, max_length: int) -> list[list[int]]:
+def retained_prompts(
+    tokenizer: Any, texts: Sequence[str], prompt_tokens: int, max_length: int
+) -> list[list[int]]:
     """Token ids of each text's prompt: its first ``prompt_tokens`` tokens (special tokens included),
     at most ``max_length``."""
     limit = max(1, min(int(prompt_tokens), int(max_length)))
-    return [list(tokenizer(t, add_special_tokens=True, truncation=True, max_length=limit)["input_ids"])[:limit]
-            for t in texts]
+    return [
+        list(tokenizer(t, add_special_tokens=True, truncation=True, max_length=limit)["input_ids"])[:limit]
+        for t in texts
+    ]
 
 
 def interference(
@@ -97,9 +102,13 @@ def interference(
     prompts = retained_prompts(tokenizer, texts, prompt_tokens, max(1, ctx - max_new))
     order = [i for i in range(len(prompts)) if prompts[i]]  # an empty prompt gets an empty continuation
     progress(0.5, "greedy continuations of T")
-    gb = greedy_continuations(model_before, tokenizer, prompts, max_new_tokens=max_new, batch_size=batch_size, order=order)
+    gb = greedy_continuations(
+        model_before, tokenizer, prompts, max_new_tokens=max_new, batch_size=batch_size, order=order
+    )
     progress(0.75, "greedy continuations of T'")
-    ga = greedy_continuations(model_after, tokenizer, prompts, max_new_tokens=max_new, batch_size=batch_size, order=order)
+    ga = greedy_continuations(
+        model_after, tokenizer, prompts, max_new_tokens=max_new, batch_size=batch_size, order=order
+    )
     rows = []
     changes = []
     n_prompts = n_changed = 0
@@ -113,29 +122,44 @@ def interference(
         if dl is not None:
             changes.append((dl, i))
         prompt, before = _split_decode(tokenizer, prompts[i], gb[i])
-        rows.append({
-            "text": t, "loss_before": lb, "loss_after": la, "loss_change": dl, "changed": bool(changed),
-            "prompt": prompt, "before": before, "after": _split_decode(tokenizer, prompts[i], ga[i])[1],
-        })
+        rows.append(
+            {
+                "text": t,
+                "loss_before": lb,
+                "loss_after": la,
+                "loss_change": dl,
+                "changed": bool(changed),
+                "prompt": prompt,
+                "before": before,
+                "after": _split_decode(tokenizer, prompts[i], ga[i])[1],
+            }
+        )
     ppl_b, ppl_a = _num(pb["ppl"]), _num(pa["ppl"])
     frac = ppl_a / ppl_b - 1.0 if ppl_a is not None and ppl_b else None
     changes.sort(key=lambda c: (-c[0], c[1]))
     progress(1.0, "interference measured")
     return {
-        "ppl_before": ppl_b, "ppl_after": ppl_a, "ppl_change_fraction": _num(frac),
-        "nll_before": _num(pb["nll_mean"]), "nll_after": _num(pa["nll_mean"]), "n_tokens": int(pb["n_tokens"]),
+        "ppl_before": ppl_b,
+        "ppl_after": ppl_a,
+        "ppl_change_fraction": _num(frac),
+        "nll_before": _num(pb["nll_mean"]),
+        "nll_after": _num(pa["nll_mean"]),
+        "n_tokens": int(pb["n_tokens"]),
         "locality": (n_prompts - n_changed) / n_prompts if n_prompts else None,
-        "n_prompts": n_prompts, "n_changed": n_changed,
+        "n_prompts": n_prompts,
+        "n_changed": n_changed,
         "mean_loss_change": _num(sum(c[0] for c in changes) / len(changes)) if changes else None,
         "max_loss_increase": _num(changes[0][0]) if changes else None,
         "worst": [i for _, i in changes[:N_WORST]],
-        "prompt_tokens": int(prompt_tokens), "max_new_tokens": max_new,
+        "prompt_tokens": int(prompt_tokens),
+        "max_new_tokens": max_new,
         "per_example": rows,
     }
 
 
-def should_roll_back(report: dict[str, Any], max_increase: Optional[float], *,
-                     min_locality: Optional[float] = None) -> tuple[bool, str]:
+def should_roll_back(
+    report: dict[str, Any], max_increase: Optional[float], *, min_locality: Optional[float] = None
+) -> tuple[bool, str]:
     """Whether to undo a transplant given its :func:`interference` report, and why (one line).
 
     Roll back when retained perplexity after is missing or not finite, when
@@ -146,12 +170,19 @@ def should_roll_back(report: dict[str, Any], max_increase: Optional[float], *,
     frac = report.get("ppl_change_fraction")
     if ppl_a is None or not math.isfinite(float(ppl_a)):
         return True, "retained perplexity after the transplant is not finite"
-    change = f"retained perplexity {ppl_b:.4g} -> {ppl_a:.4g} ({100 * frac:+.2f}%)" if frac is not None else \
-        f"retained perplexity after {ppl_a:.4g}"
+    change = (
+        f"retained perplexity {ppl_b:.4g} -> {ppl_a:.4g} ({100 * frac:+.2f}%)"
+        if frac is not None
+        else f"retained perplexity after {ppl_a:.4g}"
+    )
     if max_increase is not None and max_increase >= 0 and frac is not None and frac > max_increase:
         return True, f"{change}: past the {100 * max_increase:g}% threshold"
     loc = report.get("locality")
     if min_locality is not None and loc is not None and loc < min_locality:
         return True, f"locality {loc:.3f} is below the floor {min_locality:g} ({change})"
-    limit = f" within the {100 * max_increase:g}% threshold" if max_increase is not None and max_increase >= 0 else ""
+    limit = (
+        f" within the {100 * max_increase:g}% threshold"
+        if max_increase is not None and max_increase >= 0
+        else ""
+    )
     return False, f"{change}{limit}; locality {loc if loc is None else round(loc, 4)}"

@@ -6,6 +6,7 @@ Same conventions as :mod:`engine.evaluation.evaluate`, whose primitives these us
 ``torch.inference_mode`` in eval mode and is never changed; prompts follow
 :func:`engine.loading.tokens.format_prompt`, answers :func:`engine.loading.tokens.answer_ids`.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,11 +16,24 @@ from typing import Any, Optional, Sequence
 import torch
 from transformers import GenerationConfig
 
+from ..core.errors import GraftError
+from ..loading.tokens import (
+    DeviceLike,
+    answer_ids,
+    batches,
+    context_length,
+    encode_prompt,
+    eos_ids,
+    fit_prompt,
+    frozen,
+    model_device,
+    pad_id,
+    pad_left,
+    pad_right,
+    qa_pair,
+)
 from ..measure.align import UNSPACED_CHAR
 from ..measure.budget import length_batches
-from ..core.errors import GraftError
-from ..loading.tokens import (DeviceLike, answer_ids, batches, context_length, encode_prompt, eos_ids, fit_prompt,
-                              frozen, model_device, pad_id, pad_left, pad_right, qa_pair)
 
 # --------------------------------------------------------------------------------------------
 # Exact task score
@@ -28,7 +42,7 @@ from ..loading.tokens import (DeviceLike, answer_ids, batches, context_length, e
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # 1,000 -> 1000 (not 3,14)
 _DECIMAL = re.compile(r"(?<=\d)[.](?=\d)")  # 3.14 stays one number (kept as a digit-dot-digit run)
-_DOT = "\uE000"  # a private-use stand-in for the kept decimal point while punctuation is removed
+_DOT = "\ue000"  # a private-use stand-in for the kept decimal point while punctuation is removed
 
 
 def normalise(text: str) -> str:
@@ -43,7 +57,9 @@ def normalise(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).casefold()
     out = []
     for ch in unicodedata.normalize("NFD", text):
-        if unicodedata.combining(ch) and out and ord(out[-1]) < 0x0530:  # an accent on a Latin/Greek/Cyrillic letter
+        if (
+            unicodedata.combining(ch) and out and ord(out[-1]) < 0x0530
+        ):  # an accent on a Latin/Greek/Cyrillic letter
             continue
         out.append(ch)
     text = unicodedata.normalize("NFC", "".join(out))
@@ -72,9 +88,16 @@ def answer_matches(generation: str, reference: str) -> bool:
     return bool(raw) and f" {raw} " in f" {' '.join(generation.casefold().split())} "
 
 
-def greedy_continuations(model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, max_new_tokens: int,
-                         batch_size: int = 8, device: DeviceLike = None,
-                         order: Optional[Sequence[int]] = None) -> list[list[int]]:
+def greedy_continuations(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    device: DeviceLike = None,
+    order: Optional[Sequence[int]] = None,
+) -> list[list[int]]:
     """Greedy continuation token ids of each prompt, cut at the first end-of-sequence token.
 
     The prompts (token ids) go to the model in left-padded batches of ``batch_size``, taken in
@@ -85,14 +108,19 @@ def greedy_continuations(model: Any, tokenizer: Any, prompts: Sequence[list[int]
     dev = model_device(model, device)
     stops = eos_ids(model, tokenizer)
     fill = pad_id(tokenizer)
-    cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1,
-                           pad_token_id=fill, eos_token_id=stops or None)
+    cfg = GenerationConfig(
+        max_new_tokens=int(max_new_tokens),
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=fill,
+        eos_token_id=stops or None,
+    )
     out: list[list[int]] = [[] for _ in prompts]
     with frozen(model):
         for idx in batches(range(len(prompts)) if order is None else order, batch_size):
             ids, mask = pad_left([list(prompts[i]) for i in idx], fill, dev)
             gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
-            new = gen[:, ids.shape[1]:].tolist()
+            new = gen[:, ids.shape[1] :].tolist()
             for r, i in enumerate(idx):
                 toks = new[r]
                 for k, t in enumerate(toks):
@@ -123,8 +151,15 @@ def generate_greedy(
     room = context_length(model) - max_new_tokens
     prompts = [fit_prompt(encode_prompt(tokenizer, q), room) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    toks = greedy_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                device=device, order=order)
+    toks = greedy_continuations(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=device,
+        order=order,
+    )
     return [tokenizer.decode(t, skip_special_tokens=True).rstrip("\ufffd").strip() for t in toks]
 
 
@@ -147,7 +182,12 @@ def task_score(
     if not pairs:
         raise GraftError("no question/answer items to score")
     gens = generate_greedy(
-        model, tokenizer, [q for q, _ in pairs], max_new_tokens=max_new_tokens, batch_size=batch_size, device=device
+        model,
+        tokenizer,
+        [q for q, _ in pairs],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=device,
     )
     rows = [
         {"question": q, "answer": a, "generation": g, "correct": answer_matches(g, a)}

@@ -8,6 +8,7 @@ GPT-2 and GPT-NeoX), ``mlp.up``, ``mlp.gate``, ``mlp.down``.
 GPT-2 uses ``Conv1D`` whose weight is stored as ``(in, out)``; :class:`LinearModule` reports
 shapes as ``(out, in)`` for every family so shapes compare across families.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,12 +45,20 @@ _LLAMA_LINEARS = {
 
 LAYOUTS: dict[str, FamilyLayout] = {
     "gpt2": FamilyLayout(
-        "gpt2", "transformer.h", "transformer.wte", "transformer.ln_f", "lm_head",
+        "gpt2",
+        "transformer.h",
+        "transformer.wte",
+        "transformer.ln_f",
+        "lm_head",
         {"attn.qkv": "attn.c_attn", "attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"},
         "learned absolute",
     ),
     "gpt_neox": FamilyLayout(
-        "gpt_neox", "gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "embed_out",
+        "gpt_neox",
+        "gpt_neox.layers",
+        "gpt_neox.embed_in",
+        "gpt_neox.final_layer_norm",
+        "embed_out",
         {
             "attn.qkv": "attention.query_key_value",
             "attn.o": "attention.dense",
@@ -58,10 +67,18 @@ LAYOUTS: dict[str, FamilyLayout] = {
         },
         "rotary",
     ),
-    "llama": FamilyLayout("llama", "model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_LINEARS, "rotary"),
-    "gemma": FamilyLayout("gemma", "model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_LINEARS, "rotary"),
+    "llama": FamilyLayout(
+        "llama", "model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_LINEARS, "rotary"
+    ),
+    "gemma": FamilyLayout(
+        "gemma", "model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_LINEARS, "rotary"
+    ),
     "phi": FamilyLayout(
-        "phi", "model.layers", "model.embed_tokens", "model.final_layernorm", "lm_head",
+        "phi",
+        "model.layers",
+        "model.embed_tokens",
+        "model.final_layernorm",
+        "lm_head",
         {
             "attn.q": "self_attn.q_proj",
             "attn.k": "self_attn.k_proj",
@@ -81,12 +98,53 @@ READS_RESIDUAL = ("attn.q", "attn.k", "attn.v", "attn.qkv", "mlp.gate", "mlp.up"
 WRITES_RESIDUAL = ("attn.o", "mlp.down")
 
 # Path parts that mark a module of another layout (an adapter's target names) as attention or MLP.
-ATTN_PARTS = {"attn", "attention", "self_attn", "self_attention", "cross_attn", "crossattention",
-               "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query_key_value", "wqkv",
-               "query", "key", "value", "wq", "wk", "wv", "wo", "out_proj"}
-MLP_PARTS = {"mlp", "ffn", "feed_forward", "feedforward", "ff", "experts", "moe", "up_proj", "gate_proj",
-              "down_proj", "gate_up_proj", "c_fc", "fc1", "fc2", "fc_in", "fc_out", "dense_h_to_4h",
-              "dense_4h_to_h", "w1", "w2", "w3"}
+ATTN_PARTS = {
+    "attn",
+    "attention",
+    "self_attn",
+    "self_attention",
+    "cross_attn",
+    "crossattention",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "c_attn",
+    "query_key_value",
+    "wqkv",
+    "query",
+    "key",
+    "value",
+    "wq",
+    "wk",
+    "wv",
+    "wo",
+    "out_proj",
+}
+MLP_PARTS = {
+    "mlp",
+    "ffn",
+    "feed_forward",
+    "feedforward",
+    "ff",
+    "experts",
+    "moe",
+    "up_proj",
+    "gate_proj",
+    "down_proj",
+    "gate_up_proj",
+    "c_fc",
+    "fc1",
+    "fc2",
+    "fc_in",
+    "fc_out",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+    "w1",
+    "w2",
+    "w3",
+}
 
 
 def kind_of(canonical: str) -> str:
@@ -101,6 +159,7 @@ def kind_of(canonical: str) -> str:
     if parts & MLP_PARTS:
         return "mlp"
     return "other"
+
 
 # model_type -> layout key
 _FAMILY_OF = {
@@ -169,7 +228,7 @@ class ArchAdapter:
 
     def _path(self, dotted: str) -> str:
         if self._prefix and dotted.startswith("model."):
-            return "model." + self._prefix + dotted[len("model."):]
+            return "model." + self._prefix + dotted[len("model.") :]
         return dotted
 
     # --- parts -----------------------------------------------------------------------
@@ -283,8 +342,18 @@ class ArchAdapter:
 
 # Fields a transplant depends on: the compatibility signature hashes exactly these.
 SIGNATURE_FIELDS = (
-    "family", "n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim",
-    "intermediate_size", "norm_type", "activation", "positional", "vocab_size", "tied_embeddings",
+    "family",
+    "n_layers",
+    "hidden_size",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "norm_type",
+    "activation",
+    "positional",
+    "vocab_size",
+    "tied_embeddings",
     "block_linears",
 )
 
@@ -297,8 +366,19 @@ def signature(desc: dict[str, Any]) -> str:
 
 def block_internal_signature(desc: dict[str, Any]) -> str:
     """Hash of what one block looks like from the inside, ignoring the hidden size."""
-    keys = ("family", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "norm_type", "activation", "positional")
-    return hashlib.sha256(json.dumps({k: desc.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
+    keys = (
+        "family",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "intermediate_size",
+        "norm_type",
+        "activation",
+        "positional",
+    )
+    return hashlib.sha256(json.dumps({k: desc.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
 
 
 def _first(config: Any, *names: str) -> Optional[Any]:

@@ -32,8 +32,15 @@ class Bridge(nn.Module):
     ``W_in`` is ``d x d_organ`` and ``W_out`` ``d_organ x d``, and "identity" is the rectangular
     identity ``I[:d, :d_organ]`` (keep the first coordinates, pad with zeros)."""
 
-    def __init__(self, d: int, first: int, last: int, device: Any = None, dtype: Any = None,
-                 d_organ: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        d: int,
+        first: int,
+        last: int,
+        device: Any = None,
+        dtype: Any = None,
+        d_organ: Optional[int] = None,
+    ) -> None:
         super().__init__()
         self.first, self.last = int(first), int(last)
         do = d if d_organ is None else int(d_organ)
@@ -66,8 +73,14 @@ class Bridge(nn.Module):
 
     def deviation(self) -> dict[str, float]:
         """``||W_in - I||_F`` and ``||W_out - I||_F`` (float64; I rectangular across widths)."""
-        return {k: float(torch.linalg.matrix_norm(getattr(self, f"w_{k}").detach().double().cpu() - self.identity(k)[0]))
-                for k in ("in", "out")}
+        return {
+            k: float(
+                torch.linalg.matrix_norm(
+                    getattr(self, f"w_{k}").detach().double().cpu() - self.identity(k)[0]
+                )
+            )
+            for k in ("in", "out")
+        }
 
 
 class BridgeSet(nn.Module):
@@ -119,7 +132,9 @@ def attach_saved_bridges(model: nn.Module, folder: Path) -> bool:
         placements = entry["placements"]
         tensors = load_file(str(file))
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        raise GraftError(f"{folder} has {BRIDGES_FILE} but its surgery.json does not describe the bridges ({e})") from None
+        raise GraftError(
+            f"{folder} has {BRIDGES_FILE} but its surgery.json does not describe the bridges ({e})"
+        ) from None
     blocks = ArchAdapter(model).blocks
     bs = BridgeSet()
     for j, pl in enumerate(placements):
@@ -163,9 +178,14 @@ def attach_organ_blocks(model: nn.Module, blocks: nn.ModuleList, folder: Path, e
         for item in entry["blocks"]:
             i = int(item["index"])
             block = block_of_width(arch, item["architecture"], i).to(device=p.device, dtype=p.dtype)
-            block.load_state_dict({k[len(f"{i}."):]: v for k, v in tensors.items() if k.startswith(f"{i}.")}, strict=True)
+            block.load_state_dict(
+                {k[len(f"{i}.") :]: v for k, v in tensors.items() if k.startswith(f"{i}.")}, strict=True
+            )
             for prm in block.parameters():
                 prm.requires_grad_(False)
             blocks[i] = block.eval()
     except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
-        raise GraftError(f"{folder}: the organ blocks beside the weights cannot be put back ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise GraftError(
+            f"{folder}: the organ blocks beside the weights cannot be put back "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None

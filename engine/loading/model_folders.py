@@ -2,13 +2,14 @@
 + the merged model in ``merged/``), a saved transplant (``surgery.json``), a rotated twin
 (``twin.json``); and the local folder a model spec loads from, read without running anything.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from ..core.jsonio import inside, read_json_file
 from ..core.errors import GraftError
+from ..core.jsonio import inside, read_json_file
 from .hf_folder import cached_hub_folder
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,14 +36,18 @@ def donor_merged_dir(folder: Path) -> Optional[Path]:
     except GraftError:
         card = None
     if isinstance(card, dict) and card.get("merged_dir") not in (None, ""):
-        inside(folder, card["merged_dir"], "card.json merged_dir")  # refused, with the field and path, if it leaves
+        inside(
+            folder, card["merged_dir"], "card.json merged_dir"
+        )  # refused, with the field and path, if it leaves
         name = str(card["merged_dir"])
     merged = folder / name
     if (merged / "config.json").is_file():
         return merged
     if merged.exists() or (folder / "adapter").is_dir():
-        raise GraftError(f"{folder} is a Graft donor folder but {name}/ holds no model (no config.json): "
-                         "was make-donor interrupted? build it again")
+        raise GraftError(
+            f"{folder} is a Graft donor folder but {name}/ holds no model (no config.json): "
+            "was make-donor interrupted? build it again"
+        )
     return None
 
 
@@ -68,10 +73,12 @@ def local_folder(spec: "ModelSpec") -> Optional[Path]:
 def _donor_summary(card: dict[str, Any]) -> str:
     hp = card.get("hyperparameters") if isinstance(card.get("hyperparameters"), dict) else {}
     concept = card.get("concept") if isinstance(card.get("concept"), dict) else {}
-    parts = [f"Graft donor: {card.get('base_name') or card.get('base_class') or 'base model'} + LoRA"
-             + (f" rank {hp['rank']}" if "rank" in hp else "")
-             + (f", {hp['steps']} steps" if "steps" in hp else "")
-             + (f" on {concept['name']}" if concept.get("name") else "")]
+    parts = [
+        f"Graft donor: {card.get('base_name') or card.get('base_class') or 'base model'} + LoRA"
+        + (f" rank {hp['rank']}" if "rank" in hp else "")
+        + (f", {hp['steps']} steps" if "steps" in hp else "")
+        + (f" on {concept['name']}" if concept.get("name") else "")
+    ]
     try:
         before = card["scores"]["before"]["test"]["task_score"]
         after = card["scores"]["after"]["test"]["task_score"]
@@ -89,8 +96,10 @@ def _surgery_summary(card: dict[str, Any]) -> str:
 
     mods = card.get("modules") if isinstance(card.get("modules"), list) else []
     res = card.get("results") if isinstance(card.get("results"), dict) else {}
-    text = (f"Graft transplant: {card.get('operation', 'surgery')} of {len(mods)} module(s) from "
-            f"{short(card.get('donor'))} into {short(card.get('target'))}")
+    text = (
+        f"Graft transplant: {card.get('operation', 'surgery')} of {len(mods)} module(s) from "
+        f"{short(card.get('donor'))} into {short(card.get('target'))}"
+    )
     extra = []
     for key, label in (("tir", "TIR"), ("recovery", "recovery")):
         if isinstance(res.get(key), (int, float)):
@@ -100,30 +109,44 @@ def _surgery_summary(card: dict[str, Any]) -> str:
     return text + ("; " + "; ".join(extra) if extra else "")
 
 
-
 def donor_card(folder: Path) -> dict[str, Any]:
     """The provenance card of a make-donor folder (see :func:`engine.loading.models.model_card`)."""
     card = read_json(folder / DONOR_CARD)
     if not isinstance(card, dict):
-        return {"kind": "make-donor", "path": str(folder), "summary": f"Graft donor ({DONOR_CARD} is unreadable)", "card": {}}
+        return {
+            "kind": "make-donor",
+            "path": str(folder),
+            "summary": f"Graft donor ({DONOR_CARD} is unreadable)",
+            "card": {},
+        }
     return {"kind": "make-donor", "path": str(folder), "summary": _donor_summary(card), "card": card}
 
 
 def folder_card(p: Path) -> Optional[dict[str, Any]]:
     """The provenance card of model folder ``p`` when Graft made it (a saved transplant, a rotated
-    twin, a make-donor folder's merged model); None otherwise (see :func:`engine.loading.models.model_card`)."""
+    twin, a make-donor folder's merged model); None otherwise (see
+    :func:`engine.loading.models.model_card`)."""
     if (p / SURGERY_CARD).is_file():
         card = read_json(p / SURGERY_CARD)
         if not isinstance(card, dict):
-            return {"kind": "transplant", "path": str(p), "summary": f"Graft transplant ({SURGERY_CARD} is unreadable)", "card": {}}
+            return {
+                "kind": "transplant",
+                "path": str(p),
+                "summary": f"Graft transplant ({SURGERY_CARD} is unreadable)",
+                "card": {},
+            }
         return {"kind": "transplant", "path": str(p), "summary": _surgery_summary(card), "card": card}
     if (p / TWIN_CARD).is_file():
         card = read_json(p / TWIN_CARD)
         card = card if isinstance(card, dict) else {}
         base = card.get("base", {}) if isinstance(card.get("base"), dict) else {"ref": card.get("base")}
-        return {"kind": "twin", "path": str(p), "card": card,
-                "summary": f"Graft rotated twin of {base.get('ref') or '?'} (seed {card.get('seed', '?')}): "
-                           "same function, rotated residual stream"}
+        return {
+            "kind": "twin",
+            "path": str(p),
+            "card": card,
+            "summary": f"Graft rotated twin of {base.get('ref') or '?'} (seed {card.get('seed', '?')}): "
+            "same function, rotated residual stream",
+        }
     if (p.parent / DONOR_CARD).is_file():
         try:
             if donor_merged_dir(p.parent) == p:
@@ -150,10 +173,14 @@ def model_path_kind(p: Path) -> tuple[str, str]:
                 return "gguf", str(ggufs[0])
             if (p / "adapter_config.json").is_file():
                 if donor_merged_dir(p.parent) is not None:
-                    raise GraftError(f"{p} is the LoRA adapter of a Graft donor, not a full model: "
-                                     f"pass the donor folder {p.parent} (its merged model)")
-                raise GraftError(f"{p} is a PEFT adapter (adapter_config.json), not a full model: "
-                                 "merge it into its base model first (merge_and_unload + save_pretrained)")
+                    raise GraftError(
+                        f"{p} is the LoRA adapter of a Graft donor, not a full model: "
+                        f"pass the donor folder {p.parent} (its merged model)"
+                    )
+                raise GraftError(
+                    f"{p} is a PEFT adapter (adapter_config.json), not a full model: "
+                    "merge it into its base model first (merge_and_unload + save_pretrained)"
+                )
             raise GraftError(f"{p} is not a Hugging Face model folder (no config.json)")
         return "path", str(p)
     raise GraftError(f"{p} is neither a model folder nor a .gguf file")

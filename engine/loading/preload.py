@@ -5,6 +5,7 @@ starts one daemon thread per model (at most one per model at a time) that loads 
 :class:`~engine.loading.models.ModelStore`, and answers at once with the model's state. The store's per-key
 lock makes a job that needs the same model meanwhile wait for this load instead of loading twice.
 """
+
 from __future__ import annotations
 
 import threading
@@ -48,16 +49,18 @@ class Preloader:
                 return LoadState(LOADING, seconds=time.perf_counter() - self._started[key])
         return None
 
-    def request(self, spec: ModelSpec, device: str = "auto", dtype: str = "float32",
-                wait_s: float = 0.0) -> LoadState:
+    def request(
+        self, spec: ModelSpec, device: str = "auto", dtype: str = "float32", wait_s: float = 0.0
+    ) -> LoadState:
         """Start loading the model unless it is loaded, loading or failed; wait up to ``wait_s``
         seconds for it (so that an instant load shows as loaded on the same run)."""
         key = self.key(spec, device, dtype)
         with self._guard:
             thread = self._threads.get(key)
             if thread is None and key not in self._failed and key not in self.store.loaded():
-                thread = threading.Thread(target=self._load, args=(key,), name=f"graft-preload-{spec.label}",
-                                          daemon=True)
+                thread = threading.Thread(
+                    target=self._load, args=(key,), name=f"graft-preload-{spec.label}", daemon=True
+                )
                 self._threads[key] = thread
                 self._started[key] = time.perf_counter()
                 thread.start()

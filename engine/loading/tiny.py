@@ -4,6 +4,7 @@ Each tiny model comes with its own small byte-level BPE tokenizer trained on a f
 corpus, so no download is ever needed. The GPT-2 pair and the Llama pair use different
 tokenizers, which exercises Graft's cross-tokenizer (word-level) alignment.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,24 +79,46 @@ class TinySpec:
 
 def _gpt2_config(vocab: int) -> GPT2Config:
     return GPT2Config(
-        n_layer=4, n_embd=64, n_head=4, n_positions=256, vocab_size=vocab,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        n_layer=4,
+        n_embd=64,
+        n_head=4,
+        n_positions=256,
+        vocab_size=vocab,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
 
 
 def _llama_config(vocab: int) -> LlamaConfig:
     return LlamaConfig(
-        num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=vocab, max_position_embeddings=256,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+        num_hidden_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=False,
     )
 
 
 TINY_MODELS: dict[str, TinySpec] = {
-    "tiny-gpt2-a": TinySpec("tiny-gpt2-a", "GPT-2, 4 layers, width 64, random (seed 0)", _gpt2_config, 0, 512, 0),
-    "tiny-gpt2-b": TinySpec("tiny-gpt2-b", "GPT-2, 4 layers, width 64, random (seed 1)", _gpt2_config, 1, 512, 0),
-    "tiny-llama-a": TinySpec("tiny-llama-a", "Llama, 4 layers, width 64, GQA, random (seed 2)", _llama_config, 2, 384, 1),
-    "tiny-llama-b": TinySpec("tiny-llama-b", "Llama, 4 layers, width 64, GQA, random (seed 3)", _llama_config, 3, 384, 1),
+    "tiny-gpt2-a": TinySpec(
+        "tiny-gpt2-a", "GPT-2, 4 layers, width 64, random (seed 0)", _gpt2_config, 0, 512, 0
+    ),
+    "tiny-gpt2-b": TinySpec(
+        "tiny-gpt2-b", "GPT-2, 4 layers, width 64, random (seed 1)", _gpt2_config, 1, 512, 0
+    ),
+    "tiny-llama-a": TinySpec(
+        "tiny-llama-a", "Llama, 4 layers, width 64, GQA, random (seed 2)", _llama_config, 2, 384, 1
+    ),
+    "tiny-llama-b": TinySpec(
+        "tiny-llama-b", "Llama, 4 layers, width 64, GQA, random (seed 3)", _llama_config, 3, 384, 1
+    ),
 }
 
 

@@ -83,8 +83,10 @@ def context_length(model: Any, default: int = 1 << 20) -> int:
 def fit_prompt(ids: list[int], room: int) -> list[int]:
     """Keep the last ``room`` tokens of a prompt (its end is what the answer follows)."""
     if room < 1:
-        raise GraftError(f"no room left for the prompt: the model's context is too short for {len(ids)} tokens")
-    return ids if len(ids) <= room else ids[len(ids) - room:]
+        raise GraftError(
+            f"no room left for the prompt: the model's context is too short for {len(ids)} tokens"
+        )
+    return ids if len(ids) <= room else ids[len(ids) - room :]
 
 
 def qa_pair(item: Any) -> tuple[str, str]:
@@ -123,7 +125,6 @@ def pad_left(seqs: list[list[int]], fill: int, device: torch.device) -> tuple[to
 def encode_text(tokenizer: Any, text: str, max_length: int = 256) -> list[int]:
     """Token ids of a plain text with the tokenizer's own special tokens, truncated to max_length."""
     return list(tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"])
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 inputs or outputs, for the rank-k conjugation): it records how rows pair up once, and maps each
 capture's rows onto the aligned ones.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,13 +20,16 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .capture import Capture
 from ..core.errors import GraftError
+from .capture import Capture
 
 # Scripts written without spaces between words (CJK ideographs, kana, Thai, Lao, Khmer, Myanmar,
 # Tibetan, half-width katakana): there each character is a word, else a sentence of Chinese would be
 # one row. Elsewhere a word is a run of non-space characters.
-_UNSPACED = "\u2E80-\u9FFF\uF900-\uFAFF\U00020000-\U0003FFFF\u0E00-\u0EFF\u1780-\u17FF\u1000-\u109F\u0F00-\u0FFF\uFF66-\uFF9F"
+_UNSPACED = (
+    "\u2e80-\u9fff\uf900-\ufaff\U00020000-\U0003ffff"
+    "\u0e00-\u0eff\u1780-\u17ff\u1000-\u109f\u0f00-\u0fff\uff66-\uff9f"
+)
 UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
 _WORD = re.compile(f"[{_UNSPACED}]|[^\\s{_UNSPACED}]+")
 
@@ -49,7 +53,9 @@ class Aligned:
 
     def summary(self) -> dict:
         return {
-            "alignment": self.mode, "n_rows": self.n, "n_texts": int(self.group.unique().numel()),
+            "alignment": self.mode,
+            "n_rows": self.n,
+            "n_texts": int(self.group.unique().numel()),
             "n_outlier_rows": self.n_outliers,
         }
 
@@ -172,7 +178,8 @@ def align(donor: Capture, target: Capture) -> Aligned:
 @dataclass
 class RowAlignment:
     """How rows of the base's and the target's captures pair up, in :func:`engine.measure.align.align`'s
-    order (token / word / text), minus the massive-activation rows (:func:`engine.measure.align.drop_outliers`'s
+    order (token / word / text), minus the massive-activation rows
+    (:func:`engine.measure.align.drop_outliers`'s
     rule: residual norm above ``outlier_factor`` x the layer median in any layer of either model,
     unless that would drop more than half).
 
@@ -209,11 +216,17 @@ class RowAlignment:
         return self._rows(T, self._target_ids, self.n_target)
 
     def summary(self) -> dict[str, Any]:
-        return {"alignment": self.mode, "n_rows": self.n, "n_texts": int(self.group.unique().numel()),
-                "n_outlier_rows": self.n_outliers}
+        return {
+            "alignment": self.mode,
+            "n_rows": self.n,
+            "n_texts": int(self.group.unique().numel()),
+            "n_outlier_rows": self.n_outliers,
+        }
 
 
-def row_alignment(cb: Capture, ct: Capture, outlier_factor: float) -> tuple[RowAlignment, torch.Tensor, torch.Tensor]:
+def row_alignment(
+    cb: Capture, ct: Capture, outlier_factor: float
+) -> tuple[RowAlignment, torch.Tensor, torch.Tensor]:
     """The row alignment of two residual captures, and their aligned residual streams
     ``(L_B+1, n, d_B)``, ``(L_T+1, n, d_T)`` with outlier rows dropped (what T2 compares)."""
     al = align(cb, ct)
@@ -235,6 +248,8 @@ def row_alignment(cb: Capture, ct: Capture, outlier_factor: float) -> tuple[RowA
         ra._n_groups = len(cb.texts)
         ra._base_ids, ra._target_ids = cb.text_index, ct.text_index
         ra._shared = torch.ones(ra._n_groups, dtype=torch.bool)
-    if ra._shared is not None and int(ra._shared.sum()) != n:  # pragma: no cover - guards the copy of align's logic
+    if (
+        ra._shared is not None and int(ra._shared.sum()) != n
+    ):  # pragma: no cover - guards the copy of align's logic
         raise GraftError("internal: module row alignment disagrees with engine.measure.align")
     return ra, al.X[:, keep], al.Y[:, keep]

@@ -4,6 +4,7 @@ Every tokenizer of a pair must see the same strings (cross-tokenizer alignment n
 are kept whole or cut at a character boundary, in order, until the budget's content tokens are
 used under the strictest tokenizer.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -24,8 +25,13 @@ def per_text_limit(models: Sequence[LoadedModel]) -> int:
     return max(1, min([MAX_TOKENS_PER_TEXT] + [context_length(m.model) - 2 for m in models]))
 
 
-def budget_texts(texts: Sequence[str], tokenizers: Sequence, max_tokens: int,
-                 per_text: int = MAX_TOKENS_PER_TEXT, cut_log: Optional[list] = None) -> list[str]:
+def budget_texts(
+    texts: Sequence[str],
+    tokenizers: Sequence,
+    max_tokens: int,
+    per_text: int = MAX_TOKENS_PER_TEXT,
+    cut_log: Optional[list] = None,
+) -> list[str]:
     """Keep texts in order until ``max_tokens`` content tokens (under the strictest tokenizer).
 
     A text longer than the room left (or than ``per_text``, see :func:`per_text_limit`) is cut at
@@ -46,7 +52,7 @@ def budget_texts(texts: Sequence[str], tokenizers: Sequence, max_tokens: int,
         if room <= 0:
             break
         if not encoded:
-            encoded = _encode(texts[i:i + _batch(room, used, len(kept))], tokenizers)
+            encoded = _encode(texts[i : i + _batch(room, used, len(kept))], tokenizers)
         limit = min(room, per_text)
         cut, n_max, n_full = len(text), 0, 0
         for ids, offsets in encoded.pop(0):
@@ -83,7 +89,9 @@ def _encode(group: Sequence[str], tokenizers: Sequence) -> list[list[tuple[list[
     for tok in tokenizers:
         fast = bool(getattr(tok, "is_fast", False))
         enc = tok(list(group), add_special_tokens=False, return_offsets_mapping=fast)
-        per_tok.append([(enc["input_ids"][k], enc["offset_mapping"][k] if fast else None) for k in range(len(group))])
+        per_tok.append(
+            [(enc["input_ids"][k], enc["offset_mapping"][k] if fast else None) for k in range(len(group))]
+        )
     return [[encodings[k] for encodings in per_tok] for k in range(len(group))]
 
 
@@ -94,4 +102,4 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     by length, 1.23x."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their order
     size = max(1, batch_size)
-    return [order[b:b + size] for b in range(0, len(order), size)]
+    return [order[b : b + size] for b in range(0, len(order), size)]

@@ -16,11 +16,9 @@ is the stream *after* the block's norm, for o the concatenated heads, for down t
 state. Modules fed the very same tensor in a forward pass (Llama's q, k and v; gate and up) share
 one captured tensor instead of holding copies.
 """
+
 from __future__ import annotations
 
-import threading
-import weakref
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
@@ -28,11 +26,10 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .budget import MAX_TOKENS_PER_TEXT, budget_texts, length_batches
-from ..core.data import texts_sha256
 from ..core.errors import GraftError
-from ..loading.models import LoadedModel
 from ..core.progress import Progress, silent
+from ..loading.models import LoadedModel
+from .budget import MAX_TOKENS_PER_TEXT, length_batches
 
 
 @dataclass
@@ -58,7 +55,8 @@ class Capture:
     module_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     derived: dict = field(default_factory=dict, repr=False)  # memo of results computed from this capture
     # The residual stream on the model's CUDA device, when the capture ran there and it fit: T2-T4
-    # compute on it there, so it never crosses to the host and back (engine.measure.align, engine.running.context).
+    # compute on it there, so it never crosses to the host and back (engine.measure.align,
+    # engine.running.context).
     residual_device: Optional[torch.Tensor] = None
 
     @property
@@ -119,20 +117,29 @@ class _ResidualRows:
         """Rows of h_l (l = -1 for the input of block 0)."""
         flat = h.reshape(-1, h.shape[-1])
         if self.block is None:
-            self.block = torch.empty(len(self.filled), self.rows.numel(), flat.shape[-1], dtype=flat.dtype, device=flat.device)
+            self.block = torch.empty(
+                len(self.filled), self.rows.numel(), flat.shape[-1], dtype=flat.dtype, device=flat.device
+            )
         torch.index_select(flat, 0, self.rows, out=self.block[l + 1])
         self.filled[l + 1] = True
 
     def result(self) -> torch.Tensor:
         if self.block is None or not all(self.filled):
             missing = [l - 1 for l, f in enumerate(self.filled) if not f]
-            raise GraftError(f"internal: the forward pass did not run every block (no output for layer(s) {missing[:5]})")
+            raise GraftError(
+                f"internal: the forward pass did not run every block (no output for layer(s) {missing[:5]})"
+            )
         return self.block
 
 
 @contextmanager
-def _hooks(model: LoadedModel, module_paths: dict[str, str], sink: dict[str, torch.Tensor],
-           input_paths: Optional[dict[str, str]] = None, residual: Optional[_ResidualRows] = None) -> Iterator[None]:
+def _hooks(
+    model: LoadedModel,
+    module_paths: dict[str, str],
+    sink: dict[str, torch.Tensor],
+    input_paths: Optional[dict[str, str]] = None,
+    residual: Optional[_ResidualRows] = None,
+) -> Iterator[None]:
     handles = []
     blocks = model.arch.blocks
 
@@ -142,14 +149,22 @@ def _hooks(model: LoadedModel, module_paths: dict[str, str], sink: dict[str, tor
     if residual is not None:
         handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
         for l, block in enumerate(blocks):
-            handles.append(block.register_forward_hook(lambda _m, _i, o, l=l: residual.put(l, hidden_state(o))))
+            handles.append(
+                block.register_forward_hook(lambda _m, _i, o, l=l: residual.put(l, hidden_state(o)))
+            )
     for name, path in module_paths.items():
         mod = model.arch.module(path)
-        handles.append(mod.register_forward_hook(lambda _m, _i, o, name=name: sink.__setitem__(name, hidden_state(o))))
+        handles.append(
+            mod.register_forward_hook(lambda _m, _i, o, name=name: sink.__setitem__(name, hidden_state(o)))
+        )
     for name, path in (input_paths or {}).items():
         mod = model.arch.module(path)
-        handles.append(mod.register_forward_pre_hook(
-            lambda _m, a, kw, name=name: sink.__setitem__(f"in:{name}", first_tensor(a, kw)), with_kwargs=True))
+        handles.append(
+            mod.register_forward_pre_hook(
+                lambda _m, a, kw, name=name: sink.__setitem__(f"in:{name}", first_tensor(a, kw)),
+                with_kwargs=True,
+            )
+        )
     try:
         yield
     finally:
@@ -157,11 +172,18 @@ def _hooks(model: LoadedModel, module_paths: dict[str, str], sink: dict[str, tor
             h.remove()
 
 
-def _encode(tok, texts: Sequence[str], max_length: int, fast: bool) -> list[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+def _encode(
+    tok, texts: Sequence[str], max_length: int, fast: bool
+) -> list[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
     """Every text tokenized once, unpadded: (ids, kept positions, character spans or None). Kept:
     not a special token and, with a fast tokenizer, spanning at least one character."""
-    enc = tok(list(texts), truncation=True, max_length=max_length, return_offsets_mapping=fast,
-              return_special_tokens_mask=True)
+    enc = tok(
+        list(texts),
+        truncation=True,
+        max_length=max_length,
+        return_offsets_mapping=fast,
+        return_special_tokens_mask=True,
+    )
     out = []
     for k, ids in enumerate(enc["input_ids"]):
         keep = ~np.asarray(enc["special_tokens_mask"][k], dtype=bool).reshape(-1)
@@ -233,7 +255,9 @@ def capture(
     # The whole stream at once, each batch's rows copied to their place as the batch ends: no
     # concatenation doubling it at the end. On CUDA it stays there when it fits.
     shape = (L + 1, n_rows, model.arch.hidden_size) if residual else (0, n_rows, model.arch.hidden_size)
-    on_device = residual and model.device.type == "cuda" and _fits(4 * shape[0] * n_rows * shape[2], model.device)
+    on_device = (
+        residual and model.device.type == "cuda" and _fits(4 * shape[0] * n_rows * shape[2], model.device)
+    )
     resid = torch.empty(shape, dtype=torch.float32, device=model.device if on_device else "cpu")
     fill = pad_id(tok)
     net = backbone(model)
@@ -250,7 +274,10 @@ def capture(
         # The kept rows' flat indices in (B x T), found once on the host: on CUDA a boolean mask per
         # layer would wait for the device each time, and so would a copy to the host per layer.
         T = ids.shape[1]
-        rows_dev = _to(torch.from_numpy(np.concatenate([r * T + np.flatnonzero(enc[i][1]) for r, i in enumerate(idx)])), model.device)
+        rows_dev = _to(
+            torch.from_numpy(np.concatenate([r * T + np.flatnonzero(enc[i][1]) for r, i in enumerate(idx)])),
+            model.device,
+        )
         take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows_dev)  # noqa: E731  (n_b, d)
         gathered = _ResidualRows(L, rows_dev) if residual else None
         with model.lock, _hooks(model, module_paths, sink, input_paths, gathered):
@@ -267,7 +294,9 @@ def capture(
             shares[m] = owner if same else None
             per_input[m].append(per_input[owner][-1] if same else take(t).float().cpu())  # (n_b, in)
     progress(1.0, f"{model.label}: captured")
-    if model.device.type == "cuda":  # the batches queued without waiting: the capture ends when the GPU is done
+    if (
+        model.device.type == "cuda"
+    ):  # the batches queued without waiting: the capture ends when the GPU is done
         torch.cuda.synchronize(model.device)
     modules_rows = {m: _in_order(v, dests, n_rows) for m, v in per_module.items()}
     _finite_or_raise(model, resid, modules_rows)
@@ -302,12 +331,20 @@ def _finite_or_raise(model: LoadedModel, resid: torch.Tensor, modules: dict[str,
             n_bad = int((~torch.isfinite(rows).all(dim=1)).sum())
             if n_bad == 0:
                 continue  # large finite values whose float32 sum overflowed
-            bad_weight = next((n for n, p in model.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
-            why = (f"its weights hold NaN or inf (first in {bad_weight})" if bad_weight else
-                   "float16 overflows in this model: run it in bfloat16 or float32 (--dtype)" if model.dtype == torch.float16
-                   else "its weights are finite, so the forward pass overflowed")
-            raise GraftError(f"{model.label} gives NaN or inf activations from {where} on ({n_bad} of {rows.shape[0]} "
-                             f"token rows): {why}")
+            bad_weight = next(
+                (n for n, p in model.model.named_parameters() if not bool(torch.isfinite(p).all())), None
+            )
+            why = (
+                f"its weights hold NaN or inf (first in {bad_weight})"
+                if bad_weight
+                else "float16 overflows in this model: run it in bfloat16 or float32 (--dtype)"
+                if model.dtype == torch.float16
+                else "its weights are finite, so the forward pass overflowed"
+            )
+            raise GraftError(
+                f"{model.label} gives NaN or inf activations from {where} on ({n_bad} of {rows.shape[0]} "
+                f"token rows): {why}"
+            )
 
 
 DEVICE_SHARE = 0.25  # a capture keeps its residual stream on the GPU while 4x its size fits in free memory
@@ -319,64 +356,3 @@ def _fits(nbytes: int, device: torch.device) -> bool:
     :func:`engine.measure.linalg.compute_device`."""
     free, _ = torch.cuda.mem_get_info(device)
     return nbytes <= DEVICE_SHARE * free
-
-
-class CaptureCache:
-    """Small LRU of captures keyed by (model object, texts, modules, module inputs, residual), shared by T2-T4.
-
-    The key holds a weak reference to the model object so a freed model never matches a new one
-    that reuses its id.
-    """
-
-    def __init__(self, max_items: int = 6) -> None:
-        self.max_items = max_items
-        self._items: "OrderedDict[tuple, tuple[weakref.ref, Capture]]" = OrderedDict()
-        self._budgets: "OrderedDict[tuple, tuple]" = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _key(model: LoadedModel, texts: Sequence[str], modules: Sequence[str], batch_size: int,
-             module_inputs: Sequence[str] = (), residual: bool = True) -> tuple:
-        h = texts_sha256(texts)
-        return (id(model.model), h, tuple(sorted(set(modules))), tuple(sorted(set(module_inputs))), bool(residual))
-
-    def budget(self, texts: Sequence[str], tokenizers: Sequence, max_tokens: int, per_text: int) -> tuple[list[str], list]:
-        """:func:`budget_texts` memoised (the texts kept and the cut log): every tool of a job, and
-        every call inside one tool, budgets the same workload for the same tokenizers, and
-        tokenizing it again costs as much as the tiny models' forward passes."""
-        key = ("budget", texts_sha256(texts), tuple(id(t) for t in tokenizers),
-               int(max_tokens), int(per_text))
-        with self._lock:
-            hit = self._budgets.get(key)
-            if hit is not None and all(r() is t for r, t in zip(hit[0], tokenizers)):
-                self._budgets.move_to_end(key)
-                return list(hit[1]), list(hit[2])
-        cut: list = []
-        kept = budget_texts(texts, tokenizers, max_tokens, per_text=per_text, cut_log=cut)
-        with self._lock:
-            self._budgets[key] = (tuple(weakref.ref(t) for t in tokenizers), kept, cut)
-            while len(self._budgets) > self.max_items:
-                self._budgets.popitem(last=False)
-        return list(kept), list(cut)
-
-    def get(self, model: LoadedModel, texts: Sequence[str], *, modules: Sequence[str] = (), batch_size: int = 8,
-            progress: Optional[Progress] = None, module_inputs: Sequence[str] = (), residual: bool = True) -> Capture:
-        key = self._key(model, texts, modules, batch_size, module_inputs, residual)
-        with self._lock:
-            hit = self._items.get(key)
-            if hit is not None and hit[0]() is model.model:
-                self._items.move_to_end(key)
-                return hit[1]
-        cap = capture(model, texts, modules=modules, module_inputs=module_inputs, residual=residual,
-                      batch_size=batch_size, progress=progress)
-        with self._lock:
-            self._items[key] = (weakref.ref(model.model), cap)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
-            on_gpu = [k for k, (_, c) in self._items.items() if c.residual_device is not None]
-            for k in on_gpu[:-2]:  # GPU memory holds the residual streams of one pair at most
-                del self._items[k]
-        return cap
-
-
-DEFAULT_CACHE = CaptureCache()

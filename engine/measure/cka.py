@@ -4,6 +4,7 @@ another, exactly and with bounded memory (:func:`cka_matrix`).
 Row matrices ``(n, d)``, one row per aligned token; layers centred in float64; inputs are never
 modified.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -25,8 +26,9 @@ def cka(X: torch.Tensor, Y: torch.Tensor) -> float:
     return float(num / den) if den > 0 else 0.0
 
 
-def cka_matrix(Xs: torch.Tensor, Ys: torch.Tensor, progress: Optional[Progress] = None,
-               gram_memory_bytes: float = 5e8) -> torch.Tensor:
+def cka_matrix(
+    Xs: torch.Tensor, Ys: torch.Tensor, progress: Optional[Progress] = None, gram_memory_bytes: float = 5e8
+) -> torch.Tensor:
     """CKA between every X layer and every Y layer. Xs: (Lx, n, dx), Ys: (Ly, n, dy) -> (Lx, Ly).
 
     Two exact forms, chosen by flop count (layers centred in float64, then held in float32):
@@ -49,7 +51,9 @@ def cka_matrix(Xs: torch.Tensor, Ys: torch.Tensor, progress: Optional[Progress] 
     nb = -(-n // block)
     sym = (nb + 1) / (2 * nb)  # share of the Gram entries computed
     gram_flops = ((Lx * dx + Ly * dy) * n * n + 2 * Lx * Ly * n * n) * sym
-    feat_flops = (Lx * Ly * n * dx * dy + (Lx * dx * dx + Ly * dy * dy) * n) * (2 if Xc.is_cuda else 1)  # float64 on CUDA
+    feat_flops = (Lx * Ly * n * dx * dy + (Lx * dx * dx + Ly * dy * dy) * n) * (
+        2 if Xc.is_cuda else 1
+    )  # float64 on CUDA
     if gram_flops < feat_flops:
         num, nx, ny = _gram_products(Xc, Yc, block, progress)
     else:
@@ -83,8 +87,8 @@ def _gram_products(Xc: torch.Tensor, Yc: torch.Tensor, block: int, progress: Pro
     for k, (a, c) in enumerate(pairs):
         progress(k / len(pairs), "CKA: Gram blocks")
         w = 1.0 if a == c else 2.0  # an off-diagonal block stands for itself and its transpose
-        KX = torch.bmm(Xc[:, a:a + block], Xc[:, c:c + block].transpose(1, 2)).reshape(Lx, -1)
-        KY = torch.bmm(Yc[:, a:a + block], Yc[:, c:c + block].transpose(1, 2)).reshape(Ly, -1)
+        KX = torch.bmm(Xc[:, a : a + block], Xc[:, c : c + block].transpose(1, 2)).reshape(Lx, -1)
+        KY = torch.bmm(Yc[:, a : a + block], Yc[:, c : c + block].transpose(1, 2)).reshape(Ly, -1)
         num += w * _dots(KX, KY)
         nx += w * _sq_norms(KX)
         ny += w * _sq_norms(KY)
@@ -103,7 +107,7 @@ def _dots(A: torch.Tensor, B: torch.Tensor, chunk: int = 4096, wide: Optional[bo
         return A.double() @ B.double().T
     out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
     for c in range(0, A.shape[1], chunk):
-        out += (A[:, c:c + chunk] @ B[:, c:c + chunk].T).double()
+        out += (A[:, c : c + chunk] @ B[:, c : c + chunk].T).double()
     return out
 
 
@@ -114,7 +118,7 @@ def _sq_norms(A: torch.Tensor, chunk: int = 4096, wide: Optional[bool] = None) -
         return A.double().pow(2).sum(1)
     out = torch.zeros(A.shape[0], dtype=torch.float64, device=A.device)
     for c in range(0, A.shape[1], chunk):
-        out += A[:, c:c + chunk].pow(2).sum(1).double()
+        out += A[:, c : c + chunk].pow(2).sum(1).double()
     return out
 
 
@@ -125,10 +129,12 @@ def _feature_products(Xc: torch.Tensor, Yc: torch.Tensor, progress: Progress, ch
     Lx, n, _ = Xc.shape
     wide = Xc.is_cuda
 
-    def cov(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:  # A: (n, da) or (L, n, da), B: (L, n, db) -> (L, da, db)
+    def cov(
+        A: torch.Tensor, B: torch.Tensor
+    ) -> torch.Tensor:  # A: (n, da) or (L, n, da), B: (L, n, db) -> (L, da, db)
         out = None
         for r in range(0, n, chunk):
-            a, b = A[..., r:r + chunk, :].transpose(-2, -1), B[:, r:r + chunk]
+            a, b = A[..., r : r + chunk, :].transpose(-2, -1), B[:, r : r + chunk]
             part = torch.matmul(a.double(), b.double()) if wide else torch.matmul(a, b).double()
             out = part if out is None else out + part
         return out

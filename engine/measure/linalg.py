@@ -1,8 +1,10 @@
-"""Linear algebra behind T2-T4: monotone layer matching, Procrustes, ridge (linear CKA: :mod:`engine.measure.cka`).
+"""Linear algebra behind T2-T4: monotone layer matching, Procrustes, ridge (linear CKA:
+:mod:`engine.measure.cka`).
 
 All functions take row matrices ``(n, d)`` (one row per aligned token) and compute in float64
 for stability; inputs are never modified.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -66,7 +68,9 @@ def monotone_matching(S: torch.Tensor) -> list[tuple[int, int]]:
     return [(i, path[i]) for i in range(Lx)]
 
 
-def split_rows(group: torch.Tensor, heldout_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def split_rows(
+    group: torch.Tensor, heldout_fraction: float, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean masks (fit, heldout). Whole texts are held out when there are at least 4 texts,
     so held-out rows never share a context with fit rows; otherwise a seeded row split."""
     g = torch.Generator().manual_seed(seed)
@@ -192,8 +196,9 @@ def _procrustes_thin(X: torch.Tensor, Y: torch.Tensor, rtol: float) -> Procruste
     return _procrustes_from_svd(U, S, V, (X.shape[1], Y.shape[1]), rtol)
 
 
-def _procrustes_from_svd(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, shape: tuple[int, int],
-                         rtol: float) -> ProcrustesFit:
+def _procrustes_from_svd(
+    U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, shape: tuple[int, int], rtol: float
+) -> ProcrustesFit:
     """The map from M's full SVD: U (dx, dx) and V (dy, dy) orthogonal, S descending; their columns
     past the rank are the null-space bases the completion needs (which bases does not matter, see
     :func:`procrustes_fit`)."""
@@ -277,5 +282,3 @@ def random_orthogonal(d: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     Q, R = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     return Q * torch.sign(torch.diagonal(R)).unsqueeze(0)
-
-

@@ -20,6 +20,7 @@ first reduced by a QR of the taller side, so Newton runs on a square triangle fa
 On the CPU one float64 inverse of 576 x 576 costs a quarter of an SVD and Newton needs about ten, so
 T3 keeps the SVD there (:func:`cross_fits` with ``newton=False``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -76,7 +77,7 @@ def polar_newton(M: torch.Tensor, max_cond: float = NEWTON_MAX_COND) -> tuple[to
         ok &= info == 0
         nx, ni = _fro(X), _fro(Xinv)
     ok &= converged
-    orth = (_fro(X.transpose(1, 2) @ X - eye).view(B) <= ORTHOGONALITY_TOL)
+    orth = _fro(X.transpose(1, 2) @ X - eye).view(B) <= ORTHOGONALITY_TOL
     ok &= orth
     R = X if Q is None else Q @ X
     return (R.transpose(1, 2) if wide else R), ok
@@ -94,5 +95,9 @@ def cross_fits(Ms: list[torch.Tensor], newton: bool, rtol: float = PROCRUSTES_RT
     cross = (R * Mb).sum((1, 2))
     ok_host, cross_host = ok.tolist(), cross.tolist()
     full = min(Ms[0].shape)
-    return [ProcrustesFit(R[k], full, COMPLETION_UNIQUE, cross_host[k]) if ok_host[k] else procrustes_from_cross(M, rtol)
-            for k, M in enumerate(Ms)]
+    return [
+        ProcrustesFit(R[k], full, COMPLETION_UNIQUE, cross_host[k])
+        if ok_host[k]
+        else procrustes_from_cross(M, rtol)
+        for k, M in enumerate(Ms)
+    ]

@@ -1,21 +1,21 @@
 """Non-diagnostic actions shared by the CLI and the UI: preparing built-ins, making a donor."""
-from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional, Union
+from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 
 from ..core.data import builtin_concept_path, builtin_replay_path, builtin_retained_path, load_concept_set
 from ..core.errors import GraftError
-from ..loading.models import (DEMO_DONOR_RECIPE, SMOLLM2, ModelSpec, ModelStore, demo_donor_dir, demo_donor_ready,
-                              load_folder, prepare_smollm2)
 from ..core.params import param
 from ..core.progress import Progress, silent
+from ..loading.builtins import DEMO_DONOR_RECIPE, SMOLLM2, demo_donor_dir, demo_donor_ready, prepare_smollm2
+from ..loading.models import ModelSpec, ModelStore, load_folder
 
 # ``replay`` / ``retained`` default of build_donor: the bundled file (data/replay.jsonl,
 # data/retained.jsonl). A path picks another file in the same format; None turns it off.
@@ -32,19 +32,32 @@ class MakeDonorParams:
     """``make-donor``: LoRA fine-tune a base model on a concept file. Typed like the tools' params,
     so the CLI flags, their help and their checks (finite numbers, ranges, paths) come from here."""
 
-    concept: str = param("", "Concept set of facts + questions (JSONL or a .json array) to teach the donor.", path="in")
-    out: str = param("", "Output folder: merged/ (the donor model), adapter/ (PEFT LoRA) and card.json.", path="out_dir")
+    concept: str = param(
+        "", "Concept set of facts + questions (JSONL or a .json array) to teach the donor.", path="in"
+    )
+    out: str = param(
+        "", "Output folder: merged/ (the donor model), adapter/ (PEFT LoRA) and card.json.", path="out_dir"
+    )
     steps: int = param(_STEPS, "Training steps.", min=1, max=1_000_000)
     rank: int = param(_RANK, "LoRA rank r.", min=1, max=4096)
     lr: float = param(_LR, "Peak learning rate (warm-up then cosine).", min=1e-9, max=10.0)
-    replay: str = param(BUNDLED, "General text (concept-set JSONL) mixed into training against forgetting: "
-                                 "'bundled' = data/replay.jsonl, 'none' = the concept facts only, or a file.")
-    replay_fraction: float = param(_REPLAY_FRACTION, "Share of each batch drawn from the replay set, in [0, 1).",
-                                   min=0.0, max=0.99)
-    retained: str = param(BUNDLED, "Held-out general text whose perplexity before/after goes on the card: "
-                                   "'bundled' = data/retained.jsonl, 'none' = not measured, or a file.")
+    replay: str = param(
+        BUNDLED,
+        "General text (concept-set JSONL) mixed into training against forgetting: "
+        "'bundled' = data/replay.jsonl, 'none' = the concept facts only, or a file.",
+    )
+    replay_fraction: float = param(
+        _REPLAY_FRACTION, "Share of each batch drawn from the replay set, in [0, 1).", min=0.0, max=0.99
+    )
+    retained: str = param(
+        BUNDLED,
+        "Held-out general text whose perplexity before/after goes on the card: "
+        "'bundled' = data/retained.jsonl, 'none' = not measured, or a file.",
+    )
     seed: int = param(0, "Seed; training is deterministic for a seed.", min=0, max=2**31 - 1)
-    device: str = param("auto", "Where to train: auto (CUDA when present), cpu or cuda.", choices=("auto", "cpu", "cuda"))
+    device: str = param(
+        "auto", "Where to train: auto (CUDA when present), cpu or cuda.", choices=("auto", "cpu", "cuda")
+    )
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,9 @@ class MakeTwinParams:
     out: str = param("", "Output folder (Hugging Face format + twin.json).", path="out_dir")
     seed: int = param(0, "Seed of the rotation.", min=0, max=2**63 - 1)
     save_rotation: bool = param(False, "Also save the rotation Q (rotation.safetensors), for verification.")
-    device: str = param("auto", "Where to build it: auto (CUDA when present), cpu or cuda.", choices=("auto", "cpu", "cuda"))
+    device: str = param(
+        "auto", "Where to build it: auto (CUDA when present), cpu or cuda.", choices=("auto", "cpu", "cuda")
+    )
 
 
 def check_make_donor(params: MakeDonorParams) -> None:
@@ -78,14 +93,29 @@ def check_make_donor(params: MakeDonorParams) -> None:
         raise GraftError(f"{out} exists and is not a Graft donor folder: choose an empty or new folder")
 
 
-def build_donor_from_params(base: ModelSpec, params: MakeDonorParams, store: Optional[ModelStore] = None,
-                            progress: Optional[Progress] = None) -> dict[str, Any]:
+def build_donor_from_params(
+    base: ModelSpec,
+    params: MakeDonorParams,
+    store: Optional[ModelStore] = None,
+    progress: Optional[Progress] = None,
+) -> dict[str, Any]:
     check_make_donor(params)
     as_source = lambda v: None if v == NONE else v  # noqa: E731
-    return build_donor(base, params.concept, params.out, steps=params.steps, rank=params.rank, lr=params.lr,
-                       replay=as_source(params.replay), replay_fraction=params.replay_fraction,
-                       retained=as_source(params.retained), seed=params.seed, device=params.device, store=store,
-                       progress=progress)
+    return build_donor(
+        base,
+        params.concept,
+        params.out,
+        steps=params.steps,
+        rank=params.rank,
+        lr=params.lr,
+        replay=as_source(params.replay),
+        replay_fraction=params.replay_fraction,
+        retained=as_source(params.retained),
+        seed=params.seed,
+        device=params.device,
+        store=store,
+        progress=progress,
+    )
 
 
 def build_donor(
@@ -122,17 +152,29 @@ def build_donor(
     if out.exists() and any(out.iterdir()) and not (out / "card.json").exists():
         raise GraftError(f"{out} exists and is not a Graft donor folder: choose an empty or new folder")
     concept = load_concept_set(concept_path)
-    replay_set = None if replay is None else load_concept_set(builtin_replay_path() if replay == BUNDLED else replay)
-    retained_set = None if retained is None else load_concept_set(
-        builtin_retained_path() if retained == BUNDLED else retained)
+    replay_set = (
+        None if replay is None else load_concept_set(builtin_replay_path() if replay == BUNDLED else replay)
+    )
+    retained_set = (
+        None
+        if retained is None
+        else load_concept_set(builtin_retained_path() if retained == BUNDLED else retained)
+    )
     store = store or ModelStore()
     loaded = store.get(base, device, "float32", progress.sub(0, 0.05))
-    kwargs: dict[str, Any] = {"seed": seed, "base_name": base.ref, "replay": replay_set, "retained": retained_set}
+    kwargs: dict[str, Any] = {
+        "seed": seed,
+        "base_name": base.ref,
+        "replay": replay_set,
+        "retained": retained_set,
+    }
     for key, value in (("steps", steps), ("rank", rank), ("lr", lr), ("replay_fraction", replay_fraction)):
         if value is not None:
             kwargs[key] = value
     with loaded.lock:
-        card = make_donor(loaded.model, loaded.tokenizer, concept, out, progress=progress.sub(0.05, 1.0), **kwargs)
+        card = make_donor(
+            loaded.model, loaded.tokenizer, concept, out, progress=progress.sub(0.05, 1.0), **kwargs
+        )
     return {"out_dir": str(out), "card": card}
 
 
@@ -161,9 +203,15 @@ def prepare_demo_donor(progress: Optional[Progress] = None, steps: Optional[int]
     if steps is not None:
         kwargs["steps"] = steps
     make_donor(
-        base.model, base.tokenizer, load_concept_set(builtin_concept_path()), out,
-        replay=load_concept_set(builtin_replay_path()), retained=load_concept_set(builtin_retained_path()),
-        base_name=SMOLLM2, progress=progress.sub(0.1, 1.0), **kwargs,
+        base.model,
+        base.tokenizer,
+        load_concept_set(builtin_concept_path()),
+        out,
+        replay=load_concept_set(builtin_replay_path()),
+        retained=load_concept_set(builtin_retained_path()),
+        base_name=SMOLLM2,
+        progress=progress.sub(0.1, 1.0),
+        **kwargs,
     )
     card_path = out / "card.json"
     card = json.loads(card_path.read_text())

@@ -21,6 +21,7 @@ dot products of d terms (about 1e-7 relative). At most ``max_heldout_rows`` held
 spaced) are scored, which bounds the cost. On a CPU with several threads the target positions
 are computed side by side, one thread each (:mod:`engine.core.threads`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,18 +29,27 @@ from typing import Any, Optional
 
 import torch
 
-from .context import ToolContext, device_rows
 from ..core.errors import GraftError
-from ..measure.linalg import RidgeFactor, gram, ieee_float32, split_rows
 from ..core.params import HeldOutFit, param
 from ..core.progress import Progress
 from ..core.threads import cpu_workers, parallel_map
+from ..measure.linalg import RidgeFactor, gram, ieee_float32, split_rows
+from .context import ToolContext, device_rows
 
 
 @dataclass(frozen=True)
 class BridgeParams(HeldOutFit):
-    epsilon_threshold: float = param(0.1, "Direct replacement is called plausible where epsilon = 1 - cosine is below this.", min=0.0, max=2.0)
-    max_heldout_rows: int = param(256, "Cap on held-out rows scored per cell (cost grows linearly; the mean cosine is stable well before).", min=8)
+    epsilon_threshold: float = param(
+        0.1,
+        "Direct replacement is called plausible where epsilon = 1 - cosine is below this.",
+        min=0.0,
+        max=2.0,
+    )
+    max_heldout_rows: int = param(
+        256,
+        "Cap on held-out rows scored per cell (cost grows linearly; the mean cosine is stable well before).",
+        min=8,
+    )
 
 
 @dataclass
@@ -75,8 +85,8 @@ def _form(n_f: int, n_h: int, dt: int, width: int) -> str:
     product = n_h * n_f * width  # float32 P @ [Y_f(s)]
     costs = {
         "primal": 2 * (dt * n_f * width + dt * dt * width + n_h * dt * width + n_f * dt * dt),
-        "dual": product + 2 * (n_f * dt * dt + dt ** 3 // 3 + n_h * dt * dt + n_h * dt * n_f),
-        "kernel": product + 2 * (n_f * n_f * dt + n_f ** 3 // 3 + 2 * n_h * n_f * dt + n_h * n_f * n_f),
+        "dual": product + 2 * (n_f * dt * dt + dt**3 // 3 + n_h * dt * dt + n_h * dt * n_f),
+        "kernel": product + 2 * (n_f * n_f * dt + n_f**3 // 3 + 2 * n_h * n_f * dt + n_h * n_f * n_f),
     }
     return min(costs, key=costs.get)
 
@@ -86,7 +96,9 @@ def _add_prior(out: torch.Tensor, term: torch.Tensor) -> None:
     out.view(out.shape[0], -1, term.shape[1]).add_(term.to(out.dtype).unsqueeze(1))
 
 
-def _bridged(XF: torch.Tensor, XH: torch.Tensor, YF: torch.Tensor, alpha: float, square: bool, form: str) -> torch.Tensor:
+def _bridged(
+    XF: torch.Tensor, XH: torch.Tensor, YF: torch.Tensor, alpha: float, square: bool, form: str
+) -> torch.Tensor:
     """Held-out predictions ``X_h W`` of the ridge bridges into one target position, for every donor
     position at once: XF (n_f, dt), XH (n_h, dt) float64, YF (n_f, Ld * dd) -> (n_h, Ld * dd) float32.
 
@@ -148,30 +160,58 @@ def compute_bridge(ctx: ToolContext, params: BridgeParams, progress: Progress) -
         return _mean_cos(pred.reshape(XH.shape[0], Ld, dd), YdH, YdH_norm), raw
 
     n_f, n_h = fit_idx.numel(), held_idx.numel()  # per worker: float64 rows and P, float32 predictions
-    workers = cpu_workers(dev, Lt, 2.0 * n_h * n_f * Ld * dd,  # P @ Y_f per position
-                          8.0 * (2 * (n_f + n_h) * dt + n_h * n_f) + 8.0 * n_h * Ld * dd)
+    workers = cpu_workers(
+        dev,
+        Lt,
+        2.0 * n_h * n_f * Ld * dd,  # P @ Y_f per position
+        8.0 * (2 * (n_f + n_h) * dt + n_h * n_f) + 8.0 * n_h * Ld * dd,
+    )
     with ieee_float32(dev):
-        cols = parallel_map(into, range(Lt), progress.sub(0.6, 1.0), lambda p: f"bridges into target position {p}", workers)
+        cols = parallel_map(
+            into, range(Lt), progress.sub(0.6, 1.0), lambda p: f"bridges into target position {p}", workers
+        )
     cos_b = torch.stack([b for b, _ in cols], 1)  # (Ld, Lt)
     cos_r = torch.stack([r for _, r in cols], 1) if square else None
     cos_b, cos_r = cos_b.cpu(), None if cos_r is None else cos_r.cpu()
     eps_b = 1.0 - cos_b
     eps_r = None if cos_r is None else 1.0 - cos_r
-    plausible = [] if eps_r is None else [[int(s), int(p)] for s, p in (eps_r < params.epsilon_threshold).nonzero().tolist()]
+    plausible = (
+        []
+        if eps_r is None
+        else [[int(s), int(p)] for s, p in (eps_r < params.epsilon_threshold).nonzero().tolist()]
+    )
     best = []
     for s in range(Ld):
         p = int(torch.argmin(eps_b[s]))
-        best.append({"s": s, "p": p, "epsilon_bridged": round(float(eps_b[s, p]), 6) + 0.0,
-                     "epsilon_raw": None if eps_r is None else round(float(eps_r[s, p]), 6) + 0.0})
+        best.append(
+            {
+                "s": s,
+                "p": p,
+                "epsilon_bridged": round(float(eps_b[s, p]), 6) + 0.0,
+                "epsilon_raw": None if eps_r is None else round(float(eps_r[s, p]), 6) + 0.0,
+            }
+        )
     r = lambda M: [[round(float(v), 6) + 0.0 for v in row] for row in M]  # noqa: E731  (+ 0.0: no -0.0)
     progress(1.0, "done")
     return BridgeResult(
-        donor_positions=list(range(Ld)), target_positions=list(range(Lt)),
-        cos_raw=None if cos_r is None else r(cos_r), cos_bridged=r(cos_b),
-        epsilon_raw=None if eps_r is None else r(eps_r), epsilon_bridged=r(eps_b),
-        plausible_direct=plausible, best_target_for_donor=best, threshold=params.epsilon_threshold,
-        alignment=al.mode, n_fit=int(fit_idx.numel()), n_heldout=int(held_idx.numel()),
-        warnings=[] if fit_idx.numel() >= dt else [
-            f"T4 bridges fitted on {fit_idx.numel()} rows against the target's width {dt}: the ridge shrinks every direction "
-            "the rows do not reach, so the bridged epsilon is pessimistic — use a larger workload or --max-tokens"],
+        donor_positions=list(range(Ld)),
+        target_positions=list(range(Lt)),
+        cos_raw=None if cos_r is None else r(cos_r),
+        cos_bridged=r(cos_b),
+        epsilon_raw=None if eps_r is None else r(eps_r),
+        epsilon_bridged=r(eps_b),
+        plausible_direct=plausible,
+        best_target_for_donor=best,
+        threshold=params.epsilon_threshold,
+        alignment=al.mode,
+        n_fit=int(fit_idx.numel()),
+        n_heldout=int(held_idx.numel()),
+        warnings=[]
+        if fit_idx.numel() >= dt
+        else [
+            f"T4 bridges fitted on {fit_idx.numel()} rows against the target's width {dt}: the ridge "
+            "shrinks every direction "
+            "the rows do not reach, so the bridged epsilon is pessimistic — use a larger workload or "
+            "--max-tokens"
+        ],
     )

@@ -38,7 +38,9 @@ def merged_donor(base: LoadedModel, deltas: list) -> torch.nn.Module:
     return model
 
 
-def update_deltas(ctx: ToolContext, params: Any, progress: Progress) -> tuple[list, dict[str, Any], list[str]]:
+def update_deltas(
+    ctx: ToolContext, params: Any, progress: Progress
+) -> tuple[list, dict[str, Any], list[str]]:
     from ..adapters.finetune_delta import finetune_deltas
     from ..adapters.lora import resolve_adapter
     from ..adapters.lora_factors import adapter_deltas, check_against_model
@@ -60,9 +62,25 @@ def conjugation_plan(ctx: ToolContext, params: Any, deltas: list, progress: Prog
     parameters and workload, so a finished run's T' can be rebuilt: engine/running/rebuild.py)."""
     base, target = ctx.base, ctx.target
     assert base is not None and target is not None and ctx.workload is not None
-    texts = budget_texts(ctx.workload.texts, [base.tokenizer, target.tokenizer], ctx.options.max_tokens,
-                         per_text=per_text_limit([base, target]))
+    texts = budget_texts(
+        ctx.workload.texts,
+        [base.tokenizer, target.tokenizer],
+        ctx.options.max_tokens,
+        per_text=per_text_limit([base, target]),
+    )
     return plan_conjugation(
-        base, target, deltas, texts, k=params.k, energy=params.energy or None, ridge_alpha=params.ridge_alpha,
-        heldout_fraction=params.heldout_fraction, seed=params.seed, outlier_factor=ctx.options.outlier_factor,
-        force=params.map, batch_size=ctx.options.batch_size, captures=ctx.captures, progress=progress)
+        base,
+        target,
+        deltas,
+        texts,
+        k=params.k,
+        energy=params.energy or None,
+        ridge_alpha=params.ridge_alpha,
+        heldout_fraction=params.heldout_fraction,
+        seed=params.seed,
+        outlier_factor=ctx.options.outlier_factor,
+        force=params.map,
+        batch_size=ctx.options.batch_size,
+        captures=ctx.captures,
+        progress=progress,
+    )

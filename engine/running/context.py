@@ -1,5 +1,6 @@
 """What a tool's compute function receives (:class:`ToolContext`). The tools import this module;
 :mod:`engine.running.runner` builds a context and runs a tool, so nothing here imports the registry."""
+
 from __future__ import annotations
 
 import threading
@@ -10,16 +11,17 @@ from typing import Any, Optional
 
 import torch
 
-from ..measure.align import Aligned, align, drop_outliers
-from ..measure.budget import MAX_TOKENS_PER_TEXT, per_text_limit
-from ..measure.capture import DEFAULT_CACHE, Capture, CaptureCache
 from ..core.data import Workload
 from ..core.errors import GraftError
-from ..measure.cka import cka_matrix
-from ..measure.linalg import compute_device, ieee_float32
-from ..loading.models import LoadedModel, ModelStore
 from ..core.params import RunOptions
 from ..core.progress import Progress
+from ..loading.models import LoadedModel, ModelStore
+from ..measure.align import Aligned, align, drop_outliers
+from ..measure.budget import MAX_TOKENS_PER_TEXT, per_text_limit
+from ..measure.capture import Capture
+from ..measure.capture_cache import DEFAULT_CACHE, CaptureCache
+from ..measure.cka import cka_matrix
+from ..measure.linalg import compute_device, ieee_float32
 
 MIN_CKA_ROWS = 3  # below this the centred rows span at most one direction: every CKA is 0 / 0 or 1
 
@@ -38,7 +40,8 @@ class ToolContext:
     options: RunOptions
     captures: CaptureCache = field(default_factory=lambda: DEFAULT_CACHE)
     meta: dict[str, Any] = field(default_factory=dict)
-    live: Any = None  # engine.running.live.LiveTransplants: the app keeps transplants applied (see engine/running/live.py)
+    # engine.running.live.LiveTransplants: the app keeps transplants applied (engine/running/live.py)
+    live: Any = None
     base: Optional[LoadedModel] = None  # the model an adapter / a full fine-tune was trained from
     adapter: Optional[str] = None  # adapter as the user gave it (PEFT folder, make-donor folder, demo name)
     organ: Optional[str] = None  # organ checkpoint folder as the user gave it
@@ -51,16 +54,25 @@ class ToolContext:
         if len(unique) < len(self.workload.texts):
             n_dup = len(self.workload.texts) - len(unique)
             self.meta["n_texts_duplicate"] = n_dup
-            self._note(f"{n_dup} repeated workload text(s) were dropped: a copy adds no information, and copies on both "
-                       "sides of the fit / held-out split would make held-out scores look better than they are")
-        texts, cut = self.captures.budget(unique, [self.donor.tokenizer, self.target.tokenizer],
-                                          self.options.max_tokens, limit)
+            self._note(
+                f"{n_dup} repeated workload text(s) were dropped: a copy adds no information, and copies "
+                "on both "
+                "sides of the fit / held-out split would make held-out scores look better than they are"
+            )
+        texts, cut = self.captures.budget(
+            unique, [self.donor.tokenizer, self.target.tokenizer], self.options.max_tokens, limit
+        )
         if cut:
             self.meta["n_texts_cut"] = len(cut)
-            why = ("Graft's per-text cap" if limit == MAX_TOKENS_PER_TEXT
-                   else "the shorter model's context, less 2 positions for special tokens")
-            self._note(f"{len(cut)} workload text(s) were cut to their first {limit} tokens ({why}); "
-                       f"the longest had {max(c[1] for c in cut):,} tokens")
+            why = (
+                "Graft's per-text cap"
+                if limit == MAX_TOKENS_PER_TEXT
+                else "the shorter model's context, less 2 positions for special tokens"
+            )
+            self._note(
+                f"{len(cut)} workload text(s) were cut to their first {limit} tokens ({why}); "
+                f"the longest had {max(c[1] for c in cut):,} tokens"
+            )
         return texts
 
     def _note(self, note: str) -> None:
@@ -71,8 +83,20 @@ class ToolContext:
     def capture_pair(self, progress: Progress, modules: tuple[str, ...] = ()) -> tuple[Capture, Capture]:
         texts = self.texts()
         t0 = time.perf_counter()
-        cd = self.captures.get(self.donor, texts, modules=modules, batch_size=self.options.batch_size, progress=progress.sub(0, 0.5))
-        ct = self.captures.get(self.target, texts, modules=modules, batch_size=self.options.batch_size, progress=progress.sub(0.5, 1))
+        cd = self.captures.get(
+            self.donor,
+            texts,
+            modules=modules,
+            batch_size=self.options.batch_size,
+            progress=progress.sub(0, 0.5),
+        )
+        ct = self.captures.get(
+            self.target,
+            texts,
+            modules=modules,
+            batch_size=self.options.batch_size,
+            progress=progress.sub(0.5, 1),
+        )
         self._add_seconds("capture_seconds", t0)
         self.meta["n_texts"] = len(texts)
         self.meta["n_tokens_donor"] = cd.n
@@ -100,8 +124,10 @@ class ToolContext:
         hit = cd.derived.get(key)
         if hit is None or hit[0] is not ct:
             if al.X.shape[1] < MIN_CKA_ROWS:  # centred columns of one row are all zero: CKA is 0 / 0
-                raise GraftError(f"too few aligned rows for CKA ({al.X.shape[1]}; at least {MIN_CKA_ROWS}): "
-                                 "use a larger workload or --max-tokens")
+                raise GraftError(
+                    f"too few aligned rows for CKA ({al.X.shape[1]}; at least {MIN_CKA_ROWS}): "
+                    "use a larger workload or --max-tokens"
+                )
             s = 0 if include_embeddings else 1
             t0 = time.perf_counter()
             rows, dev = device_rows(self, al)
@@ -121,8 +147,11 @@ def linalg_device(ctx: "ToolContext", al: Aligned) -> torch.device:
     """Where T2-T4 compute on the aligned rows: the models' CUDA device when there is one and the rows
     fit (:func:`engine.measure.linalg.compute_device`), else the CPU. On CUDA the float64 products run on the
     GPU rather than on the host's cores, which the forward passes there would otherwise wait on."""
-    cuda = [m.device for m in (getattr(ctx, "donor", None), getattr(ctx, "target", None))
-            if m is not None and getattr(m, "device", None) is not None and m.device.type == "cuda"]
+    cuda = [
+        m.device
+        for m in (getattr(ctx, "donor", None), getattr(ctx, "target", None))
+        if m is not None and getattr(m, "device", None) is not None and m.device.type == "cuda"
+    ]
     if not cuda:
         return torch.device("cpu")
     return compute_device(cuda[0], al.X.numel() * al.X.element_size() + al.Y.numel() * al.Y.element_size())

@@ -3,6 +3,7 @@ JSON. Survives restarts; one connection per call keeps it thread-safe.
 
 Each run records its owner (pid, host and the process's start time): several app and CLI processes
 share one history, and a run left 'running' is marked interrupted only once its own process is gone."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from ..core.jsonio import loads_checked
 from ..core.errors import Cancelled, GraftError
+from ..core.jsonio import loads_checked
 from ..core.paths import current_owner, history_db, owner_gone
 
 _SCHEMA = """
@@ -86,8 +87,10 @@ class History:
         when created over a second ago. Returns ``[{"id", "error"}]`` for the rows it marked."""
         now = time.time()
         with self._conn() as c:
-            rows = c.execute("SELECT id, created, owner_pid, owner_host, owner_started FROM runs "
-                             "WHERE status IN ('running','queued') AND finished IS NULL").fetchall()
+            rows = c.execute(
+                "SELECT id, created, owner_pid, owner_host, owner_started FROM runs "
+                "WHERE status IN ('running','queued') AND finished IS NULL"
+            ).fetchall()
         marked = []
         for r in rows:
             if r["owner_pid"] is None:
@@ -99,8 +102,11 @@ class History:
             else:
                 continue
             with self._conn() as c:
-                n = c.execute("UPDATE runs SET status='failed', error=? WHERE id=? "
-                              "AND status IN ('running','queued') AND finished IS NULL", (error, r["id"])).rowcount
+                n = c.execute(
+                    "UPDATE runs SET status='failed', error=? WHERE id=? "
+                    "AND status IN ('running','queued') AND finished IS NULL",
+                    (error, r["id"]),
+                ).rowcount
             if n:
                 marked.append({"id": r["id"], "error": error})
         return marked
@@ -111,9 +117,11 @@ class History:
         "started", "owner_pid", "owner_host", "owner_started"}]``, newest first."""
         me = current_owner()
         with self._conn() as c:
-            rows = c.execute("SELECT id, tool, title, status, created, started, owner_pid, owner_host, owner_started "
-                             "FROM runs WHERE status IN ('running','queued') AND finished IS NULL "
-                             "AND owner_pid IS NOT NULL ORDER BY created DESC").fetchall()
+            rows = c.execute(
+                "SELECT id, tool, title, status, created, started, owner_pid, owner_host, owner_started "
+                "FROM runs WHERE status IN ('running','queued') AND finished IS NULL "
+                "AND owner_pid IS NOT NULL ORDER BY created DESC"
+            ).fetchall()
         out = []
         for r in rows:
             d = dict(r)
@@ -134,8 +142,18 @@ class History:
         finally:
             conn.close()
 
-    def create(self, run_id: Optional[str], tool: str, title: str, donor: str, target: str, params: dict[str, Any],
-               source: str = "ui", *, owner: Optional[dict[str, Any]] = None) -> str:
+    def create(
+        self,
+        run_id: Optional[str],
+        tool: str,
+        title: str,
+        donor: str,
+        target: str,
+        params: dict[str, Any],
+        source: str = "ui",
+        *,
+        owner: Optional[dict[str, Any]] = None,
+    ) -> str:
         """Add a 'queued' run owned by this process (or by ``owner``: ``{"pid", "host", "started"}``).
         An empty ``run_id`` gets a ``new_run_id()``; returns the id."""
         run_id = run_id or new_run_id()
@@ -144,8 +162,20 @@ class History:
             c.execute(
                 "INSERT INTO runs (id, tool, title, donor, target, params, status, created, source, "
                 "owner_pid, owner_host, owner_started) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (run_id, tool, title, donor, target, json.dumps(params), "queued", time.time(), source,
-                 o.get("pid"), o.get("host"), o.get("started")),
+                (
+                    run_id,
+                    tool,
+                    title,
+                    donor,
+                    target,
+                    json.dumps(params),
+                    "queued",
+                    time.time(),
+                    source,
+                    o.get("pid"),
+                    o.get("host"),
+                    o.get("started"),
+                ),
             )
         return run_id
 
@@ -171,7 +201,9 @@ class History:
             try:
                 self.finish(run_id, status, **kw)
             except Exception as exc:
-                box["history_error"] = f"{status}, but the run history could not be written: {type(exc).__name__}: {exc}"
+                box["history_error"] = (
+                    f"{status}, but the run history could not be written: {type(exc).__name__}: {exc}"
+                )
 
         try:
             yield box
@@ -187,7 +219,9 @@ class History:
         else:
             end(box.get("status", "done"), result=box.get("result"), error=box.get("error", ""))
 
-    def finish(self, run_id: str, status: str, result: Optional[dict[str, Any]] = None, error: str = "") -> None:
+    def finish(
+        self, run_id: str, status: str, result: Optional[dict[str, Any]] = None, error: str = ""
+    ) -> None:
         assert status in STATUSES
         now = time.time()
         with self._conn() as c:
@@ -195,12 +229,22 @@ class History:
             started = row["started"] if row and row["started"] else now
             c.execute(
                 "UPDATE runs SET status=?, finished=?, duration_s=?, result=?, error=? WHERE id=?",
-                (status, now, now - started, json.dumps(result) if result is not None else None, error, run_id),
+                (
+                    status,
+                    now,
+                    now - started,
+                    json.dumps(result) if result is not None else None,
+                    error,
+                    run_id,
+                ),
             )
 
     def list(self, limit: int = 200, tool: Optional[str] = None) -> list[dict[str, Any]]:
-        q = ("SELECT id, tool, title, donor, target, params, status, created, started, finished, duration_s, error, "
-             "source, owner_pid, owner_host, owner_started FROM runs")
+        q = (
+            "SELECT id, tool, title, donor, target, params, status, created, started, finished, "
+            "duration_s, error, "
+            "source, owner_pid, owner_host, owner_started FROM runs"
+        )
         args: tuple = ()
         if tool:
             q += " WHERE tool=?"
@@ -239,5 +283,7 @@ def _stored_json(text: Any, run_id: str, what: str) -> Any:
     try:
         return loads_checked(text if isinstance(text, str) else "", f"run {run_id}'s stored {what}")
     except GraftError:
-        raise GraftError(f"run {run_id} is damaged in the run history: its stored {what} is not valid JSON "
-                         "(the Runs page can delete it)") from None
+        raise GraftError(
+            f"run {run_id} is damaged in the run history: its stored {what} is not valid JSON "
+            "(the Runs page can delete it)"
+        ) from None

@@ -5,6 +5,7 @@ at a time per cached model is also enforced by each model's lock). Each job repo
 can be cancelled (its compute stops at the next progress checkpoint), and is recorded in the
 run history from the moment it is queued.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,13 +15,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .runner import pair_labels, run_tool
 from ..core.errors import Cancelled, GraftError
-from .history import History, new_run_id
-from ..loading.models import ModelSpec, ModelStore
 from ..core.params import RunOptions
 from ..core.progress import Progress
+from ..loading.models import ModelSpec, ModelStore
+from .history import History, new_run_id
 from .registry import get_tool
+from .runner import pair_labels, run_tool
 
 
 @dataclass
@@ -55,7 +56,9 @@ class JobRunner:
     def __init__(self, store: ModelStore, history: Optional[History] = None, live: Any = None) -> None:
         self.store = store
         self.history = history or History()
-        self.live = live  # engine.running.live.LiveTransplants: swap runs keep T' applied for one-click rollback/save
+        self.live = (
+            live  # engine.running.live.LiveTransplants: swap runs keep T' applied for one-click rollback/save
+        )
         self._jobs: dict[str, Job] = {}
         self._queue: "queue.Queue[tuple[Job, Callable[[Progress], dict[str, Any]]]]" = queue.Queue()
         self._lock = threading.Lock()
@@ -63,24 +66,66 @@ class JobRunner:
         self._worker.start()
 
     # ------------------------------------------------------------------ submit
-    def submit_tool(self, tool_name: str, donor: Optional[ModelSpec], target: Optional[ModelSpec],
-                    options: RunOptions, params: Any, *, base: Optional[ModelSpec] = None,
-                    adapter: Optional[str] = None, organ: Optional[str] = None, run: Optional[str] = None) -> Job:
+    def submit_tool(
+        self,
+        tool_name: str,
+        donor: Optional[ModelSpec],
+        target: Optional[ModelSpec],
+        options: RunOptions,
+        params: Any,
+        *,
+        base: Optional[ModelSpec] = None,
+        adapter: Optional[str] = None,
+        organ: Optional[str] = None,
+        run: Optional[str] = None,
+    ) -> Job:
         """Queue a registered tool on the given inputs (checked against the tool's needs first)."""
         tool = get_tool(tool_name)
-        inputs = {"donor": donor, "target": target, "base": base, "adapter": adapter, "organ": organ, "run": run}
+        inputs = {
+            "donor": donor,
+            "target": target,
+            "base": base,
+            "adapter": adapter,
+            "organ": organ,
+            "run": run,
+        }
         tool.choose(inputs)
-        refs = {k: (v.ref if isinstance(v, ModelSpec) else v) for k, v in inputs.items() if v not in (None, "")}
-        record = {"options": dataclasses.asdict(options), "params": dataclasses.asdict(params), "inputs": refs}
+        refs = {
+            k: (v.ref if isinstance(v, ModelSpec) else v) for k, v in inputs.items() if v not in (None, "")
+        }
+        record = {
+            "options": dataclasses.asdict(options),
+            "params": dataclasses.asdict(params),
+            "inputs": refs,
+        }
 
         def work(progress: Progress) -> dict[str, Any]:
-            return run_tool(tool_name, donor, target, options, params, base=base, adapter=adapter, organ=organ, run=run, store=self.store,
-                            progress=progress, live=self.live)
+            return run_tool(
+                tool_name,
+                donor,
+                target,
+                options,
+                params,
+                base=base,
+                adapter=adapter,
+                organ=organ,
+                run=run,
+                store=self.store,
+                progress=progress,
+                live=self.live,
+            )
 
         return self.submit(tool.name, f"{tool.code} {tool.title}", *pair_labels(refs), record, work)
 
-    def submit(self, kind: str, title: str, donor: str, target: str, params: dict[str, Any],
-               work: Callable[[Progress], dict[str, Any]]) -> Job:
+    def submit(
+        self,
+        kind: str,
+        title: str,
+        donor: str,
+        target: str,
+        params: dict[str, Any],
+        work: Callable[[Progress], dict[str, Any]],
+    ) -> Job:
         job = Job(new_run_id(), kind, title, donor, target, params)
         with self._lock:
             self._jobs[job.id] = job

@@ -11,6 +11,7 @@ from its result: :func:`rebuild` re-applies the recorded edit to the same models
 (:func:`engine.running.rebuild.rebuild_transplant`), and checks that the weight hash equals the one the run
 recorded before anything is saved from it.
 """
+
 from __future__ import annotations
 
 import threading
@@ -59,7 +60,8 @@ class LiveTransplants:
         return live.id
 
     def keep_reapplied(self, swap: ModuleSwap, card: dict[str, Any]) -> str:
-        """Apply a transplant again after its run rolled it back and verified it, and keep it (:meth:`keep`)."""
+        """Apply a transplant again after its run rolled it back and verified it, and keep it
+        (:meth:`keep`)."""
         swap.apply()  # the app keeps T' applied: roll back and save are then one click each
         return self.keep(swap, card)
 
@@ -122,8 +124,10 @@ class LiveTransplants:
     def _need(self, live_id: str) -> LiveTransplant:
         live = self.get(live_id)
         if live is None:
-            raise GraftError("this transplant is no longer held in memory (the server restarted or it was evicted); "
-                             "rebuild it from the run first")
+            raise GraftError(
+                "this transplant is no longer held in memory (the server restarted or it was evicted); "
+                "rebuild it from the run first"
+            )
         return live
 
 

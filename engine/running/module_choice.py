@@ -49,7 +49,10 @@ def rank_modules(ctx: ToolContext, progress: Progress, top_decile: float = 0.1) 
     names = tuple(m.name for m in mods)
     cd, ct = ctx.capture_pair(progress.sub(0, 0.9), modules=names)
     if cd.token_ids != ct.token_ids:
-        raise GraftError("donor and target tokenised the workload differently: token-level module outputs cannot be compared")
+        raise GraftError(
+            "donor and target tokenised the workload differently: token-level module outputs cannot be "
+            "compared"
+        )
     progress(0.92, "scoring module output differences")
     text_index = ct.text_index  # (n,)
     n_texts = len(ct.texts)
@@ -72,8 +75,14 @@ def rank_modules(ctx: ToolContext, progress: Progress, top_decile: float = 0.1) 
     consistency = in_top.double().mean(1)  # (M,)
     order = sorted(range(len(mods)), key=lambda i: (-float(score[i]), i))
     ranked = [
-        {"name": mods[i].name, "layer": mods[i].layer, "canonical": mods[i].canonical, "kind": mods[i].kind,
-         "score": rnd(score[i]), "consistency": rnd(consistency[i])}
+        {
+            "name": mods[i].name,
+            "layer": mods[i].layer,
+            "canonical": mods[i].canonical,
+            "kind": mods[i].kind,
+            "score": rnd(score[i]),
+            "consistency": rnd(consistency[i]),
+        }
         for i in order
     ]
     canon = list(dict.fromkeys(m.canonical for m in ctx.target.arch.linear_modules()))
@@ -104,7 +113,9 @@ def parse_modules(text: str) -> list[str]:
     return list(dict.fromkeys(list_items(text, "--modules", "T7's top --k")))
 
 
-def choose_modules(ctx: ToolContext, k: int, modules: str, progress: Progress) -> tuple[list[dict[str, Any]], bool]:
+def choose_modules(
+    ctx: ToolContext, k: int, modules: str, progress: Progress
+) -> tuple[list[dict[str, Any]], bool]:
     """The modules a swap takes: the names in ``modules`` (comma-separated) when given, else the
     top ``k`` of the T7 ranking. Returns (rows of name, layer, kind, score; whether chosen by hand).
     Used by every tool that runs a swap itself (T11, T12, T13)."""

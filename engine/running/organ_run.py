@@ -1,5 +1,6 @@
 """What the organ tools share: the organ and its source model, default folders, training texts,
 one insertion evaluated end to end, the T4 epsilon for ``(s, p)`` and a rank correlation."""
+
 from __future__ import annotations
 
 import re
@@ -9,16 +10,16 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..evaluation.beforeafter import evaluate_shared, metrics
 from ..core.data import ConceptSet, load_workload
 from ..core.errors import GraftError
+from ..core.params import list_items
+from ..core.paths import graft_home
+from ..core.progress import Progress
+from ..evaluation.beforeafter import evaluate_shared, metrics
 from ..evaluation.evalcache import evaluate_model
 from ..loading.models import LoadedModel, ModelSpec
 from ..surgery.organ import Organ, check_fits, load_organ
 from ..surgery.organ_surgery import OrganInsertion, Placement
-from ..core.paths import graft_home
-from ..core.params import list_items
-from ..core.progress import Progress
 from .bridge_fit import BridgeParams, compute_bridge
 from .context import ToolContext
 
@@ -52,8 +53,10 @@ def load_source(ctx: Any, organ: Organ, progress: Progress) -> tuple[Optional[Lo
     except GraftError as e:
         return None, f"the organ's source {organ.source_ref} cannot be loaded ({e})"
     if src.state_hash() != organ.card["source"].get("weight_hash"):
-        return src, (f"the organ's source {src.label} no longer hashes as when the organ was extracted "
-                     "(other weights or dtype)")
+        return src, (
+            f"the organ's source {src.label} no longer hashes as when the organ was extracted "
+            "(other weights or dtype)"
+        )
     return src, ""
 
 
@@ -67,7 +70,8 @@ def require_source(ctx: Any, organ: Organ, progress: Progress) -> LoadedModel:
 
 
 def training_texts(path: str) -> tuple[list[str], dict[str, Any]]:
-    """Texts of a workload file (:func:`engine.core.data.load_workload`: concept set, {"text"} JSONL or .json, plain text);
+    """Texts of a workload file (:func:`engine.core.data.load_workload`: concept set, {"text"} JSONL or
+    .json, plain text);
     empty = the bundled concept set."""
     from ..core.data import builtin_concept_path
 
@@ -88,13 +92,27 @@ def parse_positions(text: str, n_layers: int, size: int) -> list[int]:
         raise GraftError(f"--positions names no position ({text!r}); leave it empty for every valid one")
     bad = [p for p in got if p not in valid]
     if bad:
-        raise GraftError(f"position(s) {bad} out of range: an organ of {size} blocks fits at 0..{n_layers - size}")
+        raise GraftError(
+            f"position(s) {bad} out of range: an organ of {size} blocks fits at 0..{n_layers - size}"
+        )
     return got
 
 
-def insert_and_prepare(ctx: Any, placements: Sequence[Placement], sources: Sequence[Optional[LoadedModel]], *,
-                       bridge: str, bridge_steps: int, ridge_alpha: float, recovery_steps: int, recovery: str,
-                       lr: float, seed: int, texts: Sequence[str], progress: Progress) -> tuple[OrganInsertion, dict[str, Any]]:
+def insert_and_prepare(
+    ctx: Any,
+    placements: Sequence[Placement],
+    sources: Sequence[Optional[LoadedModel]],
+    *,
+    bridge: str,
+    bridge_steps: int,
+    ridge_alpha: float,
+    recovery_steps: int,
+    recovery: str,
+    lr: float,
+    seed: int,
+    texts: Sequence[str],
+    progress: Progress,
+) -> tuple[OrganInsertion, dict[str, Any]]:
     """Build, apply, fit / train the bridges and run recovery; returns the insertion and the losses."""
     ins = OrganInsertion(ctx.target, placements)
     ins.hash_before()
@@ -105,31 +123,66 @@ def insert_and_prepare(ctx: Any, placements: Sequence[Placement], sources: Seque
         if bridge in ("closed-form", "closed-form+trained"):
             ins.fit_bridges(sources, texts, alpha=ridge_alpha, progress=progress.sub(0, 0.4))  # type: ignore[arg-type]
         if bridge in ("trained", "closed-form+trained"):
-            log["bridge_losses"] = ins.train("bridges", texts, steps=bridge_steps, lr=lr, seed=seed, progress=progress.sub(0.4, 0.6))
+            log["bridge_losses"] = ins.train(
+                "bridges", texts, steps=bridge_steps, lr=lr, seed=seed, progress=progress.sub(0.4, 0.6)
+            )
     log["insert_seconds"] = time.perf_counter() - t0
     if recovery_steps > 0:
         p = progress.sub(0.6, 1.0)
         if recovery == "bridges-then-organs" and ins.bridged:
             half = recovery_steps // 2
-            log["recovery_losses"] = ins.train("bridges", texts, steps=half, lr=lr, seed=seed, progress=p.sub(0, 0.5))
-            log["recovery_losses"] += ins.train("bridges+organs", texts, steps=recovery_steps - half, lr=lr, seed=seed + 1,
-                                                progress=p.sub(0.5, 1))
+            log["recovery_losses"] = ins.train(
+                "bridges", texts, steps=half, lr=lr, seed=seed, progress=p.sub(0, 0.5)
+            )
+            log["recovery_losses"] += ins.train(
+                "bridges+organs",
+                texts,
+                steps=recovery_steps - half,
+                lr=lr,
+                seed=seed + 1,
+                progress=p.sub(0.5, 1),
+            )
         else:
             what = "organs" if recovery == "bridges-then-organs" else "organs+neighbours"
-            log["recovery_losses"] = ins.train(what, texts, steps=recovery_steps, lr=lr, seed=seed, progress=p)
+            log["recovery_losses"] = ins.train(
+                what, texts, steps=recovery_steps, lr=lr, seed=seed, progress=p
+            )
     progress(1.0, "organ in place")
     return ins, log
 
 
-def evaluate_insertion(ins: OrganInsertion, sets: tuple[ConceptSet, ConceptSet], score: str, max_new_tokens: int,
-                       progress: Progress, exact: bool = False) -> dict[str, Any]:
-    return evaluate_model(ins.working, ins.target.tokenizer, sets[0], sets[1], score=score, exact=exact or score == "exact",
-                          max_new_tokens=max_new_tokens, state_hash=ins.weight_hash(), progress=progress)
+def evaluate_insertion(
+    ins: OrganInsertion,
+    sets: tuple[ConceptSet, ConceptSet],
+    score: str,
+    max_new_tokens: int,
+    progress: Progress,
+    exact: bool = False,
+) -> dict[str, Any]:
+    return evaluate_model(
+        ins.working,
+        ins.target.tokenizer,
+        sets[0],
+        sets[1],
+        score=score,
+        exact=exact or score == "exact",
+        max_new_tokens=max_new_tokens,
+        state_hash=ins.weight_hash(),
+        progress=progress,
+    )
 
 
-def evaluate_target(target: LoadedModel, sets: tuple[ConceptSet, ConceptSet], score: str, max_new_tokens: int,
-                    progress: Progress, exact: bool = False) -> dict[str, Any]:
-    return evaluate_shared(target, sets, score, max_new_tokens, progress, target.state_hash(), exact=exact or score == "exact")
+def evaluate_target(
+    target: LoadedModel,
+    sets: tuple[ConceptSet, ConceptSet],
+    score: str,
+    max_new_tokens: int,
+    progress: Progress,
+    exact: bool = False,
+) -> dict[str, Any]:
+    return evaluate_shared(
+        target, sets, score, max_new_tokens, progress, target.state_hash(), exact=exact or score == "exact"
+    )
 
 
 def short(ev: dict[str, Any]) -> dict[str, Optional[float]]:
@@ -141,7 +194,9 @@ def epsilon_row(ctx: Any, source: LoadedModel, s: int, progress: Progress) -> di
     """T4's epsilon for donor position ``s`` against every target position (raw when widths match)."""
     sub = ToolContext(source, ctx.target, ctx.workload, ctx.options, ctx.captures, store=ctx.store)
     res = compute_bridge(sub, BridgeParams(), progress)
-    ctx.meta.setdefault("notes", []).extend(n for n in sub.meta.get("notes", []) if n not in ctx.meta.get("notes", []))
+    ctx.meta.setdefault("notes", []).extend(
+        n for n in sub.meta.get("notes", []) if n not in ctx.meta.get("notes", [])
+    )
     return {"raw": None if res.epsilon_raw is None else res.epsilon_raw[s], "bridged": res.epsilon_bridged[s]}
 
 

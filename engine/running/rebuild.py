@@ -15,6 +15,7 @@ follows the protocol of :class:`engine.surgery.transplant.ModuleSwap`: ``working
 from the history, or a module swap run on the spot on ``--donor``/``--target`` with swap's
 own module choice (top-K of T7, or named modules).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,9 +24,9 @@ from typing import Any, Callable, NamedTuple, Optional
 from torch import nn
 
 from ..core.errors import GraftError
-from ..loading.models import LoadedModel, ModelSpec, ModelStore
 from ..core.params import param
 from ..core.progress import Progress, silent
+from ..loading.models import LoadedModel, ModelSpec, ModelStore
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,17 @@ class TransplantChoice:
     """The parameters of a diagnostic that runs its own module swap when given --donor/--target
     (ignored with --run): the same choice as T11 swap."""
 
-    k: int = param(8, "With --donor/--target: swap the top-K modules of the T7 ranking (ignored with --run or "
-                      "--modules).", min=1, max=100_000)
-    modules: str = param("", "With --donor/--target: comma-separated module names to swap instead of the top K, "
-                             "e.g. 'blocks.3.attn.o,blocks.5.mlp.down' (ignored with --run).")
+    k: int = param(
+        8,
+        "With --donor/--target: swap the top-K modules of the T7 ranking (ignored with --run or --modules).",
+        min=1,
+        max=100_000,
+    )
+    modules: str = param(
+        "",
+        "With --donor/--target: comma-separated module names to swap instead of the top K, "
+        "e.g. 'blocks.3.attn.o,blocks.5.mlp.down' (ignored with --run).",
+    )
 
 
 class DModel(NamedTuple):
@@ -89,7 +97,9 @@ def load_run(run_id: str, history: Any = None) -> dict[str, Any]:
     if row is None:
         raise GraftError(f"no run {run_id} in the run history (the Runs page lists them)")
     if row["status"] != "done" or not row.get("result"):
-        raise GraftError(f"run {run_id} is {row['status']}, not finished: only a finished transplant run can be rebuilt")
+        raise GraftError(
+            f"run {run_id} is {row['status']}, not finished: only a finished transplant run can be rebuilt"
+        )
     env = dict(row["result"])
     env.setdefault("run_id", run_id)
     return env
@@ -101,8 +111,10 @@ def rebuild_transplant(envelope: dict[str, Any], store: ModelStore, device: Opti
     tool = envelope.get("tool")
     known = rebuildable_tools()
     if tool not in _REBUILDERS:
-        raise GraftError(f"only a finished transplant run can be rebuilt (module-swap, conjugation or another "
-                         f"registered operation: {', '.join(known)}); this is a {tool} run")
+        raise GraftError(
+            f"only a finished transplant run can be rebuilt (module-swap, conjugation or another "
+            f"registered operation: {', '.join(known)}); this is a {tool} run"
+        )
     return _REBUILDERS[tool](envelope, store, device)
 
 
@@ -111,25 +123,40 @@ def _options(envelope: dict[str, Any], device: Optional[str]) -> tuple[str, str]
     return device or opts.get("device", "auto"), opts.get("dtype", "float32")
 
 
-def _load(envelope: dict[str, Any], key: str, store: ModelStore, device: str, dtype: str, trust: bool) -> LoadedModel:
+def _load(
+    envelope: dict[str, Any], key: str, store: ModelStore, device: str, dtype: str, trust: bool
+) -> LoadedModel:
     return store.get(ModelSpec.parse(envelope[key], trust_remote_code=trust), device, dtype)
 
 
 def _check(edit: Any, target: LoadedModel, before: Optional[str], after: Optional[str], what: str) -> None:
     """Refuse a T whose hash changed; apply; refuse (rolled back) a T' that is not the run's."""
     if before and edit.hash_before() != before:
-        raise GraftError(f"the target {target.label} has changed since this run (weight hash differs); run the {what} again")
+        raise GraftError(
+            f"the target {target.label} has changed since this run (weight hash differs); run the {what} "
+            "again"
+        )
     edit.apply()
     if after and edit.weight_hash() != after:
         edit.rollback()
-        raise GraftError(f"re-applying the run's {what} does not reproduce its T' (weight hash differs: "
-                         "did the donor, the adapter or the workload change?)")
+        raise GraftError(
+            f"re-applying the run's {what} does not reproduce its T' (weight hash differs: "
+            "did the donor, the adapter or the workload change?)"
+        )
 
 
 def _source(envelope: dict[str, Any], operation: str, modules: list[str], edit: Any) -> dict[str, Any]:
-    return {"kind": "run", "run_id": envelope.get("run_id"), "tool": envelope.get("tool"), "operation": operation,
-            "donor": envelope.get("donor") or envelope.get("adapter"), "target": envelope.get("target"),
-            "modules": list(modules), "weight_hash_before": edit.hash_before(), "weight_hash_after": edit.weight_hash()}
+    return {
+        "kind": "run",
+        "run_id": envelope.get("run_id"),
+        "tool": envelope.get("tool"),
+        "operation": operation,
+        "donor": envelope.get("donor") or envelope.get("adapter"),
+        "target": envelope.get("target"),
+        "modules": list(modules),
+        "weight_hash_before": edit.hash_before(),
+        "weight_hash_after": edit.weight_hash(),
+    }
 
 
 def rebuild_swap(envelope: dict[str, Any], store: ModelStore, device: Optional[str] = None) -> Rebuilt:
@@ -147,18 +174,24 @@ def rebuild_swap(envelope: dict[str, Any], store: ModelStore, device: Optional[s
     target = _load(envelope, "target", store, dev, dtype, trust)
     swap = ModuleSwap(target, donor, modules)
     _check(swap, target, result.get("weight_hash_before"), result.get("weight_hash_after"), "swap")
-    return Rebuilt(target, swap.working, as_dmodel(donor), swap.rollback, swap,
-                   _source(envelope, "module-swap", list(swap.modules), swap))
+    return Rebuilt(
+        target,
+        swap.working,
+        as_dmodel(donor),
+        swap.rollback,
+        swap,
+        _source(envelope, "module-swap", list(swap.modules), swap),
+    )
 
 
 def rebuild_conjugation(envelope: dict[str, Any], store: ModelStore, device: Optional[str] = None) -> Rebuilt:
     """A conjugation run: the same update read again and every map fitted again on the run's
     workload (checked by its sha256), then the update added to a working copy of the target."""
-    from .context import ToolContext
     from ..core.data import resolve_workload
-    from ..surgery.conjugate import Conjugation
     from ..core.params import RunOptions, build_params
+    from ..surgery.conjugate import Conjugation
     from .conjugation import conjugation_plan, merged_donor, update_deltas
+    from .context import ToolContext
     from .registry import get_tool
 
     result = envelope.get("result") or {}
@@ -170,19 +203,33 @@ def rebuild_conjugation(envelope: dict[str, Any], store: ModelStore, device: Opt
     workload = resolve_workload(options.workload)
     recorded = (meta.get("workload") or {}).get("sha256")
     if recorded and workload.sha256 != recorded:
-        raise GraftError(f"the workload {workload.name} has changed since this run (sha256 differs); run the conjugation again")
+        raise GraftError(
+            f"the workload {workload.name} has changed since this run (sha256 differs); run the "
+            "conjugation again"
+        )
     trust = bool(card.get("trust_remote_code", False))
     base = _load(envelope, "base", store, dev, dtype, trust)
     target = _load(envelope, "target", store, dev, dtype, trust)
     donor = _load(envelope, "donor", store, dev, dtype, trust) if envelope.get("donor") else None
-    ctx = ToolContext(donor, target, workload, options, base=base, adapter=envelope.get("adapter"), store=store)
+    ctx = ToolContext(
+        donor, target, workload, options, base=base, adapter=envelope.get("adapter"), store=store
+    )
     deltas, _, _ = update_deltas(ctx, params, silent())
     conj = Conjugation(target, conjugation_plan(ctx, params, deltas, silent()))
     _check(conj, target, result.get("weight_hash_before"), result.get("weight_hash_after"), "conjugation")
-    d = (as_dmodel(donor) if donor is not None else
-         DModel(merged_donor(base, deltas), base.tokenizer, f"{envelope.get('adapter')} on {base.label}"))
-    return Rebuilt(target, conj.working, d, conj.rollback, conj,
-                   _source(envelope, "rank-k conjugation", list(conj.modules), conj))
+    d = (
+        as_dmodel(donor)
+        if donor is not None
+        else DModel(merged_donor(base, deltas), base.tokenizer, f"{envelope.get('adapter')} on {base.label}")
+    )
+    return Rebuilt(
+        target,
+        conj.working,
+        d,
+        conj.rollback,
+        conj,
+        _source(envelope, "rank-k conjugation", list(conj.modules), conj),
+    )
 
 
 register_rebuilder("swap", rebuild_swap)
@@ -193,8 +240,8 @@ def transplant_for(ctx: Any, k: int, modules: str, progress: Optional[Progress] 
     """T' for a diagnostic: the run ``ctx.run`` rebuilt from the history (on ``ctx.options.device``),
     or a module swap of ``ctx.donor`` into ``ctx.target`` chosen as swap chooses (``modules`` by
     name, else the top ``k`` of T7). The caller must call ``undo()`` when done."""
-    from .module_choice import choose_modules
     from ..surgery.transplant import ModuleSwap
+    from .module_choice import choose_modules
 
     progress = progress or silent()
     if ctx.run is not None:
@@ -207,12 +254,20 @@ def transplant_for(ctx: Any, k: int, modules: str, progress: Optional[Progress] 
     swap = ModuleSwap(ctx.target, ctx.donor, [m["name"] for m in chosen])
     progress(0.9, f"swapping {len(swap.modules)} modules into a working copy")
     swap.apply()
-    source = {"kind": "swap", "run_id": None, "tool": "swap", "operation": "module-swap", "donor": ctx.donor.spec.ref,
-              "target": ctx.target.spec.ref, "modules": list(swap.modules), "selection": "explicit" if explicit else "top-k",
-              "weight_hash_before": swap.hash_before(), "weight_hash_after": swap.weight_hash()}
+    source = {
+        "kind": "swap",
+        "run_id": None,
+        "tool": "swap",
+        "operation": "module-swap",
+        "donor": ctx.donor.spec.ref,
+        "target": ctx.target.spec.ref,
+        "modules": list(swap.modules),
+        "selection": "explicit" if explicit else "top-k",
+        "weight_hash_before": swap.hash_before(),
+        "weight_hash_after": swap.weight_hash(),
+    }
     progress(1.0, "T' ready")
-    return Rebuilt(ctx.target, swap.working, as_dmodel(ctx.donor),
-                   swap.rollback, swap, source)
+    return Rebuilt(ctx.target, swap.working, as_dmodel(ctx.donor), swap.rollback, swap, source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,17 +288,33 @@ def reapply_check(edit: Any, recorded: Optional[str] = None) -> dict[str, Any]:
     matches = recorded is None or first == recorded
     passed = bool(same and back and matches)
     if passed:
-        detail = f"applied twice: identical weight hash {first[:12]}" + (", equal to the run's" if recorded else "")
+        detail = f"applied twice: identical weight hash {first[:12]}" + (
+            ", equal to the run's" if recorded else ""
+        )
     else:
-        why = [w for ok, w in ((same, f"hashes differ ({first[:12]} then {second[:12]})"),
-                               (back, "the roll back in between did not restore T bit-exactly"),
-                               (matches, f"the first hash {first[:12]} is not the run's {str(recorded)[:12]}")) if not ok]
+        why = [
+            w
+            for ok, w in (
+                (same, f"hashes differ ({first[:12]} then {second[:12]})"),
+                (back, "the roll back in between did not restore T bit-exactly"),
+                (matches, f"the first hash {first[:12]} is not the run's {str(recorded)[:12]}"),
+            )
+            if not ok
+        ]
         detail = "; ".join(why)
-    return {"passed": passed, "detail": detail, "hash_first": first, "hash_second": second,
-            "rollback_bit_exact": back, "hash_recorded": recorded}
+    return {
+        "passed": passed,
+        "detail": detail,
+        "hash_first": first,
+        "hash_second": second,
+        "rollback_bit_exact": back,
+        "hash_recorded": recorded,
+    }
 
 
-def save_for_check(working: nn.Module, tokenizer: Any, folder: Any, source: dict[str, Any], edit: Any = None) -> Any:
+def save_for_check(
+    working: nn.Module, tokenizer: Any, folder: Any, source: dict[str, Any], edit: Any = None
+) -> Any:
     """Save T' as a Hugging Face folder + surgery.json (what a user would save and reload), through
     the edit's own saver when it has one (a bridged organ keeps its bridges beside the folder)."""
     from ..surgery.transplant import save_transplant
@@ -254,8 +325,17 @@ def save_for_check(working: nn.Module, tokenizer: Any, folder: Any, source: dict
     return save_transplant(working, tokenizer, folder, card)
 
 
-def reload_check(folder: Any, texts: Any, ppl_before_save: Optional[float], nll_before_save: list[Optional[float]],
-                 device: Any, dtype: str, *, batch_size: int = 8, max_length: int = 256) -> dict[str, Any]:
+def reload_check(
+    folder: Any,
+    texts: Any,
+    ppl_before_save: Optional[float],
+    nll_before_save: list[Optional[float]],
+    device: Any,
+    dtype: str,
+    *,
+    batch_size: int = 8,
+    max_length: int = 256,
+) -> dict[str, Any]:
     """A saved T' reloaded gives identical perplexity: load ``folder`` afresh (never from the model
     cache), score ``texts`` exactly as before saving, and compare each text's mean loss with
     ``nll_before_save`` (T' before saving) for equality. Also says whether the reloaded weights
@@ -269,7 +349,9 @@ def reload_check(folder: Any, texts: Any, ppl_before_save: Optional[float], nll_
     from ..surgery.organ_bridge import ATTR as BRIDGES_ATTR
 
     loaded = load_model(ModelSpec.parse(str(folder)), device, dtype)
-    rep = perplexity(loaded.model, loaded.tokenizer, list(texts), batch_size=batch_size, max_length=max_length)
+    rep = perplexity(
+        loaded.model, loaded.tokenizer, list(texts), batch_size=batch_size, max_length=max_length
+    )
     card = json.loads((Path(folder) / "surgery.json").read_text())
     # The folder's hash covers its Hugging Face weights; a bridged organ's bridges are re-attached from
     # bridges.safetensors beside them (engine.surgery.organ_bridge), so they are left out of this comparison.
@@ -284,13 +366,26 @@ def reload_check(folder: Any, texts: Any, ppl_before_save: Optional[float], nll_
     before = [finite(v) for v in nll_before_save]
     pairs = list(zip(after, before))
     diffs = [abs(a - b) for a, b in pairs if a is not None and b is not None]
-    same = len(after) == len(before) and all((a is None) == (b is None) for a, b in pairs) and all(d == 0.0 for d in diffs)
+    same = (
+        len(after) == len(before)
+        and all((a is None) == (b is None) for a, b in pairs)
+        and all(d == 0.0 for d in diffs)
+    )
     ppl = finite(rep["ppl"])
     was = f"{ppl_before_save:.6g}" if ppl_before_save is not None else "undefined"
     now = f"{ppl:.6g}" if ppl is not None else "undefined"
-    detail = (f"saved and reloaded: perplexity {was} -> {now}, identical loss on all {len(after)} texts" if same else
-              f"saved and reloaded: perplexity {was} -> {now}, max per-text loss change "
-              f"{max(diffs) if diffs else 0.0:.3g}")
-    return {"passed": bool(same), "detail": detail, "ppl_before_save": ppl_before_save, "ppl_reloaded": ppl,
-            "max_abs_loss_change": max(diffs) if diffs else None, "weight_hash_matches_card": bool(hash_ok),
-            "n_texts": len(after)}
+    detail = (
+        f"saved and reloaded: perplexity {was} -> {now}, identical loss on all {len(after)} texts"
+        if same
+        else f"saved and reloaded: perplexity {was} -> {now}, max per-text loss change "
+        f"{max(diffs) if diffs else 0.0:.3g}"
+    )
+    return {
+        "passed": bool(same),
+        "detail": detail,
+        "ppl_before_save": ppl_before_save,
+        "ppl_reloaded": ppl,
+        "max_abs_loss_change": max(diffs) if diffs else None,
+        "weight_hash_matches_card": bool(hash_ok),
+        "n_texts": len(after),
+    }

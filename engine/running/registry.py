@@ -4,33 +4,40 @@ A tool is (name, code, title, params class, compute function, figure builder pat
 figure builder lives in ``viz/`` and is referenced by dotted path so ``engine/`` never imports
 plotly.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..core.errors import GraftError
 from ..core.params import param_specs
 
-
 # What a tool can be given besides its parameters. Models: the donor D, the target T, a base
 # model (what an adapter or a full fine-tune was trained from). Text inputs: an adapter (a PEFT LoRA
 # folder, a make-donor folder or the demo donor's name), an organ checkpoint folder, and a run id
 # from the run history (a tool that reads a finished transplant run loads that run's models itself).
 # The workload is a list of texts.
+CODE = re.compile(r"^(T|OP)(\d+)(?:\.(\d+))?$")  # T3, OP0, OP2.1: one code per tool
+
 MODEL_INPUTS = ("donor", "target", "base", "adapter", "organ", "run")
 TEXT_INPUTS = ("adapter", "organ", "run")  # given as text, never parsed as a model spec
 INPUT_METAVAR = {"adapter": "DIR", "organ": "DIR", "run": "RUN_ID"}
 INPUT_HELP = {
-    "donor": "donor model: built-in name, HF folder, make-donor or saved transplant folder, .gguf file or cached hub id",
+    "donor": "donor model: built-in name, HF folder, make-donor or saved transplant folder, .gguf file or "
+    "cached hub id",
     "target": "target model (same forms as --donor)",
     "base": "the base model the adapter or the full fine-tune was trained from (same forms as --donor)",
-    "adapter": "LoRA adapter: a PEFT folder (adapter_config.json + adapter_model.safetensors), a make-donor "
-               "folder, or the demo donor's name",
-    "organ": "organ checkpoint folder (organ.json + organ.safetensors, written by organ-extract / organ-train)",
-    "run": "run id of a finished transplant run in the run history (the Runs page lists them; every CLI envelope carries its run_id)",
+    "adapter": "LoRA adapter: a PEFT folder (adapter_config.json + adapter_model.safetensors), a "
+    "make-donor "
+    "folder, or the demo donor's name",
+    "organ": "organ checkpoint folder (organ.json + organ.safetensors, written by organ-extract / "
+    "organ-train)",
+    "run": "run id of a finished transplant run in the run history (the Runs page lists them; every CLI "
+    "envelope carries its run_id)",
 }
 
 
@@ -65,17 +72,22 @@ class Tool:
         present = {k for k, v in given.items() if v not in (None, "")}
         unknown = present - set(self.inputs)
         if unknown:
-            raise GraftError(f"{self.name} takes {self.describe_needs()}; it does not use "
-                             + ", ".join("--" + u for u in sorted(unknown)))
+            raise GraftError(
+                f"{self.name} takes {self.describe_needs()}; it does not use "
+                + ", ".join("--" + u for u in sorted(unknown))
+            )
         fits = [alt for alt in self.needs if set(alt) <= present]
         if not fits:
             raise GraftError(f"{self.name} needs {self.describe_needs()}")
         best = max(fits, key=len)
         extra = present - set(best)
         if extra:
-            raise GraftError(f"{self.name} takes {self.describe_needs()}: "
-                             + ", ".join("--" + e for e in sorted(extra)) + " does not go with "
-                             + " and ".join("--" + a for a in best))
+            raise GraftError(
+                f"{self.name} takes {self.describe_needs()}: "
+                + ", ".join("--" + e for e in sorted(extra))
+                + " does not go with "
+                + " and ".join("--" + a for a in best)
+            )
         return best
 
     def describe_needs(self) -> str:
@@ -90,6 +102,13 @@ def register(tool: Tool) -> Tool:
     """Add a tool; refuses duplicates and malformed tools (checked here, once)."""
     if tool.name in _REGISTRY:
         raise ValueError(f"tool {tool.name} is already registered")
+    if CODE.match(tool.code) is None:
+        raise TypeError(
+            f"{tool.name}: code must be T<n> (a diagnostic) or OP<n>[.<m>] (an operation), not {tool.code!r}"
+        )
+    taken = next((t.name for t in _REGISTRY.values() if t.code == tool.code), None)
+    if taken is not None:
+        raise ValueError(f"{tool.name}: code {tool.code} is already {taken}'s (one code per tool)")
     if not dataclasses.is_dataclass(tool.params_cls) or not tool.params_cls.__dataclass_params__.frozen:
         raise TypeError(f"{tool.name}: params must be a frozen dataclass")
     for spec in param_specs(tool.params_cls):
@@ -108,8 +127,10 @@ def register(tool: Tool) -> Tool:
 
 def get_tool(name: str) -> Tool:
     if not _REGISTRY:
-        raise GraftError(f"no tool is registered, so '{name}' is unknown: import engine.tools first "
-                         "(engine.api and the CLI do; the registry never imports the room above it)")
+        raise GraftError(
+            f"no tool is registered, so '{name}' is unknown: import engine.tools first "
+            "(engine.api and the CLI do; the registry never imports the room above it)"
+        )
     if name not in _REGISTRY:
         raise GraftError(f"unknown tool '{name}': choose from {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -120,8 +141,10 @@ def all_tools() -> list[Tool]:
     return sorted(_REGISTRY.values(), key=_order)
 
 
-def _order(tool: Tool) -> tuple[int, int, str]:
-    """Diagnostics first by number (T1, T2, ... T13), then operations (OP2, OP3: docs/methods.md's
-    transplant operations) by number, then by name."""
-    digits = "".join(ch for ch in tool.code if ch.isdigit())
-    return (0 if tool.code.startswith("T") else 1, int(digits or 0), tool.name)
+def _order(tool: Tool) -> tuple[int, int, int, str]:
+    """Diagnostics first by number (T1, T2, ... T13), then operations (OP0 go / no-go, OP2.1-OP2.3
+    the organ steps, OP3: docs/methods.md's transplant operations) by number, then by name."""
+    m = CODE.match(tool.code)
+    if m is None:
+        return (2, 0, 0, tool.name)
+    return (0 if m.group(1) == "T" else 1, int(m.group(2)), int(m.group(3) or 0), tool.name)

@@ -2,20 +2,21 @@
 :class:`~engine.running.context.ToolContext`, runs it and returns the JSON-safe envelope. The CLI, the job
 runner, the benches and the tests all call it. It lives apart from the context so that the tools,
 which import the context, never import the registry's caller (no import loop)."""
+
 from __future__ import annotations
 
 import dataclasses
 import time
 from typing import Any, Optional
 
-from ..evaluation.beforeafter import precheck_sets
-from ..measure.capture import DEFAULT_CACHE, CaptureCache
-from .context import ToolContext
 from ..core.data import resolve_workload
 from ..core.jsonsafe import strict
-from ..loading.models import LoadedModel, ModelSpec, ModelStore, resolve_device
 from ..core.params import RunOptions, build_params, check_paths
 from ..core.progress import Progress, silent
+from ..evaluation.beforeafter import precheck_sets
+from ..loading.models import LoadedModel, ModelSpec, ModelStore, resolve_device
+from ..measure.capture_cache import DEFAULT_CACHE, CaptureCache
+from .context import ToolContext
 from .registry import get_tool
 
 
@@ -70,11 +71,23 @@ def run_tool(
     for i, key in enumerate(wanted):
         loaded[key] = get(specs[key], progress.sub(0.2 * i / len(wanted), 0.2 * (i + 1) / len(wanted)))
     t_load = time.perf_counter() - t0
-    ctx = ToolContext(loaded["donor"], loaded["target"], workload, options, captures or DEFAULT_CACHE, live=live,
-                      base=loaded["base"], adapter=adapter if "adapter" in chosen else None,
-                      organ=organ if "organ" in chosen else None, run=run if "run" in chosen else None, store=store)
+    ctx = ToolContext(
+        loaded["donor"],
+        loaded["target"],
+        workload,
+        options,
+        captures or DEFAULT_CACHE,
+        live=live,
+        base=loaded["base"],
+        adapter=adapter if "adapter" in chosen else None,
+        organ=organ if "organ" in chosen else None,
+        run=run if "run" in chosen else None,
+        store=store,
+    )
     if inferred is not None:
-        ctx.meta.setdefault("notes", []).append(f"base: {inferred.ref}, the model the adapter names as its base")
+        ctx.meta.setdefault("notes", []).append(
+            f"base: {inferred.ref}, the model the adapter names as its base"
+        )
     t1 = time.perf_counter()
     result = tool.compute(ctx, params, progress.sub(0.2, 1.0))
     t_compute = time.perf_counter() - t1
@@ -86,7 +99,9 @@ def run_tool(
         ctx.meta["undefined_values"] = undefined[:50]
         ctx.meta.setdefault("notes", []).append(
             f"{len(undefined)} value(s) were undefined (not a finite number) and are null: "
-            + ", ".join(undefined[:5]) + (" ..." if len(undefined) > 5 else ""))
+            + ", ".join(undefined[:5])
+            + (" ..." if len(undefined) > 5 else "")
+        )
     first = next(m for m in loaded.values() if m is not None) if any(loaded.values()) else None
     envelope: dict[str, Any] = {
         "tool": tool.name,
@@ -103,8 +118,11 @@ def run_tool(
         "code": tool.code,
         "params": dataclasses.asdict(params),
         "options": dataclasses.asdict(options),
-        **({"workload": {"name": workload.name, "sha256": workload.sha256, "n_texts": len(workload.texts)}}
-           if workload is not None else {}),
+        **(
+            {"workload": {"name": workload.name, "sha256": workload.sha256, "n_texts": len(workload.texts)}}
+            if workload is not None
+            else {}
+        ),
         "device": str(first.device) if first is not None else str(resolve_device(options.device)),
         "load_seconds": round(t_load, 4),
         "compute_seconds": round(t_compute, 4),
@@ -131,8 +149,8 @@ def base_named_by_adapter(tool: Any, given: dict[str, Any]) -> Optional[ModelSpe
         return None
     if not any(set(alt) <= present | {"base"} for alt in tool.needs):
         return None
-    from ..core.errors import GraftError
     from ..adapters.lora import resolve_adapter
+    from ..core.errors import GraftError
 
     try:
         hint = resolve_adapter(str(given["adapter"])).base_hint

@@ -38,6 +38,7 @@ what a rotated twin should give); :mod:`engine.surgery.conjugate_plan` plans a c
 layer matching, module captures, fitted factors); this module holds the plan
 (:class:`ConjugationPlan`) and the reversible edit that applies it (:class:`Conjugation`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,12 +47,12 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..loading.arch import LinearModule
-from .conjugate_maps import MAP_KINDS, SideMap
 from ..core.errors import GraftError
 from ..core.jsonsafe import rnd
-from ..loading.models import LoadedModel
 from ..core.progress import ProgressLike, as_progress
+from ..loading.arch import LinearModule
+from ..loading.models import LoadedModel
+from .conjugate_maps import MAP_KINDS, SideMap
 from .reversible import ReversibleEdit, working_copy
 from .transplant import save_transplant
 
@@ -87,11 +88,19 @@ class ModulePlan:
 
     def report(self) -> dict[str, Any]:
         return {
-            "name": self.name, "layer": self.layer, "canonical": self.canonical, "kind": self.kind,
-            "target_name": self.target_name, "target_layer": self.target_layer,
-            "status": self.status, "reason": self.reason,
-            "rank": self.rank, "k": self.k, "energy_kept": rnd(self.energy_kept, 8),
-            "delta_norm": rnd(self.delta_norm, 8), "target_delta_norm": rnd(self.target_delta_norm, 8),
+            "name": self.name,
+            "layer": self.layer,
+            "canonical": self.canonical,
+            "kind": self.kind,
+            "target_name": self.target_name,
+            "target_layer": self.target_layer,
+            "status": self.status,
+            "reason": self.reason,
+            "rank": self.rank,
+            "k": self.k,
+            "energy_kept": rnd(self.energy_kept, 8),
+            "delta_norm": rnd(self.delta_norm, 8),
+            "target_delta_norm": rnd(self.target_delta_norm, 8),
             "input": self.input.report() if self.input else None,
             "output": self.output.report() if self.output else None,
         }
@@ -133,11 +142,15 @@ class ConjugationPlan:
     def report(self) -> dict[str, Any]:
         conj = self.conjugated
         return {
-            "base": self.base_label, "target": self.target_label,
-            "layer_map": [list(p) for p in self.layer_map], "layer_map_source": self.layer_map_source,
+            "base": self.base_label,
+            "target": self.target_label,
+            "layer_map": [list(p) for p in self.layer_map],
+            "layer_map_source": self.layer_map_source,
             **self.alignment,
             "params": dict(self.params),
-            "n_modules": len(self.modules), "n_conjugated": len(conj), "n_skipped": len(self.modules) - len(conj),
+            "n_modules": len(self.modules),
+            "n_conjugated": len(conj),
+            "n_skipped": len(self.modules) - len(conj),
             "n_target_modules": len(self.target_modules()),
             "map_counts": self.map_counts(),
             "mean_energy_kept": rnd(sum(m.energy_kept for m in conj) / len(conj), 8) if conj else None,
@@ -165,7 +178,9 @@ class Conjugation(ReversibleEdit):
     transpose. ``modules`` restricts the edit to some target modules (default: all of the plan's).
     """
 
-    def __init__(self, target: LoadedModel, plan: ConjugationPlan, modules: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self, target: LoadedModel, plan: ConjugationPlan, modules: Optional[Sequence[str]] = None
+    ) -> None:
         if plan.target_label != target.label:
             raise GraftError(f"the plan was made for {plan.target_label}, not {target.label}")
         tmods = {m.name: m for m in target.arch.linear_modules()}
@@ -190,7 +205,9 @@ class Conjugation(ReversibleEdit):
             out_t, in_t = lm.shape
             for mp in self.sources[n]:
                 if mp.B is None or mp.A is None or mp.B.shape[0] != out_t or mp.A.shape[1] != in_t:
-                    raise GraftError(f"the plan's update for {n} does not fit the target's ({out_t}, {in_t}) weight")
+                    raise GraftError(
+                        f"the plan's update for {n} does not fit the target's ({out_t}, {in_t}) weight"
+                    )
         self._working: Optional[nn.Module] = None
         self._saved: dict[str, torch.Tensor] = {}  # module -> original weight (the cached target's tensor)
         self._hash_before: Optional[str] = None
@@ -277,9 +294,14 @@ class Conjugation(ReversibleEdit):
 
     def report(self) -> dict[str, Any]:
         return {
-            "target_modules": [{"name": n, "sources": [mp.name for mp in self.sources[n]],
-                                "rank": sum(int(mp.B.shape[1]) for mp in self.sources[n])}  # type: ignore[union-attr]
-                               for n in self.modules],
+            "target_modules": [
+                {
+                    "name": n,
+                    "sources": [mp.name for mp in self.sources[n]],
+                    "rank": sum(int(mp.B.shape[1]) for mp in self.sources[n]),
+                }  # type: ignore[union-attr]
+                for n in self.modules
+            ],
             "applied": list(self.applied),
             "n_tensors": len(self.modules),
             "touched_bytes": self.touched_bytes,
@@ -328,9 +350,16 @@ def apply_and_check(
     conj.apply()
     h1 = conj.weight_hash()
     with conj.target.lock:  # the cached target is evaluated: no capture may hook it meanwhile
-        rep = interference(conj.target.model, conj.working, conj.target.tokenizer, retained_texts,
-                           max_new_tokens=max_new_tokens, prompt_tokens=prompt_tokens, batch_size=batch_size,
-                           progress=progress.sub(0.05, 0.95))
+        rep = interference(
+            conj.target.model,
+            conj.working,
+            conj.target.tokenizer,
+            retained_texts,
+            max_new_tokens=max_new_tokens,
+            prompt_tokens=prompt_tokens,
+            batch_size=batch_size,
+            progress=progress.sub(0.05, 0.95),
+        )
     roll, why = should_roll_back(rep, max_ppl_increase, min_locality=min_locality)
     exact = None
     if roll:
@@ -338,6 +367,12 @@ def apply_and_check(
         conj.rollback()
         exact = conj.weight_hash() == h0 and conj.verify_rollback()
     progress(1.0, "interference checked")
-    return {"interference": rep, "rolled_back": roll, "roll_back_reason": why,
-            "weight_hash_before": h0, "weight_hash_after": h1, "rollback_bit_exact": exact,
-            "target_untouched": conj.target.state_hash() == h0}
+    return {
+        "interference": rep,
+        "rolled_back": roll,
+        "roll_back_reason": why,
+        "weight_hash_before": h0,
+        "weight_hash_after": h1,
+        "rollback_bit_exact": exact,
+        "target_untouched": conj.target.state_hash() == h0,
+    }

@@ -50,6 +50,7 @@ q/k/v/gate/up inputs ``X_B = X_T Q^T diag(g)`` (not a rotation: ridge), their ou
 (identity), o/down inputs identical (identity), o/down outputs ``O_T = O_B Q`` (procrustes, which
 recovers ``Q``). A model against itself: every side identity and ``dW_T == dW`` exactly.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,12 +88,18 @@ class SideMap:
     matrix: Optional[torch.Tensor]  # (d_src, d_dst) float64; None = identity / dropped
     heldout_residual: float  # of the chosen map
     fit_residual: float
-    residuals: dict[str, Optional[float]]  # held-out residual per candidate; None = not applicable / not fitted
+    residuals: dict[
+        str, Optional[float]
+    ]  # held-out residual per candidate; None = not applicable / not fitted
     fit_residuals: dict[str, Optional[float]]
     scale: Optional[float]  # Procrustes isotropic scale s (M = s R)
-    ridge_alpha: Optional[float]  # the ridge candidate's relative strength (chosen on an inner split when auto)
+    ridge_alpha: Optional[
+        float
+    ]  # the ridge candidate's relative strength (chosen on an inner split when auto)
     rank: Optional[int]  # numerical rank of X^T Y on the fit rows (Procrustes)
-    underdetermined: bool  # rank < min(d_src, d_dst): the orthogonal part was completed (engine.measure.linalg)
+    underdetermined: (
+        bool  # rank < min(d_src, d_dst): the orthogonal part was completed (engine.measure.linalg)
+    )
     d_src: int
     d_dst: int
     n_fit: int
@@ -109,11 +116,19 @@ class SideMap:
 
     def report(self) -> dict[str, Any]:
         return {
-            "map": self.kind, "heldout_residual": rnd(self.heldout_residual, 8), "fit_residual": rnd(self.fit_residual, 8),
+            "map": self.kind,
+            "heldout_residual": rnd(self.heldout_residual, 8),
+            "fit_residual": rnd(self.fit_residual, 8),
             "residuals": {k: rnd(v, 8) for k, v in self.residuals.items()},
             "fit_residuals": {k: rnd(v, 8) for k, v in self.fit_residuals.items()},
-            "scale": rnd(self.scale, 8), "ridge_alpha": self.ridge_alpha, "rank": self.rank, "underdetermined": bool(self.underdetermined),
-            "width_from": self.d_src, "width_to": self.d_dst, "n_fit": self.n_fit, "n_heldout": self.n_heldout,
+            "scale": rnd(self.scale, 8),
+            "ridge_alpha": self.ridge_alpha,
+            "rank": self.rank,
+            "underdetermined": bool(self.underdetermined),
+            "width_from": self.d_src,
+            "width_to": self.d_dst,
+            "n_fit": self.n_fit,
+            "n_heldout": self.n_heldout,
             "reason": self.reason,
         }
 
@@ -124,8 +139,13 @@ def _res(pred: torch.Tensor, Y: torch.Tensor) -> float:
     return r if math.isfinite(r) else 1.0
 
 
-def choose_ridge_alpha(X: torch.Tensor, Y: torch.Tensor, group: Optional[torch.Tensor], seed: int = 0,
-                       grid: Sequence[float] = RIDGE_GRID) -> float:
+def choose_ridge_alpha(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    group: Optional[torch.Tensor],
+    seed: int = 0,
+    grid: Sequence[float] = RIDGE_GRID,
+) -> float:
     """The ridge strength (relative, as :func:`engine.measure.linalg.ridge_map`) with the lowest residual on
     an inner validation split of the fit rows (a quarter of their texts, or of the rows with fewer
     than 4 texts; seed ``seed + 1``); the held-out rows never take part. One eigendecomposition of
@@ -200,9 +220,15 @@ def fit_side(
         scale = max(float((XR * Yf).sum()) / den, 0.0) if den > 0 else 0.0
         mats["procrustes"] = scale * pf.R
         rank, under = pf.rank, pf.underdetermined
-        held["procrustes"], fitr["procrustes"] = _res(Xh @ mats["procrustes"], Yh), _res(Xf @ mats["procrustes"], Yf)
-        alpha = ridge_alpha if ridge_alpha > 0 else choose_ridge_alpha(
-            Xf, Yf, None if group is None else group[fit], seed)
+        held["procrustes"], fitr["procrustes"] = (
+            _res(Xh @ mats["procrustes"], Yh),
+            _res(Xf @ mats["procrustes"], Yf),
+        )
+        alpha = (
+            ridge_alpha
+            if ridge_alpha > 0
+            else choose_ridge_alpha(Xf, Yf, None if group is None else group[fit], seed)
+        )
         W = ridge_map(Xf, Yf, alpha)
         mats["ridge"] = W
         held["ridge"], fitr["ridge"] = _res(Xh @ W, Yh), _res(Xf @ W, Yf)
@@ -210,17 +236,42 @@ def fit_side(
     if force != "auto":
         kind, reason = force, "forced"
     elif coincide:
-        kind, reason = "identity", f"identity held-out residual {r_i:.3g} <= {identity_tol:g}: the spaces coincide"
+        kind, reason = (
+            "identity",
+            f"identity held-out residual {r_i:.3g} <= {identity_tol:g}: the spaces coincide",
+        )
     else:
         assert r_p is not None and r_w is not None
         if r_i is not None and r_i <= min(r_p, r_w):
             kind, reason = "identity", "no fitted map does better than the identity on held-out rows"
         elif r_p <= r_w + procrustes_tol:
-            kind, reason = "procrustes", f"a rotation explains the side (held-out {r_p:.3g} vs ridge {r_w:.3g}, tolerance {procrustes_tol:g})"
+            kind, reason = (
+                "procrustes",
+                f"a rotation explains the side (held-out {r_p:.3g} vs ridge {r_w:.3g}, tolerance "
+                f"{procrustes_tol:g})",
+            )
         else:
-            kind, reason = "ridge", f"not a rotation: ridge held-out {r_w:.3g} beats procrustes {r_p:.3g} by more than {procrustes_tol:g}"
+            kind, reason = (
+                "ridge",
+                f"not a rotation: ridge held-out {r_w:.3g} beats procrustes {r_p:.3g} by more than "
+                f"{procrustes_tol:g}",
+            )
     chosen_held, chosen_fit = held[kind], fitr[kind]
     assert chosen_held is not None and chosen_fit is not None
-    return SideMap(kind=kind, matrix=mats.get(kind), heldout_residual=chosen_held, fit_residual=chosen_fit,
-                   residuals=held, fit_residuals=fitr, scale=scale, ridge_alpha=alpha, rank=rank, underdetermined=under,
-                   d_src=d_src, d_dst=d_dst, n_fit=n_fit, n_heldout=n_ho, reason=reason)
+    return SideMap(
+        kind=kind,
+        matrix=mats.get(kind),
+        heldout_residual=chosen_held,
+        fit_residual=chosen_fit,
+        residuals=held,
+        fit_residuals=fitr,
+        scale=scale,
+        ridge_alpha=alpha,
+        rank=rank,
+        underdetermined=under,
+        d_src=d_src,
+        d_dst=d_dst,
+        n_fit=n_fit,
+        n_heldout=n_ho,
+        reason=reason,
+    )

@@ -2,63 +2,37 @@
 ``k``, match base layers to target layers (T2), capture the rows each module's sides see, fit one
 map per side (:func:`engine.surgery.conjugate_maps.fit_side`) and express the factors in the target's
 coordinates, ``B_T = M_out^T B_k``, ``A_T = A_k M_in^T``. The result is a
-:class:`engine.surgery.conjugate.ConjugationPlan`, which :class:`engine.surgery.conjugate.Conjugation` applies.
+:class:`engine.surgery.conjugate.ConjugationPlan`, which :class:`engine.surgery.conjugate.Conjugation`
+applies.
 
 Memory: module rows are captured a group of base layers at a time (with the matched target
 layers), each group bounded by ``capture_bytes``; modules reading one tensor (q/k/v, gate/up) share
 one captured copy (:func:`engine.measure.capture.capture`) and one fitted map.
 """
+
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
-from ..measure.align import row_alignment
-from ..measure.capture import CaptureCache, capture
-from .conjugate import ConjugationPlan, ModulePlan
-from .conjugate_maps import FORCE_CHOICES, IDENTITY_TOL, PROCRUSTES_TOL, SideMap, fit_side
 from ..core.errors import GraftError
+from ..core.progress import ProgressLike, as_progress
+from ..loading.models import LoadedModel
+from ..measure.align import row_alignment
+from ..measure.capture import capture
+from ..measure.capture_cache import CaptureCache
 from ..measure.cka import cka_matrix
 from ..measure.linalg import monotone_matching, split_rows
-from ..loading.models import LoadedModel
-from ..core.progress import ProgressLike, as_progress
+from .conjugate import ConjugationPlan
+from .conjugate_deltas import fro_factored, validate_and_truncate
+from .conjugate_maps import FORCE_CHOICES, IDENTITY_TOL, PROCRUSTES_TOL, SideMap, fit_side
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapters.lowrank import ModuleDelta
 
 DEFAULT_CAPTURE_BYTES = 2 << 30
-
-
-def _fro_factored(B: torch.Tensor, A: torch.Tensor) -> float:
-    """||B A||_F from the factors: sqrt(tr((B^T B)(A A^T)))."""
-    Bd, Ad = B.double(), A.double()
-    return math.sqrt(max(float(((Bd.T @ Bd) * (Ad @ Ad.T)).sum()), 0.0))
-
-
-def _truncate(delta: "ModuleDelta", k: int, energy: Optional[float]) -> tuple["ModuleDelta", int, int, float]:
-    """(truncated delta, its rank, k kept, energy kept). Energy is the share of the exact
-    ``||dW||_F^2`` (:meth:`engine.adapters.lowrank.ModuleDelta.norm_sq`: a full fine-tune's factors may already be
-    a truncation of it). A zero update keeps k = 0."""
-    rank = int(delta.rank)
-    total = float(delta.norm_sq())
-    if not (total > 0 and math.isfinite(total)):
-        return delta, rank, 0, 0.0
-    if (k <= 0 or k >= rank) and not energy:
-        return delta, rank, rank, min(1.0, _fro_factored(delta.B, delta.A) ** 2 / total)
-    from ..adapters.lowrank import factored_svd, k_at_energy, truncate
-
-    _, S, _ = factored_svd(delta.B, delta.A)
-    S2 = S.double().pow(2)
-    kk = len(S) if k <= 0 else min(k, len(S))
-    if energy:
-        ke = k_at_energy(S, energy, total=total if delta.frob_norm is not None else None)
-        kk = min(kk, len(S) if ke is None else int(ke))
-    if kk <= 0:
-        return delta, rank, 0, 0.0
-    return truncate(delta, kk), rank, kk, min(1.0, float(S2[:kk].sum()) / total)
 
 
 def _layer_groups(layers: list[int], bytes_of: Callable[[int], int], budget: int) -> list[list[int]]:
@@ -135,35 +109,7 @@ def plan_conjugation(
     L_B, L_T = base.arch.n_layers, target.arch.n_layers
 
     # -- 1. validate and truncate the deltas -------------------------------------------------
-    plans: list[ModulePlan] = []
-    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # index in plans -> (B_k, A_k)
-    seen: set[str] = set()
-    for d in deltas:
-        if d.name in seen:
-            raise GraftError(f"module {d.name} appears twice among the deltas")
-        seen.add(d.name)
-        bm = bmods.get(d.name)
-        if bm is None or int(getattr(d, "layer", 0)) < 0 or not getattr(d, "known", True):
-            # LoRA outside the blocks (lm_head, embeddings) or on a module no layout names.
-            plans.append(ModulePlan(name=d.name, layer=int(getattr(d, "layer", -1)), canonical=getattr(d, "module", d.name),
-                                    kind=getattr(d, "kind", "other"), rank=int(d.B.shape[1]), k=0, energy_kept=0.0,
-                                    delta_norm=_fro_factored(d.B, d.A),
-                                    reason=f"{d.name} is not a block linear module of the base {base.label}"))
-            continue
-        out_b, in_b = bm.shape
-        if d.B.ndim != 2 or d.A.ndim != 2 or d.B.shape[0] != out_b or d.A.shape[1] != in_b or d.B.shape[1] != d.A.shape[0]:
-            raise GraftError(f"delta of {d.name} has factors {list(d.B.shape)} x {list(d.A.shape)}, "
-                             f"which do not make the base's ({out_b}, {in_b}) weight: wrong base model?")
-        if not (torch.isfinite(d.B).all() and torch.isfinite(d.A).all()):
-            raise GraftError(f"delta of {d.name} has non-finite values")
-        dk, rank, kk, kept = _truncate(d, k, energy)
-        mp = ModulePlan(name=d.name, layer=bm.layer, canonical=bm.canonical, kind=bm.kind, rank=rank, k=kk,
-                        energy_kept=kept, delta_norm=_fro_factored(dk.B, dk.A) if kk else 0.0)
-        if kk:
-            factors[len(plans)] = (dk.B, dk.A)
-        else:
-            mp.reason = "the delta is zero"
-        plans.append(mp)
+    plans, factors = validate_and_truncate(deltas, base, k, energy)
     progress(0.02, f"{len(plans)} module deltas truncated")
 
     # -- 2. residual capture, row alignment, layer matching -----------------------------------
@@ -193,7 +139,9 @@ def plan_conjugation(
         source = "given"
         for i, j in pairs:
             if not (0 <= i < L_B and 0 <= j < L_T):
-                raise GraftError(f"layer pair ({i}, {j}) is out of range: the base has {L_B} layers, the target {L_T}")
+                raise GraftError(
+                    f"layer pair ({i}, {j}) is out of range: the base has {L_B} layers, the target {L_T}"
+                )
     del XB, YT
     lmap: dict[int, int] = {}
     for i, j in pairs:
@@ -215,8 +163,9 @@ def plan_conjugation(
         mp.target_layer = j
         if tname not in tmods:
             have = sorted({m.canonical for m in tmods.values()})
-            mp.reason = (f"the target ({target.arch.family}) has no {mp.canonical} module "
-                         f"(it has {', '.join(have)})")
+            mp.reason = (
+                f"the target ({target.arch.family}) has no {mp.canonical} module (it has {', '.join(have)})"
+            )
             continue
         mp.target_name = tname
         todo.append(idx)
@@ -231,10 +180,19 @@ def plan_conjugation(
     by_layer: dict[int, list[int]] = {}
     for idx in todo:
         by_layer.setdefault(plans[idx].layer, []).append(idx)
-    groups = _layer_groups(sorted(by_layer), lambda l: sum(module_bytes(i) for i in by_layer[l]), capture_bytes)
+    groups = _layer_groups(
+        sorted(by_layer), lambda l: sum(module_bytes(i) for i in by_layer[l]), capture_bytes
+    )
     t_capture = t_fit = 0.0
-    fit_kw = dict(ridge_alpha=ridge_alpha, identity_tol=identity_tol, procrustes_tol=procrustes_tol, force=force,
-                  group=ra.group, seed=seed, fit_all=fit_all)
+    fit_kw = dict(
+        ridge_alpha=ridge_alpha,
+        identity_tol=identity_tol,
+        procrustes_tol=procrustes_tol,
+        force=force,
+        group=ra.group,
+        seed=seed,
+        fit_all=fit_all,
+    )
     for g, layers in enumerate(groups):
         pg = progress.sub(0.25 + 0.75 * g / len(groups), 0.25 + 0.75 * (g + 1) / len(groups))
         idxs = [i for l in layers for i in by_layer[l]]
@@ -244,20 +202,45 @@ def plan_conjugation(
         what = f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
         if same_model:
             names = list(dict.fromkeys(bnames + tnames))  # type: ignore[operator]
-            gb = capture(base, texts, modules=names, module_inputs=names, residual=False, batch_size=batch_size,
-                         progress=pg.sub(0, 0.6))
+            gb = capture(
+                base,
+                texts,
+                modules=names,
+                module_inputs=names,
+                residual=False,
+                batch_size=batch_size,
+                progress=pg.sub(0, 0.6),
+            )
             gt = gb
         else:
-            gb = capture(base, texts, modules=bnames, module_inputs=bnames, residual=False, batch_size=batch_size,
-                         progress=pg.sub(0, 0.3))
-            gt = capture(target, texts, modules=tnames, module_inputs=tnames, residual=False,  # type: ignore[arg-type]
-                         batch_size=batch_size, progress=pg.sub(0.3, 0.6))
+            gb = capture(
+                base,
+                texts,
+                modules=bnames,
+                module_inputs=bnames,
+                residual=False,
+                batch_size=batch_size,
+                progress=pg.sub(0, 0.3),
+            )
+            gt = capture(
+                target,
+                texts,
+                modules=tnames,
+                module_inputs=tnames,
+                residual=False,  # type: ignore[arg-type]
+                batch_size=batch_size,
+                progress=pg.sub(0.3, 0.6),
+            )
         if gb.token_ids != cb.token_ids or gt.token_ids != ct.token_ids:
-            raise GraftError("internal: a module capture tokenised the texts differently from the residual capture")
+            raise GraftError(
+                "internal: a module capture tokenised the texts differently from the residual capture"
+            )
         t_capture += time.perf_counter() - t1
         t2 = time.perf_counter()
         rows: dict[tuple[str, int], torch.Tensor] = {}  # ("b"|"t", id(raw tensor)) -> aligned rows
-        sides: dict[tuple[int, int], SideMap] = {}  # (id(src raw), id(dst raw)) -> map; shared inputs fit once
+        sides: dict[
+            tuple[int, int], SideMap
+        ] = {}  # (id(src raw), id(dst raw)) -> map; shared inputs fit once
 
         def aligned(which: str, T: torch.Tensor) -> torch.Tensor:
             key = (which, id(T))
@@ -284,12 +267,13 @@ def plan_conjugation(
                 mp.reason = str(e)
                 continue
             Bk, Ak = factors[idx]
-            # dW_T = M_out^T dW_k M_in^T = (M_out^T B_k)(A_k M_in^T); identity sides keep the factors as they are.
+            # dW_T = M_out^T dW_k M_in^T = (M_out^T B_k)(A_k M_in^T); identity sides keep the factors as
+            # they are.
             B_T = Bk if m_out.kind == "identity" else (m_out.matrix.T @ Bk.double()).to(Bk.dtype)  # type: ignore[union-attr]
             A_T = Ak if m_in.kind == "identity" else (Ak.double() @ m_in.matrix.T).to(Ak.dtype)  # type: ignore[union-attr]
             mp.B, mp.A = B_T, A_T
             mp.input, mp.output = m_in, m_out
-            mp.target_delta_norm = _fro_factored(B_T, A_T)
+            mp.target_delta_norm = fro_factored(B_T, A_T)
             mp.status, mp.reason = "conjugated", ""
         if not keep_maps:
             for sm in sides.values():
@@ -303,33 +287,62 @@ def plan_conjugation(
     conj = [m for m in plans if m.status == "conjugated"]
     warnings: list[str] = []
     if not conj:
-        warnings.append("no module could be conjugated: " + "; ".join(sorted({m.reason for m in plans}))[:300])
+        warnings.append(
+            "no module could be conjugated: " + "; ".join(sorted({m.reason for m in plans}))[:300]
+        )
     n_fit = int(fit.sum())
     chosen = [s for m in conj for s in (m.input, m.output) if s is not None]
     # An underdetermined rotation matters only where held-out rows leave the fit rows' span.
-    under = [s for s in chosen if s.kind == "procrustes" and s.underdetermined and s.heldout_residual > identity_tol]
+    under = [
+        s
+        for s in chosen
+        if s.kind == "procrustes" and s.underdetermined and s.heldout_residual > identity_tol
+    ]
     if under:
         widths = sorted({min(s.d_src, s.d_dst) for s in under})
-        warnings.append(f"{len(under)} module side(s) use an underdetermined rotation: the fit rows ({n_fit}) do not "
-                        f"span width(s) {', '.join(map(str, widths))}, so it was completed off their span "
-                        "(engine.measure.linalg.procrustes_fit) and held-out rows show it — use a larger workload or --max-tokens")
+        warnings.append(
+            f"{len(under)} module side(s) use an underdetermined rotation: the fit rows ({n_fit}) do not "
+            f"span width(s) {', '.join(map(str, widths))}, so it was completed off their span "
+            "(engine.measure.linalg.procrustes_fit) and held-out rows show it — use a larger workload or "
+            "--max-tokens"
+        )
     thin = [s for s in chosen if s.kind == "ridge" and n_fit < s.d_src]
     if thin:
         widths = sorted({s.d_src for s in thin})
-        warnings.append(f"{len(thin)} ridge side(s) are fitted on fewer rows ({n_fit}) than their input width(s) "
-                        f"({', '.join(map(str, widths))}): directions the rows do not reach are shrunk to zero — "
-                        "use a larger workload or --max-tokens")
+        warnings.append(
+            f"{len(thin)} ridge side(s) are fitted on fewer rows ({n_fit}) than their input width(s) "
+            f"({', '.join(map(str, widths))}): directions the rows do not reach are shrunk to zero — "
+            "use a larger workload or --max-tokens"
+        )
     poor = [s for s in chosen if s.heldout_residual > 0.5]
     if poor:
-        warnings.append(f"{len(poor)} side map(s) leave more than half of the held-out energy unexplained "
-                        "(held-out residual > 0.5): the update may not carry over there")
+        warnings.append(
+            f"{len(poor)} side map(s) leave more than half of the held-out energy unexplained "
+            "(held-out residual > 0.5): the update may not carry over there"
+        )
     return ConjugationPlan(
-        base_label=base.label, target_label=target.label, modules=plans, layer_map=sorted(lmap.items()),
+        base_label=base.label,
+        target_label=target.label,
+        modules=plans,
+        layer_map=sorted(lmap.items()),
         layer_map_source=source,
         alignment={**ra.summary(), "n_fit": int(fit.sum()), "n_heldout": int(held.sum())},
-        params={"k": k, "energy": energy or None, "ridge_alpha": ridge_alpha, "heldout_fraction": heldout_fraction,
-                "seed": seed, "outlier_factor": outlier_factor, "identity_tol": identity_tol,
-                "procrustes_tol": procrustes_tol, "map": force},
+        params={
+            "k": k,
+            "energy": energy or None,
+            "ridge_alpha": ridge_alpha,
+            "heldout_fraction": heldout_fraction,
+            "seed": seed,
+            "outlier_factor": outlier_factor,
+            "identity_tol": identity_tol,
+            "procrustes_tol": procrustes_tol,
+            "map": force,
+        },
         warnings=warnings,
-        seconds={"match": t_match, "module_capture": t_capture, "fit": t_fit, "total": time.perf_counter() - t_start},
+        seconds={
+            "match": t_match,
+            "module_capture": t_capture,
+            "fit": t_fit,
+            "total": time.perf_counter() - t_start,
+        },
     )

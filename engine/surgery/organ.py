@@ -16,6 +16,7 @@ refuses, in one line, a checkpoint whose tensors do not hash as the card says (e
 file), whose card disagrees with its tensors (hidden size, number of blocks) or that is not an
 organ. :func:`check_fits` refuses, in one line, a recipient the organ cannot be put into.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,13 +30,13 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..core.jsonio import read_json_file
-from ..loading.arch import block_internal_signature, signature
 from ..core.errors import GraftError
-from ..loading.models import LoadedModel
+from ..core.jsonio import read_json_file
 from ..core.outputs import share_like_new
 from ..core.paths import check_writable_parent
+from ..loading.arch import block_internal_signature, signature
 from ..loading.bridged import block_of_width
+from ..loading.models import LoadedModel
 
 ORGAN_FORMAT = "graft-organ/1"
 _HEAD_NORM = re.compile(r"(^|\.)(q|k)_(norm|layernorm)\.")
@@ -85,7 +86,11 @@ class Organ:
 
     @property
     def name(self) -> str:
-        return self.path.name if self.path else f"{self.card['source']['label']}[{self.start}:{self.start + self.size}]"
+        return (
+            self.path.name
+            if self.path
+            else f"{self.card['source']['label']}[{self.start}:{self.start + self.size}]"
+        )
 
     @property
     def nbytes(self) -> int:
@@ -93,7 +98,7 @@ class Organ:
 
     def block_state(self, i: int) -> dict[str, torch.Tensor]:
         prefix = f"{i}."
-        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
     def sha256(self) -> str:
         return tensors_sha256(self.tensors)
@@ -108,9 +113,13 @@ def extract_organ(source: LoadedModel, start: Optional[int] = None, size: int = 
     L = source.arch.n_layers
     s = default_start(L) if start is None or start < 0 else int(start)
     if size < 1 or s + size > L:
-        default = f"; a negative start picks the default floor(L / 3) = {s}" if start is None or start < 0 else ""
-        raise GraftError(f"an organ of {size} blocks from block {s} does not fit in {source.label}'s {L} blocks "
-                         f"(start + size must be at most {L}{default})")
+        default = (
+            f"; a negative start picks the default floor(L / 3) = {s}" if start is None or start < 0 else ""
+        )
+        raise GraftError(
+            f"an organ of {size} blocks from block {s} does not fit in {source.label}'s {L} blocks "
+            f"(start + size must be at most {L}{default})"
+        )
     tensors: dict[str, torch.Tensor] = {}
     with source.lock:
         for i in range(size):
@@ -121,12 +130,16 @@ def extract_organ(source: LoadedModel, start: Optional[int] = None, size: int = 
         "format": ORGAN_FORMAT,
         "source": {"ref": source.spec.ref, "label": source.label, "weight_hash": source.state_hash()},
         "layers": list(range(s, s + size)),
-        "start": s, "size": size, "input_layer": s,
+        "start": s,
+        "size": size,
+        "input_layer": s,
         "hidden_size": source.arch.hidden_size,
         "architecture": {k: v for k, v in desc.items() if k != "n_params"},
-        "signature": signature(desc), "block_signature": block_internal_signature(desc),
+        "signature": signature(desc),
+        "block_signature": block_internal_signature(desc),
         "dtype": str(source.dtype).replace("torch.", ""),
-        "training": None, "metrics": {},
+        "training": None,
+        "metrics": {},
     }
     card["tensors_sha256"] = tensors_sha256(tensors)
     return Organ(card, tensors)
@@ -145,13 +158,19 @@ def save_organ(organ: Organ, out_dir: Union[str, Path]) -> Path:
     out = Path(out_dir).expanduser().resolve()
     check_writable_parent(out)
     if out.is_dir() and any(out.iterdir()) and not (out / ORGAN_CARD).is_file():
-        raise GraftError(f"refusing to write into {out}: the folder is not empty and is not an organ checkpoint (no {ORGAN_CARD})")
+        raise GraftError(
+            f"refusing to write into {out}: the folder is not empty and is not an organ checkpoint (no "
+            f"{ORGAN_CARD})"
+        )
     card = dict(organ.card, tensors_sha256=organ.sha256())
     _check_consistent(Organ(card, organ.tensors), str(out))  # refuse before anything is written
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(card, indent=2, allow_nan=False)
-    save_file({k: v.contiguous() for k, v in organ.tensors.items()}, str(out / ORGAN_TENSORS),
-              metadata={"format": ORGAN_FORMAT})
+    save_file(
+        {k: v.contiguous() for k, v in organ.tensors.items()},
+        str(out / ORGAN_TENSORS),
+        metadata={"format": ORGAN_FORMAT},
+    )
     (out / ORGAN_CARD).write_text(text)
     share_like_new(out / ORGAN_TENSORS)  # safetensors writes 0600
     organ.card, organ.path = card, out
@@ -177,8 +196,10 @@ def load_organ(path: Union[str, Path]) -> Organ:
     try:
         tensors = load_file(str(p / ORGAN_TENSORS))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise GraftError(f"organ checkpoint {p}: cannot read {ORGAN_TENSORS} (truncated or not safetensors): "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise GraftError(
+            f"organ checkpoint {p}: cannot read {ORGAN_TENSORS} (truncated or not safetensors): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     organ = Organ(card, tensors, p.resolve())
     _check_consistent(organ, str(p))
     return organ
@@ -191,40 +212,78 @@ def _check_consistent(organ: Organ, where: str) -> None:
         int(card["start"]), int(card["input_layer"]), str(card["source"]["ref"])
         arch = dict(card["architecture"])
     except (KeyError, TypeError, ValueError, OverflowError):
-        raise GraftError(f"organ checkpoint {where}: {ORGAN_CARD} lacks a field (size, start, layers, hidden_size, "
-                         "input_layer, source, architecture)") from None
+        raise GraftError(
+            f"organ checkpoint {where}: {ORGAN_CARD} lacks a field (size, start, layers, hidden_size, "
+            "input_layer, source, architecture)"
+        ) from None
     if organ.sha256() != card.get("tensors_sha256"):
-        raise GraftError(f"organ checkpoint {where}: the tensors do not match the card's tensors_sha256 (edited or corrupted)")
+        raise GraftError(
+            f"organ checkpoint {where}: the tensors do not match the card's tensors_sha256 (edited or "
+            "corrupted)"
+        )
     ranks = {int(k.split(".", 1)[0]) for k in organ.tensors}
     if ranks != set(range(size)) or len(layers) != size:
-        raise GraftError(f"organ checkpoint {where}: the card says {size} blocks, the tensors hold {len(ranks)}")
+        raise GraftError(
+            f"organ checkpoint {where}: the card says {size} blocks, the tensors hold {len(ranks)}"
+        )
     # The block's own norms are hidden-wide; per-head norms (Gemma 3's and Qwen 3's q_norm / k_norm,
     # Phi's optional q_layernorm / k_layernorm) are head_dim-wide and say nothing of the width.
-    widths = {int(t.shape[0]) for k, t in organ.tensors.items()
-              if t.dim() == 1 and k.endswith(".weight") and ("norm" in k.lower() or ".ln_" in k)
-              and not _HEAD_NORM.search(k)}
+    widths = {
+        int(t.shape[0])
+        for k, t in organ.tensors.items()
+        if t.dim() == 1
+        and k.endswith(".weight")
+        and ("norm" in k.lower() or ".ln_" in k)
+        and not _HEAD_NORM.search(k)
+    }
     if widths and widths != {hidden}:
-        raise GraftError(f"organ checkpoint {where}: the card says hidden size {hidden}, the tensors have {sorted(widths)}")
+        raise GraftError(
+            f"organ checkpoint {where}: the card says hidden size {hidden}, the tensors have {sorted(widths)}"
+        )
     if arch.get("hidden_size") != hidden or block_internal_signature(arch) != card.get("block_signature"):
-        raise GraftError(f"organ checkpoint {where}: the card's architecture fields disagree with its signature")
+        raise GraftError(
+            f"organ checkpoint {where}: the card's architecture fields disagree with its signature"
+        )
 
 
-def check_fits(organ: Organ, recipient: LoadedModel, position: Optional[int] = None, bridged: bool = False) -> None:
+def check_fits(
+    organ: Organ, recipient: LoadedModel, position: Optional[int] = None, bridged: bool = False
+) -> None:
     """One-line GraftError when ``organ`` cannot replace blocks of ``recipient`` (at ``position``).
     An organ of another hidden size fits only ``bridged``: the bridges map the recipient's width to
     the organ's and back (equal block internals still needed)."""
     desc = recipient.arch.describe()
     arch = organ.card["architecture"]
     if arch.get("family") != desc["family"]:
-        raise GraftError(f"an organ and its recipient must be of the same family: the organ is {arch.get('family')} "
-                         f"({organ.card['source']['label']}), {recipient.label} is {desc['family']}")
+        raise GraftError(
+            f"an organ and its recipient must be of the same family: the organ is {arch.get('family')} "
+            f"({organ.card['source']['label']}), {recipient.label} is {desc['family']}"
+        )
     if organ.card.get("block_signature") != block_internal_signature(desc):
-        diff = [k for k in ("n_heads", "n_kv_heads", "head_dim", "intermediate_size", "norm_type", "activation", "positional")
-                if arch.get(k) != desc.get(k)]
-        raise GraftError(f"the organ's blocks do not fit {recipient.label}'s (block signature differs: {', '.join(diff) or 'fields'})")
+        diff = [
+            k
+            for k in (
+                "n_heads",
+                "n_kv_heads",
+                "head_dim",
+                "intermediate_size",
+                "norm_type",
+                "activation",
+                "positional",
+            )
+            if arch.get(k) != desc.get(k)
+        ]
+        raise GraftError(
+            f"the organ's blocks do not fit {recipient.label}'s (block signature differs: "
+            f"{', '.join(diff) or 'fields'})"
+        )
     if organ.hidden_size != desc["hidden_size"] and not bridged:
-        raise GraftError(f"the organ's hidden size {organ.hidden_size} differs from {recipient.label}'s {desc['hidden_size']}: "
-                         f"insert it bridged (bridges map width {desc['hidden_size']} -> {organ.hidden_size} -> {desc['hidden_size']})")
+        raise GraftError(
+            f"the organ's hidden size {organ.hidden_size} differs from {recipient.label}'s "
+            f"{desc['hidden_size']}: "
+            f"insert it bridged (bridges map width {desc['hidden_size']} -> {organ.hidden_size} -> "
+            f"{desc['hidden_size']})"
+        )
     ref = template_block(organ, recipient, 0).state_dict()
     for i in range(organ.size):
         st = organ.block_state(i)
@@ -232,8 +291,11 @@ def check_fits(organ: Organ, recipient: LoadedModel, position: Optional[int] = N
             raise GraftError(f"the organ's block {i} does not have the tensors of {recipient.label}'s blocks")
     L = recipient.arch.n_layers
     if position is not None and not 0 <= position <= L - organ.size:
-        raise GraftError(f"position {position} is out of range: an organ of {organ.size} blocks fits at 0..{L - organ.size} "
-                         f"in {recipient.label} ({L} blocks)")
+        raise GraftError(
+            f"position {position} is out of range: an organ of {organ.size} blocks fits at "
+            f"0..{L - organ.size} "
+            f"in {recipient.label} ({L} blocks)"
+        )
 
 
 def set_layer_index(block: nn.Module, index: int) -> None:
@@ -248,10 +310,14 @@ def template_block(organ: Organ, recipient: LoadedModel, index: int) -> nn.Modul
     when the widths are equal, else a new one (:func:`block_of_width`)."""
     if organ.hidden_size == recipient.arch.hidden_size:
         return recipient.arch.blocks[index]
-    return block_of_width(recipient.arch, organ.card["architecture"], index).to(recipient.device, recipient.dtype)
+    return block_of_width(recipient.arch, organ.card["architecture"], index).to(
+        recipient.device, recipient.dtype
+    )
 
 
-def build_blocks(organ: Organ, template: nn.Module, first_index: int, device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
+def build_blocks(
+    organ: Organ, template: nn.Module, first_index: int, device: torch.device, dtype: torch.dtype
+) -> list[nn.Module]:
     """New block modules holding the organ's tensors, shaped like ``template`` (a recipient block, or
     :func:`template_block`'s block of the organ's width).
 
@@ -261,8 +327,13 @@ def build_blocks(organ: Organ, template: nn.Module, first_index: int, device: to
     with torch.inference_mode(False), torch.no_grad():
         for i in range(organ.size):
             block = copy.deepcopy(template).to(device=device, dtype=dtype)
-            block.load_state_dict({k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-                                   for k, v in organ.block_state(i).items()}, strict=True)
+            block.load_state_dict(
+                {
+                    k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                    for k, v in organ.block_state(i).items()
+                },
+                strict=True,
+            )
             for prm in block.parameters():
                 prm.requires_grad_(False)
             set_layer_index(block, first_index + i)
@@ -272,4 +343,8 @@ def build_blocks(organ: Organ, template: nn.Module, first_index: int, device: to
 
 
 def blocks_to_tensors(blocks: list[nn.Module]) -> dict[str, torch.Tensor]:
-    return {f"{i}.{k}": v.detach().to("cpu", copy=True).contiguous() for i, b in enumerate(blocks) for k, v in b.state_dict().items()}
+    return {
+        f"{i}.{k}": v.detach().to("cpu", copy=True).contiguous()
+        for i, b in enumerate(blocks)
+        for k, v in b.state_dict().items()
+    }

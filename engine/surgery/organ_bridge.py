@@ -18,6 +18,7 @@ them. A saved model keeps them as real modules in ``bridges.safetensors`` (they 
 exactly into adjacent weights: the residual stream also carries every earlier block's output
 through normalisations), and :func:`attach_saved_bridges` re-attaches them when Graft loads it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,12 +27,12 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..measure.capture import first_tensor, hidden_state
 from ..core.errors import GraftError
 from ..core.outputs import share_like_new
-from ..loading.tokens import encode_text, model_device, pad_id
 from ..core.progress import Progress, silent
 from ..loading.bridged import ATTR, BRIDGES_FILE, ORGAN_BLOCKS_FILE, Bridge, BridgeSet, install, uninstall  # noqa: F401
+from ..loading.tokens import encode_text, model_device, pad_id
+from ..measure.capture import first_tensor, hidden_state
 
 # --------------------------------------------------------------------------------------------
 # Fitting
@@ -50,14 +51,25 @@ def closed_form(X: torch.Tensor, Y: torch.Tensor, alpha: float) -> tuple[torch.T
     G = Xc.T @ Xc
     lam = alpha * float(torch.trace(G)) / d
     A = G + max(lam, 1e-12 * max(float(torch.trace(G)) / d, 1.0)) * torch.eye(d, dtype=torch.float64)
-    W = torch.linalg.solve(A, Xc.T @ Yc + lam * torch.eye(d, Y.shape[1], dtype=torch.float64))  # prior: (rectangular) I
+    W = torch.linalg.solve(
+        A, Xc.T @ Yc + lam * torch.eye(d, Y.shape[1], dtype=torch.float64)
+    )  # prior: (rectangular) I
     return W, my - mx @ W
 
 
 @torch.inference_mode()
-def stream_rows(model: nn.Module, blocks: nn.ModuleList, tokenizer: Any, texts: Sequence[str],
-                taps: Sequence[tuple[str, int]], *, max_length: int = 128, max_rows: int = 4096,
-                batch_size: int = 8, progress: Optional[Progress] = None) -> dict[tuple[str, int], torch.Tensor]:
+def stream_rows(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    tokenizer: Any,
+    texts: Sequence[str],
+    taps: Sequence[tuple[str, int]],
+    *,
+    max_length: int = 128,
+    max_rows: int = 4096,
+    batch_size: int = 8,
+    progress: Optional[Progress] = None,
+) -> dict[tuple[str, int], torch.Tensor]:
     """Residual-stream rows (non-padding tokens) at each tap: ``("in", i)`` = what block ``i``
     receives (after any bridge pre-hook registered earlier), ``("out", i)`` = what block ``i``
     returns (after any bridge hook); ``("in_raw", i)`` / ``("out_raw", i)``: the same before the
@@ -69,11 +81,19 @@ def stream_rows(model: nn.Module, blocks: nn.ModuleList, tokenizer: Any, texts: 
     for kind, i in taps:
         raw = kind.endswith("_raw")  # prepended: runs before the bridge's own hook on this block
         if kind.startswith("in"):
-            handles.append(blocks[i].register_forward_pre_hook(
-                lambda _m, a, kw, key=(kind, i): sink.__setitem__(key, first_tensor(a, kw)), with_kwargs=True, prepend=raw))
+            handles.append(
+                blocks[i].register_forward_pre_hook(
+                    lambda _m, a, kw, key=(kind, i): sink.__setitem__(key, first_tensor(a, kw)),
+                    with_kwargs=True,
+                    prepend=raw,
+                )
+            )
         else:
-            handles.append(blocks[i].register_forward_hook(
-                lambda _m, _a, o, key=(kind, i): sink.__setitem__(key, hidden_state(o)), prepend=raw))
+            handles.append(
+                blocks[i].register_forward_hook(
+                    lambda _m, _a, o, key=(kind, i): sink.__setitem__(key, hidden_state(o)), prepend=raw
+                )
+            )
     rows: dict[tuple[str, int], list[torch.Tensor]] = {t: [] for t in taps}
     n = 0
     fill = pad_id(tokenizer)
@@ -81,13 +101,13 @@ def stream_rows(model: nn.Module, blocks: nn.ModuleList, tokenizer: Any, texts: 
         encoded = [encode_text(tokenizer, t, max_length) for t in texts]
         for b0 in range(0, len(encoded), batch_size):
             progress(b0 / max(len(encoded), 1), "capturing the residual stream")
-            seqs = encoded[b0:b0 + batch_size]
+            seqs = encoded[b0 : b0 + batch_size]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), fill, dtype=torch.long, device=dev)
             mask = torch.zeros((len(seqs), width), dtype=torch.long, device=dev)
             for r, s in enumerate(seqs):
-                ids[r, :len(s)] = torch.tensor(s, device=dev)
-                mask[r, :len(s)] = 1
+                ids[r, : len(s)] = torch.tensor(s, device=dev)
+                mask[r, : len(s)] = 1
             model(input_ids=ids, attention_mask=mask, use_cache=False)
             keep = mask.bool()
             for t in taps:
@@ -106,8 +126,11 @@ def stream_rows(model: nn.Module, blocks: nn.ModuleList, tokenizer: Any, texts: 
 
 
 def bridge_tensors(bridges: BridgeSet) -> dict[str, torch.Tensor]:
-    return {f"{j}.{name}": p.detach().cpu().contiguous() for j, br in enumerate(bridges.items)
-            for name, p in br.named_parameters()}
+    return {
+        f"{j}.{name}": p.detach().cpu().contiguous()
+        for j, br in enumerate(bridges.items)
+        for name, p in br.named_parameters()
+    }
 
 
 def save_bridges(bridges: BridgeSet, folder: Path) -> None:
@@ -120,23 +143,39 @@ def save_bridges(bridges: BridgeSet, folder: Path) -> None:
 
 def bridges_entry(bridges: BridgeSet) -> dict[str, Any]:
     """The surgery.json entry that describes saved bridges (what :func:`attach_saved_bridges` reads)."""
-    return {"storage": "modules", "file": BRIDGES_FILE, "folded": False,
-            "placements": [{"first": br.first, "last": br.last} for br in bridges.items],
-            "note": "affine bridges y = x W + b on the residual stream, applied before block 'first' and after block "
-                    "'last'; not foldable exactly into adjacent weights, so kept as modules that Graft's loader "
-                    "re-attaches (a plain transformers load ignores them)"}
+    return {
+        "storage": "modules",
+        "file": BRIDGES_FILE,
+        "folded": False,
+        "placements": [{"first": br.first, "last": br.last} for br in bridges.items],
+        "note": "affine bridges y = x W + b on the residual stream, applied before block 'first' and after "
+        "block "
+        "'last'; not foldable exactly into adjacent weights, so kept as modules that Graft's loader "
+        "re-attaches (a plain transformers load ignores them)",
+    }
 
 
-def save_organ_blocks(blocks: dict[int, nn.Module], fields: dict[int, dict[str, Any]], folder: Path) -> dict[str, Any]:
+def save_organ_blocks(
+    blocks: dict[int, nn.Module], fields: dict[int, dict[str, Any]], folder: Path
+) -> dict[str, Any]:
     """Write blocks of another width (``{index: block}``) into ``organ_blocks.safetensors``; returns the
     surgery.json entry that :func:`attach_saved_bridges` reads (each block's index and architecture)."""
     from safetensors.torch import save_file
 
-    save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, b in blocks.items() for k, v in b.state_dict().items()},
-              str(folder / ORGAN_BLOCKS_FILE), metadata={"format": "graft-organ-blocks/1"})
+    save_file(
+        {
+            f"{i}.{k}": v.detach().cpu().contiguous()
+            for i, b in blocks.items()
+            for k, v in b.state_dict().items()
+        },
+        str(folder / ORGAN_BLOCKS_FILE),
+        metadata={"format": "graft-organ-blocks/1"},
+    )
     share_like_new(folder / ORGAN_BLOCKS_FILE)
-    return {"file": ORGAN_BLOCKS_FILE, "blocks": [{"index": i, "architecture": fields[i]} for i in sorted(blocks)],
-            "note": "blocks of the organ's own width, between the bridges; the Hugging Face weights hold the recipient's "
-                    "blocks at these indices, and Graft's loader puts these in their place"}
-
-
+    return {
+        "file": ORGAN_BLOCKS_FILE,
+        "blocks": [{"index": i, "architecture": fields[i]} for i in sorted(blocks)],
+        "note": "blocks of the organ's own width, between the bridges; the Hugging Face weights hold the "
+        "recipient's "
+        "blocks at these indices, and Graft's loader puts these in their place",
+    }

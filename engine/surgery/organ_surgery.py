@@ -18,6 +18,7 @@ bridges, the organs, or the organs and their neighbouring blocks (recovery fine-
 neighbour gets its own copy first, so the cached T is never trained. Several placements compose
 organs (the paper's RQ3); they must not overlap.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,16 +31,27 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..loading.arch import ArchAdapter
 from ..core.errors import GraftError
-from ..loading.models import LoadedModel, state_dict_hash
-from .organ import Organ, build_blocks, check_fits, template_block
-from .organ_bridge import (ORGAN_BLOCKS_FILE, Bridge, BridgeSet, bridge_tensors, bridges_entry, closed_form, install,
-                           save_bridges, save_organ_blocks, stream_rows, uninstall)
-from .organ_train import train_lm
 from ..core.progress import Progress, silent
-from .reversible import ReversibleEdit, working_copy
+from ..loading.arch import ArchAdapter
+from ..loading.models import LoadedModel, state_dict_hash
 from ..loading.tokens import same_tokenizer
+from .organ import Organ, build_blocks, check_fits, template_block
+from .organ_bridge import (
+    ORGAN_BLOCKS_FILE,
+    Bridge,
+    BridgeSet,
+    bridge_tensors,
+    bridges_entry,
+    closed_form,
+    install,
+    save_bridges,
+    save_organ_blocks,
+    stream_rows,
+    uninstall,
+)
+from .organ_train import train_lm
+from .reversible import ReversibleEdit, working_copy
 from .transplant import save_transplant
 
 MODES = ("direct", "bridged")
@@ -68,14 +80,20 @@ class OrganInsertion(ReversibleEdit):
                 raise GraftError(f"mode must be one of {', '.join(MODES)}, got {pl.mode!r}")
             check_fits(pl.organ, target, pl.position, bridged=pl.mode == "bridged")
             if used & set(pl.blocks):
-                raise GraftError(f"organs overlap at block(s) {sorted(used & set(pl.blocks))}: choose a larger spacing")
+                raise GraftError(
+                    f"organs overlap at block(s) {sorted(used & set(pl.blocks))}: choose a larger spacing"
+                )
             used |= set(pl.blocks)
         self.target = target
         self.placements = list(placements)
-        self.modules = tuple(f"blocks.{i}" for pl in self.placements for i in pl.blocks)  # what LiveTransplants lists
+        self.modules = tuple(
+            f"blocks.{i}" for pl in self.placements for i in pl.blocks
+        )  # what LiveTransplants lists
         self._working: Optional[nn.Module] = None
         self._arch: Optional[ArchAdapter] = None
-        self._new: dict[int, nn.Module] = {}  # block index -> module put in (organ block or trained neighbour)
+        self._new: dict[
+            int, nn.Module
+        ] = {}  # block index -> module put in (organ block or trained neighbour)
         self._orig: dict[int, nn.Module] = {}  # block index -> the working copy's original module
         self.bridges: Optional[BridgeSet] = None
         self._applied = False
@@ -102,15 +120,25 @@ class OrganInsertion(ReversibleEdit):
             self._orig = {i: self._arch.blocks[i] for pl in self.placements for i in pl.blocks}
             dev, dt = self.target.device, self.target.dtype
             for pl in self.placements:
-                new = build_blocks(pl.organ, template_block(pl.organ, self.target, pl.position), pl.position, dev, dt)
+                new = build_blocks(
+                    pl.organ, template_block(pl.organ, self.target, pl.position), pl.position, dev, dt
+                )
                 self._new.update(dict(zip(pl.blocks, new)))
             if self.bridged:
                 self.bridges = BridgeSet()
                 d = self.target.arch.hidden_size
                 for pl in self.placements:
                     if pl.mode == "bridged":
-                        self.bridges.items.append(Bridge(d, pl.position, pl.position + pl.organ.size - 1, dev, dt,
-                                                         d_organ=pl.organ.hidden_size))
+                        self.bridges.items.append(
+                            Bridge(
+                                d,
+                                pl.position,
+                                pl.position + pl.organ.size - 1,
+                                dev,
+                                dt,
+                                d_organ=pl.organ.hidden_size,
+                            )
+                        )
             self._working = working
         return self._working
 
@@ -141,7 +169,9 @@ class OrganInsertion(ReversibleEdit):
     def swapped_bytes(self) -> int:
         """Bytes the insertion holds (organ blocks, trained neighbours, bridges)."""
         n = sum(p.nbytes for m in self._new.values() for p in m.state_dict().values())
-        return n + (sum(t.nbytes for t in bridge_tensors(self.bridges).values()) if self.bridges is not None else 0)
+        return n + (
+            sum(t.nbytes for t in bridge_tensors(self.bridges).values()) if self.bridges is not None else 0
+        )
 
     def deviations(self) -> list[Optional[dict[str, float]]]:
         """Per placement: ``{in, out}`` bridge deviations, None for a direct placement."""
@@ -152,8 +182,15 @@ class OrganInsertion(ReversibleEdit):
         return out
 
     # -- bridges and training --------------------------------------------------------------------
-    def fit_bridges(self, sources: Sequence[LoadedModel], texts: Sequence[str], *, alpha: float = 0.01,
-                    max_rows: int = 4096, progress: Optional[Progress] = None) -> None:
+    def fit_bridges(
+        self,
+        sources: Sequence[LoadedModel],
+        texts: Sequence[str],
+        *,
+        alpha: float = 0.01,
+        max_rows: int = 4096,
+        progress: Optional[Progress] = None,
+    ) -> None:
         """Closed-form bridges, placement by placement (each fitted with the earlier ones in place).
         ``sources[j]`` is the model placement ``j``'s organ came from (read for ``W_in``)."""
         progress = progress or silent()
@@ -167,23 +204,53 @@ class OrganInsertion(ReversibleEdit):
                 continue
             br = next(items)
             if not same_tokenizer(src.tokenizer, tok):
-                raise GraftError("closed-form bridges pair the organ's source and the recipient token by token: "
-                                 f"{src.label} and {self.target.label} have different tokenizers")
+                raise GraftError(
+                    "closed-form bridges pair the organ's source and the recipient token by token: "
+                    f"{src.label} and {self.target.label} have different tokenizers"
+                )
             p = progress.sub(j / n, (j + 1) / n)
             last = pl.position + pl.organ.size - 1
             with src.lock:
-                Y_in = stream_rows(src.model, src.arch.blocks, tok, texts, [("in", pl.organ.input_layer)],
-                                   max_rows=max_rows, progress=p.sub(0, 0.25))[("in", pl.organ.input_layer)]
+                Y_in = stream_rows(
+                    src.model,
+                    src.arch.blocks,
+                    tok,
+                    texts,
+                    [("in", pl.organ.input_layer)],
+                    max_rows=max_rows,
+                    progress=p.sub(0, 0.25),
+                )[("in", pl.organ.input_layer)]
             with ref.lock:
-                Y_out = stream_rows(ref.model, ref.arch.blocks, tok, texts, [("out", last)],
-                                    max_rows=max_rows, progress=p.sub(0.25, 0.5))[("out", last)]
+                Y_out = stream_rows(
+                    ref.model,
+                    ref.arch.blocks,
+                    tok,
+                    texts,
+                    [("out", last)],
+                    max_rows=max_rows,
+                    progress=p.sub(0.25, 0.5),
+                )[("out", last)]
             br.set("in", *br.identity("in"))
             br.set("out", *br.identity("out"))
-            X_in = stream_rows(self.working, self.blocks, tok, texts, [("in_raw", pl.position)], max_rows=max_rows,
-                               progress=p.sub(0.5, 0.7))[("in_raw", pl.position)]  # before W_in: the recipient's stream
+            X_in = stream_rows(
+                self.working,
+                self.blocks,
+                tok,
+                texts,
+                [("in_raw", pl.position)],
+                max_rows=max_rows,
+                progress=p.sub(0.5, 0.7),
+            )[("in_raw", pl.position)]  # before W_in: the recipient's stream
             br.set("in", *closed_form(X_in, Y_in, alpha))
-            X_out = stream_rows(self.working, self.blocks, tok, texts, [("out_raw", last)], max_rows=max_rows,
-                                progress=p.sub(0.7, 0.95))[("out_raw", last)]  # before W_out: the organ's own output
+            X_out = stream_rows(
+                self.working,
+                self.blocks,
+                tok,
+                texts,
+                [("out_raw", last)],
+                max_rows=max_rows,
+                progress=p.sub(0.7, 0.95),
+            )[("out_raw", last)]  # before W_out: the organ's own output
             br.set("out", *closed_form(X_out, Y_out, alpha))
         progress(1.0, "bridges fitted")
 
@@ -203,8 +270,16 @@ class OrganInsertion(ReversibleEdit):
                     out.append(i)
         return out
 
-    def train(self, what: str, texts: Sequence[str], *, steps: int, lr: float, seed: int,
-              progress: Optional[Progress] = None) -> list[float]:
+    def train(
+        self,
+        what: str,
+        texts: Sequence[str],
+        *,
+        steps: int,
+        lr: float,
+        seed: int,
+        progress: Optional[Progress] = None,
+    ) -> list[float]:
         """Brief LM-loss training of ``bridges``, ``organs`` or ``organs+neighbours``."""
         self.apply()
         if what == "bridges":
@@ -215,12 +290,22 @@ class OrganInsertion(ReversibleEdit):
             self.own_neighbours()
             params = [p for m in self._new.values() for p in m.parameters()]
         elif what == "bridges+organs":
-            params = ([p for pl in self.placements for i in pl.blocks for p in self._new[i].parameters()]
-                      + (list(self.bridges.parameters()) if self.bridges is not None else []))
+            params = [p for pl in self.placements for i in pl.blocks for p in self._new[i].parameters()] + (
+                list(self.bridges.parameters()) if self.bridges is not None else []
+            )
         else:
             raise GraftError(f"internal: unknown training target {what}")
-        return train_lm(self.working, self.target.tokenizer, texts, params, steps=steps, lr=lr, seed=seed,
-                        progress=progress, what=f"training {what}")
+        return train_lm(
+            self.working,
+            self.target.tokenizer,
+            texts,
+            params,
+            steps=steps,
+            lr=lr,
+            seed=seed,
+            progress=progress,
+            what=f"training {what}",
+        )
 
     # -- saving -------------------------------------------------------------------------------------
     def save_card(self, out_dir: Union[str, Path], card: dict[str, Any]) -> Path:
@@ -233,8 +318,12 @@ class OrganInsertion(ReversibleEdit):
         bs = self.bridges
         # Blocks of another width cannot be Hugging Face weights under the recipient's config: the
         # folder holds the recipient's blocks at those indices, and the organ's go beside them.
-        wide = {i: self._new[i] for pl in self.placements if pl.organ.hidden_size != self.target.arch.hidden_size
-                for i in pl.blocks}
+        wide = {
+            i: self._new[i]
+            for pl in self.placements
+            if pl.organ.hidden_size != self.target.arch.hidden_size
+            for i in pl.blocks
+        }
         fields = {i: pl.organ.card["architecture"] for pl in self.placements for i in pl.blocks if i in wide}
         uninstall(self.working)  # the HF folder holds the plain blocks; the bridges go beside them
         # what Graft's loader rebuilds (less the bridges), hashed only when it differs from the HF weights
@@ -267,4 +356,3 @@ class OrganInsertion(ReversibleEdit):
             h.update(k.encode())
             h.update(v.contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
-

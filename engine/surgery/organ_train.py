@@ -7,6 +7,7 @@ but the organ) whose block list is the organ alone; the model's own forward supp
 embeddings and masks. Only the organ's tensors get gradients. Deterministic for a given seed:
 batches are drawn from a seeded generator and dropout is off (the model stays in eval mode).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loading.arch import ArchAdapter
-from .reversible import working_copy
 from ..core.errors import GraftError
-from ..loading.tokens import encode_text, model_device, pad_id
-from ..loading.models import LoadedModel
-from .organ import Organ, blocks_to_tensors, build_blocks, tensors_sha256
 from ..core.progress import Progress, silent
+from ..loading.arch import ArchAdapter
+from ..loading.models import LoadedModel
+from ..loading.tokens import encode_text, model_device, pad_id
+from .organ import Organ, blocks_to_tensors, build_blocks, tensors_sha256
+from .reversible import working_copy
 
 
 def lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -31,19 +32,32 @@ def lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 
-def _batch(encoded: list[list[int]], idx: list[int], fill: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    encoded: list[list[int]], idx: list[int], fill: int, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(encoded[i]) for i in idx)
     ids = torch.full((len(idx), width), fill, dtype=torch.long, device=dev)
     mask = torch.zeros_like(ids)
     for r, i in enumerate(idx):
-        ids[r, :len(encoded[i])] = torch.tensor(encoded[i], device=dev)
-        mask[r, :len(encoded[i])] = 1
+        ids[r, : len(encoded[i])] = torch.tensor(encoded[i], device=dev)
+        mask[r, : len(encoded[i])] = 1
     return ids, mask
 
 
-def train_lm(model: nn.Module, tokenizer: Any, texts: Sequence[str], params: Iterable[nn.Parameter], *, steps: int,
-             lr: float, seed: int, batch_size: int = 8, max_length: int = 128,
-             progress: Optional[Progress] = None, what: str = "training") -> list[float]:
+def train_lm(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    params: Iterable[nn.Parameter],
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    batch_size: int = 8,
+    max_length: int = 128,
+    progress: Optional[Progress] = None,
+    what: str = "training",
+) -> list[float]:
     """``steps`` Adam steps of the causal LM loss on ``texts``, updating only ``params``; returns
     the loss of every step. Dropout stays off (eval mode) so a seed fixes the run."""
     progress = progress or silent()
@@ -68,7 +82,9 @@ def train_lm(model: nn.Module, tokenizer: Any, texts: Sequence[str], params: Ite
                 ids, mask = _batch(encoded, idx, fill, dev)
                 loss = lm_loss(model, ids, mask)
                 if not torch.isfinite(loss):
-                    raise GraftError(f"{what} diverged at step {step + 1} (loss is not finite): lower the learning rate")
+                    raise GraftError(
+                        f"{what} diverged at step {step + 1} (loss is not finite): lower the learning rate"
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -82,7 +98,9 @@ def train_lm(model: nn.Module, tokenizer: Any, texts: Sequence[str], params: Ite
 
 
 @torch.inference_mode()
-def mean_loss(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int = 128, batch_size: int = 8) -> float:
+def mean_loss(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int = 128, batch_size: int = 8
+) -> float:
     """Token-weighted mean causal LM loss over ``texts``."""
     encoded = [e for e in (encode_text(tokenizer, t, max_length) for t in texts) if len(e) >= 2]
     dev, fill = model_device(model), pad_id(tokenizer)
@@ -113,9 +131,19 @@ def standalone_model(source: LoadedModel, organ: Organ) -> tuple[nn.Module, list
     return working, blocks
 
 
-def train_organ(source: LoadedModel, organ: Organ, texts: Sequence[str], *, steps: int, lr: float, seed: int,
-                batch_size: int = 8, max_length: int = 128, data: Optional[dict[str, Any]] = None,
-                progress: Optional[Progress] = None) -> tuple[Organ, list[float], dict[str, float]]:
+def train_organ(
+    source: LoadedModel,
+    organ: Organ,
+    texts: Sequence[str],
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    batch_size: int = 8,
+    max_length: int = 128,
+    data: Optional[dict[str, Any]] = None,
+    progress: Optional[Progress] = None,
+) -> tuple[Organ, list[float], dict[str, float]]:
     """Train ``organ`` standalone on ``texts``; returns the trained organ (a new one), the loss
     curve and metrics (standalone perplexity on the texts before and after)."""
     progress = progress or silent()
@@ -123,18 +151,47 @@ def train_organ(source: LoadedModel, organ: Organ, texts: Sequence[str], *, step
     progress(0.02, "standalone perplexity before training")
     before = mean_loss(model, source.tokenizer, texts, max_length)
     params = [p for b in blocks for p in b.parameters()]
-    losses = train_lm(model, source.tokenizer, texts, params, steps=steps, lr=lr, seed=seed, batch_size=batch_size,
-                      max_length=max_length, progress=progress.sub(0.05, 0.95), what="standalone organ training")
+    losses = train_lm(
+        model,
+        source.tokenizer,
+        texts,
+        params,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress.sub(0.05, 0.95),
+        what="standalone organ training",
+    )
     after = mean_loss(model, source.tokenizer, texts, max_length)
     tensors = blocks_to_tensors(blocks)
     for k, v in organ.tensors.items():  # keep the checkpoint's dtype
         tensors[k] = tensors[k].to(v.dtype)
-    metrics = {"standalone_ppl_before": _ppl(before), "standalone_ppl_after": _ppl(after),
-               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
-    card = dict(organ.card, input_layer=0, metrics=metrics, tensors_sha256=tensors_sha256(tensors),
-                training={"kind": "standalone", "steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size,
-                          "max_length": max_length, "data": data or {}, "from_sha256": organ.sha256(),
-                          "from_input_layer": organ.input_layer, "previous": organ.card.get("training")})
+    metrics = {
+        "standalone_ppl_before": _ppl(before),
+        "standalone_ppl_after": _ppl(after),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+    }
+    card = dict(
+        organ.card,
+        input_layer=0,
+        metrics=metrics,
+        tensors_sha256=tensors_sha256(tensors),
+        training={
+            "kind": "standalone",
+            "steps": steps,
+            "lr": lr,
+            "seed": seed,
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "data": data or {},
+            "from_sha256": organ.sha256(),
+            "from_input_layer": organ.input_layer,
+            "previous": organ.card.get("training"),
+        },
+    )
     progress(1.0, "trained")
     return Organ(card, tensors), losses, metrics
 

@@ -7,6 +7,7 @@ holds the checks they have in common: the target's weight hash before the edit, 
 hash now, a tensor-by-tensor comparison with the target after a rollback, and the extra memory the
 working copy holds (:func:`extra_storage_bytes`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,11 +52,14 @@ def extra_storage_bytes(model: nn.Module, reference: nn.Module) -> int:
 
 def working_copy(target: LoadedModel, touched: Iterable[torch.Tensor]) -> nn.Module:
     """A structural copy of ``target.model`` sharing every tensor except ``touched``, which get new
-    storage holding the target's values (the mechanism of :meth:`engine.surgery.transplant.ModuleSwap.materialise`)."""
+    storage holding the target's values (the mechanism of
+    :meth:`engine.surgery.transplant.ModuleSwap.materialise`)."""
     ids = {id(t) for t in touched}
     # inference_mode(False): new tensors made under inference mode could not be written later.
     with target.lock, torch.inference_mode(False):  # a capture holds the lock while its hooks are attached
-        memo: dict[int, Any] = {id(t): t for t in _module_tensors(target.model) if t is not None and id(t) not in ids}
+        memo: dict[int, Any] = {
+            id(t): t for t in _module_tensors(target.model) if t is not None and id(t) not in ids
+        }
         working = copy.deepcopy(target.model, memo)
     working.eval()
     return working

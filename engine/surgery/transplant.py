@@ -22,6 +22,7 @@ swapped tensor with exactly the same shape and layout, otherwise the swap is ref
 :func:`save_transplant` writes a Hugging Face folder plus a ``surgery.json`` card. TIR and Recovery
 (docs/methods.md T8) are :func:`engine.evaluation.beforeafter.transfer_metrics`.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,11 +34,11 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..loading.arch import LinearModule
 from ..core.errors import GraftError
+from ..core.paths import check_writable_parent, discard_staging, replace_dir, staging_dir
+from ..loading.arch import LinearModule
 from ..loading.model_folders import SURGERY_CARD
 from ..loading.models import LoadedModel, state_dict_hash
-from ..core.paths import check_writable_parent, discard_staging, replace_dir, staging_dir
 from ..loading.tokens import same_tokenizer
 from .reversible import ReversibleEdit, working_copy
 
@@ -57,7 +58,9 @@ def check_swap_pair(donor: LoadedModel, target: LoadedModel) -> None:
     """
     reasons = []
     if donor.arch.family != target.arch.family:
-        reasons.append(f"families differ ({donor.label}: {donor.arch.family}, {target.label}: {target.arch.family})")
+        reasons.append(
+            f"families differ ({donor.label}: {donor.arch.family}, {target.label}: {target.arch.family})"
+        )
     if not same_tokenizer(donor.tokenizer, target.tokenizer):
         reasons.append("tokenizers differ")
     if reasons:
@@ -75,7 +78,9 @@ def _tensor_shapes(mod: nn.Module) -> dict[str, Optional[tuple[int, ...]]]:
     return out
 
 
-def swap_mismatch(donor: LoadedModel, target: LoadedModel, dm: LinearModule, tm: LinearModule) -> Optional[str]:
+def swap_mismatch(
+    donor: LoadedModel, target: LoadedModel, dm: LinearModule, tm: LinearModule
+) -> Optional[str]:
     """Why the donor module ``dm`` cannot replace the target module ``tm`` (None when it can)."""
     if dm.conv1d != tm.conv1d:
         return "stored differently (Conv1D vs Linear)"
@@ -90,7 +95,9 @@ def swap_mismatch(donor: LoadedModel, target: LoadedModel, dm: LinearModule, tm:
     return None
 
 
-def swappable_modules(donor: LoadedModel, target: LoadedModel) -> tuple[list[LinearModule], list[dict[str, str]]]:
+def swappable_modules(
+    donor: LoadedModel, target: LoadedModel
+) -> tuple[list[LinearModule], list[dict[str, str]]]:
     """Target linear modules present in the donor with identical stored tensors, in block order,
     and the skipped ones with the reason."""
     dmods = {m.name: m for m in donor.arch.linear_modules()}
@@ -144,7 +151,10 @@ class ModuleSwap(ReversibleEdit):
         for n in names:
             if n not in tmods:
                 example = next(iter(tmods), "blocks.0.attn.o")
-                raise GraftError(f"module {n} is not a linear module of the target {target.label} (names look like {example})")
+                raise GraftError(
+                    f"module {n} is not a linear module of the target {target.label} (names look like "
+                    f"{example})"
+                )
             if n not in dmods:
                 raise GraftError(f"module {n} is not a linear module of the donor {donor.label}")
             why = swap_mismatch(donor, target, dmods[n], tmods[n])
@@ -155,8 +165,11 @@ class ModuleSwap(ReversibleEdit):
             for t in _TENSORS:
                 if isinstance(getattr(mod, t, None), torch.Tensor):
                     if getattr(mod, t).dtype != getattr(dmod, t).dtype:
-                        raise GraftError(f"cannot swap {n}: donor {t} is {getattr(dmod, t).dtype}, target {getattr(mod, t).dtype}; "
-                                         "load both models with the same dtype")
+                        raise GraftError(
+                            f"cannot swap {n}: donor {t} is {getattr(dmod, t).dtype}, target "
+                            f"{getattr(mod, t).dtype}; "
+                            "load both models with the same dtype"
+                        )
                     slots.append(_Slot(n, t, tmods[n].path))
         self.target = target
         self.donor = donor
@@ -201,7 +214,9 @@ class ModuleSwap(ReversibleEdit):
         swapped ones, which get new storage holding the target's values. Idempotent."""
         if self._working is not None:
             return self._working
-        working = working_copy(self.target, [getattr(self.target.arch.module(s.path), s.tensor) for s in self._slots])
+        working = working_copy(
+            self.target, [getattr(self.target.arch.module(s.path), s.tensor) for s in self._slots]
+        )
         for s in self._slots:
             new = getattr(working.get_submodule(s.path), s.tensor)
             old = getattr(self.target.arch.module(s.path), s.tensor)
@@ -257,11 +272,16 @@ def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise GraftError(f"output path {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / SURGERY_CARD).is_file():
-        raise GraftError(f"refusing to write into {out}: the folder is not empty and is not a Graft transplant (no {SURGERY_CARD})")
+        raise GraftError(
+            f"refusing to write into {out}: the folder is not empty and is not a Graft transplant (no "
+            f"{SURGERY_CARD})"
+        )
     check_writable_parent(out)
 
 
-def save_transplant(working_model: nn.Module, tokenizer: Any, out_dir: Union[str, Path], card: dict[str, Any]) -> Path:
+def save_transplant(
+    working_model: nn.Module, tokenizer: Any, out_dir: Union[str, Path], card: dict[str, Any]
+) -> Path:
     """Write ``working_model`` as a Hugging Face folder (safetensors, config, tokenizer) plus
     ``surgery.json`` (``card`` + format, time and the saved weight hash).
 
@@ -275,9 +295,12 @@ def save_transplant(working_model: nn.Module, tokenizer: Any, out_dir: Union[str
         raise GraftError("no output folder given")
     out = out.resolve()
     _check_out_dir(out)
-    payload = {"format": SURGERY_FORMAT, **card,
-               "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "saved_weight_hash": state_dict_hash(working_model.state_dict())}
+    payload = {
+        "format": SURGERY_FORMAT,
+        **card,
+        "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "saved_weight_hash": state_dict_hash(working_model.state_dict()),
+    }
     try:
         text = json.dumps(payload, indent=2, allow_nan=False)
     except (TypeError, ValueError) as e:

@@ -42,6 +42,7 @@ residual side with no linear layer after them to absorb them (``Q^T diag(g) Q`` 
 unless ``Q`` is a signed permutation); multimodal wrappers; any block holding a parameter the
 construction does not know.
 """
+
 from __future__ import annotations
 
 import copy
@@ -58,124 +59,21 @@ from torch import nn
 
 from ..core.errors import GraftError
 from ..core.progress import Progress, silent
-from ..loading.arch import LAYOUTS, READS_RESIDUAL, WRITES_RESIDUAL
 from ..loading.model_folders import TWIN_CARD
 from .twin_check import DEFAULT_N_TEXTS, default_check_texts, twin_report
+from .twin_plan import (  # noqa: F401  (check_supported: part of the twin API)
+    NORM_ATTN,
+    NORM_MLP,
+    READERS_ATTN,
+    READERS_MLP,
+    WRITER_ATTN,
+    WRITER_MLP,
+    TwinPlan,
+    check_supported,
+)
 
 TWIN_FORMAT = "graft-twin/1"
 ROTATION_FILE = "rotation.safetensors"
-
-
-# Families whose block layout the construction knows (config.model_type -> family description).
-_LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
-_GEMMA_TYPES = ("gemma",)
-SUPPORTED_TYPES = _LLAMA_TYPES + _GEMMA_TYPES
-
-_LAYERNORM_TYPES = {
-    "gpt2": "GPT-2", "gpt_neox": "GPT-NeoX", "phi": "Phi", "gptj": "GPT-J", "opt": "OPT",
-    "bloom": "BLOOM", "falcon": "Falcon", "stablelm": "StableLM",
-}
-_SANDWICH_TYPES = {"gemma2": "Gemma 2", "gemma3": "Gemma 3", "gemma3_text": "Gemma 3"}
-
-# In-block parameters (reader / writer / inside, which norm feeds it), in the one vocabulary of
-# engine.loading.arch: the Llama layout's paths of the canonical readers and writers.
-_LINEARS = LAYOUTS["llama"].linears
-_READERS_ATTN = tuple(_LINEARS[c] for c in READS_RESIDUAL if c.startswith("attn.") and c in _LINEARS)
-_WRITER_ATTN = next(_LINEARS[c] for c in WRITES_RESIDUAL if c.startswith("attn."))
-_READERS_MLP = tuple(_LINEARS[c] for c in READS_RESIDUAL if c.startswith("mlp.") and c in _LINEARS)
-_WRITER_MLP = next(_LINEARS[c] for c in WRITES_RESIDUAL if c.startswith("mlp."))
-_INSIDE = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # per-head norms (Qwen3): not residual
-_NORM_ATTN = "input_layernorm"
-_NORM_MLP = "post_attention_layernorm"
-
-
-def _refuse(model_type: str) -> None:
-    if model_type in _LAYERNORM_TYPES:
-        raise GraftError(
-            f"rotated twin: {_LAYERNORM_TYPES[model_type]} ({model_type}) is not supported: its LayerNorm "
-            "subtracts the mean (projects out the all-ones direction), which does not commute with a rotation "
-            f"of the residual stream; supported: {', '.join(SUPPORTED_TYPES)}")
-    if model_type in _SANDWICH_TYPES:
-        raise GraftError(
-            f"rotated twin: {_SANDWICH_TYPES[model_type]} ({model_type}) is not supported: its "
-            "post_attention_layernorm / post_feedforward_layernorm normalise each block's output before the "
-            "residual add, so their per-channel weights cannot be folded into any linear layer and do not "
-            f"commute with a rotation; supported: {', '.join(SUPPORTED_TYPES)}")
-    raise GraftError(f"rotated twin: architecture '{model_type}' is not supported; supported: "
-                     f"{', '.join(SUPPORTED_TYPES)}")
-
-
-class _Plan:
-    """What the construction touches in one model (validated before anything is copied)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        config = getattr(model, "config", None)
-        model_type = str(getattr(config, "model_type", "") or type(model).__name__)
-        if model_type not in SUPPORTED_TYPES:
-            _refuse(model_type)
-        inner = getattr(model, "model", None)
-        layers = getattr(inner, "layers", None)
-        head = getattr(model, "lm_head", None)
-        if (not isinstance(layers, nn.ModuleList) or not isinstance(getattr(inner, "embed_tokens", None), nn.Embedding)
-                or not isinstance(head, nn.Linear) or getattr(inner, "norm", None) is None):
-            raise GraftError(f"rotated twin: {type(model).__name__} is not a plain causal LM of the {model_type} "
-                             "layout (model.layers, model.embed_tokens, model.norm, lm_head)")
-        self.model_type = model_type
-        self.gemma = model_type in _GEMMA_TYPES  # RMSNorm multiplies by (1 + w)
-        self.n_layers = len(layers)
-        self.d = int(inner.embed_tokens.weight.shape[1])
-        known_top = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "lm_head.bias"}
-        known_block = {f"{m}.{p}" for m in _READERS_ATTN + _READERS_MLP + (_WRITER_ATTN, _WRITER_MLP)
-                       for p in ("weight", "bias")} | set(_INSIDE) | {f"{_NORM_ATTN}.weight", f"{_NORM_MLP}.weight"}
-        for name, _ in model.named_parameters(remove_duplicate=False):
-            if name.startswith("model.layers."):
-                rel = name.split(".", 3)[3]
-                if rel not in known_block:
-                    raise GraftError(f"rotated twin: unexpected parameter {name} in a {model_type} block: "
-                                     "cannot prove the twin would be function-preserving")
-            elif name not in known_top:
-                raise GraftError(f"rotated twin: unexpected parameter {name} in this {model_type} model")
-        for i, block in enumerate(layers):
-            for rel in _READERS_ATTN + _READERS_MLP + (_WRITER_ATTN, _WRITER_MLP):
-                if not isinstance(block.get_submodule(rel), nn.Linear):
-                    raise GraftError(f"rotated twin: model.layers.{i}.{rel} is not a linear layer")
-            for rel in (_NORM_ATTN, _NORM_MLP):
-                w = getattr(block.get_submodule(rel), "weight", None)
-                if w is None or tuple(w.shape) != (self.d,):
-                    raise GraftError(f"rotated twin: model.layers.{i}.{rel} is not a per-channel norm of width {self.d}")
-        for attr in ("norm_type", "layer_norm_type"):
-            if str(getattr(config, attr, "") or "").lower().startswith("layer"):
-                raise GraftError(f"rotated twin: {attr}={getattr(config, attr)} (LayerNorm) does not commute with a rotation")
-        self.tied = head.weight is inner.embed_tokens.weight or head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
-        self.has_writer_bias = any(getattr(b.get_submodule(rel), "bias", None) is not None
-                                   for b in layers for rel in (_WRITER_ATTN, _WRITER_MLP))
-        self.has_reader_bias = any(getattr(b.get_submodule(rel), "bias", None) is not None
-                                   for b in layers for rel in _READERS_ATTN + _READERS_MLP)
-
-    def describe(self) -> dict[str, Any]:
-        """What was folded, untied and rotated (for the card)."""
-        gain = "1 + weight (set weight = 0)" if self.gemma else "weight (set weight = 1)"
-        return {
-            "model_type": self.model_type,
-            "norm_gain": gain,
-            "folded": [
-                {"norm": f"model.layers.*.{_NORM_ATTN}", "into": ["q_proj", "k_proj", "v_proj"], "count": self.n_layers},
-                {"norm": f"model.layers.*.{_NORM_MLP}", "into": ["gate_proj", "up_proj"], "count": self.n_layers},
-                {"norm": "model.norm", "into": ["lm_head"], "count": 1},
-            ],
-            "untied_lm_head": bool(self.tied),
-            "rotated_inputs": ["model.embed_tokens (E Q)", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
-                               "lm_head (W Q)"],
-            "rotated_outputs": ["o_proj", "down_proj (Q^T W, bias b Q)"] if self.has_writer_bias
-            else ["o_proj", "down_proj (Q^T W)"],
-            "unchanged": ["reader biases", "per-head q_norm / k_norm", "rotary embeddings", "embedding scale"],
-        }
-
-
-def check_supported(model: nn.Module) -> dict[str, Any]:
-    """Raise a one-line GraftError unless a rotated twin of ``model`` can be built; else say what
-    the construction will fold, untie and rotate (cheap: reads structure only)."""
-    return _Plan(model).describe()
 
 
 def random_orthogonal(d: int, seed: int) -> torch.Tensor:
@@ -215,13 +113,15 @@ def _seed_int(seed: Any) -> int:
             raise ValueError
     except (TypeError, ValueError):
         raise GraftError(f"rotated twin: seed must be an integer, got {seed!r}") from None
-    if not 0 <= value < 2 ** 63:
+    if not 0 <= value < 2**63:
         raise GraftError(f"rotated twin: seed must be in 0 .. 2^63-1, got {value}")
     return value
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, seed: int, *, progress: Optional[Progress] = None) -> tuple[nn.Module, torch.Tensor]:
+def rotate_model(
+    model: nn.Module, seed: int, *, progress: Optional[Progress] = None
+) -> tuple[nn.Module, torch.Tensor]:
     """A NEW model (deep copy; ``model`` is never touched) computing the same function as ``model``
     whose residual stream is ``h' = h @ Q``, and ``Q`` (``d x d``, the model's dtype and device).
 
@@ -231,7 +131,7 @@ def rotate_model(model: nn.Module, seed: int, *, progress: Optional[Progress] = 
     for an unsupported architecture before copying anything."""
     progress = progress or silent()
     seed = _seed_int(seed)
-    plan = _Plan(model)
+    plan = TwinPlan(model)
     progress(0.0, f"rotated twin: copying {type(model).__name__}")
     twin = copy.deepcopy(model)
     inner, head = twin.model, twin.lm_head
@@ -241,11 +141,15 @@ def rotate_model(model: nn.Module, seed: int, *, progress: Optional[Progress] = 
 
     def put(mod: nn.Module, name: str, value: torch.Tensor) -> None:
         old = getattr(mod, name)
-        setattr(mod, name, nn.Parameter(value.to(dtype=old.dtype).contiguous(), requires_grad=old.requires_grad))
+        setattr(
+            mod, name, nn.Parameter(value.to(dtype=old.dtype).contiguous(), requires_grad=old.requires_grad)
+        )
 
     def unit_gain(norm: nn.Module) -> None:
         w = norm.weight
-        norm.weight = nn.Parameter(torch.zeros_like(w) if plan.gemma else torch.ones_like(w), requires_grad=w.requires_grad)
+        norm.weight = nn.Parameter(
+            torch.zeros_like(w) if plan.gemma else torch.ones_like(w), requires_grad=w.requires_grad
+        )
 
     # Embeddings and head first: when tied they share one Parameter, replaced here by two.
     emb64 = inner.embed_tokens.weight.detach().to(torch.float64)
@@ -267,7 +171,10 @@ def rotate_model(model: nn.Module, seed: int, *, progress: Optional[Progress] = 
     progress(0.1, "rotated twin: embeddings and head rotated")
 
     for i, block in enumerate(inner.layers):
-        for norm_name, readers, writer in ((_NORM_ATTN, _READERS_ATTN, _WRITER_ATTN), (_NORM_MLP, _READERS_MLP, _WRITER_MLP)):
+        for norm_name, readers, writer in (
+            (NORM_ATTN, READERS_ATTN, WRITER_ATTN),
+            (NORM_MLP, READERS_MLP, WRITER_MLP),
+        ):
             norm = block.get_submodule(norm_name)
             g = norm_gain(norm, plan.gemma)
             for rel in readers:
@@ -292,12 +199,21 @@ def _check_out(out: Path) -> None:
 
     check_output_dir(out, "twin output folder")
     if out.is_dir() and any(out.iterdir()) and not (out / TWIN_CARD).is_file():
-        raise GraftError(f"refusing to write into {out}: the folder is not empty and is not a Graft twin (no {TWIN_CARD})")
+        raise GraftError(
+            f"refusing to write into {out}: the folder is not empty and is not a Graft twin (no {TWIN_CARD})"
+        )
 
 
-def make_twin(base: Any, seed: int, out_dir: Union[str, Path], progress: Optional[Progress] = None, *,
-              save_rotation: bool = False, texts: Optional[Sequence[str]] = None,
-              tolerance: Optional[float] = None) -> dict[str, Any]:
+def make_twin(
+    base: Any,
+    seed: int,
+    out_dir: Union[str, Path],
+    progress: Optional[Progress] = None,
+    *,
+    save_rotation: bool = False,
+    texts: Optional[Sequence[str]] = None,
+    tolerance: Optional[float] = None,
+) -> dict[str, Any]:
     """Build the rotated twin of ``base`` (an :class:`engine.loading.models.LoadedModel`, never mutated),
     check it is function-preserving, and save it to ``out_dir`` as a Hugging Face folder
     (model.safetensors, config.json, tokenizer) plus ``twin.json``; returns the card.
@@ -309,8 +225,8 @@ def make_twin(base: Any, seed: int, out_dir: Union[str, Path], progress: Optiona
     model's dtype, with ``h_twin = h_base @ Q``); the card always holds its SHA-256
     (:func:`rotation_sha256`). ``out_dir`` must be new, empty, or an earlier twin folder, which is
     replaced only once the new one is complete."""
-    from ..loading.models import state_dict_hash
     from ..core.paths import discard_staging, replace_dir, staging_dir
+    from ..loading.models import state_dict_hash
 
     progress = progress or silent()
     seed = _seed_int(seed)
@@ -335,13 +251,17 @@ def make_twin(base: Any, seed: int, out_dir: Union[str, Path], progress: Optiona
 
     t1 = time.perf_counter()
     with lock if lock is not None else nullcontext():
-        report = twin_report(model, twin, tokenizer, texts, tolerance=tolerance, progress=progress.sub(0.55, 0.75))
+        report = twin_report(
+            model, twin, tokenizer, texts, tolerance=tolerance, progress=progress.sub(0.55, 0.75)
+        )
     verify_s = time.perf_counter() - t1
     if not report["ok"]:
         raise GraftError(
             f"rotated twin is not function-preserving: max |logit diff| {report['max_abs_diff']:.3g} is "
-            f"{report['rel_diff']:.3g} of the logit scale {report['logit_scale']:.3g} (tolerance {report['tolerance']:.3g}); "
-            "nothing was saved")
+            f"{report['rel_diff']:.3g} of the logit scale {report['logit_scale']:.3g} (tolerance "
+            f"{report['tolerance']:.3g}); "
+            "nothing was saved"
+        )
 
     progress(0.75, "hashing the twin")
     twin_hash = state_dict_hash(twin.state_dict())
@@ -362,16 +282,20 @@ def make_twin(base: Any, seed: int, out_dir: Union[str, Path], progress: Optiona
         "n_layers": len(model.model.layers),
         "dtype": str(q.dtype).replace("torch.", ""),
         "convention": "h_twin = h_base @ Q (row vectors); readers W' = W diag(g) Q, writers W' = Q^T W, "
-                      "embeddings E' = E Q",
+        "embeddings E' = E Q",
         "rotation": {
-            "distribution": "Haar: QR of a float64 standard Gaussian d x d (torch.Generator(seed)), columns sign-fixed",
+            "distribution": "Haar: QR of a float64 standard Gaussian d x d (torch.Generator(seed)), "
+            "columns sign-fixed",
             "sha256": rotation_sha256(q),
             "saved": bool(save_rotation),
             "file": ROTATION_FILE if save_rotation else None,
         },
         **plan,
-        "verification": {**report, "texts": texts_label,
-                         "texts_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()},
+        "verification": {
+            **report,
+            "texts": texts_label,
+            "texts_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
+        },
         "twin_weight_hash": twin_hash,
         "timings_s": {"build": round(build_s, 3), "verify": round(verify_s, 3)},
     }
@@ -387,8 +311,15 @@ def make_twin(base: Any, seed: int, out_dir: Union[str, Path], progress: Optiona
         if save_rotation:
             from safetensors.torch import save_file
 
-            save_file({"Q": q.detach().contiguous().cpu()}, str(tmp / ROTATION_FILE),
-                      metadata={"convention": "h_twin = h_base @ Q", "seed": str(seed), "sha256": card["rotation"]["sha256"]})
+            save_file(
+                {"Q": q.detach().contiguous().cpu()},
+                str(tmp / ROTATION_FILE),
+                metadata={
+                    "convention": "h_twin = h_base @ Q",
+                    "seed": str(seed),
+                    "sha256": card["rotation"]["sha256"],
+                },
+            )
         card["saved_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         card["timings_s"]["save"] = round(time.perf_counter() - t2, 3)
         card["out_dir"] = str(out)

@@ -5,6 +5,7 @@ Each text is run alone (unpadded, truncated to ``max_tokens`` and both models' c
 are compared in float64. The default check texts are the first :data:`DEFAULT_N_TEXTS` texts of
 the bundled retained set.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,8 +62,14 @@ def _encode(tokenizer: Any, texts: Iterable[str], max_tokens: int) -> list[torch
     return out
 
 
-def _compare(a: nn.Module, b: nn.Module, tokenizer: Any, texts: Sequence[str], max_tokens: Optional[int],
-             progress: Optional[Progress] = None) -> dict[str, Any]:
+def _compare(
+    a: nn.Module,
+    b: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_tokens: Optional[int],
+    progress: Optional[Progress] = None,
+) -> dict[str, Any]:
     progress = progress or silent()
     limit = min(_max_positions(a), _max_positions(b), max_tokens or DEFAULT_MAX_TOKENS)
     batches = _encode(tokenizer, texts, limit)
@@ -75,12 +82,18 @@ def _compare(a: nn.Module, b: nn.Module, tokenizer: Any, texts: Sequence[str], m
         agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
         tokens += int(ids.shape[1])
         progress((k + 1) / len(batches), f"comparing logits {k + 1}/{len(batches)}")
-    return {"max_abs_diff": diff, "logit_scale": scale, "top1_agreement": agree / tokens,
-            "n_texts": len(batches), "n_tokens": tokens}
+    return {
+        "max_abs_diff": diff,
+        "logit_scale": scale,
+        "top1_agreement": agree / tokens,
+        "n_texts": len(batches),
+        "n_tokens": tokens,
+    }
 
 
-def max_logit_diff(a: nn.Module, b: nn.Module, tokenizer: Any, texts: Sequence[str],
-                   max_tokens: int = DEFAULT_MAX_TOKENS) -> float:
+def max_logit_diff(
+    a: nn.Module, b: nn.Module, tokenizer: Any, texts: Sequence[str], max_tokens: int = DEFAULT_MAX_TOKENS
+) -> float:
     """``max |logits_a - logits_b|`` over every position of every text (each text alone, unpadded,
     truncated to ``max_tokens`` and the models' context), computed in float64 from each model's
     own logits."""
@@ -92,9 +105,16 @@ def tolerance_for(dtype: torch.dtype) -> float:
     return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
 
 
-def twin_report(base: nn.Module, twin: nn.Module, tokenizer: Any, texts: Sequence[str], *,
-                tolerance: Optional[float] = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                progress: Optional[Progress] = None) -> dict[str, Any]:
+def twin_report(
+    base: nn.Module,
+    twin: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    tolerance: Optional[float] = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    progress: Optional[Progress] = None,
+) -> dict[str, Any]:
     """Function-preservation check of ``twin`` against ``base`` on ``texts``.
 
     Returns ``max_abs_diff`` (max |logit difference|), ``logit_scale`` (max |logit| of the base),

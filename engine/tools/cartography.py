@@ -24,6 +24,7 @@ that ``U diag(S) Vh`` is the best rank-k approximation of that cell's ``dW`` (ou
 included), and ``concept_map.json``, the index (source, convention, every cell's numbers and
 tensor names). An existing folder is replaced only when it is empty or is a concept map already.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,13 +36,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..core.errors import GraftError
+from ..adapters.delta_map import NEEDS, CellStats, cell_stats, grid_axes, load_deltas
 from ..adapters.lowrank import effective_rank, factored_svd
+from ..core.errors import GraftError
+from ..core.jsonsafe import finite_or_none
 from ..core.params import param
 from ..core.progress import Progress
 from ..running.registry import Tool, register
-from ..adapters.delta_map import NEEDS, CellStats, cell_stats, grid_axes, load_deltas
-from ..core.jsonsafe import finite_or_none
 
 CONCEPT_MAP_FORMAT = "graft-concept-map/1"
 CONCEPT_MAP_INDEX = "concept_map.json"
@@ -51,19 +52,32 @@ METRICS = ("energy", "share", "top_sv", "effective_rank")
 
 @dataclass(frozen=True)
 class CartographyParams:
-    rank: int = param(16, "Full fine-tune (--donor with --base) only: rank of the truncated randomized SVD kept per "
-                          "module (the exact ||dW||_F is always computed). Adapters keep their own rank.", min=1, max=4096)
+    rank: int = param(
+        16,
+        "Full fine-tune (--donor with --base) only: rank of the truncated randomized SVD kept per "
+        "module (the exact ||dW||_F is always computed). Adapters keep their own rank.",
+        min=1,
+        max=4096,
+    )
     top_k: int = param(4, "Singular triplets per cell written by --export.", min=1, max=4096)
-    export: str = param("", "Write the concept map into this folder: concept_map.safetensors (top-k singular triplets "
-                            "U, S, Vh per cell) and concept_map.json (index). Empty = don't export.", path="out_dir")
-    seed: int = param(0, "Full fine-tune only: seed of the randomized SVD's Gaussian test matrices.", min=0, max=2**31 - 1)
+    export: str = param(
+        "",
+        "Write the concept map into this folder: concept_map.safetensors (top-k singular triplets "
+        "U, S, Vh per cell) and concept_map.json (index). Empty = don't export.",
+        path="out_dir",
+    )
+    seed: int = param(
+        0, "Full fine-tune only: seed of the randomized SVD's Gaussian test matrices.", min=0, max=2**31 - 1
+    )
 
 
 @dataclass
 class CartographyResult:
     source: dict[str, Any]  # kind "adapter" (path, config) or "finetune" (donor, base, rank)
     metrics: list[str]  # the cell metrics, as keys of grid
-    cells: list[dict[str, Any]]  # one per module: layer, module, kind, energy, share, top_sv, effective_rank, rank ...
+    cells: list[
+        dict[str, Any]
+    ]  # one per module: layer, module, kind, energy, share, top_sv, effective_rank, rank ...
     ranking: list[str]  # module names by energy, largest first
     layers: list[int]  # grid rows (block indices)
     modules: list[str]  # grid columns (module names)
@@ -80,12 +94,20 @@ def _check_export_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise GraftError(f"--export: {out} exists and is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / CONCEPT_MAP_INDEX).is_file():
-        raise GraftError(f"--export: refusing to write into {out}: the folder is not empty and is not a concept map "
-                         f"(no {CONCEPT_MAP_INDEX})")
+        raise GraftError(
+            f"--export: refusing to write into {out}: the folder is not empty and is not a concept map "
+            f"(no {CONCEPT_MAP_INDEX})"
+        )
 
 
-def write_concept_map(out_dir: str, stats: list[CellStats], cells: list[dict[str, Any]], source: dict[str, Any],
-                      top_k: int, totals: dict[str, Any]) -> dict[str, Any]:
+def write_concept_map(
+    out_dir: str,
+    stats: list[CellStats],
+    cells: list[dict[str, Any]],
+    source: dict[str, Any],
+    top_k: int,
+    totals: dict[str, Any],
+) -> dict[str, Any]:
     """Write ``concept_map.safetensors`` + ``concept_map.json`` (see the module docstring) through a
     registered staging folder, replacing ``out_dir`` only once both are complete."""
     from safetensors.torch import save_file
@@ -105,15 +127,22 @@ def write_concept_map(out_dir: str, stats: list[CellStats], cells: list[dict[str
         tensors[keys["S"]] = S[:k].to(torch.float32).contiguous()
         tensors[keys["Vh"]] = Vh[:k].to(torch.float32).contiguous()
         kept = float((S[:k] ** 2).sum())
-        index_cells.append({**cell, "k": k, "tensors": keys,
-                            "k_energy_share": finite_or_none(kept / st.norm_sq) if st.norm_sq > 0 else None})
+        index_cells.append(
+            {
+                **cell,
+                "k": k,
+                "tensors": keys,
+                "k_energy_share": finite_or_none(kept / st.norm_sq) if st.norm_sq > 0 else None,
+            }
+        )
     index = {
         "format": CONCEPT_MAP_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tensors_file": CONCEPT_MAP_TENSORS,
-        "convention": "per cell, dW_k = U @ diag(S) @ Vh is the best rank-k approximation of the module's weight "
-                      "update, (out, in) as nn.Linear.weight (GPT-2 Conv1D weights are stored transposed), LoRA scale "
-                      "included; U (out x k), S (k, descending), Vh (k x in), float32",
+        "convention": "per cell, dW_k = U @ diag(S) @ Vh is the best rank-k approximation of the module's "
+        "weight "
+        "update, (out, in) as nn.Linear.weight (GPT-2 Conv1D weights are stored transposed), LoRA scale "
+        "included; U (out x k), S (k, descending), Vh (k x in), float32",
         "top_k": int(top_k),
         "source": source,
         "totals": totals,
@@ -122,15 +151,23 @@ def write_concept_map(out_dir: str, stats: list[CellStats], cells: list[dict[str
     text = json.dumps(index, indent=2, allow_nan=False)
     tmp = staging_dir(out)
     try:
-        save_file(tensors, str(tmp / CONCEPT_MAP_TENSORS),
-                  metadata={"format": CONCEPT_MAP_FORMAT, "index": CONCEPT_MAP_INDEX})
+        save_file(
+            tensors,
+            str(tmp / CONCEPT_MAP_TENSORS),
+            metadata={"format": CONCEPT_MAP_FORMAT, "index": CONCEPT_MAP_INDEX},
+        )
         (tmp / CONCEPT_MAP_INDEX).write_text(text, encoding="utf-8")
         _check_export_dir(out)  # again: the folder may have changed while we wrote
         replace_dir(tmp, out)
     finally:
         discard_staging(tmp)  # no-op once replace_dir moved it into place
-    return {"path": str(out), "files": [CONCEPT_MAP_TENSORS, CONCEPT_MAP_INDEX], "top_k": int(top_k),
-            "n_cells": len(index_cells), "n_tensors": len(tensors)}
+    return {
+        "path": str(out),
+        "files": [CONCEPT_MAP_TENSORS, CONCEPT_MAP_INDEX],
+        "top_k": int(top_k),
+        "n_cells": len(index_cells),
+        "n_tensors": len(tensors),
+    }
 
 
 def compute_cartography(ctx: Any, params: CartographyParams, progress: Progress) -> CartographyResult:
@@ -142,22 +179,32 @@ def compute_cartography(ctx: Any, params: CartographyParams, progress: Progress)
     warnings = list(src.warnings)
     total_sq = sum(s.norm_sq for s in stats)
     if total_sq <= 0:
-        warnings.append("the update is zero in every module (an untrained adapter: PEFT initialises B = 0; or identical "
-                        "donor and base): shares are undefined")
+        warnings.append(
+            "the update is zero in every module (an untrained adapter: PEFT initialises B = 0; or "
+            "identical "
+            "donor and base): shares are undefined"
+        )
 
     cells = []
     for st in stats:
         d = st.delta
         share = st.norm_sq / total_sq if total_sq > 0 else None
-        cells.append({
-            "name": d.name, "layer": d.layer, "module": d.module, "kind": d.kind,
-            "energy": finite_or_none(math.sqrt(st.norm_sq)), "share": finite_or_none(share),
-            "top_sv": finite_or_none(st.S[0]) if st.S.numel() else 0.0,
-            "effective_rank": finite_or_none(effective_rank(st.S)),
-            "rank": d.rank, "shape": list(d.shape),
-            "captured_share": finite_or_none(st.captured),
-            "known": d.known,
-        })
+        cells.append(
+            {
+                "name": d.name,
+                "layer": d.layer,
+                "module": d.module,
+                "kind": d.kind,
+                "energy": finite_or_none(math.sqrt(st.norm_sq)),
+                "share": finite_or_none(share),
+                "top_sv": finite_or_none(st.S[0]) if st.S.numel() else 0.0,
+                "effective_rank": finite_or_none(effective_rank(st.S)),
+                "rank": d.rank,
+                "shape": list(d.shape),
+                "captured_share": finite_or_none(st.captured),
+                "known": d.known,
+            }
+        )
     ranking = [c["name"] for c in sorted(cells, key=lambda c: (-(c["energy"] or 0.0), c["name"]))]
 
     layers, modules = grid_axes(deltas)
@@ -174,8 +221,10 @@ def compute_cartography(ctx: Any, params: CartographyParams, progress: Progress)
             return None
         return finite_or_none(sum(c["share"] or 0.0 for c in cells if pred(c)))
 
-    kinds = sorted({c["kind"] for c in cells}, key=lambda k: ("attention", "mlp", "other").index(k)
-                   if k in ("attention", "mlp", "other") else 3)
+    kinds = sorted(
+        {c["kind"] for c in cells},
+        key=lambda k: ("attention", "mlp", "other").index(k) if k in ("attention", "mlp", "other") else 3,
+    )
     kind_shares = {k: share_sum(lambda c, k=k: c["kind"] == k) for k in kinds}
     module_shares = {m: share_sum(lambda c, m=m: c["module"] == m and c["layer"] >= 0) for m in modules}
     layer_shares = [share_sum(lambda c, l=l: c["layer"] == l) for l in layers]
@@ -202,9 +251,11 @@ def compute_cartography(ctx: Any, params: CartographyParams, progress: Progress)
     }
     if src.truncated and caps and min(caps) < 0.9:
         low = sum(c < 0.9 for c in caps)
-        warnings.append(f"{low} module(s) keep less than 90% of their ||dW||_F^2 in the top {params.rank} singular "
-                        f"directions (lowest {min(caps):.1%}): top_sv and shares are exact, the effective rank counts "
-                        "only those directions; raise --rank to see more of the spectrum")
+        warnings.append(
+            f"{low} module(s) keep less than 90% of their ||dW||_F^2 in the top {params.rank} singular "
+            f"directions (lowest {min(caps):.1%}): top_sv and shares are exact, the effective rank counts "
+            "only those directions; raise --rank to see more of the spectrum"
+        )
 
     export = None
     if params.export.strip():
@@ -212,16 +263,35 @@ def compute_cartography(ctx: Any, params: CartographyParams, progress: Progress)
         export = write_concept_map(params.export, stats, cells, src.source, params.top_k, totals)
     progress(1.0, "concept map ready")
     return CartographyResult(
-        source=src.source, metrics=list(METRICS), cells=cells, ranking=ranking, layers=layers, modules=modules,
-        grid=grid, kind_shares=kind_shares, module_shares=module_shares, layer_shares=layer_shares, totals=totals,
-        export=export, warnings=warnings,
+        source=src.source,
+        metrics=list(METRICS),
+        cells=cells,
+        ranking=ranking,
+        layers=layers,
+        modules=modules,
+        grid=grid,
+        kind_shares=kind_shares,
+        module_shares=module_shares,
+        layer_shares=layer_shares,
+        totals=totals,
+        export=export,
+        warnings=warnings,
     )
 
 
-TOOL = register(Tool(needs=NEEDS, uses_workload=False,
-    
-    name="cartography", code="T5", title="Concept cartography",
-    summary="Where a concept lives: the energy of a LoRA adapter's (or a full fine-tune's) weight update per layer "
-            "and module, with top singular value, effective rank, and an exportable concept map.",
-    params_cls=CartographyParams, compute=compute_cartography, figure="viz.concept:cartography_figure", page="Concept",
-))
+TOOL = register(
+    Tool(
+        needs=NEEDS,
+        uses_workload=False,
+        name="cartography",
+        code="T5",
+        title="Concept cartography",
+        summary="Where a concept lives: the energy of a LoRA adapter's (or a full fine-tune's) weight "
+        "update per layer "
+        "and module, with top singular value, effective rank, and an exportable concept map.",
+        params_cls=CartographyParams,
+        compute=compute_cartography,
+        figure="viz.concept:cartography_figure",
+        page="Concept",
+    )
+)

@@ -4,14 +4,15 @@ the best monotone (non-decreasing) layer matching by dynamic programming.
 Layer ``-1`` is the embedding stream ``h_{-1}`` (the input of block 0), shown when
 ``include_embeddings`` is on.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..running.context import ToolContext
-from ..measure.linalg import monotone_matching
 from ..core.params import param
 from ..core.progress import Progress
+from ..measure.linalg import monotone_matching
+from ..running.context import ToolContext
 from ..running.registry import Tool, register
 
 
@@ -65,12 +66,23 @@ def cka_warnings(n: int, dx: int, dy: int) -> list[str]:
     unrelated random models then score high. Warn below as many rows as the larger width."""
     if n >= max(dx, dy):
         return []
-    return [f"T2 CKA on {n} aligned rows against widths {dx} / {dy}: with fewer rows than dimensions linear CKA is "
-            "biased upwards (unrelated models can score high) — use a larger workload or --max-tokens"]
+    return [
+        f"T2 CKA on {n} aligned rows against widths {dx} / {dy}: with fewer rows than dimensions linear "
+        "CKA is "
+        "biased upwards (unrelated models can score high) — use a larger workload or --max-tokens"
+    ]
 
 
-TOOL = register(Tool(
-    name="cka", code="T2", title="Layer similarity map (CKA)",
-    summary="Linear CKA between every donor and target layer, with the best monotone layer matching drawn on it.",
-    params_cls=CKAParams, compute=compute_cka, figure="viz.alignment:cka_figure", page="Alignment",
-))
+TOOL = register(
+    Tool(
+        name="cka",
+        code="T2",
+        title="Layer similarity map (CKA)",
+        summary="Linear CKA between every donor and target layer, with the best monotone layer matching "
+        "drawn on it.",
+        params_cls=CKAParams,
+        compute=compute_cka,
+        figure="viz.alignment:cka_figure",
+        page="Alignment",
+    )
+)

@@ -15,23 +15,31 @@ when retained perplexity rises by more than ``max_retained_increase`` (or locali
 ``min_locality``), saying why. Without ``--save`` the CLI rolls the target back before returning;
 the app keeps T' applied for one-click roll back and save, like a swap.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
-
-from ..evaluation.beforeafter import evaluate_shared, load_sets, locked, metrics, rnd, side_by_side, transfer_scores
-from ..surgery.conjugate import Conjugation
-from ..running.context import ToolContext
-from ..running.conjugation import conjugation_plan, merged_donor, update_deltas
 from ..core.errors import GraftError
-from ..evaluation.evalcache import SCORES, alignment_score, evaluate_model
-from ..evaluation.interference import interference, should_roll_back
 from ..core.params import EvaluationSets, GreedyTokensParam, TaskScoreParam, param
 from ..core.progress import Progress
-from ..running.registry import Tool, register
+from ..evaluation.beforeafter import (
+    evaluate_shared,
+    load_sets,
+    locked,
+    metrics,
+    rnd,
+    side_by_side,
+    transfer_scores,
+)
+from ..evaluation.evalcache import SCORES, alignment_score, evaluate_model
+from ..evaluation.interference import interference, should_roll_back
 from ..loading.tokens import same_tokenizer
+from ..running.conjugation import conjugation_plan, merged_donor, update_deltas
+from ..running.context import ToolContext
+from ..running.registry import Tool, register
+from ..surgery.conjugate import Conjugation
 
 MAPS = ("auto", "identity", "procrustes", "ridge")
 
@@ -39,24 +47,54 @@ MAPS = ("auto", "identity", "procrustes", "ridge")
 @dataclass(frozen=True)
 class ConjugateParams(EvaluationSets, TaskScoreParam, GreedyTokensParam):
     k: int = param(0, "Rank kept per module (0 = each module's full rank).", min=0, max=100_000)
-    energy: float = param(0.0, "Keep, per module, the smallest rank reaching this share of ||dW||^2 (T6); 0 = off. "
-                               "With k as well, the smaller rank wins.", min=0.0, max=1.0)
+    energy: float = param(
+        0.0,
+        "Keep, per module, the smallest rank reaching this share of ||dW||^2 (T6); 0 = off. "
+        "With k as well, the smaller rank wins.",
+        min=0.0,
+        max=1.0,
+    )
     rank: int = param(16, "Full fine-tune only: rank of the randomized SVD of W_D - W_base.", min=1, max=4096)
-    map: str = param("auto", "Map of every side: auto picks identity / Procrustes / ridge per side by held-out "
-                             "residual; identity everywhere = a plain merge (an ablation).", choices=MAPS)
-    ridge_alpha: float = param(0.0, "Ridge strength relative to the mean eigenvalue of X^T X; 0 = chosen per side on "
-                                    "a split of the fit rows.", min=0.0, max=1e6)
-    heldout_fraction: float = param(0.25, "Share of texts held out to judge each side's map.", min=0.05, max=0.9)
+    map: str = param(
+        "auto",
+        "Map of every side: auto picks identity / Procrustes / ridge per side by held-out "
+        "residual; identity everywhere = a plain merge (an ablation).",
+        choices=MAPS,
+    )
+    ridge_alpha: float = param(
+        0.0,
+        "Ridge strength relative to the mean eigenvalue of X^T X; 0 = chosen per side on "
+        "a split of the fit rows.",
+        min=0.0,
+        max=1e6,
+    )
+    heldout_fraction: float = param(
+        0.25, "Share of texts held out to judge each side's map.", min=0.05, max=0.9
+    )
     seed: int = param(0, "Seed of the fit / held-out split and of the randomized SVD.", min=0, max=2**31 - 1)
     max_retained_increase: float = param(
-        0.05, "Roll back automatically when retained perplexity rises by more than this fraction "
-              "(0.05 = 5%); negative = never roll back.", min=-1.0, max=1e6)
-    min_locality: float = param(0.0, "Also roll back when fewer than this share of retained prompts keep their greedy "
-                                     "continuation; 0 = off.", min=0.0, max=1.0)
-    prompt_tokens: int = param(16, "Retained prompts for locality: the first this many tokens of each text.",
-                               min=1, max=4096)
-    save: str = param("", "Save T' into this folder (Hugging Face format + surgery.json) unless it was rolled back. "
-                          "Empty = don't save.", path="out_dir")
+        0.05,
+        "Roll back automatically when retained perplexity rises by more than this fraction "
+        "(0.05 = 5%); negative = never roll back.",
+        min=-1.0,
+        max=1e6,
+    )
+    min_locality: float = param(
+        0.0,
+        "Also roll back when fewer than this share of retained prompts keep their greedy "
+        "continuation; 0 = off.",
+        min=0.0,
+        max=1.0,
+    )
+    prompt_tokens: int = param(
+        16, "Retained prompts for locality: the first this many tokens of each text.", min=1, max=4096
+    )
+    save: str = param(
+        "",
+        "Save T' into this folder (Hugging Face format + surgery.json) unless it was rolled back. "
+        "Empty = don't save.",
+        path="out_dir",
+    )
 
 
 @dataclass
@@ -119,16 +157,35 @@ def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progr
         d_model, d_tok = ctx.donor.model, ctx.donor.tokenizer
     else:
         d_model, d_tok = merged_donor(base, deltas), base.tokenizer
-        ev_d = evaluate_model(d_model, d_tok, sets[0], sets[1], score=params.score,
-                              max_new_tokens=params.max_new_tokens, progress=progress.sub(0.58, 0.66))
+        ev_d = evaluate_model(
+            d_model,
+            d_tok,
+            sets[0],
+            sets[1],
+            score=params.score,
+            max_new_tokens=params.max_new_tokens,
+            progress=progress.sub(0.58, 0.66),
+        )
     hash_t = conj.hash_before()
     progress(0.66, "adding the conjugated update to a working copy of T")
     conj.apply()
     hash_tp = conj.weight_hash()
-    ev_tp = evaluate_model(conj.working, target.tokenizer, sets[0], sets[1], score=params.score,
-                           max_new_tokens=params.max_new_tokens, state_hash=hash_tp, progress=progress.sub(0.66, 0.76))
-    transfer = {kind: transfer_scores(ev_t[f"task_score_{kind}"], ev_tp[f"task_score_{kind}"], ev_d[f"task_score_{kind}"])
-                for kind in SCORES}
+    ev_tp = evaluate_model(
+        conj.working,
+        target.tokenizer,
+        sets[0],
+        sets[1],
+        score=params.score,
+        max_new_tokens=params.max_new_tokens,
+        state_hash=hash_tp,
+        progress=progress.sub(0.66, 0.76),
+    )
+    transfer = {
+        kind: transfer_scores(
+            ev_t[f"task_score_{kind}"], ev_tp[f"task_score_{kind}"], ev_d[f"task_score_{kind}"]
+        )
+        for kind in SCORES
+    }
     tm = transfer[params.score]
 
     align_note = ""
@@ -137,24 +194,51 @@ def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progr
     if same_tokenizer(d_tok, target.tokenizer):
         with locked(target):
             al_before = alignment_score(d_model, d_tok, target.model, target.tokenizer, test_q)["score"]
-            al_after = alignment_score(d_model, d_tok, conj.working, target.tokenizer, test_q, state_hash=hash_tp)["score"]
+            al_after = alignment_score(
+                d_model, d_tok, conj.working, target.tokenizer, test_q, state_hash=hash_tp
+            )["score"]
     else:
-        align_note = "token agreement with D is undefined across tokenizers (greedy ids come from different vocabularies)"
+        align_note = (
+            "token agreement with D is undefined across tokenizers (greedy ids come from "
+            "different vocabularies)"
+        )
 
     progress(0.8, "interference check on the retained set")
     with locked(target):
-        inter = interference(target.model, conj.working, target.tokenizer, sets[1].texts(),
-                             max_new_tokens=params.max_new_tokens, prompt_tokens=params.prompt_tokens,
-                             batch_size=ctx.options.batch_size, progress=progress.sub(0.8, 0.95))
-    roll, why = should_roll_back(inter, params.max_retained_increase if params.max_retained_increase >= 0 else None,
-                                 min_locality=params.min_locality or None)
+        inter = interference(
+            target.model,
+            conj.working,
+            target.tokenizer,
+            sets[1].texts(),
+            max_new_tokens=params.max_new_tokens,
+            prompt_tokens=params.prompt_tokens,
+            batch_size=ctx.options.batch_size,
+            progress=progress.sub(0.8, 0.95),
+        )
+    roll, why = should_roll_back(
+        inter,
+        params.max_retained_increase if params.max_retained_increase >= 0 else None,
+        min_locality=params.min_locality or None,
+    )
     extra = dict(
-        source=source, params={k: getattr(params, k) for k in params.__dataclass_fields__},
-        options={"workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256},
-                 "max_tokens": ctx.options.max_tokens, "outlier_factor": ctx.options.outlier_factor},
-        results={"before": metrics(ev_t), "after": metrics(ev_tp), "donor": metrics(ev_d), "tir": tm["tir"],
-                 "recovery": tm["recovery"], "score_kind": params.score, "transfer": transfer,
-                 "retained_ppl_change": rnd(inter.get("ppl_change_fraction")), "locality": rnd(inter.get("locality"))},
+        source=source,
+        params={k: getattr(params, k) for k in params.__dataclass_fields__},
+        options={
+            "workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256},
+            "max_tokens": ctx.options.max_tokens,
+            "outlier_factor": ctx.options.outlier_factor,
+        },
+        results={
+            "before": metrics(ev_t),
+            "after": metrics(ev_tp),
+            "donor": metrics(ev_d),
+            "tir": tm["tir"],
+            "recovery": tm["recovery"],
+            "score_kind": params.score,
+            "transfer": transfer,
+            "retained_ppl_change": rnd(inter.get("ppl_change_fraction")),
+            "locality": rnd(inter.get("locality")),
+        },
         hashes={"target": hash_t, "transplanted": hash_tp},
         trust_remote_code=bool(target.spec.trust_remote_code or base.spec.trust_remote_code),
     )
@@ -177,28 +261,62 @@ def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progr
         exact = conj.matches_target()
     untouched = target.state_hash() == hash_t
     return ConjugateResult(
-        source=source, base=base.spec.ref, modules=list(rep.get("modules") or []),
-        map_counts=rep.get("map_counts") or {}, layer_map=[list(p) for p in rep.get("layer_map") or []],
-        score_kind=params.score, before=metrics(ev_t), after=metrics(ev_tp), donor=metrics(ev_d),
-        tir=tm["tir"], recovery=tm["recovery"], tir_note=tm["tir_note"], recovery_note=tm["recovery_note"],
-        transfer=transfer, interference={k: v for k, v in inter.items()}, rolled_back=bool(roll),
-        roll_back_reason=why if roll else "", alignment_before=rnd(al_before), alignment_after=rnd(al_after),
+        source=source,
+        base=base.spec.ref,
+        modules=list(rep.get("modules") or []),
+        map_counts=rep.get("map_counts") or {},
+        layer_map=[list(p) for p in rep.get("layer_map") or []],
+        score_kind=params.score,
+        before=metrics(ev_t),
+        after=metrics(ev_tp),
+        donor=metrics(ev_d),
+        tir=tm["tir"],
+        recovery=tm["recovery"],
+        tir_note=tm["tir_note"],
+        recovery_note=tm["recovery_note"],
+        transfer=transfer,
+        interference={k: v for k, v in inter.items()},
+        rolled_back=bool(roll),
+        roll_back_reason=why if roll else "",
+        alignment_before=rnd(al_before),
+        alignment_after=rnd(al_after),
         alignment_note=align_note,
-        generations=side_by_side(ev_t, ev_tp, ev_d) if ev_t["items"] and "generation" in ev_t["items"][0] else [],
-        n_test_items=len(test_q), n_modules=int(rep.get("n_modules") or 0),
-        n_conjugated=int(rep.get("n_conjugated") or 0), mean_energy_kept=rnd(rep.get("mean_energy_kept")),
-        weight_hash_before=hash_t, weight_hash_after=hash_tp, rollback_bit_exact=exact, target_untouched=untouched,
-        saved_to=saved_to, card=card, live_id=live_id, warnings=warnings,
+        generations=side_by_side(ev_t, ev_tp, ev_d)
+        if ev_t["items"] and "generation" in ev_t["items"][0]
+        else [],
+        n_test_items=len(test_q),
+        n_modules=int(rep.get("n_modules") or 0),
+        n_conjugated=int(rep.get("n_conjugated") or 0),
+        mean_energy_kept=rnd(rep.get("mean_energy_kept")),
+        weight_hash_before=hash_t,
+        weight_hash_after=hash_tp,
+        rollback_bit_exact=exact,
+        target_untouched=untouched,
+        saved_to=saved_to,
+        card=card,
+        live_id=live_id,
+        warnings=warnings,
         plan={k: v for k, v in rep.items() if k not in ("modules", "seconds")},
     )
 
 
-TOOL = register(Tool(
-    name="conjugate", code="T11", title="Rank-k conjugation transplant",
-    summary="Carries a donor's update dW (LoRA adapter or full fine-tune, truncated to rank k) into the target's "
-            "coordinates through per-side maps fitted on the activations each side sees (identity, Procrustes or "
-            "ridge), adds it reversibly, evaluates T, T' and D, checks interference and rolls back automatically "
-            "when retained perplexity worsens past your threshold.",
-    params_cls=ConjugateParams, compute=compute_conjugate, figure="viz.compare:conjugate_figure", page="Concept",
-    needs=(("adapter", "base", "target"), ("donor", "base", "target")), run_label="Run conjugation",
-))
+TOOL = register(
+    Tool(
+        name="conjugate",
+        code="OP3",
+        title="Rank-k conjugation transplant",
+        summary="Carries a donor's update dW (LoRA adapter or full fine-tune, truncated to rank k) into "
+        "the target's "
+        "coordinates through per-side maps fitted on the activations each side sees (identity, Procrustes "
+        "or "
+        "ridge), adds it reversibly, evaluates T, T' and D, checks interference and rolls back "
+        "automatically "
+        "when retained perplexity worsens past your threshold.",
+        params_cls=ConjugateParams,
+        compute=compute_conjugate,
+        figure="viz.compare:conjugate_figure",
+        page="Concept",
+        needs=(("adapter", "base", "target"), ("donor", "base", "target")),
+        run_label="Run conjugation",
+    )
+)

@@ -8,38 +8,77 @@ evaluated (perplexity on the concept facts and on the retained set, task score),
 organ's source) when the organ is untrained and reads the same tokens. Without ``--save`` the CLI
 rolls back before returning; the app keeps T' applied for one-click roll back and save, like a swap.
 """
+
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..evaluation.beforeafter import load_sets, rnd
-from ..running.context import ToolContext
-from ..surgery.organ import load_organ
-from ..running.organ_run import (BRIDGES, RECOVERY, evaluate_insertion, evaluate_target, insert_and_prepare, load_source,
-                         organ_of, require_source, short)
-from ..surgery.organ_surgery import MODES, Placement
 from ..core.params import BridgeRidge, EvaluationSets, GreedyTokensParam, TaskScoreParam, param
 from ..core.progress import Progress
-from ..running.registry import Tool, register
-from ..running.rebuild import Rebuilt, as_dmodel, register_rebuilder
+from ..evaluation.beforeafter import load_sets, rnd
 from ..loading.tokens import same_tokenizer
+from ..running.context import ToolContext
+from ..running.organ_run import (
+    BRIDGES,
+    RECOVERY,
+    evaluate_insertion,
+    evaluate_target,
+    insert_and_prepare,
+    load_source,
+    organ_of,
+    require_source,
+    short,
+)
+from ..running.rebuild import Rebuilt, as_dmodel, register_rebuilder
+from ..running.registry import Tool, register
+from ..surgery.organ import load_organ
+from ..surgery.organ_surgery import MODES, Placement
 
 
 @dataclass(frozen=True)
 class OrganInsertParams(BridgeRidge, EvaluationSets, TaskScoreParam, GreedyTokensParam):
-    position: int = param(-1, "Recipient block p where the organ's first block goes; -1 = the organ's own start s.", min=-1, max=100_000)
-    mode: str = param("direct", "direct: the organ replaces blocks p..p+k-1; bridged: affine bridges W_in, W_out around it.", choices=MODES)
-    bridge: str = param("closed-form", "Bridged mode: closed-form (ridge towards identity, training-free), trained (from identity, LM loss) or closed-form+trained.", choices=BRIDGES)
+    position: int = param(
+        -1,
+        "Recipient block p where the organ's first block goes; -1 = the organ's own start s.",
+        min=-1,
+        max=100_000,
+    )
+    mode: str = param(
+        "direct",
+        "direct: the organ replaces blocks p..p+k-1; bridged: affine bridges W_in, W_out around it.",
+        choices=MODES,
+    )
+    bridge: str = param(
+        "closed-form",
+        "Bridged mode: closed-form (ridge towards identity, training-free), trained (from identity, LM "
+        "loss) or closed-form+trained.",
+        choices=BRIDGES,
+    )
     bridge_steps: int = param(20, "Training steps of trained bridges.", min=1, max=100_000)
-    recovery_steps: int = param(0, "Recovery fine-tuning steps after insertion (0 = none).", min=0, max=100_000)
-    recovery: str = param("organs+neighbours", "Recovery: train the organ and its neighbouring blocks, or bridges first then bridges + organ.", choices=RECOVERY)
+    recovery_steps: int = param(
+        0, "Recovery fine-tuning steps after insertion (0 = none).", min=0, max=100_000
+    )
+    recovery: str = param(
+        "organs+neighbours",
+        "Recovery: train the organ and its neighbouring blocks, or bridges first then bridges + organ.",
+        choices=RECOVERY,
+    )
     lr: float = param(1e-4, "Adam learning rate of bridge training and recovery.", min=1e-8, max=1.0)
     seed: int = param(0, "Seed of the training batch order.", min=0, max=2**31 - 1)
-    second_organ: str = param("", "Optional second organ checkpoint folder, placed after the first (multi-organ composition).")
-    spacing: int = param(0, "Blocks between the first organ's last block and the second organ's first.", min=0, max=100_000)
-    save: str = param("", "Save T' into this folder (Hugging Face format + surgery.json, + bridges.safetensors when bridged). Empty = don't save.", path="out_dir")
+    second_organ: str = param(
+        "", "Optional second organ checkpoint folder, placed after the first (multi-organ composition)."
+    )
+    spacing: int = param(
+        0, "Blocks between the first organ's last block and the second organ's first.", min=0, max=100_000
+    )
+    save: str = param(
+        "",
+        "Save T' into this folder (Hugging Face format + surgery.json, + bridges.safetensors when "
+        "bridged). Empty = don't save.",
+        path="out_dir",
+    )
 
 
 @dataclass
@@ -68,7 +107,9 @@ class OrganInsertResult:
 
 def _organs(ctx: ToolContext, params: OrganInsertParams) -> list[Any]:
     """The run's organ (checked against the recipient) and the optional second one."""
-    return [organ_of(ctx, bridged=params.mode == "bridged")] + ([load_organ(params.second_organ)] if params.second_organ.strip() else [])
+    return [organ_of(ctx, bridged=params.mode == "bridged")] + (
+        [load_organ(params.second_organ)] if params.second_organ.strip() else []
+    )
 
 
 def _sources(ctx: ToolContext, params: OrganInsertParams, organs: list[Any], progress: Progress) -> list[Any]:
@@ -80,14 +121,33 @@ def _sources(ctx: ToolContext, params: OrganInsertParams, organs: list[Any], pro
     return out
 
 
-def _insert(ctx: ToolContext, params: OrganInsertParams, placements: list[Placement], sources: list[Any],
-            texts: list[str], progress: Progress) -> tuple[Any, dict[str, Any]]:
-    return insert_and_prepare(ctx, placements, sources, bridge=params.bridge, bridge_steps=params.bridge_steps,
-                              ridge_alpha=params.ridge_alpha, recovery_steps=params.recovery_steps,
-                              recovery=params.recovery, lr=params.lr, seed=params.seed, texts=texts, progress=progress)
+def _insert(
+    ctx: ToolContext,
+    params: OrganInsertParams,
+    placements: list[Placement],
+    sources: list[Any],
+    texts: list[str],
+    progress: Progress,
+) -> tuple[Any, dict[str, Any]]:
+    return insert_and_prepare(
+        ctx,
+        placements,
+        sources,
+        bridge=params.bridge,
+        bridge_steps=params.bridge_steps,
+        ridge_alpha=params.ridge_alpha,
+        recovery_steps=params.recovery_steps,
+        recovery=params.recovery,
+        lr=params.lr,
+        seed=params.seed,
+        texts=texts,
+        progress=progress,
+    )
 
 
-def compute_organ_insert(ctx: ToolContext, params: OrganInsertParams, progress: Progress) -> OrganInsertResult:
+def compute_organ_insert(
+    ctx: ToolContext, params: OrganInsertParams, progress: Progress
+) -> OrganInsertResult:
     organs = _organs(ctx, params)
     organ = organs[0]
     sets = load_sets(params.concept, params.retained)
@@ -114,20 +174,48 @@ def compute_organ_insert(ctx: ToolContext, params: OrganInsertParams, progress: 
     progress(0.6, "evaluating T'")
     ev_tp = evaluate_insertion(ins, sets, params.score, params.max_new_tokens, progress.sub(0.6, 0.85))
     devs = ins.deviations()
-    rows = [{"organ": str(o.path), "source": o.source_ref, "layers": o.card["layers"], "size": o.size,
-             "trained": bool(o.card.get("training")), "position": p, "mode": params.mode,
-             "bridge_deviation": None if d is None else {k: rnd(v) for k, v in d.items()}}
-            for o, p, d in zip(organs, positions, devs)]
+    rows = [
+        {
+            "organ": str(o.path),
+            "source": o.source_ref,
+            "layers": o.card["layers"],
+            "size": o.size,
+            "trained": bool(o.card.get("training")),
+            "position": p,
+            "mode": params.mode,
+            "bridge_deviation": None if d is None else {k: rnd(v) for k, v in d.items()},
+        }
+        for o, p, d in zip(organs, positions, devs)
+    ]
     before, after = short(ev_t), short(ev_tp)
     card = {
-        "operation": "organ-transplant", "target": ctx.target.spec.ref, "donor": organ.source_ref,
+        "operation": "organ-transplant",
+        "target": ctx.target.spec.ref,
+        "donor": organ.source_ref,
         "placements": rows,
-        "parameters": {k: getattr(params, k) for k in ("mode", "bridge", "bridge_steps", "ridge_alpha", "recovery_steps",
-                                                        "recovery", "lr", "seed", "spacing", "score")}
-        | {"concept": {"name": sets[0].name, "sha256": sets[0].sha256},
-           "retained": {"name": sets[1].name, "sha256": sets[1].sha256},
-           "workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256}},
-        "organs": [{"path": str(o.path), "tensors_sha256": o.sha256(), "layers": o.card["layers"]} for o in organs],
+        "parameters": {
+            k: getattr(params, k)
+            for k in (
+                "mode",
+                "bridge",
+                "bridge_steps",
+                "ridge_alpha",
+                "recovery_steps",
+                "recovery",
+                "lr",
+                "seed",
+                "spacing",
+                "score",
+            )
+        }
+        | {
+            "concept": {"name": sets[0].name, "sha256": sets[0].sha256},
+            "retained": {"name": sets[1].name, "sha256": sets[1].sha256},
+            "workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256},
+        },
+        "organs": [
+            {"path": str(o.path), "tensors_sha256": o.sha256(), "layers": o.card["layers"]} for o in organs
+        ],
         "results": {"before": before, "after": after, "donor": donor},
         "hashes": {"target": hash_t, "transplanted": hash_tp, "bridges_sha256": ins.bridges_sha256()},
         "trust_remote_code": bool(ctx.target.spec.trust_remote_code),
@@ -148,33 +236,57 @@ def compute_organ_insert(ctx: ToolContext, params: OrganInsertParams, progress: 
     progress(1.0, "done")  # the last cancel point: a cancelled run keeps nothing in memory
     live_id = ctx.live.keep_reapplied(ins, card) if ctx.live is not None and exact else None
     return OrganInsertResult(
-        mode=params.mode, bridge=params.bridge if params.mode == "bridged" else None, position=p0, placements=rows,
-        before=before, after=after, donor=donor, donor_note=donor_note,
-        bridge_deviation=rows[0]["bridge_deviation"], bridge_losses=[rnd(x) for x in log["bridge_losses"]],
-        recovery_losses=[rnd(x) for x in log["recovery_losses"]], organ_bytes=sum(o.nbytes for o in organs),
+        mode=params.mode,
+        bridge=params.bridge if params.mode == "bridged" else None,
+        position=p0,
+        placements=rows,
+        before=before,
+        after=after,
+        donor=donor,
+        donor_note=donor_note,
+        bridge_deviation=rows[0]["bridge_deviation"],
+        bridge_losses=[rnd(x) for x in log["bridge_losses"]],
+        recovery_losses=[rnd(x) for x in log["recovery_losses"]],
+        organ_bytes=sum(o.nbytes for o in organs),
         extra_bytes=extra,
-        weight_hash_before=hash_t, weight_hash_after=hash_tp, rollback_bit_exact=bool(exact),
-        target_untouched=bool(untouched), saved_to=saved_to, card=card, live_id=live_id,
+        weight_hash_before=hash_t,
+        weight_hash_after=hash_tp,
+        rollback_bit_exact=bool(exact),
+        target_untouched=bool(untouched),
+        saved_to=saved_to,
+        card=card,
+        live_id=live_id,
     )
 
 
-TOOL = register(Tool(
-    name="organ-insert", code="OP2", title="Organ insertion + before/after evaluation",
-    summary="Puts an organ into the target at block p, directly or between closed-form / trained bridges, with optional recovery fine-tuning and a second organ; evaluates T and T', rolls back bit-exactly, optionally saves T'.",
-    params_cls=OrganInsertParams, compute=compute_organ_insert, figure="viz.organs:insert_figure", page="Organs",
-    same_family=True, needs=(("organ", "target"),), run_label="Insert organ",
-))
+TOOL = register(
+    Tool(
+        name="organ-insert",
+        code="OP2.3",
+        title="Organ insertion + before/after evaluation",
+        summary="Puts an organ into the target at block p, directly or between closed-form / trained "
+        "bridges, with optional recovery fine-tuning and a second organ; evaluates T and T', rolls back "
+        "bit-exactly, optionally saves T'.",
+        params_cls=OrganInsertParams,
+        compute=compute_organ_insert,
+        figure="viz.organs:insert_figure",
+        page="Organs",
+        same_family=True,
+        needs=(("organ", "target"),),
+        run_label="Insert organ",
+    )
+)
 
 
 def rebuild_organ_insert(envelope: dict[str, Any], store: Any, device: Optional[str] = None) -> Rebuilt:
     """An organ-insertion run: the same organ(s) put at the same position(s) of the same target
     again, bridges fitted / trained and recovery run on the run's workload (checked by its sha256),
     then T' checked against the run's weight hash (refused and rolled back when it differs)."""
+    from ..core.data import resolve_workload
     from ..core.errors import GraftError
-    from ..loading.models import ModelSpec
     from ..core.params import RunOptions, build_params
     from ..core.progress import silent
-    from ..core.data import resolve_workload
+    from ..loading.models import ModelSpec
 
     result, meta = envelope.get("result") or {}, envelope.get("meta") or {}
     card = result.get("card") or {}
@@ -183,33 +295,63 @@ def rebuild_organ_insert(envelope: dict[str, Any], store: Any, device: Optional[
     params = build_params(OrganInsertParams, {**(meta.get("params") or {}), "save": ""})
     workload = resolve_workload(options.workload)
     if (meta.get("workload") or {}).get("sha256") not in (None, workload.sha256):
-        raise GraftError(f"the workload {workload.name} has changed since this run (sha256 differs); insert the organ again")
-    target = store.get(ModelSpec.parse(envelope["target"], trust_remote_code=bool(card.get("trust_remote_code"))),
-                       options.device, options.dtype)
+        raise GraftError(
+            f"the workload {workload.name} has changed since this run (sha256 differs); insert the organ "
+            "again"
+        )
+    target = store.get(
+        ModelSpec.parse(envelope["target"], trust_remote_code=bool(card.get("trust_remote_code"))),
+        options.device,
+        options.dtype,
+    )
     if result.get("weight_hash_before") and target.state_hash() != result["weight_hash_before"]:
-        raise GraftError(f"the target {target.label} has changed since this run (weight hash differs); insert the organ again")
+        raise GraftError(
+            f"the target {target.label} has changed since this run (weight hash differs); insert the organ "
+            "again"
+        )
     ctx = ToolContext(None, target, workload, options, organ=envelope.get("organ"), store=store)
     organs = _organs(ctx, params)
     for o, recorded in zip(organs, card.get("organs") or []):
         if o.sha256() != recorded.get("tensors_sha256"):
-            raise GraftError(f"the organ {o.path} has changed since this run (tensors sha256 differs); insert it again")
+            raise GraftError(
+                f"the organ {o.path} has changed since this run (tensors sha256 differs); insert it again"
+            )
     positions = [row["position"] for row in result.get("placements") or []]
     placements = [Placement(o, p, params.mode) for o, p in zip(organs, positions)]
     sources = _sources(ctx, params, organs, silent())
     ins, _ = _insert(ctx, params, placements, sources, list(workload.texts), silent())
     if result.get("weight_hash_after") and ins.weight_hash() != result["weight_hash_after"]:
         ins.rollback()
-        raise GraftError("inserting the run's organ again does not reproduce its T' (weight hash differs: did the "
-                         "organ's source, the workload or the training change?)")
+        raise GraftError(
+            "inserting the run's organ again does not reproduce its T' (weight hash differs: did the "
+            "organ's source, the workload or the training change?)"
+        )
     src = sources[0]
-    donor = (as_dmodel(src) if src is not None and not organs[0].card.get("training")
-             and same_tokenizer(src.tokenizer, target.tokenizer) else None)
-    return Rebuilt(target, ins.working, donor, ins.rollback, ins,
-                   {"kind": "run", "run_id": envelope.get("run_id"), "tool": envelope.get("tool"),
-                    "operation": f"organ transplant ({params.mode})", "donor": organs[0].source_ref,
-                    "target": envelope.get("target"), "modules": [f"blocks {p}..{p + o.size - 1}" for o, p in
-                                                                   zip(organs, positions)],
-                    "weight_hash_before": ins.hash_before(), "weight_hash_after": ins.weight_hash()})
+    donor = (
+        as_dmodel(src)
+        if src is not None
+        and not organs[0].card.get("training")
+        and same_tokenizer(src.tokenizer, target.tokenizer)
+        else None
+    )
+    return Rebuilt(
+        target,
+        ins.working,
+        donor,
+        ins.rollback,
+        ins,
+        {
+            "kind": "run",
+            "run_id": envelope.get("run_id"),
+            "tool": envelope.get("tool"),
+            "operation": f"organ transplant ({params.mode})",
+            "donor": organs[0].source_ref,
+            "target": envelope.get("target"),
+            "modules": [f"blocks {p}..{p + o.size - 1}" for o, p in zip(organs, positions)],
+            "weight_hash_before": ins.hash_before(),
+            "weight_hash_after": ins.weight_hash(),
+        },
+    )
 
 
 register_rebuilder(TOOL.name, rebuild_organ_insert)

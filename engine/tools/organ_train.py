@@ -1,30 +1,43 @@
 """Standalone organ training (docs/methods.md operation 2, NOT): frozen embeddings -> organ -> frozen
 final norm and head, causal LM loss on a concept set or any text file (:mod:`engine.surgery.organ_train`).
 The trained organ is a new checkpoint whose card records the training configuration and metrics."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..running.context import ToolContext
 from ..core.errors import GraftError
-from ..surgery.organ import load_organ, save_organ
-from ..running.organ_run import default_out, load_source, organ_of, training_texts
-from ..surgery.organ_train import train_organ
 from ..core.params import param
 from ..core.progress import Progress
+from ..running.context import ToolContext
+from ..running.organ_run import default_out, load_source, organ_of, training_texts
 from ..running.registry import Tool, register
+from ..surgery.organ import load_organ, save_organ
+from ..surgery.organ_train import train_organ
 
 
 @dataclass(frozen=True)
 class OrganTrainParams:
-    concept: str = param("", "Training texts: concept set or {\"text\"} JSONL (or .json array), or a text file (one text a line). Empty = the bundled concept set.", path="in")
+    concept: str = param(
+        "",
+        'Training texts: concept set or {"text"} JSONL (or .json array), or a text file (one text a line). '
+        "Empty = the bundled concept set.",
+        path="in",
+    )
     steps: int = param(50, "Training steps (the step budget).", min=1, max=1_000_000)
     lr: float = param(1e-3, "Adam learning rate.", min=1e-8, max=1.0)
-    seed: int = param(0, "Seed of the batch order (the run is deterministic for a seed).", min=0, max=2**31 - 1)
+    seed: int = param(
+        0, "Seed of the batch order (the run is deterministic for a seed).", min=0, max=2**31 - 1
+    )
     batch_size: int = param(8, "Texts per step.", min=1, max=512)
     max_length: int = param(128, "Tokens kept per text.", min=4, max=4096)
-    out: str = param("", "Folder for the trained organ. Empty = the organ's folder name + '-trained' beside it in <GRAFT_HOME>/organs.", path="out_dir")
+    out: str = param(
+        "",
+        "Folder for the trained organ. Empty = the organ's folder name + '-trained' beside it in "
+        "<GRAFT_HOME>/organs.",
+        path="out_dir",
+    )
 
 
 @dataclass
@@ -43,23 +56,46 @@ def compute_organ_train(ctx: ToolContext, params: OrganTrainParams, progress: Pr
     progress(0.02, f"loading the organ's source {organ.source_ref}")
     source, note = load_source(ctx, organ, progress.sub(0.02, 0.1))
     if source is None:
-        raise GraftError(f"standalone training runs the organ between its source's embeddings and head: {note}")
+        raise GraftError(
+            f"standalone training runs the organ between its source's embeddings and head: {note}"
+        )
     if note:
         ctx.meta.setdefault("notes", []).append(note)
-    trained, losses, metrics = train_organ(source, organ, texts, steps=params.steps, lr=params.lr, seed=params.seed,
-                                           batch_size=params.batch_size, max_length=params.max_length, data=data,
-                                           progress=progress.sub(0.1, 0.9))
+    trained, losses, metrics = train_organ(
+        source,
+        organ,
+        texts,
+        steps=params.steps,
+        lr=params.lr,
+        seed=params.seed,
+        batch_size=params.batch_size,
+        max_length=params.max_length,
+        data=data,
+        progress=progress.sub(0.1, 0.9),
+    )
     out = params.out.strip() or str(default_out(f"{organ.name}-trained"))
     progress(0.92, f"writing {out}")
     path = save_organ(trained, out)
     back = load_organ(path)
     progress(1.0, "done")
-    return OrganTrainResult(organ=back.card, path=str(path), source=source.spec.ref, losses=losses, metrics=metrics, data=data)
+    return OrganTrainResult(
+        organ=back.card, path=str(path), source=source.spec.ref, losses=losses, metrics=metrics, data=data
+    )
 
 
-TOOL = register(Tool(
-    name="organ-train", code="OP2", title="Standalone organ training",
-    summary="Trains an organ between its source's frozen embeddings and frozen final norm + head on a concept set or text file, with a step budget; writes a new organ checkpoint.",
-    params_cls=OrganTrainParams, compute=compute_organ_train, figure="viz.organs:train_figure", page="Organs",
-    needs=(("organ",),), uses_workload=False, run_label="Train organ",
-))
+TOOL = register(
+    Tool(
+        name="organ-train",
+        code="OP2.2",
+        title="Standalone organ training",
+        summary="Trains an organ between its source's frozen embeddings and frozen final norm + head on a "
+        "concept set or text file, with a step budget; writes a new organ checkpoint.",
+        params_cls=OrganTrainParams,
+        compute=compute_organ_train,
+        figure="viz.organs:train_figure",
+        page="Organs",
+        needs=(("organ",),),
+        uses_workload=False,
+        run_label="Train organ",
+    )
+)

@@ -27,6 +27,7 @@ Cost: on CUDA every layer's map comes from one batch of Newton polar factors (:m
 on a CPU from one SVD per layer, the layers side by side when there are several threads
 (:mod:`engine.core.threads`: a LAPACK SVD of this size gains little from threads of its own).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,21 +36,37 @@ from typing import Any, Optional
 
 import torch
 
-from ..running.context import ToolContext, device_rows
 from ..core.errors import GraftError
-from ..measure.linalg import (COMPLETION_IDENTITY, COMPLETION_SPAN, COMPLETION_UNIQUE, ProcrustesFit, RidgeFactor,
-                      Standardiser, gram, ieee_float32, monotone_matching, procrustes_fit, procrustes_from_cross, residual,
-                      split_rows)
-from ..measure.polar import cross_fits
 from ..core.params import HeldOutFit, param
 from ..core.progress import Progress
-from ..running.registry import Tool, register
 from ..core.threads import cpu_workers, parallel_map
+from ..measure.linalg import (
+    COMPLETION_IDENTITY,
+    COMPLETION_SPAN,
+    COMPLETION_UNIQUE,
+    ProcrustesFit,
+    RidgeFactor,
+    Standardiser,
+    gram,
+    ieee_float32,
+    monotone_matching,
+    procrustes_fit,
+    procrustes_from_cross,
+    residual,
+    split_rows,
+)
+from ..measure.polar import cross_fits
+from ..running.context import ToolContext, device_rows
+from ..running.registry import Tool, register
 
 
 @dataclass(frozen=True)
 class ProcrustesParams(HeldOutFit):
-    pairs: str = param("matching", "Which layer pairs to fit: 'matching' = T2's monotone CKA matching; 'depth' = equal relative depth.", choices=("matching", "depth"))
+    pairs: str = param(
+        "matching",
+        "Which layer pairs to fit: 'matching' = T2's monotone CKA matching; 'depth' = equal relative depth.",
+        choices=("matching", "depth"),
+    )
 
 
 @dataclass
@@ -113,23 +130,39 @@ def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Pro
             preps = []
             for k, (i, j) in enumerate(pairs):
                 progress(0.75 + 0.2 * k / len(pairs), f"Procrustes layer {i} -> {j}")
-                preps.append(_prepare(al.X[i + 1].to(dev), al.Y[j + 1].to(dev), fit_d, held_d, params.ridge_alpha, i, j))
+                preps.append(
+                    _prepare(
+                        al.X[i + 1].to(dev), al.Y[j + 1].to(dev), fit_d, held_d, params.ridge_alpha, i, j
+                    )
+                )
             progress(0.95, "Procrustes maps")
             todo = [p for p in preps if p.pf is None]
             for p, pf in zip(todo, cross_fits([p.M for p in todo], newton=True)):
                 p.pf = pf
             layers = [_finish(p).__dict__ for p in preps]
         else:  # layer by layer (side by side on several CPU threads): a layer's rows held per worker
+
             def one(pair: tuple[int, int]) -> dict[str, Any]:
                 i, j = pair
-                return fit_pair(al.X[i + 1].to(dev), al.Y[j + 1].to(dev), fit_d, held_d, params.ridge_alpha, i, j).__dict__
+                return fit_pair(
+                    al.X[i + 1].to(dev), al.Y[j + 1].to(dev), fit_d, held_d, params.ridge_alpha, i, j
+                ).__dict__
 
             dx, dy = int(al.X.shape[2]), int(al.Y.shape[2])
             n = int(al.X.shape[1])  # a layer's float64 rows, standardised copies and d x d factors per worker
-            workers = cpu_workers(dev, len(pairs), 2.0 * float(fit.sum()) * dx * (dx + dy) + 20.0 * max(dx, dy) ** 3,  # X^T [X Y], SVD
-                                  16.0 * (n * (dx + dy) + 4 * max(dx, dy) ** 2))
-            layers = parallel_map(one, pairs, progress.sub(0.75, 1.0), lambda ij: f"Procrustes layer {ij[0]} -> {ij[1]}",
-                                  workers)
+            workers = cpu_workers(
+                dev,
+                len(pairs),
+                2.0 * float(fit.sum()) * dx * (dx + dy) + 20.0 * max(dx, dy) ** 3,  # X^T [X Y], SVD
+                16.0 * (n * (dx + dy) + 4 * max(dx, dy) ** 2),
+            )
+            layers = parallel_map(
+                one,
+                pairs,
+                progress.sub(0.75, 1.0),
+                lambda ij: f"Procrustes layer {ij[0]} -> {ij[1]}",
+                workers,
+            )
     progress(1.0, "done")
     dx, dy = int(al.X.shape[2]), int(al.Y.shape[2])
     n_fit = int(fit.sum())
@@ -140,17 +173,20 @@ def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Pro
         layers=layers,
         mean_alignment=round(sum(l["alignment"] for l in layers) / len(layers), 6),
         pairs=params.pairs,
-        n_fit=n_fit, n_heldout=int(held.sum()),
+        n_fit=n_fit,
+        n_heldout=int(held.sum()),
         alignment=al.mode,
-        donor_width=dx, target_width=dy,
+        donor_width=dx,
+        target_width=dy,
         rows_per_width=round(n_fit / max(dx, dy), 6),
         completion=completion,
         warnings=procrustes_warnings(layers, n_fit, dx, dy),
     )
 
 
-def fit_pair(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Tensor, alpha: float,
-             i: int, j: int) -> ProcrustesLayer:
+def fit_pair(
+    X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Tensor, alpha: float, i: int, j: int
+) -> ProcrustesLayer:
     """One matched pair: standardise (fit-row statistics), fit the orthogonal map R and the ridge
     map W, and score both on the fit and held-out rows (float64; held-out rows through R in float32,
     which moves the residuals by about 1e-7).
@@ -176,6 +212,7 @@ def fit_pair(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Te
 class _Pair:
     """One layer pair between :func:`_prepare` (standardised rows, ridge scores, the cross-product
     M) and :func:`_finish` (the Procrustes scores once the map ``pf`` is known)."""
+
     i: int
     j: int
     Xh: torch.Tensor
@@ -190,8 +227,9 @@ class _Pair:
     Xf: Optional[torch.Tensor]  # kept on the thin path when R is not square
 
 
-def _prepare(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Tensor, alpha: float,
-             i: int, j: int) -> _Pair:
+def _prepare(
+    X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Tensor, alpha: float, i: int, j: int
+) -> _Pair:
     fit, held = _index(fit), _index(held)
     Xf, Xh = X.index_select(0, fit).double(), X.index_select(0, held).double()
     Yf, Yh = Y.index_select(0, fit).double(), Y.index_select(0, held).double()
@@ -220,8 +258,20 @@ def _prepare(X: torch.Tensor, Y: torch.Tensor, fit: torch.Tensor, held: torch.Te
             fit_w = _residual(Xf @ W, Yf)
         pred_w = (Xh.float() @ W.float()).double()
     square = dx == dy
-    return _Pair(i, j, Xh, Yh, xx, yy, fit_w, _residual(pred_w, Yh), pf, M,
-                 None if square else Gx, None if square or Gx is not None else Xf)
+    return _Pair(
+        i,
+        j,
+        Xh,
+        Yh,
+        xx,
+        yy,
+        fit_w,
+        _residual(pred_w, Yh),
+        pf,
+        M,
+        None if square else Gx,
+        None if square or Gx is not None else Xf,
+    )
 
 
 def _index(rows: torch.Tensor) -> torch.Tensor:
@@ -244,7 +294,8 @@ def _finish(p: _Pair) -> ProcrustesLayer:
     rh = _residual((p.Xh.float() @ R.float()).double(), p.Yh)
     ident = _residual(p.Xh, p.Yh) if dx == dy else None
     return ProcrustesLayer(
-        donor_layer=p.i, target_layer=p.j,
+        donor_layer=p.i,
+        target_layer=p.j,
         residual_fit=round(fit_r, 6),
         residual_heldout=round(rh, 6),
         residual_ridge=round(p.ridge, 6),
@@ -257,7 +308,8 @@ def _finish(p: _Pair) -> ProcrustesLayer:
 
 
 def _ratio(num: float, den: float) -> float:
-    """A residual from sums of products: clipped at 0 (round-off), 1.0 when undefined (as :func:`_residual`)."""
+    """A residual from sums of products: clipped at 0 (round-off), 1.0 when undefined (as
+    :func:`_residual`)."""
     return max(0.0, num) / den if den > 0 else 1.0
 
 
@@ -289,20 +341,35 @@ def procrustes_warnings(layers: list[dict[str, Any]], n_fit: int, dx: int, dy: i
     if under:
         lo, hi = min(l["rank"] for l in under), max(l["rank"] for l in under)
         ranks = f"rank {lo}" if lo == hi else f"rank {lo}-{hi}"
-        how = ("closest to identity off the rows' span" if dx == dy
-               else "within the fit span (directions off it count as unexplained)")
-        out.append(f"T3 fit is underdetermined in {len(under)}/{len(layers)} layers: {n_fit} fit rows against "
-                   f"{_widths(dx, dy)} ({ranks} of {full}); the map is completed {how} — use a larger "
-                   f"workload or --max-tokens for a fully determined fit")
+        how = (
+            "closest to identity off the rows' span"
+            if dx == dy
+            else "within the fit span (directions off it count as unexplained)"
+        )
+        out.append(
+            f"T3 fit is underdetermined in {len(under)}/{len(layers)} layers: {n_fit} fit rows against "
+            f"{_widths(dx, dy)} ({ranks} of {full}); the map is completed {how} — use a larger "
+            f"workload or --max-tokens for a fully determined fit"
+        )
     elif n_fit < max(dx, dy):
-        out.append(f"T3 fit rows ({n_fit}) are fewer than the larger width ({_widths(dx, dy)}, "
-                   f"{n_fit / max(dx, dy):.2f} rows per width): the map is unique but barely constrained, so "
-                   f"held-out residuals are inflated by overfitting — use a larger workload or --max-tokens")
+        out.append(
+            f"T3 fit rows ({n_fit}) are fewer than the larger width ({_widths(dx, dy)}, "
+            f"{n_fit / max(dx, dy):.2f} rows per width): the map is unique but barely constrained, so "
+            f"held-out residuals are inflated by overfitting — use a larger workload or --max-tokens"
+        )
     return out
 
 
-TOOL = register(Tool(
-    name="procrustes", code="T3", title="Per-layer Procrustes residuals",
-    summary="Orthogonal map per matched layer pair: residual on fit vs held-out rows, with ridge and identity baselines.",
-    params_cls=ProcrustesParams, compute=compute_procrustes, figure="viz.alignment:procrustes_figure", page="Alignment",
-))
+TOOL = register(
+    Tool(
+        name="procrustes",
+        code="T3",
+        title="Per-layer Procrustes residuals",
+        summary="Orthogonal map per matched layer pair: residual on fit vs held-out rows, with ridge and "
+        "identity baselines.",
+        params_cls=ProcrustesParams,
+        compute=compute_procrustes,
+        figure="viz.alignment:procrustes_figure",
+        page="Alignment",
+    )
+)

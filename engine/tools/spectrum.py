@@ -15,41 +15,60 @@ Summary statistics (median, mean, max, per kind, per module name) are over modul
 update is not zero and whose ``k`` is determined; ``max_k`` is the rank that reaches the
 threshold in every such module at once.
 """
+
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..core.errors import GraftError
+from ..adapters.delta_map import NEEDS, cell_stats, check_filter_used, grid_axes, load_deltas, module_filter
 from ..adapters.lowrank import cumulative_energy, effective_rank, k_at_energy
+from ..core.errors import GraftError
+from ..core.jsonsafe import finite_or_none
 from ..core.params import param
 from ..core.progress import Progress
 from ..running.registry import Tool, register
-from ..adapters.delta_map import NEEDS, cell_stats, check_filter_used, grid_axes, load_deltas, module_filter
-from ..core.jsonsafe import finite_or_none
 
 
 @dataclass(frozen=True)
 class SpectrumParams:
-    threshold: float = param(0.9, "Energy threshold: recommended k = smallest rank whose cumulative share of "
-                                  "||dW||_F^2 reaches it.", min=1e-6, max=1.0)
-    rank: int = param(16, "Full fine-tune (--donor with --base) only: singular values computed per module "
-                          "(truncated randomized SVD). Adapters keep their own rank.", min=1, max=4096)
-    modules: str = param("", "Only these modules, comma separated: names (blocks.3.attn.q), module names (attn.q), "
-                             "kinds (attention, mlp), layers (layer:3) or globs (blocks.1*.mlp.*). Empty = all.")
-    seed: int = param(0, "Full fine-tune only: seed of the randomized SVD's Gaussian test matrices.", min=0, max=2**31 - 1)
+    threshold: float = param(
+        0.9,
+        "Energy threshold: recommended k = smallest rank whose cumulative share of ||dW||_F^2 reaches it.",
+        min=1e-6,
+        max=1.0,
+    )
+    rank: int = param(
+        16,
+        "Full fine-tune (--donor with --base) only: singular values computed per module "
+        "(truncated randomized SVD). Adapters keep their own rank.",
+        min=1,
+        max=4096,
+    )
+    modules: str = param(
+        "",
+        "Only these modules, comma separated: names (blocks.3.attn.q), module names (attn.q), "
+        "kinds (attention, mlp), layers (layer:3) or globs (blocks.1*.mlp.*). Empty = all.",
+    )
+    seed: int = param(
+        0, "Full fine-tune only: seed of the randomized SVD's Gaussian test matrices.", min=0, max=2**31 - 1
+    )
 
 
 @dataclass
 class SpectrumResult:
     source: dict[str, Any]
     threshold: float
-    modules: list[dict[str, Any]]  # name, layer, module, kind, singular_values, energy_cumulative, k_at_threshold ...
+    modules: list[
+        dict[str, Any]
+    ]  # name, layer, module, kind, singular_values, energy_cumulative, k_at_threshold ...
     summary: dict[str, Any]
     layers: list[int]  # rows of k_grid
     module_names: list[str]  # columns of k_grid
-    k_grid: list[list[Optional[int]]]  # recommended k per (layer, module name); None where absent or undetermined
+    k_grid: list[
+        list[Optional[int]]
+    ]  # recommended k per (layer, module name); None where absent or undetermined
     warnings: list[str]
 
 
@@ -72,27 +91,45 @@ def compute_spectrum(ctx: Any, params: SpectrumParams, progress: Progress) -> Sp
         d = st.delta
         total = st.norm_sq if src.truncated else None
         k = k_at_energy(st.S, thr, total=total)
-        rows.append({
-            "name": d.name, "layer": d.layer, "module": d.module, "kind": d.kind,
-            "rank": d.rank, "shape": list(d.shape),
-            "energy": finite_or_none(st.norm_sq ** 0.5),
-            "singular_values": [float(s) for s in st.S],
-            "energy_cumulative": cumulative_energy(st.S, total=st.norm_sq if st.norm_sq > 0 else None),
-            "k_at_threshold": k,
-            "effective_rank": finite_or_none(effective_rank(st.S)),
-            "captured_share": finite_or_none(st.captured),
-        })
+        rows.append(
+            {
+                "name": d.name,
+                "layer": d.layer,
+                "module": d.module,
+                "kind": d.kind,
+                "rank": d.rank,
+                "shape": list(d.shape),
+                "energy": finite_or_none(st.norm_sq**0.5),
+                "singular_values": [float(s) for s in st.S],
+                "energy_cumulative": cumulative_energy(st.S, total=st.norm_sq if st.norm_sq > 0 else None),
+                "k_at_threshold": k,
+                "effective_rank": finite_or_none(effective_rank(st.S)),
+                "captured_share": finite_or_none(st.captured),
+            }
+        )
     live = [r for r in rows if (r["energy"] or 0.0) > 0]
     ks = [r["k_at_threshold"] for r in live if r["k_at_threshold"] is not None]
     undetermined = [r["name"] for r in live if r["k_at_threshold"] is None]
     counts: dict[str, int] = {}
     for k in ks:
         counts[str(k)] = counts.get(str(k), 0) + 1
-    by_kind = {kind: _median([r["k_at_threshold"] for r in live if r["kind"] == kind and r["k_at_threshold"] is not None])
-               for kind in sorted({r["kind"] for r in rows})}
+    by_kind = {
+        kind: _median(
+            [r["k_at_threshold"] for r in live if r["kind"] == kind and r["k_at_threshold"] is not None]
+        )
+        for kind in sorted({r["kind"] for r in rows})
+    }
     layers, names = grid_axes(src.deltas)
-    by_module = {m: _median([r["k_at_threshold"] for r in live if r["module"] == m and r["layer"] >= 0
-                             and r["k_at_threshold"] is not None]) for m in names}
+    by_module = {
+        m: _median(
+            [
+                r["k_at_threshold"]
+                for r in live
+                if r["module"] == m and r["layer"] >= 0 and r["k_at_threshold"] is not None
+            ]
+        )
+        for m in names
+    }
     summary = {
         "threshold": thr,
         "n_modules": len(rows),
@@ -110,8 +147,11 @@ def compute_spectrum(ctx: Any, params: SpectrumParams, progress: Progress) -> Sp
         "max_rank": max(r["rank"] for r in rows),
     }
     if undetermined:
-        warnings.append(f"{len(undetermined)} module(s) do not reach {thr:g} of their energy within the top {params.rank} "
-                        "singular directions computed: their k is undetermined (> rank); raise --rank")
+        warnings.append(
+            f"{len(undetermined)} module(s) do not reach {thr:g} of their energy within the top "
+            f"{params.rank} "
+            "singular directions computed: their k is undetermined (> rank); raise --rank"
+        )
     if not live:
         warnings.append("the update is zero in every module: there is no spectrum to read")
     li = {l: i for i, l in enumerate(layers)}
@@ -121,14 +161,31 @@ def compute_spectrum(ctx: Any, params: SpectrumParams, progress: Progress) -> Sp
         if r["layer"] >= 0:
             k_grid[li[r["layer"]]][mi[r["module"]]] = r["k_at_threshold"]
     progress(1.0, "spectra ready")
-    return SpectrumResult(source=src.source, threshold=thr, modules=rows, summary=summary, layers=layers,
-                          module_names=names, k_grid=k_grid, warnings=warnings)
+    return SpectrumResult(
+        source=src.source,
+        threshold=thr,
+        modules=rows,
+        summary=summary,
+        layers=layers,
+        module_names=names,
+        k_grid=k_grid,
+        warnings=warnings,
+    )
 
 
-TOOL = register(Tool(needs=NEEDS, uses_workload=False,
-    
-    name="spectrum", code="T6", title="Spectrum and rank-k",
-    summary="Singular values of each module's weight update from its low-rank factors, cumulative energy curves, "
-            "and the smallest rank k reaching an energy threshold per module.",
-    params_cls=SpectrumParams, compute=compute_spectrum, figure="viz.concept:spectrum_figure", page="Concept",
-))
+TOOL = register(
+    Tool(
+        needs=NEEDS,
+        uses_workload=False,
+        name="spectrum",
+        code="T6",
+        title="Spectrum and rank-k",
+        summary="Singular values of each module's weight update from its low-rank factors, cumulative "
+        "energy curves, "
+        "and the smallest rank k reaching an energy threshold per module.",
+        params_cls=SpectrumParams,
+        compute=compute_spectrum,
+        figure="viz.concept:spectrum_figure",
+        page="Concept",
+    )
+)

@@ -7,26 +7,45 @@ and T' against D, generations side by side, weight hashes, and verify a bit-exac
 Cross-family pairs, or pairs with different tokenizers, are refused with one line
 (:func:`engine.surgery.transplant.check_swap_pair`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..evaluation.beforeafter import evaluate_shared, load_sets, locked, metrics, rnd, side_by_side, transfer_scores
-from ..running.context import ToolContext
-from ..evaluation.evalcache import SCORES, alignment_score, evaluate_model
 from ..core.params import EvaluationSets, GreedyTokensParam, TaskScoreParam, param
 from ..core.progress import Progress
+from ..evaluation.beforeafter import (
+    evaluate_shared,
+    load_sets,
+    locked,
+    metrics,
+    rnd,
+    side_by_side,
+    transfer_scores,
+)
+from ..evaluation.evalcache import SCORES, alignment_score, evaluate_model
+from ..running.context import ToolContext
+from ..running.module_choice import choose_modules
 from ..running.registry import Tool, register
 from ..surgery.transplant import ModuleSwap, check_swap_pair, save_transplant, swappable_modules
-from ..running.module_choice import choose_modules
 
 
 @dataclass(frozen=True)
 class SwapParams(EvaluationSets, TaskScoreParam, GreedyTokensParam):
-    k: int = param(8, "Swap the top-K modules of the T7 ranking (ignored when --modules is given).", min=1, max=100_000)
-    modules: str = param("", "Comma-separated module names to swap instead of the top K, e.g. 'blocks.3.attn.o,blocks.5.mlp.down'.")
-    save: str = param("", "Save T' into this folder (Hugging Face format + surgery.json). Empty = don't save.", path="out_dir")
+    k: int = param(
+        8, "Swap the top-K modules of the T7 ranking (ignored when --modules is given).", min=1, max=100_000
+    )
+    modules: str = param(
+        "",
+        "Comma-separated module names to swap instead of the top K, e.g. "
+        "'blocks.3.attn.o,blocks.5.mlp.down'.",
+    )
+    save: str = param(
+        "",
+        "Save T' into this folder (Hugging Face format + surgery.json). Empty = don't save.",
+        path="out_dir",
+    )
 
 
 @dataclass
@@ -56,9 +75,13 @@ class SwapResult:
     rollback_bit_exact: bool
     target_untouched: bool
     saved_to: Optional[str]
-    transfer: dict[str, dict[str, Any]]  # TIR / Recovery (+ status, note) under each score kind: graded, exact
+    transfer: dict[
+        str, dict[str, Any]
+    ]  # TIR / Recovery (+ status, note) under each score kind: graded, exact
     card: dict[str, Any]  # the surgery card saved with T' (operation, models, parameters, results, hashes)
-    live_id: Optional[str]  # app only: T' is kept applied under this id (engine/running/live.py); None from the CLI
+    live_id: Optional[
+        str
+    ]  # app only: T' is kept applied under this id (engine/running/live.py); None from the CLI
 
 
 def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> SwapResult:
@@ -73,7 +96,9 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
     test_q = [q.question for q in sets[0].test_qa()]
     hash_t = swap.hash_before()
     progress(0.3, "evaluating the target T")
-    ev_t = evaluate_shared(ctx.target, sets, params.score, params.max_new_tokens, progress.sub(0.3, 0.45), hash_t)
+    ev_t = evaluate_shared(
+        ctx.target, sets, params.score, params.max_new_tokens, progress.sub(0.3, 0.45), hash_t
+    )
     progress(0.45, "evaluating the donor D")
     ev_d = evaluate_shared(ctx.donor, sets, params.score, params.max_new_tokens, progress.sub(0.45, 0.6))
 
@@ -81,16 +106,42 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
     swap.materialise()
     swap.apply()
     hash_tp = swap.weight_hash()
-    ev_tp = evaluate_model(swap.working, ctx.target.tokenizer, sets[0], sets[1], score=params.score,
-                           max_new_tokens=params.max_new_tokens, state_hash=hash_tp, progress=progress.sub(0.62, 0.8))
+    ev_tp = evaluate_model(
+        swap.working,
+        ctx.target.tokenizer,
+        sets[0],
+        sets[1],
+        score=params.score,
+        max_new_tokens=params.max_new_tokens,
+        state_hash=hash_tp,
+        progress=progress.sub(0.62, 0.8),
+    )
     progress(0.8, "alignment with the donor")
     with locked(ctx.donor, ctx.target):
-        al_before = alignment_score(ctx.donor.model, ctx.donor.tokenizer, ctx.target.model, ctx.target.tokenizer, test_q,
-                                    donor_hash=ev_d["state_hash"], state_hash=hash_t)
-        al_after = alignment_score(ctx.donor.model, ctx.donor.tokenizer, swap.working, ctx.target.tokenizer, test_q,
-                                   donor_hash=ev_d["state_hash"], state_hash=hash_tp)
-    transfer = {kind: transfer_scores(ev_t[f"task_score_{kind}"], ev_tp[f"task_score_{kind}"], ev_d[f"task_score_{kind}"])
-                for kind in SCORES}
+        al_before = alignment_score(
+            ctx.donor.model,
+            ctx.donor.tokenizer,
+            ctx.target.model,
+            ctx.target.tokenizer,
+            test_q,
+            donor_hash=ev_d["state_hash"],
+            state_hash=hash_t,
+        )
+        al_after = alignment_score(
+            ctx.donor.model,
+            ctx.donor.tokenizer,
+            swap.working,
+            ctx.target.tokenizer,
+            test_q,
+            donor_hash=ev_d["state_hash"],
+            state_hash=hash_tp,
+        )
+    transfer = {
+        kind: transfer_scores(
+            ev_t[f"task_score_{kind}"], ev_tp[f"task_score_{kind}"], ev_d[f"task_score_{kind}"]
+        )
+        for kind in SCORES
+    }
     tm = transfer[params.score]  # the run's own score kind (task_score is that kind's score)
     before, after, donor = metrics(ev_t), metrics(ev_tp), metrics(ev_d)
 
@@ -99,14 +150,28 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
         "donor": ctx.donor.spec.ref,
         "target": ctx.target.spec.ref,
         "modules": list(swap.modules),
-        "parameters": {"k": params.k, "modules": params.modules, "score": params.score,
-                       "max_new_tokens": params.max_new_tokens,
-                       "concept": {"name": sets[0].name, "sha256": sets[0].sha256},
-                       "retained": {"name": sets[1].name, "sha256": sets[1].sha256},
-                       "workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256}},
-        "results": {"before": before, "after": after, "donor": donor, "tir": tm["tir"], "recovery": tm["recovery"],
-                    "tir_note": tm["tir_note"], "recovery_note": tm["recovery_note"], "score_kind": params.score,
-                    "transfer": transfer, "alignment_before": rnd(al_before["score"]), "alignment_after": rnd(al_after["score"])},
+        "parameters": {
+            "k": params.k,
+            "modules": params.modules,
+            "score": params.score,
+            "max_new_tokens": params.max_new_tokens,
+            "concept": {"name": sets[0].name, "sha256": sets[0].sha256},
+            "retained": {"name": sets[1].name, "sha256": sets[1].sha256},
+            "workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256},
+        },
+        "results": {
+            "before": before,
+            "after": after,
+            "donor": donor,
+            "tir": tm["tir"],
+            "recovery": tm["recovery"],
+            "tir_note": tm["tir_note"],
+            "recovery_note": tm["recovery_note"],
+            "score_kind": params.score,
+            "transfer": transfer,
+            "alignment_before": rnd(al_before["score"]),
+            "alignment_after": rnd(al_after["score"]),
+        },
         "hashes": {"target": hash_t, "transplanted": hash_tp, "donor": ev_d["state_hash"]},
         "trust_remote_code": bool(ctx.donor.spec.trust_remote_code or ctx.target.spec.trust_remote_code),
     }
@@ -126,11 +191,17 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
         selection="explicit" if explicit else "top-k",
         k=len(swap.modules),
         score_kind=params.score,
-        before=before, after=after, donor=donor,
-        tir=tm["tir"], recovery=tm["recovery"],
-        tir_status=tm["tir_status"], recovery_status=tm["recovery_status"],
-        tir_note=tm["tir_note"], recovery_note=tm["recovery_note"],
-        alignment_before=rnd(al_before["score"]), alignment_after=rnd(al_after["score"]),
+        before=before,
+        after=after,
+        donor=donor,
+        tir=tm["tir"],
+        recovery=tm["recovery"],
+        tir_status=tm["tir_status"],
+        recovery_status=tm["recovery_status"],
+        tir_note=tm["tir_note"],
+        recovery_note=tm["recovery_note"],
+        alignment_before=rnd(al_before["score"]),
+        alignment_after=rnd(al_after["score"]),
         generations=side_by_side(ev_t, ev_tp, ev_d),
         n_test_items=ev_t["n_test_items"],
         n_swappable=len(swappable),
@@ -147,8 +218,18 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
     )
 
 
-SWAP_TOOL = register(Tool(
-    name="swap", code="T11", title="Module swap + before/after evaluation",
-    summary="Copies the top-K ranked (or chosen) modules from donor into a working copy of the target, evaluates T, T' and D (perplexities, task score, TIR, Recovery, alignment), rolls back bit-exactly, optionally saves T'.",
-    params_cls=SwapParams, compute=compute_swap, figure="viz.transplant:swap_figure", page="Transplant", same_family=True,
-))
+SWAP_TOOL = register(
+    Tool(
+        name="swap",
+        code="T11",
+        title="Module swap + before/after evaluation",
+        summary="Copies the top-K ranked (or chosen) modules from donor into a working copy of the target, "
+        "evaluates T, T' and D (perplexities, task score, TIR, Recovery, alignment), rolls back "
+        "bit-exactly, optionally saves T'.",
+        params_cls=SwapParams,
+        compute=compute_swap,
+        figure="viz.transplant:swap_figure",
+        page="Transplant",
+        same_family=True,
+    )
+)

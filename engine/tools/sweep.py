@@ -2,25 +2,30 @@
 copy, evaluate, roll back. Curves of TIR, Recovery and retained perplexity against K and the
 attention / MLP share of the top K.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..evaluation.beforeafter import evaluate_shared, load_sets, metrics, rnd, transfer_scores
-from ..running.context import ToolContext
 from ..core.errors import GraftError
-from ..evaluation.evalcache import evaluate_model
 from ..core.params import EvaluationSets, GreedyTokensParam, TaskScoreParam, list_items, param
 from ..core.progress import Progress
+from ..evaluation.beforeafter import evaluate_shared, load_sets, metrics, rnd, transfer_scores
+from ..evaluation.evalcache import evaluate_model
+from ..running.context import ToolContext
+from ..running.module_choice import rank_modules
 from ..running.registry import Tool, register
 from ..surgery.transplant import ModuleSwap, check_swap_pair
-from ..running.module_choice import rank_modules
 
 
 @dataclass(frozen=True)
 class SweepParams(EvaluationSets, TaskScoreParam, GreedyTokensParam):
-    k_grid: str = param("", "Comma-separated K values, e.g. '0,1,2,4,8,16,32'. Empty = 0, 1, 2, 4, ... doubling up to every swappable module. Values above that number are clipped.")
+    k_grid: str = param(
+        "",
+        "Comma-separated K values, e.g. '0,1,2,4,8,16,32'. Empty = 0, 1, 2, 4, ... doubling up to every "
+        "swappable module. Values above that number are clipped.",
+    )
 
 
 @dataclass
@@ -79,9 +84,13 @@ def compute_sweep(ctx: ToolContext, params: SweepParams, progress: Progress) -> 
     ranked = [{k: m[k] for k in ("name", "layer", "kind", "score")} for m in ranking.modules[:k_max]]
     progress(0.16, "evaluating the target T")
     exact = params.score == "exact"  # greedy generations are the slow part: only when S needs them
-    ev_t = evaluate_shared(ctx.target, sets, params.score, params.max_new_tokens, progress.sub(0.16, 0.22), exact=exact)
+    ev_t = evaluate_shared(
+        ctx.target, sets, params.score, params.max_new_tokens, progress.sub(0.16, 0.22), exact=exact
+    )
     progress(0.22, "evaluating the donor D")
-    ev_d = evaluate_shared(ctx.donor, sets, params.score, params.max_new_tokens, progress.sub(0.22, 0.28), exact=exact)
+    ev_d = evaluate_shared(
+        ctx.donor, sets, params.score, params.max_new_tokens, progress.sub(0.22, 0.28), exact=exact
+    )
     s_t, s_d = ev_t["task_score"], ev_d["task_score"]
     base = transfer_scores(s_t, s_t, s_d)
     swap = ModuleSwap(ctx.target, ctx.donor, [m["name"] for m in ranked]) if k_max > 0 else None
@@ -96,26 +105,38 @@ def compute_sweep(ctx: ToolContext, params: SweepParams, progress: Progress) -> 
         else:
             try:
                 swap.apply([m["name"] for m in ranked[:k]])
-                ev = evaluate_model(swap.working, ctx.target.tokenizer, sets[0], sets[1], score=params.score, exact=exact,
-                                    max_new_tokens=params.max_new_tokens, progress=p.sub(0.05, 0.95))
+                ev = evaluate_model(
+                    swap.working,
+                    ctx.target.tokenizer,
+                    sets[0],
+                    sets[1],
+                    score=params.score,
+                    exact=exact,
+                    max_new_tokens=params.max_new_tokens,
+                    progress=p.sub(0.05, 0.95),
+                )
             finally:  # also on cancel: the working copy goes back to T before the next K (or the exit)
                 swap.rollback()
         tm = transfer_scores(s_t, ev["task_score"], s_d)
         n_att = sum(m["kind"] == "attention" for m in ranked[:k])
-        points.append({
-            "k": k,
-            "task_score": rnd(ev["task_score"]),
-            "task_score_exact": rnd(ev["task_score_exact"]),
-            "task_score_graded": rnd(ev["task_score_graded"]),
-            "tir": tm["tir"], "recovery": tm["recovery"],
-            "tir_note": tm["tir_note"], "recovery_note": tm["recovery_note"],
-            "ppl_concept": rnd(ev["ppl_concept"]),
-            "ppl_retained": rnd(ev["ppl_retained"]),
-            "n_attention": n_att,
-            "n_mlp": k - n_att,
-            "attention_share": rnd(n_att / k) if k else None,
-            "mlp_share": rnd((k - n_att) / k) if k else None,
-        })
+        points.append(
+            {
+                "k": k,
+                "task_score": rnd(ev["task_score"]),
+                "task_score_exact": rnd(ev["task_score_exact"]),
+                "task_score_graded": rnd(ev["task_score_graded"]),
+                "tir": tm["tir"],
+                "recovery": tm["recovery"],
+                "tir_note": tm["tir_note"],
+                "recovery_note": tm["recovery_note"],
+                "ppl_concept": rnd(ev["ppl_concept"]),
+                "ppl_retained": rnd(ev["ppl_retained"]),
+                "n_attention": n_att,
+                "n_mlp": k - n_att,
+                "attention_share": rnd(n_att / k) if k else None,
+                "mlp_share": rnd((k - n_att) / k) if k else None,
+            }
+        )
         p(1.0, f"K = {k}: evaluated")
     bit_exact = True
     if swap is not None:
@@ -137,8 +158,17 @@ def compute_sweep(ctx: ToolContext, params: SweepParams, progress: Progress) -> 
     )
 
 
-SWEEP_TOOL = register(Tool(
-    name="sweep-k", code="T8", title="Transplant-strength sweep",
-    summary="TIR, Recovery and retained perplexity as the number K of swapped top-ranked modules grows, with the attention/MLP share of the top K.",
-    params_cls=SweepParams, compute=compute_sweep, figure="viz.transplant:sweep_figure", page="Transplant", same_family=True,
-))
+SWEEP_TOOL = register(
+    Tool(
+        name="sweep-k",
+        code="T8",
+        title="Transplant-strength sweep",
+        summary="TIR, Recovery and retained perplexity as the number K of swapped top-ranked modules "
+        "grows, with the attention/MLP share of the top K.",
+        params_cls=SweepParams,
+        compute=compute_sweep,
+        figure="viz.transplant:sweep_figure",
+        page="Transplant",
+        same_family=True,
+    )
+)
