@@ -234,6 +234,76 @@ def line(r: dict) -> str:
     )
 
 
+PAIR_NAMES = {
+    "tiny": "tiny-gpt2-a vs tiny-gpt2-b",
+    "tiny-cross": "tiny-gpt2-a vs tiny-llama-b",
+    "smollm2": "demo donor vs SmolLM2-135M",
+    "gemma": "SmolLM2-135M vs Gemma-3-270M",
+}
+
+
+def machine() -> str:
+    """This machine in one line: cores, memory, CPU model, torch and device."""
+    import os
+    import platform
+
+    mem = next((ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("MemTotal")), "0")
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), ""
+    )
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (
+        f"{os.cpu_count()} cores ({cpu or platform.processor()}), {int(mem) / 2**20:.0f} GiB{gpu}; "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    """The table of docs/measurements.md, with the machine, the settings and the date it was taken."""
+    from datetime import datetime, timezone
+
+    def s(x: float) -> str:
+        return f"{x:.3f} s" if x < 0.1 else f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
+
+    head = (
+        f"Taken {datetime.now(timezone.utc):%Y-%m-%d} on {machine()}. Settings: `--threads {args.threads}`, "
+        f"batch size {args.batch_size}, `{args.dtype}`, the `{args.workload}` workload, medians of "
+        f"{args.repeat} runs ({args.repeat_tiny} for the tiny pairs, "
+        f"{args.repeat_large} at 8,192 tokens or more)"
+        + (", bare passes also in workload order" if args.in_order else "")
+        + "."
+    )
+    out = [
+        head,
+        "",
+        "| pair | budget | rows | bare forward | backbone | diagnostics | ratio | ÷ backbone | "
+        "in order | capture | CKA | T3 | T4 | peak RSS |",
+        "| --- " * 14 + "|",
+    ]
+    for r in rows:
+        t = r["per_tool_s"]
+        unit = " words" if r["pair"] == "gemma" else ""  # two tokenizers: rows are pooled per word
+        in_order = f"{r['ratio_in_order']:.2f}" if "ratio_in_order" in r else "—"
+        cells = [
+            PAIR_NAMES.get(r["pair"], r["pair"]),
+            f"{r['max_tokens']:,}",
+            f"{r['n_rows']:,}{unit}",
+            s(r["bare_forward_s"]),
+            s(r["backbone_forward_s"]),
+            s(r["diagnostics_s"]),
+            f"{r['ratio']:.2f}",
+            f"{r['ratio_backbone']:.2f}",
+            in_order,
+            s(r["capture_s"]),
+            s(r["cka_s"]),
+            s(t["procrustes"]),
+            s(t["bridge-check"]),
+            f"{r['peak_rss_mib'] / 1024:.1f} GiB",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -267,6 +337,11 @@ def main() -> None:
         "length)",
     )
     ap.add_argument("--json", default="")
+    ap.add_argument(
+        "--markdown",
+        action="store_true",
+        help="end with the table of docs/measurements.md (machine, settings, date)",
+    )
     ap.add_argument(
         "--child", action="store_true", help=argparse.SUPPRESS
     )  # one pair, one budget, JSON on stdout
@@ -321,6 +396,9 @@ def main() -> None:
             print(line(r), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.markdown:
+        print()
+        print(markdown(rows, args))
 
 
 if __name__ == "__main__":

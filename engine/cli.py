@@ -192,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
     from .loading.models import ModelSpec
     from .running.history import History, new_run_id
     from .running.registry import TEXT_INPUTS, get_tool
-    from .running.runner import base_named_by_adapter, pair_labels, run_tool
+    from .running.runner import base_named_by_adapter, input_labels, run_tool
 
     bar = _Bar(getattr(args, "quiet", False))
     _clean_leftovers()
@@ -315,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
         history = History()
         run_id = new_run_id("cli-")
         refs = {k: (v.ref if isinstance(v, ModelSpec) else v) for k, v in models.items()}
-        donor_label, target_label = pair_labels(refs)
+        donor_label, target_label = input_labels(refs, history)
         record = {
             "tool": tool.name,
             "title": f"{tool.code} {tool.title}",

@@ -31,8 +31,14 @@ def when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "—"
 
 
+def who(name: str | None) -> str:
+    """A run's donor or target as shown; a tool that reads an organ or a run records none."""
+    return name or "—"
+
+
 def run_label(row: dict) -> str:
-    return f"{row['title']} · {row['donor']} → {row['target']} · {row['status']} · {when(row['created'])}"
+    pair = f"{who(row['donor'])} → {who(row['target'])}"
+    return f"{row['title']} · {pair} · {row['status']} · {when(row['created'])}"
 
 
 def delete_run(run_id: str) -> None:
@@ -121,7 +127,8 @@ with st.container(border=True):
     st.markdown(f"#### {md(run['title'])}  {STATUS_BADGES.get(run['status'], run['status'])}")
     duration = f"{run['duration_s']:.2f} s" if run["duration_s"] is not None else "—"
     st.caption(
-        f"donor **{md(run['donor'])}** → target **{md(run['target'])}** · created {when(run['created'])} · "
+        f"donor **{md(who(run['donor']))}** → target **{md(who(run['target']))}** · "
+        f"created {when(run['created'])} · "
         f"duration {duration} · from {run['source']} · id `{run['id']}`"
     )
     if run["status"] == "failed":

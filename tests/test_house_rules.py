@@ -298,3 +298,11 @@ def test_the_python_version_is_stated_once_and_holds():
     stated = set(re.findall(r"Python (\d+\.\d+)", readme))
     assert stated == {f"{need[0]}.{need[1]}"}, stated
     assert sys.version_info[:2] >= need
+
+
+def test_a_tool_given_a_run_is_labelled_with_that_runs_pair(home, tiny_run):
+    from engine.running.runner import input_labels
+
+    assert input_labels({"run": tiny_run["run_id"]}) == ("tiny-gpt2-b", "tiny-gpt2-a")
+    assert input_labels({"run": "no-such-run"}) == ("", "")
+    assert input_labels({"donor": "a", "target": "b", "run": tiny_run["run_id"]}) == ("a", "b")

@@ -82,14 +82,10 @@ def _record(
     status: str = "done",
     error: str = "",
 ) -> None:
-    """An instant action still gets a row in the run history."""
-    record = {
-        "tool": kind,
-        "title": title,
-        "donor": envelope.get("donor", ""),
-        "target": envelope.get("target", ""),
-        "params": params,
-    }
+    """An instant action still gets a row in the run history, named as its transplant's run is
+    (a conjugation's envelope has no donor but an adapter; an organ insertion's donor is None)."""
+    donor, target = pair_labels(envelope)
+    record = {"tool": kind, "title": title, "donor": donor, "target": target, "params": params}
     with job_runner().history.running(new_run_id(), create=record) as run:
         run.update(status=status, result=result, error=error)
 

@@ -21,7 +21,7 @@ from ..core.progress import Progress
 from ..loading.models import ModelSpec, ModelStore
 from .history import History, new_run_id
 from .registry import get_tool
-from .runner import pair_labels, run_tool
+from .runner import input_labels, run_tool
 
 
 @dataclass
@@ -115,7 +115,9 @@ class JobRunner:
                 live=self.live,
             )
 
-        return self.submit(tool.name, f"{tool.code} {tool.title}", *pair_labels(refs), record, work)
+        return self.submit(
+            tool.name, f"{tool.code} {tool.title}", *input_labels(refs, self.history), record, work
+        )
 
     def submit(
         self,

@@ -10,6 +10,7 @@ import time
 from typing import Any, Optional
 
 from ..core.data import resolve_workload
+from ..core.errors import GraftError
 from ..core.jsonsafe import strict
 from ..core.params import RunOptions, build_params, check_paths
 from ..core.progress import Progress, silent
@@ -137,6 +138,21 @@ def pair_labels(envelope: dict[str, Any]) -> tuple[str, str]:
     src = envelope.get("donor") or envelope.get("adapter") or ""
     dst = envelope.get("target") or envelope.get("base") or ""
     return str(src), str(dst)
+
+
+def input_labels(refs: dict[str, Any], history: Any = None) -> tuple[str, str]:
+    """:func:`pair_labels` for a run's history row; a tool given only a finished run (``--run``) is
+    labelled with that run's pair, so the history says what it checked."""
+    src, dst = pair_labels(refs)
+    if src or dst or not refs.get("run"):
+        return src, dst
+    from .history import History
+
+    try:
+        row = (history or History()).get(str(refs["run"]))
+    except GraftError:
+        row = None
+    return (str(row.get("donor") or ""), str(row.get("target") or "")) if row else (src, dst)
 
 
 def base_named_by_adapter(tool: Any, given: dict[str, Any]) -> Optional[ModelSpec]:
