@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import engine.tools  # noqa: E402, F401  (registers every tool: the registry never imports them)
 from engine.core.data import (
     load_workload,  # noqa: E402
     resolve_workload,  # noqa: E402
@@ -53,7 +54,8 @@ from engine.core.data import (
 from engine.loading.builtins import DEMO_DONOR, GEMMA3, SMOLLM2, builtin_folder
 from engine.loading.models import ModelSpec, ModelStore
 from engine.measure.budget import MAX_TOKENS_PER_TEXT, budget_texts, length_batches  # noqa: E402
-from engine.measure.capture_cache import CaptureCache, backbone  # noqa: E402
+from engine.measure.capture import backbone  # noqa: E402
+from engine.measure.capture_cache import CaptureCache  # noqa: E402
 from engine.running.runner import run_tool  # noqa: E402
 
 PAIRS = {

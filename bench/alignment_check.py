@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alignment import PAIRS, TOOLS, workload_path  # noqa: E402  (bench/ is on sys.path when run as a script)
 
+import engine.tools  # noqa: E402, F401  (registers every tool: the registry never imports them)
 from engine.loading.models import ModelSpec, ModelStore  # noqa: E402
 from engine.measure.capture_cache import CaptureCache  # noqa: E402
 from engine.running.runner import run_tool  # noqa: E402

@@ -16,7 +16,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REV = sys.argv[1] if len(sys.argv) > 1 else sys.exit(__doc__)
+if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+    sys.exit(print(__doc__))
+REV = sys.argv[1]
 work = Path(tempfile.mkdtemp(prefix="graft-equal-"))
 OLD, NEW = work / "old", ROOT
 subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(OLD), REV], check=True)

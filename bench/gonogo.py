@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import engine.tools  # noqa: E402, F401  (registers every tool: the registry never imports them)
 from engine.core.errors import GraftError  # noqa: E402
 from engine.loading.arch import ArchAdapter  # noqa: E402
 from engine.loading.models import DEMO_DONOR, SMOLLM2, LoadedModel, ModelSpec  # noqa: E402

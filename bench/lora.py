@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import engine.tools  # noqa: E402, F401  (registers every tool: the registry never imports them)
 from engine.adapters.finetune_delta import finetune_deltas  # noqa: E402
 from engine.adapters.lowrank import factored_svd  # noqa: E402
 from engine.loading.arch import linear_weight_out_in  # noqa: E402

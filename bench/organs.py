@@ -48,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import engine.tools  # noqa: E402, F401  (registers every tool: the registry never imports them)
 from engine.core.progress import Progress, silent  # noqa: E402
 from engine.evaluation.beforeafter import load_sets  # noqa: E402
 from engine.evaluation.evalcache import clear_cache  # noqa: E402

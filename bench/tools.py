@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import engine.tools  # noqa: E402, F401  (registers every tool: the registry never imports them)
 from engine.core.data import builtin_concept_path, load_workload  # noqa: E402
 from engine.evaluation.beforeafter import load_sets  # noqa: E402
 from engine.loading.models import DEMO_DONOR, SMOLLM2, ModelSpec, ModelStore  # noqa: E402

@@ -306,3 +306,14 @@ def test_a_tool_given_a_run_is_labelled_with_that_runs_pair(home, tiny_run):
     assert input_labels({"run": tiny_run["run_id"]}) == ("tiny-gpt2-b", "tiny-gpt2-a")
     assert input_labels({"run": "no-such-run"}) == ("", "")
     assert input_labels({"donor": "a", "target": "b", "run": tiny_run["run_id"]}) == ("a", "b")
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py")))
+def test_every_bench_script_imports_and_explains_itself(script):
+    """The benches are not run by the suite, so at least their imports and --help are: a moved module
+    or a registry left empty fails here, not months later in a bench run."""
+    out = subprocess.run(
+        [sys.executable, f"bench/{script}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(out.stdout) > 100
