@@ -47,8 +47,7 @@ runs = swap_runs()
 if not runs:
     st.info(
         "No transplant yet. Run **T11 Module swap** on the Transplant page, or the **rank-k conjugation** "
-        "on "
-        "the Concept page; its T, T′ and D appear here.",
+        "on the Concept page; its T, T′ and D appear here.",
         icon=":material/info:",
     )
     st.page_link("pages/transplant.py", label="Go to Transplant", icon=":material/biotech:")

@@ -17,8 +17,7 @@ st.title("Verdict")
 st.markdown(
     "After a transplant: which texts it hurt and whether it is stable (T12), and where in the layers and "
     "tokens the answer now comes from (T13). Choose a finished transplant run (its T′ is rebuilt from the "
-    "run "
-    "and checked against the run's weight hashes), or a module swap of the sidebar pair."
+    "run and checked against the run's weight hashes), or a module swap of the sidebar pair."
 )
 inputs = choose_inputs()
 with st.container(border=True):

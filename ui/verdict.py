@@ -110,8 +110,7 @@ def attribution_details(envelope: dict[str, Any]) -> None:
     rel = r.get("max_rel_delta")
     st.caption(
         f"captum LayerIntegratedGradients ({r.get('method')}), {r.get('steps')} steps doubled per layer up "
-        "to "
-        f"{r.get('max_steps')}; baseline: {r.get('baseline_text') or r.get('baseline')}; largest "
+        f"to {r.get('max_steps')}; baseline: {r.get('baseline_text') or r.get('baseline')}; largest "
         "|convergence "
         f"delta| {vc.fmt_num(r.get('max_abs_delta'), 4)}"
         + (f", {vc.fmt_num(rel, 3)} of |F(x) − F(baseline)|" if rel is not None else "")

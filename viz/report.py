@@ -347,8 +347,7 @@ def build_report(run_id: str, history: Any = None) -> str:
     if not res.get("card"):  # as the Runs page: only a transplant run has a surgery to report
         raise GraftError(
             f"run {run_id} is a {run.get('tool') or env.get('tool')} run: the report covers a transplant "
-            "run "
-            "(module swap, conjugation, organ insertion) with the checks made for it"
+            "run (module swap, conjugation, organ insertion) with the checks made for it"
         )
     pre = pre_surgery_runs(history, run)
     verdicts = verdict_runs(history, run_id)

@@ -271,8 +271,7 @@ class RunOptions:
     outlier_factor: float = param(
         20.0,
         "T2-T4 drop tokens whose residual norm, in any layer of either model, exceeds this multiple of "
-        "that "
-        "layer's median (attention-sink 'massive activations', often 100x the median, which otherwise "
+        "that layer's median (attention-sink 'massive activations', often 100x the median, which otherwise "
         "dominate CKA and Procrustes). 0 keeps every token.",
         min=0.0,
         max=1e6,

@@ -149,8 +149,7 @@ def bridges_entry(bridges: BridgeSet) -> dict[str, Any]:
         "folded": False,
         "placements": [{"first": br.first, "last": br.last} for br in bridges.items],
         "note": "affine bridges y = x W + b on the residual stream, applied before block 'first' and after "
-        "block "
-        "'last'; not foldable exactly into adjacent weights, so kept as modules that Graft's loader "
+        "block 'last'; not foldable exactly into adjacent weights, so kept as modules that Graft's loader "
         "re-attaches (a plain transformers load ignores them)",
     }
 

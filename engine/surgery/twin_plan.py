@@ -51,8 +51,7 @@ def _refuse(model_type: str) -> None:
     if model_type in _SANDWICH_TYPES:
         raise GraftError(
             f"rotated twin: {_SANDWICH_TYPES[model_type]} ({model_type}) is not supported: its "
-            "post_attention_layernorm / post_feedforward_layernorm normalise each block's output before "
-            "the "
+            "post_attention_layernorm / post_feedforward_layernorm normalise each block's output before the "
             "residual add, so their per-channel weights cannot be folded into any linear layer and do not "
             f"commute with a rotation; supported: {', '.join(SUPPORTED_TYPES)}"
         )

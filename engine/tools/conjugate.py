@@ -308,8 +308,7 @@ TOOL = register(
         summary="Carries a donor's update dW (LoRA adapter or full fine-tune, truncated to rank k) into "
         "the target's "
         "coordinates through per-side maps fitted on the activations each side sees (identity, Procrustes "
-        "or "
-        "ridge), adds it reversibly, evaluates T, T' and D, checks interference and rolls back "
+        "or ridge), adds it reversibly, evaluates T, T' and D, checks interference and rolls back "
         "automatically "
         "when retained perplexity worsens past your threshold.",
         params_cls=ConjugateParams,

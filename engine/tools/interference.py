@@ -225,8 +225,7 @@ TOOL = register(
         "worst-hit examples, locality (prompts whose greedy continuation is unchanged, changed words "
         "marked), "
         "and two stability checks that can fail: the transplant applied twice hashes identically, and T' "
-        "saved "
-        "and reloaded scores identically. Takes a finished transplant run, or swaps modules itself.",
+        "saved and reloaded scores identically. Takes a finished transplant run, or swaps modules itself.",
         params_cls=InterferenceParams,
         compute=compute_interference,
         figure="viz.verdict:interference_figure",
