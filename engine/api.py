@@ -21,6 +21,7 @@ from .running.actions import prepare_demo_donor
 from .running.history import History, new_run_id
 from .running.jobs import Job, JobRunner
 from .running.live import LIVE, rebuild
+from .running.memplan import MemoryPlan, fmt_bytes, footprint, plan_run
 from .running.organ_run import organs_dir
 from .running.rebuild import rebuildable_tools
 from .running.registry import all_tools, get_tool
@@ -42,6 +43,7 @@ __all__ = [
     "Job",
     "JobRunner",
     "LoadState",
+    "MemoryPlan",
     "ModelSpec",
     "ModelStore",
     "ParamSpec",
@@ -55,6 +57,8 @@ __all__ = [
     "check_output_file",
     "clean_stale_staging",
     "describe_cleanup",
+    "fmt_bytes",
+    "footprint",
     "get_tool",
     "graft_home",
     "history_db",
@@ -66,6 +70,7 @@ __all__ = [
     "organs_dir",
     "pair_labels",
     "param_specs",
+    "plan_run",
     "prepare_demo_donor",
     "rebuild",
     "rebuildable_tools",

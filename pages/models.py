@@ -14,6 +14,7 @@ require_app_entry()
 from engine.api import BUILTIN_DESCRIPTIONS, DEMO_DONOR, builtin_status  # noqa: E402
 from ui.demo import demo_builder, demo_state  # noqa: E402
 from ui.jobs import tool_panel  # noqa: E402
+from ui.memory import memory_plan_panel  # noqa: E402
 from ui.sidebar import VERDICT_LABELS  # noqa: E402
 from ui.state import selection  # noqa: E402
 from ui.text import code, md
@@ -63,6 +64,8 @@ with left:
     model_card("Donor", sel.donor, sel.donor_text, status)
 with right:
     model_card("Target", sel.target, sel.target_text, status)
+
+memory_plan_panel(sel)
 
 for name in tools_on("Models"):
     with st.container(border=True):

@@ -325,3 +325,15 @@ def test_first_visit_with_the_demo_built_selects_the_demo_pair(home):
     assert (at.session_state["donor"], at.session_state["target"]) == (DEMO_DONOR, SMOLLM2)
     with_pair_loaded(at)
     assert "module swap ✓" in texts(at.sidebar.markdown) + texts(at.sidebar.caption)
+
+
+def test_models_page_shows_the_memory_plan_and_the_sidebar_the_route(home):
+    at = open_app("pages/models.py", donor="tiny-gpt2-a", target="tiny-llama-b")
+    assert "Memory plan" in texts(at.markdown)
+    labels = {m.label: m.value for m in at.metric}
+    assert labels.get("Route") == "held whole" and "Bytes to read" in labels and "Peak memory" in labels
+    assert "Estimated time" in labels
+    assert "the pair is held whole" in texts(at.sidebar.caption)
+    # a budget no run fits: the page says so in one line before anything runs
+    at.sidebar.text_input(key="opt-max_memory").set_value("100MiB").run()
+    assert any("over the" in e.value and "budget" in e.value for e in at.error), [e.value for e in at.error]

@@ -162,11 +162,11 @@ def test_large_finite_rows_pass_the_finite_screen():
     rows are checked value by value and pass; one inf among them does not."""
     from types import SimpleNamespace
 
-    from engine.measure.capture import _finite_or_raise
+    from engine.measure.capture import finite_or_raise
 
     model = SimpleNamespace(label="m", dtype=torch.float32, model=torch.nn.Linear(2, 2))
     rows = torch.full((3, 10, 4), 3e37)  # every sum of a layer overflows float32
-    _finite_or_raise(model, rows, {"blocks.0.mlp.up": rows[0]})
+    finite_or_raise(model, rows, {"blocks.0.mlp.up": rows[0]})
     rows[2, 7, 1] = float("inf")
     with pytest.raises(GraftError, match=r"from block 1 on \(1 of 10 token rows\): its weights are finite"):
-        _finite_or_raise(model, rows, {})
+        finite_or_raise(model, rows, {})

@@ -30,6 +30,7 @@ from engine.api import (
     resolve_device,
 )
 from ui.demo import demo_builder, demo_pair_ready
+from ui.memory import sidebar_memory
 from ui.run_options import run_options_section, save_upload  # noqa: F401  (save_upload: tested here)
 from ui.state import (
     DONOR,
@@ -72,6 +73,7 @@ def render_sidebar() -> Selection:
         _sync_query_params(sel)
         st.session_state[SELECTION] = sel
         _compat_badge(sel, status)
+        sidebar_memory(sel)
     if not st.session_state.get("_startup_notes_shown"):
         st.session_state["_startup_notes_shown"] = True
         for note in startup_notes():

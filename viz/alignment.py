@@ -190,8 +190,9 @@ def procrustes_figure(envelope: dict) -> go.Figure:
     pairs_txt = {"matching": "T2 monotone CKA matching", "depth": "equal relative depth"}.get(
         str(pairs), str(pairs)
     )
+    where = " in the fit rows' principal subspace" if r.get("estimator") == "principal subspace" else ""
     line1 = [
-        f"mean alignment (1 − held-out residual) {c.fmt_num(r.get('mean_alignment'), 3)}",
+        f"mean alignment (1 − held-out residual{where}) {c.fmt_num(r.get('mean_alignment'), 3)}",
         f"pairs: {pairs_txt}",
     ]
     line2 = [
@@ -247,7 +248,13 @@ def procrustes_figure(envelope: dict) -> go.Figure:
 def _rank_hover(layer: dict, completion: Any) -> str:
     """Hover line with the fit's rank and whether the map had to be completed, as the result reports."""
     text = f"rank of XᵀY (fit rows) {c.fmt_num(layer.get('rank'))}"
-    if layer.get("underdetermined") is True:
+    if layer.get("underdetermined") is True and layer.get("estimator") == "principal subspace":
+        energy = layer.get("heldout_energy_in_subspace")
+        text += (
+            f" — underdetermined: measured in the top {c.fmt_num(layer.get('subspace_rank'))} principal "
+            f"directions ({c.fmt_num(100 * energy if c.is_number(energy) else None, 0)}% of held-out energy)"
+        )
+    elif layer.get("underdetermined") is True:
         text += " — underdetermined" + (f", map completed {completion}" if completion else "")
     return text
 

@@ -268,6 +268,17 @@ class RunOptions:
         "Model weights dtype; bfloat16 halves memory on GPU.",
         choices=("float32", "bfloat16", "float16"),
     )
+    max_memory: str = param(
+        "",
+        "Memory budget of the run, e.g. 8GiB or 16GB (empty = 85% of the memory available now). Graft "
+        "plans the run before reading any weight and refuses in one line when it cannot stay under it.",
+    )
+    stream: str = param(
+        "auto",
+        "Stream the models block by block from their safetensors shards: auto = when the pair does not fit "
+        "the memory budget whole; on = always; off = never. T1-T4 run on streamed models.",
+        choices=("auto", "on", "off"),
+    )
     outlier_factor: float = param(
         20.0,
         "T2-T4 drop tokens whose residual norm, in any layer of either model, exceeds this multiple of "

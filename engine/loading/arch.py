@@ -315,7 +315,10 @@ class ArchAdapter:
             positional = f"rotary (partial {float(rot_pct):g})"
         emb = self.embeddings.weight
         head_w = getattr(self.head, "weight", None)
-        tied = head_w is not None and head_w.data_ptr() == emb.data_ptr()
+        tied = head_w is not None and (
+            head_w is emb  # a streamed model's tied head shares the parameter (weights on meta: no pointer)
+            or (emb.device.type != "meta" and head_w.data_ptr() == emb.data_ptr())
+        )
         linear_shapes = {}
         first = [m for m in self.linear_modules() if m.layer == 0]
         for m in first:

@@ -20,6 +20,10 @@ from .modelfiles import check_model_folder, first_line
 BUILD_LOCK = threading.RLock()
 
 
+def needs_custom_code(label: str) -> GraftError:
+    return GraftError(f"{label} needs custom code: turn on 'trust remote code' only if you trust it")
+
+
 def read_model_folder(
     folder: Path, dtype: torch.dtype, *, label: str, where: str, trust_remote_code: bool = False, **kw: Any
 ) -> tuple[Any, Any]:
@@ -28,7 +32,7 @@ def read_model_folder(
     pickle). Failures caused by the folder's content become one-line GraftErrors naming ``where``
     (``label`` when the model needs custom code)."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_model_folder(folder)
     try:
@@ -51,15 +55,22 @@ def read_model_folder(
     ) as exc:
         msg = first_line(exc)
         if "trust_remote_code" in msg:
-            raise GraftError(
-                f"{label} needs custom code: turn on 'trust remote code' only if you trust it"
-            ) from exc
+            raise needs_custom_code(label) from exc
         mismatch = _shape_mismatch(folder) if "mismatched_sizes" in msg else None
         if mismatch:
             raise GraftError(
                 f"cannot load {where}: its weights do not fit its config.json ({mismatch})"
             ) from exc
         raise GraftError(f"cannot load {where}: {type(exc).__name__}: {msg}") from exc
+    return model, read_tokenizer(folder, label=label, where=where, trust_remote_code=trust_remote_code, **kw)
+
+
+def read_tokenizer(
+    folder: Path, *, label: str, where: str, trust_remote_code: bool = False, **kw: Any
+) -> Any:
+    """The tokenizer of a Hugging Face folder; one-line GraftErrors for what the folder gets wrong."""
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kw)
     except GraftError:
@@ -67,16 +78,14 @@ def read_model_folder(
     except Exception as exc:  # the tokenizers library raises bare Exception for a malformed tokenizer.json
         msg = first_line(exc)
         if "trust_remote_code" in msg:
-            raise GraftError(
-                f"{label} needs custom code: turn on 'trust remote code' only if you trust it"
-            ) from exc
+            raise needs_custom_code(label) from exc
         raise GraftError(f"cannot load the tokenizer of {where}: {type(exc).__name__}: {msg}") from exc
     if not tok("Hello, world.", add_special_tokens=False)["input_ids"]:  # transformers builds an empty one
         raise GraftError(
             f"{where} has no usable tokenizer (no tokenizer.json, tokenizer.model or vocab files there): "
             "every text would be zero tokens; copy its base model's tokenizer files into the folder"
         )
-    return model, tok
+    return tok
 
 
 def _shape_mismatch(folder: Path) -> Optional[str]:

@@ -110,6 +110,13 @@ class LoadedModel:
     dtype: torch.dtype
     source: str  # folder the weights came from ("" for in-process tiny models)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # engine.loading.stream.StreamedWeights when the model streams (its parameters on the meta device,
+    # read from ``source`` block by block); None when it is held whole
+    stream: Any = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.stream is not None
 
     @property
     def label(self) -> str:
@@ -117,6 +124,8 @@ class LoadedModel:
 
     def state_hash(self) -> str:
         """SHA-256 over all parameters and buffers (names, dtypes, bytes)."""
+        if self.streamed:
+            raise GraftError(f"internal: {self.label} streams; its weights are not in memory to hash")
         return state_dict_hash(self.model.state_dict())
 
 
@@ -206,9 +215,8 @@ def model_card(spec: ModelSpec) -> Optional[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- loading
-def _finish(
-    spec: ModelSpec, model: Any, tok: Any, device: torch.device, dtype: torch.dtype, source: str
-) -> LoadedModel:
+def check_vocab(spec: ModelSpec, model: Any, tok: Any) -> None:
+    """A one-line GraftError when the tokenizer has ids the embedding table cannot look up."""
     emb = model.get_input_embeddings()
     rows = getattr(emb, "num_embeddings", None)
     if isinstance(rows, int) and len(tok) > rows:
@@ -217,6 +225,12 @@ def _finish(
             f"{rows} "
             f"rows, so token ids from {rows} on cannot be looked up (a tokenizer from another model?)"
         )
+
+
+def _finish(
+    spec: ModelSpec, model: Any, tok: Any, device: torch.device, dtype: torch.dtype, source: str
+) -> LoadedModel:
+    check_vocab(spec, model, tok)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -239,14 +253,79 @@ def load_folder(
     return _finish(spec, model, tok, device, dtype, str(folder))
 
 
+def load_streamed(spec: ModelSpec, folder: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """A model that streams from ``folder`` (:mod:`engine.loading.stream`): a meta-device skeleton,
+    its tokenizer, and the index of its shards; no weights are read here."""
+    from .bridged import BRIDGES_FILE
+    from .hf_folder import read_tokenizer
+    from .modelfiles import check_model_folder
+    from .stream import attach_stream, skeleton
+
+    check_model_folder(folder)
+    if (folder / BRIDGES_FILE).is_file():
+        raise GraftError(
+            f"{spec.label} is a bridged organ transplant: its bridges run between blocks, so it is held "
+            "whole, not streamed (--stream off)"
+        )
+    where = str(folder) if spec.kind in ("path", "hub") else spec.label
+    model = skeleton(folder, device, dtype, spec.trust_remote_code)
+    tok = read_tokenizer(folder, label=spec.label, where=where, trust_remote_code=spec.trust_remote_code)
+    arch = ArchAdapter(model)
+    st = attach_stream(model, folder, arch.blocks_path, arch.n_layers, device, dtype)
+    check_vocab(spec, model, tok)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return LoadedModel(spec, model, tok, arch, device, dtype, str(folder), stream=st)
+
+
+def model_folder(spec: ModelSpec, progress: Optional[Progress] = None) -> Optional[Path]:
+    """The Hugging Face folder a model's weights are read from (built-ins prepared first); None for
+    an in-process tiny model."""
+    progress = progress or silent()
+    if spec.kind == "builtin":
+        if spec.ref in TINY_MODELS:
+            return None
+        if spec.ref == SMOLLM2:
+            return prepare_smollm2(progress)
+        if spec.ref == DEMO_DONOR:
+            if not demo_donor_ready():
+                raise GraftError(
+                    f"the demo donor {DEMO_DONOR} is not built yet: build it with python -m engine prepare "
+                    "or the Build button on the app's Start page (a few minutes, once)"
+                )
+            return demo_donor_dir() / "merged"
+        if spec.ref == GEMMA3:
+            return prepare_gemma3(progress)
+        return None
+    if spec.kind == "path":
+        return Path(spec.ref)
+    if spec.kind == "gguf":
+        return gguf_folder(Path(spec.ref), progress)
+    if spec.kind == "hub":
+        return cached_hub_folder(spec.ref)
+    return None
+
+
 def load_model(
     spec: ModelSpec,
     device: str | torch.device = "auto",
     dtype: str = "float32",
     progress: Optional[Progress] = None,
+    stream: bool = False,
 ) -> LoadedModel:
-    """Load a model (uncached). Use :class:`ModelStore` to share loaded models."""
+    """Load a model (uncached). Use :class:`ModelStore` to share loaded models. ``stream``: a
+    streamed model (:func:`load_streamed`) instead of one held whole."""
     progress = progress or silent()
+    if stream:
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        if spec.kind == "builtin" and spec.ref in TINY_MODELS:
+            raise GraftError(f"{spec.ref} is built in memory, not read from a folder: it cannot stream")
+        folder = model_folder(spec, progress.sub(0, 0.8))
+        if folder is None:
+            raise GraftError(
+                f"hub model {spec.ref} is not in the local Hugging Face cache and Graft never downloads"
+            )
+        return load_streamed(spec, folder, dev, resolve_dtype(dtype))
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = resolve_dtype(dtype)
     if spec.kind == "builtin":
@@ -315,9 +394,10 @@ class ModelStore:
         device: str = "auto",
         dtype: str = "float32",
         progress: Optional[Progress] = None,
+        stream: bool = False,
     ) -> LoadedModel:
         dev = resolve_device(device)
-        key = (spec, str(dev), dtype)
+        key = (spec, str(dev), dtype) + (("stream",) if stream else ())
         with self._guard:
             if key in self._models:
                 self._models.move_to_end(key)
@@ -327,7 +407,7 @@ class ModelStore:
             with self._guard:
                 if key in self._models:
                     return self._models[key]
-            loaded = load_model(spec, dev, dtype, progress)
+            loaded = load_model(spec, dev, dtype, progress, **({"stream": True} if stream else {}))
             with self._guard:
                 self._models[key] = loaded
                 evicted = [

@@ -172,7 +172,7 @@ def _hooks(
             h.remove()
 
 
-def _encode(
+def encode_texts(
     tok, texts: Sequence[str], max_length: int, fast: bool
 ) -> list[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
     """Every text tokenized once, unpadded: (ids, kept positions, character spans or None). Kept:
@@ -195,13 +195,13 @@ def _encode(
     return out
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on ``device``. To CUDA through pinned memory without waiting: a plain copy
     would wait for the GPU to finish the batches already queued."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
-def _in_order(parts: list[torch.Tensor], dests: list[torch.Tensor], n: int) -> torch.Tensor:
+def in_order(parts: list[torch.Tensor], dests: list[torch.Tensor], n: int) -> torch.Tensor:
     """Module rows of the batches in workload order: part k's rows go to rows dests[k]."""
     out = torch.empty((n,) + tuple(parts[0].shape[1:]), dtype=parts[0].dtype)
     for part, dest in zip(parts, dests):
@@ -227,6 +227,10 @@ def capture(
     residual stream (``Capture.residual`` is then ``(0, n, d)``), for passes that only need
     module rows; the rows are the same tokens in the same order either way.
     """
+    if model.streamed:
+        raise GraftError(
+            f"internal: {model.label} streams; capture it with engine.measure.capture_cache.capture_model"
+        )
     progress = progress or silent()
     tok = model.tokenizer
     from ..loading.tokens import context_length, pad_id, pad_right
@@ -246,7 +250,7 @@ def capture(
     shares: dict[str, Optional[str]] = {}
     dests: list[torch.Tensor] = []  # per batch: the final row of each of its rows (workload order)
     fast = bool(getattr(tok, "is_fast", False))
-    enc = _encode(tok, texts, max_length, fast)  # per text: ids, kept positions, character spans
+    enc = encode_texts(tok, texts, max_length, fast)  # per text: ids, kept positions, character spans
     counts = [int(keep.sum()) for _, keep, _ in enc]
     starts = np.cumsum([0] + counts)
     n_rows = int(starts[-1])
@@ -270,11 +274,11 @@ def capture(
         ids, mask = pad_right([enc[i][0] for i in idx], fill, torch.device("cpu"))  # (B, T) on the host
         dests.append(torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])))
         sink: dict[str, torch.Tensor] = {}
-        inputs = {"input_ids": _to(ids, model.device), "attention_mask": _to(mask, model.device)}
+        inputs = {"input_ids": to_device(ids, model.device), "attention_mask": to_device(mask, model.device)}
         # The kept rows' flat indices in (B x T), found once on the host: on CUDA a boolean mask per
         # layer would wait for the device each time, and so would a copy to the host per layer.
         T = ids.shape[1]
-        rows_dev = _to(
+        rows_dev = to_device(
             torch.from_numpy(np.concatenate([r * T + np.flatnonzero(enc[i][1]) for r, i in enumerate(idx)])),
             model.device,
         )
@@ -283,7 +287,9 @@ def capture(
         with model.lock, _hooks(model, module_paths, sink, input_paths, gathered):
             net(**inputs, use_cache=False)  # on CUDA no wait here: the host prepares the next batch meanwhile
         if gathered is not None:  # (L+1, n_b, d): one copy to the host per batch if it goes there
-            resid.index_copy_(1, _to(dests[-1], resid.device), gathered.result().float().to(resid.device))
+            resid.index_copy_(
+                1, to_device(dests[-1], resid.device), gathered.result().float().to(resid.device)
+            )
         for m in modules:
             per_module[m].append(take(sink[m]).float().cpu())
         first_of: dict[int, str] = {}  # id of a hooked input tensor -> first module that read it
@@ -298,13 +304,13 @@ def capture(
         model.device.type == "cuda"
     ):  # the batches queued without waiting: the capture ends when the GPU is done
         torch.cuda.synchronize(model.device)
-    modules_rows = {m: _in_order(v, dests, n_rows) for m, v in per_module.items()}
-    _finite_or_raise(model, resid, modules_rows)
+    modules_rows = {m: in_order(v, dests, n_rows) for m, v in per_module.items()}
+    finite_or_raise(model, resid, modules_rows)
     inputs: dict[str, torch.Tensor] = {}
     for m in module_inputs:
         owner = shares.get(m)
         # A module that read its owner's tensor in every batch shares the owner's rows (one copy).
-        inputs[m] = inputs[owner] if owner is not None else _in_order(per_input[m], dests, n_rows)
+        inputs[m] = inputs[owner] if owner is not None else in_order(per_input[m], dests, n_rows)
     return Capture(
         label=model.label,
         texts=list(texts),
@@ -318,7 +324,7 @@ def capture(
     )
 
 
-def _finite_or_raise(model: LoadedModel, resid: torch.Tensor, modules: dict[str, torch.Tensor]) -> None:
+def finite_or_raise(model: LoadedModel, resid: torch.Tensor, modules: dict[str, torch.Tensor]) -> None:
     """A GraftError naming where the captured rows first stop being finite, and why if it can tell:
     every diagnostic of NaN or inf rows is undefined (an SVD of them fails outright). One float32
     sum per layer screens (a NaN or inf anywhere makes it non-finite: 12 ms for 31 layers of 7,902
@@ -332,7 +338,12 @@ def _finite_or_raise(model: LoadedModel, resid: torch.Tensor, modules: dict[str,
             if n_bad == 0:
                 continue  # large finite values whose float32 sum overflowed
             bad_weight = next(
-                (n for n, p in model.model.named_parameters() if not bool(torch.isfinite(p).all())), None
+                (
+                    n
+                    for n, p in model.model.named_parameters()
+                    if p.device.type != "meta" and not bool(torch.isfinite(p).all())
+                ),
+                None,
             )
             why = (
                 f"its weights hold NaN or inf (first in {bad_weight})"

@@ -7,13 +7,14 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ..core.data import texts_sha256
 from ..core.progress import Progress
 from ..loading.models import LoadedModel
 from .budget import budget_texts
 from .capture import Capture, capture
+from .stream_capture import capture_streamed
 
 
 class CaptureCache:
@@ -91,7 +92,7 @@ class CaptureCache:
             if hit is not None and hit[0]() is model.model:
                 self._items.move_to_end(key)
                 return hit[1]
-        cap = capture(
+        cap = capture_model(
             model,
             texts,
             modules=modules,
@@ -111,3 +112,12 @@ class CaptureCache:
 
 
 DEFAULT_CACHE = CaptureCache()
+
+
+def capture_model(model: LoadedModel, texts: Sequence[str], **kw: Any) -> Capture:
+    """:func:`engine.measure.capture.capture` for a model held whole, and
+    :func:`engine.measure.stream_capture.capture_streamed` (the same rows, block by block) for a
+    model that streams."""
+    if getattr(model, "streamed", False):
+        return capture_streamed(model, texts, **kw)
+    return capture(model, texts, **kw)

@@ -124,16 +124,17 @@ class ProcrustesFit:
     ``"closest to identity"`` (equal widths) or ``"within fit span"`` (unequal widths).
     """
 
-    R: torch.Tensor
+    R: Optional[torch.Tensor]  # None when only the rank was computed (T3's thin case)
     rank: int
     completion: str
     # <R, X^T Y> = the sum of the singular values of X^T Y above the rank tolerance (exact for a
     # unique map; a completion adds at most the ones counted as zero, each <= rtol * s_max)
     cross: float = float("nan")
+    full: int = 0  # min(dx, dy) when R is None
 
     @property
     def full_rank(self) -> int:
-        return min(self.R.shape)
+        return min(self.R.shape) if self.R is not None else self.full
 
     @property
     def underdetermined(self) -> bool:

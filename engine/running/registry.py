@@ -58,6 +58,9 @@ class Tool:
     needs: tuple[tuple[str, ...], ...] = (("donor", "target"),)
     uses_workload: bool = True  # reads texts (the workload options apply)
     run_label: str = ""  # the Run button's label in the app; default "Run <code>"
+    # Runs on streamed models (engine.loading.stream): its work needs only captured rows, so the
+    # models may be read block by block when the pair does not fit the memory budget whole.
+    streams: bool = False
 
     @property
     def inputs(self) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from ..evaluation.beforeafter import precheck_sets
 from ..loading.models import LoadedModel, ModelSpec, ModelStore, resolve_device
 from ..measure.capture_cache import DEFAULT_CACHE, CaptureCache
 from .context import ToolContext
+from .memplan import MemoryPlan, plan_run, refusal
 from .registry import get_tool
 
 
@@ -62,12 +63,25 @@ def run_tool(
     precheck_sets(params)
     workload = resolve_workload(options.workload) if tool.uses_workload else None
 
-    def get(m: ModelSpec | LoadedModel, p: Progress) -> LoadedModel:
-        return m if isinstance(m, LoadedModel) else store.get(m, options.device, options.dtype, p)
-
-    progress(0.0, "loading models")
     specs = {"donor": donor, "target": target, "base": base}
     wanted = [k for k in ("donor", "target", "base") if k in chosen]
+    progress(0.0, "planning memory")
+    plan = run_plan(tool, [specs[k] for k in wanted], options, params)
+    stream = plan is not None and plan.route == "stream"
+    for k in wanted:
+        m = specs[k]
+        if isinstance(m, LoadedModel) and m.streamed and not tool.streams:
+            raise GraftError(
+                f"{tool.code} reads {m.label} whole and it streams: run {tool.code} with --stream off "
+                "(and a --max-memory that holds the pair)"
+            )
+
+    def get(m: ModelSpec | LoadedModel, p: Progress) -> LoadedModel:
+        if isinstance(m, LoadedModel):
+            return m
+        return store.get(m, options.device, options.dtype, p, stream=stream)
+
+    progress(0.0, "loading models")
     loaded: dict[str, Optional[LoadedModel]] = {"donor": None, "target": None, "base": None}
     for i, key in enumerate(wanted):
         loaded[key] = get(specs[key], progress.sub(0.2 * i / len(wanted), 0.2 * (i + 1) / len(wanted)))
@@ -85,6 +99,8 @@ def run_tool(
         run=run if "run" in chosen else None,
         store=store,
     )
+    if plan is not None:
+        ctx.meta["memory_plan"] = plan.as_dict()
     if inferred is not None:
         ctx.meta.setdefault("notes", []).append(
             f"base: {inferred.ref}, the model the adapter names as its base"
@@ -127,9 +143,43 @@ def run_tool(
         "device": str(first.device) if first is not None else str(resolve_device(options.device)),
         "load_seconds": round(t_load, 4),
         "compute_seconds": round(t_compute, 4),
+        **(
+            {"bytes_read": sum(m.stream.bytes_read for m in loaded.values() if m is not None and m.streamed)}
+            if stream
+            else {}
+        ),
         **ctx.meta,
     }
     return envelope
+
+
+def run_plan(tool: Any, models: list[Any], options: RunOptions, params: Any) -> Optional[MemoryPlan]:
+    """The memory plan of a run whose models are all given as specs (None when some are loaded
+    already, or the tool takes no model); a one-line GraftError when the run cannot fit."""
+    if not models or not all(isinstance(m, ModelSpec) for m in models):
+        return None
+    if options.stream == "on" and not tool.streams:
+        raise GraftError(f"{tool.code} reads the models whole; it does not stream (--stream auto or off)")
+    try:
+        plan = plan_run(
+            models,
+            dtype=options.dtype,
+            device=resolve_device(options.device),
+            tokens=options.max_tokens if tool.uses_workload else 0,
+            max_memory=options.max_memory,
+            stream=options.stream if tool.streams else "off",
+            streams=tool.streams,
+            activations=tool.uses_workload,
+            heldout_fraction=float(getattr(params, "heldout_fraction", 0.25)),
+        )
+    except GraftError:
+        if options.stream != "auto" or options.max_memory.strip():
+            raise  # the user asked for a plan: say why there is none
+        return None  # the loader says what is wrong with the model, in its own words
+    why = refusal(plan, tool.streams)
+    if why:
+        raise GraftError(why)
+    return plan
 
 
 def pair_labels(envelope: dict[str, Any]) -> tuple[str, str]:

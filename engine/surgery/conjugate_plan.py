@@ -21,8 +21,8 @@ from ..core.errors import GraftError
 from ..core.progress import ProgressLike, as_progress
 from ..loading.models import LoadedModel
 from ..measure.align import row_alignment
-from ..measure.capture import capture
 from ..measure.capture_cache import CaptureCache
+from ..measure.capture_cache import capture_model as capture
 from ..measure.cka import cka_matrix
 from ..measure.linalg import monotone_matching, split_rows
 from .conjugate import ConjugationPlan

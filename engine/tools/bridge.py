@@ -16,5 +16,6 @@ TOOL = register(
         compute=compute_bridge,
         figure="viz.alignment:bridge_figure",
         page="Alignment",
+        streams=True,
     )
 )

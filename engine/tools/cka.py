@@ -84,5 +84,6 @@ TOOL = register(
         compute=compute_cka,
         figure="viz.alignment:cka_figure",
         page="Alignment",
+        streams=True,
     )
 )

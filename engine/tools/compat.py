@@ -202,5 +202,6 @@ TOOL = register(
         compute=compute_compat,
         figure="viz.compat:compat_figure",
         page="Models",
+        streams=True,
     )
 )

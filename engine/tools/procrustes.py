@@ -44,6 +44,7 @@ from ..measure.linalg import (
     COMPLETION_IDENTITY,
     COMPLETION_SPAN,
     COMPLETION_UNIQUE,
+    PROCRUSTES_RTOL,
     ProcrustesFit,
     RidgeFactor,
     Standardiser,
@@ -81,6 +82,16 @@ class ProcrustesLayer:
     alignment: float  # 1 - residual_heldout
     rank: int  # numerical rank of X^T Y on the (standardised) fit rows; min(dx, dy) = fully determined
     underdetermined: bool  # rank < min(dx, dy): the orthogonal map was completed (see ``completion``)
+    # How residual_heldout was measured: "full" (the whole space, the map unique), or "principal
+    # subspace" when underdetermined: both sides projected on the top ``subspace_rank`` principal
+    # directions of their own fit rows, an r x r map fitted there, held-out rows projected the same way.
+    estimator: str = "full"
+    subspace_rank: Optional[int] = None
+    # share of the target's held-out energy inside its principal subspace (what the figure speaks for)
+    heldout_energy_in_subspace: Optional[float] = None
+    # the full-space held-out residual of the completed map (underdetermined layers only): it depends
+    # on the completion, not on the data, and is kept for comparison, never as the headline
+    residual_heldout_completed: Optional[float] = None
 
 
 @dataclass
@@ -101,6 +112,12 @@ class ProcrustesResult:
     completion: str
     # One-line human warnings (CLI and UI show them); empty when the fit is well determined.
     warnings: list[str]
+    # "full", or "principal subspace" when some layer is underdetermined (see ProcrustesLayer)
+    estimator: str = "full"
+    # fit rows a unique full-space map needs (more than the wider width), and the workload tokens
+    # that gives at this held-out fraction and rows-per-token ratio
+    rows_needed: int = 0
+    tokens_needed: int = 0
 
 
 def use_newton(dev: torch.device) -> bool:
@@ -169,6 +186,13 @@ def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Pro
     completion = COMPLETION_UNIQUE
     if any(l["underdetermined"] for l in layers):
         completion = COMPLETION_IDENTITY if dx == dy else COMPLETION_SPAN
+        if all(l["residual_heldout_completed"] is None for l in layers if l["underdetermined"]):
+            completion = COMPLETION_NONE
+    need = max(dx, dy) + 2  # centring costs a row: n_fit - 1 >= width
+    rows = int(al.X.shape[1])
+    meta = getattr(ctx, "meta", None) or {}
+    n_tok = int(meta.get("n_tokens_target") or rows)
+    tokens_needed = int(need / max(1e-9, 1 - params.heldout_fraction) * n_tok / max(rows, 1)) + 1
     return ProcrustesResult(
         layers=layers,
         mean_alignment=round(sum(l["alignment"] for l in layers) / len(layers), 6),
@@ -180,7 +204,10 @@ def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Pro
         target_width=dy,
         rows_per_width=round(n_fit / max(dx, dy), 6),
         completion=completion,
-        warnings=procrustes_warnings(layers, n_fit, dx, dy),
+        warnings=procrustes_warnings(layers, n_fit, dx, dy, tokens_needed, meta.get("memory_plan")),
+        estimator=ESTIMATOR_SUBSPACE if any(l["estimator"] != "full" for l in layers) else "full",
+        rows_needed=need,
+        tokens_needed=tokens_needed,
     )
 
 
@@ -225,6 +252,9 @@ class _Pair:
     M: Optional[torch.Tensor]
     Gx: Optional[torch.Tensor]  # Xf^T Xf, kept for ||Xf R||^2 = <R, Gx R> when R is not square
     Xf: Optional[torch.Tensor]  # kept on the thin path when R is not square
+    Xf_all: Optional[torch.Tensor] = None  # standardised fit rows, for the principal-subspace estimate
+    Yf_all: Optional[torch.Tensor] = None
+    svds: Optional[tuple[Any, Any]] = None  # their thin SVDs, when computed for the rank
 
 
 def _prepare(
@@ -239,9 +269,10 @@ def _prepare(
     yy = float(Yf.pow(2).sum())
     xx = float(Xf.pow(2).sum())  # = tr(Xf^T Xf)
     lam = alpha * xx / dx  # as engine.measure.linalg.RidgeFactor
-    pf = M = Gx = None
+    pf = M = Gx = svds = None
     if Xf.shape[0] < min(dx, dy) and lam > 0:
-        pf = procrustes_fit(Xf, Yf)
+        svds = thin_svds(Xf, Yf)
+        pf = thin_rank(Xf, Yf, svds=svds)
         Z = RidgeFactor.shifted(gram(Xf.T), lam).solve(Yf)  # (n, dy)
         fit_w = _ratio(lam * lam * float(Z.pow(2).sum()), yy)
         pred_w = (Xh @ Xf.T) @ Z
@@ -249,7 +280,8 @@ def _prepare(
         Gx, Mxy = gram(Xf), Xf.T @ Yf
         M = Mxy
         if Xf.shape[0] < min(dx, dy):  # few rows and no ridge shift: the thin form for R
-            pf, M = procrustes_fit(Xf, Yf), None
+            svds = thin_svds(Xf, Yf)
+            pf, M = thin_rank(Xf, Yf, svds=svds), None
         rf = RidgeFactor.of(Gx, alpha)
         W = rf.solve(Mxy)
         if rf.chol is not None:
@@ -271,6 +303,9 @@ def _prepare(
         M,
         None if square else Gx,
         None if square or Gx is not None else Xf,
+        Xf,
+        Yf,
+        svds,
     )
 
 
@@ -282,6 +317,8 @@ def _index(rows: torch.Tensor) -> torch.Tensor:
 
 def _finish(p: _Pair) -> ProcrustesLayer:
     pf = p.pf
+    if pf.R is None:  # fewer fit rows than the widths: the principal-subspace estimate only
+        return _finish_thin(p)
     R = pf.R  # (dx, dy)
     dx, dy = R.shape
     if dx == dy and pf.completion != COMPLETION_SPAN:  # R orthogonal
@@ -293,17 +330,121 @@ def _finish(p: _Pair) -> ProcrustesLayer:
     fit_r = _ratio(xrr - 2.0 * pf.cross + p.yy, p.yy)
     rh = _residual((p.Xh.float() @ R.float()).double(), p.Yh)
     ident = _residual(p.Xh, p.Yh) if dx == dy else None
+    sub = None
+    if pf.underdetermined and p.Xf_all is not None:
+        sub = subspace_fit(p.Xf_all, p.Yf_all, p.Xh, p.Yh)
+    p.Xf_all = p.Yf_all = None
+    held = rh if sub is None else sub.residual_heldout
     return ProcrustesLayer(
         donor_layer=p.i,
         target_layer=p.j,
-        residual_fit=round(fit_r, 6),
-        residual_heldout=round(rh, 6),
+        residual_fit=round(fit_r if sub is None else sub.residual_fit, 6),
+        residual_heldout=round(held, 6),
         residual_ridge=round(p.ridge, 6),
         residual_ridge_fit=round(p.fit_w, 6),
         residual_identity=None if ident is None else round(ident, 6),
-        alignment=round(1.0 - rh, 6),
+        alignment=round(1.0 - held, 6),
         rank=pf.rank,
         underdetermined=pf.underdetermined,
+        estimator="full" if sub is None else ESTIMATOR_SUBSPACE,
+        subspace_rank=None if sub is None else sub.rank,
+        heldout_energy_in_subspace=None if sub is None else round(sub.energy, 6),
+        residual_heldout_completed=None if sub is None else round(rh, 6),
+    )
+
+
+ESTIMATOR_SUBSPACE = "principal subspace"
+COMPLETION_NONE = "not computed (fewer fit rows than the width)"
+
+
+def thin_svds(Xf: torch.Tensor, Yf: torch.Tensor) -> tuple[Any, Any]:
+    """Thin SVDs of both sides' fit rows (float64), shared by :func:`thin_rank` and
+    :func:`subspace_fit`."""
+    return torch.linalg.svd(Xf.double(), full_matrices=False), torch.linalg.svd(
+        Yf.double(), full_matrices=False
+    )
+
+
+def thin_rank(
+    Xf: torch.Tensor, Yf: torch.Tensor, rtol: float = PROCRUSTES_RTOL, svds: Optional[tuple[Any, Any]] = None
+) -> ProcrustesFit:
+    """With fewer fit rows than either width the map is underdetermined for certain (centring
+    costs a row), so T3 reports the principal-subspace estimate (:func:`subspace_fit`) and skips
+    the whole-space completion, which would cost an SVD of a (d - n) x (d - n) matrix per layer
+    (minutes per layer at width 4,096) and measure Graft's choice rather than the models. Only the
+    rank of ``X^T Y`` is computed, from the thin SVDs the estimate uses anyway: with
+    ``X = Ux Sx Vx^T`` and ``Y = Uy Sy Vy^T``, ``X^T Y`` has the singular values of the n x n core
+    ``Sx Ux^T Uy Sy``. ``R`` is None."""
+    (Ux, Sx, _), (Uy, Sy, _) = svds if svds is not None else thin_svds(Xf, Yf)
+    S = torch.linalg.svdvals(Sx[:, None] * (Ux.T @ Uy) * Sy[None, :])
+    smax = float(S[0]) if S.numel() else 0.0
+    rank = int((S > rtol * smax).sum()) if smax > 0 else 0
+    return ProcrustesFit(
+        None, rank, COMPLETION_NONE, float(S[:rank].sum()), full=min(Xf.shape[1], Yf.shape[1])
+    )
+
+
+def _finish_thin(p: _Pair) -> ProcrustesLayer:
+    sub = subspace_fit(p.Xf_all, p.Yf_all, p.Xh, p.Yh, p.svds)
+    p.Xf_all = p.Yf_all = p.svds = None
+    dx, dy = int(p.Xh.shape[1]), int(p.Yh.shape[1])
+    ident = _residual(p.Xh, p.Yh) if dx == dy else None
+    return ProcrustesLayer(
+        donor_layer=p.i,
+        target_layer=p.j,
+        residual_fit=round(sub.residual_fit, 6),
+        residual_heldout=round(sub.residual_heldout, 6),
+        residual_ridge=round(p.ridge, 6),
+        residual_ridge_fit=round(p.fit_w, 6),
+        residual_identity=None if ident is None else round(ident, 6),
+        alignment=round(1.0 - sub.residual_heldout, 6),
+        rank=p.pf.rank,
+        underdetermined=True,
+        estimator=ESTIMATOR_SUBSPACE,
+        subspace_rank=sub.rank,
+        heldout_energy_in_subspace=round(sub.energy, 6),
+        residual_heldout_completed=None,
+    )
+
+
+@dataclass
+class SubspaceFit:
+    rank: int
+    residual_fit: float
+    residual_heldout: float
+    energy: float  # share of the target's held-out energy inside its principal subspace
+
+
+def subspace_rank(n_fit: int, width: int) -> int:
+    """r of the principal-subspace estimator: at least two centred fit rows per dimension, so the
+    r x r map is determined with room to spare, and never more than the narrower width."""
+    return max(1, min(width, (n_fit - 1) // 2))
+
+
+def subspace_fit(
+    Xf: torch.Tensor,
+    Yf: torch.Tensor,
+    Xh: torch.Tensor,
+    Yh: torch.Tensor,
+    svds: Optional[tuple[Any, Any]] = None,
+) -> SubspaceFit:
+    """Procrustes where the fit rows determine it: each side projected on the top r right singular
+    vectors of its own (standardised) fit rows, an r x r orthogonal map fitted between the
+    projections (unique: r is at most half the centred fit rows), and the held-out rows projected on
+    the same bases. Defined at any number of rows; a model against itself, or in other orthogonal
+    coordinates, scores 0. float64."""
+    r = subspace_rank(int(Xf.shape[0]), min(int(Xf.shape[1]), int(Yf.shape[1])))
+    sx, sy = svds if svds is not None else thin_svds(Xf, Yf)
+    Vx, Vy = sx.Vh[:r].T, sy.Vh[:r].T  # (dx, r), (dy, r)
+    A, B = Xf @ Vx, Yf @ Vy
+    pf = procrustes_fit(A, B)
+    Ah, Bh = Xh @ Vx, Yh @ Vy
+    yy = float(Yh.pow(2).sum())
+    return SubspaceFit(
+        r,
+        _residual(A @ pf.R, B),
+        _residual(Ah @ pf.R, Bh),
+        float(Bh.pow(2).sum()) / yy if yy > 0 else 0.0,
     )
 
 
@@ -324,7 +465,14 @@ def _widths(dx: int, dy: int) -> str:
     return f"width {dx}" if dx == dy else f"widths {dx} → {dy}"
 
 
-def procrustes_warnings(layers: list[dict[str, Any]], n_fit: int, dx: int, dy: int) -> list[str]:
+def procrustes_warnings(
+    layers: list[dict[str, Any]],
+    n_fit: int,
+    dx: int,
+    dy: int,
+    tokens_needed: int = 0,
+    plan: Optional[dict[str, Any]] = None,
+) -> list[str]:
     """One-line warnings about how well the fit rows determine the maps.
 
     * underdetermined layers (rank of X^T Y below min(dx, dy)): e.g. "T3 fit is underdetermined in
@@ -341,15 +489,34 @@ def procrustes_warnings(layers: list[dict[str, Any]], n_fit: int, dx: int, dy: i
     if under:
         lo, hi = min(l["rank"] for l in under), max(l["rank"] for l in under)
         ranks = f"rank {lo}" if lo == hi else f"rank {lo}-{hi}"
-        how = (
-            "closest to identity off the rows' span"
-            if dx == dy
-            else "within the fit span (directions off it count as unexplained)"
-        )
+        sub = [l for l in under if l.get("estimator") == ESTIMATOR_SUBSPACE]
+        if sub:
+            r = sub[0].get("subspace_rank")
+            energy = [
+                l["heldout_energy_in_subspace"]
+                for l in sub
+                if l.get("heldout_energy_in_subspace") is not None
+            ]
+            how = (
+                f"alignment is measured in each side's top {r} principal directions of its fit rows "
+                f"(they hold {100 * min(energy):.0f}-{100 * max(energy):.0f}% of the held-out energy), "
+                "not in the whole space"
+            )
+        else:
+            how = "the map is completed " + (
+                "closest to identity off the rows' span"
+                if dx == dy
+                else "within the fit span (directions off it count as unexplained)"
+            )
+        cost = ""
+        if tokens_needed:
+            cost = f" — a determined fit needs about {tokens_needed:,} tokens (--max-tokens)"
+            if plan and plan.get("t3_needed_peak_bytes"):
+                gib = plan["t3_needed_peak_bytes"] / 1024**3
+                cost += f", about {gib:.1f} GiB peak and {plan['t3_needed_seconds']:.0f} s here"
         out.append(
             f"T3 fit is underdetermined in {len(under)}/{len(layers)} layers: {n_fit} fit rows against "
-            f"{_widths(dx, dy)} ({ranks} of {full}); the map is completed {how} — use a larger "
-            f"workload or --max-tokens for a fully determined fit"
+            f"{_widths(dx, dy)} ({ranks} of {full}); {how}{cost}"
         )
     elif n_fit < max(dx, dy):
         out.append(
@@ -371,5 +538,6 @@ TOOL = register(
         compute=compute_procrustes,
         figure="viz.alignment:procrustes_figure",
         page="Alignment",
+        streams=True,
     )
 )

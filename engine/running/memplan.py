@@ -1,0 +1,363 @@
+"""The memory plan of a run (docs/methods.md, "Streaming and the memory plan").
+
+Before any weight is read, :func:`plan_run` works out from the models' safetensors headers and
+config.json alone what a run will read and hold:
+
+* **whole**: both models in the run's dtype, plus the captured rows and the statistics;
+* **stream**: the larger of the two models' parts outside the blocks plus one block, plus the
+  workload's hidden states, plus the same rows and statistics.
+
+``--stream auto`` (the default) holds the models whole when that fits the budget and streams them
+when it does not; ``on`` always streams, ``off`` never does. The budget is ``--max-memory`` or,
+when that is empty, 85% of the memory available now (the CUDA device's free memory when the run
+is on one). A run that fits neither way is refused in one line that gives the numbers.
+
+The plan also says what the run costs: bytes read, peak memory, and an estimated time from the
+forward passes' multiply-adds at a rate measured once per process by a small matrix product in the
+run's dtype (reading at an assumed :data:`READ_BYTES_PER_S`). It is an estimate, labelled so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..core.errors import GraftError
+
+GIB = 1024**3
+DEFAULT_SHARE = 0.85  # of the memory available now, when --max-memory is empty
+RUNTIME_BYTES = int(0.6 * GIB)  # Python, torch and transformers themselves (measured RSS ~0.5 GiB)
+READ_BYTES_PER_S = 1.0e9  # assumed read rate of the weights, for the time estimate
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> Optional[int]:
+    """``"8GiB"``, ``"8 GB"``, ``"8g"``, ``"512MiB"``, ``"1.5TB"`` -> bytes; empty -> None. Binary
+    units (GiB) are powers of 1024, decimal ones (GB) powers of 1000, a bare letter is binary."""
+    if text is None or not str(text).strip():
+        return None
+    m = _SIZE.match(str(text))
+    if not m:
+        raise GraftError(f"--max-memory {text!r} is not a size: write it like 8GiB, 512MiB or 16GB")
+    value, unit, suffix = float(m.group(1)), m.group(2).lower(), m.group(3).lower()
+    power = "kmgt".index(unit) + 1 if unit else 0
+    base = 1000 if suffix == "b" and unit else 1024
+    n = int(value * base**power)
+    if n < 64 * 1024**2:
+        raise GraftError(f"--max-memory {text!r} is under 64 MiB: no model runs in that")
+    return n
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory available now: the CUDA device's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages else 8 * GIB
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:.0f} MiB"
+
+
+@dataclass
+class Footprint:
+    """What one model weighs, from its headers and config (nothing read)."""
+
+    label: str
+    folder: Optional[str]  # None: built in memory (a tiny model), cannot stream
+    file_bytes: int  # its backbone's weights as stored
+    run_bytes: int  # the whole model in the run's dtype
+    outside_bytes: int  # embeddings, position tables, final norm, in the run's dtype
+    block_bytes: int  # its largest block, in the run's dtype
+    n_layers: int
+    width: int
+    backbone_params: int
+    intermediate: int
+
+
+@dataclass
+class MemoryPlan:
+    route: str  # "whole" | "stream"
+    budget_bytes: int
+    peak_bytes: int
+    read_bytes: int
+    est_seconds: float
+    tokens: int
+    fits: bool
+    whole_peak_bytes: int
+    stream_peak_bytes: int
+    models: list[dict[str, Any]] = field(default_factory=list)
+    # T3 needs more fit rows than the wider model's width for a determined (unique) map
+    t3_tokens_needed: int = 0
+    t3_needed_peak_bytes: int = 0
+    t3_needed_seconds: float = 0.0
+    lines: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@lru_cache(maxsize=32)
+def _footprint(ref: str, kind: str, trust: bool, dtype: str, stamp: float) -> Footprint:
+    from ..loading.arch import ArchAdapter
+    from ..loading.modelfiles import check_model_folder
+    from ..loading.models import ModelSpec, model_folder, resolve_dtype
+    from ..loading.stream import attach_stream, skeleton
+    from ..loading.tiny import TINY_MODELS, build_tiny
+
+    spec = ModelSpec(kind, ref, trust)
+    dt = resolve_dtype(dtype)
+    size = torch.empty(0, dtype=dt).element_size()
+    if kind == "builtin" and ref in TINY_MODELS:
+        model, _ = build_tiny(ref)
+        arch = ArchAdapter(model)
+        n = sum(p.numel() for p in model.parameters())
+        blk = max(sum(p.numel() for p in b.parameters()) for b in arch.blocks)
+        desc = arch.describe()
+        return Footprint(
+            spec.label, None, n * 4, n * size, (n - blk * arch.n_layers) * size, blk * size,
+            arch.n_layers, arch.hidden_size, n, int(desc.get("intermediate_size") or 4 * arch.hidden_size),
+        )  # fmt: skip
+    folder = model_folder(spec)
+    if folder is None:
+        raise GraftError(f"hub model {ref} is not in the local Hugging Face cache and Graft never downloads")
+    check_model_folder(Path(folder))  # headers and config.json checked before anything is built from them
+    try:  # never with the model's own code: planning must not run it
+        model = skeleton(Path(folder), torch.device("cpu"), dt, False)
+    except GraftError:
+        if not trust:
+            raise
+        return _headers_only(spec.label, Path(folder), size)
+    arch = ArchAdapter(model)
+    st = attach_stream(model, Path(folder), arch.blocks_path, arch.n_layers, torch.device("cpu"), dt)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    numel = {n: params[n].numel() for n in st.keys}
+    blocks = [sum(numel[n] for n in st.block_params(l)) for l in range(arch.n_layers)]
+    outside = sum(numel[n] for n in st.outside_params())
+    backbone = sum(numel.values())
+    n_all = sum(p.numel() for p in model.parameters())
+    desc = arch.describe()
+    return Footprint(
+        spec.label,
+        str(folder),
+        sum(st.index.entries[k].nbytes for k in st.keys.values()),
+        n_all * size,
+        outside * size,
+        max(blocks) * size,
+        arch.n_layers,
+        arch.hidden_size,
+        backbone,
+        int(desc.get("intermediate_size") or 4 * arch.hidden_size),
+    )
+
+
+def _headers_only(label: str, folder: Path, size: int) -> Footprint:
+    """A model that needs its own code to be built: sized from its headers and config.json alone,
+    held whole (it cannot stream: its blocks are not known without its code)."""
+    from ..core.jsonio import read_json_file
+    from ..loading.stream import DTYPE_BYTES, WeightIndex
+
+    index = WeightIndex(folder)
+    numel = sum(e.nbytes // DTYPE_BYTES.get(e.dtype, 4) for e in index.entries.values())
+    cfg = read_json_file(folder / "config.json")
+    cfg = cfg if isinstance(cfg, dict) else {}
+    width = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
+    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0)
+    inter = int(cfg.get("intermediate_size") or 4 * width)
+    return Footprint(
+        label, None, index.total_bytes, numel * size, numel * size, 0, layers, width, numel, inter
+    )
+
+
+def footprint(spec: Any, dtype: str) -> Footprint:
+    """The :class:`Footprint` of a model spec (cached per folder and modification time)."""
+    from ..loading.models import model_folder
+
+    stamp = 0.0
+    if spec.kind == "path":
+        try:
+            stamp = os.stat(spec.ref).st_mtime
+        except OSError:
+            stamp = 0.0
+    elif spec.kind == "builtin":
+        try:
+            folder = model_folder(spec)
+            stamp = os.stat(folder).st_mtime if folder is not None else 0.0
+        except GraftError:
+            raise
+    return _footprint(spec.ref, spec.kind, spec.trust_remote_code, dtype, stamp)
+
+
+@lru_cache(maxsize=8)
+def flops_per_second(dtype: str, device: str) -> float:
+    """Multiply-add rate of this machine in ``dtype``, from a small matrix product (timed once)."""
+    from ..loading.models import resolve_dtype
+
+    dt = resolve_dtype(dtype)
+    dev = torch.device(device)
+    a = torch.randn(256, 1024, dtype=dt, device=dev)
+    b = torch.randn(1024, 1024, dtype=dt, device=dev)
+    best = float("inf")
+    for _ in range(4):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 256 * 1024 * 1024 / max(best, 1e-6)
+
+
+def _rows_bytes(fp: Footprint, tokens: int) -> int:
+    return (fp.n_layers + 1) * tokens * fp.width * 4  # captured float32 rows of every layer
+
+
+def _stats_bytes(fps: list[Footprint], tokens: int) -> int:
+    """The statistics T2-T4 build from the rows: an outlier-free copy of the rows, their centred
+    float32 copy (CKA), CKA's bounded Gram blocks, T3's float64 d x d products on two workers."""
+    rows = sum(_rows_bytes(f, tokens) for f in fps)
+    dmax = max(f.width for f in fps)
+    dsum = sum(f.width for f in fps)
+    t3 = 2 * 16 * (tokens * dsum + 4 * dmax * dmax)
+    return 2 * rows + int(5e8) + t3
+
+
+def _hidden_bytes(fp: Footprint, tokens: int, dtype_size: int) -> int:
+    """A streamed pass's working set beside the block: every batch's hidden states, and one batch's
+    MLP intermediate activations (a batch of up to 8 texts of up to 512 tokens)."""
+    batch = min(tokens, 8 * 512)
+    return tokens * fp.width * dtype_size * 3 + batch * fp.intermediate * 4 * 3
+
+
+def plan_run(
+    specs: list[Any],
+    *,
+    dtype: str,
+    device: torch.device,
+    tokens: int,
+    max_memory: str = "",
+    stream: str = "auto",
+    streams: bool = True,
+    activations: bool = True,
+    heldout_fraction: float = 0.25,
+) -> MemoryPlan:
+    """The plan of a run on ``specs`` (model specs, in the order the run loads them)."""
+    from ..loading.models import resolve_dtype
+
+    budget = parse_bytes(max_memory)
+    if budget is None:
+        budget = int(DEFAULT_SHARE * available_bytes(device))
+    fps = [footprint(s, dtype) for s in specs]
+    size = torch.empty(0, dtype=resolve_dtype(dtype)).element_size()
+
+    def peaks(n_tok: int) -> tuple[int, int]:
+        work = _stats_bytes(fps, n_tok) if activations else 0
+        whole = RUNTIME_BYTES + sum(f.run_bytes for f in fps) + work
+        streamed = RUNTIME_BYTES + max(
+            f.outside_bytes + f.block_bytes + _hidden_bytes(f, n_tok, size) for f in fps
+        )
+        return whole, streamed + work
+
+    whole_peak, stream_peak = peaks(tokens)
+    can_stream = streams and all(f.folder is not None for f in fps)
+    if stream == "off":
+        route = "whole"
+    elif stream == "on":
+        route = "stream"
+    else:
+        route = "whole" if whole_peak <= budget or not can_stream else "stream"
+    peak = whole_peak if route == "whole" else stream_peak
+    rate = flops_per_second(dtype, str(device))
+    read = sum(f.file_bytes for f in fps)
+
+    def seconds(n_tok: int) -> float:
+        compute = sum(2 * f.backbone_params * n_tok for f in fps) / rate if activations else 0.0
+        return compute + read / READ_BYTES_PER_S
+
+    est = seconds(tokens)
+    wide = max(f.width for f in fps) if fps else 0
+    need = int((wide + 2) / max(1e-6, 1 - heldout_fraction)) + 1 if activations and len(fps) >= 2 else 0
+    need_w, need_s = peaks(need) if need else (0, 0)
+    plan = MemoryPlan(
+        route=route,
+        budget_bytes=budget,
+        peak_bytes=peak,
+        read_bytes=read,
+        est_seconds=round(est, 1),
+        tokens=tokens,
+        fits=peak <= budget,
+        whole_peak_bytes=whole_peak,
+        stream_peak_bytes=stream_peak,
+        models=[
+            {
+                "label": f.label,
+                "weights_bytes": f.file_bytes,
+                "in_run_dtype_bytes": f.run_bytes,
+                "largest_block_bytes": f.block_bytes,
+                "layers": f.n_layers,
+                "width": f.width,
+                "streams": f.folder is not None,
+            }
+            for f in fps
+        ],
+        t3_tokens_needed=need,
+        t3_needed_peak_bytes=(need_w if route == "whole" else need_s) if need else 0,
+        t3_needed_seconds=round(seconds(need), 1) if need else 0.0,
+    )
+    held = "held whole" if route == "whole" else "streamed block by block"
+    plan.lines.append(
+        f"{held}: reads {fmt_bytes(read)}, peak about {fmt_bytes(peak)} of a {fmt_bytes(budget)} budget, "
+        f"about {_duration(est)} (estimated)"
+    )
+    if need:
+        plan.lines.append(
+            f"a determined T3 needs about {need:,} tokens (width {wide:,}): about "
+            f"{fmt_bytes(plan.t3_needed_peak_bytes)} peak and {_duration(plan.t3_needed_seconds)}"
+        )
+    return plan
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def refusal(plan: MemoryPlan, streams: bool) -> Optional[str]:
+    """The one line that refuses a plan that does not fit; None when it fits. ``streams``: the
+    tool can run on streamed models."""
+    if plan.fits:
+        return None
+    can_stream = all(m["streams"] for m in plan.models)
+    need = fmt_bytes(plan.peak_bytes)
+    if plan.route == "whole" and streams and can_stream:
+        return (
+            f"the pair needs about {need} held whole, over the {fmt_bytes(plan.budget_bytes)} budget: "
+            f"stream it (--stream auto or on; about {fmt_bytes(plan.stream_peak_bytes)}) "
+            "or raise --max-memory"
+        )
+    if plan.route == "whole":
+        why = "this tool reads the models whole" if not streams else "a model built in memory cannot stream"
+        return (
+            f"the pair needs about {need} held whole, over the {fmt_bytes(plan.budget_bytes)} budget, and "
+            f"{why}: raise --max-memory or use smaller models"
+        )
+    return (
+        f"even streamed block by block the run needs about {need}, over the "
+        f"{fmt_bytes(plan.budget_bytes)} budget: lower --max-tokens or raise --max-memory"
+    )

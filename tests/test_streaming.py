@@ -1,0 +1,196 @@
+"""Streamed models (engine/loading/stream.py, engine/measure/stream_capture.py) against the same
+models held whole: the same rows, the same T1-T4 results, nothing left behind by a cancel, and the
+memory plan's refusals in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.core.errors import Cancelled, GraftError
+from engine.core.progress import Progress
+from engine.loading.models import ModelSpec, load_model
+from engine.loading.tiny import build_tiny
+from engine.measure.capture_cache import capture_model
+from engine.running.memplan import parse_bytes, plan_run
+from engine.running.runner import run_tool
+
+TEXTS = [
+    "The cat sat on the mat.",
+    "Paris is the capital of France, and a big city.",
+    "hello",
+    "Water boils at one hundred degrees Celsius at sea level, and freezes at zero.",
+]
+MODULES = {
+    "tiny-llama-a": (
+        ["blocks.1.attn.q", "blocks.3.mlp.down"],
+        ["blocks.2.mlp.down", "blocks.0.attn.k", "blocks.0.attn.q"],
+    ),
+    "tiny-gpt2-a": (["blocks.1.attn.qkv"], ["blocks.2.mlp.down", "blocks.0.mlp.up"]),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = {}
+    for name in ("tiny-llama-a", "tiny-llama-b", "tiny-gpt2-a", "tiny-gpt2-b"):
+        d = tmp_path_factory.mktemp(name)
+        model, tok = build_tiny(name)
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        out[name] = str(d)
+    return out
+
+
+def _all_meta(m) -> bool:
+    return all(p.device.type == "meta" for p in m.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-a", "tiny-gpt2-a"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_streamed_capture_equals_the_whole_model(folders, name, batch_size, one_thread):
+    spec = ModelSpec.parse(folders[name])
+    whole = load_model(spec, "cpu", "float32")
+    streamed = load_model(spec, "cpu", "float32", stream=True)
+    assert streamed.streamed and _all_meta(streamed)
+    mods, ins = MODULES[name]
+    a = capture_model(whole, TEXTS, modules=mods, module_inputs=ins, batch_size=batch_size)
+    b = capture_model(streamed, TEXTS, modules=mods, module_inputs=ins, batch_size=batch_size)
+    assert a.residual.shape == b.residual.shape and a.residual.shape[0] == whole.arch.n_layers + 1
+    assert torch.allclose(a.residual, b.residual, atol=1e-6, rtol=0)
+    for m in mods:
+        assert torch.allclose(a.modules[m], b.modules[m], atol=1e-6, rtol=0)
+    for m in ins:
+        assert torch.allclose(a.module_inputs[m], b.module_inputs[m], atol=1e-6, rtol=0)
+    assert a.token_ids == b.token_ids and torch.equal(a.text_index, b.text_index)
+    # every weight was read once, and dropped again: the skeleton holds no weights afterwards
+    assert _all_meta(streamed)
+    weights = sum(p.numel() * 4 for n, p in whole.model.named_parameters() if "lm_head" not in n)
+    assert streamed.stream.bytes_read == pytest.approx(weights, rel=0.01)
+
+
+def test_a_cancel_mid_stream_leaves_no_weights_behind(folders, one_thread):
+    streamed = load_model(ModelSpec.parse(folders["tiny-llama-a"]), "cpu", "float32", stream=True)
+    seen = []
+
+    def cb(frac, msg):
+        seen.append(msg)
+        if "block 3/" in msg:
+            pr.cancel()
+
+    pr = Progress(cb)
+    with pytest.raises(Cancelled):
+        capture_model(streamed, TEXTS, progress=pr)
+    assert any("GB read" in m for m in seen)  # progress is in bytes
+    assert _all_meta(streamed)
+    cap = capture_model(streamed, TEXTS)  # and the model still works
+    assert torch.isfinite(cap.residual).all()
+
+
+@pytest.mark.parametrize("tool", ["compat", "cka", "procrustes", "bridge-check"])
+@pytest.mark.parametrize("pair", [("tiny-llama-a", "tiny-llama-b"), ("tiny-gpt2-a", "tiny-llama-b")])
+def test_t1_to_t4_streamed_equal_in_memory(folders, workload, tool, pair, one_thread):
+    d, t = (ModelSpec.parse(folders[p]) for p in pair)
+    runs = {}
+    for stream in ("off", "on"):
+        env = run_tool(tool, d, t, {"workload": workload, "stream": stream, "device": "cpu"})
+        json.dumps(env, allow_nan=False)
+        assert env["meta"]["memory_plan"]["route"] == ("whole" if stream == "off" else "stream")
+        runs[stream] = env["result"]
+    _close(runs["off"], runs["on"])
+
+
+def _close(a, b, path="result"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            if k == "warnings":  # they quote the memory plan, whose peak depends on the route
+                assert len(a[k]) == len(b[k]), path
+                continue
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-4), path
+    else:
+        assert a == b, path
+
+
+def test_bfloat16_streamed_t1_to_t4_give_results(folders, workload, one_thread):
+    d, t = ModelSpec.parse(folders["tiny-llama-a"]), ModelSpec.parse(folders["tiny-llama-b"])
+    for tool in ("compat", "cka", "procrustes", "bridge-check"):
+        env = run_tool(tool, d, t, {"workload": workload, "stream": "on", "dtype": "bfloat16"})
+        json.dumps(env, allow_nan=False)
+    assert env["meta"]["bytes_read"] > 0
+
+
+def test_parse_bytes():
+    assert parse_bytes("8GiB") == 8 * 1024**3
+    assert parse_bytes("8 GB") == 8 * 1000**3
+    assert parse_bytes("512m") == 512 * 1024**2
+    assert parse_bytes("1.5TiB") == int(1.5 * 1024**4)
+    assert parse_bytes("") is None
+    for bad in ("eight", "8XB", "-1G", "1k"):
+        with pytest.raises(GraftError):
+            parse_bytes(bad)
+
+
+def test_plan_streams_only_when_the_pair_does_not_fit_whole(folders):
+    specs = [ModelSpec.parse(folders["tiny-llama-a"]), ModelSpec.parse(folders["tiny-llama-b"])]
+    roomy = plan_run(specs, dtype="float32", device=torch.device("cpu"), tokens=512, max_memory="8GiB")
+    assert roomy.route == "whole" and roomy.fits
+    assert roomy.read_bytes == sum(m["weights_bytes"] for m in roomy.models) > 0
+    assert roomy.stream_peak_bytes < roomy.whole_peak_bytes
+    budget = str((roomy.stream_peak_bytes + roomy.whole_peak_bytes) // 2)  # plain bytes
+    tight = plan_run(specs, dtype="float32", device=torch.device("cpu"), tokens=512, max_memory=budget)
+    assert tight.route == "stream" and tight.fits
+    assert roomy.t3_tokens_needed > 64  # width 64: a determined fit needs more rows than that
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_refuses_a_budget_nothing_fits_in_one_line(folders, tmp_path):
+    out = tmp_path / "x.json"
+    r = _cli("cka", "--donor", folders["tiny-llama-a"], "--target", folders["tiny-llama-b"], "--max-memory",
+             "100MiB", "--json", str(out), "--quiet")  # fmt: skip
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "budget" in lines[0], r.stderr
+    assert not out.exists()
+    r = _cli(
+        "rank-modules",
+        "--donor",
+        folders["tiny-llama-a"],
+        "--target",
+        folders["tiny-llama-b"],
+        "--stream",
+        "on",
+        "--quiet",
+    )
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "does not stream" in lines[0], r.stderr
+    r = _cli(
+        "cka", "--donor", folders["tiny-llama-a"], "--target", folders["tiny-llama-b"], "--max-memory", "lots"
+    )
+    assert r.returncode == 2 and "not a size" in r.stderr
+
+
+@pytest.mark.real
+def test_smollm2_streamed_equals_in_memory(workload):
+    spec = ModelSpec.parse("smollm2-135m-instruct")
+    runs = {}
+    for stream in ("off", "on"):
+        runs[stream] = run_tool(
+            "procrustes", spec, spec, {"workload": workload, "stream": stream, "device": "cpu"}
+        )
+    _close(runs["off"]["result"], runs["on"]["result"])
+    assert runs["on"]["meta"]["bytes_read"] > 100e6  # read block by block
