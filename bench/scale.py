@@ -13,7 +13,8 @@ Builds two random Llama-shaped models of its own (no hub download), weights writ
 Then, in this one process, for the pair: the bare streamed passes of both models (read every block,
 run the workload through it, keep nothing), and T1, T2, T3, T4 streamed (T2-T4 share one capture
 per model, as in the app). It reports wall time, peak RSS (sampled every 20 ms per phase, and
-the process's maximum), bytes read, and the ratio of the diagnostics to the bare passes. Usage:
+the process's maximum), bytes read, and the ratio of the diagnostics to the bare passes. Before every
+phase the pair's files are evicted from the page cache, so each phase reads from disk. Usage:
 
     python bench/scale.py --size 7b [--tokens 512] [--dir /tmp/graft-scale] [--dtype bfloat16]
                           [--max-memory 6GiB] [--keep] [--reuse] [--json out.json]
@@ -192,6 +193,20 @@ class PeakRSS:
         self.peak = max(self.peak, self._now())
 
 
+def drop_page_cache(*folders: Path) -> None:
+    """Evict the folders' files from the page cache (posix_fadvise DONTNEED; no root needed for
+    clean pages), so every phase reads its weights from disk: without it the phase run second finds
+    part of the pair cached, and the ratio depends on the order of the phases."""
+    for folder in folders:
+        for f in folder.glob("*.safetensors"):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def workload_texts() -> str:
     """The bundled data's texts, then README.md's paragraphs, as one plain-text workload file (one
     text per line): about 12,000 tokens, so budgets up to 8,192 are really reached."""
@@ -237,12 +252,17 @@ def run(size: str, root: Path, tokens: int, dtype: str, max_memory: str, keep: b
         from engine.measure.budget import budget_texts
 
         texts = budget_texts(list(dict.fromkeys(load_workload(workload).texts)), [ma.tokenizer], tokens)
+        # warm-up, untimed: the first pass of a process pays for kernel set-up (oneDNN's bfloat16
+        # kernels), which would otherwise land on whichever phase runs first
+        capture_model(ma, texts[:1], residual=False, batch_size=8)
         bare = {}
         for label, m in (("a", ma), ("b", mb)):
-            m.stream.bytes_read = 0
+            m.stream.bytes_read, m.stream.read_seconds = 0, 0.0
+            drop_page_cache(a, b)
             with PeakRSS() as p:
                 capture_model(m, texts, residual=False, batch_size=8)
             bare[label] = {
+                "read_seconds": round(m.stream.read_seconds, 2),
                 "seconds": round(p.seconds, 2),
                 "peak_rss": p.peak,
                 "bytes_read": m.stream.bytes_read,
@@ -252,6 +272,7 @@ def run(size: str, root: Path, tokens: int, dtype: str, max_memory: str, keep: b
         tools = {}
         for tool in ("compat", "cka", "procrustes", "bridge-check"):
             ma.stream.bytes_read = mb.stream.bytes_read = 0
+            drop_page_cache(a, b)
             with PeakRSS() as p:
                 env = run_tool(tool, da, db, opts, store=store, captures=cache)
             r = env["result"]

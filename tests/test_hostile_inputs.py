@@ -222,6 +222,7 @@ def test_cka_on_fewer_rows_than_the_width_warns(tmp_path):
     wl.write_text("Paris is the capital of France.\n")
     few = run_tool("cka", _m("tiny-gpt2-a"), _m("tiny-llama-a"), {"workload": str(wl)})["result"]
     assert few["n_rows"] < 64 and len(few["warnings"]) == 1 and "biased upwards" in few["warnings"][0]
+    assert few["estimator"] == "debiased" and "debiased CKA" in few["warnings"][0]
     from engine.tools.cka import cka_warnings
 
     assert cka_warnings(64, 64, 48) == [] and cka_warnings(63, 64, 48)

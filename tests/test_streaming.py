@@ -194,3 +194,53 @@ def test_smollm2_streamed_equals_in_memory(workload):
         )
     _close(runs["off"]["result"], runs["on"]["result"])
     assert runs["on"]["meta"]["bytes_read"] > 100e6  # read block by block
+
+
+def test_debiased_cka_matches_the_unbiased_hsic_definition_and_removes_the_bias():
+    """Few rows against the width: linear CKA of unrelated random layers runs high (about 0.9 here);
+    debiased CKA equals the unbiased HSIC estimator computed by definition on the uncentred Gram
+    matrices, sits near 0 for unrelated layers, and gives 1 for a layer and its rotation."""
+    from engine.measure.cka import DEBIASED, LINEAR, choose_estimator, cka_matrix
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 64, 512
+    X, Y = torch.randn(2, n, d, generator=g) + 0.5, torch.randn(2, n, d, generator=g)
+    Q = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    Y[0] = X[1] @ Q
+    lin = cka_matrix(X, Y, estimator=LINEAR)
+    info = {}
+    deb = cka_matrix(X, Y, estimator=DEBIASED, info=info)
+    assert info["estimator"] == DEBIASED and info["form"] in ("gram", "feature")
+    assert lin[0, 1] > 0.8 and abs(float(deb[0, 1])) < 0.1
+    assert float(deb[1, 0]) == pytest.approx(1.0, abs=1e-6)
+
+    def hsic1(K, L):
+        K, L = K.clone(), L.clone()
+        K.fill_diagonal_(0)
+        L.fill_diagonal_(0)
+        one = torch.ones(n, dtype=K.dtype)
+        return (
+            torch.trace(K @ L)
+            + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * (one @ K @ L @ one)
+        ) / (n * (n - 3))
+
+    x, y = X[0].double(), Y[1].double()  # uncentred: the estimator does not depend on centring
+    K, L = x @ x.T, y @ y.T
+    want = float(hsic1(K, L) / torch.sqrt(hsic1(K, K) * hsic1(L, L)))
+    assert float(deb[0, 1]) == pytest.approx(want, abs=1e-5)
+    assert choose_estimator(64, 512, 256) == DEBIASED and choose_estimator(600, 512, 256) == LINEAR
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_capture_on_cuda_equals_the_whole_model(folders, dtype):
+    """On a GPU every block is read to the device, run there, and dropped; the rows equal those of
+    the model held whole on the GPU (bfloat16: the same kernels, so the same rows)."""
+    spec = ModelSpec.parse(folders["tiny-llama-a"])
+    whole = load_model(spec, "cuda", dtype)
+    streamed = load_model(spec, "cuda", dtype, stream=True)
+    a = capture_model(whole, TEXTS)
+    b = capture_model(streamed, TEXTS)
+    assert torch.allclose(a.residual, b.residual, atol=1e-5 if dtype == "float32" else 1e-2, rtol=0)
+    assert _all_meta(streamed)

@@ -57,6 +57,7 @@ def cka_figure(envelope: dict) -> go.Figure:
 
     fig = go.Figure()
     custom = [[[c.layer_hover(d), c.layer_hover(t)] for t in tl] for d in dl]
+    debiased = r.get("estimator") == "debiased"
     heat: dict[str, Any] = dict(
         z=M,
         x=tl,
@@ -64,7 +65,7 @@ def cka_figure(envelope: dict) -> go.Figure:
         zmin=0.0,
         zmax=1.0,
         colorscale=c.SIMILARITY_SCALE,
-        colorbar=dict(title=dict(text="linear CKA"), thickness=14),
+        colorbar=dict(title=dict(text="debiased CKA" if debiased else "linear CKA"), thickness=14),
         customdata=custom,
         name="CKA",
         hovertemplate="donor layer %{customdata[0]}<br>target layer %{customdata[1]}<br>CKA "

@@ -16,6 +16,7 @@ streamed model in one line (:mod:`engine.running.runner`).
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,7 @@ class StreamedWeights:
     dtype: torch.dtype
     keys: dict[str, str]  # parameter name -> checkpoint key (every parameter the backbone runs)
     bytes_read: int = 0
+    read_seconds: float = 0.0  # wall time spent reading (and converting) weights
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     on_read: Optional[Callable[[int], None]] = None  # called with the bytes of each read
     # (module, attribute, source module): the LM head tied into the embeddings shares their
@@ -152,6 +154,7 @@ class StreamedWeights:
         from accelerate.utils import set_module_tensor_to_device
         from safetensors import safe_open
 
+        t0 = time.perf_counter()
         by_file: dict[str, list[str]] = {}
         for n in names:
             by_file.setdefault(self.index.entries[self.keys[n]].file, []).append(n)
@@ -170,6 +173,7 @@ class StreamedWeights:
                         self.on_read(self.index.entries[key].nbytes)
                     del t
         self._retie()
+        self.read_seconds += time.perf_counter() - t0
 
     def drop(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device

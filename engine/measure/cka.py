@@ -26,8 +26,25 @@ def cka(X: torch.Tensor, Y: torch.Tensor) -> float:
     return float(num / den) if den > 0 else 0.0
 
 
+LINEAR = "linear"
+DEBIASED = "debiased"
+
+
+def choose_estimator(n: int, dx: int, dy: int) -> str:
+    """Linear CKA when the rows are at least as many as the wider width; debiased CKA (from the
+    unbiased HSIC estimator) when they are fewer, where linear CKA is biased upwards (with n <= d
+    every centred Gram matrix is close to a scaled projection on the same n - 1 dimensional space,
+    and two unrelated random models score high)."""
+    return LINEAR if n >= max(dx, dy) or n < 4 else DEBIASED
+
+
 def cka_matrix(
-    Xs: torch.Tensor, Ys: torch.Tensor, progress: Optional[Progress] = None, gram_memory_bytes: float = 5e8
+    Xs: torch.Tensor,
+    Ys: torch.Tensor,
+    progress: Optional[Progress] = None,
+    gram_memory_bytes: float = 5e8,
+    estimator: str = LINEAR,
+    info: Optional[dict] = None,
 ) -> torch.Tensor:
     """CKA between every X layer and every Y layer. Xs: (Lx, n, dx), Ys: (Ly, n, dy) -> (Lx, Ly).
 
@@ -42,6 +59,10 @@ def cka_matrix(
     * Feature form: one (dx x n) @ (n x dy) product per pair, all Y layers at once per X layer
       (n dx dy flops per pair; float32 products summed in float64 on a CPU, float64 on CUDA), for
       few layers, narrow models or very many rows.
+
+    ``estimator = "debiased"``: CKA from the unbiased HSIC estimator (Song et al. 2012; Nguyen, Raghu
+    and Kornblith 2021) instead of the plug-in one, from the same products plus each row's squared
+    norm (:func:`_debias`). ``info`` (a dict) receives the estimator and the form that ran.
     """
     progress = progress or silent()
     Lx, n, dx = Xs.shape
@@ -54,11 +75,41 @@ def cka_matrix(
     feat_flops = (Lx * Ly * n * dx * dy + (Lx * dx * dx + Ly * dy * dy) * n) * (
         2 if Xc.is_cuda else 1
     )  # float64 on CUDA
-    if gram_flops < feat_flops:
+    form = "gram" if gram_flops < feat_flops else "feature"
+    if form == "gram":
         num, nx, ny = _gram_products(Xc, Yc, block, progress)
     else:
         num, nx, ny = _feature_products(Xc, Yc, progress)
+    if info is not None:
+        info.update(estimator=estimator, form=form)
+    if estimator == DEBIASED:
+        return _debias(Xc, Yc, num, nx, ny)
     return (num / (nx.sqrt().unsqueeze(1) * ny.sqrt().unsqueeze(0)).clamp_min(1e-300)).clamp(0.0, 1.0)
+
+
+def _debias(Xc: torch.Tensor, Yc: torch.Tensor, num: torch.Tensor, nx: torch.Tensor, ny: torch.Tensor):
+    """Debiased CKA from the centred products: HSIC_1(K, L) / sqrt(HSIC_1(K, K) HSIC_1(L, L)) with
+
+        HSIC_1 = [tr(K~ L~) + (1' K~ 1)(1' L~ 1) / ((n-1)(n-2)) - 2 / (n-2) 1' K~ L~ 1] / (n (n-3)),
+
+    K~ = K with its diagonal set to 0. The estimator does not change when the rows are centred, and
+    for centred rows K 1 = 0, so with k_i = ||x_i||^2 (K's diagonal): tr(K~ L~) = <K, L> - k.l,
+    1' K~ 1 = -sum k, and 1' K~ L~ 1 = k.l. Values can fall slightly below 0 (unbiased), and a layer
+    against itself gives 1. Needs n >= 4."""
+    n = Xc.shape[1]
+    k = _sq_norms(Xc.reshape(-1, Xc.shape[2])).view(Xc.shape[0], n)  # (Lx, n) float64
+    lv = _sq_norms(Yc.reshape(-1, Yc.shape[2])).view(Yc.shape[0], n)
+    a, b = (n - 1) * (n - 2), n - 2
+
+    def hsic(dot: torch.Tensor, kl: torch.Tensor, sk: torch.Tensor, sl: torch.Tensor) -> torch.Tensor:
+        return (dot - kl + sk * sl / a - 2.0 / b * kl) / (n * (n - 3))
+
+    kl = k @ lv.T  # (Lx, Ly)
+    hxy = hsic(num, kl, k.sum(1, keepdim=True), lv.sum(1).unsqueeze(0))
+    hxx = hsic(nx, k.pow(2).sum(1), k.sum(1), k.sum(1))
+    hyy = hsic(ny, lv.pow(2).sum(1), lv.sum(1), lv.sum(1))
+    den = (hxx.clamp_min(0).sqrt().unsqueeze(1) * hyy.clamp_min(0).sqrt().unsqueeze(0)).clamp_min(1e-300)
+    return (hxy / den).clamp(-1.0, 1.0)
 
 
 def _centred32(S: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from ..measure.align import Aligned, align, drop_outliers
 from ..measure.budget import MAX_TOKENS_PER_TEXT, per_text_limit
 from ..measure.capture import Capture
 from ..measure.capture_cache import DEFAULT_CACHE, CaptureCache
-from ..measure.cka import cka_matrix
+from ..measure.cka import choose_estimator, cka_matrix
 from ..measure.linalg import compute_device, ieee_float32
 
 MIN_CKA_ROWS = 3  # below this the centred rows span at most one direction: every CKA is 0 / 0 or 1
@@ -131,11 +131,14 @@ class ToolContext:
             s = 0 if include_embeddings else 1
             t0 = time.perf_counter()
             rows, dev = device_rows(self, al)
+            info: dict[str, Any] = {}
+            estimator = choose_estimator(al.n, int(al.X.shape[2]), int(al.Y.shape[2]))
             with ieee_float32(dev):
-                M = cka_matrix(rows.X[s:], rows.Y[s:], progress.sub(0.7, 1.0)).cpu()
-            hit = (ct, M)
+                M = cka_matrix(rows.X[s:], rows.Y[s:], progress.sub(0.7, 1.0), estimator=estimator, info=info)
+            hit = (ct, M.cpu(), info)
             cd.derived[key] = hit
             self._add_seconds("cka_seconds", t0)
+        self.meta["cka_estimator"], self.meta["cka_form"] = hit[2]["estimator"], hit[2]["form"]
         return hit[1]
 
     def _add_seconds(self, key: str, t0: float) -> None:

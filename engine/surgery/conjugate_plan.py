@@ -23,7 +23,7 @@ from ..loading.models import LoadedModel
 from ..measure.align import row_alignment
 from ..measure.capture_cache import CaptureCache
 from ..measure.capture_cache import capture_model as capture
-from ..measure.cka import cka_matrix
+from ..measure.cka import choose_estimator, cka_matrix
 from ..measure.linalg import monotone_matching, split_rows
 from .conjugate import ConjugationPlan
 from .conjugate_deltas import fro_factored, validate_and_truncate
@@ -131,7 +131,12 @@ def plan_conjugation(
         source = "identity (same model)"
     elif layer_map is None:
         progress(0.2, "T2: matching base layers to target layers (CKA)")
-        S = cka_matrix(XB[1:], YT[1:], progress.sub(0.2, 0.25))
+        S = cka_matrix(
+            XB[1:],
+            YT[1:],
+            progress.sub(0.2, 0.25),
+            estimator=choose_estimator(int(XB.shape[1]), int(XB.shape[2]), int(YT.shape[2])),
+        )
         pairs = monotone_matching(S)
         source = "T2 matching"
     else:

