@@ -19,6 +19,7 @@ phase the pair's files are evicted from the page cache, so each phase reads from
     python bench/scale.py --size 7b [--tokens 512] [--dir /tmp/graft-scale] [--dtype bfloat16]
                           [--max-memory 6GiB] [--keep] [--reuse] [--json out.json]
     python bench/scale.py --table out1.json out2.json ...     (a Markdown table of earlier results)
+    python bench/scale.py --size 7b --lora [--json t5.json]   (T5 on a planted LoRA adapter, alone)
 
 Sizes: ``small`` (d 1,024, 8 blocks), ``1b`` (d 2,048, 16 blocks), ``7b`` (d 4,096, 32 blocks,
 intermediate 11,008); all GQA with 8 KV heads. A 7B pair needs about 27 GB of disk; the build
@@ -321,6 +322,64 @@ def run(size: str, root: Path, tokens: int, dtype: str, max_memory: str, keep: b
     return out
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PLANTED_LAYERS = (10, 11, 12)  # where the planted adapter's update is 10x larger (mlp.down)
+
+
+def build_lora(size: str, root: Path, rank: int = 16, seed: int = 7) -> Path:
+    """A PEFT LoRA adapter of this shape (every linear module of every block, rank ``rank``, float32
+    factors), with a planted truth: mlp.down of blocks 10-12 gets a B ten times larger, so T5 must
+    rank those three modules first."""
+    from safetensors.torch import save_file
+
+    cfg = config_for(size, 49152)
+    d, L, ff = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    shapes = {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d),
+              "gate_proj": (ff, d), "up_proj": (ff, d), "down_proj": (d, ff)}  # fmt: skip
+    out = root / f"{size}-lora"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for l in range(L):
+        for name, (o, i) in shapes.items():
+            part = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            key = f"base_model.model.model.layers.{l}.{part}.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, i, generator=g) / i**0.5
+            big = 10.0 if name == "down_proj" and l in PLANTED_LAYERS else 1.0
+            tensors[f"{key}.lora_B.weight"] = big * torch.randn(o, rank, generator=g) * 0.01
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+        "target_modules": list(LORA_TARGETS), "lora_dropout": 0.0, "bias": "none",
+        "base_model_name_or_path": f"{size}-a", "fan_in_fan_out": False, "use_rslora": False,
+    }, indent=1))  # fmt: skip
+    return out
+
+
+def run_lora(size: str, root: Path) -> dict:
+    """T5 (concept cartography) on a LoRA adapter of this shape, alone (no base model is read)."""
+    adapter = build_lora(size, root)
+    try:
+        with PeakRSS() as p:
+            env = run_tool("cartography", adapter=str(adapter))
+        r = env["result"]
+        top = r["ranking"][:3]
+        want = {f"blocks.{l}.mlp.down" for l in PLANTED_LAYERS}
+        return {
+            "size": size,
+            "adapter_bytes": (adapter / "adapter_model.safetensors").stat().st_size,
+            "seconds": round(p.seconds, 2),
+            "peak_rss": p.peak,
+            "n_modules": len(r["cells"]),
+            "top3": top,
+            "planted_found": set(top) == want,
+        }
+    finally:
+        shutil.rmtree(adapter, ignore_errors=True)
+
+
 def table(files: list[str]) -> str:
     """A Markdown table of result files written by --json."""
     gib = 1024**3
@@ -360,9 +419,16 @@ def main() -> None:
     ap.add_argument(
         "--table", nargs="+", default=None, metavar="JSON", help="print a Markdown table of results"
     )
+    ap.add_argument("--lora", action="store_true", help="only T5 on a planted LoRA adapter of this shape")
     args = ap.parse_args()
     if args.table:
         print(table(args.table))
+        return
+    if args.lora:
+        res = run_lora(args.size, Path(args.dir))
+        print(json.dumps(res, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
         return
     res = run(args.size, Path(args.dir), args.tokens, args.dtype, args.max_memory, args.keep, args.reuse)
     text = json.dumps(res, indent=1)
