@@ -244,3 +244,69 @@ def test_streamed_capture_on_cuda_equals_the_whole_model(folders, dtype):
     b = capture_model(streamed, TEXTS)
     assert torch.allclose(a.residual, b.residual, atol=1e-5 if dtype == "float32" else 1e-2, rtol=0)
     assert _all_meta(streamed)
+
+
+OTHER_FAMILIES = {
+    # sliding-window and full-attention layers take different masks: the dry pass keeps each layer's
+    "gemma3_text": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    ),
+    "qwen2": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),  # fmt: skip
+    "phi": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        partial_rotary_factor=0.5,
+    ),  # fmt: skip
+    "gpt_neox": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, rotary_pct=0.25
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(OTHER_FAMILIES))
+def test_streamed_capture_equals_the_whole_model_in_other_families(tmp_path, model_type, one_thread):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, tok = build_tiny("tiny-llama-a")
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=len(tok), max_position_embeddings=256, **OTHER_FAMILIES[model_type]
+    )
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    spec = ModelSpec.parse(str(tmp_path))
+    a = capture_model(load_model(spec, "cpu", "float32"), TEXTS, batch_size=2)
+    b = capture_model(load_model(spec, "cpu", "float32", stream=True), TEXTS, batch_size=2)
+    assert a.residual.shape == b.residual.shape
+    assert torch.allclose(a.residual, b.residual, atol=1e-6, rtol=0)
+
+
+def test_a_folder_missing_a_weight_is_refused_in_one_line_before_any_block_is_read(folders, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "cut"
+    shutil.copytree(folders["tiny-llama-a"], d)
+    tensors = load_file(str(d / "model.safetensors"))
+    gone = next(k for k in tensors if ".layers.2." in k)
+    del tensors[gone]
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(GraftError, match="no tensor for") as exc:
+        load_model(ModelSpec.parse(str(d)), "cpu", "float32", stream=True)
+    assert "\n" not in str(exc.value) and gone.split("model.", 1)[-1] in str(exc.value)
