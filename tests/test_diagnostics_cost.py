@@ -12,7 +12,8 @@ import torch
 from engine.core.progress import silent
 from engine.measure.cka import _gram_products, cka
 from engine.measure.linalg import RidgeFactor, Standardiser, procrustes_fit, residual
-from engine.tools.procrustes import fit_pair, subspace_fit
+from engine.measure.procrustes_pair import fit_pair
+from engine.measure.subspace import subspace_fit
 
 
 def _rows(n: int, d: int, seed: int) -> torch.Tensor:

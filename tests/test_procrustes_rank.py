@@ -25,8 +25,8 @@ from engine.measure.linalg import (
     residual,
     split_rows,
 )
+from engine.measure.subspace import COMPLETION_NONE
 from engine.running.runner import run_tool
-from engine.tools.procrustes import COMPLETION_NONE
 
 D = 64  # width of the tiny built-in models (engine/loading/tiny.py)
 ROW_COUNTS = (16, 40, 63, 64, 200)
@@ -300,7 +300,7 @@ def test_twin_in_other_coordinates_with_few_rows_scores_as_aligned():
     thing, so the headline held-out residual must be ~0. The full-space completion cannot know Q off
     the fit rows' span and scores far from 0 (the -0.245 'alignment' at 1B); the principal-subspace
     estimate is exact, and an unrelated pair is not."""
-    from engine.tools.procrustes import subspace_fit
+    from engine.measure.subspace import subspace_fit
 
     d = 48
     X = _rows(70, d, seed=4)
