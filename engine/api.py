@@ -21,7 +21,7 @@ from .running.actions import prepare_demo_donor
 from .running.history import History, new_run_id
 from .running.jobs import Job, JobRunner
 from .running.live import LIVE, rebuild
-from .running.memplan import MemoryPlan, fmt_bytes, footprint, plan_run
+from .running.memplan import MemoryPlan, duration, fmt_bytes, footprint, plan_run
 from .running.organ_run import organs_dir
 from .running.rebuild import rebuildable_tools
 from .running.registry import all_tools, get_tool
@@ -57,6 +57,7 @@ __all__ = [
     "check_output_file",
     "clean_stale_staging",
     "describe_cleanup",
+    "duration",
     "fmt_bytes",
     "footprint",
     "get_tool",

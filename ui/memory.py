@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import streamlit as st
 
-from engine.api import GraftError, builtin_status, fmt_bytes, plan_run, resolve_device
+from engine.api import GraftError, builtin_status, duration, fmt_bytes, plan_run, resolve_device
 from ui.state import one_line
 from ui.text import md
 
@@ -74,7 +74,7 @@ def memory_plan_panel(sel: Any) -> None:
         "Peak memory", fmt_bytes(plan["peak_bytes"]), help=f"budget {fmt_bytes(plan['budget_bytes'])}"
     )
     cols[3].metric(
-        "Estimated time", f"{plan['est_seconds']:.0f} s", help="from a matrix-product probe of this machine"
+        "Estimated time", duration(plan["est_seconds"]), help="from a matrix-product probe of this machine"
     )
     if not plan["fits"]:
         need, budget = fmt_bytes(plan["peak_bytes"]), fmt_bytes(plan["budget_bytes"])

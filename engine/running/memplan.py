@@ -72,7 +72,9 @@ def available_bytes(device: torch.device) -> int:
 
 
 def fmt_bytes(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:.0f} MiB"
+    if n >= GIB / 10:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / 1024**2:.0f} MiB" if n >= 1024**2 else f"{n / 1024:.0f} KiB"
 
 
 @dataclass
@@ -324,17 +326,19 @@ def plan_run(
     held = "held whole" if route == "whole" else "streamed block by block"
     plan.lines.append(
         f"{held}: reads {fmt_bytes(read)}, peak about {fmt_bytes(peak)} of a {fmt_bytes(budget)} budget, "
-        f"about {_duration(est)} (estimated)"
+        f"about {duration(est)} (estimated)"
     )
     if need:
         plan.lines.append(
             f"a determined T3 needs about {need:,} tokens (width {wide:,}): about "
-            f"{fmt_bytes(plan.t3_needed_peak_bytes)} peak and {_duration(plan.t3_needed_seconds)}"
+            f"{fmt_bytes(plan.t3_needed_peak_bytes)} peak and {duration(plan.t3_needed_seconds)}"
         )
     return plan
 
 
-def _duration(s: float) -> str:
+def duration(s: float) -> str:
+    if s < 1:
+        return "under 1 s"
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
