@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -236,13 +236,9 @@ def capture(
     from ..loading.tokens import context_length, pad_id, pad_right
 
     max_length = min(MAX_TOKENS_PER_TEXT, context_length(model.model))
-    lin = {m.name: m.path for m in model.arch.linear_modules()}
-    modules, module_inputs = list(dict.fromkeys(modules)), list(dict.fromkeys(module_inputs))
-    unknown = [m for m in modules + module_inputs if m not in lin]
-    if unknown:
-        raise GraftError(f"unknown module(s) for {model.label}: {', '.join(unknown[:3])}")
-    module_paths = {m: lin[m] for m in modules}
-    input_paths = {m: lin[m] for m in module_inputs}
+    lin, modules, module_inputs = requested_modules(model, modules, module_inputs)
+    module_paths = {m: lin[m].path for m in modules}
+    input_paths = {m: lin[m].path for m in module_inputs}
     L = model.arch.n_layers
     per_module: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
     per_input: dict[str, list[torch.Tensor]] = {m: [] for m in module_inputs}
@@ -292,24 +288,67 @@ def capture(
             )
         for m in modules:
             per_module[m].append(take(sink[m]).float().cpu())
-        first_of: dict[int, str] = {}  # id of a hooked input tensor -> first module that read it
-        for m in module_inputs:
-            t = sink[f"in:{m}"]
-            owner = first_of.setdefault(id(t), m)
-            same = owner != m and shares.get(m, owner) == owner
-            shares[m] = owner if same else None
-            per_input[m].append(per_input[owner][-1] if same else take(t).float().cpu())  # (n_b, in)
+        keep_inputs(sink, module_inputs, shares, per_input, take)
     progress(1.0, f"{model.label}: captured")
     if (
         model.device.type == "cuda"
     ):  # the batches queued without waiting: the capture ends when the GPU is done
         torch.cuda.synchronize(model.device)
+    return finish_capture(model, texts, enc, fast, resid, per_module, per_input, shares, dests)
+
+
+def requested_modules(
+    model: LoadedModel, modules: Sequence[str], module_inputs: Sequence[str]
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The model's linear modules by name, and the requested output and input captures without
+    repeats; a GraftError naming the first unknown names."""
+    lin = {m.name: m for m in model.arch.linear_modules()}
+    modules, module_inputs = list(dict.fromkeys(modules)), list(dict.fromkeys(module_inputs))
+    unknown = [m for m in modules + module_inputs if m not in lin]
+    if unknown:
+        raise GraftError(f"unknown module(s) for {model.label}: {', '.join(unknown[:3])}")
+    return lin, modules, module_inputs
+
+
+def keep_inputs(
+    sink: dict[str, torch.Tensor],
+    names: Sequence[str],
+    shares: dict[str, Optional[str]],
+    per_input: dict[str, list[torch.Tensor]],
+    take: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    """One batch's captured module inputs: a module fed the very tensor an earlier module read
+    (Llama's q, k and v; gate and up) keeps a reference to that module's rows, not a copy.
+    ``shares[m]``: the module whose input m has shared in every batch so far (None = own copy)."""
+    first_of: dict[int, str] = {}  # id of a hooked input tensor -> first module that read it
+    for m in names:
+        t = sink[f"in:{m}"]
+        owner = first_of.setdefault(id(t), m)
+        same = owner != m and shares.get(m, owner) == owner
+        shares[m] = owner if same else None
+        per_input[m].append(per_input[owner][-1] if same else take(t).float().cpu())  # (n_b, in)
+
+
+def finish_capture(
+    model: LoadedModel,
+    texts: Sequence[str],
+    enc: list,
+    fast: bool,
+    resid: torch.Tensor,
+    per_module: dict[str, list[torch.Tensor]],
+    per_input: dict[str, list[torch.Tensor]],
+    shares: dict[str, Optional[str]],
+    dests: list[torch.Tensor],
+) -> Capture:
+    """The :class:`Capture` from the batches' rows: module rows in workload order, checked finite;
+    a module that read its owner's tensor in every batch shares the owner's rows (one copy)."""
+    n_rows = int(resid.shape[1])
+    counts = [int(keep.sum()) for _, keep, _ in enc]
     modules_rows = {m: in_order(v, dests, n_rows) for m, v in per_module.items()}
     finite_or_raise(model, resid, modules_rows)
     inputs: dict[str, torch.Tensor] = {}
-    for m in module_inputs:
+    for m in per_input:
         owner = shares.get(m)
-        # A module that read its owner's tensor in every batch shares the owner's rows (one copy).
         inputs[m] = inputs[owner] if owner is not None else in_order(per_input[m], dests, n_rows)
     return Capture(
         label=model.label,

@@ -66,17 +66,21 @@ def capture_streamed(
     progress: Optional[Progress] = None,
 ) -> Any:
     from ..loading.tokens import context_length, pad_id, pad_right
-    from .capture import Capture, backbone, encode_texts, finite_or_raise, first_tensor, in_order, to_device
+    from .capture import (
+        backbone,
+        encode_texts,
+        finish_capture,
+        first_tensor,
+        keep_inputs,
+        requested_modules,
+        to_device,
+    )
 
     progress = progress or silent()
     st = model.stream
     tok = model.tokenizer
     max_length = min(MAX_TOKENS_PER_TEXT, context_length(model.model))
-    lin = {m.name: m for m in model.arch.linear_modules()}
-    modules, module_inputs = list(dict.fromkeys(modules)), list(dict.fromkeys(module_inputs))
-    unknown = [m for m in modules + module_inputs if m not in lin]
-    if unknown:
-        raise GraftError(f"unknown module(s) for {model.label}: {', '.join(unknown[:3])}")
+    lin, modules, module_inputs = requested_modules(model, modules, module_inputs)
     L = model.arch.n_layers
     d = model.arch.hidden_size
     fast = bool(getattr(tok, "is_fast", False))
@@ -185,33 +189,10 @@ def capture_streamed(
                             resid[l + 1].index_copy_(0, bt["dest"], take(bt["h"], bt["rows"]).float().cpu())
                         for m in mine:
                             per_module[m].append(take(sink[m], bt["rows"]).float().cpu())
-                        first_of: dict[int, str] = {}
-                        for m in mine_in:
-                            t = sink[f"in:{m}"]
-                            owner = first_of.setdefault(id(t), m)
-                            same = owner != m and shares.get(m, owner) == owner
-                            shares[m] = owner if same else None
-                            per_input[m].append(
-                                per_input[owner][-1] if same else take(t, bt["rows"]).float().cpu()
-                            )
+                        keep_inputs(sink, mine_in, shares, per_input, lambda t: take(t, bt["rows"]))
                 finally:
                     for h in handles:
                         h.remove()
     dests = [bt["dest"] for bt in batches]
     progress(1.0, f"{model.label}: captured, {st.bytes_read / 1e9:.2f} GB read")
-    modules_rows = {m: in_order(v, dests, n_rows) for m, v in per_module.items()}
-    finite_or_raise(model, resid, modules_rows)
-    inputs: dict[str, torch.Tensor] = {}
-    for m in module_inputs:
-        owner = shares.get(m)
-        inputs[m] = inputs[owner] if owner is not None else in_order(per_input[m], dests, n_rows)
-    return Capture(
-        label=model.label,
-        texts=list(texts),
-        residual_host=resid,
-        text_index=torch.repeat_interleave(torch.arange(len(enc)), torch.tensor(counts, dtype=torch.long)),
-        offsets=torch.cat([torch.from_numpy(off[keep]) for _, keep, off in enc]) if fast else None,
-        token_ids=[ids[keep].tolist() for ids, keep, _ in enc],
-        modules=modules_rows,
-        module_inputs=inputs,
-    )
+    return finish_capture(model, texts, enc, fast, resid, per_module, per_input, shares, dests)

@@ -235,7 +235,9 @@ def procrustes_warnings(
             cost = f" — a determined fit needs about {tokens_needed:,} tokens (--max-tokens)"
             if plan and plan.get("t3_needed_peak_bytes"):
                 gib = plan["t3_needed_peak_bytes"] / 1024**3
-                cost += f", about {gib:.1f} GiB peak and {plan['t3_needed_seconds']:.0f} s here"
+                # the time estimate is measured on this machine: it stays in meta.memory_plan, so the
+                # result itself is the same from run to run
+                cost += f", about {gib:.1f} GiB peak (meta.memory_plan gives the time)"
         out.append(
             f"T3 fit is underdetermined in {len(under)}/{len(layers)} layers: {n_fit} fit rows against "
             f"{_widths(dx, dy)} ({ranks} of {full}); {how}{cost}"
