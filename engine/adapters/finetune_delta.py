@@ -24,6 +24,7 @@ import torch
 
 from ..core.errors import GraftError
 from ..loading.arch import linear_weight_out_in
+from ..loading.stream_forward import held
 from .lowrank import OVERSAMPLE, POWER_ITERS, ModuleDelta, fix_signs, randomized_svd
 
 _FT_CACHE: dict[str, Any] = {}
@@ -109,7 +110,8 @@ def finetune_deltas(
     for i, (m, b) in enumerate(wanted):
         hit = store.get(m.name)
         if hit is None:
-            with torch.no_grad():
+            # streamed models read just these two weights (engine.loading.stream_forward.held)
+            with torch.no_grad(), held((donor, [f"{m.path}.weight"]), (base, [f"{b.path}.weight"])):
                 wd = linear_weight_out_in(donor.arch.module(m.path)).detach()
                 wb = linear_weight_out_in(base.arch.module(b.path)).detach().to(wd.device)
                 dW = wd.to(torch.float64) - wb.to(torch.float64)

@@ -141,6 +141,10 @@ def locked(*models: Any) -> Iterator[None]:
 
 
 def side_by_side(ev_t: dict, ev_tp: dict, ev_d: dict) -> list[dict[str, Any]]:
+    """The answers of T, T' and D per test question; none when the evaluation generated none (a
+    streamed run scored by the graded score)."""
+    if any(it.get("generation") is None for ev in (ev_t, ev_tp, ev_d) for it in ev["items"]):
+        return []
     rows = []
     for a, b, c in zip(ev_t["items"], ev_tp["items"], ev_d["items"]):
         rows.append(

@@ -133,6 +133,10 @@ class StreamedWeights:
     # (module, attribute, source module): the LM head tied into the embeddings shares their
     # parameter; re-pointed after every read and drop, which replace the embeddings' parameter
     tied: list[tuple[Any, str, Any]] = field(default_factory=list)
+    # parameter name -> a function giving an update (float64, the parameter's shape) added on every
+    # read, in float64 and rounded once to the run's dtype: a model plus an update (D = base + dW)
+    # streams without a folder of its own
+    adds: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
 
     def _retie(self) -> None:
         for mod, attr, src in self.tied:
@@ -168,6 +172,8 @@ class StreamedWeights:
                         raise GraftError(
                             f"cannot stream {key}: it is stored as {t.dtype}, not floating point"
                         )
+                    if n in self.adds:
+                        t = (t.to(self.dtype).double() + self.adds[n]().to(t.device)).to(self.dtype)
                     set_module_tensor_to_device(self.model, n, self.device, value=t, dtype=self.dtype)
                     if self.on_read is not None:
                         self.on_read(self.index.entries[key].nbytes)

@@ -248,6 +248,16 @@ def _hidden_bytes(fp: Footprint, tokens: int, dtype_size: int) -> int:
     return tokens * fp.width * dtype_size * 3 + batch * fp.intermediate * 4 * 3
 
 
+def _evaluation_bytes(fps: list[Footprint], size: int) -> int:
+    """An edit's evaluation on the streamed route: T, D and T' open at once, each with its embeddings
+    and LM head, one block, a batch's logits (16 texts of 256 tokens, float32, with their
+    log-softmax), and the weight being written."""
+    big = max(fps, key=lambda f: f.outside_bytes)
+    vocab = big.outside_bytes // max(1, size * big.width)
+    logits = 2 * 16 * 256 * vocab * 4
+    return 3 * 2 * big.outside_bytes + max(f.block_bytes for f in fps) * 2 + logits
+
+
 def plan_run(
     specs: list[Any],
     *,
@@ -259,6 +269,7 @@ def plan_run(
     streams: bool = True,
     activations: bool = True,
     heldout_fraction: float = 0.25,
+    edits: bool = False,
 ) -> MemoryPlan:
     """The plan of a run on ``specs`` (model specs, in the order the run loads them)."""
     from ..loading.models import resolve_dtype
@@ -275,6 +286,8 @@ def plan_run(
         streamed = RUNTIME_BYTES + max(
             f.outside_bytes + f.block_bytes + _hidden_bytes(f, n_tok, size) for f in fps
         )
+        if edits:  # T' staged as a folder and evaluated by whole passes (engine/running/stream_surgery.py)
+            streamed = max(streamed, RUNTIME_BYTES + _evaluation_bytes(fps, size))
         return whole, streamed + work
 
     whole_peak, stream_peak = peaks(tokens)

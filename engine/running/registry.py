@@ -61,6 +61,9 @@ class Tool:
     # Runs on streamed models (engine.loading.stream): its work needs only captured rows, so the
     # models may be read block by block when the pair does not fit the memory budget whole.
     streams: bool = False
+    # Writes T' (a module swap, a conjugation): on a streamed pair T' is staged as a folder from the
+    # target's files and evaluated by whole passes that read one block at a time.
+    edits: bool = False
 
     @property
     def inputs(self) -> tuple[str, ...]:

@@ -171,6 +171,7 @@ def run_plan(tool: Any, models: list[Any], options: RunOptions, params: Any) -> 
             streams=tool.streams,
             activations=tool.uses_workload,
             heldout_fraction=float(getattr(params, "heldout_fraction", 0.25)),
+            edits=tool.edits,
         )
     except GraftError:
         if options.stream != "auto" or options.max_memory.strip():

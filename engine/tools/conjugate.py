@@ -25,7 +25,6 @@ from ..core.errors import GraftError
 from ..core.params import EvaluationSets, GreedyTokensParam, TaskScoreParam, param
 from ..core.progress import Progress
 from ..evaluation.beforeafter import (
-    evaluate_shared,
     load_sets,
     locked,
     metrics,
@@ -39,6 +38,7 @@ from ..loading.tokens import same_tokenizer
 from ..running.conjugation import conjugation_plan, merged_donor, update_deltas
 from ..running.context import ToolContext
 from ..running.registry import Tool, register
+from ..running.stream_surgery import need_save
 from ..surgery.conjugate import Conjugation
 
 MAPS = ("auto", "identity", "procrustes", "ridge")
@@ -133,12 +133,97 @@ class ConjugateResult:
     live_id: Optional[str]
     warnings: list[str]
     plan: dict[str, Any]  # the full plan report (row alignment, residuals, skipped modules, timings)
+    route: str = "whole"  # "whole": models in memory; "streamed": T' edited on disk, read by block
+    saved_files: Optional[dict[str, Any]] = None  # streamed: tensors and bytes written, copied, linked
+
+
+def _measure(
+    ctx: ToolContext,
+    params: ConjugateParams,
+    sets: Any,
+    nets: dict[str, Any],
+    hashes: dict[str, Optional[str]],
+    progress: Progress,
+    exact: bool = True,
+) -> dict[str, Any]:
+    """Evaluate T, D and T' (``nets``: "t", "d", "tp" -> (model, tokenizer)), their transfer, the
+    alignment with D and the interference on the retained set. Either route gives model objects: held
+    whole, or streamed ones inside :func:`engine.loading.stream_forward.streamed_forward`."""
+    (t_net, t_tok), (d_net, d_tok), (tp_net, _) = nets["t"], nets["d"], nets["tp"]
+
+    def ev(net: Any, tok: Any, h: Optional[str], lo: float, hi: float) -> dict[str, Any]:
+        return evaluate_model(
+            net,
+            tok,
+            sets[0],
+            sets[1],
+            score=params.score,
+            exact=exact,
+            max_new_tokens=params.max_new_tokens,
+            state_hash=h,
+            progress=progress.sub(lo, hi),
+        )
+
+    progress(0.0, "evaluating the target T")
+    ev_t = ev(t_net, t_tok, hashes["t"], 0.0, 0.25)
+    progress(0.25, "evaluating D: the update on its own base")
+    ev_d = ev(d_net, d_tok, hashes["d"], 0.25, 0.5)
+    progress(0.5, "evaluating T'")
+    ev_tp = ev(tp_net, t_tok, hashes["tp"], 0.5, 0.7)
+    transfer = {
+        kind: transfer_scores(
+            ev_t[f"task_score_{kind}"], ev_tp[f"task_score_{kind}"], ev_d[f"task_score_{kind}"]
+        )
+        for kind in SCORES
+    }
+    align_note = ""
+    al_before = al_after = None
+    test_q = [q.question for q in sets[0].test_qa()]
+    if same_tokenizer(d_tok, t_tok):
+        dh = ev_d["state_hash"]
+        al_before = alignment_score(
+            d_net, d_tok, t_net, t_tok, test_q, donor_hash=dh, state_hash=ev_t["state_hash"]
+        )
+        al_after = alignment_score(
+            d_net, d_tok, tp_net, t_tok, test_q, donor_hash=dh, state_hash=ev_tp["state_hash"]
+        )
+        al_before, al_after = al_before["score"], al_after["score"]
+    else:
+        align_note = (
+            "token agreement with D is undefined across tokenizers (greedy ids come from "
+            "different vocabularies)"
+        )
+    progress(0.75, "interference check on the retained set")
+    inter = interference(
+        t_net,
+        tp_net,
+        t_tok,
+        sets[1].texts(),
+        max_new_tokens=params.max_new_tokens,
+        prompt_tokens=params.prompt_tokens,
+        batch_size=ctx.options.batch_size,
+        progress=progress.sub(0.75, 1.0),
+    )
+    return {
+        "ev_t": ev_t,
+        "ev_d": ev_d,
+        "ev_tp": ev_tp,
+        "transfer": transfer,
+        "tm": transfer[params.score],
+        "al_before": al_before,
+        "al_after": al_after,
+        "align_note": align_note,
+        "inter": inter,
+        "n_test": len(test_q),
+    }
 
 
 def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progress) -> ConjugateResult:
     base, target = ctx.base, ctx.target
     assert base is not None and target is not None and ctx.workload is not None
     sets = load_sets(params.concept, params.retained)
+    if target.streamed:
+        need_save(params.save, "the conjugation")
     progress(0.0, "reading the update dW")
     deltas, source, warnings = update_deltas(ctx, params, progress.sub(0.0, 0.05))
     if not deltas:
@@ -148,100 +233,38 @@ def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progr
     ctx.meta["plan_seconds"] = rep.get("seconds")  # timings go in meta: the result itself is deterministic
     warnings += list(rep.get("warnings") or [])
     conj = Conjugation(target, plan)
+    if target.streamed:
+        from ._conjugate_streamed import conjugate_streamed
 
-    progress(0.5, "evaluating the target T")
-    ev_t = evaluate_shared(target, sets, params.score, params.max_new_tokens, progress.sub(0.5, 0.58))
-    progress(0.58, "evaluating D: the update on its own base")
+        return conjugate_streamed(ctx, params, progress, sets, deltas, conj, rep, source, warnings)
+
     if ctx.donor is not None:
-        ev_d = evaluate_shared(ctx.donor, sets, params.score, params.max_new_tokens, progress.sub(0.58, 0.66))
         d_model, d_tok = ctx.donor.model, ctx.donor.tokenizer
     else:
         d_model, d_tok = merged_donor(base, deltas), base.tokenizer
-        ev_d = evaluate_model(
-            d_model,
-            d_tok,
-            sets[0],
-            sets[1],
-            score=params.score,
-            max_new_tokens=params.max_new_tokens,
-            progress=progress.sub(0.58, 0.66),
-        )
     hash_t = conj.hash_before()
-    progress(0.66, "adding the conjugated update to a working copy of T")
+    progress(0.5, "adding the conjugated update to a working copy of T")
     conj.apply()
     hash_tp = conj.weight_hash()
-    ev_tp = evaluate_model(
-        conj.working,
-        target.tokenizer,
-        sets[0],
-        sets[1],
-        score=params.score,
-        max_new_tokens=params.max_new_tokens,
-        state_hash=hash_tp,
-        progress=progress.sub(0.66, 0.76),
-    )
-    transfer = {
-        kind: transfer_scores(
-            ev_t[f"task_score_{kind}"], ev_tp[f"task_score_{kind}"], ev_d[f"task_score_{kind}"]
-        )
-        for kind in SCORES
-    }
-    tm = transfer[params.score]
-
-    align_note = ""
-    al_before = al_after = None
-    test_q = [q.question for q in sets[0].test_qa()]
-    if same_tokenizer(d_tok, target.tokenizer):
-        with locked(target):
-            al_before = alignment_score(d_model, d_tok, target.model, target.tokenizer, test_q)["score"]
-            al_after = alignment_score(
-                d_model, d_tok, conj.working, target.tokenizer, test_q, state_hash=hash_tp
-            )["score"]
-    else:
-        align_note = (
-            "token agreement with D is undefined across tokenizers (greedy ids come from "
-            "different vocabularies)"
-        )
-
-    progress(0.8, "interference check on the retained set")
-    with locked(target):
-        inter = interference(
-            target.model,
-            conj.working,
-            target.tokenizer,
-            sets[1].texts(),
-            max_new_tokens=params.max_new_tokens,
-            prompt_tokens=params.prompt_tokens,
-            batch_size=ctx.options.batch_size,
-            progress=progress.sub(0.8, 0.95),
+    with locked(*[m for m in (target, ctx.donor) if m is not None]):
+        m = _measure(
+            ctx,
+            params,
+            sets,
+            {
+                "t": (target.model, target.tokenizer),
+                "d": (d_model, d_tok),
+                "tp": (conj.working, target.tokenizer),
+            },
+            {"t": hash_t, "d": None, "tp": hash_tp},
+            progress.sub(0.5, 0.95),
         )
     roll, why = should_roll_back(
-        inter,
+        m["inter"],
         params.max_retained_increase if params.max_retained_increase >= 0 else None,
         min_locality=params.min_locality or None,
     )
-    extra = dict(
-        source=source,
-        params={k: getattr(params, k) for k in params.__dataclass_fields__},
-        options={
-            "workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256},
-            "max_tokens": ctx.options.max_tokens,
-            "outlier_factor": ctx.options.outlier_factor,
-        },
-        results={
-            "before": metrics(ev_t),
-            "after": metrics(ev_tp),
-            "donor": metrics(ev_d),
-            "tir": tm["tir"],
-            "recovery": tm["recovery"],
-            "score_kind": params.score,
-            "transfer": transfer,
-            "retained_ppl_change": rnd(inter.get("ppl_change_fraction")),
-            "locality": rnd(inter.get("locality")),
-        },
-        hashes={"target": hash_t, "transplanted": hash_tp},
-        trust_remote_code=bool(target.spec.trust_remote_code or base.spec.trust_remote_code),
-    )
+    extra = card_extra(ctx, params, source, m, hash_t, hash_tp)
     card = conj.card(**extra)
     saved_to = None
     exact: Optional[bool] = None
@@ -260,6 +283,74 @@ def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progr
         conj.rollback()  # the CLI never leaves an applied working copy behind
         exact = conj.matches_target()
     untouched = target.state_hash() == hash_t
+    return make_result(
+        m,
+        params,
+        source,
+        base,
+        rep,
+        roll,
+        why,
+        hash_t,
+        hash_tp,
+        exact,
+        untouched,
+        saved_to,
+        card,
+        live_id,
+        warnings,
+    )
+
+
+def card_extra(
+    ctx: ToolContext, params: ConjugateParams, source: dict, m: dict, hash_t: str, hash_tp: str
+) -> dict[str, Any]:
+    """The run's part of the surgery card: source, parameters, options, results, hashes."""
+    base, target = ctx.base, ctx.target
+    return dict(
+        source=source,
+        params={k: getattr(params, k) for k in params.__dataclass_fields__},
+        options={
+            "workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256},
+            "max_tokens": ctx.options.max_tokens,
+            "outlier_factor": ctx.options.outlier_factor,
+        },
+        results={
+            "before": metrics(m["ev_t"]),
+            "after": metrics(m["ev_tp"]),
+            "donor": metrics(m["ev_d"]),
+            "tir": m["tm"]["tir"],
+            "recovery": m["tm"]["recovery"],
+            "score_kind": params.score,
+            "transfer": m["transfer"],
+            "retained_ppl_change": rnd(m["inter"].get("ppl_change_fraction")),
+            "locality": rnd(m["inter"].get("locality")),
+        },
+        hashes={"target": hash_t, "transplanted": hash_tp},
+        trust_remote_code=bool(target.spec.trust_remote_code or base.spec.trust_remote_code),
+    )
+
+
+def make_result(
+    m: dict,
+    params: ConjugateParams,
+    source: dict,
+    base: Any,
+    rep: dict,
+    roll: bool,
+    why: str,
+    hash_t: str,
+    hash_tp: str,
+    exact: Optional[bool],
+    untouched: bool,
+    saved_to: Optional[str],
+    card: dict,
+    live_id: Optional[str],
+    warnings: list[str],
+    route: str = "whole",
+    saved_files: Optional[dict] = None,
+) -> ConjugateResult:
+    ev_t, ev_tp, ev_d, tm = m["ev_t"], m["ev_tp"], m["ev_d"], m["tm"]
     return ConjugateResult(
         source=source,
         base=base.spec.ref,
@@ -274,17 +365,17 @@ def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progr
         recovery=tm["recovery"],
         tir_note=tm["tir_note"],
         recovery_note=tm["recovery_note"],
-        transfer=transfer,
-        interference={k: v for k, v in inter.items()},
+        transfer=m["transfer"],
+        interference={k: v for k, v in m["inter"].items()},
         rolled_back=bool(roll),
         roll_back_reason=why if roll else "",
-        alignment_before=rnd(al_before),
-        alignment_after=rnd(al_after),
-        alignment_note=align_note,
+        alignment_before=rnd(m["al_before"]),
+        alignment_after=rnd(m["al_after"]),
+        alignment_note=m["align_note"],
         generations=side_by_side(ev_t, ev_tp, ev_d)
         if ev_t["items"] and "generation" in ev_t["items"][0]
         else [],
-        n_test_items=len(test_q),
+        n_test_items=m["n_test"],
         n_modules=int(rep.get("n_modules") or 0),
         n_conjugated=int(rep.get("n_conjugated") or 0),
         mean_energy_kept=rnd(rep.get("mean_energy_kept")),
@@ -297,6 +388,8 @@ def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progr
         live_id=live_id,
         warnings=warnings,
         plan={k: v for k, v in rep.items() if k not in ("modules", "seconds")},
+        route=route,
+        saved_files=saved_files,
     )
 
 
@@ -317,5 +410,7 @@ TOOL = register(
         page="Concept",
         needs=(("adapter", "base", "target"), ("donor", "base", "target")),
         run_label="Run conjugation",
+        streams=True,
+        edits=True,
     )
 )

@@ -28,6 +28,14 @@ from ..evaluation.evalcache import SCORES, alignment_score, evaluate_model
 from ..running.context import ToolContext
 from ..running.module_choice import choose_modules
 from ..running.registry import Tool, register
+from ..running.stream_surgery import (
+    alignment_streamed,
+    evaluate_streamed,
+    need_save,
+    open_saved,
+    stage_folder,
+    update_card,
+)
 from ..surgery.transplant import ModuleSwap, check_swap_pair, save_transplant, swappable_modules
 
 
@@ -82,16 +90,22 @@ class SwapResult:
     live_id: Optional[
         str
     ]  # app only: T' is kept applied under this id (engine/running/live.py); None from the CLI
+    route: str = "whole"  # "whole": both models in memory; "streamed": T' edited on disk, read by block
+    saved_files: Optional[dict[str, Any]] = None  # streamed: tensors and bytes written, copied, linked
 
 
 def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> SwapResult:
     check_swap_pair(ctx.donor, ctx.target)
     sets = load_sets(params.concept, params.retained)
+    if ctx.target.streamed:
+        need_save(params.save, "T11")
     swappable, _ = swappable_modules(ctx.donor, ctx.target)
     chosen, explicit = choose_modules(ctx, params.k, params.modules, progress.sub(0, 0.25))
     swap = ModuleSwap(ctx.target, ctx.donor, [m["name"] for m in chosen])
     for row, n in zip(chosen, swap.modules):
         row.update(layer=swap.linear[n].layer, kind=swap.linear[n].kind)
+    if ctx.target.streamed:
+        return _swap_streamed(ctx, params, progress, swap, chosen, explicit, sets, len(swappable))
 
     test_q = [q.question for q in sets[0].test_qa()]
     hash_t = swap.hash_before()
@@ -146,34 +160,11 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
     before, after, donor = metrics(ev_t), metrics(ev_tp), metrics(ev_d)
 
     card = {
-        "operation": "module-swap",
-        "donor": ctx.donor.spec.ref,
-        "target": ctx.target.spec.ref,
-        "modules": list(swap.modules),
-        "parameters": {
-            "k": params.k,
-            "modules": params.modules,
-            "score": params.score,
-            "max_new_tokens": params.max_new_tokens,
-            "concept": {"name": sets[0].name, "sha256": sets[0].sha256},
-            "retained": {"name": sets[1].name, "sha256": sets[1].sha256},
-            "workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256},
-        },
-        "results": {
-            "before": before,
-            "after": after,
-            "donor": donor,
-            "tir": tm["tir"],
-            "recovery": tm["recovery"],
-            "tir_note": tm["tir_note"],
-            "recovery_note": tm["recovery_note"],
-            "score_kind": params.score,
-            "transfer": transfer,
-            "alignment_before": rnd(al_before["score"]),
-            "alignment_after": rnd(al_after["score"]),
-        },
+        **_swap_card(ctx, params, swap.modules, sets),
+        "results": _card_results(
+            before, after, donor, tm, transfer, params.score, al_before["score"], al_after["score"]
+        ),
         "hashes": {"target": hash_t, "transplanted": hash_tp, "donor": ev_d["state_hash"]},
-        "trust_remote_code": bool(ctx.donor.spec.trust_remote_code or ctx.target.spec.trust_remote_code),
     }
     saved_to = None
     if params.save.strip():
@@ -187,19 +178,7 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
     progress(1.0, "done")  # the last cancel point: a cancelled run keeps nothing in memory
     live_id = ctx.live.keep_reapplied(swap, card) if ctx.live is not None and bit_exact else None
     return SwapResult(
-        modules=chosen,
-        selection="explicit" if explicit else "top-k",
-        k=len(swap.modules),
-        score_kind=params.score,
-        before=before,
-        after=after,
-        donor=donor,
-        tir=tm["tir"],
-        recovery=tm["recovery"],
-        tir_status=tm["tir_status"],
-        recovery_status=tm["recovery_status"],
-        tir_note=tm["tir_note"],
-        recovery_note=tm["recovery_note"],
+        **_outcome(chosen, explicit, len(swap.modules), params.score, before, after, donor, tm),
         alignment_before=rnd(al_before["score"]),
         alignment_after=rnd(al_after["score"]),
         generations=side_by_side(ev_t, ev_tp, ev_d),
@@ -218,6 +197,135 @@ def compute_swap(ctx: ToolContext, params: SwapParams, progress: Progress) -> Sw
     )
 
 
+def _swap_card(ctx: ToolContext, params: SwapParams, modules: tuple[str, ...], sets: Any) -> dict[str, Any]:
+    return {
+        "operation": "module-swap",
+        "donor": ctx.donor.spec.ref,
+        "target": ctx.target.spec.ref,
+        "modules": list(modules),
+        "parameters": {
+            "k": params.k,
+            "modules": params.modules,
+            "score": params.score,
+            "max_new_tokens": params.max_new_tokens,
+            "concept": {"name": sets[0].name, "sha256": sets[0].sha256},
+            "retained": {"name": sets[1].name, "sha256": sets[1].sha256},
+            "workload": {"name": ctx.workload.name, "sha256": ctx.workload.sha256},
+        },
+        "trust_remote_code": bool(ctx.donor.spec.trust_remote_code or ctx.target.spec.trust_remote_code),
+    }
+
+
+TRANSFER_FIELDS = ("tir", "recovery", "tir_status", "recovery_status", "tir_note", "recovery_note")
+
+
+def _outcome(
+    chosen: list, explicit: bool, k: int, score: str, before: dict, after: dict, donor: dict, tm: dict
+) -> dict[str, Any]:
+    """The fields of a :class:`SwapResult` both routes fill alike."""
+    return {
+        "modules": chosen,
+        "selection": "explicit" if explicit else "top-k",
+        "k": k,
+        "score_kind": score,
+        "before": before,
+        "after": after,
+        "donor": donor,
+        **{f: tm[f] for f in TRANSFER_FIELDS},
+    }
+
+
+def _card_results(
+    before: dict, after: dict, donor: dict, tm: dict, transfer: dict, score: str, al_b: Any, al_a: Any
+) -> dict[str, Any]:
+    return {
+        "before": before,
+        "after": after,
+        "donor": donor,
+        "tir": tm["tir"],
+        "recovery": tm["recovery"],
+        "tir_note": tm["tir_note"],
+        "recovery_note": tm["recovery_note"],
+        "score_kind": score,
+        "transfer": transfer,
+        "alignment_before": rnd(al_b),
+        "alignment_after": rnd(al_a),
+    }
+
+
+def _swap_streamed(
+    ctx: ToolContext,
+    params: SwapParams,
+    progress: Progress,
+    swap: ModuleSwap,
+    chosen: list[dict[str, Any]],
+    explicit: bool,
+    sets: Any,
+    n_swappable: int,
+) -> SwapResult:
+    """T11 on a streamed pair: T' is staged as a folder (the donor's tensors read one at a time into
+    copies of the target's shards), T, D and T' are evaluated block by block, and the folder is moved
+    into place last (a cancel or failure before that leaves the destination as it was)."""
+    from ..surgery.folder_edit import read_tensor
+
+    target, donor = ctx.target, ctx.donor
+    test_q = [q.question for q in sets[0].test_qa()]
+    progress(0.3, "evaluating the target T (streamed)")
+    ev_t = evaluate_streamed(target, sets, params.score, params.max_new_tokens, progress.sub(0.3, 0.45))
+    progress(0.45, "evaluating the donor D (streamed)")
+    ev_d = evaluate_streamed(donor, sets, params.score, params.max_new_tokens, progress.sub(0.45, 0.6))
+    values = []
+    for s in swap._slots:
+        dkey = donor.stream.keys[f"{swap._donor_paths[s.module]}.{s.tensor}"]
+        values.append((f"{s.path}.{s.tensor}", lambda k=dkey: read_tensor(donor.stream.index, k)))
+    card = {**_swap_card(ctx, params, swap.modules, sets), "route": "streamed"}
+    edit, staged, untouched = stage_folder(target, params.save, values, card, progress.sub(0.6, 0.7))
+    try:
+        saved = open_saved(staged, target)
+        progress(0.7, "evaluating T' from its folder (streamed)")
+        ev_tp = evaluate_streamed(saved, sets, params.score, params.max_new_tokens, progress.sub(0.7, 0.85))
+        progress(0.85, "alignment with the donor (streamed)")
+        al_before = alignment_streamed(donor, target, test_q)
+        al_after = alignment_streamed(donor, saved, test_q)
+        scores = [{k: ev[f"task_score_{k}"] for k in SCORES} for ev in (ev_t, ev_tp, ev_d)]
+        transfer = {k: transfer_scores(scores[0][k], scores[1][k], scores[2][k]) for k in SCORES}
+        tm = transfer[params.score]
+        before, after, d = metrics(ev_t), metrics(ev_tp), metrics(ev_d)
+        card["results"] = _card_results(before, after, d, tm, transfer, params.score, al_before, al_after)
+        card["hashes"] = {
+            "target": ev_t["state_hash"],
+            "transplanted": ev_tp["state_hash"],
+            "donor": ev_d["state_hash"],
+        }
+        update_card(staged, {"results": card["results"], "hashes": card["hashes"]})
+        progress(0.97, f"moving T' into place at {params.save}")
+        folder = edit.commit()
+    except BaseException:
+        edit.abort()
+        raise
+    progress(1.0, "done")
+    return SwapResult(
+        **_outcome(chosen, explicit, len(swap.modules), params.score, before, after, d, tm),
+        alignment_before=rnd(al_before),
+        alignment_after=rnd(al_after),
+        generations=side_by_side(ev_t, ev_tp, ev_d),
+        n_test_items=ev_t["n_test_items"],
+        n_swappable=n_swappable,
+        n_tensors=len(values),
+        swapped_bytes=sum(target.stream.index.entries[target.stream.keys[n]].nbytes for n, _ in values),
+        weight_hash_before=ev_t["state_hash"],
+        weight_hash_after=ev_tp["state_hash"],
+        rollback_bit_exact=bool(untouched),
+        target_untouched=bool(untouched),
+        saved_to=str(folder),
+        transfer=transfer,
+        card=card,
+        live_id=None,
+        route="streamed",
+        saved_files=edit.summary(),
+    )
+
+
 SWAP_TOOL = register(
     Tool(
         name="swap",
@@ -231,5 +339,7 @@ SWAP_TOOL = register(
         figure="viz.transplant:swap_figure",
         page="Transplant",
         same_family=True,
+        streams=True,
+        edits=True,
     )
 )
