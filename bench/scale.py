@@ -326,7 +326,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 PLANTED_LAYERS = (10, 11, 12)  # where the planted adapter's update is 10x larger (mlp.down)
 
 
-def build_lora(size: str, root: Path, rank: int = 16, seed: int = 7) -> Path:
+def build_lora(size: str, root: Path, rank: int = 16, seed: int = 7, targets: tuple = LORA_TARGETS) -> Path:
     """A PEFT LoRA adapter of this shape (every linear module of every block, rank ``rank``, float32
     factors), with a planted truth: mlp.down of blocks 10-12 gets a B ten times larger, so T5 must
     rank those three modules first."""
@@ -344,6 +344,8 @@ def build_lora(size: str, root: Path, rank: int = 16, seed: int = 7) -> Path:
     tensors = {}
     for l in range(L):
         for name, (o, i) in shapes.items():
+            if name not in targets:
+                continue
             part = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
             key = f"base_model.model.model.layers.{l}.{part}.{name}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(rank, i, generator=g) / i**0.5
@@ -352,7 +354,7 @@ def build_lora(size: str, root: Path, rank: int = 16, seed: int = 7) -> Path:
     save_file(tensors, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-        "target_modules": list(LORA_TARGETS), "lora_dropout": 0.0, "bias": "none",
+        "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none",
         "base_model_name_or_path": f"{size}-a", "fan_in_fan_out": False, "use_rslora": False,
     }, indent=1))  # fmt: skip
     return out

@@ -19,6 +19,7 @@ from engine.running.runner import run_tool
 from engine.surgery.organ import ORGAN_CARD, ORGAN_TENSORS, check_fits, extract_organ, load_organ, save_organ
 from engine.surgery.organ_surgery import OrganInsertion, Placement
 from engine.surgery.organ_train import train_organ
+from engine.surgery.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [
@@ -194,11 +195,12 @@ def test_save_and_reload_give_the_same_perplexity(store, tmp_path):
 def test_standalone_training_is_deterministic_and_lowers_the_loss(store):
     m = _model(store, "tiny-llama-a")
     organ = extract_organ(m)
-    a, la, ma = train_organ(m, organ, TEXTS, steps=6, lr=3e-3, seed=3)
-    b, lb, _ = train_organ(m, organ, TEXTS, steps=6, lr=3e-3, seed=3)
+    cfg = TrainConfig(steps=6, lr=3e-3, warmup=0.0, weight_decay=0.0)
+    a, la, ma = train_organ(m, organ, TEXTS, cfg, seed=3)
+    b, lb, _ = train_organ(m, organ, TEXTS, cfg, seed=3)
     assert la == lb and a.sha256() == b.sha256() and a.sha256() != organ.sha256()
     assert ma["standalone_ppl_after"] < ma["standalone_ppl_before"]
-    assert a.input_layer == 0 and a.card["training"]["steps"] == 6
+    assert a.input_layer == 0 and a.card["training"]["total_steps"] == 6 and len(la) == 6
     assert organ.sha256() == organ.card["tensors_sha256"]  # the original organ was not trained in place
 
 
@@ -208,7 +210,7 @@ def test_recovery_and_composition_roll_back_bit_exactly(store):
     h0 = m.state_hash()
     ins = OrganInsertion(m, [Placement(a, 0), Placement(a, 2)])  # two organs, spacing 1
     ins.apply()
-    assert len(ins.train("organs+neighbours", TEXTS, steps=2, lr=1e-3, seed=0)) == 2
+    assert len(ins.train("organs+neighbours", TEXTS, TrainConfig(steps=2, lr=1e-3), seed=0)) == 2
     assert ins.extra_bytes() == ins.swapped_bytes > 0
     ins.rollback()
     assert ins.verify_rollback() and ins.weight_hash() == h0 and m.state_hash() == h0
@@ -221,7 +223,7 @@ def test_live_keeps_an_insertion_for_rollback_and_save(store, tmp_path, tiny_org
         target=ModelSpec.parse("tiny-gpt2-b"),
         organ=tiny_organ["path"],
         store=store,
-        params={"position": 0, "mode": "bridged", **sets},
+        params={"position": 0, "strategy": "bridged-closed-form", **sets},
         live=live,
     )
     r = env["result"]
@@ -290,8 +292,8 @@ def test_cli_commands_write_the_envelope(tmp_path, tiny_organ, sets, workload):
         "tiny-gpt2-b",
         "--position",
         "2",
-        "--mode",
-        "bridged",
+        "--strategy",
+        "bridged-closed-form",
         "--concept",
         sets["concept"],
         "--retained",
@@ -301,6 +303,7 @@ def test_cli_commands_write_the_envelope(tmp_path, tiny_organ, sets, workload):
     )
     r = env["result"]
     assert env["target"] == "tiny-gpt2-b" and r["mode"] == "bridged" and r["position"] == 2
+    assert r["strategy"] == "bridged-closed-form" and r["bridge"] == "closed-form (training-free)"
     assert set(r["before"]) == {"ppl_concept", "ppl_retained", "task_score"} and set(
         r["bridge_deviation"]
     ) == {"in", "out"}
@@ -343,7 +346,7 @@ def test_cli_commands_write_the_envelope(tmp_path, tiny_organ, sets, workload):
     )
 
 
-@pytest.mark.parametrize("mode", ["direct", "bridged"])
+@pytest.mark.parametrize("mode", ["direct", "bridged-closed-form"])
 def test_an_organ_run_is_rebuilt_from_the_history_and_checked_by_t12(store, tiny_organ, sets, workload, mode):
     """After a restart an organ-insertion run is rebuilt (same organ, position, bridges on the same
     workload) to the run's exact T' hash, and T12 runs on it by run id; a changed organ is refused."""
@@ -358,7 +361,7 @@ def test_an_organ_run_is_rebuilt_from_the_history_and_checked_by_t12(store, tiny
         organ=tiny_organ["path"],
         store=store,
         options={"workload": workload},
-        params={"position": 0, "mode": mode, **sets},
+        params={"position": 0, "strategy": mode, **sets},
     )
     run_id = new_run_id("test-")
     history = History()

@@ -23,6 +23,7 @@ import json
 import pytest
 import torch
 
+from engine.core.errors import GraftError
 from engine.loading.arch import ArchAdapter
 from engine.loading.models import ModelSpec, load_model
 from engine.running.runner import run_tool
@@ -75,10 +76,10 @@ def _t10(planted, target, **params):
 def test_t10_closed_form_bridges_recover_a_planted_rotation(planted):
     truth = planted["truth"]
     assert truth > 5  # a random rotation of width 64 is far from the identity
-    (pt,) = _t10(planted, planted["twin"], ridge_alpha=1e-8, train_steps=0)
+    (pt,) = _t10(planted, planted["twin"], ridge_alpha=1e-8, train_epochs=0)
     assert pt["bridge"] == "closed-form" and pt["position"] == planted["s"]
     assert pt["dev_in"] == pytest.approx(truth, rel=1e-4) and pt["dev_out"] == pytest.approx(truth, rel=1e-4)
-    (same,) = _t10(planted, planted["base"], ridge_alpha=1e-8, train_steps=0)
+    (same,) = _t10(planted, planted["base"], ridge_alpha=1e-8, train_epochs=0)
     assert same["dev_in"] == pytest.approx(0, abs=1e-4) and same["dev_out"] == pytest.approx(0, abs=1e-4)
 
 
@@ -86,7 +87,9 @@ def test_t10_trained_bridges_start_at_the_identity_and_move_by_adams_step(plante
     """Through T10: trained bridges start at the identity, and 5 Adam steps of lr 1e-4 move a
     64 x 64 map by about 5 * 1e-4 * 64 at most."""
     steps, lr, d = 5, 1e-4, planted["d"]
-    points = _t10(planted, planted["twin"], ridge_alpha=1e-8, train_steps=steps, lr=lr, subsets="1")
+    points = _t10(
+        planted, planted["twin"], ridge_alpha=1e-8, train_steps=steps, lr=lr, subsets="1", weight_decay=0
+    )
     (trained,) = [p for p in points if p["bridge"] == "trained"]
     assert trained["n_texts"] == 40
     for side in ("dev_in", "dev_out"):
@@ -105,10 +108,11 @@ def test_closed_form_then_trained_bridges_start_at_the_planted_rotation(planted)
         options={"workload": planted["workload"]},
         params={
             "position": planted["s"],
-            "mode": "bridged",
-            "bridge": "closed-form+trained",
-            "bridge_steps": steps,
+            "strategy": "bridged-closed-form+trained",
+            "bridge_epochs": steps / 5,  # 40 texts, batch 8: 5 steps an epoch
+            "joint_epochs": 0,
             "lr": lr,
+            "weight_decay": 0,
             "ridge_alpha": 1e-8,
             "max_new_tokens": 2,
             **sets,
@@ -161,3 +165,84 @@ def test_a_full_stack_organ_standalone_is_its_source(planted, tmp_path):
     changed = [k for k in full.tensors if not torch.equal(full.tensors[k], trained.tensors[k])]
     assert changed and all(k.split(".", 1)[0].isdigit() for k in changed)  # only the organ's blocks
     assert m["loss_last"] < m["loss_first"]
+
+
+def test_t10_trains_on_the_sizes_it_names_and_refuses_more_than_there_are(planted):
+    points = _t10(planted, planted["base"], train_steps=1, sizes="5,12")
+    assert [(p["bridge"], p["n_texts"]) for p in points] == [
+        ("closed-form", 40),
+        ("trained", 5),
+        ("trained", 12),
+    ]
+    with pytest.raises(GraftError, match="40"):
+        _t10(planted, planted["base"], train_steps=1, sizes="10,100")
+
+
+def _kl_to(reference, model, ids):
+    """Mean KL(p_reference || p_model) of the next-token distributions over every position."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        p = F.log_softmax(reference(input_ids=ids).logits.float(), -1)
+        q = F.log_softmax(model(input_ids=ids).logits.float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+MEMO = [
+    "A red kite circled twice above the harbour wall.",
+    "Seven lanterns hung from the bakery's low ceiling.",
+    "The ferry leaves the northern pier at a quarter past six.",
+    "Old maps of the county show a mill beside the ford.",
+    "Her bicycle had a wicker basket and a brass bell.",
+    "Snow closed the mountain pass for most of January.",
+    "The choir rehearsed in the chapel on Thursday evenings.",
+    "A single candle lit the narrow stairway to the attic.",
+]
+
+
+def test_recovery_undoes_noise_on_the_neighbours_of_an_identity_organ(one_thread):
+    """Planted: T is a tiny model that has memorised eight texts (so its own logits are what LM loss
+    on them asks for). The organ is T's own block s, put back at s (the identity transplant), and
+    the neighbouring blocks s-1 and s+1 get noise of twice their weights' spread. Recovery (the
+    paper's direct strategy: organ and neighbours trained by LM loss on the same texts) must restore
+    T's logits: the KL from T's next-token distributions falls tenfold, and T's greedy next tokens
+    come back (at most half agree after the noise, at least 90% after recovery)."""
+    import copy
+
+    from engine.surgery.organ_surgery import OrganInsertion, Placement
+    from engine.surgery.organ_train import train_lm
+    from engine.surgery.train_config import TrainConfig
+
+    base = load_model(ModelSpec.parse("tiny-llama-a"), "cpu")
+    memo = copy.deepcopy(base.model)
+    losses = train_lm(memo, base.tokenizer, MEMO, list(memo.parameters()),
+                      TrainConfig(steps=150, lr=3e-3, weight_decay=0.0), seed=0)  # fmt: skip
+    assert losses[-1] < 0.2  # memorised
+    t = dataclasses.replace(base, model=memo, arch=ArchAdapter(memo), spec=ModelSpec("path", "/memorised"))
+    ids = [torch.tensor([base.tokenizer(x)["input_ids"]]) for x in MEMO]
+
+    def kl(m):
+        return sum(_kl_to(memo, m, x) for x in ids) / len(ids)
+
+    def agreement(m):
+        with torch.no_grad():
+            same = [(memo(input_ids=x).logits.argmax(-1) == m(input_ids=x).logits.argmax(-1)) for x in ids]
+        return float(torch.cat([s.reshape(-1) for s in same]).float().mean())
+
+    s = 1
+    ins = OrganInsertion(t, [Placement(extract_organ(t, s, 1), s, "direct")])
+    ins.apply()
+    assert kl(ins.working) < 1e-10 and agreement(ins.working) == 1.0  # the identity transplant
+    noise = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for i in ins.own_neighbours():
+            for p in ins.blocks[i].parameters():
+                if p.dim() == 2:
+                    p.add_(2.0 * p.std() * torch.randn(p.shape, generator=noise))
+    kl_noisy, agree_noisy = kl(ins.working), agreement(ins.working)
+    assert agree_noisy < 0.5
+    ins.train("organs+neighbours", MEMO, TrainConfig(epochs=40, lr=3e-3, weight_decay=0.0), seed=0)
+    kl_rec, agree_rec = kl(ins.working), agreement(ins.working)
+    assert kl_rec < kl_noisy / 10 and agree_rec > 0.9, (kl_noisy, kl_rec, agree_noisy, agree_rec)
+    ins.rollback()
+    assert ins.verify_rollback() and all(p.grad is None for p in memo.parameters())

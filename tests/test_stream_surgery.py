@@ -228,3 +228,44 @@ def test_a_streamed_conjugation_rolled_back_saves_nothing(folders, tmp_path, set
     )
     assert res["saved_to"] is None and not (tmp_path / "tp").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("tool", ["cartography", "spectrum"])
+def test_weight_tools_on_a_streamed_fine_tune_equal_the_whole_route(folders, tool, one_thread):
+    base, donor = _pair(folders)
+    runs = {}
+    for stream in ("off", "on"):
+        env = run_tool(tool, donor, None, {"stream": stream}, base=base)
+        assert env["meta"]["memory_plan"]["route"] == ("whole" if stream == "off" else "stream")
+        runs[stream] = env["result"]
+    _close(runs["off"], runs["on"])
+
+
+def test_rank_modules_streamed_equals_the_whole_route(folders, workload, one_thread):
+    d, t = _pair(folders)
+    runs = {}
+    for stream in ("off", "on"):
+        env = run_tool("rank-modules", d, t, {"stream": stream, "workload": workload})
+        runs[stream] = env["result"]
+    assert [m["name"] for m in runs["off"]["modules"]] == [m["name"] for m in runs["on"]["modules"]]
+    _close(runs["off"], runs["on"])
+    plain = run_tool("cka", d, t, {"stream": "on", "workload": workload})["meta"]["memory_plan"]
+    ranked = run_tool("rank-modules", d, t, {"stream": "on", "workload": workload})["meta"]["memory_plan"]
+    assert ranked["peak_bytes"] > plain["peak_bytes"]  # the plan counts every module's output rows
+
+
+def test_organ_extracted_from_a_streamed_donor_equals_the_whole_one(folders, tmp_path, one_thread):
+    from engine.surgery.organ import load_organ
+
+    spec = ModelSpec.parse(str(folders["tiny-llama-b"]))
+    paths = {}
+    for stream in ("off", "on"):
+        env = run_tool("organ-extract", spec, None, {"stream": stream},
+                       params={"start": 1, "size": 2, "out": str(tmp_path / stream)})  # fmt: skip
+        assert env["result"]["bit_exact_reload"]
+        paths[stream] = env["result"]["path"]
+    a, b = load_organ(paths["off"]), load_organ(paths["on"])
+    assert a.tensors.keys() == b.tensors.keys() and all(
+        torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors
+    )
+    assert b.card["source"]["weight_hash"] is None and b.card["source"]["weight_files"].startswith("files:")

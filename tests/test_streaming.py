@@ -167,7 +167,7 @@ def test_cli_refuses_a_budget_nothing_fits_in_one_line(folders, tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and "budget" in lines[0], r.stderr
     assert not out.exists()
     r = _cli(
-        "rank-modules",
+        "sweep-k",
         "--donor",
         folders["tiny-llama-a"],
         "--target",

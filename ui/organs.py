@@ -131,7 +131,8 @@ def organ_compare(run_id: str, envelope: dict) -> None:
     st.plotly_chart(fig, config=viz.download_config(fig), key=f"compare-organ-{run_id}")
     insert_details_table = envelope["result"].get("placements") or []
     st.caption(
-        f"{len(insert_details_table)} organ(s) · mode {envelope['result'].get('mode')} · "
+        f"{len(insert_details_table)} organ(s) · "
+        f"{envelope['result'].get('strategy') or envelope['result'].get('mode')} · "
         f"position {envelope['result'].get('position')}"
     )
     transplant_actions(run_id, envelope, where="compare")

@@ -143,7 +143,8 @@ def insert_figure(envelope: dict) -> go.Figure:
                 col=col,
             )
     dev = r.get("bridge_deviation")
-    mode = r.get("mode", "?") + (f" ({r.get('bridge')} bridges)" if r.get("bridge") else "")
+    mode = r.get("strategy") or r.get("mode", "?")
+    mode += f" ({r.get('bridge')} bridges)" if r.get("bridge") else ""
     parts = [f"position {r.get('position')}", mode]
     if isinstance(dev, dict):
         parts.append(f"‖W_in − I‖ {c.fmt_num(dev.get('in'), 3)}, ‖W_out − I‖ {c.fmt_num(dev.get('out'), 3)}")
@@ -173,12 +174,14 @@ def position_figure(envelope: dict) -> go.Figure:
     xs = [p.get("position") for p in pts]
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     for (key, label), colour in zip(_PPL, (c.TRANSPLANTED, c.TARGET)):
+        sd = [(p.get("spread") or {}).get(key) for p in pts]  # over seeds, when the strategy trains
         fig.add_trace(
             go.Scatter(
                 x=xs,
                 y=[p.get(key) for p in pts],
+                error_y=dict(type="data", array=[v or 0 for v in sd], visible=any(v for v in sd)),
                 mode="lines+markers",
-                name=label,
+                name=label + (" (mean ± sd over seeds)" if any(v for v in sd) else ""),
                 line=dict(color=colour),
                 hovertemplate=f"p=%{{x}}<br>{label} %{{y:.4g}}<extra></extra>",
             ),
@@ -209,7 +212,8 @@ def position_figure(envelope: dict) -> go.Figure:
         _empty(fig, "no position in this result")
     best, worst = r.get("best") or {}, r.get("worst") or {}
     sub = (
-        f"organ from source position s={r.get('s')}, k={r.get('size')}, {r.get('mode')} · best "
+        f"organ from source position s={r.get('s')}, k={r.get('size')}, "
+        f"{r.get('strategy') or r.get('mode')} · best "
         f"p={best.get('position')} "
         f"({c.fmt_num(best.get('ppl_concept'), 4)}), worst p={worst.get('position')} "
         f"({c.fmt_num(worst.get('ppl_concept'), 4)}), "

@@ -298,3 +298,28 @@ def list_items(text: str, flag: str, empty_means: str) -> list[str]:
     if text.strip() and not items:
         raise GraftError(f"{flag} names nothing ({text!r}); leave it empty for {empty_means}")
     return items
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimParams:
+    """The optimiser shared by organ training, recovery, trained bridges and the LoRA baseline
+    (:class:`engine.surgery.train_config.TrainConfig`; default the NOT paper's)."""
+
+    lr: float = param(
+        1e-4, "AdamW peak learning rate (linear warm-up, then cosine decay to 0).", min=1e-8, max=1.0
+    )
+    weight_decay: float = param(0.01, "AdamW weight decay.", min=0.0, max=10.0)
+    warmup: float = param(0.1, "Share of the training steps spent warming up.", min=0.0, max=0.99)
+    train_batch: int = param(8, "Training texts per step.", min=1, max=512)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTextsParam:
+    """The texts recovery and trained bridges learn from (the paper: about 1,000 general texts)."""
+
+    train_texts: str = param(
+        "",
+        'Training texts: a {"text"} JSONL (or .json array, or one text a line), e.g. the bundled general '
+        "corpus data/general/train.jsonl. Empty = the workload's texts.",
+        path="in",
+    )

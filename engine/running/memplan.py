@@ -91,6 +91,7 @@ class Footprint:
     width: int
     backbone_params: int
     intermediate: int
+    module_width: int = 0  # summed output width of every linear module in the blocks (T7's rows)
 
 
 @dataclass
@@ -157,6 +158,7 @@ def _footprint(ref: str, kind: str, trust: bool, dtype: str, stamp: float) -> Fo
     backbone = sum(numel.values())
     n_all = sum(p.numel() for p in model.parameters())
     desc = arch.describe()
+    module_width = sum(int(m.shape[0]) for m in arch.linear_modules() if m.layer >= 0)
     return Footprint(
         spec.label,
         str(folder),
@@ -168,6 +170,7 @@ def _footprint(ref: str, kind: str, trust: bool, dtype: str, stamp: float) -> Fo
         arch.hidden_size,
         backbone,
         int(desc.get("intermediate_size") or 4 * arch.hidden_size),
+        module_width,
     )
 
 
@@ -270,6 +273,7 @@ def plan_run(
     activations: bool = True,
     heldout_fraction: float = 0.25,
     edits: bool = False,
+    module_rows: bool = False,
 ) -> MemoryPlan:
     """The plan of a run on ``specs`` (model specs, in the order the run loads them)."""
     from ..loading.models import resolve_dtype
@@ -282,6 +286,8 @@ def plan_run(
 
     def peaks(n_tok: int) -> tuple[int, int]:
         work = _stats_bytes(fps, n_tok) if activations else 0
+        if module_rows:  # every linear module's output rows, float32, kept then compared pairwise
+            work += 2 * sum(f.module_width * n_tok * 4 for f in fps)
         whole = RUNTIME_BYTES + sum(f.run_bytes for f in fps) + work
         streamed = RUNTIME_BYTES + max(
             f.outside_bytes + f.block_bytes + _hidden_bytes(f, n_tok, size) for f in fps

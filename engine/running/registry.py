@@ -64,6 +64,8 @@ class Tool:
     # Writes T' (a module swap, a conjugation): on a streamed pair T' is staged as a folder from the
     # target's files and evaluated by whole passes that read one block at a time.
     edits: bool = False
+    # Captures the output rows of every linear module (T7): the memory plan counts them.
+    module_rows: bool = False
 
     @property
     def inputs(self) -> tuple[str, ...]:

@@ -172,6 +172,7 @@ def run_plan(tool: Any, models: list[Any], options: RunOptions, params: Any) -> 
             activations=tool.uses_workload,
             heldout_fraction=float(getattr(params, "heldout_fraction", 0.25)),
             edits=tool.edits,
+            module_rows=tool.module_rows,
         )
     except GraftError:
         if options.stream != "auto" or options.max_memory.strip():

@@ -36,6 +36,11 @@ held-out residual ``r = ||X_h M - Y_h||_F^2 / ||Y_h||_F^2`` (1.0 when ``Y_h`` is
    at least 1% more of the side's energy; it cannot amplify directions the rows barely sample);
 3. else **ridge**.
 
+Procrustes is a candidate only where the fit rows determine the rotation (at least as many fit rows
+as the smaller width). With fewer, its completion outside the rows' span is a choice, not a fit, and
+costs an ``O(d^3)`` polar factor (minutes per side at width 4,096), so auto compares identity and
+ridge alone and says why; ``force = procrustes`` still fits it.
+
 When the identity is chosen by the first clause of rule 1 (or forced), the other candidates cannot
 change the choice and are not fitted (their residuals are null) unless ``fit_all`` asks for them:
 they cost an SVD and an eigendecomposition of a width x width matrix each, and the sides inside a
@@ -213,7 +218,10 @@ def fit_side(
     # Rule 1's first clause and a forced identity do not depend on the other candidates: skip their
     # fits (O(d^3) each) unless asked to report them.
     skip = not fit_all and ((force == "auto" and coincide) or force == "identity")
-    if not skip:
+    # Fewer fit rows than the width leave the rotation undetermined: its completion is a choice
+    # (closest to the identity) that costs O(d^3), so auto does not consider it there (T3's rule).
+    determined = n_fit >= min(d_src, d_dst)
+    if not skip and (determined or force == "procrustes" or fit_all):
         pf = procrustes_fit(Xf, Yf)
         XR = Xf @ pf.R
         den = float(XR.pow(2).sum())
@@ -224,6 +232,9 @@ def fit_side(
             _res(Xh @ mats["procrustes"], Yh),
             _res(Xf @ mats["procrustes"], Yf),
         )
+    elif not skip:
+        under = True
+    if not skip:
         alpha = (
             ridge_alpha
             if ridge_alpha > 0
@@ -241,9 +252,15 @@ def fit_side(
             f"identity held-out residual {r_i:.3g} <= {identity_tol:g}: the spaces coincide",
         )
     else:
-        assert r_p is not None and r_w is not None
-        if r_i is not None and r_i <= min(r_p, r_w):
+        assert r_w is not None
+        if r_i is not None and r_i <= min(r_w, r_p if r_p is not None else r_w):
             kind, reason = "identity", "no fitted map does better than the identity on held-out rows"
+        elif r_p is None:
+            kind, reason = (
+                "ridge",
+                f"{n_fit} fit rows do not determine a rotation of width {min(d_src, d_dst)} (more tokens "
+                "would): ridge",
+            )
         elif r_p <= r_w + procrustes_tol:
             kind, reason = (
                 "procrustes",

@@ -80,13 +80,13 @@ class FolderEdit:
     """T' as a folder: the target's files linked, the changed tensors written into copied shards."""
 
     def __init__(self, base: Path, out: Path) -> None:
-        from .transplant import _check_out_dir
+        from .transplant import check_out_dir
 
         self.base = Path(base).resolve()
         self.out = Path(out).expanduser().resolve()
         if self.out == self.base or self.base in self.out.parents or self.out in self.base.parents:
             raise GraftError(f"save T' outside the target's folder {self.base}, not at {self.out}")
-        _check_out_dir(self.out)
+        check_out_dir(self.out)
         self.index = WeightIndex(self.base)
         self.tmp = staging_dir(self.out)
         self.linked_bytes = 0
@@ -185,10 +185,10 @@ class FolderEdit:
 
     def commit(self) -> Path:
         """Move the staged folder into place (an existing transplant there is replaced only now)."""
-        from .transplant import _check_out_dir
+        from .transplant import check_out_dir
 
         try:
-            _check_out_dir(self.out)
+            check_out_dir(self.out)
             replace_dir(self.tmp, self.out)
         finally:
             discard_staging(self.tmp)

@@ -37,6 +37,7 @@ from ..core.paths import check_writable_parent
 from ..loading.arch import block_internal_signature, signature
 from ..loading.bridged import block_of_width
 from ..loading.models import LoadedModel
+from ..loading.stream_forward import held, stream_fingerprint
 
 ORGAN_FORMAT = "graft-organ/1"
 _HEAD_NORM = re.compile(r"(^|\.)(q|k)_(norm|layernorm)\.")
@@ -121,14 +122,23 @@ def extract_organ(source: LoadedModel, start: Optional[int] = None, size: int = 
             f"(start + size must be at most {L}{default})"
         )
     tensors: dict[str, torch.Tensor] = {}
-    with source.lock:
-        for i in range(size):
+    streamed = source.stream is not None
+    for i in range(size):
+        # a streamed source reads just this block (engine.loading.stream_forward.held)
+        lock = held((source, source.stream.block_params(s + i))) if streamed else source.lock
+        with lock:  # held() takes the model's lock itself
             for k, v in source.arch.blocks[s + i].state_dict().items():
                 tensors[f"{i}.{k}"] = v.detach().to("cpu", copy=True).contiguous()
     desc = source.arch.describe()
     card = {
         "format": ORGAN_FORMAT,
-        "source": {"ref": source.spec.ref, "label": source.label, "weight_hash": source.state_hash()},
+        "source": {
+            "ref": source.spec.ref,
+            "label": source.label,
+            # a streamed source's weights are not in memory to hash: its files identify it instead
+            "weight_hash": None if streamed else source.state_hash(),
+            **({"weight_files": stream_fingerprint(source)} if streamed else {}),
+        },
         "layers": list(range(s, s + size)),
         "start": s,
         "size": size,

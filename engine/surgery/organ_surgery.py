@@ -52,6 +52,7 @@ from .organ_bridge import (
 )
 from .organ_train import train_lm
 from .reversible import ReversibleEdit, working_copy
+from .train_config import TrainConfig
 from .transplant import save_transplant
 
 MODES = ("direct", "bridged")
@@ -274,13 +275,13 @@ class OrganInsertion(ReversibleEdit):
         self,
         what: str,
         texts: Sequence[str],
+        config: TrainConfig,
         *,
-        steps: int,
-        lr: float,
         seed: int,
         progress: Optional[Progress] = None,
     ) -> list[float]:
-        """Brief LM-loss training of ``bridges``, ``organs`` or ``organs+neighbours``."""
+        """LM-loss training of ``bridges``, ``organs``, ``organs+neighbours`` or ``bridges+organs``
+        with ``config`` (engine.surgery.train_config)."""
         self.apply()
         if what == "bridges":
             params = list(self.bridges.parameters()) if self.bridges is not None else []
@@ -300,8 +301,7 @@ class OrganInsertion(ReversibleEdit):
             self.target.tokenizer,
             texts,
             params,
-            steps=steps,
-            lr=lr,
+            config,
             seed=seed,
             progress=progress,
             what=f"training {what}",

@@ -24,6 +24,7 @@ from ..loading.models import LoadedModel
 from ..loading.tokens import encode_text, model_device, pad_id
 from .organ import Organ, blocks_to_tensors, build_blocks, tensors_sha256
 from .reversible import working_copy
+from .train_config import TrainConfig
 
 
 def lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -49,36 +50,36 @@ def train_lm(
     tokenizer: Any,
     texts: Sequence[str],
     params: Iterable[nn.Parameter],
+    config: TrainConfig,
     *,
-    steps: int,
-    lr: float,
     seed: int,
-    batch_size: int = 8,
-    max_length: int = 128,
     progress: Optional[Progress] = None,
     what: str = "training",
 ) -> list[float]:
-    """``steps`` Adam steps of the causal LM loss on ``texts``, updating only ``params``; returns
-    the loss of every step. Dropout stays off (eval mode) so a seed fixes the run."""
+    """Causal LM training of ``params`` on ``texts`` with ``config`` (AdamW, warm-up then cosine, a
+    budget in epochs of seeded permutations); returns the loss of every step. Dropout stays off
+    (eval mode) so a seed fixes the run."""
     progress = progress or silent()
+    config.check()
     params = list(params)
-    encoded = [e for e in (encode_text(tokenizer, t, max_length) for t in texts) if len(e) >= 2]
+    encoded = [e for e in (encode_text(tokenizer, t, config.max_length) for t in texts) if len(e) >= 2]
     if not encoded:
         raise GraftError("no training text has two tokens or more")
-    if steps <= 0 or not params:
+    if not params:
         return []
+    total = config.total_steps(len(encoded))
     dev = model_device(model)
     fill = pad_id(tokenizer)
-    gen = torch.Generator().manual_seed(int(seed))
     losses: list[float] = []
     with torch.inference_mode(False), torch.enable_grad():
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = config.optimizer(params)
         try:
-            for step in range(steps):
-                progress(step / steps, f"{what}: step {step + 1}/{steps}")
-                idx = torch.randperm(len(encoded), generator=gen)[:batch_size].tolist()
+            for step, idx in enumerate(config.batches(len(encoded), seed)):
+                progress(step / total, f"{what}: step {step + 1}/{total}")
+                for group in opt.param_groups:
+                    group["lr"] = config.lr_at(step, total)
                 ids, mask = _batch(encoded, idx, fill, dev)
                 loss = lm_loss(model, ids, mask)
                 if not torch.isfinite(loss):
@@ -135,12 +136,9 @@ def train_organ(
     source: LoadedModel,
     organ: Organ,
     texts: Sequence[str],
+    config: TrainConfig,
     *,
-    steps: int,
-    lr: float,
     seed: int,
-    batch_size: int = 8,
-    max_length: int = 128,
     data: Optional[dict[str, Any]] = None,
     progress: Optional[Progress] = None,
 ) -> tuple[Organ, list[float], dict[str, float]]:
@@ -149,22 +147,19 @@ def train_organ(
     progress = progress or silent()
     model, blocks = standalone_model(source, organ)
     progress(0.02, "standalone perplexity before training")
-    before = mean_loss(model, source.tokenizer, texts, max_length)
+    before = mean_loss(model, source.tokenizer, texts, config.max_length)
     params = [p for b in blocks for p in b.parameters()]
     losses = train_lm(
         model,
         source.tokenizer,
         texts,
         params,
-        steps=steps,
-        lr=lr,
+        config,
         seed=seed,
-        batch_size=batch_size,
-        max_length=max_length,
         progress=progress.sub(0.05, 0.95),
         what="standalone organ training",
     )
-    after = mean_loss(model, source.tokenizer, texts, max_length)
+    after = mean_loss(model, source.tokenizer, texts, config.max_length)
     tensors = blocks_to_tensors(blocks)
     for k, v in organ.tensors.items():  # keep the checkpoint's dtype
         tensors[k] = tensors[k].to(v.dtype)
@@ -181,11 +176,8 @@ def train_organ(
         tensors_sha256=tensors_sha256(tensors),
         training={
             "kind": "standalone",
-            "steps": steps,
-            "lr": lr,
+            **config.describe(len(texts)),
             "seed": seed,
-            "batch_size": batch_size,
-            "max_length": max_length,
             "data": data or {},
             "from_sha256": organ.sha256(),
             "from_input_layer": organ.input_layer,

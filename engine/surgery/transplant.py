@@ -268,7 +268,7 @@ class ModuleSwap(ReversibleEdit):
 # Saving
 
 
-def _check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise GraftError(f"output path {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / SURGERY_CARD).is_file():
@@ -294,7 +294,7 @@ def save_transplant(
     if not str(out_dir).strip():
         raise GraftError("no output folder given")
     out = out.resolve()
-    _check_out_dir(out)
+    check_out_dir(out)
     payload = {
         "format": SURGERY_FORMAT,
         **card,
@@ -310,7 +310,7 @@ def save_transplant(
         working_model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / SURGERY_CARD).write_text(text)
-        _check_out_dir(out)  # again: the folder may have changed while we wrote
+        check_out_dir(out)  # again: the folder may have changed while we wrote
         replace_dir(tmp, out)
     finally:
         discard_staging(tmp)  # no-op once replace_dir moved it into place

@@ -51,7 +51,7 @@ def conjugate_streamed(
     source: dict,
     warnings: list[str],
 ) -> Any:
-    from .conjugate import _measure, card_extra, make_result
+    from .conjugate import card_extra, make_result, measure_conjugation
 
     base, target = ctx.base, ctx.target
     st = target.stream
@@ -85,7 +85,7 @@ def conjugate_streamed(
             upd = json.dumps(source, sort_keys=True, default=str).encode()
             hashes["d"] += ":plus-update:" + hashlib.sha256(upd).hexdigest()
         with streamed_forward(target) as t, streamed_forward(donor) as d, streamed_forward(saved) as tp:
-            m = _measure(
+            m = measure_conjugation(
                 ctx,
                 params,
                 sets,

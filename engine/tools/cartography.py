@@ -293,5 +293,6 @@ TOOL = register(
         compute=compute_cartography,
         figure="viz.concept:cartography_figure",
         page="Concept",
+        streams=True,  # a full fine-tune's dW reads two weights at a time (stream_forward.held)
     )
 )

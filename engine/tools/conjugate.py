@@ -137,7 +137,7 @@ class ConjugateResult:
     saved_files: Optional[dict[str, Any]] = None  # streamed: tensors and bytes written, copied, linked
 
 
-def _measure(
+def measure_conjugation(
     ctx: ToolContext,
     params: ConjugateParams,
     sets: Any,
@@ -247,7 +247,7 @@ def compute_conjugate(ctx: ToolContext, params: ConjugateParams, progress: Progr
     conj.apply()
     hash_tp = conj.weight_hash()
     with locked(*[m for m in (target, ctx.donor) if m is not None]):
-        m = _measure(
+        m = measure_conjugation(
             ctx,
             params,
             sets,

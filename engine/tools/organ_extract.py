@@ -77,5 +77,6 @@ TOOL = register(
         needs=(("donor",),),
         uses_workload=False,
         run_label="Extract organ",
+        streams=True,  # a streamed donor reads just the organ's blocks
     )
 )

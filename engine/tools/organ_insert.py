@@ -15,58 +15,43 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..core.params import BridgeRidge, EvaluationSets, GreedyTokensParam, TaskScoreParam, param
+from ..core.params import EvaluationSets, GreedyTokensParam, TaskScoreParam, param
 from ..core.progress import Progress
 from ..evaluation.beforeafter import load_sets, rnd
 from ..loading.tokens import same_tokenizer
 from ..running.context import ToolContext
 from ..running.organ_run import (
-    BRIDGES,
-    RECOVERY,
+    BRIDGE_KIND,
+    STRATEGIES,
+    InsertionParams,
     evaluate_insertion,
     evaluate_target,
     insert_and_prepare,
+    legacy_params,
     load_source,
     organ_of,
     require_source,
     short,
+    strategy_configs,
+    strategy_mode,
+    train_texts_of,
+    training_card,
+    training_texts,
 )
 from ..running.rebuild import Rebuilt, as_dmodel, register_rebuilder
 from ..running.registry import Tool, register
 from ..surgery.organ import load_organ
-from ..surgery.organ_surgery import MODES, Placement
+from ..surgery.organ_surgery import Placement
 
 
 @dataclass(frozen=True)
-class OrganInsertParams(BridgeRidge, EvaluationSets, TaskScoreParam, GreedyTokensParam):
+class OrganInsertParams(InsertionParams, EvaluationSets, TaskScoreParam, GreedyTokensParam):
     position: int = param(
         -1,
         "Recipient block p where the organ's first block goes; -1 = the organ's own start s.",
         min=-1,
         max=100_000,
     )
-    mode: str = param(
-        "direct",
-        "direct: the organ replaces blocks p..p+k-1; bridged: affine bridges W_in, W_out around it.",
-        choices=MODES,
-    )
-    bridge: str = param(
-        "closed-form",
-        "Bridged mode: closed-form (ridge towards identity, training-free), trained (from identity, LM "
-        "loss) or closed-form+trained.",
-        choices=BRIDGES,
-    )
-    bridge_steps: int = param(20, "Training steps of trained bridges.", min=1, max=100_000)
-    recovery_steps: int = param(
-        0, "Recovery fine-tuning steps after insertion (0 = none).", min=0, max=100_000
-    )
-    recovery: str = param(
-        "organs+neighbours",
-        "Recovery: train the organ and its neighbouring blocks, or bridges first then bridges + organ.",
-        choices=RECOVERY,
-    )
-    lr: float = param(1e-4, "Adam learning rate of bridge training and recovery.", min=1e-8, max=1.0)
-    seed: int = param(0, "Seed of the training batch order.", min=0, max=2**31 - 1)
     second_organ: str = param(
         "", "Optional second organ checkpoint folder, placed after the first (multi-organ composition)."
     )
@@ -84,7 +69,8 @@ class OrganInsertParams(BridgeRidge, EvaluationSets, TaskScoreParam, GreedyToken
 @dataclass
 class OrganInsertResult:
     mode: str
-    bridge: Optional[str]
+    bridge: Optional[str]  # "trained" (from the identity) | "closed-form (training-free)" | None (direct)
+    strategy: str
     position: int
     placements: list[dict[str, Any]]  # organ, source, layers, position, mode, bridge_deviation
     before: dict[str, Optional[float]]  # T: ppl_concept, ppl_retained, task_score
@@ -107,7 +93,7 @@ class OrganInsertResult:
 
 def _organs(ctx: ToolContext, params: OrganInsertParams) -> list[Any]:
     """The run's organ (checked against the recipient) and the optional second one."""
-    return [organ_of(ctx, bridged=params.mode == "bridged")] + (
+    return [organ_of(ctx, bridged=strategy_mode(params.strategy) == "bridged")] + (
         [load_organ(params.second_organ)] if params.second_organ.strip() else []
     )
 
@@ -117,7 +103,8 @@ def _sources(ctx: ToolContext, params: OrganInsertParams, organs: list[Any], pro
     out = []
     for i, o in enumerate(organs):
         p = progress.sub(i / len(organs), (i + 1) / len(organs))
-        out.append(require_source(ctx, o, p) if params.mode == "bridged" else load_source(ctx, o, p)[0])
+        bridged = strategy_mode(params.strategy) == "bridged"
+        out.append(require_source(ctx, o, p) if bridged else load_source(ctx, o, p)[0])
     return out
 
 
@@ -133,15 +120,12 @@ def _insert(
         ctx,
         placements,
         sources,
-        bridge=params.bridge,
-        bridge_steps=params.bridge_steps,
+        strategy=params.strategy,
         ridge_alpha=params.ridge_alpha,
-        recovery_steps=params.recovery_steps,
-        recovery=params.recovery,
-        lr=params.lr,
         seed=params.seed,
         texts=texts,
         progress=progress,
+        **strategy_configs(params),
     )
 
 
@@ -153,9 +137,10 @@ def compute_organ_insert(
     sets = load_sets(params.concept, params.retained)
     p0 = organ.start if params.position < 0 else params.position
     positions = [p0] + ([p0 + organ.size + params.spacing] if len(organs) > 1 else [])
-    placements = [Placement(o, p, params.mode) for o, p in zip(organs, positions)]
+    mode = strategy_mode(params.strategy)
+    placements = [Placement(o, p, mode) for o, p in zip(organs, positions)]
     sources = _sources(ctx, params, organs, progress.sub(0, 0.05))
-    texts = list(ctx.workload.texts)
+    texts, train_data = train_texts_of(ctx, params.train_texts)
     progress(0.05, "evaluating the target T")
     ev_t = evaluate_target(ctx.target, sets, params.score, params.max_new_tokens, progress.sub(0.05, 0.2))
     src = sources[0]
@@ -168,7 +153,7 @@ def compute_organ_insert(
         donor_note = "the source reads other tokens than the recipient"
     else:
         donor = short(evaluate_target(src, sets, params.score, params.max_new_tokens, progress.sub(0.2, 0.3)))
-    progress(0.3, f"inserting at block {p0} ({params.mode})")
+    progress(0.3, f"inserting at block {p0} ({params.strategy})")
     ins, log = _insert(ctx, params, placements, sources, texts, progress.sub(0.3, 0.6))
     hash_t, hash_tp = ins.hash_before(), ins.weight_hash()
     progress(0.6, "evaluating T'")
@@ -182,7 +167,7 @@ def compute_organ_insert(
             "size": o.size,
             "trained": bool(o.card.get("training")),
             "position": p,
-            "mode": params.mode,
+            "mode": mode,
             "bridge_deviation": None if d is None else {k: rnd(v) for k, v in d.items()},
         }
         for o, p, d in zip(organs, positions, devs)
@@ -196,17 +181,19 @@ def compute_organ_insert(
         "parameters": {
             k: getattr(params, k)
             for k in (
-                "mode",
-                "bridge",
-                "bridge_steps",
+                "strategy",
                 "ridge_alpha",
-                "recovery_steps",
-                "recovery",
-                "lr",
+                "recovery_epochs",
+                "bridge_epochs",
+                "joint_epochs",
                 "seed",
                 "spacing",
                 "score",
-            )
+            )  # fmt: skip
+        }
+        | {
+            "strategy_means": STRATEGIES[params.strategy],
+            "training": training_card(params, len(texts), train_data),
         }
         | {
             "concept": {"name": sets[0].name, "sha256": sets[0].sha256},
@@ -233,11 +220,13 @@ def compute_organ_insert(
     untouched = ctx.target.state_hash() == hash_t
     ctx.meta["seconds_insert"] = round(log["insert_seconds"], 4)  # timings vary run to run: meta, not result
     ctx.meta["seconds_rollback"] = round(rollback_s, 4)
+    ctx.meta["seconds_train"] = round(log["train_seconds"], 2)
     progress(1.0, "done")  # the last cancel point: a cancelled run keeps nothing in memory
     live_id = ctx.live.keep_reapplied(ins, card) if ctx.live is not None and exact else None
     return OrganInsertResult(
-        mode=params.mode,
-        bridge=params.bridge if params.mode == "bridged" else None,
+        mode=mode,
+        bridge=BRIDGE_KIND.get(params.strategy),
+        strategy=params.strategy,
         position=p0,
         placements=rows,
         before=before,
@@ -292,7 +281,7 @@ def rebuild_organ_insert(envelope: dict[str, Any], store: Any, device: Optional[
     card = result.get("card") or {}
     opts = meta.get("options") or {}
     options = build_params(RunOptions, {**opts, "device": device or opts.get("device", "auto")})
-    params = build_params(OrganInsertParams, {**(meta.get("params") or {}), "save": ""})
+    params = build_params(OrganInsertParams, {**legacy_params(meta.get("params") or {}), "save": ""})
     workload = resolve_workload(options.workload)
     if (meta.get("workload") or {}).get("sha256") not in (None, workload.sha256):
         raise GraftError(
@@ -317,9 +306,10 @@ def rebuild_organ_insert(envelope: dict[str, Any], store: Any, device: Optional[
                 f"the organ {o.path} has changed since this run (tensors sha256 differs); insert it again"
             )
     positions = [row["position"] for row in result.get("placements") or []]
-    placements = [Placement(o, p, params.mode) for o, p in zip(organs, positions)]
+    placements = [Placement(o, p, strategy_mode(params.strategy)) for o, p in zip(organs, positions)]
     sources = _sources(ctx, params, organs, silent())
-    ins, _ = _insert(ctx, params, placements, sources, list(workload.texts), silent())
+    texts = training_texts(params.train_texts)[0] if params.train_texts.strip() else list(workload.texts)
+    ins, _ = _insert(ctx, params, placements, sources, texts, silent())
     if result.get("weight_hash_after") and ins.weight_hash() != result["weight_hash_after"]:
         ins.rollback()
         raise GraftError(
@@ -344,7 +334,7 @@ def rebuild_organ_insert(envelope: dict[str, Any], store: Any, device: Optional[
             "kind": "run",
             "run_id": envelope.get("run_id"),
             "tool": envelope.get("tool"),
-            "operation": f"organ transplant ({params.mode})",
+            "operation": f"organ transplant ({params.strategy})",
             "donor": organs[0].source_ref,
             "target": envelope.get("target"),
             "modules": [f"blocks {p}..{p + o.size - 1}" for o, p in zip(organs, positions)],

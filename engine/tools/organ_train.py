@@ -4,33 +4,38 @@ The trained organ is a new checkpoint whose card records the training configurat
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..core.errors import GraftError
-from ..core.params import param
+from ..core.params import OptimParams, param
 from ..core.progress import Progress
 from ..running.context import ToolContext
 from ..running.organ_run import default_out, load_source, organ_of, training_texts
 from ..running.registry import Tool, register
 from ..surgery.organ import load_organ, save_organ
 from ..surgery.organ_train import train_organ
+from ..surgery.train_config import from_params
 
 
 @dataclass(frozen=True)
-class OrganTrainParams:
+class OrganTrainParams(OptimParams):
     concept: str = param(
         "",
         'Training texts: concept set or {"text"} JSONL (or .json array), or a text file (one text a line). '
         "Empty = the bundled concept set.",
         path="in",
     )
-    steps: int = param(50, "Training steps (the step budget).", min=1, max=1_000_000)
-    lr: float = param(1e-3, "Adam learning rate.", min=1e-8, max=1.0)
+    epochs: float = param(
+        5.0, "Training epochs: passes over the training texts (the paper: 5).", min=0.0, max=1e4
+    )
+    steps: int = param(
+        0, "A step budget instead of the epochs (0 = the epochs decide).", min=0, max=1_000_000
+    )
     seed: int = param(
         0, "Seed of the batch order (the run is deterministic for a seed).", min=0, max=2**31 - 1
     )
-    batch_size: int = param(8, "Texts per step.", min=1, max=512)
     max_length: int = param(128, "Tokens kept per text.", min=4, max=4096)
     out: str = param(
         "",
@@ -61,18 +66,12 @@ def compute_organ_train(ctx: ToolContext, params: OrganTrainParams, progress: Pr
         )
     if note:
         ctx.meta.setdefault("notes", []).append(note)
+    config = from_params(params, params.epochs, params.steps, params.max_length)
+    t0 = time.perf_counter()
     trained, losses, metrics = train_organ(
-        source,
-        organ,
-        texts,
-        steps=params.steps,
-        lr=params.lr,
-        seed=params.seed,
-        batch_size=params.batch_size,
-        max_length=params.max_length,
-        data=data,
-        progress=progress.sub(0.1, 0.9),
+        source, organ, texts, config, seed=params.seed, data=data, progress=progress.sub(0.1, 0.9)
     )
+    ctx.meta["train_seconds"] = round(time.perf_counter() - t0, 2)  # timings go in meta, not the result
     out = params.out.strip() or str(default_out(f"{organ.name}-trained"))
     progress(0.92, f"writing {out}")
     path = save_organ(trained, out)

@@ -1,5 +1,6 @@
 """T9 Position sensitivity (docs/methods.md, NOT): the same organ inserted at every position ``p`` of a
-grid (direct or bridged, optionally after ``n`` recovery steps); perplexity on the concept facts
+grid by one strategy (direct, direct + recovery, bridged with trained bridges, or closed-form bridges:
+``organ_run.STRATEGIES``); perplexity on the concept facts
 and the retained set against ``p``, best / worst / mean / variance, and T4's epsilon for the same
 ``(s, p)`` with the Spearman rank correlation between epsilon and the measured perplexity (did the
 pre-surgery check predict the outcome?). ``s`` is the residual index the organ reads in its source
@@ -11,12 +12,12 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..core.params import BridgeRidge, EvaluationSets, param
+from ..core.params import EvaluationSets, param
 from ..core.progress import Progress
 from ..evaluation.beforeafter import load_sets, rnd
 from ..running.context import ToolContext
 from ..running.organ_run import (
-    BRIDGES,
+    InsertionParams,
     epsilon_row,
     evaluate_insertion,
     evaluate_target,
@@ -27,29 +28,25 @@ from ..running.organ_run import (
     require_source,
     short,
     spearman,
+    strategy_configs,
+    strategy_mode,
+    train_texts_of,
+    training_card,
 )
 from ..running.registry import Tool, register
-from ..surgery.organ_surgery import MODES, Placement
+from ..surgery.organ_surgery import Placement
 
 
 @dataclass(frozen=True)
-class PositionSweepParams(BridgeRidge, EvaluationSets):
+class PositionSweepParams(InsertionParams, EvaluationSets):
     positions: str = param("", "Positions p to try, e.g. '0,2,4'. Empty = every valid position.")
-    mode: str = param("direct", "direct replacement or bridged insertion at each position.", choices=MODES)
-    bridge: str = param(
-        "closed-form",
-        "Bridged mode: closed-form, trained (from identity) or closed-form+trained.",
-        choices=BRIDGES,
+    seeds: int = param(
+        3,
+        "Seeds per position when the strategy trains (seed, seed+1, ...): each point is their mean, "
+        "with the standard deviation in 'spread'. One run when nothing is trained.",
+        min=1,
+        max=100,
     )
-    bridge_steps: int = param(20, "Training steps of trained bridges.", min=1, max=100_000)
-    recovery_steps: int = param(
-        0,
-        "Recovery steps (organ + neighbouring blocks) at each position before evaluating.",
-        min=0,
-        max=100_000,
-    )
-    lr: float = param(1e-4, "Adam learning rate of bridge training and recovery.", min=1e-8, max=1.0)
-    seed: int = param(0, "Seed of the training batch order.", min=0, max=2**31 - 1)
     epsilon: bool = param(
         True, "Overlay T4's epsilon for (s, p) (one capture of source and target on the workload)."
     )
@@ -60,7 +57,11 @@ class PositionSweepResult:
     s: int  # residual index the organ reads in its source (T4's donor position)
     size: int
     mode: str
-    points: list[dict[str, Any]]  # position, ppl_concept, ppl_retained, task_score, epsilon
+    strategy: str  # how the organ went in at each position (organ_run.STRATEGIES)
+    training: dict[str, Any]  # the texts and each trained phase's configuration (None parts: none)
+    # position, ppl_concept, ppl_retained, task_score (means over seeds), epsilon; with several seeds
+    # also spread (sample standard deviation per metric) and per_seed
+    points: list[dict[str, Any]]
     baseline: dict[str, Optional[float]]  # T without the organ
     best: Optional[dict[str, Any]]  # lowest concept perplexity
     worst: Optional[dict[str, Any]]
@@ -73,13 +74,32 @@ class PositionSweepResult:
     spearman_retained: Optional[float]
 
 
+def _mean(runs: list[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """Each metric's mean over the seeds (None when a seed has none)."""
+    out: dict[str, Optional[float]] = {}
+    for k in runs[0]:
+        vals = [r[k] for r in runs]
+        out[k] = rnd(statistics.fmean(vals)) if all(v is not None for v in vals) else None
+    return out
+
+
+def _spread(runs: list[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """Each metric's sample standard deviation over the seeds."""
+    out: dict[str, Optional[float]] = {}
+    for k in runs[0]:
+        vals = [r[k] for r in runs]
+        out[k] = rnd(statistics.stdev(vals)) if all(v is not None for v in vals) and len(vals) > 1 else None
+    return out
+
+
 def compute_position_sweep(
     ctx: ToolContext, params: PositionSweepParams, progress: Progress
 ) -> PositionSweepResult:
-    organ = organ_of(ctx, bridged=params.mode == "bridged")
+    mode = strategy_mode(params.strategy)
+    bridged = mode == "bridged"
+    organ = organ_of(ctx, bridged=bridged)
     sets = load_sets(params.concept, params.retained)
     grid = parse_positions(params.positions, ctx.target.arch.n_layers, organ.size)
-    bridged = params.mode == "bridged"
     source = (
         require_source(ctx, organ, progress.sub(0, 0.05))
         if bridged or params.epsilon
@@ -91,28 +111,35 @@ def compute_position_sweep(
         kind = "raw" if (not bridged and rows["raw"] is not None) else "bridged"
         eps_row = rows[kind]
     baseline = short(evaluate_target(ctx.target, sets, "graded", 16, progress.sub(0.25, 0.3)))
-    texts = list(ctx.workload.texts)
+    texts, train_data = train_texts_of(ctx, params.train_texts)
+    configs = strategy_configs(params)
+    card = training_card(params, len(texts), train_data)
+    trains = any(v is not None for k, v in card.items() if k != "texts")
+    seeds = [params.seed + j for j in range(params.seeds if trains else 1)]
     points = []
     for i, p in enumerate(grid):
         sub = progress.sub(0.3 + 0.7 * i / len(grid), 0.3 + 0.7 * (i + 1) / len(grid))
-        sub(0.0, f"position {p} ({i + 1}/{len(grid)})")
-        ins, _ = insert_and_prepare(
-            ctx,
-            [Placement(organ, p, params.mode)],
-            [source],
-            bridge=params.bridge,
-            bridge_steps=params.bridge_steps,
-            ridge_alpha=params.ridge_alpha,
-            recovery_steps=params.recovery_steps,
-            recovery="organs+neighbours",
-            lr=params.lr,
-            seed=params.seed,
-            texts=texts,
-            progress=sub.sub(0, 0.5),
+        runs = []
+        for j, seed in enumerate(seeds):
+            one = sub.sub(j / len(seeds), (j + 1) / len(seeds))
+            one(0.0, f"position {p} ({i + 1}/{len(grid)})" + (f", seed {seed}" if trains else ""))
+            ins, _ = insert_and_prepare(
+                ctx,
+                [Placement(organ, p, mode)],
+                [source],
+                strategy=params.strategy,
+                ridge_alpha=params.ridge_alpha,
+                seed=seed,
+                texts=texts,
+                progress=one.sub(0, 0.5),
+                **configs,
+            )
+            runs.append(short(evaluate_insertion(ins, sets, "graded", 16, one.sub(0.5, 1.0))))
+            ins.rollback()
+        points.append(
+            {"position": p, **_mean(runs), "epsilon": None if eps_row is None else rnd(eps_row[p])}
+            | ({"spread": _spread(runs), "per_seed": runs} if len(runs) > 1 else {})
         )
-        ev = short(evaluate_insertion(ins, sets, "graded", 16, sub.sub(0.5, 1.0)))
-        ins.rollback()
-        points.append({"position": p, **ev, "epsilon": None if eps_row is None else rnd(eps_row[p])})
     pc = [(pt["position"], pt["ppl_concept"]) for pt in points if pt["ppl_concept"] is not None]
     vals = [v for _, v in pc]
     retained = [pt["ppl_retained"] for pt in points if pt["ppl_retained"] is not None]
@@ -123,7 +150,9 @@ def compute_position_sweep(
     return PositionSweepResult(
         s=organ.input_layer,
         size=organ.size,
-        mode=params.mode,
+        mode=mode,
+        strategy=params.strategy,
+        training=card,
         points=points,
         baseline=baseline,
         best=None if best is None else {"position": best[0], "ppl_concept": best[1]},
@@ -143,8 +172,9 @@ TOOL = register(
         name="position-sweep",
         code="T9",
         title="Position sensitivity",
-        summary="Inserts the same organ at every position of a grid (direct or bridged, optionally with "
-        "recovery) and plots concept / retained perplexity against position, with T4's epsilon overlaid "
+        summary="Inserts the same organ at every position of a grid by one strategy (direct, direct + "
+        "recovery, bridged with trained bridges, or closed-form bridges) and plots concept / retained "
+        "perplexity against position, with T4's epsilon overlaid "
         "and their rank correlation.",
         params_cls=PositionSweepParams,
         compute=compute_position_sweep,

@@ -50,5 +50,7 @@ RANK_TOOL = register(
         figure="viz.transplant:rank_figure",
         page="Transplant",
         same_family=True,
+        streams=True,
+        module_rows=True,
     )
 )

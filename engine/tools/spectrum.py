@@ -187,5 +187,6 @@ TOOL = register(
         compute=compute_spectrum,
         figure="viz.concept:spectrum_figure",
         page="Concept",
+        streams=True,  # a full fine-tune's dW reads two weights at a time (stream_forward.held)
     )
 )
