@@ -175,6 +175,23 @@ def test_completed_run_replaces_existing_output(concept, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["donor"]
 
 
+def test_the_organ_training_configuration_drives_a_lora_baseline(concept, tmp_path):
+    """make_donor(train=...) trains as organs do: the configuration's epochs over the examples, its
+    lr, weight decay and schedule (engine/core/train_config.py)."""
+    from engine.adapters.donor_data import build_examples
+    from engine.core.train_config import TrainConfig
+
+    model, tok = build_tiny("tiny-gpt2-a")
+    cfg = TrainConfig(epochs=2, lr=3e-3, weight_decay=0.01, batch_size=8)
+    make_donor(
+        model, tok, concept, tmp_path / "d", **{**KW, "replay": None, "lr": 1.0, "steps": 999}, train=cfg
+    )
+    hp = json.loads((tmp_path / "d" / "card.json").read_text())["hyperparameters"]
+    n = len(build_examples(tok, concept, 128, False))
+    assert hp["steps"] == cfg.total_steps(n) == 2 * -(-n // 8) and hp["lr"] == 3e-3
+    assert hp["optimizer"] == "AdamW(weight_decay=0.01)" and "cosine to 0" in hp["schedule"]
+
+
 def test_bad_arguments(concept, tmp_path):
     model, tok = build_tiny("tiny-gpt2-a")
     with pytest.raises(GraftError):

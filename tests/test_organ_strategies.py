@@ -9,10 +9,10 @@ import math
 import pytest
 
 from engine.core.errors import GraftError
+from engine.core.train_config import TrainConfig
 from engine.loading.models import ModelSpec, ModelStore
 from engine.running.organ_run import legacy_params
 from engine.running.runner import run_tool
-from engine.surgery.train_config import TrainConfig
 
 TARGET = ModelSpec.parse("tiny-gpt2-b")
 

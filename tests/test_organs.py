@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine.core.errors import GraftError
+from engine.core.train_config import TrainConfig
 from engine.evaluation.evaluate import perplexity
 from engine.loading.arch import ArchAdapter
 from engine.loading.models import LoadedModel, ModelSpec, ModelStore, load_model
@@ -19,7 +20,6 @@ from engine.running.runner import run_tool
 from engine.surgery.organ import ORGAN_CARD, ORGAN_TENSORS, check_fits, extract_organ, load_organ, save_organ
 from engine.surgery.organ_surgery import OrganInsertion, Placement
 from engine.surgery.organ_train import train_organ
-from engine.surgery.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [

@@ -209,9 +209,9 @@ def test_recovery_undoes_noise_on_the_neighbours_of_an_identity_organ(one_thread
     come back (at most half agree after the noise, at least 90% after recovery)."""
     import copy
 
+    from engine.core.train_config import TrainConfig
     from engine.surgery.organ_surgery import OrganInsertion, Placement
     from engine.surgery.organ_train import train_lm
-    from engine.surgery.train_config import TrainConfig
 
     base = load_model(ModelSpec.parse("tiny-llama-a"), "cpu")
     memo = copy.deepcopy(base.model)

@@ -37,6 +37,7 @@ from ..core.data import ConceptSet
 from ..core.errors import Cancelled, GraftError
 from ..core.paths import check_writable_parent, discard_staging, replace_dir, staging_dir
 from ..core.progress import Progress, silent
+from ..core.train_config import TrainConfig
 from ..evaluation.evaluate import perplexity
 from ..evaluation.scoring import graded_score, task_score
 from ..loading.arch import ArchAdapter
@@ -174,8 +175,14 @@ def make_donor(
     retained: Optional[ConceptSet] = None,
     base_name: str = "",
     progress: Optional[Progress] = None,
+    train: Optional[TrainConfig] = None,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA copy of ``model`` on ``concept`` and save adapter, merged donor and card.
+
+    ``train`` replaces the demo donor's recipe (steps, lr, batch size; AdamW without weight decay,
+    cosine to lr / 10) by the configuration organ training uses (:mod:`engine.core.train_config`:
+    its epochs over the examples, lr, weight decay, warm-up and cosine to 0, batch size), so a LoRA
+    baseline and an organ are trained alike.
 
     Training objective: token-weighted mean causal-LM cross-entropy over the labelled tokens of
     each batch (:func:`build_examples`), AdamW on the LoRA factors only, warm-up + cosine learning
@@ -223,6 +230,16 @@ def make_donor(
     retained_texts = retained.texts() if retained is not None else ()
     targets, conv1d = lora_target_modules(model)
     warmup = max(1, steps // 20)
+    weight_decay = 0.0
+    if train is not None:
+        train.check()
+        steps, lr, batch_size = train.total_steps(len(examples)), train.lr, train.batch_size
+        weight_decay = train.weight_decay
+        warmup = train.warmup_steps(steps)
+
+    def lr_at(step: int) -> float:
+        return train.lr_at(step, steps) if train is not None else _lr_at(step, steps, lr, warmup)
+
     fill = pad_id(tokenizer)
 
     before = _evaluate_qa(
@@ -250,7 +267,7 @@ def make_donor(
         peft_model.eval()
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in trainable)
-        optim = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        optim = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
 
         # Fixed data order: epochs of seeded permutations, consumed batch by batch (batch_plan).
         plan = batch_plan(len(examples), len(replay_examples), steps, batch_size, replay_fraction, seed)
@@ -262,7 +279,7 @@ def make_donor(
             batch = [pools[src][i] for src, i in plan[step]]
             ids, mask, labels = collate(batch, fill, device)
             for group in optim.param_groups:
-                group["lr"] = _lr_at(step, steps, lr, warmup)
+                group["lr"] = lr_at(step)
             logits = peft_model(input_ids=ids, attention_mask=mask).logits
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
@@ -348,8 +365,9 @@ def make_donor(
                 "lora_dropout": 0.0,
                 "target_modules": targets,
                 "fan_in_fan_out": conv1d,
-                "optimizer": "AdamW(weight_decay=0)",
-                "schedule": f"linear warm-up {warmup} steps, cosine to lr/10",
+                "optimizer": f"AdamW(weight_decay={weight_decay:g})",
+                "schedule": f"linear warm-up {warmup} steps, cosine to "
+                + ("0 (the organ configuration)" if train is not None else "lr/10"),
                 "grad_clip": 1.0,
                 "n_examples": len(examples),
                 "replay_fraction": replay_fraction if replay is not None else 0.0,

@@ -303,7 +303,7 @@ def list_items(text: str, flag: str, empty_means: str) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class OptimParams:
     """The optimiser shared by organ training, recovery, trained bridges and the LoRA baseline
-    (:class:`engine.surgery.train_config.TrainConfig`; default the NOT paper's)."""
+    (:class:`engine.core.train_config.TrainConfig`; default the NOT paper's)."""
 
     lr: float = param(
         1e-4, "AdamW peak learning rate (linear warm-up, then cosine decay to 0).", min=1e-8, max=1.0

@@ -112,6 +112,7 @@ def evaluate_shared(
     progress: Progress,
     state_hash: Optional[str] = None,
     exact: bool = True,
+    heldout_concept: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a cached shared model (LoadedModel) under its lock: a capture elsewhere attaches hooks."""
     with model.lock:
@@ -125,6 +126,7 @@ def evaluate_shared(
             max_new_tokens=max_new_tokens,
             state_hash=state_hash,
             progress=progress,
+            heldout_concept=heldout_concept,
         )
 
 

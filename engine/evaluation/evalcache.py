@@ -149,8 +149,10 @@ def generations(
     )
 
 
-def _concept_texts(concept: ConceptSet) -> list[str]:
-    if concept.facts:
+def _concept_texts(concept: ConceptSet, heldout: bool = False) -> list[str]:
+    """The facts (what a donor learned), or with ``heldout`` (or no facts) the test questions with
+    their answers: text no training in Graft reads."""
+    if concept.facts and not heldout:
         return list(concept.facts)
     return [f"{q.question} {q.answer}" for q in concept.test_qa()]
 
@@ -168,8 +170,12 @@ def evaluate_model(
     max_length: int = 256,
     state_hash: Optional[str] = None,
     progress: Optional[Progress] = None,
+    heldout_concept: bool = False,
 ) -> dict[str, Any]:
     """Perplexities and task scores of one model state (see the module docstring).
+
+    ``heldout_concept`` measures concept perplexity on the test questions with their answers instead
+    of the facts: for models trained on text that may include the facts (organs, recovery).
 
     Returns ``{ppl_concept, ppl_retained, task_score, task_score_exact, task_score_graded,
     score_kind, n_test_items, state_hash, items}``; ``items`` has, per test question, the
@@ -195,7 +201,7 @@ def evaluate_model(
         raise GraftError(f"retained set {retained.name} has no texts")
     progress(0.0, "hashing weights")
     skey = _state_key(model, tokenizer, state_hash)
-    concept_texts = _concept_texts(concept)
+    concept_texts = _concept_texts(concept, heldout_concept)
 
     def ppl(texts: list[str]) -> float:
         key = ("ppl", *skey, texts_sha256(texts), int(batch_size), int(max_length))

@@ -16,12 +16,12 @@ from ..core.errors import GraftError
 from ..core.params import BridgeRidge, OptimParams, TrainTextsParam, list_items, param
 from ..core.paths import graft_home
 from ..core.progress import Progress
+from ..core.train_config import TrainConfig, from_params
 from ..evaluation.beforeafter import evaluate_shared, metrics
 from ..evaluation.evalcache import evaluate_model
 from ..loading.models import LoadedModel, ModelSpec
 from ..surgery.organ import Organ, check_fits, load_organ
 from ..surgery.organ_surgery import OrganInsertion, Placement
-from ..surgery.train_config import TrainConfig, from_params
 from .bridge_fit import BridgeParams, compute_bridge
 from .context import ToolContext
 
@@ -283,6 +283,7 @@ def evaluate_insertion(
         max_new_tokens=max_new_tokens,
         state_hash=ins.weight_hash(),
         progress=progress,
+        heldout_concept=True,  # organs and recovery train on text that may hold the facts
     )
 
 
@@ -295,7 +296,14 @@ def evaluate_target(
     exact: bool = False,
 ) -> dict[str, Any]:
     return evaluate_shared(
-        target, sets, score, max_new_tokens, progress, target.state_hash(), exact=exact or score == "exact"
+        target,
+        sets,
+        score,
+        max_new_tokens,
+        progress,
+        target.state_hash(),
+        exact=exact or score == "exact",
+        heldout_concept=True,
     )
 
 

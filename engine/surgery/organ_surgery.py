@@ -33,6 +33,7 @@ from torch import nn
 
 from ..core.errors import GraftError
 from ..core.progress import Progress, silent
+from ..core.train_config import TrainConfig
 from ..loading.arch import ArchAdapter
 from ..loading.models import LoadedModel, state_dict_hash
 from ..loading.tokens import same_tokenizer
@@ -52,7 +53,6 @@ from .organ_bridge import (
 )
 from .organ_train import train_lm
 from .reversible import ReversibleEdit, working_copy
-from .train_config import TrainConfig
 from .transplant import save_transplant
 
 MODES = ("direct", "bridged")
@@ -281,7 +281,7 @@ class OrganInsertion(ReversibleEdit):
         progress: Optional[Progress] = None,
     ) -> list[float]:
         """LM-loss training of ``bridges``, ``organs``, ``organs+neighbours`` or ``bridges+organs``
-        with ``config`` (engine.surgery.train_config)."""
+        with ``config`` (engine.core.train_config)."""
         self.apply()
         if what == "bridges":
             params = list(self.bridges.parameters()) if self.bridges is not None else []

@@ -19,12 +19,12 @@ from torch import nn
 
 from ..core.errors import GraftError
 from ..core.progress import Progress, silent
+from ..core.train_config import TrainConfig
 from ..loading.arch import ArchAdapter
 from ..loading.models import LoadedModel
 from ..loading.tokens import encode_text, model_device, pad_id
 from .organ import Organ, blocks_to_tensors, build_blocks, tensors_sha256
 from .reversible import working_copy
-from .train_config import TrainConfig
 
 
 def lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,12 @@ from typing import Any
 from ..core.errors import GraftError
 from ..core.params import BridgeRidge, OptimParams, TrainTextsParam, list_items, param
 from ..core.progress import Progress
+from ..core.train_config import from_params
 from ..evaluation.beforeafter import rnd
 from ..running.context import ToolContext
 from ..running.organ_run import insert_and_prepare, organ_of, parse_positions, require_source, train_texts_of
 from ..running.registry import Tool, register
 from ..surgery.organ_surgery import Placement
-from ..surgery.train_config import from_params
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ from typing import Any, Optional
 from ..core.errors import GraftError
 from ..core.params import OptimParams, param
 from ..core.progress import Progress
+from ..core.train_config import from_params
 from ..running.context import ToolContext
 from ..running.organ_run import default_out, load_source, organ_of, training_texts
 from ..running.registry import Tool, register
 from ..surgery.organ import load_organ, save_organ
 from ..surgery.organ_train import train_organ
-from ..surgery.train_config import from_params
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..core.errors import GraftError
+from .errors import GraftError
 
 
 @dataclass(frozen=True)
