@@ -29,8 +29,8 @@ from ..surgery.folder_edit import FolderEdit, tensor_span
 def need_save(save: str, code: str) -> None:
     if not str(save).strip():
         raise GraftError(
-            f"{code} on a streamed pair writes T' as a folder and evaluates it from there: give --save "
-            "(or run with --stream off on a machine that holds both models)"
+            f"{code} on a streamed pair writes T' as a folder and evaluates it from there: give a folder to "
+            "save it in (--save), or run with --stream off on a machine that holds both models"
         )
 
 
