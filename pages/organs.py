@@ -20,9 +20,10 @@ HOW_TO_READ = {
     "organ-train": "the causal LM loss of embeddings → organ → head per step; only the organ learns. The "
     "trained "
     "organ is a new checkpoint; its card keeps the training configuration and metrics.",
-    "organ-insert": "perplexities and task score of T, T′ and D. Bridged insertion fits W_in and W_out in "
-    "closed "
-    "form (training-free); their distance from the identity says how far the streams are apart.",
+    "organ-insert": "perplexities and task score of T, T′ and D (concept perplexity on the held-out test "
+    "questions). Bridged strategies train W_in and W_out from the identity, or fit them in closed form "
+    "(training-free); their distance from the identity says how far the streams are apart. Compare a "
+    "trained strategy with the control, which trains the same blocks with no organ.",
     "position-sweep": "perplexity with the organ at each position (lower is better) and T4's epsilon for "
     "the same "
     "(s, p) on the right axis: when the pre-surgery check predicts the outcome, the curves rise "

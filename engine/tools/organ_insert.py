@@ -253,9 +253,9 @@ TOOL = register(
         name="organ-insert",
         code="OP2.3",
         title="Organ insertion + before/after evaluation",
-        summary="Puts an organ into the target at block p, directly or between closed-form / trained "
-        "bridges, with optional recovery fine-tuning and a second organ; evaluates T and T', rolls back "
-        "bit-exactly, optionally saves T'.",
+        summary="Puts an organ into the target at block p by a strategy (direct, direct + recovery, "
+        "bridged with trained bridges, closed-form bridges, or the no-organ control), with an optional "
+        "second organ; evaluates T and T', rolls back bit-exactly, optionally saves T'.",
         params_cls=OrganInsertParams,
         compute=compute_organ_insert,
         figure="viz.organs:insert_figure",
