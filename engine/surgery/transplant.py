@@ -198,6 +198,11 @@ class ModuleSwap(ReversibleEdit):
         """Bytes of the tensors a full :meth:`apply` replaces (weights and biases)."""
         return sum(getattr(self.target.arch.module(s.path), s.tensor).nbytes for s in self._slots)
 
+    def tensor_names(self) -> list[tuple[str, str]]:
+        """(target parameter name, donor parameter name) of every tensor a full :meth:`apply` copies:
+        what a swap written from the files reads and writes (engine/running/stream_surgery.py)."""
+        return [(f"{s.path}.{s.tensor}", f"{self._donor_paths[s.module]}.{s.tensor}") for s in self._slots]
+
     @property
     def n_tensors(self) -> int:
         return len(self._slots)

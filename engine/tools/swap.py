@@ -275,9 +275,9 @@ def _swap_streamed(
     progress(0.45, "evaluating the donor D (streamed)")
     ev_d = evaluate_streamed(donor, sets, params.score, params.max_new_tokens, progress.sub(0.45, 0.6))
     values = []
-    for s in swap._slots:
-        dkey = donor.stream.keys[f"{swap._donor_paths[s.module]}.{s.tensor}"]
-        values.append((f"{s.path}.{s.tensor}", lambda k=dkey: read_tensor(donor.stream.index, k)))
+    for t_name, d_name in swap.tensor_names():
+        dkey = donor.stream.keys[d_name]
+        values.append((t_name, lambda k=dkey: read_tensor(donor.stream.index, k)))
     card = {**_swap_card(ctx, params, swap.modules, sets), "route": "streamed"}
     edit, staged, untouched = stage_folder(target, params.save, values, card, progress.sub(0.6, 0.7))
     try:
