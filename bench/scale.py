@@ -20,6 +20,8 @@ phase the pair's files are evicted from the page cache, so each phase reads from
                           [--max-memory 6GiB] [--keep] [--reuse] [--json out.json]
     python bench/scale.py --table out1.json out2.json ...     (a Markdown table of earlier results)
     python bench/scale.py --size 7b --lora [--json t5.json]   (T5 on a planted LoRA adapter, alone)
+    python bench/scale.py --size 1b --tokens 4096 --stats streamed --tools cka,procrustes
+                          (T2 and T3 keeping no rows: minibatch HSIC, pairs read in step)
 
 Sizes: ``small`` (d 1,024, 8 blocks), ``1b`` (d 2,048, 16 blocks), ``7b`` (d 4,096, 32 blocks,
 intermediate 11,008); all GQA with 8 KV heads. A 7B pair needs about 27 GB of disk; the build
@@ -224,8 +226,22 @@ def workload_texts() -> str:
     return str(path)
 
 
-def run(size: str, root: Path, tokens: int, dtype: str, max_memory: str, keep: bool, reuse: bool) -> dict:
-    out: dict = {"size": size, "tokens": tokens, "dtype": dtype, "threads": torch.get_num_threads()}
+ALL_TOOLS = ("compat", "cka", "procrustes", "bridge-check")
+
+
+def run(
+    size: str,
+    root: Path,
+    tokens: int,
+    dtype: str,
+    max_memory: str,
+    keep: bool,
+    reuse: bool,
+    stats: str = "auto",
+    tools_run: tuple = ALL_TOOLS,
+) -> dict:
+    out: dict = {"size": size, "tokens": tokens, "dtype": dtype, "threads": torch.get_num_threads(),
+                 "stats": stats}  # fmt: skip
     marker = root / f"{size}.built.json"
     if reuse and marker.is_file():
         a, b = root / f"{size}-a", root / f"{size}-b"
@@ -243,6 +259,7 @@ def run(size: str, root: Path, tokens: int, dtype: str, max_memory: str, keep: b
         "dtype": dtype,
         "stream": "on",
         "max_memory": max_memory,
+        "stats": stats,
     }
     store, cache = ModelStore(), CaptureCache()
     try:
@@ -271,7 +288,7 @@ def run(size: str, root: Path, tokens: int, dtype: str, max_memory: str, keep: b
         out["bare"] = bare
         out["bare_s"] = round(bare["a"]["seconds"] + bare["b"]["seconds"], 2)
         tools = {}
-        for tool in ("compat", "cka", "procrustes", "bridge-check"):
+        for tool in tools_run:
             ma.stream.bytes_read = mb.stream.bytes_read = 0
             drop_page_cache(a, b)
             with PeakRSS() as p:
@@ -279,12 +296,14 @@ def run(size: str, root: Path, tokens: int, dtype: str, max_memory: str, keep: b
             r = env["result"]
             tools[tool] = {"seconds": round(p.seconds, 2), "peak_rss": p.peak,
                            "bytes_read": ma.stream.bytes_read + mb.stream.bytes_read}  # fmt: skip
-            if tool == "compat":
+            tools[tool]["stats"] = env["meta"].get("stats", "rows")
+            if tool in ("compat", "cka"):
                 tools[tool]["plan"] = env["meta"].get("memory_plan")
             if tool == "cka":
                 M = torch.tensor(r["matrix"])
                 tools[tool]["diagonal_is_best"] = bool((M.argmax(1) == torch.arange(M.shape[0])).all())
                 tools[tool]["min_diagonal"] = round(float(M.diagonal().min()), 6)
+                tools[tool]["form"] = f"{r['estimator']} / {r['form']}"
             if tool == "procrustes":
                 tools[tool].update(
                     mean_alignment=r["mean_alignment"],
@@ -422,6 +441,8 @@ def main() -> None:
         "--table", nargs="+", default=None, metavar="JSON", help="print a Markdown table of results"
     )
     ap.add_argument("--lora", action="store_true", help="only T5 on a planted LoRA adapter of this shape")
+    ap.add_argument("--stats", default="auto", choices=("auto", "rows", "streamed"), help="the runs' --stats")
+    ap.add_argument("--tools", default=",".join(ALL_TOOLS), help="which of T1-T4 to run (comma-separated)")
     args = ap.parse_args()
     if args.table:
         print(table(args.table))
@@ -432,7 +453,11 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
         return
-    res = run(args.size, Path(args.dir), args.tokens, args.dtype, args.max_memory, args.keep, args.reuse)
+    tools_run = tuple(t.strip() for t in args.tools.split(",") if t.strip())
+    if not tools_run or set(tools_run) - set(ALL_TOOLS):
+        ap.error(f"--tools: choose from {', '.join(ALL_TOOLS)}")
+    res = run(args.size, Path(args.dir), args.tokens, args.dtype, args.max_memory, args.keep, args.reuse,
+              args.stats, tools_run)  # fmt: skip
     text = json.dumps(res, indent=1)
     print(text)
     if args.json:

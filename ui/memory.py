@@ -15,7 +15,7 @@ from ui.text import md
 
 @st.cache_data(ttl=30, max_entries=64, show_spinner=False)
 def _plan(
-    donor: Any, target: Any, dtype: str, device: str, tokens: int, max_memory: str, stream: str
+    donor: Any, target: Any, dtype: str, device: str, tokens: int, max_memory: str, stream: str, stats: str
 ) -> dict:
     plan = plan_run(
         [donor, target],
@@ -24,6 +24,8 @@ def _plan(
         tokens=tokens,
         max_memory=max_memory,
         stream=stream,
+        lean=True,  # T2 and T3 can keep no rows (--stats streamed)
+        stats=stats,
     )
     return plan.as_dict()
 
@@ -38,7 +40,9 @@ def pair_plan(sel: Any) -> tuple[Optional[dict], str]:
             return None, ""
     o = sel.options
     try:
-        return _plan(sel.donor, sel.target, o.dtype, o.device, o.max_tokens, o.max_memory, o.stream), ""
+        return _plan(
+            sel.donor, sel.target, o.dtype, o.device, o.max_tokens, o.max_memory, o.stream, o.stats
+        ), ""
     except GraftError as exc:
         return None, one_line(exc)
 
@@ -67,6 +71,8 @@ def memory_plan_panel(sel: Any) -> None:
         st.caption(md(error) if error else "Choose a valid pair in the sidebar to see its memory plan.")
         return
     route = "held whole" if plan["route"] == "whole" else "streamed block by block"
+    if plan.get("stats") == "streamed":
+        route += ", no rows kept"
     cols = st.columns(4)
     cols[0].metric("Route", route)
     cols[1].metric("Bytes to read", fmt_bytes(plan["read_bytes"]))

@@ -279,6 +279,14 @@ class RunOptions:
         "the memory budget whole; on = always; off = never. T1-T4 run on streamed models.",
         choices=("auto", "on", "off"),
     )
+    stats: str = param(
+        "auto",
+        "How T2 and T3 keep their rows on streamed models: rows = every layer's rows in memory (exact "
+        "CKA); streamed = nothing but Gram matrices per minibatch (T2: minibatch unbiased HSIC) and one "
+        "layer pair at a time (T3: both models read in step); auto = streamed when the rows would not "
+        "fit the memory budget.",
+        choices=("auto", "rows", "streamed"),
+    )
     outlier_factor: float = param(
         20.0,
         "T2-T4 drop tokens whose residual norm, in any layer of either model, exceeds this multiple of "

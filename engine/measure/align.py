@@ -34,6 +34,12 @@ UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
 _WORD = re.compile(f"[{_UNSPACED}]|[^\\s{_UNSPACED}]+")
 
 
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every word of ``text``: a run of non-space characters, or one character of a
+    script written without spaces."""
+    return [(m.start(), m.end()) for m in _WORD.finditer(text)]
+
+
 @dataclass
 class Aligned:
     """Row-aligned residual streams of donor (X) and target (Y).
@@ -62,9 +68,7 @@ class Aligned:
 
 def outlier_rows(Z: torch.Tensor, factor: float) -> torch.Tensor:
     """Rows whose norm exceeds ``factor`` x the layer's median row norm in any layer. Z: (L, n, d)."""
-    norms = Z.norm(dim=-1)  # (L, n)
-    med = norms.median(dim=1, keepdim=True).values.clamp_min(1e-12)
-    return (norms > factor * med).any(dim=0)
+    return norm_outliers(Z.norm(dim=-1), factor)
 
 
 def drop_outliers(al: Aligned, factor: float) -> Aligned:
@@ -253,3 +257,69 @@ def row_alignment(
     ):  # pragma: no cover - guards the copy of align's logic
         raise GraftError("internal: module row alignment disagrees with engine.measure.align")
     return ra, al.X[:, keep], al.Y[:, keep]
+
+
+def alignment_of(cb: Capture, ct: Capture) -> RowAlignment:
+    """The row alignment of two captures from their tokenisations alone (no rows needed, so two
+    streamed walkers can be aligned before any block is read): :func:`align`'s mode and rows, every
+    row kept. :func:`outlier_keep` then sets ``keep`` from the rows' norms."""
+    if cb.texts != ct.texts:
+        raise GraftError("internal: captures were taken on different texts")
+    if cb.token_ids == ct.token_ids:
+        n = cb.n
+        return RowAlignment("token", n, ct.n, cb.text_index.clone(), torch.ones(n, dtype=torch.bool), 0)
+    if cb.offsets is not None and ct.offsets is not None:
+        wb, wt = _word_ids(cb), _word_ids(ct)
+        n_groups = int(max(wb.max().item(), wt.max().item())) + 1
+        cnt_b = torch.bincount(wb[wb >= 0], minlength=n_groups)
+        cnt_t = torch.bincount(wt[wt >= 0], minlength=n_groups)
+        shared = (cnt_b > 0) & (cnt_t > 0)
+        if int(shared.sum()) < 2:
+            raise GraftError("too few words shared by both tokenizations to align the models")
+        word_text = torch.full((n_groups,), -1, dtype=torch.long)
+        word_text[wb[wb >= 0]] = cb.text_index[wb >= 0]
+        n = int(shared.sum())
+        return RowAlignment(
+            "word",
+            cb.n,
+            ct.n,
+            word_text[shared],
+            torch.ones(n, dtype=torch.bool),
+            0,
+            wb,
+            wt,
+            n_groups,
+            shared,
+        )
+    n_texts = len(cb.texts)
+    return RowAlignment(
+        "text", cb.n, ct.n, torch.arange(n_texts), torch.ones(n_texts, dtype=torch.bool), 0,
+        cb.text_index, ct.text_index, n_texts, torch.ones(n_texts, dtype=torch.bool),
+    )  # fmt: skip
+
+
+def norm_outliers(norms: torch.Tensor, factor: float) -> torch.Tensor:
+    """:func:`outlier_rows` from the rows' norms (L, n): rows above ``factor`` x the layer median."""
+    med = norms.median(dim=1, keepdim=True).values.clamp_min(1e-12)
+    return (norms > factor * med).any(dim=0)
+
+
+def outlier_keep(
+    ra: RowAlignment, norms_x: torch.Tensor, norms_y: torch.Tensor, factor: float
+) -> RowAlignment:
+    """``ra`` with :func:`drop_outliers`'s rule applied from every layer's row norms of both models
+    ((L+1, n) each): the same rows dropped as the in-memory route drops, and the same refusal to drop
+    more than half."""
+    n = int(ra._shared.sum()) if ra._shared is not None else ra.n_base
+    keep = torch.ones(n, dtype=torch.bool)
+    if factor > 0 and n >= 4:
+        bad = norm_outliers(norms_x, factor) | norm_outliers(norms_y, factor)
+        if 0 < int(bad.sum()) <= n // 2:
+            keep = ~bad
+    group = ra.group if bool(ra.keep.all()) else None
+    if group is None:
+        raise GraftError("internal: outlier_keep wants the alignment before any row is dropped")
+    return RowAlignment(
+        ra.mode, ra.n_base, ra.n_target, group[keep], keep, int((~keep).sum()),
+        ra._base_ids, ra._target_ids, ra._n_groups, ra._shared,
+    )  # fmt: skip

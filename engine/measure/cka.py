@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..core.errors import GraftError
 from ..core.progress import Progress, silent
 
 
@@ -196,3 +197,75 @@ def _feature_products(Xc: torch.Tensor, Yc: torch.Tensor, progress: Progress, ch
         progress(i / Lx, "CKA: cross-covariances")
         num[i] = cov(Xc[i], Yc).pow(2).sum(dim=(1, 2))
     return num, nx, ny
+
+
+MINIBATCH = "minibatch"
+MINIBATCH_ROWS = 512  # rows per minibatch of the minibatch estimator
+
+
+def minibatch_grams(R: torch.Tensor, parts: list[torch.Tensor], out: list[torch.Tensor], layer: int) -> None:
+    """One layer's Gram matrix per minibatch, for :func:`minibatch_cka`: the rows ``R`` (n, d)
+    centred over all rows (mean in float64; the unbiased HSIC does not change under a shift, the
+    centring only keeps float32 products accurate), then ``out[k][layer] = R_k R_k^T`` for the rows
+    ``parts[k]`` of minibatch k (float32 products summed in float64 over column chunks, then
+    stored in float32)."""
+    Rc = centre(R.double()).float()
+    for k, idx in enumerate(parts):
+        B = Rc.index_select(0, idx.to(Rc.device))
+        out[k][layer] = _dots(B, B).float()
+
+
+def minibatch_cka(
+    grams_x: list[torch.Tensor],
+    grams_y: list[torch.Tensor],
+    keep: list[torch.Tensor],
+    progress: Optional[Progress] = None,
+) -> torch.Tensor:
+    """CKA from the unbiased HSIC averaged over minibatches (Nguyen, Raghu and Kornblith 2021):
+
+        CKA_mb(X_i, Y_j) = sum_k HSIC_1(K_ik, L_jk) / sqrt(sum_k HSIC_1(K_ik, K_ik) sum_k HSIC_1(L_jk, L_jk))
+
+    ``grams_x[k]``: (Lx, m_k, m_k), every X layer's Gram matrix on minibatch k (the same rows for
+    every layer and for Y); ``keep[k]``: (m_k,) bool, the rows of the minibatch that count (massive
+    activations left out afterwards drop their row and column). Memory is the Gram matrices, n x b
+    per layer, not the n x d rows; each minibatch needs 4 kept rows. With one minibatch of every row
+    this is :func:`cka_matrix`'s debiased CKA."""
+    progress = progress or silent()
+    Lx, Ly = grams_x[0].shape[0], grams_y[0].shape[0]
+    f64 = {"dtype": torch.float64}
+    hxy, hxx, hyy = torch.zeros(Lx, Ly, **f64), torch.zeros(Lx, **f64), torch.zeros(Ly, **f64)
+    used = 0
+    for k, (GX, GY, kp) in enumerate(zip(grams_x, grams_y, keep)):
+        progress(k / len(grams_x), "CKA: minibatches")
+        m = int(kp.sum())
+        if m < 4:
+            continue
+        used += 1
+        if not bool(kp.all()):
+            at = kp.nonzero().squeeze(1)
+            GX = GX.index_select(1, at).index_select(2, at)
+            GY = GY.index_select(1, at).index_select(2, at)
+        KX, KY = GX.clone(), GY.clone()
+        KX.diagonal(dim1=1, dim2=2).zero_()
+        KY.diagonal(dim1=1, dim2=2).zero_()
+        ux, uy = KX.sum(2, dtype=torch.float64), KY.sum(2, dtype=torch.float64)  # K~ 1, (L, m)
+        sx, sy = ux.sum(1), uy.sum(1)  # 1' K~ 1
+        a, b, c = (m - 1) * (m - 2), m - 2, m * (m - 3)
+        KXf, KYf = KX.reshape(Lx, -1), KY.reshape(Ly, -1)
+        hxy += (_dots(KXf, KYf) + sx.unsqueeze(1) * sy.unsqueeze(0) / a - 2.0 / b * (ux @ uy.T)) / c
+        hxx += (_sq_norms(KXf) + sx * sx / a - 2.0 / b * ux.pow(2).sum(1)) / c
+        hyy += (_sq_norms(KYf) + sy * sy / a - 2.0 / b * uy.pow(2).sum(1)) / c
+    if used == 0:
+        raise GraftError("too few rows per minibatch for the minibatch CKA (4 kept rows needed)")
+    den = (hxx.clamp_min(0).sqrt().unsqueeze(1) * hyy.clamp_min(0).sqrt().unsqueeze(0)).clamp_min(1e-300)
+    return (hxy / den).clamp(-1.0, 1.0)
+
+
+def minibatch_parts(n: int, rows: int = MINIBATCH_ROWS, seed: int = 0) -> list[torch.Tensor]:
+    """The minibatches of :func:`minibatch_cka`: a seeded permutation of the n rows (neighbouring
+    tokens of one text are alike, so a minibatch of consecutive rows would be one text's), cut
+    into ceil(n / rows) parts of equal size to one row."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    k = max(1, -(-n // max(4, rows)))
+    return [p.clone() for p in torch.tensor_split(perm, k)]

@@ -47,6 +47,7 @@ class ToolContext:
     organ: Optional[str] = None  # organ checkpoint folder as the user gave it
     run: Optional[str] = None  # run id of a finished run in the history (the tool loads that run's models)
     store: Optional[ModelStore] = None  # where a tool loads further models from (a run's models)
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False)  # per-run results (lean statistics)
 
     def texts(self) -> list[str]:
         limit = per_text_limit([self.donor, self.target])
@@ -116,8 +117,57 @@ class ToolContext:
         self.meta.update(al.summary())
         return al
 
+    def lean(self) -> bool:
+        """T2 and T3 run on the lean route (:mod:`engine.running.lean_stats`): ``--stats streamed``,
+        or ``auto`` when the memory plan found every layer's rows too large for the budget."""
+        stats = getattr(self.options, "stats", "rows")
+        streamed = all(getattr(m, "streamed", False) for m in (self.donor, self.target))
+        if stats == "streamed" and not streamed:
+            raise GraftError(
+                "--stats streamed needs both models streamed block by block (--stream on, model folders)"
+            )
+        if stats == "auto":
+            return streamed and (self.meta.get("memory_plan") or {}).get("stats") == "streamed"
+        return stats == "streamed"
+
+    def lean_stats(self, progress: Progress) -> Any:
+        """Row alignment, norms and minibatch Gram matrices of a streamed pair, once per run."""
+        from .lean_stats import lean_stats
+
+        hit = self.memo.get("lean")
+        if hit is None:
+            texts = self.texts()
+            t0 = time.perf_counter()
+            hit = lean_stats(
+                self.donor,
+                self.target,
+                texts,
+                batch_size=self.options.batch_size,
+                outlier_factor=self.options.outlier_factor,
+                progress=progress,
+            )
+            self._add_seconds("capture_seconds", t0)
+            self.memo["lean"] = hit
+            self.meta.update(
+                n_texts=len(texts), n_tokens_donor=hit.n_tokens_donor, n_tokens_target=hit.n_tokens_target
+            )
+        self.meta.update(hit.summary())
+        self.meta["stats"] = "streamed"
+        return hit
+
     def cka(self, progress: Progress, include_embeddings: bool) -> torch.Tensor:
         """CKA matrix over donor x target layers (blocks, optionally with h_{-1} first)."""
+        if self.lean():
+            key = ("lean cka", include_embeddings)
+            if key not in self.memo:
+                ls = self.lean_stats(progress.sub(0, 0.9))
+                if ls.ra.n < MIN_CKA_ROWS:
+                    raise GraftError(f"too few aligned rows for CKA ({ls.ra.n}; at least {MIN_CKA_ROWS})")
+                t0 = time.perf_counter()
+                self.memo[key] = ls.cka(include_embeddings, progress.sub(0.9, 1.0))
+                self._add_seconds("cka_seconds", t0)
+            self.meta["cka_estimator"], self.meta["cka_form"] = "debiased", "minibatch"
+            return self.memo[key]
         al = self.aligned(progress.sub(0, 0.7))
         cd, ct = self.capture_pair(progress.sub(0.7, 0.7))
         key = ("cka", id(ct), include_embeddings, self.options.outlier_factor)

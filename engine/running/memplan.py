@@ -110,6 +110,9 @@ class MemoryPlan:
     t3_tokens_needed: int = 0
     t3_needed_peak_bytes: int = 0
     t3_needed_seconds: float = 0.0
+    # how T2 and T3 keep their rows: "rows" (every layer's, in memory) or "streamed" (lean route)
+    stats: str = "rows"
+    lean_peak_bytes: int = 0
     lines: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -261,6 +264,25 @@ def _evaluation_bytes(fps: list[Footprint], size: int) -> int:
     return 3 * 2 * big.outside_bytes + max(f.block_bytes for f in fps) * 2 + logits
 
 
+def _lean_bytes(fps: list[Footprint], tokens: int, size: int) -> int:
+    """Peak of the lean route (engine/running/lean_stats.py) beside the runtime: both walkers'
+    hidden states and blocks (T3 reads the two models in step) after the larger embeddings were
+    read, the minibatch Gram matrices of every layer, one layer pair's rows with T3's float64
+    copies and d x d factors, and one layer's rows as T2 reads, aligns and centres them."""
+    from ..measure.cka import MINIBATCH_ROWS
+
+    b = min(MINIBATCH_ROWS, max(tokens, 1))
+    grams = sum((f.n_layers + 1) * tokens * b * 4 for f in fps)
+    dmax = max(f.width for f in fps)
+    dsum = sum(f.width for f in fps)
+    pair = 2 * tokens * dsum * 4 + 16 * (tokens * dsum + 4 * dmax * dmax) + tokens * b * 8
+    layer = 20 * tokens * dmax  # a layer's rows as read, aligned, and centred in float64 (T2's Grams)
+    walk = max(f.outside_bytes for f in fps) + sum(
+        f.block_bytes + _hidden_bytes(f, tokens, size) for f in fps
+    )
+    return walk + grams + pair + layer
+
+
 def plan_run(
     specs: list[Any],
     *,
@@ -274,6 +296,8 @@ def plan_run(
     heldout_fraction: float = 0.25,
     edits: bool = False,
     module_rows: bool = False,
+    lean: bool = False,
+    stats: str = "rows",
 ) -> MemoryPlan:
     """The plan of a run on ``specs`` (model specs, in the order the run loads them)."""
     from ..loading.models import resolve_dtype
@@ -302,9 +326,21 @@ def plan_run(
         route = "whole"
     elif stream == "on":
         route = "stream"
+    elif stats == "streamed" and lean and can_stream:
+        route = "stream"  # the lean route reads the models block by block
     else:
         route = "whole" if whole_peak <= budget or not can_stream else "stream"
     peak = whole_peak if route == "whole" else stream_peak
+    lean_peak = (
+        RUNTIME_BYTES + _lean_bytes(fps, tokens, size) if lean and activations and len(fps) >= 2 else 0
+    )
+    use_lean = (
+        lean_peak > 0
+        and route == "stream"
+        and (stats == "streamed" or (stats == "auto" and stream_peak > budget and lean_peak < stream_peak))
+    )
+    if use_lean:
+        peak = lean_peak
     rate = flops_per_second(dtype, str(device))
     read = sum(f.file_bytes for f in fps)
 
@@ -341,8 +377,16 @@ def plan_run(
         t3_tokens_needed=need,
         t3_needed_peak_bytes=(need_w if route == "whole" else need_s) if need else 0,
         t3_needed_seconds=round(seconds(need), 1) if need else 0.0,
+        stats="streamed" if use_lean else "rows",
+        lean_peak_bytes=lean_peak,
     )
+    if need and lean_peak and route == "stream":  # a determined T3 on the cheaper of the two routes
+        need_lean = RUNTIME_BYTES + _lean_bytes(fps, need, size)
+        if need_lean < plan.t3_needed_peak_bytes:
+            plan.t3_needed_peak_bytes = need_lean
     held = "held whole" if route == "whole" else "streamed block by block"
+    if use_lean:
+        held += " (T2/T3 keep no rows: --stats streamed)"
     plan.lines.append(
         f"{held}: reads {fmt_bytes(read)}, peak about {fmt_bytes(peak)} of a {fmt_bytes(budget)} budget, "
         f"about {duration(est)} (estimated)"
@@ -380,7 +424,10 @@ def refusal(plan: MemoryPlan, streams: bool) -> Optional[str]:
             f"the pair needs about {need} held whole, over the {fmt_bytes(plan.budget_bytes)} budget, and "
             f"{why}: raise --max-memory or use smaller models"
         )
+    lean = ""
+    if plan.stats == "rows" and 0 < plan.lean_peak_bytes <= plan.budget_bytes:
+        lean = f", or keep no rows with --stats streamed (about {fmt_bytes(plan.lean_peak_bytes)})"
     return (
         f"even streamed block by block the run needs about {need}, over the "
-        f"{fmt_bytes(plan.budget_bytes)} budget: lower --max-tokens or raise --max-memory"
+        f"{fmt_bytes(plan.budget_bytes)} budget: lower --max-tokens or raise --max-memory{lean}"
     )

@@ -66,6 +66,8 @@ class Tool:
     edits: bool = False
     # Captures the output rows of every linear module (T7): the memory plan counts them.
     module_rows: bool = False
+    # Can run without every layer's rows (--stats streamed, engine/running/lean_stats.py): T2, T3
+    lean: bool = False
 
     @property
     def inputs(self) -> tuple[str, ...]:

@@ -173,6 +173,8 @@ def run_plan(tool: Any, models: list[Any], options: RunOptions, params: Any) -> 
             heldout_fraction=float(getattr(params, "heldout_fraction", 0.25)),
             edits=tool.edits,
             module_rows=tool.module_rows,
+            lean=tool.lean,
+            stats=getattr(options, "stats", "rows"),
         )
     except GraftError:
         if options.stream != "auto" or options.max_memory.strip():

@@ -35,7 +35,8 @@ class CKAResult:
     n_outlier_rows: int  # massive-activation tokens left out (RunOptions.outlier_factor)
     warnings: list[str]  # one-line warnings (CLI and UI show them): too few rows for the widths
     # "linear" (plug-in HSIC), or "debiased" (unbiased HSIC) when the rows are fewer than the wider
-    # width; the form that computed it: "gram" (n x n blocks) or "feature" (d x d cross-products)
+    # width; the form that computed it: "gram" (n x n blocks) or "feature" (d x d cross-products),
+    # or "minibatch" (--stats streamed: unbiased HSIC summed over minibatches of rows)
     estimator: str = "linear"
     form: str = "gram"
 
@@ -48,7 +49,13 @@ def compute_cka(ctx: ToolContext, params: CKAParams, progress: Progress) -> CKAR
     tl = list(range(start, start + M.shape[1]))
     pairs = monotone_matching(M)
     mc = [float(M[i, j]) for i, j in pairs]
-    al = ctx.aligned(progress.sub(1, 1))
+    lean = getattr(ctx, "lean", None)
+    if callable(lean) and lean():  # --stats streamed: no rows were kept (engine/running/lean_stats.py)
+        ls = ctx.lean_stats(progress.sub(1, 1))
+        mode, n, n_out, dx, dy = ls.ra.mode, ls.ra.n, ls.ra.n_outliers, ls.dx, ls.dy
+    else:
+        al = ctx.aligned(progress.sub(1, 1))
+        mode, n, n_out, dx, dy = al.mode, al.n, al.n_outliers, int(al.X.shape[2]), int(al.Y.shape[2])
     return CKAResult(
         donor_layers=dl,
         target_layers=tl,
@@ -57,10 +64,10 @@ def compute_cka(ctx: ToolContext, params: CKAParams, progress: Progress) -> CKAR
         matching_cka=[round(v, 6) for v in mc],
         mean_matched_cka=round(sum(mc) / len(mc), 6),
         diagonal=[round(float(M[i, i]), 6) for i in range(min(M.shape))],
-        alignment=al.mode,
-        n_rows=al.n,
-        n_outlier_rows=al.n_outliers,
-        warnings=cka_warnings(al.n, int(al.X.shape[2]), int(al.Y.shape[2])),
+        alignment=mode,
+        n_rows=n,
+        n_outlier_rows=n_out,
+        warnings=cka_warnings(n, dx, dy),
         estimator=str(getattr(ctx, "meta", {}).get("cka_estimator", "linear")),
         form=str(getattr(ctx, "meta", {}).get("cka_form", "gram")),
     )
@@ -93,5 +100,6 @@ TOOL = register(
         figure="viz.alignment:cka_figure",
         page="Alignment",
         streams=True,
+        lean=True,
     )
 )

@@ -103,6 +103,43 @@ def depth_pairs(Ld: int, Lt: int) -> list[tuple[int, int]]:
 
 
 def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Progress) -> ProcrustesResult:
+    lean = getattr(ctx, "lean", None)
+    if callable(lean) and lean():  # --stats streamed: pair by pair, both models walked in step
+        layers, mode, fit, held, dx, dy = _lean_layers(ctx, params, progress)
+    else:
+        layers, mode, fit, held, dx, dy = _rows_layers(ctx, params, progress)
+    progress(1.0, "done")
+    rows = int(fit.numel())
+    n_fit = int(fit.sum())
+    completion = COMPLETION_UNIQUE
+    if any(l["underdetermined"] for l in layers):
+        completion = COMPLETION_IDENTITY if dx == dy else COMPLETION_SPAN
+        if all(l["residual_heldout_completed"] is None for l in layers if l["underdetermined"]):
+            completion = COMPLETION_NONE
+    need = max(dx, dy) + 2  # centring costs a row: n_fit - 1 >= width
+    meta = getattr(ctx, "meta", None) or {}
+    n_tok = int(meta.get("n_tokens_target") or rows)
+    tokens_needed = int(need / max(1e-9, 1 - params.heldout_fraction) * n_tok / max(rows, 1)) + 1
+    return ProcrustesResult(
+        layers=layers,
+        mean_alignment=round(sum(l["alignment"] for l in layers) / len(layers), 6),
+        pairs=params.pairs,
+        n_fit=n_fit,
+        n_heldout=int(held.sum()),
+        alignment=mode,
+        donor_width=dx,
+        target_width=dy,
+        rows_per_width=round(n_fit / max(dx, dy), 6),
+        completion=completion,
+        warnings=procrustes_warnings(layers, n_fit, dx, dy, tokens_needed, meta.get("memory_plan")),
+        estimator=ESTIMATOR_SUBSPACE if any(l["estimator"] != "full" for l in layers) else "full",
+        rows_needed=need,
+        tokens_needed=tokens_needed,
+    )
+
+
+def _rows_layers(ctx: ToolContext, params: ProcrustesParams, progress: Progress):
+    """T3 from every layer's captured rows (the rows route)."""
     al = ctx.aligned(progress.sub(0, 0.6))
     Ld, Lt = al.X.shape[0] - 1, al.Y.shape[0] - 1
     if params.pairs == "matching":
@@ -152,35 +189,35 @@ def compute_procrustes(ctx: ToolContext, params: ProcrustesParams, progress: Pro
                 lambda ij: f"Procrustes layer {ij[0]} -> {ij[1]}",
                 workers,
             )
-    progress(1.0, "done")
-    dx, dy = int(al.X.shape[2]), int(al.Y.shape[2])
-    n_fit = int(fit.sum())
-    completion = COMPLETION_UNIQUE
-    if any(l["underdetermined"] for l in layers):
-        completion = COMPLETION_IDENTITY if dx == dy else COMPLETION_SPAN
-        if all(l["residual_heldout_completed"] is None for l in layers if l["underdetermined"]):
-            completion = COMPLETION_NONE
-    need = max(dx, dy) + 2  # centring costs a row: n_fit - 1 >= width
-    rows = int(al.X.shape[1])
-    meta = getattr(ctx, "meta", None) or {}
-    n_tok = int(meta.get("n_tokens_target") or rows)
-    tokens_needed = int(need / max(1e-9, 1 - params.heldout_fraction) * n_tok / max(rows, 1)) + 1
-    return ProcrustesResult(
-        layers=layers,
-        mean_alignment=round(sum(l["alignment"] for l in layers) / len(layers), 6),
-        pairs=params.pairs,
-        n_fit=n_fit,
-        n_heldout=int(held.sum()),
-        alignment=al.mode,
-        donor_width=dx,
-        target_width=dy,
-        rows_per_width=round(n_fit / max(dx, dy), 6),
-        completion=completion,
-        warnings=procrustes_warnings(layers, n_fit, dx, dy, tokens_needed, meta.get("memory_plan")),
-        estimator=ESTIMATOR_SUBSPACE if any(l["estimator"] != "full" for l in layers) else "full",
-        rows_needed=need,
-        tokens_needed=tokens_needed,
-    )
+    return layers, al.mode, fit, held, int(al.X.shape[2]), int(al.Y.shape[2])
+
+
+def _lean_layers(ctx: ToolContext, params: ProcrustesParams, progress: Progress):
+    """T3 on the lean route (engine/running/lean_stats.py): the same fit per pair, from the rows of
+    one donor layer and one target layer while both models are walked in step."""
+    from ..running.lean_stats import lockstep_pairs
+
+    ls = ctx.lean_stats(progress.sub(0, 0.45))
+    if params.pairs == "matching":
+        pairs = monotone_matching(ctx.cka(progress.sub(0.45, 0.5), include_embeddings=False))
+    else:
+        pairs = depth_pairs(ctx.donor.arch.n_layers, ctx.target.arch.n_layers)
+    fit, held = split_rows(ls.ra.group, params.heldout_fraction, params.seed)
+    if int(fit.sum()) < 2 or int(held.sum()) < 1:
+        raise GraftError("too few aligned rows to hold some out: use a larger workload or --max-tokens")
+    fit_i, held_i = fit.nonzero().squeeze(1), held.nonzero().squeeze(1)
+    with ieee_float32(torch.device("cpu")):
+        layers = lockstep_pairs(
+            ctx.donor,
+            ctx.target,
+            ctx.texts(),
+            ls.ra,
+            pairs,
+            lambda i, j, X, Y: fit_pair(X, Y, fit_i, held_i, params.ridge_alpha, i, j).__dict__,
+            batch_size=ctx.options.batch_size,
+            progress=progress.sub(0.5, 1.0),
+        )
+    return layers, ls.ra.mode, fit, held, ls.dx, ls.dy
 
 
 def _widths(dx: int, dy: int) -> str:
@@ -263,5 +300,6 @@ TOOL = register(
         figure="viz.alignment:procrustes_figure",
         page="Alignment",
         streams=True,
+        lean=True,
     )
 )
