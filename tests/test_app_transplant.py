@@ -48,7 +48,7 @@ def test_swap_then_compare_rollback_and_save(home, tmp_path):
         "Concept perplexity (T′)",
         "Retained perplexity (T′)",
         "Graded task score (T′)",
-        "Alignment with D (T′)",
+        "Alignment score with D (T′)",
         "TIR (graded)",
         "Recovery (graded)",
     ):

@@ -35,7 +35,7 @@ POLL_SECONDS = 0.75
 # A result with none of these shows its first few top-level numbers instead.
 METRIC_LABELS: dict[str, tuple[str, str]] = {
     "mean_matched_cka": ("Mean matched CKA", "Mean CKA along the monotone layer matching (0..1)."),
-    "mean_alignment": ("Mean alignment", "Mean over matched layers of 1 − held-out Procrustes residual."),
+    "mean_alignment": ("Mean Procrustes alignment", "Mean over matched layers of 1 − held-out T3 residual."),
     "tokenizer_overlap": ("Tokenizer overlap", "Jaccard overlap of the two vocabularies' token strings."),
     "swappable_modules": ("Swappable modules", "Modules shared by name whose weight shapes are equal."),
     "shared_modules": (
@@ -53,8 +53,8 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "tir": ("TIR", "Transplant improvement ratio S(T′)/S(T) under the run's score kind (see the caption)."),
     "recovery": ("Recovery", "(S(T′) − S(T)) / (S(D) − S(T)): share of the donor's advantage that moved."),
     "alignment_after": (
-        "Alignment T′ vs D",
-        "Share of prompt positions where T′'s greedy next token equals D's.",
+        "Alignment score T′ vs D",
+        "Share of positions where T′'s greedy next token (word, across tokenizers) equals D's.",
     ),
     "n_swappable": ("Swappable modules", "Modules shared by name whose weight shapes are equal."),
 }

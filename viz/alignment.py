@@ -98,7 +98,7 @@ def cka_figure(envelope: dict) -> go.Figure:
 
     parts = [
         f"mean matched CKA {c.fmt_num(r.get('mean_matched_cka'), 3)}",
-        f"alignment: {_mode(r)}",
+        f"rows aligned at {_mode(r)}",
         f"n = {c.fmt_num(r.get('n_rows'))} aligned rows",
     ]
     c.apply_layout(
@@ -157,7 +157,7 @@ def procrustes_figure(envelope: dict) -> go.Figure:
             continue
         hover = f"{name}: %{{y:.3f}}"
         if key == "residual_heldout":
-            hover += "<br>alignment (1 − held-out): %{customdata}<br>%{hovertext}"
+            hover += "<br>Procrustes alignment (1 − held-out): %{customdata}<br>%{hovertext}"
         labelled = key == "residual_heldout" and label_points
         fig.add_trace(
             go.Scatter(
@@ -168,7 +168,7 @@ def procrustes_figure(envelope: dict) -> go.Figure:
                 mode="lines+markers+text" if labelled else "lines+markers",
                 name=name,
                 visible=visible,
-                text=[f"alignment {p[2]}" for p in pts] if labelled else None,
+                text=[f"Procrustes alignment {p[2]}" for p in pts] if labelled else None,
                 textposition="top center",
                 textfont=dict(size=11, color=colours[key]),
                 line=dict(color=colours[key], dash=dash, width=3 if key == "residual_heldout" else 2),
@@ -193,12 +193,12 @@ def procrustes_figure(envelope: dict) -> go.Figure:
     )
     where = " in the fit rows' principal subspace" if r.get("estimator") == "principal subspace" else ""
     line1 = [
-        f"mean alignment (1 − held-out residual{where}) {c.fmt_num(r.get('mean_alignment'), 3)}",
+        f"mean Procrustes alignment (1 − held-out residual{where}) {c.fmt_num(r.get('mean_alignment'), 3)}",
         f"pairs: {pairs_txt}",
     ]
     line2 = [
         f"n_fit {c.fmt_num(r.get('n_fit'))} / n_held-out {c.fmt_num(r.get('n_heldout'))} rows",
-        f"alignment: {_mode(r)}",
+        f"rows aligned at {_mode(r)}",
     ]
     if "donor_width" in r or "target_width" in r:
         line2.append(f"widths {c.fmt_num(r.get('donor_width'))} → {c.fmt_num(r.get('target_width'))}")
@@ -386,7 +386,7 @@ def bridge_figure(envelope: dict) -> go.Figure:
     else:
         parts.append("hidden sizes differ: no raw comparison, bridged only")
     parts.append(
-        f"alignment: {_mode(r)}, n_fit {c.fmt_num(r.get('n_fit'))} / n_held-out "
+        f"rows aligned at {_mode(r)}, n_fit {c.fmt_num(r.get('n_fit'))} / n_held-out "
         f"{c.fmt_num(r.get('n_heldout'))}"
     )
     c.apply_layout(

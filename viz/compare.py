@@ -65,7 +65,7 @@ def compare_figure(
         subplot_titles=[
             "perplexity (log scale, lower is better)",
             f"task score: {kind}",
-            "agreement with D's next tokens",
+            "alignment score: agreement with D",
         ],
     )
     score_key = f"task_score_{kind}"
@@ -74,7 +74,11 @@ def compare_figure(
         panels = (
             (1, ["concept facts", "retained set"], [m.get("ppl_concept"), m.get("ppl_retained")]),
             (2, ["held-out questions"], [m.get(score_key)]),
-            (3, ["prompt tokens"], [_alignment(r, key)]),
+            (
+                3,
+                ["next words" if r.get("alignment_note", "").startswith("word level") else "next tokens"],
+                [_alignment(r, key)],
+            ),
         )
         for col, xs, ys in panels:
             fig.add_trace(
@@ -164,14 +168,14 @@ def metric_rows(result: dict, kind: str) -> list[dict[str, Any]]:
     al_b, al_a = result.get("alignment_before"), result.get("alignment_after")
     out.append(
         {
-            "label": "Alignment with D",
+            "label": "Alignment score with D",
             "value": al_a,
             "before": al_b,
             "donor": 1.0,
             "delta": _diff(al_a, al_b),
             "lower_is_better": False,
             "help": "Share of prompt positions where the model's greedy next token equals the donor's (D = "
-            "1).",
+            "1); across tokenizers, its greedy next word at every word end.",
         }
     )
     tr = transfer_of(result, kind)

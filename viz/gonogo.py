@@ -101,7 +101,7 @@ def gonogo_figure(envelope: dict) -> go.Figure:
                 y=[l.get("alignment") for l in pts],
                 name=f"{name} map",
                 marker_color=c.SERIES[i],
-                hovertemplate="layers %{x}<br>alignment %{y:.3f}<extra>" + name + "</extra>",
+                hovertemplate="layers %{x}<br>Procrustes alignment %{y:.3f}<extra>" + name + "</extra>",
             ),
             row=2,
             col=1,

@@ -172,7 +172,7 @@ def swap_figure(envelope: dict) -> go.Figure:
     mods = _rows(r, "modules")
     line2 = [
         f"{len(mods)} modules swapped ({r.get('selection', 'top-k')})",
-        f"alignment with D: T {c.fmt_num(al[0], 3)} → T′ {c.fmt_num(al[1], 3)}",
+        f"alignment score with D: T {c.fmt_num(al[0], 3)} → T′ {c.fmt_num(al[1], 3)}",
         f"rollback bit-exact {c.CHECK if r.get('rollback_bit_exact') else c.CROSS}",
     ]
     if r.get("saved_to"):

@@ -12,11 +12,10 @@
   (:func:`engine.evaluation.scoring.graded_score`);
 * ``task_score``: the one of the two chosen by ``score``.
 
-:func:`alignment_score` is the token-level agreement of greedy next-token predictions of two
-models over the prompt positions; it needs one tokenizer for both models. Across different
-tokenizers the greedy next tokens live in different vocabularies and no position-by-position
-agreement exists, so it raises a :class:`GraftError` rather than invent one (the module swap,
-the only caller, requires the same tokenizer anyway).
+:func:`alignment_score` is the agreement of greedy next-token predictions of two models over
+the prompt positions, with one tokenizer; across different tokenizers, whose greedy next tokens
+live in different vocabularies, it is the agreement of greedy next words at every word end
+(:mod:`engine.evaluation.word_agreement`), and says which (``level``).
 
 :func:`generations` gives greedy answers after :func:`engine.loading.tokens.format_prompt` (chat template).
 
@@ -272,27 +271,33 @@ def alignment_score(
     *,
     donor_hash: Optional[str] = None,
     state_hash: Optional[str] = None,
+    batch: int = 16,
 ) -> dict[str, Any]:
     """Agreement of greedy next-token predictions of the donor and ``model`` (docs/methods.md T11).
 
-    Each prompt (a question) is rendered with :func:`engine.loading.tokens.encode_prompt`, the input
-    the models see when answering; at every position ``t`` both models predict the next token
-    greedily and ``score = (1/N) * sum_t [argmax p_D(. | x_<=t) == argmax p_M(. | x_<=t)]`` over
-    all ``N`` prompt positions. Needs the same tokenizer (see the module docstring).
-    Returns ``{score, n_positions, per_prompt}``.
+    One tokenizer (``level = "token"``): each prompt (a question) is rendered with
+    :func:`engine.loading.tokens.encode_prompt`, the input the models see when answering; at every
+    position ``t`` both models predict the next token greedily and
+    ``score = (1/N) * sum_t [argmax p_D(. | x_<=t) == argmax p_M(. | x_<=t)]`` over all ``N``
+    prompt positions. Two tokenizers (``level = "word"``): the same agreement over greedy next
+    *words* at every word end of the plain question (:mod:`engine.evaluation.word_agreement`).
+    Returns ``{score, n_positions, per_prompt, level}``.
     """
     from ..loading.tokens import same_tokenizer
 
-    if not same_tokenizer(donor_tok, tok):
-        raise GraftError(
-            "alignment score is undefined across different tokenizers: greedy next tokens "
-            "come from different vocabularies, so positions cannot be compared one to one"
-        )
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise GraftError("no prompts for the alignment score")
     dkey = _state_key(donor_model, donor_tok, donor_hash)
     mkey = _state_key(model, tok, state_hash)
+    if not same_tokenizer(donor_tok, tok):
+        from .word_agreement import word_agreement
+
+        def by_word() -> dict[str, Any]:
+            with frozen(donor_model), frozen(model):
+                return word_agreement(donor_model, donor_tok, model, tok, prompts, batch=batch)
+
+        return _cached(("align-word", *dkey, *mkey, texts_sha256(prompts)), by_word)
     key = ("align", *dkey, *mkey, texts_sha256(prompts))
 
     def compute() -> dict[str, Any]:
@@ -308,6 +313,6 @@ def alignment_score(
                 agree += same
                 total += len(ids)
                 per.append(same / len(ids))
-        return {"score": agree / total, "n_positions": total, "per_prompt": per}
+        return {"score": agree / total, "n_positions": total, "per_prompt": per, "level": "token"}
 
     return _cached(key, compute)

@@ -93,6 +93,7 @@ def conjugate_streamed(
                 hashes,
                 progress.sub(0.6, 0.95),
                 exact=params.score == "exact",
+                streamed=True,
             )
         roll, why = should_roll_back(
             m["inter"],

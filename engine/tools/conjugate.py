@@ -34,7 +34,6 @@ from ..evaluation.beforeafter import (
 )
 from ..evaluation.evalcache import SCORES, alignment_score, evaluate_model
 from ..evaluation.interference import interference, should_roll_back
-from ..loading.tokens import same_tokenizer
 from ..running.conjugation import conjugation_plan, merged_donor, update_deltas
 from ..running.context import ToolContext
 from ..running.registry import Tool, register
@@ -145,6 +144,7 @@ def measure_conjugation(
     hashes: dict[str, Optional[str]],
     progress: Progress,
     exact: bool = True,
+    streamed: bool = False,
 ) -> dict[str, Any]:
     """Evaluate T, D and T' (``nets``: "t", "d", "tp" -> (model, tokenizer)), their transfer, the
     alignment with D and the interference on the retained set. Either route gives model objects: held
@@ -176,23 +176,24 @@ def measure_conjugation(
         )
         for kind in SCORES
     }
-    align_note = ""
-    al_before = al_after = None
     test_q = [q.question for q in sets[0].test_qa()]
-    if same_tokenizer(d_tok, t_tok):
-        dh = ev_d["state_hash"]
-        al_before = alignment_score(
-            d_net, d_tok, t_net, t_tok, test_q, donor_hash=dh, state_hash=ev_t["state_hash"]
-        )
-        al_after = alignment_score(
-            d_net, d_tok, tp_net, t_tok, test_q, donor_hash=dh, state_hash=ev_tp["state_hash"]
-        )
-        al_before, al_after = al_before["score"], al_after["score"]
-    else:
-        align_note = (
-            "token agreement with D is undefined across tokenizers (greedy ids come from "
-            "different vocabularies)"
-        )
+    dh = ev_d["state_hash"]
+    # one tokenizer: greedy next tokens; two: greedy next words (a streamed pass reads the model
+    # once per step, so there every prefix goes in one batch)
+    batch = 100_000 if streamed else 16
+    al_before = alignment_score(
+        d_net, d_tok, t_net, t_tok, test_q, donor_hash=dh, state_hash=ev_t["state_hash"], batch=batch
+    )
+    al_after = alignment_score(
+        d_net, d_tok, tp_net, t_tok, test_q, donor_hash=dh, state_hash=ev_tp["state_hash"], batch=batch
+    )
+    align_note = (
+        f"word level: greedy next words at {al_after['n_positions']} word ends of the test questions "
+        "(the tokenizers differ)"
+        if al_after["level"] == "word"
+        else ""
+    )
+    al_before, al_after = al_before["score"], al_after["score"]
     progress(0.75, "interference check on the retained set")
     inter = interference(
         t_net,
