@@ -72,6 +72,7 @@ def compute_organ_train(ctx: ToolContext, params: OrganTrainParams, progress: Pr
         source, organ, texts, config, seed=params.seed, data=data, progress=progress.sub(0.1, 0.9)
     )
     ctx.meta["train_seconds"] = round(time.perf_counter() - t0, 2)  # timings go in meta, not the result
+    ctx.meta["train_steps_seconds"] = metrics.pop("train_seconds")  # the optimiser steps alone
     out = params.out.strip() or str(default_out(f"{organ.name}-trained"))
     progress(0.92, f"writing {out}")
     path = save_organ(trained, out)
