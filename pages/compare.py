@@ -17,8 +17,9 @@ from engine.api import (
     SCORES,  # noqa: E402
     jsonsafe,  # noqa: E402
 )
-from ui.jobs import file_stem  # noqa: E402
+from ui.jobs import file_stem, tool_panel  # noqa: E402
 from ui.transplant import COMPARE_RUN, latest_swap_id, swap_envelope, swap_runs, transplant_actions  # noqa: E402
+from ui.verdict import run_inputs  # noqa: E402
 from viz.compare import SCORE_LABELS, compare_figure, conjugate_figure, generations_html, metric_rows  # noqa: E402
 from viz.report import build_report  # noqa: E402
 
@@ -162,3 +163,13 @@ rep.download_button(
     help="One self-contained HTML file (opens offline, prints to PDF): models and hashes, pre-surgery "
     "checks, surgery card, before/after numbers, T12/T13 figures, answers side by side, environment.",
 )
+
+st.markdown("#### lm-evaluation-harness")
+with st.container(border=True):
+    tool_panel(
+        "lm-eval",
+        inputs=run_inputs(run_id, by_id.get(run_id)),
+        how_to_read="each panel is one task's metric for T and T′, with the harness's standard error as "
+        "the error bar: the perplexities (lower is better) on the retained set, the general held-out "
+        "corpus and the concept answers, and the exact-match share of the concept questions.",
+    )

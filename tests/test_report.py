@@ -119,13 +119,13 @@ def test_pre_surgery_checks_and_verdict_runs_come_from_the_history(swap_run):
         "Not run for this pair" in pre
         and "python -m engine cka --donor tiny-gpt2-a --target tiny-gpt2-b" in pre
     )
-    verdict = _section(html, "Interference and attribution")
+    verdict = _section(html, "Verdicts: interference, attribution, lm-eval")
     assert f"python -m engine interference --run {run_id}" in verdict and "graft-fig" not in verdict
     # any run recorded with input run = this run is drawn by its tool's own figure builder
     cka = run_tool("cka", swap_run["d"], swap_run["t"], options={"workload": swap_run["workload"]})
     other = _record(history, cka, "cka", {"run": "someone-else"})
     mine = _record(history, cka, "cka", {"run": run_id})
-    verdict = _section(build_report(run_id, history), "Interference and attribution")
+    verdict = _section(build_report(run_id, history), "Verdicts: interference, attribution, lm-eval")
     assert mine in verdict and other not in verdict and "graft-fig" in verdict
     from engine.core.errors import GraftError
 

@@ -17,6 +17,7 @@ FILE_PAGES = (
     "Concept",
     "Transplant",
     "Organs",
+    "Compare",
     "Verdict",
 )  # registry page names served by a file in pages/
 TOOL_PAGE_ICON = ":material/biotech:"

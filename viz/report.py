@@ -35,7 +35,7 @@ SECTIONS = (
     "Pre-surgery checks",
     "What was done",
     "Before and after",
-    "Interference and attribution",
+    "Verdicts: interference, attribution, lm-eval",
     "Generations",
     "Environment",
 )
@@ -275,11 +275,11 @@ def _before_after(run: dict, env: dict, res: dict) -> str:
 def _verdicts(verdicts: list[dict[str, Any]], run_id: str) -> str:
     if not verdicts:
         return (
-            '<p class="muted">No T12 / T13 run reads this transplant yet. Run <code>python -m engine '
-            "interference "
-            f"--run {_e(run_id)}</code> and <code>python -m engine attribution --run {_e(run_id)}</code> "
-            "(or the "
-            "app's Verdict page), then build this report again.</p>"
+            '<p class="muted">No T12 / T13 / lm-eval run reads this transplant yet. Run <code>python -m '
+            "engine interference "
+            f"--run {_e(run_id)}</code>, <code>python -m engine attribution --run {_e(run_id)}</code> "
+            f"and <code>python -m engine lm-eval --run {_e(run_id)}</code> (or the app's Verdict and "
+            "Compare pages), then build this report again.</p>"
         )
     out = []
     for row in verdicts:
@@ -359,7 +359,7 @@ def build_report(run_id: str, history: Any = None) -> str:
         "Pre-surgery checks": _pre_surgery(pre, env),
         "What was done": _what_was_done(run, res),
         "Before and after": _before_after(run, env, res),
-        "Interference and attribution": _verdicts(verdicts, run_id),
+        "Verdicts: interference, attribution, lm-eval": _verdicts(verdicts, run_id),
         "Generations": generations_html(env)
         if res.get("generations") is not None
         else '<p class="muted">This run recorded no generations.</p>',
