@@ -68,8 +68,8 @@ def test_every_graft_task_runs_and_the_data_is_written(bos_model, tmp_path):
     res = out["results"]
     assert set(res) == set(GRAFT_TASKS)
     assert 0.0 <= res["graft_concept_gen"]["exact"] <= 1.0 and "exact_stderr" in res["graft_concept_gen"]
-    assert res["graft_concept_ll"]["perplexity"] > 1.0 and 0.0 <= res["graft_concept_ll"]["acc"] <= 1.0
-    assert res["graft_concept_ll"]["perplexity_stderr"] > 0  # bootstrapped by the harness
+    ll = res["graft_concept_ll"]
+    assert ll["token_perplexity"] > 1.0 and 0.0 <= ll["acc"] <= 1.0 and ll["acc_stderr"] is not None
     assert res["graft_general_ppl"]["token_perplexity"] > 1.0
 
 

@@ -8,8 +8,9 @@ retained set and the bundled general corpus:
   lm-eval's word and byte perplexity, bits per byte, and a token perplexity (each text's token
   count under the run's tokenizer, written into the task's data, aggregated by lm-eval's
   ``weighted_perplexity``);
-* ``graft_concept_ll``: ``loglikelihood`` of each held-out test answer after its prompt: lm-eval's
-  ``perplexity`` over answers and ``acc`` (the whole answer is the greedy continuation);
+* ``graft_concept_ll``: ``loglikelihood`` of each held-out test answer after its prompt: a token
+  perplexity of the answers (``weighted_perplexity`` over their token counts) and ``acc`` (the whole
+  answer is the greedy continuation);
 * ``graft_concept_gen``: ``generate_until`` on the same questions, scored by Graft's own answer
   match (``exact``, :func:`engine.evaluation.scoring.answer_matches`).
 
@@ -50,6 +51,11 @@ def rolling_all(doc, results):
         "bits_per_byte": (ll, nbytes),
         "token_perplexity": (ll, doc["n_tokens"]),
     }
+
+
+def answer_ll(doc, results):
+    ll, greedy = results[0] if isinstance(results[0], (tuple, list)) else results
+    return {"token_perplexity": (ll, doc["n_tokens"]), "acc": float(greedy)}
 
 
 def exact(doc, results):
@@ -94,9 +100,14 @@ doc_to_text: "{{{{prompt}}}}"
             head
             + """output_type: loglikelihood
 doc_to_target: "{{target}}"
+process_results: !function utils.answer_ll
 metric_list:
-  - metric: perplexity
+  - metric: token_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
 metadata:
   version: 1.0
 """
@@ -146,7 +157,10 @@ def write_tasks(
     for item in concept.test_qa():
         prompt = format_prompt(tokenizer, item.question)
         sep = "" if (not prompt or prompt[-1].isspace()) else " "
-        qa.append({"prompt": prompt, "target": sep + item.answer, "answer": item.answer})
+        n = len(tokenizer(sep + item.answer, add_special_tokens=False)["input_ids"])
+        qa.append(
+            {"prompt": prompt, "target": sep + item.answer, "answer": item.answer, "n_tokens": max(n, 1)}
+        )
     if not qa:
         raise GraftError(f"concept set {concept.name!r} has no held-out test questions for the harness")
     files = {

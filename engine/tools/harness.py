@@ -35,8 +35,8 @@ class LmEvalParams:
     )
     limit: int = param(0, "At most this many documents per task (0 = every document).", min=0, max=10_000_000)
     bootstrap_iters: int = param(
-        1000, "Bootstrap resamples for the harness's standard errors of non-mean metrics (the answers' "
-        "perplexity).", min=0,
+        1000, "Bootstrap resamples for the harness's standard errors of metrics it bootstraps (your "
+        "own tasks' medians, F1, BLEU...).", min=0,
         max=1_000_000,
     )  # fmt: skip
     max_new_tokens: int = param(16, "Greedy tokens per answer in graft_concept_gen.", min=1, max=512)
