@@ -30,8 +30,12 @@ def panels(r: dict) -> list[tuple[str, str]]:
 def harness_figure(envelope: dict) -> go.Figure:
     r = c.result_of(envelope)
     cells = panels(r)
-    title = c.envelope_title(envelope, "T14", "lm-evaluation-harness")
-    name = c.download_filename(envelope, "T14", "lm-eval")
+    src = r.get("source") or {}
+    # a run-based tool's envelope names no models: the transplant it judged does
+    named = {**envelope, "donor": envelope.get("donor") or src.get("donor"),
+             "target": envelope.get("target") or src.get("target")}  # fmt: skip
+    title = c.envelope_title(named, "T14", "lm-evaluation-harness")
+    name = c.download_filename(named, "T14", "lm-eval")
     if not cells:
         fig = go.Figure()
         c.note(fig, "no metrics in this result", y=0.5)
@@ -63,10 +67,11 @@ def harness_figure(envelope: dict) -> go.Figure:
                 row=row,
                 col=col,
             )
-    src = r.get("source") or {}
     sub = (
         f"run {src.get('run_id') or '—'} ({src.get('operation') or src.get('tool') or '—'}); concept set "
         f"{r.get('concept', '—')}, retained set {r.get('retained', '—')}; "
         f"lm-eval {r.get('harness_version', '—')}; error bars: the harness's standard errors"
     )
-    return c.apply_layout(fig, title, sub, height=260 * rows + 120, filename=name, barmode="group")
+    return c.apply_layout(
+        fig, title, sub, height=260 * rows + 160, filename=name, barmode="group", margin=dict(t=150)
+    )
