@@ -124,6 +124,30 @@ def test_a_crafted_link_shows_its_model_text_literally(home, page):
         assert r"\*\*b\*\*" in s and r"\:red\[r\]" in s and r"\$x\^2\$" in s, s
 
 
+def test_a_picker_whose_widget_state_is_dropped_keeps_the_pair(home):
+    """Streamlit may drop a keyed widget's state between runs (a browser run once showed the demo
+    donor in both pickers after a swap): each picker's own default is the pair in
+    ``donor``/``target``, never the first model in the list, so a lost state changes nothing."""
+    at = open_app({"donor": "tiny-gpt2-a", "target": "tiny-gpt2-b"}, "pages/alignment.py")
+    at.sidebar.button(key="swap-models").click().run()
+    for role, want in (("donor", "tiny-gpt2-b"), ("target", "tiny-gpt2-a")):
+        box = picker(at, role)  # the widget's own default, not only its state
+        assert box.options[box.proto.default].split(" ")[1] == want
+    from streamlit.proto.WidgetStates_pb2 import WidgetStates
+
+    ids = {picker(at, role).id for role in ("donor", "target")}
+    sent = WidgetStates()
+    sent.widgets.extend(w for w in at._tree.get_widget_states().widgets if w.id not in ids)
+    for wid in ids:
+        key = wid.split("-", 2)[2]  # "$$ID-<hash>-<user key>"
+        assert key.split("_pick-")[0] in ("donor", "target") and key in at.session_state
+        del at.session_state[key]
+    at._run(sent)
+    assert not at.exception, [e.value for e in at.exception]
+    assert (picker(at, "donor").value, picker(at, "target").value) == ("tiny-gpt2-b", "tiny-gpt2-a")
+    assert (at.session_state["donor"], at.session_state["target"]) == ("tiny-gpt2-b", "tiny-gpt2-a")
+
+
 def test_a_run_click_from_the_page_before_a_swap_runs_the_swapped_pair(home):
     """The browser's Run click can come from the page drawn before the swap's rerun reached it:
     its pickers still hold the old pair. Those stale values must not undo the swap."""

@@ -250,26 +250,25 @@ def _model_picker(
     # the old keys those would undo the change (swap, then Run at once, ran the old pair).
     changed = st.session_state.get(synced_key) != wanted
     gen = st.session_state.get(gen_key, 0) + (1 if changed else 0)
+    st.session_state[gen_key] = gen
     pick_key, path_key = _picker_keys(role, gen)
-    if changed or pick_key not in st.session_state:
-        st.session_state[gen_key] = gen
-        if wanted in choices:
-            st.session_state[pick_key] = wanted
-        else:
-            st.session_state[pick_key] = OTHER
-            st.session_state[path_key] = wanted
+    # The widgets' defaults are the spec text itself, never set through their keys: Streamlit may
+    # drop a keyed widget's state between runs (a run that did not draw it, a cold server's first
+    # legacy run), and a selectbox without state falls back to its default; with a fixed default
+    # of the first choice, that once put the demo donor in both pickers mid-run.
     pick = st.selectbox(
         label,
         choices,
+        index=choices.index(wanted) if wanted in choices else choices.index(OTHER),
         key=pick_key,
         format_func=lambda o: _format_choice(o, status),
         help=f"The {role}: {what}. Built-ins, models in your local Hugging Face cache, "
         "or (Other) a local folder, a .gguf file or a hub id.",
     )
     if pick == OTHER:
-        st.session_state.setdefault(path_key, "")
         text = st.text_input(
             f"{label} path",
+            value="" if wanted in choices else wanted,
             key=path_key,
             placeholder="/path/to/model, model.gguf or org/name",
             label_visibility="collapsed",
