@@ -25,6 +25,12 @@ docs report (and says so in the output). Usage::
     python bench/organs_paper.py --train 200 --epochs 1 --positions 1,5,20 --seeds 1 \
         --arms direct+recovery,bridged --no-lora
     python bench/organs_paper.py --train 200 --epochs 1 --arms none --seeds 2   # training speed only
+    python bench/organs_paper.py --train 1000 --epochs 5 --seeds 3 --ray auto    # cells on a local Ray
+
+With ``--ray`` (``auto`` or a cluster's ``host:port``) every (position, arm, seed) cell runs on a Ray
+worker (docs/cli.md, "Sweeps on Ray"); the organs are trained here first and reach the workers as
+checkpoints. The workers run torch on one thread each, so their numbers equal an in-process run
+on one thread.
 
 Times: ``organ_train_steps_s`` and ``lora.train_steps_s`` are the optimiser steps alone (the same
 number of steps, batch and texts); ``organ_train_s`` and ``lora.seconds`` include the evaluations,
@@ -49,11 +55,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.core.data import load_workload  # noqa: E402
+from engine.core.params import RunOptions  # noqa: E402
+from engine.core.progress import Progress  # noqa: E402
 from engine.core.train_config import TrainConfig  # noqa: E402
 from engine.evaluation.evaluate import perplexity  # noqa: E402
 from engine.loading.models import SMOLLM2, ModelSpec, ModelStore  # noqa: E402
+from engine.running.cells import run_cells  # noqa: E402
+from engine.running.context import ToolContext  # noqa: E402
 from engine.running.organ_run import STRATEGIES, insert_and_prepare  # noqa: E402
-from engine.surgery.organ import default_start, extract_organ  # noqa: E402
+from engine.surgery.organ import default_start, extract_organ, load_organ, save_organ  # noqa: E402
 from engine.surgery.organ_surgery import Placement  # noqa: E402
 from engine.surgery.organ_train import train_organ  # noqa: E402
 
@@ -78,11 +88,35 @@ def _stats(xs: list[float]) -> dict[str, Any]:
     }
 
 
-class _Ctx:
-    """What insert_and_prepare reads of a tool context: the target."""
+def _label(cell: dict[str, Any]) -> str:
+    return f"p={cell['position']} {cell['strategy']} seed {cell['seed']}"
 
-    def __init__(self, target: Any) -> None:
-        self.target = target
+
+def paper_cell(ctx: ToolContext, shared: dict[str, Any], cell: dict[str, Any], progress: Any) -> dict:
+    """One arm at one position with one seed: insert the seed's organ, train what the strategy
+    trains, and measure perplexity on the held-out test texts (in process, or on a Ray worker)."""
+    key = ("organs-paper", shared["train"])
+    if key not in ctx.memo:
+        ctx.memo[key] = {"train": _texts("train", shared["train"]), "test": _texts("test"), "organs": {}}
+    memo, seed, t = ctx.memo[key], int(cell["seed"]), ctx.target
+    if seed not in memo["organs"]:
+        memo["organs"][seed] = load_organ(shared["organs"][str(seed)])
+    e = float(shared["epochs"])
+    strategy = cell["strategy"]
+    mode = "bridged" if strategy.startswith("bridged") else "direct"
+    t0 = time.perf_counter()
+    ins, _ = insert_and_prepare(
+        ctx, [Placement(memo["organs"][seed], int(cell["position"]), mode)], [t], strategy=strategy,
+        ridge_alpha=0.01, seed=seed, texts=memo["train"], progress=progress,
+        recovery=TrainConfig(epochs=e, batch_size=8), bridges=TrainConfig(epochs=e / 3, batch_size=8),
+        joint=TrainConfig(epochs=2 * e / 3, batch_size=8),
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    try:
+        return {"test_ppl": perplexity(ins.working, t.tokenizer, memo["test"], max_length=128)["ppl"],
+                "seconds": seconds}  # fmt: skip
+    finally:
+        ins.rollback()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,30 +159,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["organ_train_steps_s"] = _stats(organ_steps_s)  # the optimiser steps alone
     out["train_steps"] = cfg.total_steps(len(train))
 
-    rec = TrainConfig(epochs=args.epochs, batch_size=8)
-    bridges = TrainConfig(epochs=args.epochs / 3, batch_size=8)
-    joint = TrainConfig(epochs=2 * args.epochs / 3, batch_size=8)
     arms: dict[str, Any] = {}
-    ctx = _Ctx(t)
     arms_run = [a for a in TRAINED + FREE if a in args.arms.split(",")] if args.arms else list(TRAINED + FREE)
-    for p in [int(x) for x in args.positions.split(",")]:
-        for strategy in arms_run:
-            seeds = range(args.seeds) if strategy in TRAINED else [0]
-            vals, secs = [], []
-            for seed in seeds:
-                _log(f"p={p} {strategy} seed {seed}")
-                mode = "bridged" if strategy.startswith("bridged") else "direct"
-                t0 = time.perf_counter()
-                ins, log = insert_and_prepare(
-                    ctx, [Placement(organs[seed], p, mode)], [t], strategy=strategy, ridge_alpha=0.01,
-                    seed=seed, texts=train, progress=_silent(), recovery=rec, bridges=bridges, joint=joint,
-                )  # fmt: skip
-                secs.append(time.perf_counter() - t0)
-                vals.append(ppl(ins.working))
-                ins.rollback()
-            arms[f"{strategy}@{p}"] = {"strategy": strategy, "position": p, "test_ppl": _stats(vals),
-                                       "seconds": _stats(secs)}  # fmt: skip
-            _log(f"  test ppl {arms[f'{strategy}@{p}']['test_ppl']['mean']:.3f}")
+    cells = [
+        {"position": p, "strategy": strategy, "seed": seed}
+        for p in [int(x) for x in args.positions.split(",")]
+        for strategy in arms_run
+        for seed in (range(args.seeds) if strategy in TRAINED else [0])
+    ]
+    with tempfile.TemporaryDirectory() as d:
+        # The organs reach every cell by path, here and on Ray workers alike (a checkpoint reads
+        # back bit-exactly: bench/organs.py checks it).
+        paths = {
+            str(seed): str(save_organ(organ, Path(d) / f"organ-{seed}")) for seed, organ in organs.items()
+        }
+        shared = {"organs": paths, "train": args.train, "epochs": args.epochs}
+        ctx = ToolContext(
+            None, t, None, RunOptions(ray=args.ray, device="cpu"), store=store, tool="organ-insert"
+        )
+        cell_run = run_cells(ctx, paper_cell, shared, cells, Progress(lambda f, m: _log(m)), _label)
+    out["ray"] = ctx.meta.get("ray")
+    for cell, got, i in zip(cells, cell_run.results, range(len(cells))):
+        name = f"{cell['strategy']}@{cell['position']}"
+        arm = arms.setdefault(name, {"strategy": cell["strategy"], "position": cell["position"], "runs": []})
+        arm["runs"].append(got if got is not None else {"failed": cell_run.failed[i]})
+    for arm in arms.values():
+        ok = [r for r in arm.pop("runs") if "failed" not in r]
+        arm["test_ppl"] = _stats([r["test_ppl"] for r in ok]) if ok else None
+        arm["seconds"] = _stats([r["seconds"] for r in ok]) if ok else None
     out["arms"] = arms
 
     from engine.adapters.donor import make_donor
@@ -175,12 +213,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _silent() -> Any:
-    from engine.core.progress import silent
-
-    return silent()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", type=int, default=1000)
@@ -190,6 +222,7 @@ def main() -> None:
     ap.add_argument("--reduced", action="store_true", help="200 texts, 1 epoch, position 10: about 35 min")
     ap.add_argument("--arms", default="", help="strategies, comma-separated (empty: all; none: no insertion)")
     ap.add_argument("--no-lora", dest="lora", action="store_false", help="skip the LoRA baseline")
+    ap.add_argument("--ray", default="", help="run the (position, arm, seed) cells on Ray: auto or host:port")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     if args.reduced:
@@ -202,4 +235,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Ray workers import the cell function by module name: run this file as the module
+    # ``organs_paper`` (bench/ is on the import path), not as ``__main__``.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import organs_paper
+
+    organs_paper.main()

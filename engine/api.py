@@ -18,6 +18,7 @@ from .loading.hf_folder import cached_hub_models
 from .loading.models import ModelSpec, ModelStore, model_card, remote_code_files, resolve_device
 from .loading.preload import FAILED, LOADED, LOADING, LoadState, Preloader
 from .running.actions import prepare_demo_donor
+from .running.cells import check_ray_option
 from .running.history import History, new_run_id
 from .running.jobs import Job, JobRunner
 from .running.live import LIVE, rebuild
@@ -51,6 +52,7 @@ __all__ = [
     "RunOptions",
     "all_tools",
     "build_params",
+    "check_ray_option",
     "builtin_concept_path",
     "builtin_status",
     "cached_hub_models",

@@ -15,6 +15,7 @@ from engine.api import (
     RunOptions,
     build_params,
     builtin_concept_path,
+    check_ray_option,
     graft_home,
     load_workload,
     param_specs,
@@ -41,6 +42,7 @@ def run_options_section() -> tuple[Optional[RunOptions], tuple[str, ...]]:
     try:
         options = build_params(RunOptions, values)
         resolve_device(options.device)
+        check_ray_option(options.ray)
     except GraftError as exc:
         errors.append(f"Run options: {one_line(exc)}")
         options = None

@@ -287,6 +287,12 @@ class RunOptions:
         "fit the memory budget.",
         choices=("auto", "rows", "streamed"),
     )
+    ray: str = param(
+        "",
+        "Run a sweep's independent cells (T8's K values, T9's positions and seeds) on Ray workers: auto "
+        "= a local Ray started on demand, or a running cluster's address (host:port). Empty = in this "
+        "process. Workers load the models by path or built-in name, one set per worker.",
+    )
     outlier_factor: float = param(
         20.0,
         "T2-T4 drop tokens whose residual norm, in any layer of either model, exceeds this multiple of "

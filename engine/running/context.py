@@ -48,6 +48,7 @@ class ToolContext:
     run: Optional[str] = None  # run id of a finished run in the history (the tool loads that run's models)
     store: Optional[ModelStore] = None  # where a tool loads further models from (a run's models)
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)  # per-run results (lean statistics)
+    tool: str = ""  # the registered tool's name (Ray workers rebuild the run from it: running/cells.py)
 
     def texts(self) -> list[str]:
         limit = per_text_limit([self.donor, self.target])

@@ -68,6 +68,8 @@ class Tool:
     module_rows: bool = False
     # Can run without every layer's rows (--stats streamed, engine/running/lean_stats.py): T2, T3
     lean: bool = False
+    # Its work is a grid of independent cells that --ray can spread over workers (running/cells.py)
+    cells: bool = False
 
     @property
     def inputs(self) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from ..core.progress import Progress, silent
 from ..evaluation.beforeafter import precheck_sets
 from ..loading.models import LoadedModel, ModelSpec, ModelStore, resolve_device
 from ..measure.capture_cache import DEFAULT_CACHE, CaptureCache
+from .cells import check_ray_option
 from .context import ToolContext
 from .memplan import MemoryPlan, plan_run, refusal
 from .registry import get_tool
@@ -59,6 +60,7 @@ def run_tool(
     t0 = time.perf_counter()
     # Bad paths fail here, in one line, before minutes of loading and computing.
     check_paths(options)
+    check_ray_option(options.ray)
     check_paths(params)
     precheck_sets(params)
     workload = resolve_workload(options.workload) if tool.uses_workload else None
@@ -98,9 +100,14 @@ def run_tool(
         organ=organ if "organ" in chosen else None,
         run=run if "run" in chosen else None,
         store=store,
+        tool=tool.name,
     )
     if plan is not None:
         ctx.meta["memory_plan"] = plan.as_dict()
+    if options.ray.strip() and not tool.cells:
+        ctx.meta.setdefault("notes", []).append(
+            f"--ray {options.ray.strip()}: {tool.code} is not a grid of independent cells, so it ran here"
+        )
     if inferred is not None:
         ctx.meta.setdefault("notes", []).append(
             f"base: {inferred.ref}, the model the adapter names as its base"

@@ -8,15 +8,18 @@ pre-surgery check predict the outcome?). ``s`` is the residual index the organ r
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..core.params import EvaluationSets, param
-from ..core.progress import Progress
+from ..core.params import EvaluationSets, build_params, param
+from ..core.progress import Progress, silent
 from ..evaluation.beforeafter import load_sets, rnd
+from ..running.cells import run_cells
 from ..running.context import ToolContext
 from ..running.organ_run import (
+    EVAL_KEYS,
     InsertionParams,
     epsilon_row,
     evaluate_insertion,
@@ -92,53 +95,88 @@ def _spread(runs: list[dict[str, Any]]) -> dict[str, Optional[float]]:
     return out
 
 
+def _prepared(ctx: ToolContext, params: PositionSweepParams, progress: Progress) -> dict[str, Any]:
+    """What every cell of this process reads, built once per process (``ctx.memo``): the organ,
+    its source model, the evaluation sets, the training texts and the trained phases' configs."""
+    key = ("position-sweep", repr(params))
+    if key not in ctx.memo:
+        mode = strategy_mode(params.strategy)
+        organ = organ_of(ctx, bridged=mode == "bridged")
+        source = (
+            require_source(ctx, organ, progress)
+            if mode == "bridged" or params.epsilon
+            else load_source(ctx, organ, progress)[0]
+        )
+        texts, train_data = train_texts_of(ctx, params.train_texts)
+        ctx.memo[key] = {
+            "mode": mode,
+            "organ": organ,
+            "source": source,
+            "sets": load_sets(params.concept, params.retained),
+            "texts": texts,
+            "train_data": train_data,
+            "configs": strategy_configs(params),
+        }
+    return ctx.memo[key]
+
+
+def position_cell(ctx: ToolContext, shared: dict[str, Any], cell: dict[str, Any], progress: Progress) -> dict:
+    """One (position, seed): insert the organ, train what the strategy trains, evaluate, roll back."""
+    params = build_params(PositionSweepParams, shared["params"])
+    prep = _prepared(ctx, params, silent())
+    ins, _ = insert_and_prepare(
+        ctx,
+        [Placement(prep["organ"], int(cell["position"]), prep["mode"])],
+        [prep["source"]],
+        strategy=params.strategy,
+        ridge_alpha=params.ridge_alpha,
+        seed=int(cell["seed"]),
+        texts=prep["texts"],
+        progress=progress.sub(0, 0.5),
+        **prep["configs"],
+    )
+    try:
+        return short(evaluate_insertion(ins, prep["sets"], "graded", 16, progress.sub(0.5, 1.0)))
+    finally:  # also on cancel: the target's working copy is the target again
+        ins.rollback()
+
+
 def compute_position_sweep(
     ctx: ToolContext, params: PositionSweepParams, progress: Progress
 ) -> PositionSweepResult:
-    mode = strategy_mode(params.strategy)
+    prep = _prepared(ctx, params, progress.sub(0, 0.05))
+    mode, organ, source, sets = prep["mode"], prep["organ"], prep["source"], prep["sets"]
     bridged = mode == "bridged"
-    organ = organ_of(ctx, bridged=bridged)
-    sets = load_sets(params.concept, params.retained)
     grid = parse_positions(params.positions, ctx.target.arch.n_layers, organ.size)
-    source = (
-        require_source(ctx, organ, progress.sub(0, 0.05))
-        if bridged or params.epsilon
-        else load_source(ctx, organ, progress.sub(0, 0.05))[0]
-    )
     eps_row, kind = None, None
     if params.epsilon:
         rows = epsilon_row(ctx, source, organ.input_layer, progress.sub(0.05, 0.25))
         kind = "raw" if (not bridged and rows["raw"] is not None) else "bridged"
         eps_row = rows[kind]
     baseline = short(evaluate_target(ctx.target, sets, "graded", 16, progress.sub(0.25, 0.3)))
-    texts, train_data = train_texts_of(ctx, params.train_texts)
-    configs = strategy_configs(params)
-    card = training_card(params, len(texts), train_data)
+    card = training_card(params, len(prep["texts"]), prep["train_data"])
     trains = any(v is not None for k, v in card.items() if k != "texts")
     seeds = [params.seed + j for j in range(params.seeds if trains else 1)]
+    cells = [{"position": p, "seed": seed} for p in grid for seed in seeds]
+
+    def label(c: dict[str, Any]) -> str:
+        return f"position {c['position']}" + (f", seed {c['seed']}" if trains else "")
+
+    run = run_cells(
+        ctx, position_cell, {"params": dataclasses.asdict(params)}, cells, progress.sub(0.3, 1.0), label
+    )
     points = []
     for i, p in enumerate(grid):
-        sub = progress.sub(0.3 + 0.7 * i / len(grid), 0.3 + 0.7 * (i + 1) / len(grid))
-        runs = []
-        for j, seed in enumerate(seeds):
-            one = sub.sub(j / len(seeds), (j + 1) / len(seeds))
-            one(0.0, f"position {p} ({i + 1}/{len(grid)})" + (f", seed {seed}" if trains else ""))
-            ins, _ = insert_and_prepare(
-                ctx,
-                [Placement(organ, p, mode)],
-                [source],
-                strategy=params.strategy,
-                ridge_alpha=params.ridge_alpha,
-                seed=seed,
-                texts=texts,
-                progress=one.sub(0, 0.5),
-                **configs,
-            )
-            runs.append(short(evaluate_insertion(ins, sets, "graded", 16, one.sub(0.5, 1.0))))
-            ins.rollback()
+        at = range(i * len(seeds), (i + 1) * len(seeds))
+        runs = [run.results[j] for j in at if run.results[j] is not None]
+        failed = [run.failed[j] for j in at if j in run.failed]
+        if not runs:  # every seed's Ray worker died twice: no numbers at this position
+            points.append({"position": p, **dict.fromkeys(EVAL_KEYS), "epsilon": None, "failed": failed})
+            continue
         points.append(
             {"position": p, **_mean(runs), "epsilon": None if eps_row is None else rnd(eps_row[p])}
             | ({"spread": _spread(runs), "per_seed": runs} if len(runs) > 1 else {})
+            | ({"failed": failed} if failed else {})
         )
     pc = [(pt["position"], pt["ppl_concept"]) for pt in points if pt["ppl_concept"] is not None]
     vals = [v for _, v in pc]
@@ -183,5 +221,6 @@ TOOL = register(
         same_family=True,
         needs=(("organ", "target"),),
         run_label="Run T9",
+        cells=True,
     )
 )

@@ -13,6 +13,7 @@ from ..core.params import EvaluationSets, GreedyTokensParam, TaskScoreParam, lis
 from ..core.progress import Progress
 from ..evaluation.beforeafter import evaluate_shared, load_sets, metrics, rnd, transfer_scores
 from ..evaluation.evalcache import evaluate_model
+from ..running.cells import run_cells
 from ..running.context import ToolContext
 from ..running.module_choice import rank_modules
 from ..running.registry import Tool, register
@@ -75,6 +76,52 @@ def parse_k_grid(text: str, n: int) -> tuple[list[int], list[int]]:
     return sorted({min(k, n) for k in ks}), clipped
 
 
+EV_KEYS = ("task_score", "task_score_exact", "task_score_graded", "ppl_concept", "ppl_retained")
+
+
+def _swap(ctx: ToolContext, shared: dict[str, Any]) -> ModuleSwap:
+    """This process's working copy for the sweep's modules (one per process, reused by every K)."""
+    key = ("sweep-k swap", tuple(shared["modules"]))
+    if key not in ctx.memo:
+        ctx.memo[key] = ModuleSwap(ctx.target, ctx.donor, shared["modules"])
+    return ctx.memo[key]
+
+
+def sweep_cell(ctx: ToolContext, shared: dict[str, Any], cell: dict[str, Any], progress: Progress) -> dict:
+    """One K: swap the top K modules into the working copy, evaluate, roll back (also on cancel)."""
+    key = ("sweep-k sets", shared["concept"], shared["retained"])
+    if key not in ctx.memo:
+        ctx.memo[key] = load_sets(shared["concept"], shared["retained"])
+    concept, retained = ctx.memo[key]
+    swap, k = _swap(ctx, shared), int(cell["k"])
+    progress(0.0, f"K = {k}: swapping the top {k} modules")
+    try:
+        swap.apply(shared["modules"][:k])
+        ev = evaluate_model(
+            swap.working,
+            ctx.target.tokenizer,
+            concept,
+            retained,
+            score=shared["score"],
+            exact=shared["exact"],
+            max_new_tokens=shared["max_new_tokens"],
+            progress=progress.sub(0.05, 0.95),
+        )
+    finally:  # also on cancel: the working copy goes back to T before the next K (or the exit)
+        swap.rollback()
+    return {key_: ev[key_] for key_ in EV_KEYS}
+
+
+def sweep_finish(ctx: ToolContext, shared: dict[str, Any]) -> dict:
+    """After the last K: is this process's working copy the target again, bit for bit?"""
+    key = ("sweep-k swap", tuple(shared["modules"]))
+    swap = ctx.memo.pop(key, None)
+    if swap is None:
+        return {"rollback_bit_exact": True}
+    exact = swap.weight_hash() == ctx.target.state_hash() and swap.verify_rollback()
+    return {"rollback_bit_exact": bool(exact)}
+
+
 def compute_sweep(ctx: ToolContext, params: SweepParams, progress: Progress) -> SweepResult:
     check_swap_pair(ctx.donor, ctx.target)
     sets = load_sets(params.concept, params.retained)
@@ -93,31 +140,25 @@ def compute_sweep(ctx: ToolContext, params: SweepParams, progress: Progress) -> 
     )
     s_t, s_d = ev_t["task_score"], ev_d["task_score"]
     base = transfer_scores(s_t, s_t, s_d)
-    swap = ModuleSwap(ctx.target, ctx.donor, [m["name"] for m in ranked]) if k_max > 0 else None
     hash_t = ev_t["state_hash"]
+    shared = {
+        "modules": [m["name"] for m in ranked],
+        "concept": params.concept,
+        "retained": params.retained,
+        "score": params.score,
+        "exact": exact,
+        "max_new_tokens": params.max_new_tokens,
+    }
+    cells = [{"k": k} for k in grid if k > 0]
+    run = run_cells(
+        ctx, sweep_cell, shared, cells, progress.sub(0.28, 0.98), lambda c: f"K = {c['k']}", sweep_finish
+    )
+    measured = {c["k"]: (r, run.failed.get(i)) for i, (c, r) in enumerate(zip(cells, run.results))}
     points = []
-    span = 0.7 / len(grid)
-    for i, k in enumerate(grid):
-        p = progress.sub(0.28 + i * span, 0.28 + (i + 1) * span)
-        p(0.0, f"K = {k}: swapping the top {k} modules")
-        if k == 0 or swap is None:
-            ev = ev_t
-        else:
-            try:
-                swap.apply([m["name"] for m in ranked[:k]])
-                ev = evaluate_model(
-                    swap.working,
-                    ctx.target.tokenizer,
-                    sets[0],
-                    sets[1],
-                    score=params.score,
-                    exact=exact,
-                    max_new_tokens=params.max_new_tokens,
-                    progress=p.sub(0.05, 0.95),
-                )
-            finally:  # also on cancel: the working copy goes back to T before the next K (or the exit)
-                swap.rollback()
-        tm = transfer_scores(s_t, ev["task_score"], s_d)
+    for k in grid:
+        ev, failed = (ev_t, None) if k == 0 else measured[k]
+        ev = ev or dict.fromkeys(EV_KEYS)  # a cell whose Ray worker died twice: no numbers
+        tm = transfer_scores(s_t, ev["task_score"], s_d) if ev["task_score"] is not None else {}
         n_att = sum(m["kind"] == "attention" for m in ranked[:k])
         points.append(
             {
@@ -125,10 +166,10 @@ def compute_sweep(ctx: ToolContext, params: SweepParams, progress: Progress) -> 
                 "task_score": rnd(ev["task_score"]),
                 "task_score_exact": rnd(ev["task_score_exact"]),
                 "task_score_graded": rnd(ev["task_score_graded"]),
-                "tir": tm["tir"],
-                "recovery": tm["recovery"],
-                "tir_note": tm["tir_note"],
-                "recovery_note": tm["recovery_note"],
+                "tir": tm.get("tir"),
+                "recovery": tm.get("recovery"),
+                "tir_note": tm.get("tir_note", ""),
+                "recovery_note": tm.get("recovery_note", ""),
                 "ppl_concept": rnd(ev["ppl_concept"]),
                 "ppl_retained": rnd(ev["ppl_retained"]),
                 "n_attention": n_att,
@@ -136,11 +177,9 @@ def compute_sweep(ctx: ToolContext, params: SweepParams, progress: Progress) -> 
                 "attention_share": rnd(n_att / k) if k else None,
                 "mlp_share": rnd((k - n_att) / k) if k else None,
             }
+            | ({"failed": failed} if failed else {})
         )
-        p(1.0, f"K = {k}: evaluated")
-    bit_exact = True
-    if swap is not None:
-        bit_exact = swap.weight_hash() == hash_t and swap.verify_rollback()
+    bit_exact = all(f.get("rollback_bit_exact") is True for f in run.finish)
     untouched = ctx.target.state_hash() == hash_t
     progress(1.0, "done")
     return SweepResult(
@@ -170,5 +209,6 @@ SWEEP_TOOL = register(
         figure="viz.transplant:sweep_figure",
         page="Transplant",
         same_family=True,
+        cells=True,
     )
 )
