@@ -16,6 +16,10 @@ modules perturbed, into tiny-llama-a), ``twin`` (tiny-llama-a into its rotated t
 donor into SmolLM2-135M-Instruct; it must be built). Usage:
 
     python bench/gonogo.py [--pairs self,planted,twin,cross,unrelated] [--k-nogo 8] [--json out.json]
+    python bench/gonogo.py --pairs self,twin,cross,unrelated,demo --ray auto   # a pair per Ray worker
+
+With ``--ray`` (``auto`` or a cluster's ``host:port``) each pair is a cell on a Ray worker
+(docs/cli.md, "Sweeps on Ray"), which builds the pair from its name, as here.
 """
 
 from __future__ import annotations
@@ -33,9 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import engine.tools  # noqa: E402, F401  (registers every tool: the registry never imports them)
 from engine.core.errors import GraftError  # noqa: E402
+from engine.core.params import RunOptions  # noqa: E402
+from engine.core.progress import Progress  # noqa: E402
 from engine.loading.arch import ArchAdapter  # noqa: E402
 from engine.loading.models import DEMO_DONOR, SMOLLM2, LoadedModel, ModelSpec  # noqa: E402
 from engine.loading.tiny import build_tiny  # noqa: E402
+from engine.running.cells import run_cells  # noqa: E402
+from engine.running.context import ToolContext  # noqa: E402
 from engine.running.runner import run_tool  # noqa: E402
 from engine.surgery.twin import rotate_model  # noqa: E402
 
@@ -130,6 +138,15 @@ def measure(name: str, k_nogo: int, max_increase: float, device: str) -> dict[st
     return row
 
 
+def pair_cell(ctx: Any, shared: dict[str, Any], cell: dict[str, Any], progress: Any) -> dict[str, Any]:
+    """One pair of the grid (in process, or on a Ray worker)."""
+    return measure(cell["pair"], shared["k_nogo"], shared["max_increase"], shared["device"])
+
+
+def _pair(cell: dict[str, Any]) -> str:
+    return f"pair {cell['pair']}"
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "—"
@@ -146,13 +163,18 @@ def main() -> None:
         "--max-increase", type=float, default=0.1, help="retained perplexity rise that counts as damage"
     )
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--ray", default="", help="a pair per Ray worker: auto or host:port")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    rows = [
-        measure(p.strip(), args.k_nogo, args.max_increase, args.device)
-        for p in args.pairs.split(",")
-        if p.strip()
-    ]
+    shared = {"k_nogo": args.k_nogo, "max_increase": args.max_increase, "device": args.device}
+    cells = [{"pair": p.strip()} for p in args.pairs.split(",") if p.strip()]
+    # The tool's name lets a Ray worker rebuild a context; the models come from each pair's name.
+    ctx = ToolContext(None, None, None, RunOptions(ray=args.ray), tool="go-no-go")
+    run = run_cells(ctx, pair_cell, shared, cells, Progress(lambda f, m: print(m, file=sys.stderr)), _pair)
+    failed = [run.failed[i] for i in sorted(run.failed)]
+    rows = [r for r in run.results if r is not None]
+    if failed:
+        print("failed: " + "; ".join(failed), file=sys.stderr)
     print(
         "| pair | predicted swap | K | measured | Recovery (graded) | retained ppl change | held | "
         "go/no-go s | swap s |"
@@ -176,4 +198,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Ray workers import the cell function by module name: run this file as the module ``gonogo``
+    # (bench/ is on the import path), not as ``__main__``.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gonogo
+
+    gonogo.main()

@@ -11,9 +11,10 @@ Each sweep runs three times in this one process, on the same warm models:
 
 1. in process with every thread of the machine (the default path);
 2. in process on one thread (the Ray workers' setting: the bit-for-bit reference);
-3. with ``--ray auto``: a local Ray on all CPUs, one single-threaded worker per CPU; the first such
-   run pays Ray's start, and every run pays the workers' start and model loads (``ray_start_s``
-   is Ray's own start, timed apart before the sweeps).
+3. with ``--ray auto``: a local Ray on all CPUs, one single-threaded worker per CPU, while this
+   process does the sweep's own part (T8's ranking, the evaluations of T and D) on every thread;
+   every run pays the workers' start and model loads (``ray_start_s`` is Ray's own start, timed
+   apart before the sweeps).
 
 Reported: wall seconds of each, ``overhead_s`` = Ray wall - in-process wall (all threads), the
 sum of the cells' own seconds on the workers, and whether the Ray result equals run 2 and run 1
@@ -67,8 +68,8 @@ def sweep(name: str, run: Any, threads: int) -> dict[str, Any]:
     here, t_all = timed(lambda: run(name, {}))
     torch.set_num_threads(1)
     one, t_one = timed(lambda: run(name, {}))
+    torch.set_num_threads(threads)  # the driver's own part (ranking, T and D) as in process
     there, t_ray = timed(lambda: run(name, {"ray": "auto"}))
-    torch.set_num_threads(threads)
     meta = there["meta"]["ray"]
     return {
         "tool": name,

@@ -30,7 +30,8 @@ PAIR = dict(donor=ModelSpec.parse("tiny-gpt2-a"), target=ModelSpec.parse("tiny-g
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": a Ray of its own, never a cluster that `ray start` (or an earlier test) left
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -105,7 +106,7 @@ def test_a_killed_worker_is_retried_once_then_reported_failed(ctx, tmp_path):
     assert set(out.failed) == {2} and "died twice" in out.failed[2]
     assert sorted(ctx.meta["ray"]["retried"]) == ["cell 1", "cell 2"]
     assert all(r["layers"] == ctx.target.arch.n_layers for r in out.results if r)  # the recipe's model
-    assert any("(4/4 cells)" in m for m in seen)  # progress per cell, the failed one counted
+    assert any("(4/4 cells)" in m for m in seen) and any("cell 2: failed" in m for m in seen)
 
 
 def test_a_cancel_kills_the_workers(ctx, tmp_path):
@@ -152,6 +153,44 @@ def test_t8_from_the_cli_on_its_own_local_ray(local_ray, tmp_path, sets, one_thr
     params = {"k_grid": "0,1,4", **sets}
     here = run_tool("sweep-k", options={"max_tokens": 256}, params=params, **PAIR)
     assert there["result"] == here["result"] and there["meta"]["ray"]["workers"] >= 1
+
+
+def test_ray_address_joins_a_running_cluster(tmp_path):
+    """`--ray host:port` joins a cluster started apart (`ray start --head`, token authentication
+    on, as Ray starts it by default); its whole process group is killed after."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--num-cpus", "1", "--port", str(port), "--include-dashboard", "false",
+         "--block"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() - t0 < 90, "the Ray head did not come up"
+                time.sleep(0.5)
+        out = tmp_path / "t8.json"
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray 2.60: a driver joining a cluster opts in
+        r = subprocess.run(
+            [sys.executable, "-m", "engine", "sweep-k", "--donor", "tiny-gpt2-a", "--target", "tiny-gpt2-b",
+             "--k-grid", "0,1", "--max-tokens", "128", "--ray", f"127.0.0.1:{port}", "--json", str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        meta = json.loads(out.read_text())["meta"]["ray"]
+        assert meta["address"].endswith(f":{port}") and meta["cells"] == 1 and meta["workers"] == 1
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
 
 
 def test_bad_ray_values_are_one_line_errors_before_any_load():

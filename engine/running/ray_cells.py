@@ -33,6 +33,7 @@ from ..loading.models import ModelStore
 from .cells import CellRun, Grid, Recipe, resolve_fn, worker_context
 
 POLL_S = 0.2
+THREADS_PER_WORKER = 1  # torch threads of a worker: one per CPU it holds (Ray gives it num_cpus=1)
 ACTOR_MEMORY_FACTOR = 1.5  # a worker holds its models plus a working copy of what a cell changes
 
 
@@ -148,7 +149,7 @@ def run_on_ray(recipe: Recipe, grid: Grid, progress: Progress, address: str, mod
     n = len(cells)
     n_workers, opts = plan_workers(recipe, n, model_bytes)
     actor_cls = _actor_class(opts)
-    threads = 1
+    threads = THREADS_PER_WORKER
     workers = [actor_cls.remote(recipe, threads, fn) for _ in range(n_workers)]
     queue = collections.deque(range(n))
     attempts = [0] * n
@@ -183,11 +184,15 @@ def run_on_ray(recipe: Recipe, grid: Grid, progress: Progress, address: str, mod
                 except ray.exceptions.RayTaskError as exc:  # the cell's own error, as in process
                     cause = exc.cause if isinstance(exc.cause, Exception) else None
                     raise (cause or GraftError(str(exc).splitlines()[-1])) from None
+                except ray.exceptions.RayError as exc:  # Ray itself (a worker's environment, the cluster)
+                    why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                    raise GraftError(f"--ray {address}: {why}") from None
                 else:
                     out.results[i], seconds[i] = got["result"], got["seconds"]
                     idle.append(slot)
                 done += 1
-                progress(done / n, f"{label(cells[i])}: done ({done}/{n} cells)")
+                how = "failed" if i in out.failed else "done"
+                progress(done / n, f"{label(cells[i])}: {how} ({done}/{n} cells)")
         if finish is not None:
             for ref in [w.finish.remote(finish, shared) for w in workers]:
                 try:
