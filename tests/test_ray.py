@@ -89,6 +89,16 @@ def test_t9_on_ray_equals_in_process_with_seeds(local_ray, tiny_organ, sets, wor
     assert there["meta"]["ray"]["cells"] == 4
 
 
+def test_t10_on_ray_equals_in_process(local_ray, tiny_organ, workload, one_thread):
+    kw = dict(target=PAIR["target"], organ=tiny_organ["path"])
+    params = {"positions": "0,1", "train_epochs": 1, "subsets": "0.5,1", "lr": 1e-2}
+    here = run_tool("bridge-deviation", options={"workload": workload}, params=params, **kw)
+    there = run_tool("bridge-deviation", options={"workload": workload, "ray": "auto"}, params=params, **kw)
+    assert there["result"] == here["result"] and there["meta"]["ray"]["cells"] == 6
+    devs = [p["dev_in"] for p in there["result"]["points"] if p["bridge"] == "trained"]
+    assert len(devs) == 4 and all(d > 0 for d in devs)  # trained bridges moved from the identity
+
+
 def test_a_killed_worker_is_retried_once_then_reported_failed(ctx, tmp_path):
     cells = [{"i": 0}, {"i": 1, "die": "once"}, {"i": 2, "die": "always"}, {"i": 3}]
     seen: list[str] = []

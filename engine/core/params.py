@@ -289,9 +289,10 @@ class RunOptions:
     )
     ray: str = param(
         "",
-        "Run a sweep's independent cells (T8's K values, T9's positions and seeds) on Ray workers: auto "
-        "= a local Ray started on demand, or a running cluster's address (host:port). Empty = in this "
-        "process. Workers load the models by path or built-in name, one set per worker.",
+        "Run a sweep's independent cells (T8's K values, T9's positions and seeds, T10's positions and "
+        "sizes) on Ray workers: auto = a local Ray started on demand, or a running cluster's address "
+        "(host:port). Empty = in this process. Workers load the models by path or built-in name, one "
+        "set per worker.",
     )
     outlier_factor: float = param(
         20.0,

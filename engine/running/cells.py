@@ -51,6 +51,7 @@ class Recipe:
 
     tool: str
     options: dict[str, Any]
+    workload: bool = False  # the run reads the workload (options.workload, or the bundled set)
     donor: Optional[ModelSpec] = None
     target: Optional[ModelSpec] = None
     base: Optional[ModelSpec] = None
@@ -116,6 +117,7 @@ def recipe_of(ctx: ToolContext) -> Recipe:
     return Recipe(
         tool=ctx.tool,
         options={**dataclasses.asdict(ctx.options), "ray": ""},
+        workload=ctx.workload is not None,
         adapter=ctx.adapter,
         organ=ctx.organ,
         run=ctx.run,
@@ -126,9 +128,7 @@ def recipe_of(ctx: ToolContext) -> Recipe:
 def worker_context(recipe: Recipe, store: ModelStore) -> ToolContext:
     """The context a worker runs cells in: the recipe's models loaded from their specs."""
     from ..core.data import resolve_workload
-    from .registry import get_tool
 
-    tool = get_tool(recipe.tool)
     options = build_params(RunOptions, recipe.options)
     loaded = {
         role: None if spec is None else store.get(spec, options.device, options.dtype, silent())
@@ -137,7 +137,7 @@ def worker_context(recipe: Recipe, store: ModelStore) -> ToolContext:
     return ToolContext(
         loaded["donor"],
         loaded["target"],
-        resolve_workload(options.workload) if tool.uses_workload else None,
+        resolve_workload(options.workload) if recipe.workload else None,
         options,
         base=loaded["base"],
         adapter=recipe.adapter,

@@ -45,7 +45,7 @@ class CellWorker:
         self.error = ""
         self.ctx = None
         try:
-            resolve_fn(fn)  # imports the tool's module, which registers the tool
+            resolve_fn(fn)  # imports the cell function's module here: a failure is the first cell's error
             self.ctx = worker_context(recipe, ModelStore())
         except Exception as exc:  # said by the first cell, in one line, instead of a dead actor
             why = str(exc) if isinstance(exc, GraftError) else f"{type(exc).__name__}: {exc}"

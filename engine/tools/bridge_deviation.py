@@ -5,14 +5,16 @@ growing subsets of the texts to show how the deviation depends on the data."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import GraftError
-from ..core.params import BridgeRidge, OptimParams, TrainTextsParam, list_items, param
-from ..core.progress import Progress
+from ..core.params import BridgeRidge, OptimParams, TrainTextsParam, build_params, list_items, param
+from ..core.progress import Progress, silent
 from ..core.train_config import from_params
 from ..evaluation.beforeafter import rnd
+from ..running.cells import run_cells
 from ..running.context import ToolContext
 from ..running.organ_run import insert_and_prepare, organ_of, parse_positions, require_source, train_texts_of
 from ..running.registry import Tool, register
@@ -77,50 +79,78 @@ def _sizes(text: str, n_texts: int) -> list[int]:
     return vals
 
 
+def _prepared(ctx: ToolContext, params: BridgeDeviationParams, progress: Progress) -> dict[str, Any]:
+    """The organ, its source, the training texts and the trained bridges' config, once per process."""
+    key = ("bridge-deviation", repr(params))
+    if key not in ctx.memo:
+        organ = organ_of(ctx, bridged=True)
+        trained = params.train_epochs > 0 or params.train_steps > 0
+        ctx.memo[key] = {
+            "organ": organ,
+            "source": require_source(ctx, organ, progress),
+            "texts": train_texts_of(ctx, params.train_texts)[0],
+            "trained": trained,
+            "config": from_params(params, params.train_epochs or 1.0, params.train_steps)
+            if trained
+            else None,
+        }
+    return ctx.memo[key]
+
+
+def deviation_cell(
+    ctx: ToolContext, shared: dict[str, Any], cell: dict[str, Any], progress: Progress
+) -> dict:
+    """One (position, bridge kind, number of texts): insert bridged, fit or train, measure, roll back."""
+    params = build_params(BridgeDeviationParams, shared["params"])
+    prep = _prepared(ctx, params, silent())
+    use = prep["texts"][: int(cell["n_texts"])]
+    ins, _ = insert_and_prepare(
+        ctx,
+        [Placement(prep["organ"], int(cell["position"]), "bridged")],
+        [prep["source"]],
+        strategy="bridged-closed-form" if cell["bridge"] == "closed-form" else "bridged",
+        ridge_alpha=params.ridge_alpha,
+        seed=params.seed,
+        texts=use,
+        progress=progress,
+        bridges=prep["config"],
+    )
+    try:
+        dev = ins.deviations()[0] or {}
+    finally:
+        ins.rollback()
+    return {"dev_in": rnd(dev.get("in")), "dev_out": rnd(dev.get("out")), "n_texts": len(use)}
+
+
 def compute_bridge_deviation(
     ctx: ToolContext, params: BridgeDeviationParams, progress: Progress
 ) -> BridgeDeviationResult:
-    organ = organ_of(ctx, bridged=True)
+    prep = _prepared(ctx, params, progress.sub(0, 0.05))
+    organ, texts = prep["organ"], prep["texts"]
     grid = parse_positions(params.positions, ctx.target.arch.n_layers, organ.size)
-    trained = params.train_epochs > 0 or params.train_steps > 0
-    source = require_source(ctx, organ, progress.sub(0, 0.05))
-    texts, _ = train_texts_of(ctx, params.train_texts)
     counts = _sizes(params.sizes, len(texts)) if params.sizes.strip() else None
     fracs = (
-        (_subsets(params.subsets) if counts is None else [c / len(texts) for c in counts]) if trained else []
+        (_subsets(params.subsets) if counts is None else [c / len(texts) for c in counts])
+        if prep["trained"]
+        else []
     )
     sizes = counts if counts is not None else [max(1, round(f * len(texts))) for f in fracs]
-    config = from_params(params, params.train_epochs or 1.0, params.train_steps) if trained else None
     jobs = [("closed-form", len(texts))] + [("trained", n) for n in sizes]
+    cells = [{"position": p, "bridge": kind, "n_texts": n_use} for p in grid for kind, n_use in jobs]
+    run = run_cells(
+        ctx,
+        deviation_cell,
+        {"params": dataclasses.asdict(params)},
+        cells,
+        progress.sub(0.05, 1.0),
+        lambda c: f"position {c['position']}, {c['bridge']} bridges on {c['n_texts']} texts",
+    )
     points = []
-    total = len(grid) * len(jobs)
-    for i, p in enumerate(grid):
-        for j, (kind, n_use) in enumerate(jobs):
-            n = i * len(jobs) + j
-            sub = progress.sub(0.05 + 0.95 * n / total, 0.05 + 0.95 * (n + 1) / total)
-            use = texts[:n_use]
-            ins, _ = insert_and_prepare(
-                ctx,
-                [Placement(organ, p, "bridged")],
-                [source],
-                strategy="bridged-closed-form" if kind == "closed-form" else "bridged",
-                ridge_alpha=params.ridge_alpha,
-                seed=params.seed,
-                texts=use,
-                progress=sub,
-                bridges=config,
-            )
-            dev = ins.deviations()[0] or {}
-            ins.rollback()
-            points.append(
-                {
-                    "position": p,
-                    "dev_in": rnd(dev.get("in")),
-                    "dev_out": rnd(dev.get("out")),
-                    "bridge": kind,
-                    "n_texts": len(use),
-                }
-            )
+    for i, (cell, got) in enumerate(zip(cells, run.results)):
+        got = got or {"dev_in": None, "dev_out": None, "n_texts": cell["n_texts"]}  # its worker died twice
+        point = {"position": cell["position"], "dev_in": got["dev_in"], "dev_out": got["dev_out"]}
+        point |= {"bridge": cell["bridge"], "n_texts": got["n_texts"]}
+        points.append(point | ({"failed": run.failed[i]} if i in run.failed else {}))
     progress(1.0, "done")
     return BridgeDeviationResult(
         s=organ.input_layer, size=organ.size, points=points, n_texts=len(texts), subsets=fracs
@@ -141,5 +171,6 @@ TOOL = register(
         same_family=True,
         needs=(("organ", "target"),),
         run_label="Run T10",
+        cells=True,
     )
 )
