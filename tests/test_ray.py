@@ -114,6 +114,7 @@ def test_a_killed_worker_is_retried_once_then_reported_failed(ctx, tmp_path):
     assert time.time() - t0 < 120  # never hangs
     assert [r and r["i"] for r in out.results] == [0, 1, None, 3]
     assert set(out.failed) == {2} and "died twice" in out.failed[2]
+    assert ctx.meta["notes"] == [f"1 of 4 cells have no numbers: {out.failed[2]}"]
     assert sorted(ctx.meta["ray"]["retried"]) == ["cell 1", "cell 2"]
     assert all(r["layers"] == ctx.target.arch.n_layers for r in out.results if r)  # the recipe's model
     assert any("(4/4 cells)" in m for m in seen) and any("cell 2: failed" in m for m in seen)

@@ -170,6 +170,10 @@ def run_cells(
         grid = Grid(fn_name(cell_fn), shared, cells, label, None if finish_fn is None else fn_name(finish_fn))
         out = run_on_ray(recipe_of(ctx), grid, progress, address, nbytes)
         ctx.meta["ray"] = out.meta
+        if out.failed:  # said with the other notes (stderr, the page), not only in meta.ray
+            ctx.meta.setdefault("notes", []).append(
+                f"{len(out.failed)} of {len(cells)} cells have no numbers: " + "; ".join(out.meta["failed"])
+            )
         return out
     results: list[Optional[dict[str, Any]]] = []
     n = len(cells)
