@@ -26,6 +26,8 @@ docs report (and says so in the output). Usage::
         --arms direct+recovery,bridged --no-lora
     python bench/organs_paper.py --train 200 --epochs 1 --arms none --seeds 2   # training speed only
     python bench/organs_paper.py --train 1000 --epochs 5 --seeds 3 --ray auto    # cells on a local Ray
+    python bench/organs_paper.py --train 200 --epochs 1 --positions 10,20,5 --organs 1,2,3 \
+        --arms direct+recovery --seeds 1 --no-lora           # 1, 2 or 3 organs (the paper's RQ3)
 
 With ``--ray`` (``auto`` or a cluster's ``host:port``) every (position, arm, seed) cell runs on a Ray
 worker (docs/cli.md, "Sweeps on Ray"); the organs are trained here first and reach the workers as
@@ -89,12 +91,19 @@ def _stats(xs: list[float]) -> dict[str, Any]:
 
 
 def _label(cell: dict[str, Any]) -> str:
-    return f"p={cell['position']} {cell['strategy']} seed {cell['seed']}"
+    return f"p={_where(cell)} {cell['strategy']} seed {cell['seed']}"
+
+
+def _where(cell: dict[str, Any]) -> str:
+    """A cell's position, or its positions joined by + when it inserts several organs."""
+    pos = cell["position"]
+    return "+".join(str(p) for p in pos) if isinstance(pos, list) else str(pos)
 
 
 def paper_cell(ctx: ToolContext, shared: dict[str, Any], cell: dict[str, Any], progress: Any) -> dict:
-    """One arm at one position with one seed: insert the seed's organ, train what the strategy
-    trains, and measure perplexity on the held-out test texts (in process, or on a Ray worker)."""
+    """One arm at one position (or several: one organ at each) with one seed: insert the seed's
+    organ, train what the strategy trains, and measure perplexity on the held-out test texts (in
+    process, or on a Ray worker)."""
     key = ("organs-paper", shared["train"])
     if key not in ctx.memo:
         ctx.memo[key] = {"train": _texts("train", shared["train"]), "test": _texts("test"), "organs": {}}
@@ -103,10 +112,12 @@ def paper_cell(ctx: ToolContext, shared: dict[str, Any], cell: dict[str, Any], p
         memo["organs"][seed] = load_organ(shared["organs"][str(seed)])
     e = float(shared["epochs"])
     strategy = cell["strategy"]
+    positions = cell["position"] if isinstance(cell["position"], list) else [cell["position"]]
     mode = "bridged" if strategy.startswith("bridged") else "direct"
     t0 = time.perf_counter()
     ins, _ = insert_and_prepare(
-        ctx, [Placement(memo["organs"][seed], int(cell["position"]), mode)], [t], strategy=strategy,
+        ctx, [Placement(memo["organs"][seed], int(p), mode) for p in positions], [t] * len(positions),
+        strategy=strategy,
         ridge_alpha=0.01, seed=seed, texts=memo["train"], progress=progress,
         recovery=TrainConfig(epochs=e, batch_size=8), bridges=TrainConfig(epochs=e / 3, batch_size=8),
         joint=TrainConfig(epochs=2 * e / 3, batch_size=8),
@@ -161,9 +172,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     arms: dict[str, Any] = {}
     arms_run = [a for a in TRAINED + FREE if a in args.arms.split(",")] if args.arms else list(TRAINED + FREE)
+    grid = [int(x) for x in args.positions.split(",")]
+    # --organs n1,n2: one cell inserts n organs, at the first n positions (the paper's RQ3)
+    where: list[Any] = [grid[:n] for n in map(int, args.organs.split(","))] if args.organs else grid
     cells = [
         {"position": p, "strategy": strategy, "seed": seed}
-        for p in [int(x) for x in args.positions.split(",")]
+        for p in where
         for strategy in arms_run
         for seed in (range(args.seeds) if strategy in TRAINED else [0])
     ]
@@ -180,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cell_run = run_cells(ctx, paper_cell, shared, cells, Progress(lambda f, m: _log(m)), _label)
     out["ray"] = ctx.meta.get("ray")
     for cell, got, i in zip(cells, cell_run.results, range(len(cells))):
-        name = f"{cell['strategy']}@{cell['position']}"
+        name = f"{cell['strategy']}@{_where(cell)}"
         arm = arms.setdefault(name, {"strategy": cell["strategy"], "position": cell["position"], "runs": []})
         arm["runs"].append(got if got is not None else {"failed": cell_run.failed[i]})
     for arm in arms.values():
@@ -222,6 +236,9 @@ def main() -> None:
     ap.add_argument("--reduced", action="store_true", help="200 texts, 1 epoch, position 10: about 35 min")
     ap.add_argument("--arms", default="", help="strategies, comma-separated (empty: all; none: no insertion)")
     ap.add_argument("--no-lora", dest="lora", action="store_false", help="skip the LoRA baseline")
+    ap.add_argument(
+        "--organs", default="", help="numbers of organs, e.g. 1,2,3: n organs at the first n --positions"
+    )
     ap.add_argument("--ray", default="", help="run the (position, arm, seed) cells on Ray: auto or host:port")
     ap.add_argument("--json", default="")
     args = ap.parse_args()

@@ -274,3 +274,31 @@ def test_worker_plan_fills_gpus_by_memory_and_cpus_by_count(monkeypatch):
         ray_cells.plan_workers(auto, 100, 4 * 2**30)
     with pytest.raises(GraftError, match="cluster has no GPU"):
         ray_cells.plan_workers(Recipe("sweep-k", {"device": "cuda"}), 4, 2**30)
+
+
+def test_t9_from_the_organs_page_runs_on_ray(local_ray, home, one_thread):
+    """The Organs page: extract an organ, then T9 with the sidebar's ray = auto runs its positions
+    on the workers, with the in-process result."""
+    from test_app import open_app, run_until
+
+    from engine.running.history import History
+
+    at = open_app("pages/organs.py", donor="tiny-gpt2-a", target="tiny-gpt2-b")
+    at.button(key="run-organ-extract").click().run()
+    run_until(at, lambda a: len(a.get("plotly_chart")) >= 1)
+    at.run()
+    at.text_input(key="opt-ray").set_value("auto").run()
+    at.button(key="run-position-sweep").click().run()
+    run_until(at, lambda a: any("Position sensitivity" in ch.proto.spec for ch in a.get("plotly_chart")), 180)
+    assert not at.exception, [e.value for e in at.exception]
+    (row,) = History().list(tool="position-sweep")
+    there = History().get(row["id"])["result"]
+    assert there["meta"]["ray"]["cells"] == len(there["result"]["points"]) >= 1
+    here = run_tool(
+        "position-sweep",
+        target=PAIR["target"],
+        organ=there["organ"],
+        options={**there["meta"]["options"], "ray": ""},
+        params=there["meta"]["params"],
+    )
+    assert here["result"] == there["result"]
