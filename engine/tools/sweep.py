@@ -118,7 +118,8 @@ def sweep_finish(ctx: ToolContext, shared: dict[str, Any]) -> dict:
     swap = ctx.memo.pop(key, None)
     if swap is None:
         return {"rollback_bit_exact": True}
-    exact = swap.weight_hash() == ctx.target.state_hash() and swap.verify_rollback()
+    # the target's hash from the driver's evaluation of T: a worker loaded the same weights by spec
+    exact = swap.weight_hash() == shared["target_hash"] and swap.verify_rollback()
     return {"rollback_bit_exact": bool(exact)}
 
 
@@ -148,6 +149,7 @@ def compute_sweep(ctx: ToolContext, params: SweepParams, progress: Progress) -> 
         "score": params.score,
         "exact": exact,
         "max_new_tokens": params.max_new_tokens,
+        "target_hash": hash_t,
     }
     cells = [{"k": k} for k in grid if k > 0]
     run = run_cells(
