@@ -22,17 +22,29 @@ class Progress:
         cancel_event: Optional[threading.Event] = None,
         start: float = 0.0,
         end: float = 1.0,
+        state: Optional[dict[str, float]] = None,
     ) -> None:
         self._callback = callback
         self.cancel_event = cancel_event or threading.Event()
         self._start = start
         self._end = end
+        self._state = state if state is not None else {"fraction": 0.0}  # shared with every sub()
 
     def __call__(self, fraction: float, message: str = "") -> None:
         self.check()
         f = min(max(float(fraction), 0.0), 1.0)
+        at = self._start + (self._end - self._start) * f
+        self._state["fraction"] = at
         if self._callback is not None:
-            self._callback(self._start + (self._end - self._start) * f, message)
+            self._callback(at, message)
+
+    def note(self, message: str) -> None:
+        """A new message at the fraction last reported anywhere in this tree (for work whose share
+        is not known, such as the blocks of a streamed pass inside an evaluation); also a
+        cancellation point."""
+        self.check()
+        if self._callback is not None:
+            self._callback(self._state["fraction"], message)
 
     def check(self) -> None:
         if self.cancel_event.is_set():
@@ -45,6 +57,7 @@ class Progress:
             self.cancel_event,
             self._start + span * start,
             self._start + span * end,
+            self._state,
         )
 
     def cancel(self) -> None:

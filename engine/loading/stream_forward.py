@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from ..core.errors import GraftError
+from ..core.progress import Progress
 
 
 class _Reading:
-    """Stands in for block ``l``'s forward: read its weights, run it, drop them."""
+    """Stands in for block ``l``'s forward: read its weights, run it, drop them; then say how far the
+    pass is, in blocks and bytes (``report``)."""
 
-    def __init__(self, st: Any, l: int, forward: Any) -> None:
-        self.st, self.l, self.forward = st, l, forward
+    def __init__(self, st: Any, l: int, forward: Any, report: Optional[Callable[[int], None]] = None) -> None:
+        self.st, self.l, self.forward, self.report = st, l, forward, report
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self.st.block(self.l):
-            return self.forward(*args, **kwargs)
+            out = self.forward(*args, **kwargs)
+        if self.report is not None:
+            self.report(self.l)
+        return out
 
 
 def head_keys(model: Any) -> dict[str, str]:
@@ -48,12 +53,20 @@ def head_keys(model: Any) -> dict[str, str]:
 
 
 @contextmanager
-def streamed_forward(model: Any) -> Iterator[Any]:
-    """``model.model`` runs whole passes while inside; yields it. Holds the model's lock."""
+def streamed_forward(model: Any, progress: Optional[Progress] = None) -> Iterator[Any]:
+    """``model.model`` runs whole passes while inside; yields it. Holds the model's lock.
+    ``progress``: each block read is noted (block, and GB read so far) and is a cancellation point."""
     st = model.stream
     if st is None:
         raise GraftError(f"internal: {model.label} does not stream")
     blocks = model.arch.blocks
+    report = None
+    if progress is not None:
+        n = len(blocks)
+
+        def report(l: int) -> None:
+            progress.note(f"{model.label}: block {l + 1}/{n} read, {st.bytes_read / 1e9:.2f} GB read in all")
+
     with model.lock:
         extra = head_keys(model)
         st.keys.update(extra)
@@ -61,7 +74,7 @@ def streamed_forward(model: Any) -> Iterator[Any]:
         try:
             with st.outside():
                 for l, b in enumerate(blocks):
-                    b.forward = _Reading(st, l, b.forward)
+                    b.forward = _Reading(st, l, b.forward, report)
                 yield model.model
         finally:
             for b, f in zip(blocks, own):
