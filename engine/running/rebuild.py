@@ -341,7 +341,6 @@ def reload_check(
     ``nll_before_save`` (T' before saving) for equality. Also says whether the reloaded weights
     hash as the folder's surgery.json recorded."""
     import json
-    import math
     from pathlib import Path
 
     from ..evaluation.evaluate import perplexity
@@ -358,6 +357,18 @@ def reload_check(
     weights = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith(f"{BRIDGES_ATTR}.")}
     hash_ok = state_dict_hash(weights) == card.get("saved_weight_hash")
     del loaded
+    return reload_verdict(rep, ppl_before_save, nll_before_save, hash_ok)
+
+
+def reload_verdict(
+    rep: dict[str, Any],
+    ppl_before_save: Optional[float],
+    nll_before_save: list[Optional[float]],
+    hash_ok: bool,
+) -> dict[str, Any]:
+    """The reload check's outcome: ``rep`` (the reloaded T''s perplexity report) against T' before
+    saving, text by text, for equality; ``hash_ok``: the reloaded weights hash as the folder recorded."""
+    import math
 
     def finite(v: Any) -> Optional[float]:
         return float(v) if v is not None and math.isfinite(float(v)) else None

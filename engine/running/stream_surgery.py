@@ -12,7 +12,6 @@ T, T' and D are evaluated by whole passes that read one block at a time.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -23,7 +22,7 @@ from ..core.progress import Progress
 from ..evaluation.evalcache import alignment_score, evaluate_model
 from ..loading.models import LoadedModel, ModelSpec, load_streamed
 from ..loading.stream_forward import stream_fingerprint, streamed_forward
-from ..surgery.folder_edit import FolderEdit, tensor_span
+from ..surgery.folder_edit import FolderEdit, changed_hash_of, read_tensor
 
 
 def need_save(save: str, code: str) -> None:
@@ -42,22 +41,8 @@ def target_key(model: LoadedModel, param: str) -> str:
 
 
 def original_bytes_hash(model: LoadedModel, keys: Iterable[str]) -> str:
-    """SHA-256 over the stored bytes of ``keys`` in ``model``'s own shards."""
-    h = hashlib.sha256()
-    idx = model.stream.index
-    for key in sorted(set(keys)):
-        path = idx.folder / idx.entries[key].file
-        offset, n = tensor_span(path, key)
-        with open(path, "rb") as f:
-            f.seek(offset)
-            left = n
-            while left:
-                chunk = f.read(min(left, 64 << 20))
-                if not chunk:
-                    raise GraftError(f"{path.name} ends inside {key}")
-                h.update(chunk)
-                left -= len(chunk)
-    return h.hexdigest()
+    """A digest of the stored bytes of ``keys`` in ``model``'s own shards."""
+    return changed_hash_of(model.stream.index.folder, sorted(set(keys)))
 
 
 def stage_folder(
@@ -84,6 +69,50 @@ def stage_folder(
         edit.abort()
         raise
     return edit, staged, original_bytes_hash(target, keys) == before
+
+
+def swap_values(swap: Any, donor: LoadedModel) -> list[tuple[str, Callable[[], torch.Tensor]]]:
+    """T' of a module swap as (target parameter, its new value): each the donor's tensor, read from
+    its shard when it is written."""
+    return [
+        (t_name, lambda k=donor.stream.keys[d_name]: read_tensor(donor.stream.index, k))
+        for t_name, d_name in swap.tensor_names()
+    ]
+
+
+def conjugated_values(target: LoadedModel, conj: Any) -> list[tuple[str, Callable[[], torch.Tensor]]]:
+    """T' of a conjugation as (target parameter, its new value): each touched weight read from the
+    target's shard, the update added in float64 and rounded once to the stored dtype."""
+    st = target.stream
+    values = []
+    for n in conj.modules:
+        lin = conj.linear[n]
+
+        def new_weight(
+            n: str = n, key: str = st.keys[f"{lin.path}.weight"], conv1d: bool = lin.conv1d
+        ) -> Any:
+            w = read_tensor(st.index, key).to(st.dtype)
+            dW = conj.delta(n)
+            new = (w.double() + (dW.T if conv1d else dW)).to(st.dtype)
+            if not torch.isfinite(new).all():
+                raise GraftError(f"the conjugated update makes {n} non-finite")
+            return new
+
+        values.append((f"{lin.path}.weight", new_weight))
+    return values
+
+
+def restage(
+    target: LoadedModel, out: Path, values: list[tuple[str, Callable[[], torch.Tensor]]], progress: Progress
+) -> tuple[str, bool]:
+    """Write T' again from ``values`` into a staged folder for ``out`` and remove it: (the changed
+    tensors' digest, whether the target's own bytes stayed unchanged). The stability check
+    "applied twice" of a transplant on a streamed pair."""
+    edit, _, untouched = stage_folder(target, str(out), values, {"operation": "stability check"}, progress)
+    try:
+        return edit.changed_hash(), bool(untouched)
+    finally:
+        edit.abort()
 
 
 def update_card(folder: Path, extra: dict[str, Any]) -> None:
@@ -121,10 +150,11 @@ def evaluate_streamed(
     score: str,
     max_new_tokens: int,
     progress: Progress,
+    heldout_concept: bool = False,
 ) -> dict[str, Any]:
     """:func:`engine.evaluation.evalcache.evaluate_model` of a streamed model. Greedy generations (the
     exact score) read the whole model once per new token, so they run only when ``score`` is exact."""
-    with streamed_forward(model) as net:
+    with streamed_forward(model, progress) as net:
         return evaluate_model(
             net,
             model.tokenizer,
@@ -135,6 +165,7 @@ def evaluate_streamed(
             max_new_tokens=max_new_tokens,
             state_hash=stream_fingerprint(model),
             progress=progress,
+            heldout_concept=heldout_concept,
         )
 
 

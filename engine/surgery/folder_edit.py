@@ -25,7 +25,7 @@ import shutil
 import struct
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -150,19 +150,11 @@ class FolderEdit:
     def verify(self) -> None:
         """Read every written tensor back from the new folder and compare its bytes."""
         for key, digest in self.changed.items():
-            entry = self.index.entries[key]
-            offset, n = tensor_span(self.tmp / entry.file, key)
-            with open(self.tmp / entry.file, "rb") as f:
-                f.seek(offset)
-                if hashlib.sha256(f.read(n)).hexdigest() != digest:
-                    raise GraftError(f"internal: {key} did not read back as written")
+            if tensor_digest(self.tmp / self.index.entries[key].file, key) != digest:
+                raise GraftError(f"internal: {key} did not read back as written")
 
     def changed_hash(self) -> str:
-        h = hashlib.sha256()
-        for key in sorted(self.changed):
-            h.update(key.encode())
-            h.update(self.changed[key].encode())
-        return h.hexdigest()
+        return _combine(self.changed)
 
     def finish(self, card: dict[str, Any]) -> Path:
         """Verify and write ``surgery.json``; the folder stays staged (returned) until :meth:`commit`,
@@ -174,6 +166,7 @@ class FolderEdit:
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "saved_as": "changed tensors in copied shards; other files hard-linked from the target",
             "changed_tensors_sha256": self.changed_hash(),
+            "changed_tensors": sorted(self.changed),
             "files": self.summary(),
         }
         try:
@@ -197,14 +190,49 @@ class FolderEdit:
     def abort(self) -> None:
         discard_staging(self.tmp)
 
-    def summary(self) -> dict[str, Optional[int]]:
+    def summary(self) -> dict[str, Any]:
         return {
             "tensors_written": len(self.changed),
+            "changed_tensors_sha256": self.changed_hash(),
             "bytes_written": self.written_bytes,
             "shards_copied": len(self.patched),
             "bytes_copied": self.copied_bytes,
             "bytes_linked": self.linked_bytes,
         }
+
+
+def tensor_digest(path: Path, key: str) -> str:
+    """SHA-256 of tensor ``key``'s stored bytes in the safetensors file ``path``."""
+    offset, n = tensor_span(path, key)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = n
+        while left:
+            chunk = f.read(min(left, 64 << 20))
+            if not chunk:
+                raise GraftError(f"{path.name} ends inside {key}")
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def _combine(digests: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(digests):
+        h.update(key.encode())
+        h.update(digests[key].encode())
+    return h.hexdigest()
+
+
+def changed_hash_of(folder: Path, keys: list[str]) -> str:
+    """The ``changed_tensors_sha256`` of a saved folder, read again from its files: the same digest
+    :meth:`FolderEdit.changed_hash` gave when the tensors ``keys`` were written."""
+    index = WeightIndex(Path(folder))
+    missing = [k for k in keys if k not in index.entries]
+    if missing:
+        raise GraftError(f"{Path(folder).name} has no tensor {missing[0]}")
+    return _combine({k: tensor_digest(index.folder / index.entries[k].file, k) for k in keys})
 
 
 def read_tensor(index: WeightIndex, key: str) -> torch.Tensor:

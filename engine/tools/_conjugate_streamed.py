@@ -13,14 +13,12 @@ from typing import Any
 
 import torch
 
-from ..core.errors import GraftError
 from ..core.progress import Progress
 from ..evaluation.interference import should_roll_back
 from ..loading.models import LoadedModel, load_streamed
 from ..loading.stream_forward import stream_fingerprint, streamed_forward
 from ..running.context import ToolContext
-from ..running.stream_surgery import distinct, open_saved, stage_folder, update_card
-from ..surgery.folder_edit import read_tensor
+from ..running.stream_surgery import conjugated_values, distinct, open_saved, stage_folder, update_card
 
 
 def _base_plus_update(base: LoadedModel, deltas: list) -> LoadedModel:
@@ -54,22 +52,7 @@ def conjugate_streamed(
     from .conjugate import card_extra, make_result, measure_conjugation
 
     base, target = ctx.base, ctx.target
-    st = target.stream
-    values = []
-    for n in conj.modules:
-        lin = conj.linear[n]
-
-        def new_weight(
-            n: str = n, key: str = st.keys[f"{lin.path}.weight"], conv1d: bool = lin.conv1d
-        ) -> Any:
-            w = read_tensor(st.index, key).to(st.dtype)
-            dW = conj.delta(n)
-            new = (w.double() + (dW.T if conv1d else dW)).to(st.dtype)
-            if not torch.isfinite(new).all():
-                raise GraftError(f"the conjugated update makes {n} non-finite")
-            return new
-
-        values.append((f"{lin.path}.weight", new_weight))
+    values = conjugated_values(target, conj)
     card = {**conj_card(conj, rep), "route": "streamed"}
     progress(0.5, f"writing T' ({len(values)} weights) into a staged folder")
     edit, staged, untouched = stage_folder(target, params.save, values, card, progress.sub(0.5, 0.6))
@@ -84,7 +67,11 @@ def conjugate_streamed(
         if ctx.donor is None:
             upd = json.dumps(source, sort_keys=True, default=str).encode()
             hashes["d"] += ":plus-update:" + hashlib.sha256(upd).hexdigest()
-        with streamed_forward(target) as t, streamed_forward(donor) as d, streamed_forward(saved) as tp:
+        with (
+            streamed_forward(target, progress) as t,
+            streamed_forward(donor, progress) as d,
+            streamed_forward(saved, progress) as tp,
+        ):
             m = measure_conjugation(
                 ctx,
                 params,

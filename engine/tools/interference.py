@@ -17,6 +17,7 @@ identical loss on every retained text. T' is rolled back before the tool returns
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +29,23 @@ from ..core.data import builtin_retained_path, load_concept_set, load_workload
 from ..core.params import GreedyTokensParam, RetainedSetParam, param
 from ..core.progress import Progress
 from ..evaluation.beforeafter import locked, rnd
-from ..evaluation.evaluate import word_diff
+from ..evaluation.evaluate import perplexity, word_diff
 from ..evaluation.interference import interference
+from ..loading.model_folders import SURGERY_CARD
+from ..loading.stream_forward import streamed_forward
 from ..running.context import ToolContext
-from ..running.rebuild import TransplantChoice, reapply_check, reload_check, save_for_check, transplant_for
+from ..running.rebuild import (
+    TransplantChoice,
+    load_run,
+    reapply_check,
+    reload_check,
+    reload_verdict,
+    save_for_check,
+    transplant_for,
+)
 from ..running.registry import Tool, register
+from ..running.stream_rebuild import streamed_tprime
+from ..running.stream_surgery import open_saved
 
 
 @dataclass(frozen=True)
@@ -141,11 +154,16 @@ def summarise(rep: dict[str, Any], name: str, sha256: str, n_worst: int, bins: i
     }
 
 
+STREAM_BATCH = 16  # texts per pass on the streamed route, as the memory plan counts (each pass reads T whole)
+
+
 def compute_interference(
     ctx: ToolContext, params: InterferenceParams, progress: Progress
 ) -> InterferenceResult:
     retained = load_concept_set(params.retained or builtin_retained_path())
     extra_set = load_workload(params.texts) if params.texts else None
+    if streamed_route(ctx):
+        return _streamed(ctx, params, progress, retained, extra_set)
     rb = transplant_for(ctx, params.k, params.modules, progress.sub(0.0, 0.15))
     opts = dict(
         max_new_tokens=params.max_new_tokens,
@@ -155,21 +173,7 @@ def compute_interference(
     try:
         tok = rb.target.tokenizer
         with locked(rb.target):  # the cached target is evaluated: no capture may hook it meanwhile
-            rep = interference(
-                rb.target.model, rb.working, tok, retained.texts(), progress=progress.sub(0.15, 0.55), **opts
-            )
-            rep_x = (
-                interference(
-                    rb.target.model,
-                    rb.working,
-                    tok,
-                    extra_set.texts,
-                    progress=progress.sub(0.55, 0.7),
-                    **opts,
-                )
-                if extra_set is not None
-                else None
-            )
+            rep, rep_x = _measure(rb.target.model, rb.working, tok, retained, extra_set, opts, progress)
         stability: dict[str, Any] = {}
         if params.stability:
             progress(0.7, "stability: applying the transplant twice")
@@ -187,14 +191,81 @@ def compute_interference(
                     str(rb.target.dtype).replace("torch.", ""),
                     batch_size=ctx.options.batch_size,
                 )
-            for check in stability.values():
-                check.update({k: rnd(v, 10) for k, v in check.items() if isinstance(v, float)})
     finally:
         rb.undo()
+    return _result(rep, rep_x, retained, extra_set, stability, rb.source or {}, params, progress)
+
+
+def streamed_route(ctx: ToolContext) -> bool:
+    """T12 on the streamed route: a run made on a streamed pair, or a streamed donor and target."""
+    if ctx.run is not None:
+        return (load_run(ctx.run).get("result") or {}).get("route") == "streamed"
+    return bool(ctx.target is not None and ctx.target.streamed)
+
+
+def _measure(
+    before: Any, after: Any, tok: Any, retained: Any, extra_set: Any, opts: dict, progress: Progress
+):
+    rep = interference(before, after, tok, retained.texts(), progress=progress.sub(0.15, 0.55), **opts)
+    rep_x = (
+        interference(before, after, tok, extra_set.texts, progress=progress.sub(0.55, 0.7), **opts)
+        if extra_set is not None
+        else None
+    )
+    return rep, rep_x
+
+
+def _streamed(
+    ctx: ToolContext, params: InterferenceParams, progress: Progress, retained: Any, extra_set: Any
+) -> InterferenceResult:
+    """T12 with T and T' read block by block (engine/running/stream_rebuild.py): T' is a run's saved
+    folder or a swap staged beside the target, and each pass of 16 texts reads a model once."""
+    tp = streamed_tprime(ctx, params.k, params.modules, progress.sub(0.0, 0.15))
+    opts = dict(
+        max_new_tokens=params.max_new_tokens, prompt_tokens=params.prompt_tokens, batch_size=STREAM_BATCH
+    )
+    try:
+        tok = tp.target.tokenizer
+        with streamed_forward(tp.target, progress) as t, streamed_forward(tp.tprime, progress) as t_prime:
+            rep, rep_x = _measure(t, t_prime, tok, retained, extra_set, opts, progress)
+        stability: dict[str, Any] = {}
+        if params.stability:
+            progress(0.7, "stability: writing T' a second time")
+            stability["reapply"] = tp.again(progress.sub(0.7, 0.85))
+            progress(0.85, "stability: scoring T' read afresh from its folder")
+            texts = [r["text"] for r in rep["per_example"]]
+            fresh = open_saved(tp.folder, tp.target)
+            with streamed_forward(fresh, progress) as net:
+                again = perplexity(net, tok, texts, batch_size=STREAM_BATCH, max_length=256)
+            card = json.loads((tp.folder / SURGERY_CARD).read_text())
+            stability["reload"] = reload_verdict(
+                again,
+                rep["ppl_after"],
+                [r["loss_after"] for r in rep["per_example"]],
+                # T''s changed tensors were read back from disk when it was written or opened
+                tp.changed_sha256 == card.get("changed_tensors_sha256"),
+            )
+    finally:
+        tp.close()
+    return _result(rep, rep_x, retained, extra_set, stability, tp.source, params, progress)
+
+
+def _result(
+    rep: dict,
+    rep_x: Optional[dict],
+    retained: Any,
+    extra_set: Any,
+    stability: dict[str, Any],
+    source: dict[str, Any],
+    params: InterferenceParams,
+    progress: Progress,
+) -> InterferenceResult:
+    for check in stability.values():
+        check.update({k: rnd(v, 10) for k, v in check.items() if isinstance(v, float)})
     ret = summarise(rep, retained.name, retained.sha256, params.n_worst, params.bins)
     progress(1.0, "interference measured")
     return InterferenceResult(
-        source=rb.source or {},
+        source=source,
         retained=ret,
         extra=summarise(rep_x, extra_set.name, extra_set.sha256, params.n_worst, params.bins)
         if rep_x
@@ -233,5 +304,7 @@ TOOL = register(
         same_family=True,
         needs=(("run",), ("donor", "target")),
         run_label="Run T12",
+        streams=True,  # T and T' read block by block; T' a run's saved folder or a swap staged beside T
+        edits=True,
     )
 )

@@ -13,10 +13,11 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..core.errors import GraftError
 from ..core.params import EvaluationSets, build_params, param
 from ..core.progress import Progress, silent
 from ..evaluation.beforeafter import load_sets, rnd
-from ..running.cells import run_cells
+from ..running.cells import CellRun, run_cells
 from ..running.context import ToolContext
 from ..running.organ_run import (
     EVAL_KEYS,
@@ -36,7 +37,9 @@ from ..running.organ_run import (
     train_texts_of,
     training_card,
 )
+from ..running.organ_stream import STREAM_NOTE, check_strategy, insert_and_evaluate, streamed_source
 from ..running.registry import Tool, register
+from ..running.stream_surgery import evaluate_streamed
 from ..surgery.organ_surgery import Placement
 
 
@@ -102,11 +105,18 @@ def _prepared(ctx: ToolContext, params: PositionSweepParams, progress: Progress)
     if key not in ctx.memo:
         mode = strategy_mode(params.strategy)
         organ = organ_of(ctx, bridged=mode == "bridged")
-        source = (
-            require_source(ctx, organ, progress)
-            if mode == "bridged" or params.epsilon
-            else load_source(ctx, organ, progress)[0]
-        )
+        if ctx.target.streamed:  # direct only (checked first): the source serves T4's epsilon alone
+            source, note = streamed_source(ctx, organ, progress) if params.epsilon else (None, "")
+            if note:
+                ctx.meta.setdefault("notes", []).append(note)
+            if source is None and params.epsilon:
+                raise GraftError(f"T4's epsilon reads the stream the organ read in its source: {note}")
+        else:
+            source = (
+                require_source(ctx, organ, progress)
+                if mode == "bridged" or params.epsilon
+                else load_source(ctx, organ, progress)[0]
+            )
         texts, train_data = train_texts_of(ctx, params.train_texts)
         ctx.memo[key] = {
             "mode": mode,
@@ -141,9 +151,33 @@ def position_cell(ctx: ToolContext, shared: dict[str, Any], cell: dict[str, Any]
         ins.rollback()
 
 
+def _streamed_cells(
+    ctx: ToolContext, prep: dict[str, Any], cells: list[dict[str, Any]], progress: Progress
+) -> CellRun:
+    """The cells of a streamed target, here (a Ray worker would read the same folder again for each
+    position; on one machine the streamed passes gain nothing from it): each position's organ
+    written into a staged copy of the target's folder, evaluated block by block, removed."""
+    if (getattr(ctx.options, "ray", "") or "").strip():
+        ctx.meta.setdefault("notes", []).append("streamed target: the positions ran here, not on Ray")
+    results, files = [], []
+    n = len(cells)
+    for i, cell in enumerate(cells):
+        sub = progress.sub(i / n, (i + 1) / n)
+        sub(0.0, f"position {cell['position']} (streamed)")
+        ev, summary = insert_and_evaluate(ctx.target, prep["organ"], int(cell["position"]), prep["sets"], sub)
+        results.append(short(ev))
+        files.append({"position": cell["position"], **summary})
+    ctx.meta["streamed_insertions"] = files
+    ctx.meta.setdefault("notes", []).append(STREAM_NOTE)
+    return CellRun(results)
+
+
 def compute_position_sweep(
     ctx: ToolContext, params: PositionSweepParams, progress: Progress
 ) -> PositionSweepResult:
+    streamed = ctx.target.streamed
+    if streamed:
+        check_strategy(params.strategy)
     prep = _prepared(ctx, params, progress.sub(0, 0.05))
     mode, organ, source, sets = prep["mode"], prep["organ"], prep["source"], prep["sets"]
     bridged = mode == "bridged"
@@ -153,7 +187,11 @@ def compute_position_sweep(
         rows = epsilon_row(ctx, source, organ.input_layer, progress.sub(0.05, 0.25))
         kind = "raw" if (not bridged and rows["raw"] is not None) else "bridged"
         eps_row = rows[kind]
-    baseline = short(evaluate_target(ctx.target, sets, "graded", 16, progress.sub(0.25, 0.3)))
+    baseline = short(
+        evaluate_streamed(ctx.target, sets, "graded", 16, progress.sub(0.25, 0.3), heldout_concept=True)
+        if streamed
+        else evaluate_target(ctx.target, sets, "graded", 16, progress.sub(0.25, 0.3))
+    )
     card = training_card(params, len(prep["texts"]), prep["train_data"])
     trains = any(v is not None for k, v in card.items() if k != "texts")
     seeds = [params.seed + j for j in range(params.seeds if trains else 1)]
@@ -162,8 +200,12 @@ def compute_position_sweep(
     def label(c: dict[str, Any]) -> str:
         return f"position {c['position']}" + (f", seed {c['seed']}" if trains else "")
 
-    run = run_cells(
-        ctx, position_cell, {"params": dataclasses.asdict(params)}, cells, progress.sub(0.3, 1.0), label
+    run = (
+        _streamed_cells(ctx, prep, cells, progress.sub(0.3, 1.0))
+        if streamed
+        else run_cells(
+            ctx, position_cell, {"params": dataclasses.asdict(params)}, cells, progress.sub(0.3, 1.0), label
+        )
     )
     points = []
     for i, p in enumerate(grid):
@@ -222,5 +264,7 @@ TOOL = register(
         needs=(("organ", "target"),),
         run_label="Run T9",
         cells=True,
+        streams=True,  # direct insertions written into staged copies of the target's folder
+        edits=True,
     )
 )

@@ -34,6 +34,7 @@ from ..running.stream_surgery import (
     need_save,
     open_saved,
     stage_folder,
+    swap_values,
     update_card,
 )
 from ..surgery.transplant import ModuleSwap, check_swap_pair, save_transplant, swappable_modules
@@ -266,18 +267,13 @@ def _swap_streamed(
     """T11 on a streamed pair: T' is staged as a folder (the donor's tensors read one at a time into
     copies of the target's shards), T, D and T' are evaluated block by block, and the folder is moved
     into place last (a cancel or failure before that leaves the destination as it was)."""
-    from ..surgery.folder_edit import read_tensor
-
     target, donor = ctx.target, ctx.donor
     test_q = [q.question for q in sets[0].test_qa()]
     progress(0.3, "evaluating the target T (streamed)")
     ev_t = evaluate_streamed(target, sets, params.score, params.max_new_tokens, progress.sub(0.3, 0.45))
     progress(0.45, "evaluating the donor D (streamed)")
     ev_d = evaluate_streamed(donor, sets, params.score, params.max_new_tokens, progress.sub(0.45, 0.6))
-    values = []
-    for t_name, d_name in swap.tensor_names():
-        dkey = donor.stream.keys[d_name]
-        values.append((t_name, lambda k=dkey: read_tensor(donor.stream.index, k)))
+    values = swap_values(swap, donor)
     card = {**_swap_card(ctx, params, swap.modules, sets), "route": "streamed"}
     edit, staged, untouched = stage_folder(target, params.save, values, card, progress.sub(0.6, 0.7))
     try:
