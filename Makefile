@@ -45,7 +45,7 @@ lint: setup
 test: prepare browser lint
 	$(PY) -m pytest
 
-# Tiny models only (seconds): no real-model or browser tests.
+# Tiny models only: no real-model or browser tests (about half the time of make test).
 test-fast: setup lint
 	$(PY) -m pytest -m "not real and not browser"
 
