@@ -18,17 +18,12 @@ from engine.measure.cka import DEBIASED, cka_matrix, minibatch_cka, minibatch_gr
 from engine.running.memplan import plan_run
 from engine.running.runner import run_tool
 from engine.surgery.twin import rotate_model
+from tests.test_streaming import save_tiny
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    out = {}
-    for name in ("tiny-llama-a", "tiny-llama-b", "tiny-gpt2-a"):
-        d = tmp_path_factory.mktemp(name)
-        model, tok = build_tiny(name)
-        model.save_pretrained(d)
-        tok.save_pretrained(d)
-        out[name] = str(d)
+    out = save_tiny(tmp_path_factory, ("tiny-llama-a", "tiny-llama-b", "tiny-gpt2-a"))
     model, tok = build_tiny("tiny-llama-a")
     twin, _ = rotate_model(model, seed=3)
     d = tmp_path_factory.mktemp("twin")

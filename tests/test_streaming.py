@@ -34,16 +34,21 @@ MODULES = {
 }
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def save_tiny(tmp_path_factory, names) -> dict[str, str]:
+    """The named tiny models saved as Hugging Face folders (safetensors and tokenizer): name -> path."""
     out = {}
-    for name in ("tiny-llama-a", "tiny-llama-b", "tiny-gpt2-a", "tiny-gpt2-b"):
+    for name in names:
         d = tmp_path_factory.mktemp(name)
         model, tok = build_tiny(name)
         model.save_pretrained(d)
         tok.save_pretrained(d)
         out[name] = str(d)
     return out
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return save_tiny(tmp_path_factory, ("tiny-llama-a", "tiny-llama-b", "tiny-gpt2-a", "tiny-gpt2-b"))
 
 
 def _all_meta(m) -> bool:

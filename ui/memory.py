@@ -26,6 +26,7 @@ def _plan(
         stream=stream,
         lean=True,  # T2 and T3 can keep no rows (--stats streamed)
         stats=stats,
+        dispatches=True,  # T2-T4 can run on a pair placed by accelerate (--stream dispatch)
     )
     return plan.as_dict()
 
@@ -55,7 +56,9 @@ def sidebar_memory(sel: Any) -> None:
             st.caption(f":material/memory: Memory plan: {md(error)}")
         return
     sizes = " · ".join(f"{m['label']} {fmt_bytes(m['weights_bytes'])}" for m in plan["models"])
-    how = "held whole" if plan["route"] == "whole" else "**streams block by block**"
+    how = {"whole": "held whole", "stream": "**streams block by block**"}.get(
+        plan["route"], "**placed by accelerate across devices**"
+    )
     fits = "" if plan["fits"] else " — :red[over the budget: T1-T4 will refuse]"
     st.caption(
         f":material/memory: {md(sizes)}; the pair is {how}, peak about {fmt_bytes(plan['peak_bytes'])} "
@@ -70,7 +73,9 @@ def memory_plan_panel(sel: Any) -> None:
     if plan is None:
         st.caption(md(error) if error else "Choose a valid pair in the sidebar to see its memory plan.")
         return
-    route = "held whole" if plan["route"] == "whole" else "streamed block by block"
+    route = {"whole": "held whole", "stream": "streamed block by block"}.get(
+        plan["route"], "placed by accelerate"
+    )
     if plan.get("stats") == "streamed":
         route += ", no rows kept"
     cols = st.columns(4)
@@ -101,8 +106,17 @@ def memory_plan_panel(sel: Any) -> None:
                 "blocks": m["layers"],
                 "width": m["width"],
                 "can stream": m["streams"],
+                **_placed(plan, i),
             }
-            for m in plan["models"]
+            for i, m in enumerate(plan["models"])
         ],
         hide_index=True,
     )
+
+
+def _placed(plan: dict, i: int) -> dict:
+    """On the dispatch route: what accelerate is planned to keep on the device, the CPU and disk."""
+    if plan["route"] != "dispatch" or i >= len(plan.get("placement") or []):
+        return {}
+    m = plan["placement"][i]
+    return {f"on {t}": fmt_bytes(m[f"{t}_bytes"]) for t in ("device", "cpu", "disk")}

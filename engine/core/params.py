@@ -276,8 +276,10 @@ class RunOptions:
     stream: str = param(
         "auto",
         "Stream the models block by block from their safetensors shards: auto = when the pair does not fit "
-        "the memory budget whole; on = always; off = never. T1-T4 run on streamed models.",
-        choices=("auto", "on", "off"),
+        "the memory budget whole; on = always; off = never. T1-T4 run on streamed models. dispatch = "
+        "accelerate's device_map='auto' across the GPU, the CPU and disk (T2, T3, T4, T7); auto picks it "
+        "on a GPU when the pair fits across the GPU and the CPU.",
+        choices=("auto", "on", "off", "dispatch"),
     )
     stats: str = param(
         "auto",

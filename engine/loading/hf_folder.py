@@ -25,12 +25,20 @@ def needs_custom_code(label: str) -> GraftError:
 
 
 def read_model_folder(
-    folder: Path, dtype: torch.dtype, *, label: str, where: str, trust_remote_code: bool = False, **kw: Any
+    folder: Path,
+    dtype: torch.dtype,
+    *,
+    label: str,
+    where: str,
+    trust_remote_code: bool = False,
+    model_kw: Optional[dict[str, Any]] = None,
+    **kw: Any,
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a Hugging Face folder: checked first (:func:`check_model_folder`),
     then loaded from safetensors only (``use_safetensors=True``: transformers never falls back to a
     pickle). Failures caused by the folder's content become one-line GraftErrors naming ``where``
-    (``label`` when the model needs custom code)."""
+    (``label`` when the model needs custom code). ``model_kw`` goes to the model's loader alone
+    (accelerate's placement: :mod:`engine.loading.dispatch`)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -38,7 +46,12 @@ def read_model_folder(
     try:
         with BUILD_LOCK:
             model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kw
+                str(folder),
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+                **kw,
+                **(model_kw or {}),
             )
     except GraftError:
         raise

@@ -113,10 +113,17 @@ class LoadedModel:
     # engine.loading.stream.StreamedWeights when the model streams (its parameters on the meta device,
     # read from ``source`` block by block); None when it is held whole
     stream: Any = None
+    # accelerate's placement when the model was loaded with device_map="auto" (engine/loading/dispatch.py):
+    # the device map and bytes per tier; None otherwise
+    placement: Optional[dict[str, Any]] = None
 
     @property
     def streamed(self) -> bool:
         return self.stream is not None
+
+    @property
+    def dispatched(self) -> bool:
+        return self.placement is not None
 
     @property
     def label(self) -> str:
@@ -124,8 +131,10 @@ class LoadedModel:
 
     def state_hash(self) -> str:
         """SHA-256 over all parameters and buffers (names, dtypes, bytes)."""
-        if self.streamed:
-            raise GraftError(f"internal: {self.label} streams; its weights are not in memory to hash")
+        if self.streamed or self.dispatched:
+            raise GraftError(
+                f"internal: {self.label} is not held whole; its weights are not in memory to hash"
+            )
         return state_dict_hash(self.model.state_dict())
 
 
@@ -312,11 +321,13 @@ def load_model(
     dtype: str = "float32",
     progress: Optional[Progress] = None,
     stream: bool = False,
+    dispatch: Optional[dict[str, int]] = None,
 ) -> LoadedModel:
     """Load a model (uncached). Use :class:`ModelStore` to share loaded models. ``stream``: a
-    streamed model (:func:`load_streamed`) instead of one held whole."""
+    streamed model (:func:`load_streamed`) instead of one held whole; ``dispatch``: a per-device
+    memory map, for a model placed by accelerate (:mod:`engine.loading.dispatch`)."""
     progress = progress or silent()
-    if stream:
+    if stream or dispatch:
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         if spec.kind == "builtin" and spec.ref in TINY_MODELS:
             raise GraftError(f"{spec.ref} is built in memory, not read from a folder: it cannot stream")
@@ -325,6 +336,10 @@ def load_model(
             raise GraftError(
                 f"hub model {spec.ref} is not in the local Hugging Face cache and Graft never downloads"
             )
+        if dispatch:
+            from .dispatch import load_dispatched_model
+
+            return load_dispatched_model(spec, folder, resolve_dtype(dtype), dispatch)
         return load_streamed(spec, folder, dev, resolve_dtype(dtype))
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = resolve_dtype(dtype)
@@ -395,9 +410,12 @@ class ModelStore:
         dtype: str = "float32",
         progress: Optional[Progress] = None,
         stream: bool = False,
+        dispatch: Optional[dict[str, int]] = None,
     ) -> LoadedModel:
         dev = resolve_device(device)
         key = (spec, str(dev), dtype) + (("stream",) if stream else ())
+        if dispatch:
+            key += (("dispatch",) + tuple(sorted(dispatch.items())),)
         with self._guard:
             if key in self._models:
                 self._models.move_to_end(key)
@@ -407,7 +425,10 @@ class ModelStore:
             with self._guard:
                 if key in self._models:
                     return self._models[key]
-            loaded = load_model(spec, dev, dtype, progress, **({"stream": True} if stream else {}))
+            kw: dict[str, Any] = {"stream": True} if stream else {}
+            if dispatch:
+                kw["dispatch"] = dispatch
+            loaded = load_model(spec, dev, dtype, progress, **kw)
             with self._guard:
                 self._models[key] = loaded
                 evicted = [

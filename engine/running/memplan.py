@@ -8,9 +8,11 @@ config.json alone what a run will read and hold:
   workload's hidden states, plus the same rows and statistics.
 
 ``--stream auto`` (the default) holds the models whole when that fits the budget and streams them
-when it does not; ``on`` always streams, ``off`` never does. The budget is ``--max-memory`` or,
-when that is empty, 85% of the memory available now (the CUDA device's free memory when the run
-is on one). A run that fits neither way is refused in one line that gives the numbers.
+when it does not; ``on`` always streams, ``off`` never does. On a GPU, an activation tool's pair that
+fits across the GPU and the host is placed by accelerate instead (``dispatch``:
+:mod:`engine.running.dispatch_plan`), which ``--stream dispatch`` asks for anywhere. The budget is
+``--max-memory`` or, when that is empty, 85% of the memory available now (the CUDA device's free
+memory when the run is on one). A run that fits neither way is refused in one line that gives the numbers.
 
 The plan also says what the run costs: bytes read, peak memory, and an estimated time from the
 forward passes' multiply-adds at a rate measured once per process by a small matrix product in the
@@ -24,12 +26,12 @@ import re
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from ..core.errors import GraftError
+from .footprint import Footprint, footprint
 
 GIB = 1024**3
 DEFAULT_SHARE = 0.85  # of the memory available now, when --max-memory is empty
@@ -78,25 +80,8 @@ def fmt_bytes(n: float) -> str:
 
 
 @dataclass
-class Footprint:
-    """What one model weighs, from its headers and config (nothing read)."""
-
-    label: str
-    folder: Optional[str]  # None: built in memory (a tiny model), cannot stream
-    file_bytes: int  # its backbone's weights as stored
-    run_bytes: int  # the whole model in the run's dtype
-    outside_bytes: int  # embeddings, position tables, final norm, in the run's dtype
-    block_bytes: int  # its largest block, in the run's dtype
-    n_layers: int
-    width: int
-    backbone_params: int
-    intermediate: int
-    module_width: int = 0  # summed output width of every linear module in the blocks (T7's rows)
-
-
-@dataclass
 class MemoryPlan:
-    route: str  # "whole" | "stream"
+    route: str  # "whole" | "stream" | "dispatch"
     budget_bytes: int
     peak_bytes: int
     read_bytes: int
@@ -113,6 +98,9 @@ class MemoryPlan:
     # how T2 and T3 keep their rows: "rows" (every layer's, in memory) or "streamed" (lean route)
     stats: str = "rows"
     lean_peak_bytes: int = 0
+    # the dispatch route: what accelerate is given per model, and the host's peak beside the GPU's
+    placement: list[dict[str, Any]] = field(default_factory=list)
+    host_peak_bytes: int = 0
     lines: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -121,114 +109,23 @@ class MemoryPlan:
         return asdict(self)
 
 
-@lru_cache(maxsize=32)
-def _footprint(ref: str, kind: str, trust: bool, dtype: str, stamp: float) -> Footprint:
-    from ..loading.arch import ArchAdapter
-    from ..loading.modelfiles import check_model_folder
-    from ..loading.models import ModelSpec, model_folder, resolve_dtype
-    from ..loading.stream import attach_stream, skeleton
-    from ..loading.tiny import TINY_MODELS, build_tiny
-
-    spec = ModelSpec(kind, ref, trust)
-    dt = resolve_dtype(dtype)
-    size = torch.empty(0, dtype=dt).element_size()
-    if kind == "builtin" and ref in TINY_MODELS:
-        model, _ = build_tiny(ref)
-        arch = ArchAdapter(model)
-        n = sum(p.numel() for p in model.parameters())
-        blk = max(sum(p.numel() for p in b.parameters()) for b in arch.blocks)
-        desc = arch.describe()
-        return Footprint(
-            spec.label, None, n * 4, n * size, (n - blk * arch.n_layers) * size, blk * size,
-            arch.n_layers, arch.hidden_size, n, int(desc.get("intermediate_size") or 4 * arch.hidden_size),
-        )  # fmt: skip
-    folder = model_folder(spec)
-    if folder is None:
-        raise GraftError(f"hub model {ref} is not in the local Hugging Face cache and Graft never downloads")
-    check_model_folder(Path(folder))  # headers and config.json checked before anything is built from them
-    try:  # never with the model's own code: planning must not run it
-        model = skeleton(Path(folder), torch.device("cpu"), dt, False)
-    except GraftError:
-        if not trust:
-            raise
-        return _headers_only(spec.label, Path(folder), size)
-    arch = ArchAdapter(model)
-    st = attach_stream(model, Path(folder), arch.blocks_path, arch.n_layers, torch.device("cpu"), dt)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    numel = {n: params[n].numel() for n in st.keys}
-    blocks = [sum(numel[n] for n in st.block_params(l)) for l in range(arch.n_layers)]
-    outside = sum(numel[n] for n in st.outside_params())
-    backbone = sum(numel.values())
-    n_all = sum(p.numel() for p in model.parameters())
-    desc = arch.describe()
-    module_width = sum(int(m.shape[0]) for m in arch.linear_modules() if m.layer >= 0)
-    return Footprint(
-        spec.label,
-        str(folder),
-        sum(st.index.entries[k].nbytes for k in st.keys.values()),
-        n_all * size,
-        outside * size,
-        max(blocks) * size,
-        arch.n_layers,
-        arch.hidden_size,
-        backbone,
-        int(desc.get("intermediate_size") or 4 * arch.hidden_size),
-        module_width,
-    )
-
-
-def _headers_only(label: str, folder: Path, size: int) -> Footprint:
-    """A model that needs its own code to be built: sized from its headers and config.json alone,
-    held whole (it cannot stream: its blocks are not known without its code)."""
-    from ..core.jsonio import read_json_file
-    from ..loading.stream import DTYPE_BYTES, WeightIndex
-
-    index = WeightIndex(folder)
-    numel = sum(e.nbytes // DTYPE_BYTES.get(e.dtype, 4) for e in index.entries.values())
-    cfg = read_json_file(folder / "config.json")
-    cfg = cfg if isinstance(cfg, dict) else {}
-    width = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
-    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0)
-    inter = int(cfg.get("intermediate_size") or 4 * width)
-    return Footprint(
-        label, None, index.total_bytes, numel * size, numel * size, 0, layers, width, numel, inter
-    )
-
-
-def footprint(spec: Any, dtype: str) -> Footprint:
-    """The :class:`Footprint` of a model spec (cached per folder and modification time)."""
-    from ..loading.models import model_folder
-
-    stamp = 0.0
-    if spec.kind == "path":
-        try:
-            stamp = os.stat(spec.ref).st_mtime
-        except OSError:
-            stamp = 0.0
-    elif spec.kind == "builtin":
-        try:
-            folder = model_folder(spec)
-            stamp = os.stat(folder).st_mtime if folder is not None else 0.0
-        except GraftError:
-            raise
-    return _footprint(spec.ref, spec.kind, spec.trust_remote_code, dtype, stamp)
-
-
 @lru_cache(maxsize=8)
 def flops_per_second(dtype: str, device: str) -> float:
-    """Multiply-add rate of this machine in ``dtype``, from a small matrix product (timed once)."""
+    """Multiply-add rate of this machine in ``dtype``, from a small linear layer's product (timed
+    once). It is ``F.linear``, the kernel the models' layers run: on a CPU a bare bfloat16 ``a @ b``
+    can take another, much slower path (1 against 19 GFLOP/s on the measurement box)."""
     from ..loading.models import resolve_dtype
 
     dt = resolve_dtype(dtype)
     dev = torch.device(device)
     a = torch.randn(256, 1024, dtype=dt, device=dev)
-    b = torch.randn(1024, 1024, dtype=dt, device=dev)
+    w = torch.randn(1024, 1024, dtype=dt, device=dev)
     best = float("inf")
     for _ in range(4):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        (a @ b).sum().item()
+        torch.nn.functional.linear(a, w).sum().item()
         best = min(best, time.perf_counter() - t0)
     return 2 * 256 * 1024 * 1024 / max(best, 1e-6)
 
@@ -298,6 +195,7 @@ def plan_run(
     module_rows: bool = False,
     lean: bool = False,
     stats: str = "rows",
+    dispatches: bool = False,
 ) -> MemoryPlan:
     """The plan of a run on ``specs`` (model specs, in the order the run loads them)."""
     from ..loading.models import resolve_dtype
@@ -308,10 +206,14 @@ def plan_run(
     fps = [footprint(s, dtype) for s in specs]
     size = torch.empty(0, dtype=resolve_dtype(dtype)).element_size()
 
-    def peaks(n_tok: int) -> tuple[int, int]:
+    def work_of(n_tok: int) -> int:
         work = _stats_bytes(fps, n_tok) if activations else 0
         if module_rows:  # every linear module's output rows, float32, kept then compared pairwise
             work += 2 * sum(f.module_width * n_tok * 4 for f in fps)
+        return work
+
+    def peaks(n_tok: int) -> tuple[int, int]:
+        work = work_of(n_tok)
         whole = RUNTIME_BYTES + sum(f.run_bytes for f in fps) + work
         streamed = RUNTIME_BYTES + max(
             f.outside_bytes + f.block_bytes + _hidden_bytes(f, n_tok, size) for f in fps
@@ -330,7 +232,34 @@ def plan_run(
         route = "stream"  # the lean route reads the models block by block
     else:
         route = "whole" if whole_peak <= budget or not can_stream else "stream"
+    lay = None
+    if stream == "dispatch" and not can_stream:
+        raise GraftError(
+            "accelerate places model folders: a model built in memory is held whole (--stream off)"
+        )
+    # on a GPU a pair that does not fit it whole may fit across it and the host (not with --stats streamed)
+    on_gpu = (stream, route, device.type) == ("auto", "stream", "cuda") and stats != "streamed"
+    if dispatches and can_stream and (stream == "dispatch" or on_gpu):
+        from .dispatch_plan import layout
+
+        host = int(DEFAULT_SHARE * available_bytes(torch.device("cpu")))
+        hidden = [_hidden_bytes(f, tokens, size) for f in fps]
+        lay = layout(
+            fps,
+            device,
+            budget=budget,
+            host_budget=host,
+            runtime=RUNTIME_BYTES,
+            host_work=work_of(tokens),
+            hidden=hidden,
+        )
+        if stream == "dispatch" or (
+            lay.disk_bytes == 0 and lay.device_peak <= budget and lay.host_peak <= host
+        ):
+            route = "dispatch"
     peak = whole_peak if route == "whole" else stream_peak
+    if route == "dispatch":
+        peak = lay.device_peak
     lean_peak = (
         RUNTIME_BYTES + _lean_bytes(fps, tokens, size) if lean and activations and len(fps) >= 2 else 0
     )
@@ -379,12 +308,21 @@ def plan_run(
         t3_needed_seconds=round(seconds(need), 1) if need else 0.0,
         stats="streamed" if use_lean else "rows",
         lean_peak_bytes=lean_peak,
+        placement=lay.models if route == "dispatch" else [],
+        host_peak_bytes=lay.host_peak if route == "dispatch" else 0,
     )
+    if route == "dispatch" and device.type == "cuda" and lay.host_peak > host:
+        plan.fits = False
     if need and lean_peak and route == "stream":  # a determined T3 on the cheaper of the two routes
         need_lean = RUNTIME_BYTES + _lean_bytes(fps, need, size)
         if need_lean < plan.t3_needed_peak_bytes:
             plan.t3_needed_peak_bytes = need_lean
-    held = "held whole" if route == "whole" else "streamed block by block"
+    held = {"whole": "held whole", "stream": "streamed block by block"}.get(route, "")
+    if route == "dispatch":
+        tiers = [(t, sum(m[f"{t}_bytes"] for m in lay.models)) for t in ("device", "cpu", "disk")]
+        held = "placed by accelerate: " + ", ".join(f"{fmt_bytes(b)} on {t}" for t, b in tiers if b)
+        if device.type == "cuda":
+            held += f" (host peak about {fmt_bytes(lay.host_peak)})"
     if use_lean:
         held += " (T2/T3 keep no rows: --stats streamed)"
     plan.lines.append(
@@ -412,6 +350,13 @@ def refusal(plan: MemoryPlan, streams: bool) -> Optional[str]:
         return None
     can_stream = all(m["streams"] for m in plan.models)
     need = fmt_bytes(plan.peak_bytes)
+    if plan.route == "dispatch":
+        return (
+            f"placed by accelerate the run needs about {need} where it runs and "
+            f"{fmt_bytes(plan.host_peak_bytes or plan.peak_bytes)} on the host, over the "
+            f"{fmt_bytes(plan.budget_bytes)} budget or the host's memory: lower --max-tokens, raise "
+            "--max-memory, or stream the models block by block (--stream on)"
+        )
     if plan.route == "whole" and streams and can_stream:
         return (
             f"the pair needs about {need} held whole, over the {fmt_bytes(plan.budget_bytes)} budget: "

@@ -68,6 +68,9 @@ class Tool:
     module_rows: bool = False
     # Can run without every layer's rows (--stats streamed, engine/running/lean_stats.py): T2, T3
     lean: bool = False
+    # Runs on a model placed across devices by accelerate (engine/loading/dispatch.py): its work is
+    # forward passes and captured rows alone, never a weight (an offloaded weight is not in memory)
+    dispatches: bool = False
     # Its work is a grid of independent cells that --ray can spread over workers (running/cells.py)
     cells: bool = False
 

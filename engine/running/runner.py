@@ -70,6 +70,7 @@ def run_tool(
     progress(0.0, "planning memory")
     plan = run_plan(tool, [specs[k] for k in wanted], options, params)
     stream = plan is not None and plan.route == "stream"
+    placed = plan.placement if plan is not None and plan.route == "dispatch" else []
     for k in wanted:
         m = specs[k]
         if isinstance(m, LoadedModel) and m.streamed and not tool.streams:
@@ -77,16 +78,23 @@ def run_tool(
                 f"{tool.code} reads {m.label} whole and it streams: run {tool.code} with --stream off "
                 "(and a --max-memory that holds the pair)"
             )
+        if isinstance(m, LoadedModel) and m.dispatched and not tool.dispatches:
+            raise GraftError(
+                f"{tool.code} reads {m.label}'s weights and accelerate placed it across devices: "
+                f"run {tool.code} with --stream on or off"
+            )
 
-    def get(m: ModelSpec | LoadedModel, p: Progress) -> LoadedModel:
+    def get(m: ModelSpec | LoadedModel, p: Progress, i: int) -> LoadedModel:
         if isinstance(m, LoadedModel):
             return m
+        if placed:
+            return store.get(m, options.device, options.dtype, p, dispatch=placed[i]["max_memory"])
         return store.get(m, options.device, options.dtype, p, stream=stream)
 
     progress(0.0, "loading models")
     loaded: dict[str, Optional[LoadedModel]] = {"donor": None, "target": None, "base": None}
     for i, key in enumerate(wanted):
-        loaded[key] = get(specs[key], progress.sub(0.2 * i / len(wanted), 0.2 * (i + 1) / len(wanted)))
+        loaded[key] = get(specs[key], progress.sub(0.2 * i / len(wanted), 0.2 * (i + 1) / len(wanted)), i)
     t_load = time.perf_counter() - t0
     ctx = ToolContext(
         loaded["donor"],
@@ -104,6 +112,10 @@ def run_tool(
     )
     if plan is not None:
         ctx.meta["memory_plan"] = plan.as_dict()
+    if placed:  # what accelerate made of the plan, model by model
+        ctx.meta["placement"] = {
+            m.label: m.placement for m in loaded.values() if m is not None and m.dispatched
+        }
     if options.ray.strip() and not tool.cells:
         ctx.meta.setdefault("notes", []).append(
             f"--ray {options.ray.strip()}: {tool.code} is not a grid of independent cells, so it ran here"
@@ -167,6 +179,11 @@ def run_plan(tool: Any, models: list[Any], options: RunOptions, params: Any) -> 
         return None
     if options.stream == "on" and not tool.streams:
         raise GraftError(f"{tool.code} reads the models whole; it does not stream (--stream auto or off)")
+    if options.stream == "dispatch" and not tool.dispatches:
+        raise GraftError(
+            f"{tool.code} reads or writes weights, which accelerate's placement keeps off the device: "
+            "--stream dispatch runs T2, T3, T4 and T7 (use --stream auto, on or off)"
+        )
     try:
         plan = plan_run(
             models,
@@ -182,6 +199,7 @@ def run_plan(tool: Any, models: list[Any], options: RunOptions, params: Any) -> 
             module_rows=tool.module_rows,
             lean=tool.lean,
             stats=getattr(options, "stats", "rows"),
+            dispatches=tool.dispatches,
         )
     except GraftError:
         if options.stream != "auto" or options.max_memory.strip():

@@ -17,5 +17,6 @@ TOOL = register(
         figure="viz.alignment:bridge_figure",
         page="Alignment",
         streams=True,
+        dispatches=True,
     )
 )

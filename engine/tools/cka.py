@@ -100,6 +100,7 @@ TOOL = register(
         figure="viz.alignment:cka_figure",
         page="Alignment",
         streams=True,
+        dispatches=True,
         lean=True,
     )
 )

@@ -300,6 +300,7 @@ TOOL = register(
         figure="viz.alignment:procrustes_figure",
         page="Alignment",
         streams=True,
+        dispatches=True,
         lean=True,
     )
 )

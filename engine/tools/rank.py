@@ -51,6 +51,7 @@ RANK_TOOL = register(
         page="Transplant",
         same_family=True,
         streams=True,
+        dispatches=True,
         module_rows=True,
     )
 )
