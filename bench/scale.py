@@ -22,6 +22,8 @@ phase the pair's files are evicted from the page cache, so each phase reads from
     python bench/scale.py --size 7b --lora [--json t5.json]   (T5 on a planted LoRA adapter, alone)
     python bench/scale.py --size 1b --tokens 4096 --stats streamed --tools cka,procrustes
                           (T2 and T3 keeping no rows: minibatch HSIC, pairs read in step)
+    python bench/scale.py --size 1b --route dispatch --max-memory 3.5GiB
+                          (T2-T4 on the pair placed by accelerate: CPU up to the budget, then disk)
 
 Sizes: ``small`` (d 1,024, 8 blocks), ``1b`` (d 2,048, 16 blocks), ``7b`` (d 4,096, 32 blocks,
 intermediate 11,008); all GQA with 8 KV heads. A 7B pair needs about 27 GB of disk; the build
@@ -96,11 +98,12 @@ def signed_permutation(d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return perm, signs
 
 
-def build_pair(size: str, root: Path, seed: int = 0) -> tuple[Path, Path, dict]:
-    """A and its signed-permutation twin B, written block by block in bfloat16."""
+def build_pair(size: str, root: Path, seed: int = 0, tokenizer: str = "") -> tuple[Path, Path, dict]:
+    """A and its signed-permutation twin B, written block by block in bfloat16, with SmolLM2's
+    tokenizer (or the one in folder ``tokenizer``: a machine without the built-in, such as a lent GPU)."""
     from transformers import AutoTokenizer
 
-    tok_dir = model_folder(ModelSpec.parse(SMOLLM2))
+    tok_dir = tokenizer or model_folder(ModelSpec.parse(SMOLLM2))
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     cfg = config_for(size, len(tok))
     d, L = cfg.hidden_size, cfg.num_hidden_layers
@@ -167,9 +170,14 @@ def build_pair(size: str, root: Path, seed: int = 0) -> tuple[Path, Path, dict]:
 
 
 class PeakRSS:
-    """Peak resident memory over a phase, sampled from /proc/self/status every 20 ms."""
+    """Peak resident memory over a phase, sampled from /proc/self/status every 20 ms, and on a GPU
+    the peak of torch's allocator (``gpu_peak``; None without one)."""
 
     def __enter__(self) -> "PeakRSS":
+        self.gpu_peak = None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         self.peak = self._now()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -190,6 +198,9 @@ class PeakRSS:
             self.peak = max(self.peak, self._now())
 
     def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.gpu_peak = torch.cuda.max_memory_allocated()
         self.seconds = time.perf_counter() - self.t0
         self._stop.set()
         self._t.join()
@@ -239,9 +250,12 @@ def run(
     reuse: bool,
     stats: str = "auto",
     tools_run: tuple = ALL_TOOLS,
+    route: str = "on",
+    device: str = "auto",
+    tokenizer: str = "",
 ) -> dict:
     out: dict = {"size": size, "tokens": tokens, "dtype": dtype, "threads": torch.get_num_threads(),
-                 "stats": stats}  # fmt: skip
+                 "stats": stats, "route": "dispatch" if route == "dispatch" else "stream"}  # fmt: skip
     marker = root / f"{size}.built.json"
     if reuse and marker.is_file():
         a, b = root / f"{size}-a", root / f"{size}-b"
@@ -249,7 +263,7 @@ def run(
         print(f"reusing the {size} pair in {root}", file=sys.stderr, flush=True)
     else:
         print(f"building the {size} pair in {root}", file=sys.stderr, flush=True)
-        a, b, info = build_pair(size, root)
+        a, b, info = build_pair(size, root, tokenizer=tokenizer)
         marker.write_text(json.dumps(info))
     out.update(info)
     workload = workload_texts()
@@ -257,7 +271,8 @@ def run(
         "workload": workload,
         "max_tokens": tokens,
         "dtype": dtype,
-        "stream": "on",
+        "stream": route,
+        "device": device,
         "max_memory": max_memory,
         "stats": stats,
     }
@@ -265,8 +280,9 @@ def run(
     try:
         da, db = ModelSpec.parse(str(a)), ModelSpec.parse(str(b))
         # bare streamed passes: every block read and run over the workload, nothing kept
-        ma = store.get(da, "auto", dtype, stream=True)
-        mb = store.get(db, "auto", dtype, stream=True)
+        ma = store.get(da, device, dtype, stream=True)
+        mb = store.get(db, device, dtype, stream=True)
+        out["device"] = str(ma.device)
         from engine.measure.budget import budget_texts
 
         texts = budget_texts(list(dict.fromkeys(load_workload(workload).texts)), [ma.tokenizer], tokens)
@@ -283,6 +299,7 @@ def run(
                 "read_seconds": round(m.stream.read_seconds, 2),
                 "seconds": round(p.seconds, 2),
                 "peak_rss": p.peak,
+                "gpu_peak": p.gpu_peak,
                 "bytes_read": m.stream.bytes_read,
             }
         out["bare"] = bare
@@ -294,9 +311,11 @@ def run(
             with PeakRSS() as p:
                 env = run_tool(tool, da, db, opts, store=store, captures=cache)
             r = env["result"]
-            tools[tool] = {"seconds": round(p.seconds, 2), "peak_rss": p.peak,
+            tools[tool] = {"seconds": round(p.seconds, 2), "peak_rss": p.peak, "gpu_peak": p.gpu_peak,
                            "bytes_read": ma.stream.bytes_read + mb.stream.bytes_read}  # fmt: skip
             tools[tool]["stats"] = env["meta"].get("stats", "rows")
+            if "placement" in env["meta"]:  # --route dispatch: what accelerate put where
+                tools[tool]["placement"] = {k: v["bytes"] for k, v in env["meta"]["placement"].items()}
             if tool in ("compat", "cka"):
                 tools[tool]["plan"] = env["meta"].get("memory_plan")
             if tool == "cka":
@@ -443,6 +462,15 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true", help="only T5 on a planted LoRA adapter of this shape")
     ap.add_argument("--stats", default="auto", choices=("auto", "rows", "streamed"), help="the runs' --stats")
     ap.add_argument("--tools", default=",".join(ALL_TOOLS), help="which of T1-T4 to run (comma-separated)")
+    ap.add_argument("--device", default="auto", help="the runs' --device (auto: CUDA when present)")
+    ap.add_argument(
+        "--tokenizer", default="", help="a folder whose tokenizer the built pair takes (default SmolLM2's)"
+    )
+    ap.add_argument(
+        "--route", default="on", choices=("on", "dispatch"),
+        help="on: T1-T4 streamed block by block; dispatch: T2-T4 on the pair placed by accelerate within "
+        "--max-memory (device, CPU, then disk), the bare passes streamed as the baseline",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.table:
         print(table(args.table))
@@ -456,8 +484,10 @@ def main() -> None:
     tools_run = tuple(t.strip() for t in args.tools.split(",") if t.strip())
     if not tools_run or set(tools_run) - set(ALL_TOOLS):
         ap.error(f"--tools: choose from {', '.join(ALL_TOOLS)}")
+    if args.route == "dispatch" and "compat" in tools_run:
+        tools_run = tuple(t for t in tools_run if t != "compat")  # T1 reads weights: it does not dispatch
     res = run(args.size, Path(args.dir), args.tokens, args.dtype, args.max_memory, args.keep, args.reuse,
-              args.stats, tools_run)  # fmt: skip
+              args.stats, tools_run, args.route, args.device, args.tokenizer)  # fmt: skip
     text = json.dumps(res, indent=1)
     print(text)
     if args.json:
