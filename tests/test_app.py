@@ -337,3 +337,23 @@ def test_models_page_shows_the_memory_plan_and_the_sidebar_the_route(home):
     # a budget no run fits: the page says so in one line before anything runs
     at.sidebar.text_input(key="opt-max_memory").set_value("100MiB").run()
     assert any("over the" in e.value and "budget" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_models_page_shows_what_accelerate_would_place_where(home, tmp_path):
+    """--stream dispatch on two model folders: the plan's route and each model's bytes per tier."""
+    from engine.loading.tiny import build_tiny
+
+    paths = []
+    for name in ("tiny-llama-a", "tiny-llama-b"):
+        model, tok = build_tiny(name)
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    at = open_app("pages/models.py", donor=paths[0], target=paths[1])
+    at.sidebar.selectbox(key="opt-stream").set_value("dispatch").run()
+    assert not at.exception, [e.value for e in at.exception]
+    labels = {m.label: m.value for m in at.metric}
+    assert labels.get("Route") == "placed by accelerate", labels
+    assert "placed by accelerate across devices" in texts(at.sidebar.caption)
+    table = at.dataframe[0].value
+    assert {"on device", "on cpu", "on disk"} <= set(table.columns)
