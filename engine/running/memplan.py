@@ -235,7 +235,8 @@ def plan_run(
     lay = None
     if stream == "dispatch" and not can_stream:
         raise GraftError(
-            "accelerate places model folders: a model built in memory is held whole (--stream off)"
+            "accelerate places model folders that Graft can build without their own code: a model built "
+            "in memory, or one that needs its own code, is held whole (--stream off)"
         )
     # on a GPU a pair that does not fit it whole may fit across it and the host (not with --stats streamed)
     on_gpu = (stream, route, device.type) == ("auto", "stream", "cuda") and stats != "streamed"
