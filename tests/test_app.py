@@ -353,7 +353,7 @@ def test_models_page_shows_what_accelerate_would_place_where(home, tmp_path):
     at.sidebar.selectbox(key="opt-stream").set_value("dispatch").run()
     assert not at.exception, [e.value for e in at.exception]
     labels = {m.label: m.value for m in at.metric}
-    assert labels.get("Route") == "placed by accelerate", labels
+    assert labels.get("Route") == "accelerate", labels
     assert "placed by accelerate across devices" in texts(at.sidebar.caption)
     table = at.dataframe[0].value
     assert {"on device", "on cpu", "on disk"} <= set(table.columns)

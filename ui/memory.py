@@ -73,13 +73,20 @@ def memory_plan_panel(sel: Any) -> None:
     if plan is None:
         st.caption(md(error) if error else "Choose a valid pair in the sidebar to see its memory plan.")
         return
-    route = {"whole": "held whole", "stream": "streamed block by block"}.get(
-        plan["route"], "placed by accelerate"
+    # a short value (a metric cuts long ones off); what it means is in its help and the lines below
+    route, how = {
+        "whole": ("held whole", "both models held in memory, in the run's dtype"),
+        "stream": (
+            "streamed",
+            "read block by block from the safetensors shards, one block in memory at a time",
+        ),
+    }.get(
+        plan["route"], ("accelerate", "placed by accelerate's device_map across the device, the CPU and disk")
     )
     if plan.get("stats") == "streamed":
-        route += ", no rows kept"
+        how += "; T2 and T3 keep no rows (--stats streamed)"
     cols = st.columns(4)
-    cols[0].metric("Route", route)
+    cols[0].metric("Route", route, help=how)
     cols[1].metric("Bytes to read", fmt_bytes(plan["read_bytes"]))
     cols[2].metric(
         "Peak memory", fmt_bytes(plan["peak_bytes"]), help=f"budget {fmt_bytes(plan['budget_bytes'])}"
