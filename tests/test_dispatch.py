@@ -90,6 +90,21 @@ def test_t2_t3_t4_t7_dispatched_equal_in_memory(folders, workload, tool, one_thr
     assert offload_leftovers() == []
 
 
+def test_a_placed_pair_is_reused_by_the_next_run_with_the_same_budget(folders, workload, one_thread):
+    from engine.loading.models import ModelStore
+
+    d, t = ModelSpec.parse(folders["tiny-llama-a"]), ModelSpec.parse(folders["tiny-llama-b"])
+    store = ModelStore()
+    opts = {"workload": workload, "stream": "dispatch", "device": "cpu", "max_tokens": 64}
+    run_tool("cka", d, t, opts, store=store)
+    first = store.loaded()
+    assert len(first) == 2 and all("dispatch" in str(k) for k in first)
+    run_tool("procrustes", d, t, opts, store=store)  # the plan's map may differ: the models do not move
+    assert store.loaded() == first
+    run_tool("procrustes", d, t, {**opts, "max_memory": "64GiB"}, store=store)  # a new budget: placed anew
+    assert len(store.loaded()) == 4
+
+
 def test_tools_that_read_weights_refuse_dispatch_in_one_line(folders, workload):
     d, t = ModelSpec.parse(folders["tiny-llama-a"]), ModelSpec.parse(folders["tiny-llama-b"])
     for tool in ("compat", "swap", "sweep-k"):

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -148,24 +148,7 @@ def load_dispatched_model(spec: Any, folder: Path, dtype: torch.dtype, max_memor
     return LoadedModel(spec, model, tok, ArchAdapter(model), dev, dtype, str(folder), placement=placement)
 
 
-def refuse_weights(model: Any, what: str) -> None:
-    """One line for a tool that would read weights of a model placed by accelerate."""
-    if getattr(model, "placement", None) is not None:
-        raise GraftError(
-            f"{what} reads {model.label}'s weights, and it was placed across devices by accelerate "
-            "(--stream dispatch), where offloaded weights are not in memory: use --stream on or auto"
-        )
-
-
 def offload_leftovers() -> list[str]:
     """Graft's offload folders still on disk (each belongs to a model still loaded somewhere)."""
     root = graft_home() / "offload"
     return sorted(str(p) for p in root.iterdir()) if root.is_dir() else []
-
-
-def describe(placement: Optional[dict[str, Any]]) -> str:
-    if not placement:
-        return ""
-    b = placement["bytes"]
-    gib = 1024**3
-    return ", ".join(f"{b[t] / gib:.2f} GiB on {t}" for t in TIERS if b[t])

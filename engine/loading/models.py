@@ -411,11 +411,15 @@ class ModelStore:
         progress: Optional[Progress] = None,
         stream: bool = False,
         dispatch: Optional[dict[str, int]] = None,
+        dispatch_key: str = "",
     ) -> LoadedModel:
+        """``dispatch``: accelerate's per-device map for a placed model. A model placed once is
+        reused for the same ``dispatch_key`` (the run's --max-memory), whatever map a later plan
+        derives from the memory free then, so runs do not place the pair again."""
         dev = resolve_device(device)
         key = (spec, str(dev), dtype) + (("stream",) if stream else ())
-        if dispatch:
-            key += (("dispatch",) + tuple(sorted(dispatch.items())),)
+        if dispatch:  # placed once per budget the user set: the derived map moves with free memory
+            key += (("dispatch", dispatch_key),)
         with self._guard:
             if key in self._models:
                 self._models.move_to_end(key)

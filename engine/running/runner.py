@@ -88,7 +88,10 @@ def run_tool(
         if isinstance(m, LoadedModel):
             return m
         if placed:
-            return store.get(m, options.device, options.dtype, p, dispatch=placed[i]["max_memory"])
+            budget = options.max_memory.strip()
+            return store.get(
+                m, options.device, options.dtype, p, dispatch=placed[i]["max_memory"], dispatch_key=budget
+            )
         return store.get(m, options.device, options.dtype, p, stream=stream)
 
     progress(0.0, "loading models")
